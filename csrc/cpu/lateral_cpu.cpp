@@ -1,0 +1,274 @@
+// CPU kernels of fused_fpn::lateral and fused_fpn::lateral_grad_bias_top.
+//
+// Forward, y = x . W^T + b + U(top), fused by tiles: the output pixels of one image are cut into
+// tiles of TP pixels; for each tile ATen's GEMM (BLAS) writes the lateral product into a small
+// per-thread buffer that stays in cache, and the epilogue adds bias and the nearest-gathered top
+// while the tile is hot, writing each output element once. The lateral map and the upsampled map
+// never exist in memory. Tiles run in parallel over at::parallel_for (BLAS runs single-threaded
+// inside the parallel region).
+//
+// Layouts, without copying x: x is read through its strides as a matrix
+//   "pixel-minor" (NCHW-like, x.stride(1) >= x.stride(3)):  X[Cin, P], buf[Cout, P] = W . X
+//   "pixel-major" (channels_last-like):                     X[P, Cin], buf[P, Cout] = X . W^T
+// where P is a run of pixels with one stride (a whole tile when rows collapse, else one row).
+// The output has x's memory format (channels_last iff x.stride(1) < x.stride(3)).
+//
+// Backward: dx and dW are GEMMs done by ATen (Python side); this file fuses db and dtop into
+// one pass over dy (deterministic: every channel is summed in a fixed order by one thread).
+#include <ATen/ATen.h>
+#include <ATen/AccumulateType.h>
+#include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <vector>
+
+#include "../nearest.h"
+
+namespace fused_fpn {
+namespace {
+
+bool is_channels_last_like(const at::Tensor& t) { return t.stride(1) < t.stride(3); }
+
+std::vector<int64_t> src_offsets(int64_t in_size, int64_t out_size, int64_t stride) {
+  std::vector<int64_t> off(static_cast<size_t>(out_size));
+  const float scale = nearest_scale(in_size, out_size);
+  for (int64_t d = 0; d < out_size; ++d) off[d] = nearest_src(d, scale, in_size) * stride;
+  return off;
+}
+
+void check_lateral_inputs(const at::Tensor& x, const at::Tensor& weight, const c10::optional<at::Tensor>& bias,
+                          const c10::optional<at::Tensor>& top) {
+  TORCH_CHECK(x.dim() == 4, "fused_fpn::lateral: x must be 4-D [N, Cin, H, W], got shape ", x.sizes());
+  TORCH_CHECK(weight.dim() == 2, "fused_fpn::lateral: weight must be 2-D [Cout, Cin], got shape ", weight.sizes());
+  TORCH_CHECK(weight.size(1) == x.size(1), "fused_fpn::lateral: weight must be [Cout, Cin] with Cin = x.size(1) = ",
+              x.size(1), ", got shape ", weight.sizes());
+  TORCH_CHECK(weight.scalar_type() == x.scalar_type(), "fused_fpn::lateral: weight dtype ", weight.scalar_type(),
+              " must equal x dtype ", x.scalar_type());
+  TORCH_CHECK(weight.device() == x.device(), "fused_fpn::lateral: weight must be on x's device ", x.device());
+  const int64_t cout = weight.size(0);
+  if (bias.has_value()) {
+    const auto& b = *bias;
+    TORCH_CHECK(b.dim() == 1 && b.size(0) == cout, "fused_fpn::lateral: bias must be 1-D [Cout] with Cout = ", cout,
+                ", got shape ", b.sizes());
+    TORCH_CHECK(b.scalar_type() == x.scalar_type(), "fused_fpn::lateral: bias dtype ", b.scalar_type(),
+                " must equal x dtype ", x.scalar_type());
+    TORCH_CHECK(b.device() == x.device(), "fused_fpn::lateral: bias must be on x's device ", x.device());
+  }
+  if (top.has_value()) {
+    const auto& t = *top;
+    TORCH_CHECK(t.dim() == 4 && t.size(0) == x.size(0) && t.size(1) == cout,
+                "fused_fpn::lateral: top must be 4-D [N, Cout, Ht, Wt] with N = ", x.size(0), " and Cout = ", cout,
+                ", got shape ", t.sizes());
+    TORCH_CHECK(t.scalar_type() == x.scalar_type(), "fused_fpn::lateral: top dtype ", t.scalar_type(),
+                " must equal x dtype ", x.scalar_type());
+    TORCH_CHECK(t.device() == x.device(), "fused_fpn::lateral: top must be on x's device ", x.device());
+    TORCH_CHECK(x.numel() == 0 || (t.size(2) > 0 && t.size(3) > 0),
+                "fused_fpn::lateral: top must have non-empty spatial size, got shape ", t.sizes());
+  }
+}
+
+// Pixels per tile: the GEMM output buffer (Cout x TP) stays around 64 KiB.
+int64_t tile_pixels(int64_t cout, int64_t element_size, int64_t hw) {
+  int64_t tp = (64 * 1024) / std::max<int64_t>(1, cout * element_size);
+  tp = std::max<int64_t>(16, std::min<int64_t>(512, tp));
+  return std::min(tp, std::max<int64_t>(1, hw));
+}
+
+template <typename scalar_t>
+void lateral_cpu_impl(const at::Tensor& x, const at::Tensor& w, const c10::optional<at::Tensor>& bias,
+                      const c10::optional<at::Tensor>& top, at::Tensor& out) {
+  using opmath_t = at::opmath_type<scalar_t>;
+  const int64_t N = x.size(0), Cin = x.size(1), H = x.size(2), W = x.size(3), Cout = w.size(0);
+  const int64_t HW = H * W;
+  const bool pixel_major = is_channels_last_like(x);
+  const bool rows_collapse = H == 1 || x.stride(2) == W * x.stride(3);
+  const int64_t sx0 = x.stride(0), sx1 = x.stride(1), sx2 = x.stride(2), sx3 = x.stride(3);
+  const int64_t so0 = out.stride(0), so1 = out.stride(1), so2 = out.stride(2), so3 = out.stride(3);
+  const int64_t TP = tile_pixels(Cout, x.element_size(), HW);
+  const int64_t tiles_per_image = (HW + TP - 1) / TP;
+
+  at::Tensor wt = w.t();  // [Cin, Cout] view, for the pixel-major product
+  at::Tensor b_contig = bias.has_value() ? bias->contiguous() : at::Tensor();
+  const scalar_t* bptr = bias.has_value() ? b_contig.const_data_ptr<scalar_t>() : nullptr;
+  const bool has_top = top.has_value();
+  const scalar_t* tptr = has_top ? top->const_data_ptr<scalar_t>() : nullptr;
+  int64_t st0 = 0, st1 = 0;
+  std::vector<int64_t> ih_off, iw_off;
+  if (has_top) {
+    st0 = top->stride(0);
+    st1 = top->stride(1);
+    ih_off = src_offsets(top->size(2), H, top->stride(2));
+    iw_off = src_offsets(top->size(3), W, top->stride(3));
+  }
+  scalar_t* optr = out.mutable_data_ptr<scalar_t>();
+
+  at::parallel_for(0, N * tiles_per_image, 1, [&](int64_t begin, int64_t end) {
+    at::Tensor buf = at::empty({Cout * TP}, x.options().memory_format(at::MemoryFormat::Contiguous));
+    for (int64_t item = begin; item < end; ++item) {
+      const int64_t n = item / tiles_per_image;
+      const int64_t p_begin = (item % tiles_per_image) * TP;
+      const int64_t p_end = std::min(HW, p_begin + TP);
+      int64_t p0 = p_begin;
+      while (p0 < p_end) {
+        const int64_t h = p0 / W, w0 = p0 % W;
+        // A segment is a run of pixels with a single stride: the whole tile if rows collapse.
+        const int64_t L = rows_collapse ? p_end - p0 : std::min(p_end - p0, W - w0);
+        const int64_t x_off = x.storage_offset() + n * sx0 + h * sx2 + w0 * sx3;
+        at::Tensor seg = buf.narrow(0, 0, Cout * L);
+        if (pixel_major) {
+          at::Tensor xs = x.as_strided({L, Cin}, {sx3, sx1}, x_off);
+          at::Tensor o = seg.view({L, Cout});
+          at::mm_out(o, xs, wt);
+        } else {
+          at::Tensor xs = x.as_strided({Cin, L}, {sx1, sx3}, x_off);
+          at::Tensor o = seg.view({Cout, L});
+          at::mm_out(o, w, xs);
+        }
+        const scalar_t* bp = seg.const_data_ptr<scalar_t>();
+        // Epilogue: out = buf + bias + top[nearest], each output element written once.
+        for (int64_t j = 0; j < L;) {
+          const int64_t p = p0 + j, hh = p / W, ww = p % W;
+          const int64_t run = std::min(L - j, W - ww);  // pixels left in this output row
+          if (pixel_major) {
+            for (int64_t r = 0; r < run; ++r) {
+              const scalar_t* src = bp + (j + r) * Cout;
+              scalar_t* dst = optr + n * so0 + hh * so2 + (ww + r) * so3;
+              const scalar_t* tp = has_top ? tptr + n * st0 + ih_off[hh] + iw_off[ww + r] : nullptr;
+              for (int64_t c = 0; c < Cout; ++c) {
+                opmath_t v = static_cast<opmath_t>(src[c]);
+                if (bptr) v += static_cast<opmath_t>(bptr[c]);
+                if (tp) v += static_cast<opmath_t>(tp[c * st1]);
+                dst[c * so1] = static_cast<scalar_t>(v);
+              }
+            }
+          } else {
+            for (int64_t c = 0; c < Cout; ++c) {
+              const scalar_t* src = bp + c * L + j;
+              scalar_t* dst = optr + n * so0 + c * so1 + hh * so2 + ww * so3;
+              const opmath_t bc = bptr ? static_cast<opmath_t>(bptr[c]) : opmath_t(0);
+              if (has_top) {
+                const scalar_t* trow = tptr + n * st0 + c * st1 + ih_off[hh];
+                const int64_t* iwo = iw_off.data() + ww;
+                for (int64_t r = 0; r < run; ++r)
+                  dst[r * so3] = static_cast<scalar_t>(static_cast<opmath_t>(src[r]) + bc +
+                                                       static_cast<opmath_t>(trow[iwo[r]]));
+              } else {
+                for (int64_t r = 0; r < run; ++r)
+                  dst[r * so3] = static_cast<scalar_t>(static_cast<opmath_t>(src[r]) + bc);
+              }
+            }
+          }
+          j += run;
+        }
+        p0 += L;
+      }
+    }
+  });
+}
+
+at::Tensor lateral_cpu(const at::Tensor& x, const at::Tensor& weight, const c10::optional<at::Tensor>& bias,
+                       const c10::optional<at::Tensor>& top) {
+  check_lateral_inputs(x, weight, bias, top);
+  TORCH_CHECK(x.device().is_cpu(), "fused_fpn::lateral (CPU kernel): x must be a CPU tensor, got ", x.device());
+  const auto dtype = x.scalar_type();
+  TORCH_CHECK(dtype == at::kFloat || dtype == at::kDouble || dtype == at::kBFloat16 || dtype == at::kHalf,
+              "fused_fpn::lateral (CPU kernel): x dtype must be float32, float64, bfloat16 or float16, got ", dtype);
+  const auto fmt = is_channels_last_like(x) ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous;
+  at::Tensor out = at::empty({x.size(0), weight.size(0), x.size(2), x.size(3)}, x.options().memory_format(fmt));
+  if (out.numel() == 0) return out;
+  const at::Tensor w = weight.contiguous();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, dtype, "fused_fpn_lateral_cpu",
+                                  [&] { lateral_cpu_impl<scalar_t>(x, w, bias, top, out); });
+  return out;
+}
+
+template <typename scalar_t>
+void grad_bias_top_impl(const at::Tensor& dy, int64_t top_h, int64_t top_w, at::Tensor& db, at::Tensor& dtop) {
+  using acc_t = at::acc_type<scalar_t, /*is_cuda=*/false>;
+  const int64_t N = dy.size(0), C = dy.size(1), H = dy.size(2), W = dy.size(3);
+  const bool has_top = top_h > 0 && top_w > 0;
+  const int64_t s0 = dy.stride(0), s1 = dy.stride(1), s2 = dy.stride(2), s3 = dy.stride(3);
+  // Channels innermost when dy is channels_last-like (contiguous reads); one channel per block otherwise.
+  const int64_t CB = is_channels_last_like(dy) ? std::min<int64_t>(C, 64) : 1;
+  const int64_t blocks = (C + CB - 1) / CB;
+  std::vector<int64_t> ih, iw;
+  if (has_top) {
+    ih = src_offsets(top_h, H, 1);
+    iw = src_offsets(top_w, W, 1);
+  }
+  const scalar_t* yp = dy.const_data_ptr<scalar_t>();
+  scalar_t* dbp = db.mutable_data_ptr<scalar_t>();
+  scalar_t* dtp = has_top ? dtop.mutable_data_ptr<scalar_t>() : nullptr;
+  const int64_t d0 = has_top ? dtop.stride(0) : 0, d1 = has_top ? dtop.stride(1) : 0;
+  const int64_t d2 = has_top ? dtop.stride(2) : 0, d3 = has_top ? dtop.stride(3) : 0;
+
+  at::parallel_for(0, blocks, 1, [&](int64_t begin, int64_t end) {
+    std::vector<acc_t> acc(has_top ? static_cast<size_t>(top_h * top_w * CB) : 0);
+    std::vector<acc_t> bacc(static_cast<size_t>(CB));
+    for (int64_t blk = begin; blk < end; ++blk) {
+      const int64_t c0 = blk * CB, cb = std::min(CB, C - c0);
+      std::fill(bacc.begin(), bacc.end(), acc_t(0));
+      for (int64_t n = 0; n < N; ++n) {
+        if (has_top) std::fill(acc.begin(), acc.end(), acc_t(0));
+        for (int64_t h = 0; h < H; ++h) {
+          for (int64_t w = 0; w < W; ++w) {
+            const scalar_t* p = yp + n * s0 + c0 * s1 + h * s2 + w * s3;
+            if (has_top) {
+              acc_t* a = acc.data() + (ih[h] * top_w + iw[w]) * CB;
+              for (int64_t c = 0; c < cb; ++c) {
+                const acc_t v = static_cast<acc_t>(p[c * s1]);
+                a[c] += v;
+                bacc[c] += v;
+              }
+            } else {
+              for (int64_t c = 0; c < cb; ++c) bacc[c] += static_cast<acc_t>(p[c * s1]);
+            }
+          }
+        }
+        if (has_top) {
+          for (int64_t i = 0; i < top_h; ++i)
+            for (int64_t j = 0; j < top_w; ++j) {
+              const acc_t* a = acc.data() + (i * top_w + j) * CB;
+              scalar_t* dst = dtp + n * d0 + c0 * d1 + i * d2 + j * d3;
+              for (int64_t c = 0; c < cb; ++c) dst[c * d1] = static_cast<scalar_t>(a[c]);
+            }
+        }
+      }
+      for (int64_t c = 0; c < cb; ++c) dbp[c0 + c] = static_cast<scalar_t>(bacc[c]);
+    }
+  });
+}
+
+std::tuple<at::Tensor, at::Tensor> lateral_grad_bias_top_cpu(const at::Tensor& grad_out, int64_t top_h,
+                                                             int64_t top_w) {
+  TORCH_CHECK(grad_out.dim() == 4, "fused_fpn::lateral_grad_bias_top: grad_out must be 4-D [N, C, H, W], got shape ",
+              grad_out.sizes());
+  TORCH_CHECK(top_h >= 0 && top_w >= 0 && ((top_h == 0) == (top_w == 0)),
+              "fused_fpn::lateral_grad_bias_top: top_h and top_w must both be positive (or both 0 for no top), got ",
+              top_h, " and ", top_w);
+  const auto fmt = is_channels_last_like(grad_out) ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous;
+  const int64_t N = grad_out.size(0), C = grad_out.size(1);
+  at::Tensor db = at::empty({C}, grad_out.options().memory_format(at::MemoryFormat::Contiguous));
+  at::Tensor dtop = at::empty({N, C, top_h, top_w}, grad_out.options().memory_format(fmt));
+  if (C == 0) return {db, dtop};
+  if (grad_out.numel() == 0) {
+    db.zero_();
+    dtop.zero_();
+    return {db, dtop};
+  }
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, grad_out.scalar_type(), "fused_fpn_grad_bias_top_cpu",
+                                  [&] { grad_bias_top_impl<scalar_t>(grad_out, top_h, top_w, db, dtop); });
+  return {db, dtop};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(fused_fpn, CPU, m) {
+  m.impl("lateral", &lateral_cpu);
+  m.impl("lateral_grad_bias_top", &lateral_grad_bias_top_cpu);
+}
+
+}  // namespace fused_fpn

@@ -1,0 +1,56 @@
+"""Argument checks with messages that name the argument and what was expected.
+
+Every public entry point validates here, before any kernel runs, so bad input raises a Python
+exception (TypeError / ValueError) instead of a crash, a hang or a wrong answer.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+
+def _desc(t: torch.Tensor) -> str:
+    return f"shape {tuple(t.shape)}, dtype {t.dtype}, device {t.device}"
+
+
+def check_float_tensor(name: str, t) -> None:
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if not t.dtype.is_floating_point:
+        raise TypeError(f"{name} must have a floating-point dtype (float16, bfloat16, float32, float64), got {t.dtype}")
+
+
+def check_lateral_args(x, weight, bias: Optional[torch.Tensor], top: Optional[torch.Tensor]) -> torch.Tensor:
+    """Validate ``lateral``'s arguments; returns weight as [Cout, Cin] (a view, never a copy)."""
+    check_float_tensor("x", x)
+    if x.dim() != 4:
+        raise ValueError(f"x must be 4-D [N, Cin, H, W], got {_desc(x)}")
+    n, cin, h, w = x.shape
+    check_float_tensor("weight", weight)
+    if weight.dim() == 4 and tuple(weight.shape[2:]) == (1, 1):
+        weight = weight.view(weight.shape[0], weight.shape[1])
+    if weight.dim() != 2 or weight.shape[1] != cin:
+        raise ValueError(f"weight must be [Cout, Cin] or [Cout, Cin, 1, 1] with Cin = x.shape[1] = {cin}, "
+                         f"got {_desc(weight)}")
+    cout = weight.shape[0]
+    tensors = [("weight", weight)]
+    if bias is not None:
+        check_float_tensor("bias", bias)
+        if bias.dim() != 1 or bias.shape[0] != cout:
+            raise ValueError(f"bias must be 1-D [Cout] with Cout = weight.shape[0] = {cout}, got {_desc(bias)}")
+        tensors.append(("bias", bias))
+    if top is not None:
+        check_float_tensor("top", top)
+        if top.dim() != 4 or top.shape[0] != n or top.shape[1] != cout:
+            raise ValueError(f"top must be 4-D [N, Cout, Ht, Wt] with N = x.shape[0] = {n} and "
+                             f"Cout = weight.shape[0] = {cout}, got {_desc(top)}")
+        if x.numel() > 0 and (top.shape[2] == 0 or top.shape[3] == 0):
+            raise ValueError(f"top must have a non-empty spatial size [Ht >= 1, Wt >= 1], got {_desc(top)}")
+        tensors.append(("top", top))
+    for name, t in tensors:
+        if t.device != x.device:
+            raise ValueError(f"{name} must be on the same device as x ({x.device}), got {_desc(t)}")
+        if t.dtype != x.dtype:
+            raise TypeError(f"{name} must have the same dtype as x ({x.dtype}), got {_desc(t)}")
+    return weight

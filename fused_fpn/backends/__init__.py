@@ -1,0 +1,99 @@
+"""Backend registry and selection for ``fused_fpn.lateral``.
+
+Every backend is a module in this package with the same small interface:
+
+    NAME: str
+    unavailable_reason() -> Optional[str]       None when it can run in this process at all
+    unsupported_reason(x) -> Optional[str]      None when it can run on tensors like x (device, dtype)
+    lateral(x, weight, bias, top) -> Tensor     weight is [Cout, Cin]; inputs already validated
+
+Backends: "torch" (pure-PyTorch reference), "cpu" (C++ kernel in _C), "triton" (Triton kernels,
+GPU; CPU tensors only under TRITON_INTERPRET=1), "cuda" (C++/CUDA kernel in _C).
+"""
+from __future__ import annotations
+
+import importlib
+from typing import Dict, List, Optional
+
+import torch
+
+# name -> module (imported lazily: the triton module imports triton only when asked)
+_MODULES: Dict[str, str] = {
+    "torch": "fused_fpn.backends.torch_ref",
+    "cpu": "fused_fpn.backends.cpu",
+    "triton": "fused_fpn.backends.triton",
+    "cuda": "fused_fpn.backends.cuda",
+}
+
+# "auto": the first backend in this list that can run on the tensors. Order set by the benchmarks
+# (benchmarks/results/): on CUDA tensors the fused GPU kernels, on CPU tensors the C++ kernel.
+AUTO_ORDER: Dict[str, tuple] = {
+    "cuda": ("cuda", "triton", "torch"),
+    "cpu": ("cpu", "torch"),
+}
+
+BACKEND_NAMES = tuple(_MODULES)
+_loaded: Dict[str, object] = {}
+_import_errors: Dict[str, str] = {}
+
+
+def get_backend(name: str):
+    """The backend module for ``name``, or None if it cannot even be imported."""
+    if name in _loaded:
+        return _loaded[name]
+    if name not in _MODULES:
+        raise ValueError(f"unknown fused_fpn backend {name!r}; known backends: {list(BACKEND_NAMES)} or 'auto'")
+    try:
+        module = importlib.import_module(_MODULES[name])
+    except ImportError as exc:
+        _import_errors[name] = f"cannot import {_MODULES[name]}: {exc}"
+        module = None
+    _loaded[name] = module
+    return module
+
+
+def unavailable_reason(name: str) -> Optional[str]:
+    module = get_backend(name)
+    if module is None:
+        return _import_errors.get(name, "not importable")
+    return module.unavailable_reason()
+
+
+def available_backends(device: Optional[torch.device] = None) -> List[str]:
+    """Names of the backends usable in this process (sorted); with ``device``, those that can run there."""
+    names = []
+    for name in BACKEND_NAMES:
+        if unavailable_reason(name) is not None:
+            continue
+        if device is not None:
+            probe = torch.empty((1, 1, 1, 1), device=torch.device(device), dtype=torch.float32)
+            if get_backend(name).unsupported_reason(probe) is not None:
+                continue
+        names.append(name)
+    return sorted(names)
+
+
+def why_not(name: str, x: torch.Tensor) -> Optional[str]:
+    """None if backend ``name`` can run on tensors like ``x``, else the reason."""
+    reason = unavailable_reason(name)
+    if reason is None:
+        reason = get_backend(name).unsupported_reason(x)
+    return reason
+
+
+def select(backend: str, x: torch.Tensor):
+    """The backend module to run on ``x``; ValueError (listing what can run) if there is none."""
+    if backend == "auto":
+        for name in AUTO_ORDER.get(x.device.type, ("torch",)):
+            if why_not(name, x) is None:
+                return get_backend(name)
+        raise ValueError(f"no fused_fpn backend can run on {x.device.type} tensors of dtype {x.dtype}")
+    if backend not in _MODULES:
+        raise ValueError(f"unknown fused_fpn backend {backend!r}; known backends: {list(BACKEND_NAMES)} or 'auto'")
+    reason = why_not(backend, x)
+    if reason is not None:
+        can = [n for n in BACKEND_NAMES if why_not(n, x) is None]
+        raise ValueError(
+            f"fused_fpn backend {backend!r} cannot run on {x.device.type} tensors of dtype {x.dtype}: {reason}. "
+            f"Backends that can: {can} (or 'auto')")
+    return get_backend(backend)

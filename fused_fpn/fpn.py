@@ -1,0 +1,143 @@
+"""``fused_fpn.FPN``: drop-in ``torchvision.ops.FeaturePyramidNetwork`` with a fused top-down pathway.
+
+It subclasses torchvision's module, so the constructor checks, the init (kaiming_uniform_(a=1),
+bias 0), the submodules and state_dict keys (``inner_blocks.{i}.0.weight`` ...), the version-2
+state_dict loading and ``isinstance(m, FeaturePyramidNetwork)`` are torchvision's own. Only
+``forward`` differs: each level's lateral 1x1 conv + nearest upsample + add is one
+``fused_fpn.lateral`` call (one kernel launch on the fused backends).
+
+Norm layers: a frozen or eval-mode BatchNorm after the 1x1 conv is folded into the fused op's
+weight and bias (no extra pass). Any other norm (GroupNorm, training-mode BatchNorm, ...) takes
+the unfused path: ``block(x) + F.interpolate(top, size, mode="nearest")``, exactly as torchvision.
+"""
+from __future__ import annotations
+
+from collections import OrderedDict
+from typing import Dict, List, Optional, Tuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torchvision.ops import FeaturePyramidNetwork
+from torchvision.ops.misc import FrozenBatchNorm2d
+
+from . import backends as _backends
+from ._checks import check_float_tensor
+from .functional import lateral
+
+
+def _fusable_conv(conv: nn.Module) -> bool:
+    return (isinstance(conv, nn.Conv2d) and tuple(conv.kernel_size) == (1, 1) and tuple(conv.stride) == (1, 1)
+            and tuple(conv.padding) == (0, 0) and tuple(conv.dilation) == (1, 1) and conv.groups == 1
+            and conv.padding_mode == "zeros")
+
+
+def _batchnorm_scale_shift(norm: nn.Module) -> Optional[Tuple[Tensor, Tensor]]:
+    """(scale, shift) with norm(y) = y * scale + shift, for norms that are affine maps; else None."""
+    if isinstance(norm, FrozenBatchNorm2d):
+        scale = norm.weight * torch.rsqrt(norm.running_var + norm.eps)
+        return scale, norm.bias - norm.running_mean * scale
+    if isinstance(norm, nn.BatchNorm2d) and not norm.training and norm.running_mean is not None:
+        inv_std = torch.rsqrt(norm.running_var + norm.eps)
+        scale = inv_std if norm.weight is None else norm.weight * inv_std
+        shift = -norm.running_mean * scale
+        if norm.bias is not None:
+            shift = shift + norm.bias
+        return scale, shift
+    return None
+
+
+def lateral_params(block: nn.Module) -> Optional[Tuple[Tensor, Optional[Tensor]]]:
+    """(weight [Cout, Cin, 1, 1], bias [Cout] or None) of a lateral block the fused op can run,
+    folding an affine norm; None when the block must run unfused."""
+    layers = list(block) if isinstance(block, nn.Sequential) else [block]
+    if not layers or not _fusable_conv(layers[0]):
+        return None
+    conv = layers[0]
+    if len(layers) == 1:
+        return conv.weight, conv.bias
+    if len(layers) > 2:
+        return None
+    folded = _batchnorm_scale_shift(layers[1])
+    if folded is None:
+        return None
+    scale, shift = folded
+    weight = conv.weight * scale.to(conv.weight.dtype)[:, None, None, None]
+    bias = shift if conv.bias is None else conv.bias * scale + shift
+    return weight, bias.to(conv.weight.dtype)
+
+
+def _in_channels(block: nn.Module) -> Optional[int]:
+    first = block[0] if isinstance(block, nn.Sequential) and len(block) > 0 else block
+    return getattr(first, "in_channels", None)
+
+
+class FPN(FeaturePyramidNetwork):
+    """FPN(in_channels_list, out_channels, extra_blocks=None, norm_layer=None, *, backend="auto").
+
+    Same constructor, state_dict and forward contract as ``torchvision.ops.FeaturePyramidNetwork``:
+    forward(x: dict[str, Tensor [N, C_i, H_i, W_i]], finest first) -> OrderedDict of
+    [N, out_channels, H_i, W_i] with the same names, then the extra blocks' outputs.
+    ``backend`` picks the lateral kernel: "auto", "torch", "cpu", "triton" or "cuda".
+    """
+
+    def __init__(self, in_channels_list: List[int], out_channels: int, extra_blocks=None,
+                 norm_layer=None, *, backend: str = "auto"):
+        if backend != "auto" and backend not in _backends.BACKEND_NAMES:
+            raise ValueError(f"backend must be 'auto' or one of {list(_backends.BACKEND_NAMES)}, got {backend!r}")
+        super().__init__(list(in_channels_list), out_channels, extra_blocks=extra_blocks, norm_layer=norm_layer)
+        self.backend = backend
+
+    def extra_repr(self) -> str:
+        return f"backend={self.backend!r}"
+
+    def _check_features(self, x) -> Tuple[List[str], List[Tensor]]:
+        if not isinstance(x, dict) or len(x) == 0:
+            raise TypeError(f"FPN input must be a non-empty dict[str, Tensor] of feature maps (finest first), "
+                            f"got {type(x).__name__}" + (" (empty)" if isinstance(x, dict) else ""))
+        names, feats = list(x.keys()), list(x.values())
+        if len(feats) != len(self.inner_blocks):
+            raise ValueError(f"FPN was built for {len(self.inner_blocks)} feature maps, got {len(feats)} "
+                             f"({names})")
+        ref = None
+        for i, (name, t) in enumerate(zip(names, feats)):
+            check_float_tensor(f"x[{name!r}]", t)
+            if t.dim() != 4:
+                raise ValueError(f"x[{name!r}] must be 4-D [N, C, H, W], got shape {tuple(t.shape)}")
+            cin = _in_channels(self.inner_blocks[i])
+            if cin is not None and t.shape[1] != cin:
+                raise ValueError(f"x[{name!r}] (level {i}) must have {cin} channels, got shape {tuple(t.shape)}")
+            if ref is None:
+                ref = (name, t)
+                continue
+            rname, r = ref
+            if t.shape[0] != r.shape[0]:
+                raise ValueError(f"all feature maps must have one batch size: x[{rname!r}] has {r.shape[0]}, "
+                                 f"x[{name!r}] has {t.shape[0]}")
+            if t.dtype != r.dtype:
+                raise TypeError(f"all feature maps must have one dtype: x[{rname!r}] is {r.dtype}, "
+                                f"x[{name!r}] is {t.dtype}")
+            if t.device != r.device:
+                raise ValueError(f"all feature maps must be on one device: x[{rname!r}] is on {r.device}, "
+                                 f"x[{name!r}] is on {t.device}")
+        return names, feats
+
+    def _lateral(self, idx: int, x: Tensor, top: Optional[Tensor]) -> Tensor:
+        block = self.inner_blocks[idx]
+        params = lateral_params(block)
+        if params is None:  # unfused path (GroupNorm, training-mode BatchNorm, custom blocks)
+            y = block(x)
+            return y if top is None else y + F.interpolate(top, size=y.shape[-2:], mode="nearest")
+        weight, bias = params
+        return lateral(x, weight, bias, top, backend=self.backend)
+
+    def forward(self, x: Dict[str, Tensor]) -> Dict[str, Tensor]:
+        names, feats = self._check_features(x)
+        last_inner = self._lateral(len(feats) - 1, feats[-1], None)
+        results = [self.layer_blocks[len(feats) - 1](last_inner)]
+        for idx in range(len(feats) - 2, -1, -1):
+            last_inner = self._lateral(idx, feats[idx], last_inner)
+            results.insert(0, self.layer_blocks[idx](last_inner))
+        if self.extra_blocks is not None:
+            results, names = self.extra_blocks(results, feats, names)
+        return OrderedDict([(k, v) for k, v in zip(names, results)])

@@ -1,0 +1,40 @@
+"""``fused_fpn.lateral``: the public functional op."""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from . import backends as _backends
+from ._checks import check_lateral_args
+
+
+def _autocast_dtype(device_type: str) -> Optional[torch.dtype]:
+    """The autocast dtype in force for this device type, or None (conv2d is a lower-precision op)."""
+    if device_type not in ("cuda", "cpu") or not torch.is_autocast_enabled(device_type):
+        return None
+    return torch.get_autocast_dtype(device_type)
+
+
+def lateral(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None,
+            top: Optional[torch.Tensor] = None, *, backend: str = "auto") -> torch.Tensor:
+    """y = conv1x1(x; weight, bias) + upsample_nearest(top, size=x.shape[-2:]), fused in one kernel.
+
+    Args:
+        x:      [N, Cin, H, W], NCHW or channels_last (any strides; never copied by the fused backends).
+        weight: [Cout, Cin] or [Cout, Cin, 1, 1].
+        bias:   [Cout] or None.
+        top:    [N, Cout, Ht, Wt] or None; any Ht, Wt (nearest up- or down-sampling, ATen's index rule).
+        backend: "auto" (fastest available for x's device), "torch", "cpu", "triton" or "cuda".
+
+    Returns [N, Cout, H, W] in x's memory format and dtype. Differentiable in all inputs.
+    Under torch.autocast the inputs are cast to the autocast dtype, as eager conv2d does.
+    """
+    weight = check_lateral_args(x, weight, bias, top)
+    cast = _autocast_dtype(x.device.type)
+    if cast is not None:
+        x, weight = x.to(cast), weight.to(cast)
+        bias = bias.to(cast) if bias is not None else None
+        top = top.to(cast) if top is not None else None
+    impl = _backends.select(backend, x)
+    return impl.lateral(x, weight, bias, top)

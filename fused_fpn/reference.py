@@ -1,0 +1,69 @@
+"""Pure-PyTorch reference of every fused_fpn op: the "torch" backend and the oracle of the tests.
+
+The nearest rule is ATen's for ``F.interpolate(mode="nearest", size=...)`` on fp16/bf16/fp32:
+    scale = float32(in_size) / float32(out_size);  src(d) = min(floor(float32(d) * scale), in_size - 1)
+It is computed here in float32 for every dtype (fp64 ``F.interpolate`` on CPU uses other
+arithmetic, so fp64 references must select with these indices rather than call it).
+"""
+from __future__ import annotations
+
+from typing import Optional, Tuple
+
+import torch
+import torch.nn.functional as F
+
+from ._layout import output_memory_format
+
+
+def nearest_source_indices(in_size: int, out_size: int, device=None) -> torch.Tensor:
+    """int64 [out_size]: the source index of every destination index (ATen's float32 rule).
+
+    ``float(in)/float(out)`` is the correctly rounded float32 quotient once cast to float32 (a
+    double quotient of two float32 values rounds to the same float32), and the multiply below
+    runs in float32 because the tensor is float32.
+    """
+    scale = float(in_size) / float(out_size)
+    dst = torch.arange(out_size, dtype=torch.float32, device=device)
+    src = torch.floor(dst * scale).to(torch.int64)
+    return torch.clamp(src, max=in_size - 1)
+
+
+def upsample_nearest_reference(top: torch.Tensor, size) -> torch.Tensor:
+    """top [N, C, Ht, Wt] -> [N, C, H, W] gathered with the float32 nearest rule (any dtype)."""
+    ih = nearest_source_indices(top.shape[-2], size[0], top.device)
+    iw = nearest_source_indices(top.shape[-1], size[1], top.device)
+    return top[:, :, ih[:, None], iw[None, :]]
+
+
+def lateral_reference(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None,
+                      top: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """y = conv1x1(x; weight, bias) + nearest(top, size=x.shape[-2:]), unfused.
+
+    x [N, Cin, H, W], weight [Cout, Cin] (or [Cout, Cin, 1, 1]), bias [Cout], top [N, Cout, Ht, Wt].
+    Output [N, Cout, H, W] in x's memory format (see ``fused_fpn._layout``).
+    """
+    w4 = weight if weight.dim() == 4 else weight[:, :, None, None]
+    y = F.conv2d(x, w4, bias)
+    if top is not None:
+        y = y + upsample_nearest_reference(top, x.shape[-2:])
+    return y.contiguous(memory_format=output_memory_format(x))
+
+
+def lateral_grad_bias_top_reference(grad_out: torch.Tensor, top_h: int, top_w: int
+                                    ) -> Tuple[torch.Tensor, torch.Tensor]:
+    """(grad_bias [C], grad_top [N, C, top_h, top_w]): the adjoints of "+ bias" and "+ nearest(top)".
+
+    grad_top[n, c, i, j] sums grad_out over the pixels whose nearest source is (i, j).
+    top_h == top_w == 0 means "no top" (grad_top is [N, C, 0, 0]).
+    """
+    n, c, h, w = grad_out.shape
+    grad_bias = grad_out.sum(dim=(0, 2, 3))
+    fmt = output_memory_format(grad_out)
+    if top_h == 0 or top_w == 0:
+        return grad_bias, grad_out.new_empty((n, c, 0, 0)).contiguous(memory_format=fmt)
+    ih = nearest_source_indices(top_h, h, grad_out.device)
+    iw = nearest_source_indices(top_w, w, grad_out.device)
+    flat = (ih[:, None] * top_w + iw[None, :]).reshape(-1)
+    grad_top = grad_out.new_zeros((n, c, top_h * top_w))
+    grad_top.index_add_(2, flat, grad_out.reshape(n, c, h * w))
+    return grad_bias, grad_top.view(n, c, top_h, top_w).contiguous(memory_format=fmt)

@@ -1,0 +1,30 @@
+"""Shared test set-up.
+
+* TRITON_INTERPRET=1 is set here, before anything imports triton, only when no GPU is present:
+  Triton kernels then run on CPU tensors through the interpreter.
+* Every test runs with NaN-poisoned allocations (``nan_poison``, autouse): with deterministic
+  algorithms on and ``fill_uninitialized_memory``, ATen fills every new float tensor (our
+  kernels' outputs included) with NaN, so an element a kernel forgets to write fails the test.
+"""
+import os
+
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture(autouse=True)
+def nan_poison():
+    old_det = torch.are_deterministic_algorithms_enabled()
+    old_warn = torch.is_deterministic_algorithms_warn_only_enabled()
+    old_fill = torch.utils.deterministic.fill_uninitialized_memory
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    torch.utils.deterministic.fill_uninitialized_memory = True
+    try:
+        yield
+    finally:
+        torch.utils.deterministic.fill_uninitialized_memory = old_fill
+        torch.use_deterministic_algorithms(old_det, warn_only=old_warn)

@@ -1,0 +1,78 @@
+"""Helpers shared by the tests: tolerance table, devices and backends, input makers, comparisons."""
+from __future__ import annotations
+
+from typing import List, Optional
+
+import pytest
+import torch
+
+import fused_fpn
+from fused_fpn import backends as fb
+
+# dtype -> (atol, rtol) for a fused result against the float64 reference, on unit-scale inputs
+# with fan-in up to a few hundred. Low precision is additionally bounded by the eager path's
+# own error (see assert_close_to_reference).
+TOLERANCES = {
+    torch.float64: (1e-10, 1e-10),
+    torch.float32: (2e-4, 2e-4),   # TF32 on GPU is allowed when allow_tf32 is on (tests switch it off)
+    torch.float16: (2e-2, 1e-2),
+    torch.bfloat16: (1e-1, 5e-2),
+}
+
+HAS_CUDA = torch.cuda.is_available()
+DEVICES = ["cpu"] + (["cuda"] if HAS_CUDA else [])
+
+
+def backends_for(device: str) -> List[str]:
+    """Backends the parity matrix runs on ``device``. Triton on CPU tensors (interpreter) is
+    excluded here: it is slow, and tests/test_triton_*.py cover it with small shapes."""
+    names = fused_fpn.available_backends(device)
+    if device == "cpu":
+        names = [n for n in names if n != "triton"]
+    return names
+
+
+def backend_device_params(dtypes=None):
+    """pytest params (device, backend) for every backend that runs in this process."""
+    params = []
+    for device in DEVICES:
+        for name in backends_for(device):
+            params.append(pytest.param(device, name, id=f"{device}-{name}"))
+    return params
+
+
+def backend_supports(name: str, device: str, dtype: torch.dtype) -> Optional[str]:
+    probe = torch.empty((1, 1, 1, 1), device=device, dtype=dtype)
+    return fb.why_not(name, probe)
+
+
+def make_input(shape, dtype, device, layout="nchw", generator=None):
+    """Random tensor of ``shape`` in a layout: "nchw", "channels_last", or "noncontig" (a strided
+    slice of a wider tensor, neither NCHW- nor channels_last-contiguous)."""
+    n, c, h, w = shape
+    if layout == "noncontig":
+        wide = torch.randn((n, c + 3, h, 2 * w + 1), dtype=torch.float32, generator=generator)
+        t = wide.to(device=device, dtype=dtype)[:, 1:c + 1, :, 1::2]
+        assert not t.is_contiguous() and not t.is_contiguous(memory_format=torch.channels_last)
+        return t
+    t = torch.randn(shape, dtype=torch.float32, generator=generator).to(device=device, dtype=dtype)
+    if layout == "channels_last":
+        t = t.contiguous(memory_format=torch.channels_last)
+    return t
+
+
+def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    a, b = a.double(), b.double()
+    return ((a - b).norm() / b.norm().clamp_min(1e-30)).item()
+
+
+def assert_close_to_reference(out: torch.Tensor, ref64: torch.Tensor, dtype: torch.dtype,
+                              eager: Optional[torch.Tensor] = None) -> None:
+    """out vs the float64 truth with the dtype's tolerances; for fp16/bf16 also: out is at most
+    ~2x as far from the truth as the eager (torchvision) result at that precision."""
+    assert not torch.isnan(out).any(), "output has NaN: an element was not written"
+    atol, rtol = TOLERANCES[dtype]
+    torch.testing.assert_close(out.double(), ref64.double(), atol=atol, rtol=rtol)
+    if eager is not None and dtype in (torch.float16, torch.bfloat16):
+        ours, theirs = rel_err(out, ref64), rel_err(eager, ref64)
+        assert ours <= 2.0 * theirs + 1e-6, f"fused error {ours:.3g} vs eager error {theirs:.3g}"
