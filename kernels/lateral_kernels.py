@@ -23,8 +23,14 @@ process of its own. Config lists: ``*_CONFIGS[(arch, elem_bytes)]`` with arch "s
 elem_bytes 2 (fp16/bf16) or 4 (fp32); ``INTERPRET_*`` is the one small config for TRITON_INTERPRET=1
 (the autotuner would benchmark every config under the interpreter).
 """
+import inspect
+
 import triton
 import triton.language as tl
+
+# tl.dot spells the fp32 precision choice `input_precision` (triton >= 3.0) or `allow_tf32` (older):
+# passed to the kernels as the USE_INPUT_PRECISION constexpr.
+USE_INPUT_PRECISION = "input_precision" in inspect.signature(tl.dot).parameters
 
 
 @triton.jit

@@ -10,21 +10,18 @@ tensors) the kernels run directly with one small fixed config.
 """
 from __future__ import annotations
 
-import inspect
 import os
 import struct
 from typing import Tuple
 
 import torch
 import triton
-import triton.language as tl
 
 from fused_fpn._layout import output_memory_format
 
 from . import lateral_kernels as K
 
-# tl.dot spells the fp32 precision choice `input_precision` (triton >= 3.0) or `allow_tf32` (older)
-USE_INPUT_PRECISION = "input_precision" in inspect.signature(tl.dot).parameters
+USE_INPUT_PRECISION = K.USE_INPUT_PRECISION
 
 
 def interpreting() -> bool:
@@ -196,8 +193,9 @@ def lateral_backward(grad: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, 
 
     dx = dy . W (the forward GEMM kernel with W transposed through its strides; dx in x's memory
     format), dW (``grad_weight``), db and dtop (``grad_bias_top``, one pass over dy)."""
-    empty = grad.new_empty((0,))
-    dx = dw = db = dtop = empty
+    def empty():  # a fresh [0] tensor for each unneeded gradient (outputs must not alias)
+        return grad.new_empty((0,))
+    dx, dw, db, dtop = empty(), empty(), empty(), empty()
     if need_x:
         # an empty reduction (Cout == 0) still launches and writes zeros
         dx = torch.empty(x.shape, dtype=x.dtype, device=x.device, memory_format=output_memory_format(x))
@@ -206,6 +204,6 @@ def lateral_backward(grad: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, 
         dw = grad_weight(grad, x, weight.dtype)
     if need_b or need_top:
         b, t = grad_bias_top(grad, top_h, top_w, need_top)
-        db = b if need_b else empty
-        dtop = t if need_top else empty
+        db = b if need_b else db
+        dtop = t if need_top else dtop
     return dx, dw, db, dtop

@@ -80,12 +80,13 @@ def _lateral_fake(x, weight, bias, top):
 
 
 def _backward_fake(grad, x, weight, top_h, top_w, need_x, need_weight, need_bias, need_top):
-    empty = grad.new_empty((0,))
-    dx = x.new_empty(x.shape).contiguous(memory_format=output_memory_format(x)) if need_x else empty
-    dw = weight.new_empty(weight.shape) if need_weight else empty
-    db = grad.new_empty((grad.shape[1],)) if need_bias else empty
+    def empty():
+        return grad.new_empty((0,))
+    dx = x.new_empty(x.shape).contiguous(memory_format=output_memory_format(x)) if need_x else empty()
+    dw = weight.new_empty(weight.shape) if need_weight else empty()
+    db = grad.new_empty((grad.shape[1],)) if need_bias else empty()
     dtop = (grad.new_empty((grad.shape[0], grad.shape[1], top_h, top_w))
-            .contiguous(memory_format=output_memory_format(grad)) if need_top else empty)
+            .contiguous(memory_format=output_memory_format(grad)) if need_top else empty())
     return dx, dw, db, dtop
 
 
