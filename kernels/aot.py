@@ -139,11 +139,12 @@ def compile_job(job: dict) -> dict:
     kernel, dtype, layout = job["kernel"], job["dtype"], job["layout"]
     if kernel == "fwd":
         fn, args = K._lateral_fwd_kernel, fwd_args(dtype, layout)
-        constexprs = dict(HAS_BIAS=True, HAS_TOP=True, ALLOW_TF32=job["tf32"],
+        constexprs = dict(HAS_BIAS=True, HAS_TOP=True, X_FLAT=True, O_FLAT=True, ALLOW_TF32=job["tf32"],
                           USE_INPUT_PRECISION=USE_INPUT_PRECISION, **job["meta"])
     elif kernel == "grad_weight":
         fn, args = K._lateral_grad_weight_kernel, grad_weight_args(dtype, layout)
-        constexprs = dict(ALLOW_TF32=job["tf32"], USE_INPUT_PRECISION=USE_INPUT_PRECISION, **job["meta"])
+        constexprs = dict(D_FLAT=True, X_FLAT=True, ALLOW_TF32=job["tf32"], USE_INPUT_PRECISION=USE_INPUT_PRECISION,
+                          **job["meta"])
     else:
         fn, args = K._lateral_grad_bias_top_kernel, grad_bias_top_args(dtype, layout)
         constexprs = dict(HAS_TOP=True, **job["meta"])

@@ -43,7 +43,7 @@ def _lateral_fwd_kernel(
     sb,
     stn, stc, sth, stw,
     son, soc, soh, sow,
-    HAS_BIAS: tl.constexpr, HAS_TOP: tl.constexpr,
+    HAS_BIAS: tl.constexpr, HAS_TOP: tl.constexpr, X_FLAT: tl.constexpr, O_FLAT: tl.constexpr,
     ALLOW_TF32: tl.constexpr, USE_INPUT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
@@ -60,6 +60,10 @@ def _lateral_fwd_kernel(
     Constexpr flags:
       HAS_BIAS / HAS_TOP: the bias / top gather-add epilogue is compiled in only when present
         (b_ptr / top_ptr are dummies otherwise, never dereferenced).
+      X_FLAT / O_FLAT: x's / out's (h, w) dims flatten (s?h == W * s?w, true for NCHW and
+        channels_last), so a pixel's offset is n * s?n + (h * W + w) * s?w. Written that way the
+        compiler sees that consecutive pixels are consecutive in memory when s?w == 1 (NCHW) and
+        vectorizes those loads/stores; the general h * s?h + w * s?w form hides it behind div/mod.
       ALLOW_TF32: fp32 inputs use TF32 tensor cores when True (torch.backends.cudnn.allow_tf32,
         what eager conv does), IEEE fp32 when False; no effect on fp16/bf16.
       USE_INPUT_PRECISION: tl.dot spells the choice ``input_precision`` (triton >= 3.0) or, on
@@ -87,7 +91,10 @@ def _lateral_fwd_kernel(
     h_idx = rem // W_
     w_idx = rem % W_
     n64 = n_idx.to(tl.int64)
-    x_row = n64 * sxn + h_idx.to(tl.int64) * sxh + w_idx.to(tl.int64) * sxw
+    if X_FLAT:
+        x_row = n64 * sxn + rem.to(tl.int64) * sxw
+    else:
+        x_row = n64 * sxn + h_idx.to(tl.int64) * sxh + w_idx.to(tl.int64) * sxw
     w_col = offs_n.to(tl.int64) * swn
 
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
@@ -119,7 +126,10 @@ def _lateral_fwd_kernel(
         t_row = n64 * stn + src_h.to(tl.int64) * sth + src_w.to(tl.int64) * stw
         t = tl.load(top_ptr + (t_row[:, None] + (offs_n64 * stc)[None, :]), mask=mask, other=0.0)
         acc += t.to(tl.float32)
-    o_row = n64 * son + h_idx.to(tl.int64) * soh + w_idx.to(tl.int64) * sow
+    if O_FLAT:
+        o_row = n64 * son + rem.to(tl.int64) * sow
+    else:
+        o_row = n64 * son + h_idx.to(tl.int64) * soh + w_idx.to(tl.int64) * sow
     tl.store(out_ptr + (o_row[:, None] + (offs_n64 * soc)[None, :]),
              acc.to(out_ptr.dtype.element_ty), mask=mask)
 
@@ -130,6 +140,7 @@ def _lateral_grad_weight_kernel(
     M, HW, W_, CIN, COUT, ROWS_PER_SPLIT,
     sdn, sdc, sdh, sdw,
     sxn, sxc, sxh, sxw,
+    D_FLAT: tl.constexpr, X_FLAT: tl.constexpr,
     ALLOW_TF32: tl.constexpr, USE_INPUT_PRECISION: tl.constexpr,
     BLOCK_CO: tl.constexpr, BLOCK_CI: tl.constexpr, BLOCK_M: tl.constexpr,
 ):
@@ -141,8 +152,9 @@ def _lateral_grad_weight_kernel(
     host sums part over s (a fixed-order reduction), so dW = sum_m dy^T x is deterministic. The tile
     index is program_id(0) so the tiles of one pixel chunk run side by side and share it in L2.
 
-    Constexpr flags: ALLOW_TF32 / USE_INPUT_PRECISION as in ``_lateral_fwd_kernel`` (TF32 or IEEE
-    for fp32, and how this triton spells it); BLOCK_CO/CI/M: tile shape.
+    Constexpr flags: D_FLAT / X_FLAT: dy's / x's (h, w) dims flatten (contiguous pixel runs are
+    visible to the compiler, as X_FLAT in ``_lateral_fwd_kernel``); ALLOW_TF32 / USE_INPUT_PRECISION
+    as there (TF32 or IEEE for fp32, and how this triton spells it); BLOCK_CO/CI/M: tile shape.
     """
     pid_tile = tl.program_id(0)
     split = tl.program_id(1)
@@ -164,10 +176,17 @@ def _lateral_grad_weight_kernel(
         mask_m = offs_m < m_end
         n64 = (offs_m // HW).to(tl.int64)
         rem = offs_m % HW
+        rem64 = rem.to(tl.int64)
         h64 = (rem // W_).to(tl.int64)
         w64 = (rem % W_).to(tl.int64)
-        dy_row = n64 * sdn + h64 * sdh + w64 * sdw
-        x_row = n64 * sxn + h64 * sxh + w64 * sxw
+        if D_FLAT:
+            dy_row = n64 * sdn + rem64 * sdw
+        else:
+            dy_row = n64 * sdn + h64 * sdh + w64 * sdw
+        if X_FLAT:
+            x_row = n64 * sxn + rem64 * sxw
+        else:
+            x_row = n64 * sxn + h64 * sxh + w64 * sxw
         a = tl.load(dy_ptr + (co_off[:, None] + dy_row[None, :]),
                     mask=mask_co[:, None] & mask_m[None, :], other=0.0)
         b = tl.load(x_ptr + (x_row[:, None] + ci_off[None, :]),
@@ -330,7 +349,7 @@ GRAD_BIAS_TOP_META = {"BLOCK_TW": 32, "BLOCK_C": 64}
 GRAD_BIAS_TOP_LAUNCH = {"num_warps": 4, "num_stages": 2}
 INTERPRET_GRAD_BIAS_TOP = {"BLOCK_TW": 16, "BLOCK_C": 64}
 
-FWD_AUTOTUNE_KEY = ["M", "COUT", "CIN", "sxc", "soc"]
+FWD_AUTOTUNE_KEY = ["M", "COUT", "CIN", "sxc", "soc", "swk"]  # swk: forward W vs dx's W^T
 GRAD_WEIGHT_AUTOTUNE_KEY = ["M", "COUT", "CIN", "sdc", "sxc"]
 
 _autotuned = {}
@@ -338,7 +357,7 @@ _autotuned = {}
 
 def autotuned_fwd(arch: str, elem_bytes: int):
     """The forward kernel autotuned over FWD_CONFIGS[(arch, elem_bytes)], keyed on
-    (M, COUT, CIN, layout of x and out via their channel strides); dtype is part of the key too
+    (M, COUT, CIN, layout of x and out via their channel strides, weight orientation); dtype is part of the key too
     (triton's autotuner adds every tensor argument's dtype)."""
     key = ("fwd", arch, elem_bytes)
     if key not in _autotuned:

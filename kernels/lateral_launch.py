@@ -45,6 +45,11 @@ def _arch(device: torch.device) -> str:
     return "sm90" if major >= 9 else "sm80"
 
 
+def pixels_flatten(t: torch.Tensor) -> bool:
+    """True when t's (h, w) dims flatten into one pixel index: stride(2) == W * stride(3)."""
+    return t.shape[2] <= 1 or t.stride(2) == t.shape[3] * t.stride(3)
+
+
 def _allow_tf32(dtype: torch.dtype) -> bool:
     return dtype == torch.float32 and bool(torch.backends.cudnn.allow_tf32)
 
@@ -96,7 +101,8 @@ def gemm_epilogue(inp: torch.Tensor, weight: torch.Tensor, bias, top, out: torch
             bias.stride(0) if has_bias else 0,
             *t_strides,
             *out.stride())
-    meta = dict(HAS_BIAS=has_bias, HAS_TOP=has_top, ALLOW_TF32=_allow_tf32(inp.dtype),
+    meta = dict(HAS_BIAS=has_bias, HAS_TOP=has_top, X_FLAT=pixels_flatten(inp), O_FLAT=pixels_flatten(out),
+                ALLOW_TF32=_allow_tf32(inp.dtype),
                 USE_INPUT_PRECISION=USE_INPUT_PRECISION)
     if interpreting():
         cfg = K.INTERPRET_FWD
@@ -146,7 +152,8 @@ def grad_weight(grad: torch.Tensor, x: torch.Tensor, out_dtype: torch.dtype) -> 
     split, rows = _grad_weight_split(m, tiles, x.device)
     part = torch.empty((split, cout, cin), dtype=torch.float32, device=x.device)
     args = (grad, x, part, m, h * w, w, cin, cout, rows, *grad.stride(), *x.stride())
-    meta = dict(ALLOW_TF32=_allow_tf32(x.dtype), USE_INPUT_PRECISION=USE_INPUT_PRECISION)
+    meta = dict(D_FLAT=pixels_flatten(grad), X_FLAT=pixels_flatten(x), ALLOW_TF32=_allow_tf32(x.dtype),
+                USE_INPUT_PRECISION=USE_INPUT_PRECISION)
     if mode == "interpret":
         _launch(K._lateral_grad_weight_kernel, (tiles, split), args, dict(meta, **K.INTERPRET_GRAD_WEIGHT))
     else:
