@@ -304,8 +304,12 @@ FWD_CONFIGS = {
         _cfg(128, 256, 64, 8, 4),
         _cfg(128, 256, 32, 8, 4),
         _cfg(64, 256, 64, 4, 4),
+        # <= 80 KB of shared memory and ~200 registers/thread at 4 warps: two CTAs per SM, so
+        # one CTA's epilogue (top gather + store) overlaps the other's loads
+        _cfg(64, 256, 32, 4, 3),
+        _cfg(64, 256, 64, 4, 2),
         _cfg(128, 128, 64, 4, 4),
-        _cfg(64, 128, 64, 4, 3),
+        _cfg(64, 128, 64, 4, 3),   # small M (P5: 1900 pixels): more CTAs than 128-row tiles give
     ],
     ("sm90", 4): [
         _cfg(128, 256, 32, 8, 3),
