@@ -10,6 +10,7 @@ tensors) the kernels run directly with one small fixed config.
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import struct
 from typing import Tuple
@@ -41,8 +42,11 @@ def nearest_scale(in_size: int, out_size: int) -> float:
 
 
 def _arch(device: torch.device) -> str:
+    """Which config list a GPU gets: "sm90" (Hopper and datacenter Blackwell: wgmma-sized tiles,
+    ~227 KB of shared memory) or "sm80" (Ampere/Ada and the rest; configs that do not fit a
+    smaller-shared-memory part are skipped by the autotuner as out of resources)."""
     major, _ = torch.cuda.get_device_capability(device)
-    return "sm90" if major >= 9 else "sm80"
+    return "sm90" if major in (9, 10) else "sm80"
 
 
 def pixels_flatten(t: torch.Tensor) -> bool:
@@ -63,17 +67,8 @@ def _launch(kernel, grid, args, meta):
 
 
 def _device_ctx(t: torch.Tensor):
-    if t.device.type == "cuda":
-        return torch.cuda.device(t.device)
-    return _NullCtx()
-
-
-class _NullCtx:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False
+    """Launch on t's device (triton launches on the current device and torch's current stream)."""
+    return torch.cuda.device(t.device) if t.device.type == "cuda" else contextlib.nullcontext()
 
 
 def gemm_epilogue(inp: torch.Tensor, weight: torch.Tensor, bias, top, out: torch.Tensor) -> torch.Tensor:
