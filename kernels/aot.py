@@ -94,6 +94,13 @@ def fwd_args(dtype: str, layout: str):
     return args
 
 
+def dx_args(dtype: str, layout: str):
+    """The forward kernel as the backward's dx = dy . W: W^T through swapped strides, no epilogue."""
+    args = fwd_args(dtype, layout)
+    args.update(swn=1, swk=256, sb=0, HT=1, WT=1, stn=0, stc=0, sth=0, stw=0)
+    return args
+
+
 def grad_weight_args(dtype: str, layout: str):
     n, cin, cout, h, w = 2, 256, 256, 200, 304
     p = _TY[dtype]
@@ -113,8 +120,10 @@ def grad_bias_top_args(dtype: str, layout: str):
 
 
 def jobs(archs=(90, 80)) -> List[dict]:
-    """Every (kernel, arch, dtype, layout, config) to compile. fp16/bf16 on the channels_last hot
-    path, fp16 also NCHW; fp32 with TF32 and with IEEE dot."""
+    """Every (kernel, arch, dtype, layout, config) to compile. Forward: fp16/bf16 on the
+    channels_last hot path, fp16 also NCHW, fp32 with TF32 and with IEEE dot; the same kernel as
+    the backward's dx ("fwd_dx": W^T, no epilogue) in fp16; weight gradient fp16/bf16/fp32;
+    bias/top gradient (one fixed config) in every dtype."""
     out = []
     for arch in archs:
         a = f"sm{arch}"
@@ -124,6 +133,10 @@ def jobs(archs=(90, 80)) -> List[dict]:
             for dtype, layout, tf32 in variants:
                 for cfg in K.FWD_CONFIGS[(a, eb)]:
                     out.append(dict(kernel="fwd", arch=arch, dtype=dtype, layout=layout, tf32=tf32,
+                                    meta=dict(cfg.kwargs), num_warps=cfg.num_warps, num_stages=cfg.num_stages))
+            if eb == 2:
+                for cfg in K.FWD_CONFIGS[(a, eb)]:
+                    out.append(dict(kernel="fwd_dx", arch=arch, dtype="fp16", layout="channels_last", tf32=True,
                                     meta=dict(cfg.kwargs), num_warps=cfg.num_warps, num_stages=cfg.num_stages))
             for dtype, layout, tf32 in variants[:2] if eb == 2 else variants[:1]:
                 for cfg in K.GRAD_WEIGHT_CONFIGS[(a, eb)]:
@@ -137,9 +150,10 @@ def jobs(archs=(90, 80)) -> List[dict]:
 
 def compile_job(job: dict) -> dict:
     kernel, dtype, layout = job["kernel"], job["dtype"], job["layout"]
-    if kernel == "fwd":
-        fn, args = K._lateral_fwd_kernel, fwd_args(dtype, layout)
-        constexprs = dict(HAS_BIAS=True, HAS_TOP=True, X_FLAT=True, O_FLAT=True, ALLOW_TF32=job["tf32"],
+    if kernel in ("fwd", "fwd_dx"):
+        epilogue = kernel == "fwd"
+        fn, args = K._lateral_fwd_kernel, (fwd_args if epilogue else dx_args)(dtype, layout)
+        constexprs = dict(HAS_BIAS=epilogue, HAS_TOP=epilogue, X_FLAT=True, O_FLAT=True, ALLOW_TF32=job["tf32"],
                           USE_INPUT_PRECISION=USE_INPUT_PRECISION, **job["meta"])
     elif kernel == "grad_weight":
         fn, args = K._lateral_grad_weight_kernel, grad_weight_args(dtype, layout)

@@ -60,6 +60,9 @@ def test_every_config_of_every_kernel_is_compiled(results):
                 got = {(tuple(sorted(r["meta"].items())), r["num_warps"], r["num_stages"]) for r in results
                        if r["kernel"] == kernel and r["arch"] == arch and r["dtype"] in dtypes}
                 assert got == want, f"{kernel} {a} {eb}-byte configs compiled {got} != listed {want}"
+        dx = {(tuple(sorted(r["meta"].items())), r["num_warps"], r["num_stages"]) for r in results
+              if r["kernel"] == "fwd_dx" and r["arch"] == arch}
+        assert dx == {(tuple(sorted(c.kwargs.items())), c.num_warps, c.num_stages) for c in K.FWD_CONFIGS[(a, 2)]}
         assert {r["dtype"] for r in results if r["kernel"] == "grad_bias_top" and r["arch"] == arch} == \
             {"fp16", "bf16", "fp32"}
 
@@ -78,13 +81,16 @@ def test_shared_memory_within_limits(results):
 
 
 def test_sm90_fp16_bf16_forward_uses_wgmma(results):
-    fwd = [r for r in results if r["kernel"] == "fwd" and r["arch"] == 90 and r["dtype"] in ("fp16", "bf16")]
+    """The forward (and the same kernel as dx in the backward) and the weight gradient use
+    Hopper's wgmma on sm_90 for fp16/bf16."""
+    fwd = [r for r in results if r["kernel"] in ("fwd", "fwd_dx", "grad_weight") and r["arch"] == 90
+           and r["dtype"] in ("fp16", "bf16")]
     assert fwd and {r["dtype"] for r in fwd} == {"fp16", "bf16"}
     missing = [_label(r) for r in fwd if not r["wgmma"]]
     assert not missing, "sm_90 fp16/bf16 forward configs without wgmma:\n" + "\n".join(missing)
 
 
 def test_sm80_uses_tensor_cores(results):
-    fwd = [r for r in results if r["kernel"] in ("fwd", "grad_weight") and r["arch"] == 80
+    fwd = [r for r in results if r["kernel"] in ("fwd", "fwd_dx", "grad_weight") and r["arch"] == 80
            and r["dtype"] in ("fp16", "bf16")]
     assert fwd and all(r["mma"] and not r["wgmma"] for r in fwd)
