@@ -269,3 +269,27 @@ def test_import_is_lazy():
     assert "triton" not in lines[0]
     assert "no CUDA device" in lines[1] and "TRITON_INTERPRET" in lines[1]
     assert lines[2] == "False"
+
+
+def test_registered_ops_reject_bad_input():
+    """The ops validate their own arguments (they can be called without fused_fpn.lateral)."""
+    from fused_fpn.backends import triton as tb
+    fwd, bwd = tb.ops()
+    x, weight, bias, top = _inputs("up_odd", torch.float32, "nchw")
+    with pytest.raises(ValueError, match="weight"):
+        fwd(x, weight[:, :5], bias, top)
+    with pytest.raises(ValueError, match="weight"):
+        fwd(x, weight[:, :, None, None], bias, top)
+    with pytest.raises(ValueError, match="bias"):
+        fwd(x, weight, bias[:3], top)
+    with pytest.raises(ValueError, match="top"):
+        fwd(x, weight, bias, top[:1])
+    with pytest.raises(TypeError, match="top"):
+        fwd(x, weight, bias, top.half())
+    with pytest.raises(ValueError, match="x"):
+        fwd(x.double(), weight.double(), None, None)
+    grad = torch.randn((2, 33, 7, 9), device=DEVICE)
+    with pytest.raises(ValueError, match="grad"):
+        bwd(grad[:, :5], x, weight, 4, 5, True, True, True, True)
+    with pytest.raises(ValueError, match="top_h"):
+        bwd(grad, x, weight, 4, 0, True, True, True, True)

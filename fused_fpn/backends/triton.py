@@ -23,6 +23,7 @@ from typing import Optional, Tuple
 
 import torch
 
+from .._checks import check_lateral_args
 from .._layout import output_memory_format
 
 NAME = "triton"
@@ -70,6 +71,35 @@ def unsupported_reason(x: torch.Tensor) -> Optional[str]:
     if x.dtype not in GPU_DTYPES:
         return f"the triton backend supports dtypes {[str(d) for d in GPU_DTYPES]}, got {x.dtype}"
     return None
+
+
+# ---- argument checks of the registered ops (they can be called directly, not only via lateral) ----
+
+def _check_supported(name: str, t: torch.Tensor) -> None:
+    reason = unsupported_reason(t)
+    if reason is not None:
+        raise ValueError(f"{name}: {reason}")
+
+
+def check_forward_args(x, weight, bias, top) -> None:
+    """ValueError/TypeError naming the argument unless the ops can run on these tensors."""
+    if not isinstance(weight, torch.Tensor) or weight.dim() != 2:
+        raise ValueError(f"weight must be a 2-D [Cout, Cin] tensor for fused_fpn::triton_lateral, got "
+                         f"{tuple(weight.shape) if isinstance(weight, torch.Tensor) else type(weight).__name__}")
+    check_lateral_args(x, weight, bias, top)
+    _check_supported("x", x)
+
+
+def check_backward_args(grad, x, weight, top_h, top_w) -> None:
+    check_forward_args(x, weight, None, None)
+    if not isinstance(grad, torch.Tensor) or grad.dim() != 4 or tuple(grad.shape) != (
+            x.shape[0], weight.shape[0], x.shape[2], x.shape[3]):
+        raise ValueError(f"grad must be [N, Cout, H, W] = {(x.shape[0], weight.shape[0], x.shape[2], x.shape[3])}, "
+                         f"got {tuple(grad.shape) if isinstance(grad, torch.Tensor) else type(grad).__name__}")
+    if grad.dtype != x.dtype or grad.device != x.device:
+        raise TypeError(f"grad must have x's dtype and device ({x.dtype}, {x.device}), got {grad.dtype}, {grad.device}")
+    if top_h < 0 or top_w < 0 or (top_h == 0) != (top_w == 0):
+        raise ValueError(f"top_h, top_w must both be >= 1 (a top) or both 0 (no top), got {top_h}, {top_w}")
 
 
 # ---- fake impls (custom_op mode; in triton_op mode the op body is its own fake) -------------------
@@ -120,11 +150,13 @@ def _register() -> None:
 
     def triton_lateral(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
                        top: Optional[torch.Tensor]) -> torch.Tensor:
+        check_forward_args(x, weight, bias, top)
         return L.lateral_forward(x, weight, bias, top)
 
     def triton_lateral_backward(grad: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, top_h: int,
                                 top_w: int, need_x: bool, need_weight: bool, need_bias: bool,
                                 need_top: bool) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        check_backward_args(grad, x, weight, top_h, top_w)
         return L.lateral_backward(grad, x, weight, top_h, top_w, need_x, need_weight, need_bias, need_top)
 
     if interpreting():
