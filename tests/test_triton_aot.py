@@ -21,6 +21,7 @@ from fused_fpn.kernels import lateral_kernels as K  # noqa: E402
 from fused_fpn.kernels.aot import SHARED_LIMIT, jobs  # noqa: E402
 
 ARCHS = (90, 80)
+pytestmark = pytest.mark.slow  # ~1-2 minutes on 2 cores; still part of `make test`
 
 
 @pytest.fixture(scope="module")
