@@ -39,6 +39,7 @@ CASES = {
     "neither": (1, 64, 48, 6, 7, None, False),
     "exact2x": (1, 40, 64, 8, 10, (4, 5), True),
     "float_rule": (1, 5, 3, 82, 3, (2, 1), True),   # 2 -> 82: the integer rule picks other rows
+    "wide": (2, 24, 80, 11, 13, (6, 7), True),      # several row groups x column tiles, split dW
     "ones": (1, 1, 1, 1, 3, (1, 2), True),         # sizes/strides equal to 1 (specialized by triton)
 }
 
