@@ -16,6 +16,7 @@
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
+#include <torch/version.h>
 
 #include <algorithm>
 #include <cstdint>
@@ -32,6 +33,17 @@ bool is_channels_last_like(const at::Tensor& t) { return t.stride(1) < t.stride(
 bool aligned16(const void* ptr) { return reinterpret_cast<std::uintptr_t>(ptr) % 16 == 0; }
 
 bool divisible(int64_t v, int64_t by) { return v % by == 0; }
+
+// Whether fp32 convolutions may use TF32 (what eager conv2d does): torch.backends.cudnn.allow_tf32,
+// or since torch 2.9 torch.backends.cudnn.conv.fp32_precision (the per-op query also works when
+// the legacy and the new flags were mixed, where the op-less query throws).
+bool conv_allows_tf32() {
+#if TORCH_VERSION_MAJOR > 2 || (TORCH_VERSION_MAJOR == 2 && TORCH_VERSION_MINOR >= 9)
+  return at::globalContext().allowTF32CuDNN(at::Float32Op::CONV);
+#else
+  return at::globalContext().allowTF32CuDNN();
+#endif
+}
 
 void check_supported_dtype(const at::Tensor& t, const char* op, const char* name) {
   const auto dt = t.scalar_type();
@@ -141,7 +153,7 @@ at::Tensor lateral_cuda(const at::Tensor& x, const at::Tensor& weight, const c10
       cuda::lateral_fwd_bf16(p, cl, stream);
       break;
     default:  // float32: TF32 tensor cores iff cudnn.allow_tf32 (what eager conv2d does), else exact FMA
-      if (at::globalContext().allowTF32CuDNN()) {
+      if (conv_allows_tf32()) {
         cuda::lateral_fwd_f32_tf32(p, cl, stream);
       } else {
         cuda::lateral_fwd_f32_ffma(p, cl, stream);
