@@ -40,12 +40,17 @@ FWD_KERNELS = [
     for (t, math), layout, b, top in itertools.product(FWD_TYPES, ("ChannelsLast", "Nchw"), ("true", "false"),
                                                        ("true", "false"))
 ]
+SPLITK_KERNELS = [
+    f"{NS}lateral_splitk_epilogue_kernel<{t}, {NS}{layout}, {b}, {top}>"
+    for t, layout, b, top in itertools.product(("__half", "__nv_bfloat16", "float"), ("ChannelsLast", "Nchw"),
+                                               ("true", "false"), ("true", "false"))
+]
 BWD_TYPES = ("__half", "__nv_bfloat16", "float")
 BWD_KERNELS = [
     f"{NS}{kind}<{t}, {top}>" for kind, t, top in itertools.product(
         ("grad_bias_top_cl_kernel", "grad_bias_top_nchw_kernel"), BWD_TYPES, ("true", "false"))
 ] + [f"{NS}grad_bias_reduce_kernel<{t}>" for t in BWD_TYPES]
-ALL_KERNELS = FWD_KERNELS + BWD_KERNELS
+ALL_KERNELS = FWD_KERNELS + SPLITK_KERNELS + BWD_KERNELS
 
 
 def _nvcc_home() -> Optional[str]:
@@ -241,7 +246,7 @@ def test_ptxas_report_covers_every_kernel():
         assert not missing, f"the ptxas report in {_ptxas_log_dir()} lacks {arch} entries for {missing}"
 
 
-@pytest.mark.parametrize("kernels", [FWD_KERNELS, BWD_KERNELS], ids=["forward", "backward"])
+@pytest.mark.parametrize("kernels", [FWD_KERNELS + SPLITK_KERNELS, BWD_KERNELS], ids=["forward", "backward"])
 def test_no_register_spills(kernels):
     report = _ptxas_report()
     spills = {f"{arch} {k}": report[(arch, k)] for arch in ARCHS for k in kernels

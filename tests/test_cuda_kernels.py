@@ -27,8 +27,10 @@ TF32_TOL = (1e-2, 1e-2)
 
 # (N, Cin, Cout, H, W, Ht, Wt): odd channel counts (3, 17, 129), up- and down-sampling with
 # non-integer ratios, exact 2x, a K loop of many tiles, Cout spanning two 128-wide tiles with a
-# tail, H*W not a multiple of 8 (scalar NCHW paths), batch 0.
+# tail, H*W not a multiple of 8 (scalar NCHW paths), batch 0. The two deep-K cases with few
+# pixels (Cin 1024 / 2048) take the split-K path on every GPU (their tiles fill < half the SMs).
 SIZES = [
+    (2, 2048, 136, 9, 11, 5, 6),
     (2, 3, 17, 7, 9, 4, 5),
     (1, 17, 3, 5, 6, 10, 13),
     (2, 129, 129, 13, 11, 7, 6),
@@ -168,8 +170,19 @@ def test_large_level_fp16_channels_last():
     assert_close_to_reference(out.cpu(), _ref64(x, weight, bias, top), torch.float16, eager.cpu())
 
 
-def test_lateral_deterministic():
-    x, weight, bias, top = _case((2, 129, 129, 13, 11, 7, 6), torch.bfloat16, "channels_last", True, True)
+def test_split_k_p5_level():
+    """ResNet-50-FPN P5 (25x38, Cin 2048): few output tiles, deep K -> split-K, both layouts."""
+    for layout in ("channels_last", "nchw"):
+        x, weight, bias, top = _case((2, 2048, 256, 25, 38, 13, 19), torch.float16, layout, True, True, seed=8)
+        out = fused_fpn.lateral(x, weight, bias, top, backend="cuda")
+        assert out.is_contiguous(memory_format=output_memory_format(x))
+        eager = lateral_reference(x, weight, bias, top)
+        assert_close_to_reference(out.cpu(), _ref64(x, weight, bias, top), torch.float16, eager.cpu())
+
+
+@pytest.mark.parametrize("size", [(2, 129, 129, 13, 11, 7, 6), (1, 2048, 256, 5, 7, 3, 4)], ids=["one-pass", "split-k"])
+def test_lateral_deterministic(size):
+    x, weight, bias, top = _case(size, torch.bfloat16, "channels_last", True, True)
     a = fused_fpn.lateral(x, weight, bias, top, backend="cuda")
     b = fused_fpn.lateral(x, weight, bias, top, backend="cuda")
     assert torch.equal(a, b)

@@ -13,12 +13,14 @@
 // copied. weight and bias are made contiguous (a copy only for an unusual non-contiguous weight).
 #include <ATen/ATen.h>
 #include <ATen/Context.h>
+#include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
 #include <torch/version.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cstdint>
 #include <tuple>
 
@@ -33,6 +35,16 @@ bool is_channels_last_like(const at::Tensor& t) { return t.stride(1) < t.stride(
 bool aligned16(const void* ptr) { return reinterpret_cast<std::uintptr_t>(ptr) % 16 == 0; }
 
 bool divisible(int64_t v, int64_t by) { return v % by == 0; }
+
+int multiprocessor_count(int device) {
+  static std::atomic<int> cache[64];  // zero-initialized (static storage): 0 = not queried yet
+  int v = cache[device & 63].load(std::memory_order_relaxed);
+  if (v == 0) {
+    C10_CUDA_CHECK(cudaDeviceGetAttribute(&v, cudaDevAttrMultiProcessorCount, device));
+    cache[device & 63].store(v, std::memory_order_relaxed);
+  }
+  return v;
+}
 
 // Whether fp32 convolutions may use TF32 (what eager conv2d does): torch.backends.cudnn.allow_tf32,
 // or since torch 2.9 torch.backends.cudnn.conv.fp32_precision (the per-op query also works when
@@ -95,6 +107,9 @@ at::Tensor lateral_cuda(const at::Tensor& x, const at::Tensor& weight, const c10
   const bool cl = is_channels_last_like(x);
   const auto fmt = cl ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous;
   const int64_t N = x.size(0), Cin = x.size(1), H = x.size(2), W = x.size(3), Cout = weight.size(0);
+  TORCH_CHECK(Cin < (int64_t{1} << 24) && Cout < (int64_t{1} << 24),
+              "fused_fpn::lateral (CUDA kernel): x.size(1) (Cin) and weight.size(0) (Cout) must be < 2^24, got ", Cin,
+              " and ", Cout);
   at::Tensor out = at::empty({N, Cout, H, W}, x.options().memory_format(fmt));
   if (out.numel() == 0) return out;
 
@@ -143,6 +158,29 @@ at::Tensor lateral_cuda(const at::Tensor& x, const at::Tensor& weight, const c10
     p.vec_top = false;  // NCHW gathers run along pixels through the nearest map: element loads
   }
   p.vec_w = divisible(Cin, vec) && aligned16(p.w);
+
+  // Split-K when the output tiles fill at most half of the SMs and K is deep (P5-like levels:
+  // few pixels, Cin = 2048): about one CTA per SM, each split >= 4 K tiles. Deterministic: the
+  // partial sums are added in a fixed order by a second kernel (lateral_fwd.cuh).
+  const int64_t BK = 64 / static_cast<int64_t>(x.element_size());
+  const int64_t KT = (Cin + BK - 1) / BK;
+  const int64_t tiles = ((N * HW + cuda::kFwdBM - 1) / cuda::kFwdBM) * ((Cout + cuda::kFwdBN - 1) / cuda::kFwdBN);
+  p.k_split = 1;
+  p.k_tiles_per_split = std::max<int64_t>(KT, 1);
+  p.partial = nullptr;
+  at::Tensor partial;
+  const int64_t sms = multiprocessor_count(x.get_device());
+  if (2 * tiles <= sms && KT >= 8) {
+    int64_t splits = std::min<int64_t>((sms + tiles - 1) / tiles, KT / 4);
+    if (splits > 1) {
+      const int64_t per = (KT + splits - 1) / splits;
+      splits = (KT + per - 1) / per;  // no empty split
+      partial = at::empty({splits, N * HW, Cout}, x.options().dtype(at::kFloat));
+      p.k_split = splits;
+      p.k_tiles_per_split = per;
+      p.partial = partial.mutable_data_ptr<float>();
+    }
+  }
 
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   switch (x.scalar_type()) {

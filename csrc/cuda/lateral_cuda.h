@@ -45,6 +45,14 @@ struct LateralFwdParams {
   bool vec_w;    // weight tiles load with 16-byte cp.async
   bool vec_out;  // output stores (and channels_last top loads when vec_top) are 16-byte
   bool vec_top;  // top gathers are 16-byte (channels_last only: top.stride(1) == 1, aligned)
+  // Split-K (deterministic, for grids too small to fill the GPU with a deep K, e.g. P5: few
+  // pixels, Cin = 2048): k_split CTAs per output tile each sum k_tiles_per_split K tiles into
+  // partial (fp32 [k_split, M, Cout] for ChannelsLast, [k_split, Cout, M] for Nchw); a second
+  // kernel adds the k_split partial sums in order, the bias and the gathered top. k_split == 1:
+  // one pass, the epilogue is fused into the GEMM kernel (partial unused).
+  int64_t k_split;
+  int64_t k_tiles_per_split;
+  float* partial;
 };
 
 // One entry point per (dtype, math): each switches on layout / has-bias / has-top and launches

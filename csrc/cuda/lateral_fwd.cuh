@@ -22,6 +22,11 @@
 // accumulators go through shared memory (the pipeline buffers are reused) so the epilogue reads
 // and writes in the output's contiguous direction with 16-byte accesses.
 //
+// Split-K (p.k_split > 1, chosen by the host only when the output tiles cannot fill the GPU and
+// K is deep, e.g. P5): the CTAs of one output tile each own a range of K tiles and store raw
+// fp32 sums to a workspace; lateral_splitk_epilogue_kernel then adds the k_split partial sums in
+// a fixed order, the bias and the gathered top. No atomics: results are deterministic.
+//
 // Template parameters (compile-time switches, each instantiated explicitly in a .cu file):
 //   T        element type: __half, __nv_bfloat16, float (accumulation is always fp32).
 //   Math     MathWmma (fp16/bf16 tensor cores), MathTf32 (fp32 inputs on TF32 tensor cores, when
@@ -35,6 +40,7 @@
 #include <c10/util/Exception.h>
 #include <mma.h>
 
+#include <algorithm>
 #include <atomic>
 #include <type_traits>
 
@@ -222,24 +228,27 @@ struct MathImpl<float, MathFfma, Layout> {
 };
 
 // ---- loads of one pipeline stage (k-tile k0) into As / Bs ------------------------------------
+// 32-bit tile-local indices (rows / cols / K left in this tile) keep the register budget: only
+// the per-pixel x offsets (s_xoff) and the NCHW channel stride products are 64-bit.
+//   rows_valid: pixels of this tile < M;  cols_valid: output channels < Cout;  w_tile = W + co0 * Cin.
 template <typename T, typename Layout>
 __device__ __forceinline__ void load_stage(const LateralFwdParams& p, const T* __restrict__ x,
-                                           const T* __restrict__ w, const int64_t* s_xoff, int64_t m0,
-                                           int64_t M, int co0, int64_t k0, T* As, T* Bs, int tid) {
+                                           const T* __restrict__ w_tile, const int64_t* s_xoff, int rows_valid,
+                                           int cols_valid, int cin, int k0, T* As, T* Bs, int tid) {
   using Cfg = FwdTile<T, Layout>;
   constexpr int BM = Cfg::BM, BN = Cfg::BN, BK = Cfg::BK, VEC = Cfg::VEC, NT = Cfg::kThreads;
   const T zero = from_float<T>(0.0f);
   // A = x tile
   if (p.vec_x) {
-    if constexpr (Cfg::kCL) {  // 16 bytes = VEC consecutive channels of one pixel
+    if constexpr (Cfg::kCL) {  // 16 bytes = VEC consecutive channels of one pixel (x.stride(1) == 1)
       constexpr int CPR = BK / VEC;
       static_assert((BM * CPR) % NT == 0, "whole chunks per thread");
 #pragma unroll
       for (int it = 0; it < BM * CPR / NT; ++it) {
         const int c = tid + it * NT;
         const int r = c / CPR, kc = (c % CPR) * VEC;
-        const int64_t k = k0 + kc;
-        const bool valid = (m0 + r < M) && (k < p.Cin);
+        const int k = k0 + kc;
+        const bool valid = (r < rows_valid) && (k < cin);
         cp_async_16(As + r * Cfg::LDA + kc, valid ? x + s_xoff[r] + k : x, valid);
       }
     } else {  // 16 bytes = VEC consecutive pixels of one channel (same image: HW % VEC == 0)
@@ -249,9 +258,9 @@ __device__ __forceinline__ void load_stage(const LateralFwdParams& p, const T* _
       for (int it = 0; it < BK * CPR / NT; ++it) {
         const int c = tid + it * NT;
         const int kk = c / CPR, r = (c % CPR) * VEC;
-        const int64_t k = k0 + kk;
-        const bool valid = (m0 + r < M) && (k < p.Cin);
-        cp_async_16(As + kk * Cfg::LDA + r, valid ? x + s_xoff[r] + k * p.sx1 : x, valid);
+        const int k = k0 + kk;
+        const bool valid = (r < rows_valid) && (k < cin);
+        cp_async_16(As + kk * Cfg::LDA + r, valid ? x + s_xoff[r] + static_cast<int64_t>(k) * p.sx1 : x, valid);
       }
     }
   } else {
@@ -259,19 +268,21 @@ __device__ __forceinline__ void load_stage(const LateralFwdParams& p, const T* _
 #pragma unroll 1
       for (int e = tid; e < BM * BK; e += NT) {
         const int r = e / BK, kk = e % BK;
-        const int64_t k = k0 + kk;
-        As[r * Cfg::LDA + kk] = (m0 + r < M && k < p.Cin) ? x[s_xoff[r] + k * p.sx1] : zero;
+        const int k = k0 + kk;
+        As[r * Cfg::LDA + kk] =
+            (r < rows_valid && k < cin) ? x[s_xoff[r] + static_cast<int64_t>(k) * p.sx1] : zero;
       }
     } else {  // consecutive threads walk pixels (contiguous in NCHW)
 #pragma unroll 1
       for (int e = tid; e < BM * BK; e += NT) {
         const int kk = e / BM, r = e % BM;
-        const int64_t k = k0 + kk;
-        As[kk * Cfg::LDA + r] = (m0 + r < M && k < p.Cin) ? x[s_xoff[r] + k * p.sx1] : zero;
+        const int k = k0 + kk;
+        As[kk * Cfg::LDA + r] =
+            (r < rows_valid && k < cin) ? x[s_xoff[r] + static_cast<int64_t>(k) * p.sx1] : zero;
       }
     }
   }
-  // B = W tile, Bs[n][k]
+  // B = W tile, Bs[n][k]; W is contiguous [Cout, Cin] and r * Cin < 2^31 (host check)
   if (p.vec_w) {
     constexpr int CPR = BK / VEC;
     static_assert((BN * CPR) % NT == 0, "whole chunks per thread");
@@ -279,16 +290,16 @@ __device__ __forceinline__ void load_stage(const LateralFwdParams& p, const T* _
     for (int it = 0; it < BN * CPR / NT; ++it) {
       const int c = tid + it * NT;
       const int r = c / CPR, kc = (c % CPR) * VEC;
-      const int64_t co = co0 + r, k = k0 + kc;
-      const bool valid = (co < p.Cout) && (k < p.Cin);
-      cp_async_16(Bs + r * Cfg::LDB + kc, valid ? w + co * p.Cin + k : w, valid);
+      const int k = k0 + kc;
+      const bool valid = (r < cols_valid) && (k < cin);
+      cp_async_16(Bs + r * Cfg::LDB + kc, valid ? w_tile + r * cin + k : w_tile, valid);
     }
   } else {
 #pragma unroll 1
     for (int e = tid; e < BN * BK; e += NT) {
       const int r = e / BK, kk = e % BK;
-      const int64_t co = co0 + r, k = k0 + kk;
-      Bs[r * Cfg::LDB + kk] = (co < p.Cout && k < p.Cin) ? w[co * p.Cin + k] : zero;
+      const int k = k0 + kk;
+      Bs[r * Cfg::LDB + kk] = (r < cols_valid && k < cin) ? w_tile[r * cin + k] : zero;
     }
   }
 }
@@ -313,7 +324,8 @@ __global__ void __launch_bounds__(kFwdThreads, 2) lateral_fwd_kernel(const Later
   const int n_tiles = static_cast<int>((p.Cout + BN - 1) / BN);
   const int64_t bid = blockIdx.x;
   const int co0 = static_cast<int>(bid % n_tiles) * BN;  // Cout tiles fastest: x tiles shared in L2
-  const int64_t m0 = (bid / n_tiles) * BM;
+  const int64_t split = (bid / n_tiles) % p.k_split;     // this CTA's K range (split-K)
+  const int64_t m0 = (bid / n_tiles / p.k_split) * BM;
 
   // Per-pixel offsets of this tile (64-bit), computed once.
   for (int r = tid; r < BM; r += NT) {
@@ -339,14 +351,24 @@ __global__ void __launch_bounds__(kFwdThreads, 2) lateral_fwd_kernel(const Later
 
   typename MathImpl<T, Math, Layout>::type mma;
   mma.init(tid);
-  const int64_t KT = (p.Cin + BK - 1) / BK;
+  const int64_t KT_all = (p.Cin + BK - 1) / BK;
+  const int64_t kt_begin = split * p.k_tiles_per_split;
+  const int64_t kt_end = kt_begin + p.k_tiles_per_split < KT_all ? kt_begin + p.k_tiles_per_split : KT_all;
+  const int64_t KT = kt_end > kt_begin ? kt_end - kt_begin : 0;  // K tiles of this CTA: kt_begin + [0, KT)
+  const int rows_valid = static_cast<int>(M - m0 < BM ? M - m0 : BM);
+  const int cols_valid = static_cast<int>(p.Cout - co0 < BN ? p.Cout - co0 : BN);
+  const int cin = static_cast<int>(p.Cin);
+  const T* __restrict__ w_tile = w + static_cast<int64_t>(co0) * p.Cin;
   auto stage_a = [&](int s) { return reinterpret_cast<T*>(smem + s * Cfg::kStageBytes); };
   auto stage_b = [&](int s) { return reinterpret_cast<T*>(smem + s * Cfg::kStageBytes + Cfg::kABytes); };
 
   // Prologue: stages 0 .. kStages-2 in flight (one commit group each, possibly empty).
 #pragma unroll
   for (int s = 0; s < Cfg::kStages - 1; ++s) {
-    if (s < KT) load_stage<T, Layout>(p, x, w, s_xoff, m0, M, co0, s * BK, stage_a(s), stage_b(s), tid);
+    if (s < KT) {
+      load_stage<T, Layout>(p, x, w_tile, s_xoff, rows_valid, cols_valid, cin, static_cast<int>((kt_begin + s) * BK),
+                            stage_a(s), stage_b(s), tid);
+    }
     cp_async_commit();
   }
   for (int64_t kt = 0; kt < KT; ++kt) {
@@ -355,7 +377,8 @@ __global__ void __launch_bounds__(kFwdThreads, 2) lateral_fwd_kernel(const Later
     const int64_t nk = kt + Cfg::kStages - 1;
     if (nk < KT) {
       const int s = static_cast<int>(nk % Cfg::kStages);
-      load_stage<T, Layout>(p, x, w, s_xoff, m0, M, co0, nk * BK, stage_a(s), stage_b(s), tid);
+      load_stage<T, Layout>(p, x, w_tile, s_xoff, rows_valid, cols_valid, cin, static_cast<int>((kt_begin + nk) * BK),
+                            stage_a(s), stage_b(s), tid);
     }
     cp_async_commit();
     const int s = static_cast<int>(kt % Cfg::kStages);
@@ -365,6 +388,24 @@ __global__ void __launch_bounds__(kFwdThreads, 2) lateral_fwd_kernel(const Later
   __syncthreads();  // every warp is done with the stage buffers: reuse them for the C tile
   mma.store(Cs);
   __syncthreads();
+
+  if (p.k_split > 1) {  // split-K: raw fp32 partial sums; lateral_splitk_epilogue_kernel finishes
+    float* __restrict__ part = p.partial;
+    if constexpr (Cfg::kCL) {  // [k_split, M, Cout], consecutive threads along Cout
+#pragma unroll 1
+      for (int e = tid; e < BM * BN; e += NT) {
+        const int r = e / BN, cc = e % BN;
+        if (m0 + r < M && co0 + cc < p.Cout) part[(split * M + m0 + r) * p.Cout + co0 + cc] = Cs[r * Cfg::LDC + cc];
+      }
+    } else {  // [k_split, Cout, M], consecutive threads along pixels
+#pragma unroll 1
+      for (int e = tid; e < BM * BN; e += NT) {
+        const int cc = e / BM, r = e % BM;
+        if (m0 + r < M && co0 + cc < p.Cout) part[(split * p.Cout + co0 + cc) * M + m0 + r] = Cs[cc * Cfg::LDC + r];
+      }
+    }
+    return;
+  }
 
   // Epilogue: y = C + b + top[nearest], each output element written exactly once.
   const T* __restrict__ top = static_cast<const T*>(p.top);
@@ -441,6 +482,34 @@ __global__ void __launch_bounds__(kFwdThreads, 2) lateral_fwd_kernel(const Later
   }
 }
 
+// Second pass of split-K: y = sum_{s < k_split} partial[s] (in order s = 0, 1, ...) + b + top[nearest].
+// One thread per output element, consecutive threads along the output's contiguous dimension
+// (Cout for ChannelsLast, pixels for Nchw). Same template switches as the GEMM kernel minus Math.
+template <typename T, typename Layout, bool kHasBias, bool kHasTop>
+__global__ void __launch_bounds__(256) lateral_splitk_epilogue_kernel(const LateralFwdParams p) {
+  constexpr bool kCL = std::is_same<Layout, ChannelsLast>::value;
+  const int64_t HW = p.H * p.W, M = p.N * HW, total = M * p.Cout;
+  const float* __restrict__ part = p.partial;
+  const T* __restrict__ bias = static_cast<const T*>(p.bias);
+  const T* __restrict__ top = static_cast<const T*>(p.top);
+  T* __restrict__ out = static_cast<T*>(p.out);
+  for (int64_t idx = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; idx < total;
+       idx += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    const int64_t m = kCL ? idx / p.Cout : idx % M;
+    const int64_t co = kCL ? idx % p.Cout : idx / M;
+    float v = 0.0f;
+    for (int64_t s = 0; s < p.k_split; ++s) v += part[s * total + idx];
+    if constexpr (kHasBias) v += to_float(bias[co]);
+    const int64_t n = m / HW, hw = m - n * HW;
+    if constexpr (kHasTop) {
+      const int64_t h = hw / p.W, w = hw - h * p.W;
+      v += to_float(top[n * p.st0 + co * p.st1 + nearest_src(h, p.scale_h, p.Ht) * p.st2 +
+                        nearest_src(w, p.scale_w, p.Wt) * p.st3]);
+    }
+    out[kCL ? idx : (n * p.Cout + co) * HW + hw] = from_float<T>(v);
+  }
+}
+
 // Host launcher of one instantiation, on `stream`.
 template <typename T, typename Math, typename Layout, bool kHasBias, bool kHasTop>
 void launch_lateral_fwd(const LateralFwdParams& p, cudaStream_t stream) {
@@ -456,11 +525,19 @@ void launch_lateral_fwd(const LateralFwdParams& p, cudaStream_t stream) {
     configured.fetch_or(bit, std::memory_order_relaxed);
   }
   const int64_t M = p.N * p.H * p.W;
-  const int64_t blocks = ((M + Cfg::BM - 1) / Cfg::BM) * ((p.Cout + Cfg::BN - 1) / Cfg::BN);
+  TORCH_CHECK(p.k_split >= 1 && (p.k_split == 1 || p.partial != nullptr),
+              "fused_fpn::lateral (CUDA): split-K needs a workspace, got k_split = ", p.k_split);
+  const int64_t blocks = ((M + Cfg::BM - 1) / Cfg::BM) * ((p.Cout + Cfg::BN - 1) / Cfg::BN) * p.k_split;
   TORCH_CHECK(blocks <= 0x7fffffffLL, "fused_fpn::lateral (CUDA): too many output tiles (", blocks,
               ") for one launch: N*H*W = ", M, ", Cout = ", p.Cout);
   kernel<<<static_cast<unsigned>(blocks), Cfg::kThreads, Cfg::kSmemBytes, stream>>>(p);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
+  if (p.k_split > 1) {
+    const int64_t total = M * p.Cout;
+    const int64_t eblocks = std::min<int64_t>((total + 255) / 256, int64_t{1} << 20);
+    lateral_splitk_epilogue_kernel<T, Layout, kHasBias, kHasTop><<<static_cast<unsigned>(eblocks), 256, 0, stream>>>(p);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  }
 }
 
 // Dispatch of one (dtype, math) over layout x has-bias x has-top.
