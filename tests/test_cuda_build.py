@@ -30,7 +30,11 @@ from fused_fpn import _extension
 
 REPO = Path(__file__).resolve().parents[1]
 OPS = ("fused_fpn::lateral", "fused_fpn::lateral_grad_bias_top")
-ARCHS = ("sm_80", "sm_90")
+# The archs the build targets: setup.py's default "80;90" (the CI contract), or FUSED_FPN_CUDA_ARCHS
+# when the build (and so this test run) was given another list, e.g. "90a".
+ARCHS = tuple(f"sm_{a.strip()}" for a in os.environ.get("FUSED_FPN_CUDA_ARCHS", "80;90").replace(",", ";").split(";")
+              if a.strip())
+SM90 = next((a for a in ARCHS if a.startswith("sm_90")), None)
 
 # Every kernel instantiation the CUDA sources must contain (demangled names, without arguments).
 NS = "fused_fpn::cuda::"
@@ -198,10 +202,15 @@ def test_machine_code_for_every_kernel_instantiation(resource_usage, arch):
         assert regs and int(regs.group(1)) > 0, f"{arch} {k}: unexpected resource usage {have[k]!r}"
 
 
+def test_archs_include_sm90():
+    assert SM90 is not None, f"the CUDA build must target sm_90 (H100); FUSED_FPN_CUDA_ARCHS gives {ARCHS}"
+
+
 def test_sass_of_a_forward_kernel_has_tensor_core_and_async_copy_instructions():
     """The fp16 channels_last forward kernel on sm_90 really uses HMMA and cp.async (LDGSTS)."""
+    assert SM90 is not None
     name = f"{NS}lateral_fwd_kernel<__half, {NS}MathWmma, {NS}ChannelsLast, true, true>"
-    text = _run([_cuobjdump(), "--dump-sass", "--gpu-architecture", "sm_90", _so_path()])
+    text = _run([_cuobjdump(), "--dump-sass", "--gpu-architecture", SM90, _so_path()])
     blocks = re.split(r"\n\s*Function : ", text)
     mangled = [b.split("\n", 1)[0].strip() for b in blocks[1:]]
     names = _demangle(mangled)
