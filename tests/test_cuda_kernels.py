@@ -130,6 +130,26 @@ def test_lateral_parity(size, layout, dtype, use_tf32, has_bias, has_top, tf32):
         assert_close_to_reference(out.cpu(), ref, dtype, None if eager is None else eager.cpu())
 
 
+@pytest.mark.parametrize("seed", range(24))
+def test_lateral_random_shapes(seed, tf32):
+    """Seeded random sizes / layouts / dtypes: tails of every tile dimension, vector and scalar paths."""
+    tf32(False)
+    g = torch.Generator().manual_seed(1000 + seed)
+    pick = lambda lo, hi: int(torch.randint(lo, hi + 1, (1,), generator=g))  # noqa: E731
+    mult8 = pick(0, 1) == 1  # channel counts that allow 16-byte vectors, or arbitrary ones
+    cin = 8 * pick(1, 40) if mult8 else pick(1, 300)
+    cout = 8 * pick(1, 40) if mult8 else pick(1, 300)
+    size = (pick(1, 3), cin, cout, pick(1, 40), pick(1, 40), pick(1, 60), pick(1, 60))
+    layout = LAYOUTS[pick(0, len(LAYOUTS) - 1)]
+    dtype = (torch.float16, torch.bfloat16, torch.float32)[pick(0, 2)]
+    has_bias, has_top = pick(0, 1) == 1, pick(0, 1) == 1
+    x, weight, bias, top = _case(size, dtype, layout, has_bias, has_top, seed=seed)
+    out = fused_fpn.lateral(x, weight, bias, top, backend="cuda")
+    assert out.is_contiguous(memory_format=output_memory_format(x))
+    eager = lateral_reference(x, weight, bias, top).cpu() if dtype != torch.float32 else None
+    assert_close_to_reference(out.cpu(), _ref64(x, weight, bias, top), dtype, eager)
+
+
 def test_lateral_batch0_shape_and_format():
     x, weight, bias, top = _case((0, 16, 8, 4, 4, 2, 2), torch.float16, "channels_last", True, True)
     out = fused_fpn.lateral(x, weight, bias, top, backend="cuda")
