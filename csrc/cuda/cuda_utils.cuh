@@ -30,22 +30,29 @@ struct Vec16 {
   static constexpr int kN = 16 / static_cast<int>(sizeof(T));
 };
 
-// Reads / writes kN elements of T as one 16-byte access (ptr must be 16-byte aligned).
+// Reads / writes kN elements of T as one 16-byte access (ptr must be 16-byte aligned). The
+// register-level reinterpretation goes through a union (not a pointer cast: that breaks strict
+// aliasing, and a host compiler indeed miscompiles the pointer-cast version).
+template <typename T>
+union Pack16 {
+  uint4 raw;
+  T e[Vec16<T>::kN];
+};
+
 template <typename T>
 __device__ __forceinline__ void load16_as_float(const T* ptr, float* dst) {
-  const uint4 raw = *reinterpret_cast<const uint4*>(ptr);
-  const T* e = reinterpret_cast<const T*>(&raw);
+  Pack16<T> pack;
+  pack.raw = *reinterpret_cast<const uint4*>(ptr);
 #pragma unroll
-  for (int i = 0; i < Vec16<T>::kN; ++i) dst[i] = to_float(e[i]);
+  for (int i = 0; i < Vec16<T>::kN; ++i) dst[i] = to_float(pack.e[i]);
 }
 
 template <typename T>
 __device__ __forceinline__ void store16_from_float(T* ptr, const float* src) {
-  uint4 raw;
-  T* e = reinterpret_cast<T*>(&raw);
+  Pack16<T> pack;
 #pragma unroll
-  for (int i = 0; i < Vec16<T>::kN; ++i) e[i] = from_float<T>(src[i]);
-  *reinterpret_cast<uint4*>(ptr) = raw;
+  for (int i = 0; i < Vec16<T>::kN; ++i) pack.e[i] = from_float<T>(src[i]);
+  *reinterpret_cast<uint4*>(ptr) = pack.raw;
 }
 
 // 16-byte global -> shared asynchronous copy; with valid == false nothing is read and the 16
