@@ -78,6 +78,15 @@ def pytest_collection_modifyitems(config, items):
     items.sort(key=prio)
 
 
+def pytest_collection_finish(session):
+    """Tell the run which providers of each workload were selected: they are measured together."""
+    run = getattr(session.config, _KEY, None)
+    if run is not None:
+        run.register([item.callspec.params["bench_spec"] for item in session.items
+                      if isinstance(getattr(getattr(item, "callspec", None), "params", {}).get("bench_spec"),
+                                    harness.RowSpec)])
+
+
 @pytest.fixture
 def bench_run(request) -> harness.BenchRun:
     return getattr(request.config, _KEY)

@@ -463,34 +463,64 @@ def _reps_for(one_call_s: float, t: TimingConfig) -> int:
     return int(min(t.max_reps, max(t.min_reps, math.ceil(t.target_s / one_call_s))))
 
 
+def time_interleaved(fns: Dict[str, Callable], input_sets: Sequence[tuple], device: str,
+                     t: TimingConfig) -> Dict[str, Timing]:
+    """Time several providers of one workload, interleaved call by call.
+
+    Each provider is warmed up, then every round calls each provider once (the order rotates from
+    round to round), so a slow drift of the machine (other processes on a shared CPU, GPU clocks)
+    hits every provider alike instead of whichever ran last. Inputs rotate among the k sets by a
+    global call counter, so no call reads the inputs the previous call just pulled into the cache.
+    GPU: a pair of CUDA events around each call, one synchronize at the end; CPU: perf_counter.
+    The number of rounds is set from one timed call per provider (the median of them) and ``t``.
+    """
+    names = list(fns)
+    if not names:
+        return {}
+    k = len(input_sets)
+    est = []
+    for name in names:  # warm-up; the last warm-up call (synchronized) estimates one call's time
+        for i in range(max(1, t.warmup)):
+            _sync(device)
+            t0 = time.perf_counter()
+            fns[name](*input_sets[i % k])
+            _sync(device)
+        est.append(time.perf_counter() - t0)
+    reps = _reps_for(statistics.median(est), t)
+    calls = 0
+    if device == "cuda":
+        events = {n: [] for n in names}
+        for r in range(reps):
+            for j in range(len(names)):
+                name = names[(r + j) % len(names)]
+                args = input_sets[calls % k]
+                calls += 1
+                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                start.record()
+                fns[name](*args)
+                end.record()
+                events[name].append((start, end))
+        torch.cuda.synchronize()
+        samples = {n: [s.elapsed_time(e) * 1e-3 for s, e in events[n]] for n in names}
+        method = "CUDA events per call"
+    else:
+        samples = {n: [] for n in names}
+        for r in range(reps):
+            for j in range(len(names)):
+                name = names[(r + j) % len(names)]
+                args = input_sets[calls % k]
+                calls += 1
+                t0 = time.perf_counter()
+                fns[name](*args)
+                samples[name].append(time.perf_counter() - t0)
+        method = "time.perf_counter per call"
+    how = f"{method}, providers interleaved, inputs rotated" if len(names) > 1 else f"{method}, inputs rotated"
+    return {n: summarize(samples[n], how) for n in names}
+
+
 def time_provider(fn: Callable, input_sets: Sequence[tuple], device: str, t: TimingConfig) -> Timing:
     """Warm up, then time ``fn(*input_sets[i % k])`` call by call; inputs rotate among the k sets."""
-    k = len(input_sets)
-    for i in range(t.warmup):
-        fn(*input_sets[i % k])
-    _sync(device)
-    t0 = time.perf_counter()
-    fn(*input_sets[t.warmup % k])
-    _sync(device)
-    reps = _reps_for(time.perf_counter() - t0, t)
-    if device == "cuda":
-        starts = [torch.cuda.Event(enable_timing=True) for _ in range(reps)]
-        ends = [torch.cuda.Event(enable_timing=True) for _ in range(reps)]
-        for i in range(reps):
-            args = input_sets[i % k]
-            starts[i].record()
-            fn(*args)
-            ends[i].record()
-        torch.cuda.synchronize()
-        samples = [s.elapsed_time(e) * 1e-3 for s, e in zip(starts, ends)]
-        return summarize(samples, f"CUDA events per call, {k} rotated input sets")
-    samples = []
-    for i in range(reps):
-        args = input_sets[i % k]
-        t0 = time.perf_counter()
-        fn(*args)
-        samples.append(time.perf_counter() - t0)
-    return summarize(samples, f"time.perf_counter per call, {k} rotated input sets")
+    return time_interleaved({"fn": fn}, input_sets, device, t)["fn"]
 
 
 def peak_memory(fn: Callable, args: tuple, device: str) -> int:
@@ -968,18 +998,32 @@ class Record:
 
 
 class BenchRun:
-    """State of one benchmark session: the config, the current workload, the records."""
+    """State of one benchmark session: the config, the current workload, the records.
+
+    All the providers of one workload (case x dtype x layout) are measured together, when the first
+    of them is asked for (``run``): parity of each against eager, then interleaved timing of those that
+    passed (``time_interleaved``), then peak memory of each. ``register`` tells which providers of each
+    workload the session will ask for (the selected tests); without it a row is measured alone."""
 
     def __init__(self, cfg: BenchConfig):
         self.cfg = cfg
         self.records: List[Record] = []
         self.started = time.monotonic()
+        self._groups: Dict[tuple, List[str]] = {}
+        self._pending: Dict[str, Tuple[Record, Optional[Callable], Optional[tuple]]] = {}
+        self._pending_key = None
         self._workload: Optional[Workload] = None
         self._workload_key = None
         self._reference: Optional[List[torch.Tensor]] = None
         self._ceiling: Optional[Ceiling] = None
 
     # ---- session-level pieces
+    def register(self, specs: Sequence[RowSpec]) -> None:
+        for spec in specs:
+            group = self._groups.setdefault(spec.key, [])
+            if spec.provider not in group:
+                group.append(spec.provider)
+
     def ceiling(self) -> Ceiling:
         if self._ceiling is None:
             self._ceiling = measure_copy_ceiling(self.cfg.device, self.cfg.quick)
@@ -994,14 +1038,18 @@ class BenchRun:
         """The workload of ``spec`` (built once per key; the previous one is dropped, and torch.compile's
         caches reset so each workload compiles fresh, with static shapes, within the recompile limit)."""
         if self._workload_key != spec.key:
-            self._workload = None
-            self._reference = None
-            torch._dynamo.reset()
-            if self.cfg.device == "cuda":
-                torch.cuda.empty_cache()
+            self._drop_workload()
             self._workload = make_workload(spec.case, spec.dtype, spec.layout, self.cfg)
             self._workload_key = spec.key
         return self._workload
+
+    def _drop_workload(self) -> None:
+        self._workload = None
+        self._workload_key = None
+        self._reference = None
+        torch._dynamo.reset()
+        if self.cfg.device == "cuda":
+            torch.cuda.empty_cache()
 
     def _outputs(self, w: Workload, fn: Callable, args: tuple) -> List[torch.Tensor]:
         with torch.set_grad_enabled(w.needs_grad):
@@ -1016,59 +1064,97 @@ class BenchRun:
             self._reference = self._outputs(w, w.provider_fn("eager"), w.input_sets[0])
         return self._reference
 
-    # ---- one row
+    # ---- rows
     def run(self, spec: RowSpec) -> Tuple[Record, Optional[Callable], Optional[tuple]]:
-        """Measure one row. Returns (record, fn, args): fn/args are one call to hand to pytest-benchmark
-        (None when the row was not timed)."""
-        rec = Record(spec.case, spec.dtype, spec.layout, spec.provider, self.cfg.device)
+        """The measured row of ``spec``: (record, once, args), where once(*args) is one synchronized call
+        to hand to pytest-benchmark (None when the row was not timed). The record joins ``records``."""
+        if self._pending_key != spec.key or spec.provider not in self._pending:
+            group = self._groups.get(spec.key) or [spec.provider]
+            if spec.provider not in group or self._pending_key == spec.key:
+                group = [spec.provider]  # asked again, or outside the registered group: measure it alone
+            if self._pending_key != spec.key:
+                self._pending, self._pending_key = {}, spec.key
+            self._measure(spec, group)
+        rec, once, args = self._pending.pop(spec.provider)
         self.records.append(rec)
+        return rec, once, args
+
+    def _measure(self, spec: RowSpec, providers: List[str]) -> None:
+        recs = {p: Record(spec.case, spec.dtype, spec.layout, p, self.cfg.device) for p in providers}
         left = self.budget_left()
         if left is not None and left <= 0:
-            rec.status, rec.message = NOT_RUN, f"time budget of {self.cfg.budget_s:g} s used up"
-            return rec, None, None
+            if self._workload_key != spec.key:
+                self._drop_workload()
+            for rec in recs.values():
+                rec.status, rec.message = NOT_RUN, f"time budget of {self.cfg.budget_s:g} s used up"
+                self._pending[rec.provider] = (rec, None, None)
+            return
         try:
             w = self.workload(spec)
-            rec.shape = getattr(w, "shape_desc", "")
             ref = self.reference(w)
-            fn = w.provider_fn(spec.provider)
-            outs = self._outputs(w, fn, w.input_sets[0])   # the first call also compiles
-        except Exception as exc:  # noqa: BLE001 - reported in the row and failed by the caller
-            rec.status, rec.message = ERROR, f"{type(exc).__name__}: {exc}"
-            return rec, None, None
-        par = check_parity(outs, ref, w.dtype, self.cfg.device)
-        rec.parity_max_abs_err, rec.parity_worst, rec.parity_rel_l2 = par.max_abs_err, par.worst, par.rel_l2
-        rec.parity_tol = (par.atol, par.rtol)
-        if isinstance(w, DetectorWorkload) and spec.provider.startswith("fused-"):
-            rec.note = w.swapped_with or ""
-        if not par.ok:
-            rec.status, rec.message = FAILED_PARITY, par.message
-            return rec, None, None
-        del outs
+        except Exception as exc:  # noqa: BLE001 - every row of the workload reports it
+            for rec in recs.values():
+                rec.status, rec.message = ERROR, f"building the workload: {type(exc).__name__}: {exc}"
+                self._pending[rec.provider] = (rec, None, None)
+            return
+        fns: Dict[str, Callable] = {}
+        for p, rec in recs.items():
+            self._pending[p] = (rec, None, None)
+            rec.shape = getattr(w, "shape_desc", "")
+            try:
+                fn = w.provider_fn(p)
+                outs = self._outputs(w, fn, w.input_sets[0])   # the first call also compiles
+            except Exception as exc:  # noqa: BLE001 - reported in the row, failed by the caller
+                rec.status, rec.message = ERROR, f"{type(exc).__name__}: {exc}"
+                continue
+            par = check_parity(outs, ref, w.dtype, self.cfg.device)
+            del outs
+            rec.parity_max_abs_err, rec.parity_worst, rec.parity_rel_l2 = par.max_abs_err, par.worst, par.rel_l2
+            rec.parity_tol = (par.atol, par.rtol)
+            if isinstance(w, DetectorWorkload) and p.startswith("fused-"):
+                rec.note = w.swapped_with or ""
+            if not par.ok:
+                rec.status, rec.message = FAILED_PARITY, par.message
+                continue
+            fns[p] = fn
         try:
             with torch.set_grad_enabled(w.needs_grad):
-                timing = time_provider(fn, w.input_sets, self.cfg.device, self.cfg.timing)
-                rec.peak_mem_bytes = peak_memory(fn, w.input_sets[0], self.cfg.device)
+                timings = time_interleaved(fns, w.input_sets, self.cfg.device, self.cfg.timing)
         except Exception as exc:  # noqa: BLE001
-            rec.status, rec.message = ERROR, f"{type(exc).__name__}: {exc}"
-            return rec, None, None
-        rec.median_ms, rec.p25_ms, rec.p75_ms = timing.median_s * 1e3, timing.p25_s * 1e3, timing.p75_s * 1e3
-        rec.min_ms, rec.max_ms, rec.n_timed = timing.min_s * 1e3, timing.max_s * 1e3, timing.n
-        rec.timing_method, rec.input_sets = timing.method, len(w.input_sets)
-        if w.lateral_bytes is not None:
-            rec.bytes_min = w.lateral_bytes["fused"]
-            rec.bytes_provider = w.bytes_for(spec.provider)
-            rec.gbps, rec.roofline_pct = roofline(rec.bytes_min, timing.median_s, self.ceiling().bytes_per_s)
-        needs_grad = w.needs_grad
+            for p in fns:
+                recs[p].status, recs[p].message = ERROR, f"while timing: {type(exc).__name__}: {exc}"
+            return
+        for p, fn in fns.items():
+            rec, timing = recs[p], timings[p]
+            try:
+                with torch.set_grad_enabled(w.needs_grad):
+                    rec.peak_mem_bytes = peak_memory(fn, w.input_sets[0], self.cfg.device)
+            except Exception as exc:  # noqa: BLE001
+                rec.status, rec.message = ERROR, f"while measuring memory: {type(exc).__name__}: {exc}"
+                continue
+            rec.median_ms, rec.p25_ms, rec.p75_ms = timing.median_s * 1e3, timing.p25_s * 1e3, timing.p75_s * 1e3
+            rec.min_ms, rec.max_ms, rec.n_timed = timing.min_s * 1e3, timing.max_s * 1e3, timing.n
+            rec.timing_method, rec.input_sets = timing.method, len(w.input_sets)
+            if w.lateral_bytes is not None:
+                rec.bytes_min = w.lateral_bytes["fused"]
+                rec.bytes_provider = w.bytes_for(p)
+                rec.gbps, rec.roofline_pct = roofline(rec.bytes_min, timing.median_s, self.ceiling().bytes_per_s)
+            self._pending[p] = (rec, self._once(fn, w.needs_grad), w.input_sets[0])
+
+    def _once(self, fn: Callable, needs_grad: bool) -> Callable:
+        device = self.cfg.device
 
         def once(*args):
             with torch.set_grad_enabled(needs_grad):
                 fn(*args)
-            _sync(self.cfg.device)
-        return rec, once, w.input_sets[0]
+            _sync(device)
+        return once
 
     def close(self) -> None:
         self._workload = None
+        self._workload_key = None
         self._reference = None
+        self._pending, self._pending_key = {}, None
 
 
 # --------------------------------------------------------------------------------------------
@@ -1269,7 +1355,7 @@ def write_results(report: Dict[str, object], cfg: BenchConfig) -> Dict[str, str]
     os.makedirs(cfg.results_dir, exist_ok=True)
     tmp = paths["json"] + ".tmp"
     with open(tmp, "w") as f:
-        json.dump(report, f, indent=1, default=_json_default)
+        json.dump(_finite(report), f, indent=1, default=_json_default, allow_nan=False)
         f.write("\n")
     os.replace(tmp, paths["json"])
     with open(paths["md"], "w") as f:
@@ -1278,9 +1364,18 @@ def write_results(report: Dict[str, object], cfg: BenchConfig) -> Dict[str, str]
     return paths
 
 
+def _finite(o):
+    """The report with every non-finite float (e.g. a failed parity's inf) as None: strict JSON."""
+    if isinstance(o, float):
+        return o if math.isfinite(o) else None
+    if isinstance(o, dict):
+        return {k: _finite(v) for k, v in o.items()}
+    if isinstance(o, (list, tuple)):
+        return [_finite(v) for v in o]
+    return o
+
+
 def _json_default(o):
-    if isinstance(o, float) and not math.isfinite(o):
-        return None
     if isinstance(o, (torch.dtype, torch.device)):
         return str(o)
     raise TypeError(f"not JSON serializable: {type(o).__name__}")

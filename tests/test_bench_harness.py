@@ -260,6 +260,7 @@ def test_benchmark_suite_smoke_pass(tmp_path):
     ``make bench``, its C++ compiles take minutes on 2 cores) runs every case and writes the files."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("FUSED_FPN_BENCH_")}
     env["FUSED_FPN_BENCH_DEVICE"] = "cpu"
+    env["OMP_NUM_THREADS"] = "1"  # on a shared, busy CPU, OpenMP barriers of 2+ threads stall for whole time slices
     cmd = [sys.executable, "-m", "pytest", "benchmarks", "-q", "-p", "no:cacheprovider", "--quick",
            "--bench-providers", "eager,fused-*", "--bench-results-dir", str(tmp_path), "--benchmark-disable-gc"]
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
