@@ -704,14 +704,14 @@ class Workload:
         self.dtype = DTYPES[dtype]
         self.device = cfg.device
         self.shapes = cfg.shapes
-        self.gen = torch.Generator().manual_seed(seed)
+        self.gen = torch.Generator(device=self.device).manual_seed(seed)  # inputs are made on the device
         self.input_sets: List[tuple] = []
         self.set_bytes = 0
 
     # helpers
     def randn(self, *shape, scale: float = 1.0) -> torch.Tensor:
-        t = torch.randn(*shape, generator=self.gen) * scale
-        return t.to(device=self.device, dtype=self.dtype)
+        t = torch.randn(*shape, generator=self.gen, device=self.device) * scale
+        return t.to(dtype=self.dtype)
 
     def make_sets(self, make_one: Callable[[], tuple]) -> None:
         first = make_one()
@@ -887,7 +887,7 @@ class DetectorWorkload(Workload):
         self.model = model
 
         def one():
-            return ([torch.rand(3, *d.image_hw, generator=self.gen).to(self.device) for _ in range(d.images)],)
+            return ([torch.rand(3, *d.image_hw, generator=self.gen, device=self.device) for _ in range(d.images)],)
         self.make_sets(one)
         self.shape_desc = f"{d.images} image(s) {d.image_hw[0]}x{d.image_hw[1]}, transform min/max size {d.min_size}/{d.max_size}"
         self.swapped_with = None
@@ -898,6 +898,10 @@ class DetectorWorkload(Workload):
         if hasattr(fused_fpn, "convert"):
             out = fused_fpn.convert(m, backend=backend)
             m = out if isinstance(out, nn.Module) else m
+            if isinstance(m.backbone.fpn, nn.Module):
+                m.backbone.fpn = m.backbone.fpn.to(self.device)
+                if self.layout == "channels_last":
+                    m.backbone.fpn = m.backbone.fpn.to(memory_format=torch.channels_last)
             self.swapped_with = "fused_fpn.convert"
         else:
             old = m.backbone.fpn

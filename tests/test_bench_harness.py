@@ -279,3 +279,33 @@ def test_benchmark_suite_smoke_pass(tmp_path):
         assert r["median_ms"] > 0 and r["peak_mem_bytes"] is not None
         if r["case"].startswith("lateral"):
             assert r["bytes_min"] > 0 and r["roofline_pct"] > 0
+
+
+def test_interleaved_timing_rotates_inputs_and_provider_order():
+    """Call order only (no time is asserted): every provider gets warm-up + the same number of timed
+    calls, the order within a round rotates, and consecutive calls never reuse one input set."""
+    calls = []
+    fns = {name: (lambda i, name=name: calls.append((name, i))) for name in ("a", "b", "c")}
+    sets = [(0,), (1,)]
+    t = harness.TimingConfig(warmup=2, min_reps=4, max_reps=4, target_s=0.0, set_bytes_cap=0, max_sets=2)
+    out = harness.time_interleaved(fns, sets, "cpu", t)
+    assert set(out) == {"a", "b", "c"} and all(v.n == 4 for v in out.values())
+    assert "interleaved" in out["a"].method
+    timed = calls[3 * 2:]
+    assert [n for n, _ in timed[:3]] == ["a", "b", "c"] and [n for n, _ in timed[3:6]] == ["b", "c", "a"]
+    assert all(timed[j][1] != timed[j + 1][1] for j in range(len(timed) - 1))
+    assert sorted(n for n, _ in timed) == ["a"] * 4 + ["b"] * 4 + ["c"] * 4
+
+
+def test_registered_providers_of_a_workload_are_measured_together(tmp_path):
+    run = harness.BenchRun(_quick_cfg(tmp_path))
+    specs = [harness.RowSpec("lateral_P5", "fp32", "nchw", p) for p in ("eager", "fused-torch")]
+    run.register(specs)
+    rec, once, args = run.run(specs[0])
+    assert rec.status == harness.OK and "fused-torch" in run._pending  # measured in the same pass
+    assert "interleaved" in rec.timing_method and once is not None
+    rec2, _, _ = run.run(specs[1])
+    assert rec2.status == harness.OK and rec2.timing_method == rec.timing_method
+    assert [r.provider for r in run.records] == ["eager", "fused-torch"]
+    assert rec.bytes_min == rec2.bytes_min == harness.lateral_bytes(1, 128, 2, 2, 32, None, 4)["fused"]
+    run.close()
