@@ -51,7 +51,7 @@ want() { [[ ",$STEPS," == *",$1,"* ]]; }
 # ---- env
 {
     echo "date: $(date -u +%Y-%m-%dT%H:%M:%SZ)"
-    echo "host: $(hostname) cores: $(nproc)"
+    echo "host: $(hostname) cores: $(getconf _NPROCESSORS_ONLN)"
     echo "git: $(git rev-parse --short HEAD 2>/dev/null) $(git status --porcelain 2>/dev/null | wc -l) changed files"
     nvidia-smi 2>&1 || echo "nvidia-smi failed"
     "$PY" - <<'EOF' 2>&1

@@ -214,13 +214,13 @@ def test_finalize_speedups_and_cpu_targets():
 
 
 def test_write_results_json_schema_png_and_markdown(tmp_path):
-    cfg = _quick_cfg(tmp_path)
-    cfg.command = "python -m pytest benchmarks --quick"
+    cfg = harness.BenchConfig(device="cpu", results_dir=str(tmp_path))  # the default shapes: targets apply
+    cfg.command = "python -m pytest benchmarks"
     ceiling = harness.Ceiling(bytes_per_s=10e9, copy_bytes=1 << 20, method="test")
     report = harness.build_report(_records(), cfg, ceiling)
     paths = harness.write_results(report, cfg)
     slug = report["device"]["slug"]
-    assert paths["json"] == str(tmp_path / f"{slug}_{report['date']}_quick.json")
+    assert paths["json"] == str(tmp_path / f"{slug}_{report['date']}.json")
     data = json.loads(Path(paths["json"]).read_text())
     harness.validate_report(data)
     assert data["schema"] == harness.SCHEMA and data["command"] == cfg.command
@@ -237,6 +237,9 @@ def test_write_results_json_schema_png_and_markdown(tmp_path):
     assert "| case | dtype |" in md and "FAILED-PARITY: differs" in md and cfg.command in md
     text = harness.format_table(data)
     assert "target lateral_path fused-cpu vs eager: 5.00x" in text and "NOT MET" in text
+    quick = harness.build_report(_records(), _quick_cfg(tmp_path), ceiling)
+    assert quick["targets"] == []  # the targets are for the default CPU shapes, not --quick ones
+    assert harness.result_paths(_quick_cfg(tmp_path), quick)["json"].endswith("_quick.json")
 
 
 def test_validate_report_rejects_a_speedup_on_a_failed_row():
