@@ -121,6 +121,7 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config):
     report = harness.build_report(run, run.cfg, run._ceiling)
     tr = terminalreporter
     tr.section("fused_fpn benchmark results")
+    tr.write_line("(pytest-benchmark's tables above time one call per row; the medians, spreads and ratios are here)")
     for line in harness.format_table(report).splitlines():
         tr.write_line(line)
     try:

@@ -312,3 +312,30 @@ def test_registered_providers_of_a_workload_are_measured_together(tmp_path):
     assert [r.provider for r in run.records] == ["eager", "fused-torch"]
     assert rec.bytes_min == rec2.bytes_min == harness.lateral_bytes(1, 128, 2, 2, 32, None, 4)["fused"]
     run.close()
+
+
+def test_gpu_plan_logic(monkeypatch):
+    """The GPU plan, with the backends a GPU machine lists faked (no GPU here): fp16 first, every case
+    in fp16 (both layouts), lateral path + FPN forward in bf16/fp32; max-autotune only on the fp16
+    NCHW lateral path by default; every available fused backend in every row group."""
+    monkeypatch.setattr(harness, "fused_backends", lambda device: ["cuda", "torch", "triton"])
+    monkeypatch.setattr(harness, "backend_supports", lambda name, device, dtype: None)
+    cfg = harness.BenchConfig(device="cuda")  # not validated: there is no GPU here
+    rows = harness.plan(cfg)
+    groups = list(dict.fromkeys((r.dtype, r.layout) for r in rows))
+    assert groups[:2] == [("fp16", "nchw"), ("fp16", "channels_last")]
+    assert set(groups) == {(d, lay) for d in ("fp16", "bf16", "fp32") for lay in harness.LAYOUTS}
+    assert {r.case for r in rows if r.dtype == "fp16"} == set(harness.CASES)
+    assert {r.case for r in rows if r.dtype != "fp16"} == {"lateral_path", "fpn_forward"}
+    mat = [r for r in rows if r.provider == "compile-max-autotune"]
+    assert [(r.case, r.dtype, r.layout) for r in mat] == [("lateral_path", "fp16", "nchw")]
+    path = [r.provider for r in rows if r.key == ("lateral_path", "fp16", "nchw")]
+    assert path == ["eager", "compile", "compile-max-autotune", "fused-cuda", "fused-torch", "fused-triton"]
+    assert rows == sorted(rows, key=lambda r: r.priority)
+    cfg.max_autotune = "lateral"
+    assert {r.case for r in harness.plan(cfg) if r.provider == "compile-max-autotune"} == \
+        {"lateral_path", *harness.LEVEL_CASES}
+    cfg.max_autotune = "0"
+    assert not [r for r in harness.plan(cfg) if r.provider == "compile-max-autotune"]
+    cfg.dtypes, cfg.layouts = ["bf16"], ["nchw"]
+    assert {(r.case, r.dtype, r.layout) for r in harness.plan(cfg)} == {(c, "bf16", "nchw") for c in harness.CASES}
