@@ -10,6 +10,7 @@ Options (each also settable through the environment variable named in benchmarks
   --bench-layouts L,..     nchw,channels_last                                   FUSED_FPN_BENCH_LAYOUTS
   --bench-budget-s S       rows not started after S seconds are NOT-RUN         FUSED_FPN_BENCH_BUDGET_S
   --bench-max-autotune M   GPU torch.compile(mode="max-autotune"): path | lateral | 0   FUSED_FPN_BENCH_MAX_AUTOTUNE
+  --bench-threads N        CPU: torch.set_num_threads(N) (the device slug says how many) FUSED_FPN_BENCH_THREADS
 
 Each test is one row (case x dtype x layout x provider). A provider whose output differs from eager
 fails its test as FAILED-PARITY and gets no timing; a provider that raises fails as ERROR. The table,
@@ -17,10 +18,12 @@ JSON, PNG and markdown are written at the end of the session (pytest_terminal_su
 """
 from __future__ import annotations
 
+import os
 import sys
 from dataclasses import asdict
 
 import pytest
+import torch
 
 from benchmarks import harness
 
@@ -41,6 +44,8 @@ def pytest_addoption(parser):
     g.addoption("--bench-dtypes", default=None, help="comma list among fp16,bf16,fp32")
     g.addoption("--bench-layouts", default=None, help="comma list among nchw,channels_last")
     g.addoption("--bench-budget-s", type=float, default=None, help="rows not started after this many s: NOT-RUN")
+    g.addoption("--bench-threads", type=int, default=None,
+                help="CPU: torch.set_num_threads(N) for the run (default: torch's own choice)")
     g.addoption("--bench-max-autotune", choices=["0", "path", "lateral"], default=None,
                 help="GPU: which cases also run torch.compile(mode='max-autotune')")
 
@@ -56,6 +61,12 @@ def pytest_configure(config):
             max_autotune=opt("--bench-max-autotune"))
     except ValueError as exc:
         raise pytest.UsageError(str(exc)) from exc
+    threads = opt("--bench-threads") or (int(os.environ["FUSED_FPN_BENCH_THREADS"])
+                                         if os.environ.get("FUSED_FPN_BENCH_THREADS") else None)
+    if threads is not None:
+        if threads < 1:
+            raise pytest.UsageError(f"--bench-threads must be >= 1, got {threads}")
+        torch.set_num_threads(threads)
     cfg.command = "python -m pytest " + " ".join(config.invocation_params.args)
     setattr(config, _KEY, harness.BenchRun(cfg))
 
@@ -71,7 +82,14 @@ def pytest_generate_tests(metafunc):
 
 def pytest_collection_modifyitems(config, items):
     """Run rows in priority order across files (what runs first survives a time budget), keeping the
-    providers of one workload together (the workload is built once for them)."""
+    providers of one workload together (the workload is built once for them). A test function whose
+    cases are all filtered out (--bench-cases ...) is deselected rather than skipped."""
+    empty = [item for item in items if "bench_spec" in getattr(getattr(item, "callspec", None), "params", {})
+             and not isinstance(item.callspec.params["bench_spec"], harness.RowSpec)]
+    if empty:
+        config.hook.pytest_deselected(items=empty)
+        items[:] = [item for item in items if item not in empty]
+
     def prio(item):
         spec = getattr(getattr(item, "callspec", None), "params", {}).get("bench_spec")
         return (1,) + spec.priority if isinstance(spec, harness.RowSpec) else (0,)

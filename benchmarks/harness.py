@@ -11,11 +11,12 @@ among several sets, and the eager torchvision result) run by one *provider*:
                            (``fused_fpn.available_backends(device)``; "triton" is left out on CPU, where
                            it is only the interpreter)
 
-Each row is measured as: parity first (the provider's output against eager, per-dtype tolerances; a
-provider that differs is FAILED-PARITY and is neither timed nor reported as a speedup), then warm-up,
-then timed calls with the inputs rotated among enough sets to overflow the last-level cache:
-CUDA events around each call on GPU, ``time.perf_counter`` on CPU; the median and quartiles are
-reported, never a mean. Peak memory is measured in one more call (see ``MEMORY_MEASURE``).
+The providers of one workload are measured together (``BenchRun``): parity first (each provider's
+output against eager, per-dtype tolerances; a provider that differs is FAILED-PARITY and is neither
+timed nor reported as a speedup), then warm-up, then timed calls interleaved across the providers
+(so a drifting machine hits them alike) with the inputs rotated among enough sets to overflow the
+last-level cache: CUDA events around each call on GPU, ``time.perf_counter`` on CPU; the median and
+quartiles are reported, never a mean. Peak memory is measured in one more call (``MEMORY_MEASURE``).
 
 For the lateral op the bytes it must move (DESIGN.md section 5) give the achieved GB/s and the % of a
 copy-bandwidth ceiling measured in the same run (``measure_copy_ceiling``).
