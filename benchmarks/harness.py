@@ -35,10 +35,9 @@ import os
 import platform
 import re
 import statistics
-import sys
 import time
 from collections import OrderedDict
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
@@ -706,6 +705,7 @@ class Workload:
         self.device = cfg.device
         self.shapes = cfg.shapes
         self.gen = torch.Generator(device=self.device).manual_seed(seed)  # inputs are made on the device
+        self.elem_bytes = torch.empty((), dtype=self.dtype).element_size()
         self.input_sets: List[tuple] = []
         self.set_bytes = 0
 
@@ -775,8 +775,9 @@ class LateralLevelWorkload(Workload):
             top = _fmt(self.randn(s.batch, cout, *top_hw), layout) if top_hw else None
             return (x, top)
         self.make_sets(one)
-        self.lateral_bytes = lateral_bytes(s.batch, cin, h, w, cout, top_hw, torch.empty((), dtype=self.dtype).element_size())
-        self.shape_desc = f"x {s.batch}x{cin}x{h}x{w}" + (f", top {s.batch}x{cout}x{top_hw[0]}x{top_hw[1]}" if top_hw else "")
+        self.lateral_bytes = lateral_bytes(s.batch, cin, h, w, cout, top_hw, self.elem_bytes)
+        self.shape_desc = f"x {s.batch}x{cin}x{h}x{w}" + (
+            f", top {s.batch}x{cout}x{top_hw[0]}x{top_hw[1]}" if top_hw else "")
 
     def provider_fn(self, provider):
         if provider == "eager":
@@ -792,12 +793,12 @@ class LateralPathWorkload(Workload):
     def __init__(self, case, dtype, layout, cfg, seed=0):
         super().__init__(case, dtype, layout, cfg, seed)
         s = self.shapes
-        params = [(_fmt(self.randn(s.out_channels, c, 1, 1, scale=c ** -0.5), layout), self.randn(s.out_channels, scale=0.1))
-                  for c in s.in_channels]
+        params = [(_fmt(self.randn(s.out_channels, c, 1, 1, scale=c ** -0.5), layout),
+                   self.randn(s.out_channels, scale=0.1)) for c in s.in_channels]
         self.module = EagerLateralPath(params)
         self.make_sets(lambda: ([_fmt(self.randn(s.batch, c, *s.level_hw(i)), layout)
                                  for i, c in enumerate(s.in_channels)],))
-        self.lateral_bytes = lateral_path_bytes(s, torch.empty((), dtype=self.dtype).element_size())
+        self.lateral_bytes = lateral_path_bytes(s, self.elem_bytes)
         self.shape_desc = s.describe()
 
     def provider_fn(self, provider):
@@ -858,7 +859,8 @@ class FPNWorkload(Workload):
             module = self.fused_module(_fused_name(provider))
         if not self.needs_grad:
             return module
-        params = [p for p in (self.tv if provider == "eager" or provider.startswith("compile") else module).parameters()]
+        owner = self.tv if provider == "eager" or provider.startswith("compile") else module
+        params = list(owner.parameters())
         grad_outputs = self.grad_outputs
 
         def train_step(feats):
@@ -890,7 +892,8 @@ class DetectorWorkload(Workload):
         def one():
             return ([torch.rand(3, *d.image_hw, generator=self.gen, device=self.device) for _ in range(d.images)],)
         self.make_sets(one)
-        self.shape_desc = f"{d.images} image(s) {d.image_hw[0]}x{d.image_hw[1]}, transform min/max size {d.min_size}/{d.max_size}"
+        self.shape_desc = (f"{d.images} image(s) {d.image_hw[0]}x{d.image_hw[1]}, "
+                           f"transform min/max size {d.min_size}/{d.max_size}")
         self.swapped_with = None
 
     def converted(self, backend: str) -> nn.Module:
@@ -1406,7 +1409,8 @@ def write_chart(report: Dict[str, object], path: str) -> None:
         for pi, prov in enumerate(providers):
             ys, vals = [], []
             for ki, k in enumerate(ks):
-                r = next((r for r in results if (r["case"], r["dtype"], r["layout"]) == k and r["provider"] == prov), None)
+                r = next((r for r in results
+                          if (r["case"], r["dtype"], r["layout"]) == k and r["provider"] == prov), None)
                 if r is not None and r[field_name] is not None:
                     ys.append(ki + pi * width)
                     vals.append(r[field_name])
