@@ -490,12 +490,14 @@ def time_interleaved(fns: Dict[str, Callable], input_sets: Sequence[tuple], devi
     calls = 0
     if device == "cuda":
         events = {n: [] for n in names}
+        pool = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True))
+                for _ in range(reps * len(names))]
         for r in range(reps):
             for j in range(len(names)):
                 name = names[(r + j) % len(names)]
                 args = input_sets[calls % k]
+                start, end = pool[calls]
                 calls += 1
-                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
                 start.record()
                 fns[name](*args)
                 end.record()
