@@ -68,6 +68,8 @@ def pytest_configure(config):
             raise pytest.UsageError(f"--bench-threads must be >= 1, got {threads}")
         torch.set_num_threads(threads)
     cfg.command = "python -m pytest " + " ".join(config.invocation_params.args)
+    # a FAILED-PARITY / ERROR row fails before it reaches pytest-benchmark: that is by design
+    config.addinivalue_line("filterwarnings", "ignore:Benchmark fixture was not used")
     setattr(config, _KEY, harness.BenchRun(cfg))
 
 
