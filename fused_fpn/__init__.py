@@ -3,10 +3,12 @@
     fpn = fused_fpn.FPN([256, 512, 1024, 2048], 256, extra_blocks=fused_fpn.LastLevelMaxPool())
     y = fused_fpn.lateral(x, weight, bias, top)   # conv1x1(x) + bias + nearest(top, size=x.shape[-2:])
     fused_fpn.available_backends()                # e.g. ['cpu', 'torch']
+    model = fused_fpn.convert(detector)          # swap torchvision FPNs in place, weights shared
 """
 from . import _ops
 from ._extension import cuda_built, extension_error, extension_loaded
 from .backends import available_backends
+from .convert import convert
 from .extra_blocks import ExtraFPNBlock, LastLevelMaxPool, LastLevelP6P7
 from .fpn import FPN, lateral_params
 from .functional import lateral
@@ -17,7 +19,7 @@ _ops.register()
 __version__ = "0.1.0"
 
 __all__ = [
-    "FPN", "ExtraFPNBlock", "LastLevelMaxPool", "LastLevelP6P7", "lateral", "available_backends",
+    "FPN", "convert", "ExtraFPNBlock", "LastLevelMaxPool", "LastLevelP6P7", "lateral", "available_backends",
     "lateral_reference", "nearest_source_indices", "lateral_params", "extension_loaded", "extension_error",
     "cuda_built",
 ]

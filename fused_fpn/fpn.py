@@ -91,6 +91,35 @@ class FPN(FeaturePyramidNetwork):
     def extra_repr(self) -> str:
         return f"backend={self.backend!r}"
 
+    @classmethod
+    def from_torchvision(cls, fpn: FeaturePyramidNetwork, *, backend: str = "auto") -> "FPN":
+        """A fused FPN that shares ``fpn``'s submodules, parameters and buffers (no copies).
+
+        Extra blocks, norm layers, train/eval mode, device, dtype, memory format, hooks and the
+        parameter order are those of ``fpn``. A fused_fpn.FPN is returned as it is (backend updated).
+        """
+        if not isinstance(fpn, FeaturePyramidNetwork):
+            raise TypeError(f"from_torchvision expects a torchvision.ops.FeaturePyramidNetwork, got {type(fpn).__name__}")
+        if backend != "auto" and backend not in _backends.BACKEND_NAMES:
+            raise ValueError(f"backend must be 'auto' or one of {list(_backends.BACKEND_NAMES)}, got {backend!r}")
+        if isinstance(fpn, FPN):
+            fpn.backend = backend
+            return fpn
+        new = cls.__new__(cls)
+        state = dict(fpn.__dict__)
+        for key, value in state.items():   # fresh containers, the very same modules/tensors inside
+            if isinstance(value, (dict, OrderedDict)):
+                state[key] = type(value)(value)
+        new.__dict__.update(state)
+        new.backend = backend
+        return new
+
+    def __prepare_scriptable__(self):
+        raise RuntimeError(
+            "fused_fpn.FPN does not support torch.jit.script (its fused ops are torch.library custom ops "
+            "called from Python). Use torch.compile(model) or torch.export.export(model, ...) instead, "
+            "or script the model before fused_fpn.convert().")
+
     def _check_features(self, x) -> Tuple[List[str], List[Tensor]]:
         if not isinstance(x, dict) or len(x) == 0:
             raise TypeError(f"FPN input must be a non-empty dict[str, Tensor] of feature maps (finest first), "

@@ -16,6 +16,12 @@ def _autocast_dtype(device_type: str) -> Optional[torch.dtype]:
     return torch.get_autocast_dtype(device_type)
 
 
+def _autocast(t, dtype):
+    if isinstance(t, torch.Tensor) and t.dtype in (torch.float32, torch.float16, torch.bfloat16):
+        return t.to(dtype)
+    return t
+
+
 def lateral(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None,
             top: Optional[torch.Tensor] = None, *, backend: str = "auto") -> torch.Tensor:
     """y = conv1x1(x; weight, bias) + upsample_nearest(top, size=x.shape[-2:]), fused in one kernel.
@@ -30,11 +36,10 @@ def lateral(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] 
     Returns [N, Cout, H, W] in x's memory format and dtype. Differentiable in all inputs.
     Under torch.autocast the inputs are cast to the autocast dtype, as eager conv2d does.
     """
+    if isinstance(x, torch.Tensor):
+        cast = _autocast_dtype(x.device.type)
+        if cast is not None:   # autocast casts float32/16 inputs of conv2d (never float64)
+            x, weight, bias, top = (_autocast(t, cast) for t in (x, weight, bias, top))
     weight = check_lateral_args(x, weight, bias, top)
-    cast = _autocast_dtype(x.device.type)
-    if cast is not None:
-        x, weight = x.to(cast), weight.to(cast)
-        bias = bias.to(cast) if bias is not None else None
-        top = top.to(cast) if top is not None else None
     impl = _backends.select(backend, x)
     return impl.lateral(x, weight, bias, top)

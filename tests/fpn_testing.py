@@ -76,3 +76,27 @@ def assert_close_to_reference(out: torch.Tensor, ref64: torch.Tensor, dtype: tor
     if eager is not None and dtype in (torch.float16, torch.bfloat16):
         ours, theirs = rel_err(out, ref64), rel_err(eager, ref64)
         assert ours <= 2.0 * theirs + 1e-6, f"fused error {ours:.3g} vs eager error {theirs:.3g}"
+
+
+def eager_lateral(x, weight, bias=None, top=None):
+    """torchvision's unfused computation in x's dtype: conv1x1, F.interpolate(nearest, size), add."""
+    import torch.nn.functional as F
+    w4 = weight if weight.dim() == 4 else weight[:, :, None, None]
+    y = F.conv2d(x, w4, bias)
+    if top is not None:
+        y = y + F.interpolate(top, size=y.shape[-2:], mode="nearest")
+    return y
+
+
+def make_lateral_case(n, cin, cout, hw, top_hw, dtype, device, layout, with_bias=True, with_top=True, seed=0):
+    """(x, weight [Cout, Cin], bias, top) with unit-scale outputs (weight ~ 1/sqrt(Cin))."""
+    g = torch.Generator().manual_seed(seed)
+    x = make_input((n, cin, *hw), dtype, device, layout, generator=g)
+    weight = (torch.randn((cout, cin), generator=g) / max(cin, 1) ** 0.5).to(device=device, dtype=dtype)
+    bias = torch.randn((cout,), generator=g).to(device=device, dtype=dtype) if with_bias else None
+    top = make_input((n, cout, *top_hw), dtype, device, layout, generator=g) if with_top else None
+    return x, weight, bias, top
+
+
+def to64(*ts):
+    return [None if t is None else t.detach().double() for t in ts]

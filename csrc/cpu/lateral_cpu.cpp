@@ -1,17 +1,20 @@
 // CPU kernels of fused_fpn::lateral and fused_fpn::lateral_grad_bias_top.
 //
-// Forward, y = x . W^T + b + U(top), fused by tiles: the output pixels of one image are cut into
-// tiles of TP pixels; for each tile ATen's GEMM (BLAS) writes the lateral product into a small
-// per-thread buffer that stays in cache, and the epilogue adds bias and the nearest-gathered top
-// while the tile is hot, writing each output element once. The lateral map and the upsampled map
-// never exist in memory. Tiles run in parallel over at::parallel_for (BLAS runs single-threaded
-// inside the parallel region).
+// Forward, y[n, co, h, w] = sum_ci x[n, ci, h, w] W[co, ci] + b[co] + top[n, co, src_h(h), src_w(w)],
+// fused by tiles: each image's output rows are cut into tiles of whole rows (Cout x rows x W
+// elements, about 512 KiB, so the tile stays in the core's L2). For each tile ATen's own 1x1
+// convolution (oneDNN where ATen has it, else BLAS: the fastest GEMM ATen has for this op, never
+// a hand-rolled one) computes the lateral product of that tile alone, and the epilogue adds the
+// bias and the nearest-gathered top while the tile is hot, writing each output element once.
+// The lateral map and the upsampled map never exist in memory. Tiles run in parallel over
+// at::parallel_for (the GEMM runs single-threaded inside the parallel region); small maps are cut
+// into smaller tiles so that every thread gets work.
 //
-// Layouts, without copying x: x is read through its strides as a matrix
-//   "pixel-minor" (NCHW-like, x.stride(1) >= x.stride(3)):  X[Cin, P], buf[Cout, P] = W . X
-//   "pixel-major" (channels_last-like):                     X[P, Cin], buf[P, Cout] = X . W^T
-// where P is a run of pixels with one stride (a whole tile when rows collapse, else one row).
-// The output has x's memory format (channels_last iff x.stride(1) < x.stride(3)).
+// Layouts: x is never copied as a whole: the tile is a view (rows [h0, h0+rows) of one image)
+// in x's own strides; channels_last and NCHW tiles go to the GEMM as they are (other strided
+// views may be packed tile by tile inside ATen). The output has x's memory format
+// (channels_last iff x.stride(1) < x.stride(3)); the epilogue loops channels innermost for
+// channels_last and pixels innermost for NCHW, so both write contiguously.
 //
 // Backward: dx and dW are GEMMs done by ATen (Python side); this file fuses db and dtop into
 // one pass over dy (deterministic: every channel is summed in a fixed order by one thread).
@@ -70,27 +73,27 @@ void check_lateral_inputs(const at::Tensor& x, const at::Tensor& weight, const c
   }
 }
 
-// Pixels per tile: the GEMM output buffer (Cout x TP) stays around 64 KiB.
-int64_t tile_pixels(int64_t cout, int64_t element_size, int64_t hw) {
-  int64_t tp = (64 * 1024) / std::max<int64_t>(1, cout * element_size);
-  tp = std::max<int64_t>(16, std::min<int64_t>(512, tp));
-  return std::min(tp, std::max<int64_t>(1, hw));
+// Rows per tile: the tile's GEMM output (Cout x rows x W) stays around 512 KiB (cache-resident
+// for the epilogue), and there are at least two tiles per thread when the map allows it.
+int64_t tile_rows(int64_t n, int64_t h, int64_t w, int64_t cout, int64_t element_size) {
+  constexpr int64_t kTileBytes = 512 * 1024;
+  const int64_t row_bytes = std::max<int64_t>(1, cout * w * element_size);
+  int64_t rows = std::max<int64_t>(1, std::min<int64_t>(h, kTileBytes / row_bytes));
+  const int64_t min_items = 2 * static_cast<int64_t>(at::get_num_threads());
+  while (rows > 1 && n * ((h + rows - 1) / rows) < min_items) rows = (rows + 1) / 2;
+  return rows;
 }
 
 template <typename scalar_t>
-void lateral_cpu_impl(const at::Tensor& x, const at::Tensor& w, const c10::optional<at::Tensor>& bias,
+void lateral_cpu_impl(const at::Tensor& x, const at::Tensor& w4, const c10::optional<at::Tensor>& bias,
                       const c10::optional<at::Tensor>& top, at::Tensor& out) {
   using opmath_t = at::opmath_type<scalar_t>;
-  const int64_t N = x.size(0), Cin = x.size(1), H = x.size(2), W = x.size(3), Cout = w.size(0);
-  const int64_t HW = H * W;
-  const bool pixel_major = is_channels_last_like(x);
-  const bool rows_collapse = H == 1 || x.stride(2) == W * x.stride(3);
-  const int64_t sx0 = x.stride(0), sx1 = x.stride(1), sx2 = x.stride(2), sx3 = x.stride(3);
+  const int64_t N = x.size(0), H = x.size(2), W = x.size(3), Cout = w4.size(0);
+  const bool out_cl = is_channels_last_like(out);
   const int64_t so0 = out.stride(0), so1 = out.stride(1), so2 = out.stride(2), so3 = out.stride(3);
-  const int64_t TP = tile_pixels(Cout, x.element_size(), HW);
-  const int64_t tiles_per_image = (HW + TP - 1) / TP;
+  const int64_t rows = tile_rows(N, H, W, Cout, x.element_size());
+  const int64_t tiles_per_image = (H + rows - 1) / rows;
 
-  at::Tensor wt = w.t();  // [Cin, Cout] view, for the pixel-major product
   at::Tensor b_contig = bias.has_value() ? bias->contiguous() : at::Tensor();
   const scalar_t* bptr = bias.has_value() ? b_contig.const_data_ptr<scalar_t>() : nullptr;
   const bool has_top = top.has_value();
@@ -106,64 +109,48 @@ void lateral_cpu_impl(const at::Tensor& x, const at::Tensor& w, const c10::optio
   scalar_t* optr = out.mutable_data_ptr<scalar_t>();
 
   at::parallel_for(0, N * tiles_per_image, 1, [&](int64_t begin, int64_t end) {
-    at::Tensor buf = at::empty({Cout * TP}, x.options().memory_format(at::MemoryFormat::Contiguous));
     for (int64_t item = begin; item < end; ++item) {
       const int64_t n = item / tiles_per_image;
-      const int64_t p_begin = (item % tiles_per_image) * TP;
-      const int64_t p_end = std::min(HW, p_begin + TP);
-      int64_t p0 = p_begin;
-      while (p0 < p_end) {
-        const int64_t h = p0 / W, w0 = p0 % W;
-        // A segment is a run of pixels with a single stride: the whole tile if rows collapse.
-        const int64_t L = rows_collapse ? p_end - p0 : std::min(p_end - p0, W - w0);
-        const int64_t x_off = x.storage_offset() + n * sx0 + h * sx2 + w0 * sx3;
-        at::Tensor seg = buf.narrow(0, 0, Cout * L);
-        if (pixel_major) {
-          at::Tensor xs = x.as_strided({L, Cin}, {sx3, sx1}, x_off);
-          at::Tensor o = seg.view({L, Cout});
-          at::mm_out(o, xs, wt);
-        } else {
-          at::Tensor xs = x.as_strided({Cin, L}, {sx1, sx3}, x_off);
-          at::Tensor o = seg.view({Cout, L});
-          at::mm_out(o, w, xs);
-        }
-        const scalar_t* bp = seg.const_data_ptr<scalar_t>();
-        // Epilogue: out = buf + bias + top[nearest], each output element written once.
-        for (int64_t j = 0; j < L;) {
-          const int64_t p = p0 + j, hh = p / W, ww = p % W;
-          const int64_t run = std::min(L - j, W - ww);  // pixels left in this output row
-          if (pixel_major) {
-            for (int64_t r = 0; r < run; ++r) {
-              const scalar_t* src = bp + (j + r) * Cout;
-              scalar_t* dst = optr + n * so0 + hh * so2 + (ww + r) * so3;
-              const scalar_t* tp = has_top ? tptr + n * st0 + ih_off[hh] + iw_off[ww + r] : nullptr;
-              for (int64_t c = 0; c < Cout; ++c) {
-                opmath_t v = static_cast<opmath_t>(src[c]);
-                if (bptr) v += static_cast<opmath_t>(bptr[c]);
-                if (tp) v += static_cast<opmath_t>(tp[c * st1]);
-                dst[c * so1] = static_cast<scalar_t>(v);
-              }
-            }
-          } else {
+      const int64_t h0 = (item % tiles_per_image) * rows;
+      const int64_t nrows = std::min(rows, H - h0);
+      // The tile's GEMM: ATen's own 1x1 convolution (oneDNN / BLAS) on a view of rows [h0, h0+nrows).
+      const at::Tensor yt = at::conv2d(x.narrow(0, n, 1).narrow(2, h0, nrows), w4);
+      const scalar_t* yp = yt.const_data_ptr<scalar_t>();
+      const int64_t sy1 = yt.stride(1), sy2 = yt.stride(2), sy3 = yt.stride(3);
+      // Epilogue while the tile is hot: out = yt + bias + top[nearest], each element written once.
+      if (out_cl) {
+        for (int64_t r = 0; r < nrows; ++r) {
+          const int64_t h = h0 + r;
+          for (int64_t ww = 0; ww < W; ++ww) {
+            const scalar_t* src = yp + r * sy2 + ww * sy3;
+            scalar_t* dst = optr + n * so0 + h * so2 + ww * so3;
+            const scalar_t* tp = has_top ? tptr + n * st0 + ih_off[h] + iw_off[ww] : nullptr;
             for (int64_t c = 0; c < Cout; ++c) {
-              const scalar_t* src = bp + c * L + j;
-              scalar_t* dst = optr + n * so0 + c * so1 + hh * so2 + ww * so3;
-              const opmath_t bc = bptr ? static_cast<opmath_t>(bptr[c]) : opmath_t(0);
-              if (has_top) {
-                const scalar_t* trow = tptr + n * st0 + c * st1 + ih_off[hh];
-                const int64_t* iwo = iw_off.data() + ww;
-                for (int64_t r = 0; r < run; ++r)
-                  dst[r * so3] = static_cast<scalar_t>(static_cast<opmath_t>(src[r]) + bc +
-                                                       static_cast<opmath_t>(trow[iwo[r]]));
-              } else {
-                for (int64_t r = 0; r < run; ++r)
-                  dst[r * so3] = static_cast<scalar_t>(static_cast<opmath_t>(src[r]) + bc);
-              }
+              opmath_t v = static_cast<opmath_t>(src[c * sy1]);
+              if (bptr) v += static_cast<opmath_t>(bptr[c]);
+              if (tp) v += static_cast<opmath_t>(tp[c * st1]);
+              dst[c * so1] = static_cast<scalar_t>(v);
             }
           }
-          j += run;
         }
-        p0 += L;
+      } else {
+        for (int64_t c = 0; c < Cout; ++c) {
+          const opmath_t bc = bptr ? static_cast<opmath_t>(bptr[c]) : opmath_t(0);
+          for (int64_t r = 0; r < nrows; ++r) {
+            const int64_t h = h0 + r;
+            const scalar_t* src = yp + c * sy1 + r * sy2;
+            scalar_t* dst = optr + n * so0 + c * so1 + h * so2;
+            if (has_top) {
+              const scalar_t* trow = tptr + n * st0 + c * st1 + ih_off[h];
+              for (int64_t ww = 0; ww < W; ++ww)
+                dst[ww * so3] = static_cast<scalar_t>(static_cast<opmath_t>(src[ww * sy3]) + bc +
+                                                      static_cast<opmath_t>(trow[iw_off[ww]]));
+            } else {
+              for (int64_t ww = 0; ww < W; ++ww)
+                dst[ww * so3] = static_cast<scalar_t>(static_cast<opmath_t>(src[ww * sy3]) + bc);
+            }
+          }
+        }
       }
     }
   });
@@ -179,9 +166,9 @@ at::Tensor lateral_cpu(const at::Tensor& x, const at::Tensor& weight, const c10:
   const auto fmt = is_channels_last_like(x) ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous;
   at::Tensor out = at::empty({x.size(0), weight.size(0), x.size(2), x.size(3)}, x.options().memory_format(fmt));
   if (out.numel() == 0) return out;
-  const at::Tensor w = weight.contiguous();
+  const at::Tensor w4 = weight.contiguous().view({weight.size(0), weight.size(1), 1, 1});
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, dtype, "fused_fpn_lateral_cpu",
-                                  [&] { lateral_cpu_impl<scalar_t>(x, w, bias, top, out); });
+                                  [&] { lateral_cpu_impl<scalar_t>(x, w4, bias, top, out); });
   return out;
 }
 

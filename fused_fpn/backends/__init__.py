@@ -52,6 +52,12 @@ def get_backend(name: str):
     return module
 
 
+# Import every backend module now (none imports triton or touches a device at import time): a
+# first import inside a torch.compile'd region would be a graph break.
+for _name in BACKEND_NAMES:
+    get_backend(_name)
+
+
 def unavailable_reason(name: str) -> Optional[str]:
     module = get_backend(name)
     if module is None:

@@ -1,0 +1,194 @@
+"""The "triton" backend: the fused Triton kernels of ``kernels/`` (installed as ``fused_fpn.kernels``).
+
+Registered ops (the "fused_fpn" namespace, ``triton_`` names, separate from the C++ ops):
+
+    fused_fpn::triton_lateral(Tensor x, Tensor weight, Tensor? bias, Tensor? top) -> Tensor
+    fused_fpn::triton_lateral_backward(Tensor grad, Tensor x, Tensor weight, SymInt top_h,
+        SymInt top_w, bool need_x, bool need_weight, bool need_bias, bool need_top)
+        -> (Tensor dx, Tensor dweight, Tensor dbias, Tensor dtop)     (unneeded ones are empty [0])
+
+On a GPU they are ``torch.library.triton_op`` s whose launches go through ``wrap_triton`` (torch.compile
+and AOTInductor see the kernels; the op body is its own fake impl). Under TRITON_INTERPRET=1 (CPU
+tensors, no GPU) they are ``torch.library.custom_op`` s with ``register_fake``: triton_op's fake-tensor
+path and torch.compile fail there because the interpreter touches data pointers (DESIGN.md §4).
+Autograd is registered on ``triton_lateral`` in both cases; its backward is ``triton_lateral_backward``.
+
+triton is imported only when this backend is asked for (``unavailable_reason`` after the cheap checks,
+or the first ``lateral`` call), never by ``import fused_fpn``.
+"""
+from __future__ import annotations
+
+import os
+from typing import Optional, Tuple
+
+import torch
+
+from .._checks import check_lateral_args
+from .._layout import output_memory_format
+
+NAME = "triton"
+GPU_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+INTERPRET_DTYPES = (torch.float32, torch.float16)
+
+_REGISTERED = False
+_MODE: Optional[str] = None  # "triton_op" or "custom_op" once registered
+_triton_error: Optional[str] = None
+_triton_checked = False
+
+
+def interpreting() -> bool:
+    """True when TRITON_INTERPRET is set (triton then runs kernels on CPU tensors)."""
+    return os.environ.get("TRITON_INTERPRET", "0").strip().lower() in ("1", "true", "yes", "on", "y")
+
+
+def _triton_import_error() -> Optional[str]:
+    global _triton_checked, _triton_error
+    if not _triton_checked:
+        try:
+            import triton  # noqa: F401
+        except Exception as exc:  # noqa: BLE001 - any failure means: not usable
+            _triton_error = f"triton cannot be imported ({exc!r})"
+        _triton_checked = True
+    return _triton_error
+
+
+def unavailable_reason() -> Optional[str]:
+    if not (interpreting() or torch.cuda.is_available()):
+        return "no CUDA device is available (and TRITON_INTERPRET=1 is not set for the CPU interpreter)"
+    return _triton_import_error()
+
+
+def unsupported_reason(x: torch.Tensor) -> Optional[str]:
+    if interpreting():
+        if x.device.type != "cpu":
+            return f"under TRITON_INTERPRET=1 the triton backend runs on CPU tensors, got device {x.device}"
+        if x.dtype not in INTERPRET_DTYPES:
+            return (f"under TRITON_INTERPRET=1 the triton backend supports {[str(d) for d in INTERPRET_DTYPES]} "
+                    f"(the interpreter computes bfloat16 wrongly), got {x.dtype}")
+        return None
+    if x.device.type != "cuda":
+        return f"the triton backend runs on CUDA tensors, got device {x.device}"
+    if x.dtype not in GPU_DTYPES:
+        return f"the triton backend supports dtypes {[str(d) for d in GPU_DTYPES]}, got {x.dtype}"
+    return None
+
+
+# ---- argument checks of the registered ops (they can be called directly, not only via lateral) ----
+
+def _check_supported(name: str, t: torch.Tensor) -> None:
+    reason = unsupported_reason(t)
+    if reason is not None:
+        raise ValueError(f"{name}: {reason}")
+
+
+def check_forward_args(x, weight, bias, top) -> None:
+    """ValueError/TypeError naming the argument unless the ops can run on these tensors."""
+    if not isinstance(weight, torch.Tensor) or weight.dim() != 2:
+        raise ValueError(f"weight must be a 2-D [Cout, Cin] tensor for fused_fpn::triton_lateral, got "
+                         f"{tuple(weight.shape) if isinstance(weight, torch.Tensor) else type(weight).__name__}")
+    check_lateral_args(x, weight, bias, top)
+    _check_supported("x", x)
+    if x.shape[0] * x.shape[2] * x.shape[3] >= 2**31:
+        raise ValueError(f"x has {x.shape[0] * x.shape[2] * x.shape[3]} pixels (N*H*W); the triton kernels index "
+                         f"pixels with 32-bit integers, so N*H*W must be < 2^31 (element offsets are 64-bit)")
+
+
+def check_backward_args(grad, x, weight, top_h, top_w) -> None:
+    check_forward_args(x, weight, None, None)
+    if not isinstance(grad, torch.Tensor) or grad.dim() != 4 or tuple(grad.shape) != (
+            x.shape[0], weight.shape[0], x.shape[2], x.shape[3]):
+        raise ValueError(f"grad must be [N, Cout, H, W] = {(x.shape[0], weight.shape[0], x.shape[2], x.shape[3])}, "
+                         f"got {tuple(grad.shape) if isinstance(grad, torch.Tensor) else type(grad).__name__}")
+    if grad.dtype != x.dtype or grad.device != x.device:
+        raise TypeError(f"grad must have x's dtype and device ({x.dtype}, {x.device}), got {grad.dtype}, {grad.device}")
+    if top_h < 0 or top_w < 0 or (top_h == 0) != (top_w == 0):
+        raise ValueError(f"top_h, top_w must both be >= 1 (a top) or both 0 (no top), got {top_h}, {top_w}")
+
+
+# ---- fake impls (custom_op mode; in triton_op mode the op body is its own fake) -------------------
+
+def _lateral_fake(x, weight, bias, top):
+    n, _, h, w = x.shape
+    return x.new_empty((n, weight.shape[0], h, w)).contiguous(memory_format=output_memory_format(x))
+
+
+def _backward_fake(grad, x, weight, top_h, top_w, need_x, need_weight, need_bias, need_top):
+    def empty():
+        return grad.new_empty((0,))
+    dx = x.new_empty(x.shape).contiguous(memory_format=output_memory_format(x)) if need_x else empty()
+    dw = weight.new_empty(weight.shape) if need_weight else empty()
+    db = grad.new_empty((grad.shape[1],)) if need_bias else empty()
+    dtop = (grad.new_empty((grad.shape[0], grad.shape[1], top_h, top_w))
+            .contiguous(memory_format=output_memory_format(grad)) if need_top else empty())
+    return dx, dw, db, dtop
+
+
+# ---- autograd ----------------------------------------------------------------------------------
+
+def _setup_context(ctx, inputs, output):
+    x, weight, bias, top = inputs
+    ctx.save_for_backward(x, weight)
+    ctx.top_hw = (top.shape[-2], top.shape[-1]) if top is not None else (0, 0)
+
+
+def _backward(ctx, grad):
+    x, weight = ctx.saved_tensors
+    need_x, need_w, need_b, need_top = ctx.needs_input_grad
+    if not (need_x or need_w or need_b or need_top):
+        return None, None, None, None
+    dx, dw, db, dtop = torch.ops.fused_fpn.triton_lateral_backward(
+        grad, x, weight, ctx.top_hw[0], ctx.top_hw[1], need_x, need_w, need_b, need_top)
+    return (dx if need_x else None, dw if need_w else None, db if need_b else None,
+            dtop if need_top else None)
+
+
+# ---- registration ------------------------------------------------------------------------------
+
+def _register() -> None:
+    """Register the ops once, as triton_op (GPU) or custom_op (interpreter)."""
+    global _REGISTERED, _MODE
+    if _REGISTERED:
+        return
+    from fused_fpn.kernels import lateral_launch as L
+
+    def triton_lateral(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
+                       top: Optional[torch.Tensor]) -> torch.Tensor:
+        check_forward_args(x, weight, bias, top)
+        return L.lateral_forward(x, weight, bias, top)
+
+    def triton_lateral_backward(grad: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, top_h: int,
+                                top_w: int, need_x: bool, need_weight: bool, need_bias: bool,
+                                need_top: bool) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        check_backward_args(grad, x, weight, top_h, top_w)
+        return L.lateral_backward(grad, x, weight, top_h, top_w, need_x, need_weight, need_bias, need_top)
+
+    if interpreting():
+        fwd = torch.library.custom_op("fused_fpn::triton_lateral", mutates_args=())(triton_lateral)
+        bwd = torch.library.custom_op("fused_fpn::triton_lateral_backward", mutates_args=())(
+            triton_lateral_backward)
+        fwd.register_fake(_lateral_fake)
+        bwd.register_fake(_backward_fake)
+        _MODE = "custom_op"
+    else:
+        fwd = torch.library.triton_op("fused_fpn::triton_lateral", mutates_args=())(triton_lateral)
+        torch.library.triton_op("fused_fpn::triton_lateral_backward", mutates_args=())(triton_lateral_backward)
+        _MODE = "triton_op"
+    fwd.register_autograd(_backward, setup_context=_setup_context)
+    _REGISTERED = True
+
+
+def registration_mode() -> Optional[str]:
+    """"triton_op" or "custom_op" once the ops are registered, else None."""
+    return _MODE
+
+
+def ops():
+    """(torch.ops.fused_fpn.triton_lateral, torch.ops.fused_fpn.triton_lateral_backward), registered."""
+    _register()
+    return torch.ops.fused_fpn.triton_lateral.default, torch.ops.fused_fpn.triton_lateral_backward.default
+
+
+def lateral(x, weight, bias, top):
+    """The backend entry point (inputs validated by fused_fpn.lateral; weight is [Cout, Cin])."""
+    _register()
+    return torch.ops.fused_fpn.triton_lateral(x, weight, bias, top)

@@ -1,0 +1,201 @@
+"""Ahead-of-time compilation of every Triton kernel config for a GPU target, without a GPU.
+
+    python -m fused_fpn.kernels.aot --arch 90 --arch 80 [--json OUT]
+
+compiles each config of each kernel with ``triton.compile(ASTSource(fn, signature, constexprs),
+target=GPUTarget("cuda", arch, 32))`` and reports, per compile: kernel, arch, dtype, layout, config,
+shared memory (bytes, from the compiled metadata), whether the PTX uses wgmma, or the error.
+Run it in a process where TRITON_INTERPRET is NOT set (``@triton.jit`` then yields JITFunctions,
+which the compiler needs); tests/test_triton_aot.py does that in a subprocess.
+
+The argument values mimic what the launcher passes for ResNet-50-FPN's P2 level (batch 2,
+200x304, 256 -> 256 channels, top 100x152) so the specialization matches a real launch: ints equal
+to 1 become constexprs (triton's JIT specializes them), ints divisible by 16 and all pointers get
+the ``tt.divisibility`` 16 hint. The ASTSource signature/attrs format changed across triton
+versions: 3.2 takes an ``AttrsDescriptor``; 3.3+ a dict {(arg index,): [["tt.divisibility", 16]]}.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from typing import Dict, List
+
+import triton
+import triton.backends.compiler as _bc
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+
+from . import lateral_kernels as K
+
+SHARED_LIMIT = {90: 232448, 80: 166912}
+_TY = {"fp16": "*fp16", "bf16": "*bf16", "fp32": "*fp32"}
+USE_INPUT_PRECISION = K.USE_INPUT_PRECISION
+
+
+def _specialize(fn, args: Dict[str, object], constexprs: Dict[str, object]):
+    """(signature, constexprs, divisible-by-16 arg indices) the way triton's JIT specializes."""
+    sig, const, div16 = {}, dict(constexprs), []
+    for i, name in enumerate(fn.arg_names):
+        if name in constexprs:
+            sig[name] = "constexpr"
+            continue
+        v = args[name]
+        if isinstance(v, str):          # pointer type
+            sig[name] = v
+            div16.append(i)
+        elif isinstance(v, bool):
+            sig[name] = "i1"
+        elif isinstance(v, int):
+            if v == 1:
+                sig[name] = "constexpr"
+                const[name] = 1
+            else:
+                sig[name] = "i32" if -2**31 <= v < 2**31 else "i64"
+                if v % 16 == 0:
+                    div16.append(i)
+        elif isinstance(v, float):
+            sig[name] = "fp32"
+        else:
+            raise TypeError(f"unsupported AOT argument {name}={v!r}")
+    return sig, const, div16
+
+
+def _source(fn, args, constexprs):
+    sig, const, div16 = _specialize(fn, args, constexprs)
+    if hasattr(_bc, "AttrsDescriptor"):  # triton 3.2
+        attrs = _bc.AttrsDescriptor.from_dict({
+            "arg_properties": {"tt.divisibility": div16,
+                               "tt.equal_to": [fn.arg_names.index(k) for k, v in const.items()
+                                               if sig.get(k) == "constexpr" and k not in constexprs]},
+            "cls": "AttrsDescriptor"})
+        return ASTSource(fn, sig, const, attrs)
+    return ASTSource(fn, sig, const, {(i,): [["tt.divisibility", 16]] for i in div16})
+
+
+def _strides(n, c, h, w, layout):
+    if layout == "channels_last":
+        return (h * w * c, 1, w * c, c)
+    return (c * h * w, h * w, w, 1)
+
+
+def fwd_args(dtype: str, layout: str):
+    n, cin, cout, h, w, ht, wt = 2, 256, 256, 200, 304, 100, 152
+    p = _TY[dtype]
+    xs, ts, os_ = _strides(n, cin, h, w, layout), _strides(n, cout, ht, wt, layout), _strides(n, cout, h, w, layout)
+    args = dict(x_ptr=p, w_ptr=p, b_ptr=p, top_ptr=p, out_ptr=p,
+                M=n * h * w, HW=h * w, W_=w, CIN=cin, COUT=cout, HT=ht, WT=wt,
+                scale_h=0.5, scale_w=0.5,
+                sxn=xs[0], sxc=xs[1], sxh=xs[2], sxw=xs[3], swn=cin, swk=1, sb=1,
+                stn=ts[0], stc=ts[1], sth=ts[2], stw=ts[3],
+                son=os_[0], soc=os_[1], soh=os_[2], sow=os_[3])
+    return args
+
+
+def dx_args(dtype: str, layout: str):
+    """The forward kernel as the backward's dx = dy . W: W^T through swapped strides, no epilogue."""
+    args = fwd_args(dtype, layout)
+    args.update(swn=1, swk=256, sb=0, HT=1, WT=1, stn=0, stc=0, sth=0, stw=0)
+    return args
+
+
+def grad_weight_args(dtype: str, layout: str):
+    n, cin, cout, h, w = 2, 256, 256, 200, 304
+    p = _TY[dtype]
+    ds, xs = _strides(n, cout, h, w, layout), _strides(n, cin, h, w, layout)
+    return dict(dy_ptr=p, x_ptr=p, part_ptr="*fp32", M=n * h * w, HW=h * w, W_=w, CIN=cin, COUT=cout,
+                ROWS_PER_SPLIT=3840, sdn=ds[0], sdc=ds[1], sdh=ds[2], sdw=ds[3],
+                sxn=xs[0], sxc=xs[1], sxh=xs[2], sxw=xs[3])
+
+
+def grad_bias_top_args(dtype: str, layout: str):
+    n, c, h, w, ht, wt = 2, 256, 200, 304, 100, 152
+    p = _TY[dtype]
+    ds, ts = _strides(n, c, h, w, layout), _strides(n, c, ht, wt, layout)
+    return dict(dy_ptr=p, dtop_ptr=p, dbpart_ptr="*fp32", H=h, W_=w, HT=ht, WT=wt, C=c, N_TW_BLOCKS=5,
+                scale_h=0.5, scale_w=0.5, ITER_H=9, ITER_W=10,
+                sdn=ds[0], sdc=ds[1], sdh=ds[2], sdw=ds[3], stn=ts[0], stc=ts[1], sth=ts[2], stw=ts[3])
+
+
+def jobs(archs=(90, 80)) -> List[dict]:
+    """Every (kernel, arch, dtype, layout, config) to compile. Forward: fp16/bf16 on the
+    channels_last hot path, fp16 also NCHW, fp32 with TF32 and with IEEE dot; the same kernel as
+    the backward's dx ("fwd_dx": W^T, no epilogue) in fp16; weight gradient fp16/bf16/fp32;
+    bias/top gradient (one fixed config) in every dtype."""
+    out = []
+    for arch in archs:
+        a = f"sm{arch}"
+        for eb, variants in ((2, [("fp16", "channels_last", True), ("bf16", "channels_last", True),
+                                  ("fp16", "nchw", True)]),
+                             (4, [("fp32", "channels_last", True), ("fp32", "channels_last", False)])):
+            for dtype, layout, tf32 in variants:
+                for cfg in K.FWD_CONFIGS[(a, eb)]:
+                    out.append(dict(kernel="fwd", arch=arch, dtype=dtype, layout=layout, tf32=tf32,
+                                    meta=dict(cfg.kwargs), num_warps=cfg.num_warps, num_stages=cfg.num_stages))
+            if eb == 2:
+                for cfg in K.FWD_CONFIGS[(a, eb)]:
+                    out.append(dict(kernel="fwd_dx", arch=arch, dtype="fp16", layout="channels_last", tf32=True,
+                                    meta=dict(cfg.kwargs), num_warps=cfg.num_warps, num_stages=cfg.num_stages))
+            for dtype, layout, tf32 in variants[:2] if eb == 2 else variants[:1]:
+                for cfg in K.GRAD_WEIGHT_CONFIGS[(a, eb)]:
+                    out.append(dict(kernel="grad_weight", arch=arch, dtype=dtype, layout=layout, tf32=tf32,
+                                    meta=dict(cfg.kwargs), num_warps=cfg.num_warps, num_stages=cfg.num_stages))
+        for dtype in ("fp16", "bf16", "fp32"):
+            out.append(dict(kernel="grad_bias_top", arch=arch, dtype=dtype, layout="channels_last", tf32=False,
+                            meta=dict(K.GRAD_BIAS_TOP_META), **K.GRAD_BIAS_TOP_LAUNCH))
+    return out
+
+
+def compile_job(job: dict) -> dict:
+    kernel, dtype, layout = job["kernel"], job["dtype"], job["layout"]
+    if kernel in ("fwd", "fwd_dx"):
+        epilogue = kernel == "fwd"
+        fn, args = K._lateral_fwd_kernel, (fwd_args if epilogue else dx_args)(dtype, layout)
+        constexprs = dict(HAS_BIAS=epilogue, HAS_TOP=epilogue, X_FLAT=True, O_FLAT=True, ALLOW_TF32=job["tf32"],
+                          USE_INPUT_PRECISION=USE_INPUT_PRECISION, **job["meta"])
+    elif kernel == "grad_weight":
+        fn, args = K._lateral_grad_weight_kernel, grad_weight_args(dtype, layout)
+        constexprs = dict(D_FLAT=True, X_FLAT=True, ALLOW_TF32=job["tf32"], USE_INPUT_PRECISION=USE_INPUT_PRECISION,
+                          **job["meta"])
+    else:
+        fn, args = K._lateral_grad_bias_top_kernel, grad_bias_top_args(dtype, layout)
+        constexprs = dict(HAS_TOP=True, **job["meta"])
+    result = dict(job)
+    t0 = time.time()
+    try:
+        compiled = triton.compile(_source(fn, args, constexprs), target=GPUTarget("cuda", job["arch"], 32),
+                                  options=dict(num_warps=job["num_warps"], num_stages=job["num_stages"]))
+        meta = compiled.metadata
+        shared = meta["shared"] if isinstance(meta, dict) else meta.shared
+        ptx = compiled.asm.get("ptx", "")
+        result.update(ok=True, shared=int(shared), wgmma="wgmma" in ptx, mma="mma." in ptx,
+                      has_cubin=bool(compiled.asm.get("cubin")), error=None)
+    except Exception as exc:  # noqa: BLE001 - reported, the test fails on it
+        result.update(ok=False, shared=None, wgmma=False, mma=False, has_cubin=False,
+                      error=f"{type(exc).__name__}: {exc}"[:2000])
+    result["seconds"] = round(time.time() - t0, 2)
+    return result
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--arch", type=int, action="append", choices=sorted(SHARED_LIMIT))
+    parser.add_argument("--json", help="write the results here (default: stdout)")
+    args = parser.parse_args(argv)
+    if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
+        print("unset TRITON_INTERPRET: the interpreter replaces @triton.jit kernels", file=sys.stderr)
+        return 2
+    results = [compile_job(j) for j in jobs(tuple(args.arch or (90, 80)))]
+    text = json.dumps(results, indent=1)
+    if args.json:
+        with open(args.json, "w") as f:
+            f.write(text)
+    else:
+        print(text)
+    return 0 if all(r["ok"] for r in results) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

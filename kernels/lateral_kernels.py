@@ -1,0 +1,378 @@
+"""Triton kernels of the fused lateral op (raw ``@triton.jit`` functions and their tile configs).
+
+Shapes and names used throughout (M = N*H*W pixels, enumerated as m = (n*H + h)*W + w):
+
+    x    [N, Cin,  H,  W ]  any 4-D strides (NCHW, channels_last, strided views)
+    W    [Cout, Cin]        any 2-D strides
+    b    [Cout]
+    top  [N, Cout, Ht, Wt]  any 4-D strides, any Ht, Wt >= 1 (nearest up- or down-sampling)
+    out  [N, Cout, H,  W ]  any 4-D strides (the launcher allocates it in x's memory format)
+
+Forward:   out[n, co, h, w] = sum_ci x[n, ci, h, w] * W[co, ci] + b[co] + top[n, co, sh(h), sw(w)]
+with ATen's float32 nearest rule sh(h) = min(floor(float32(h) * scale_h), Ht - 1),
+scale_h = float32(Ht) / float32(H) (computed on the host, passed as an fp32 scalar); same for w.
+
+Backward of that: dx = dy . W (the forward kernel with W transposed through its strides),
+dW = sum_m dy[m, :]^T x[m, :] (``_lateral_grad_weight_kernel``: split over pixels into a fixed
+number of fp32 partial sums, reduced afterwards in a fixed order), db = sum_m dy[m, :] and
+dtop = U^T(dy) (``_lateral_grad_bias_top_kernel``: one pass over dy). Nothing uses atomics, so
+every result is bit-reproducible run to run.
+
+This module imports triton only (no torch), so the ahead-of-time compile test can import it in a
+process of its own. Config lists: ``*_CONFIGS[(arch, elem_bytes)]`` with arch "sm90" / "sm80" and
+elem_bytes 2 (fp16/bf16) or 4 (fp32); ``INTERPRET_*`` is the one small config for TRITON_INTERPRET=1
+(the autotuner would benchmark every config under the interpreter).
+"""
+import inspect
+
+import triton
+import triton.language as tl
+
+# tl.dot spells the fp32 precision choice `input_precision` (triton >= 3.0) or `allow_tf32` (older):
+# passed to the kernels as the USE_INPUT_PRECISION constexpr.
+USE_INPUT_PRECISION = "input_precision" in inspect.signature(tl.dot).parameters
+
+
+@triton.jit
+def _lateral_fwd_kernel(
+    x_ptr, w_ptr, b_ptr, top_ptr, out_ptr,
+    M, HW, W_, CIN, COUT, HT, WT,
+    scale_h, scale_w,
+    sxn, sxc, sxh, sxw,
+    swn, swk,
+    sb,
+    stn, stc, sth, stw,
+    son, soc, soh, sow,
+    HAS_BIAS: tl.constexpr, HAS_TOP: tl.constexpr, X_FLAT: tl.constexpr, O_FLAT: tl.constexpr,
+    ALLOW_TF32: tl.constexpr, USE_INPUT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+):
+    """out[m, co] = sum_k x[m, k] * W[co, k] (fp32 accumulation) + b[co] + top[n, co, sh(h), sw(w)].
+
+    A GEMM over pixels: rows m = (n, h, w) in [0, M), reduction k over CIN, columns co over COUT.
+    x/top/out are addressed through their 4-D strides (in elements: s?n, s?c, s?h, s?w), the
+    weight through (swn = stride over COUT, swk = stride over CIN), so NCHW, channels_last and
+    strided views need no copy; the same kernel computes dx = dy . W in the backward by passing W
+    with its two strides swapped. Row offsets are int64 (a tensor may pass 2^31 elements).
+    Program ids are swizzled in groups of GROUP_M row tiles so that the x rows of a group stay in
+    L2 while the group walks the COUT tiles (and a weight tile is reused by GROUP_M programs).
+
+    Constexpr flags:
+      HAS_BIAS / HAS_TOP: the bias / top gather-add epilogue is compiled in only when present
+        (b_ptr / top_ptr are dummies otherwise, never dereferenced).
+      X_FLAT / O_FLAT: x's / out's (h, w) dims flatten (s?h == W * s?w, true for NCHW and
+        channels_last), so a pixel's offset is n * s?n + (h * W + w) * s?w. Written that way the
+        compiler sees that consecutive pixels are consecutive in memory when s?w == 1 (NCHW) and
+        vectorizes those loads/stores; the general h * s?h + w * s?w form hides it behind div/mod.
+      ALLOW_TF32: fp32 inputs use TF32 tensor cores when True (torch.backends.cudnn.allow_tf32,
+        what eager conv does), IEEE fp32 when False; no effect on fp16/bf16.
+      USE_INPUT_PRECISION: tl.dot spells the choice ``input_precision`` (triton >= 3.0) or, on
+        older triton, ``allow_tf32``; the host picks the one this triton understands.
+      BLOCK_M/N/K, GROUP_M: tile shape and swizzle group (autotuned per problem shape).
+    """
+    pid = tl.program_id(0)
+    num_pid_m = tl.cdiv(M, BLOCK_M)
+    num_pid_n = tl.cdiv(COUT, BLOCK_N)
+    num_pid_in_group = GROUP_M * num_pid_n
+    group_id = pid // num_pid_in_group
+    first_pid_m = group_id * GROUP_M
+    group_size_m = tl.minimum(num_pid_m - first_pid_m, GROUP_M)
+    pid_m = first_pid_m + ((pid % num_pid_in_group) % group_size_m)
+    pid_n = (pid % num_pid_in_group) // group_size_m
+
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_k = tl.arange(0, BLOCK_K)
+    mask_m = offs_m < M
+    mask_n = offs_n < COUT
+    # pixel index -> (n, h, w); masked rows past M are never dereferenced
+    n_idx = offs_m // HW
+    rem = offs_m % HW
+    h_idx = rem // W_
+    w_idx = rem % W_
+    n64 = n_idx.to(tl.int64)
+    if X_FLAT:
+        x_row = n64 * sxn + rem.to(tl.int64) * sxw
+    else:
+        x_row = n64 * sxn + h_idx.to(tl.int64) * sxh + w_idx.to(tl.int64) * sxw
+    w_col = offs_n.to(tl.int64) * swn
+
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k0 in range(0, CIN, BLOCK_K):
+        kk = k0 + offs_k
+        mask_k = kk < CIN
+        kk64 = kk.to(tl.int64)
+        a = tl.load(x_ptr + (x_row[:, None] + (kk64 * sxc)[None, :]),
+                    mask=mask_m[:, None] & mask_k[None, :], other=0.0)
+        b = tl.load(w_ptr + ((kk64 * swk)[:, None] + w_col[None, :]),
+                    mask=mask_k[:, None] & mask_n[None, :], other=0.0)
+        if USE_INPUT_PRECISION:
+            if ALLOW_TF32:
+                acc = tl.dot(a, b, acc, input_precision="tf32")
+            else:
+                acc = tl.dot(a, b, acc, input_precision="ieee")
+        else:
+            acc = tl.dot(a, b, acc, allow_tf32=ALLOW_TF32)
+
+    mask = mask_m[:, None] & mask_n[None, :]
+    offs_n64 = offs_n.to(tl.int64)
+    if HAS_BIAS:
+        bias = tl.load(b_ptr + offs_n64 * sb, mask=mask_n, other=0.0)
+        acc += bias.to(tl.float32)[None, :]
+    if HAS_TOP:
+        # ATen's float32 nearest rule, bit for bit: floor(float32(dst) * float32 scale), clamped
+        src_h = tl.minimum(tl.floor(h_idx.to(tl.float32) * scale_h).to(tl.int32), HT - 1)
+        src_w = tl.minimum(tl.floor(w_idx.to(tl.float32) * scale_w).to(tl.int32), WT - 1)
+        t_row = n64 * stn + src_h.to(tl.int64) * sth + src_w.to(tl.int64) * stw
+        t = tl.load(top_ptr + (t_row[:, None] + (offs_n64 * stc)[None, :]), mask=mask, other=0.0)
+        acc += t.to(tl.float32)
+    if O_FLAT:
+        o_row = n64 * son + rem.to(tl.int64) * sow
+    else:
+        o_row = n64 * son + h_idx.to(tl.int64) * soh + w_idx.to(tl.int64) * sow
+    tl.store(out_ptr + (o_row[:, None] + (offs_n64 * soc)[None, :]),
+             acc.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _lateral_grad_weight_kernel(
+    dy_ptr, x_ptr, part_ptr,
+    M, HW, W_, CIN, COUT, ROWS_PER_SPLIT,
+    sdn, sdc, sdh, sdw,
+    sxn, sxc, sxh, sxw,
+    D_FLAT: tl.constexpr, X_FLAT: tl.constexpr,
+    ALLOW_TF32: tl.constexpr, USE_INPUT_PRECISION: tl.constexpr,
+    BLOCK_CO: tl.constexpr, BLOCK_CI: tl.constexpr, BLOCK_M: tl.constexpr,
+):
+    """part[s, co, ci] = sum_{m in split s} dy[m, co] * x[m, ci]   (fp32, no atomics).
+
+    dy [N, COUT, H, W] and x [N, CIN, H, W] through their 4-D strides (any layout); part is a
+    contiguous fp32 buffer [SPLIT, COUT, CIN]. Grid: (COUT tiles * CIN tiles, SPLIT); split s owns
+    pixels [s * ROWS_PER_SPLIT, (s + 1) * ROWS_PER_SPLIT) and walks them BLOCK_M at a time. The
+    host sums part over s (a fixed-order reduction), so dW = sum_m dy^T x is deterministic. The tile
+    index is program_id(0) so the tiles of one pixel chunk run side by side and share it in L2.
+
+    Constexpr flags: D_FLAT / X_FLAT: dy's / x's (h, w) dims flatten (contiguous pixel runs are
+    visible to the compiler, as X_FLAT in ``_lateral_fwd_kernel``); ALLOW_TF32 / USE_INPUT_PRECISION
+    as there (TF32 or IEEE for fp32, and how this triton spells it); BLOCK_CO/CI/M: tile shape.
+    """
+    pid_tile = tl.program_id(0)
+    split = tl.program_id(1)
+    n_ci = tl.cdiv(CIN, BLOCK_CI)
+    pid_co = pid_tile // n_ci
+    pid_ci = pid_tile % n_ci
+    offs_co = pid_co * BLOCK_CO + tl.arange(0, BLOCK_CO)
+    offs_ci = pid_ci * BLOCK_CI + tl.arange(0, BLOCK_CI)
+    mask_co = offs_co < COUT
+    mask_ci = offs_ci < CIN
+    co_off = offs_co.to(tl.int64) * sdc
+    ci_off = offs_ci.to(tl.int64) * sxc
+
+    m_start = split * ROWS_PER_SPLIT
+    m_end = tl.minimum(m_start + ROWS_PER_SPLIT, M)
+    acc = tl.zeros((BLOCK_CO, BLOCK_CI), dtype=tl.float32)
+    for m0 in range(m_start, m_end, BLOCK_M):
+        offs_m = m0 + tl.arange(0, BLOCK_M)
+        mask_m = offs_m < m_end
+        n64 = (offs_m // HW).to(tl.int64)
+        rem = offs_m % HW
+        rem64 = rem.to(tl.int64)
+        h64 = (rem // W_).to(tl.int64)
+        w64 = (rem % W_).to(tl.int64)
+        if D_FLAT:
+            dy_row = n64 * sdn + rem64 * sdw
+        else:
+            dy_row = n64 * sdn + h64 * sdh + w64 * sdw
+        if X_FLAT:
+            x_row = n64 * sxn + rem64 * sxw
+        else:
+            x_row = n64 * sxn + h64 * sxh + w64 * sxw
+        a = tl.load(dy_ptr + (co_off[:, None] + dy_row[None, :]),
+                    mask=mask_co[:, None] & mask_m[None, :], other=0.0)
+        b = tl.load(x_ptr + (x_row[:, None] + ci_off[None, :]),
+                    mask=mask_m[:, None] & mask_ci[None, :], other=0.0)
+        if USE_INPUT_PRECISION:
+            if ALLOW_TF32:
+                acc = tl.dot(a, b, acc, input_precision="tf32")
+            else:
+                acc = tl.dot(a, b, acc, input_precision="ieee")
+        else:
+            acc = tl.dot(a, b, acc, allow_tf32=ALLOW_TF32)
+
+    part = part_ptr + split.to(tl.int64) * COUT * CIN
+    offs = offs_co.to(tl.int64)[:, None] * CIN + offs_ci[None, :]
+    tl.store(part + offs, acc, mask=mask_co[:, None] & mask_ci[None, :])
+
+
+@triton.jit
+def _nearest_first_dst(t, DST, SRC, scale, N_ITER):
+    """Smallest d in [0, DST] whose nearest source min(floor(float32(d) * scale), SRC - 1) is >= t
+    (DST if there is none): a binary search of N_ITER >= bit_length(DST) + 1 steps, elementwise on
+    t. The source index is monotone in d, so the preimage of source t is [first(t), first(t + 1))."""
+    lo = t * 0
+    hi = lo + DST
+    for _ in range(N_ITER):
+        active = lo < hi
+        mid = (lo + hi) // 2
+        src = tl.minimum(tl.floor(mid.to(tl.float32) * scale).to(tl.int32), SRC - 1)
+        right = src >= t
+        hi = tl.where(active & right, mid, hi)
+        lo = tl.where(active & (~right), mid + 1, lo)
+    return lo
+
+
+@triton.jit
+def _lateral_grad_bias_top_kernel(
+    dy_ptr, dtop_ptr, dbpart_ptr,
+    H, W_, HT, WT, C, N_TW_BLOCKS,
+    scale_h, scale_w, ITER_H, ITER_W,
+    sdn, sdc, sdh, sdw,
+    stn, stc, sth, stw,
+    HAS_TOP: tl.constexpr, BLOCK_TW: tl.constexpr, BLOCK_C: tl.constexpr,
+):
+    """dtop[n, c, i, j] = sum over (h, w) with sh(h) = i, sw(w) = j of dy[n, c, h, w]   (U^T dy)
+    dbpart[p, c]       = sum over the dy pixels program p visited                (db = sum_p dbpart)
+
+    One pass over dy [N, C, H, W] (any strides). Program p owns top row i of image n, a block of
+    BLOCK_TW top columns and BLOCK_C channels; the preimage of a top pixel is the row range
+    [first(i), first(i + 1)) x column range [first(j), first(j + 1)) (``_nearest_first_dst``, the
+    same float32 rule as the forward), summed in a fixed order in fp32: deterministic, no atomics.
+    Top pixels with an empty preimage (downsampling) get 0. Every dy pixel lies in exactly one
+    preimage, so the partial sums dbpart [N*HT*N_TW_BLOCKS, C] (contiguous fp32) add up to db.
+
+    Constexpr flags:
+      HAS_TOP: write dtop (dtop [N, C, HT, WT] through its strides). Without a top the host
+        passes HT = H, WT = W, scale 1 (every preimage is one pixel) and only db is produced.
+      BLOCK_TW, BLOCK_C: tile of top columns x channels.
+    """
+    pid = tl.program_id(0)
+    pid_c = tl.program_id(1)
+    twb = pid % N_TW_BLOCKS
+    row = pid // N_TW_BLOCKS
+    ti = row % HT
+    n = row // HT
+    offs_tw = twb * BLOCK_TW + tl.arange(0, BLOCK_TW)
+    offs_c = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
+    mask_tw = offs_tw < WT
+    mask_c = offs_c < C
+
+    h_lo = _nearest_first_dst(ti, H, HT, scale_h, ITER_H)
+    h_hi = _nearest_first_dst(ti + 1, H, HT, scale_h, ITER_H)
+    w_lo = _nearest_first_dst(offs_tw, W_, WT, scale_w, ITER_W)
+    w_hi = _nearest_first_dst(offs_tw + 1, W_, WT, scale_w, ITER_W)
+    w_len = tl.where(mask_tw, w_hi - w_lo, 0)
+    max_len = tl.max(w_len, axis=0)
+
+    n64 = n.to(tl.int64)
+    zero64 = n64 * 0  # loop counters are plain ints under the interpreter: widen them through this
+    base = dy_ptr + n64 * sdn
+    c_off = offs_c.to(tl.int64) * sdc
+    acc = tl.zeros((BLOCK_TW, BLOCK_C), dtype=tl.float32)
+    for h in range(h_lo, h_hi):
+        row_ptr = base + (zero64 + h) * sdh
+        for j in range(0, max_len):
+            mask_w = mask_tw & (j < w_len)
+            w_off = (w_lo + j).to(tl.int64) * sdw
+            g = tl.load(row_ptr + (w_off[:, None] + c_off[None, :]),
+                        mask=mask_w[:, None] & mask_c[None, :], other=0.0)
+            acc += g.to(tl.float32)
+
+    if HAS_TOP:
+        t_off = (n64 * stn + ti.to(tl.int64) * sth
+                 + offs_tw.to(tl.int64)[:, None] * stw + (offs_c.to(tl.int64) * stc)[None, :])
+        tl.store(dtop_ptr + t_off, acc.to(dtop_ptr.dtype.element_ty),
+                 mask=mask_tw[:, None] & mask_c[None, :])
+    db = tl.sum(acc, axis=0)
+    tl.store(dbpart_ptr + pid.to(tl.int64) * C + offs_c, db, mask=mask_c)
+
+
+# ---------------------------------------------------------------------------------------------
+# Configs. Memory-bound regime (DESIGN.md §5): BLOCK_N = 256 covers all 256 output channels of an
+# FPN so x is read exactly once; BLOCK_M 64-128; 3-4 pipeline stages. On sm_90 fp16/bf16 tl.dot
+# lowers to wgmma (BLOCK_M a multiple of 64, num_warps a multiple of 4). Shared memory per stage is
+# (BLOCK_M + BLOCK_N) * BLOCK_K * elem_bytes; every list stays under the arch's limit
+# (232448 B on sm_90, 166912 B on sm_80), which tests/test_triton_aot.py checks on compiled kernels.
+
+def _cfg(bm, bn, bk, warps, stages, group_m=8):
+    return triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": group_m},
+                         num_warps=warps, num_stages=stages)
+
+
+FWD_CONFIGS = {
+    ("sm90", 2): [
+        _cfg(128, 256, 64, 8, 3),
+        _cfg(128, 256, 64, 8, 4),
+        _cfg(128, 256, 32, 8, 4),
+        _cfg(64, 256, 64, 4, 4),
+        # <= 80 KB of shared memory and ~200 registers/thread at 4 warps: two CTAs per SM, so
+        # one CTA's epilogue (top gather + store) overlaps the other's loads
+        _cfg(64, 256, 32, 4, 3),
+        _cfg(64, 256, 64, 4, 2),
+        _cfg(128, 128, 64, 4, 4),
+        _cfg(64, 128, 64, 4, 3),   # small M (P5: 1900 pixels): more CTAs than 128-row tiles give
+    ],
+    ("sm90", 4): [
+        _cfg(128, 256, 32, 8, 3),
+        _cfg(128, 128, 32, 8, 4),
+        _cfg(64, 256, 32, 4, 3),
+        _cfg(64, 128, 32, 4, 4),
+    ],
+    ("sm80", 2): [
+        _cfg(128, 256, 32, 8, 3),
+        _cfg(128, 256, 64, 8, 3),
+        _cfg(64, 256, 32, 4, 4),
+        _cfg(128, 128, 64, 4, 4),
+        _cfg(64, 128, 32, 4, 4),
+    ],
+    ("sm80", 4): [
+        _cfg(128, 256, 32, 8, 3),
+        _cfg(128, 128, 32, 4, 4),
+        _cfg(64, 128, 32, 4, 4),
+    ],
+}
+INTERPRET_FWD = {"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 32, "GROUP_M": 4}
+
+
+def _wcfg(bm, warps, stages, bco=128, bci=128):
+    return triton.Config({"BLOCK_CO": bco, "BLOCK_CI": bci, "BLOCK_M": bm},
+                         num_warps=warps, num_stages=stages)
+
+
+GRAD_WEIGHT_CONFIGS = {
+    ("sm90", 2): [_wcfg(64, 8, 4), _wcfg(128, 8, 3), _wcfg(64, 4, 4)],
+    ("sm90", 4): [_wcfg(32, 8, 4), _wcfg(64, 8, 3)],
+    ("sm80", 2): [_wcfg(32, 8, 4), _wcfg(64, 8, 3), _wcfg(64, 4, 3)],
+    ("sm80", 4): [_wcfg(32, 8, 3), _wcfg(32, 4, 4)],
+}
+# The weight-gradient tile is fixed per mode (the host sizes the split buffer from it).
+GRAD_WEIGHT_TILE = {"gpu": (128, 128), "interpret": (32, 32)}
+INTERPRET_GRAD_WEIGHT = {"BLOCK_CO": 32, "BLOCK_CI": 32, "BLOCK_M": 64}
+
+# db/dtop: a gather-sum, bandwidth-bound and without tl.dot; one fixed config everywhere.
+GRAD_BIAS_TOP_META = {"BLOCK_TW": 32, "BLOCK_C": 64}
+GRAD_BIAS_TOP_LAUNCH = {"num_warps": 4, "num_stages": 2}
+INTERPRET_GRAD_BIAS_TOP = {"BLOCK_TW": 16, "BLOCK_C": 64}
+
+FWD_AUTOTUNE_KEY = ["M", "COUT", "CIN", "sxc", "soc", "swk"]  # swk: forward W vs dx's W^T
+GRAD_WEIGHT_AUTOTUNE_KEY = ["M", "COUT", "CIN", "sdc", "sxc"]
+
+_autotuned = {}
+
+
+def autotuned_fwd(arch: str, elem_bytes: int):
+    """The forward kernel autotuned over FWD_CONFIGS[(arch, elem_bytes)], keyed on
+    (M, COUT, CIN, layout of x and out via their channel strides, weight orientation); dtype is part of the key too
+    (triton's autotuner adds every tensor argument's dtype)."""
+    key = ("fwd", arch, elem_bytes)
+    if key not in _autotuned:
+        _autotuned[key] = triton.autotune(configs=FWD_CONFIGS[(arch, elem_bytes)],
+                                          key=FWD_AUTOTUNE_KEY)(_lateral_fwd_kernel)
+    return _autotuned[key]
+
+
+def autotuned_grad_weight(arch: str, elem_bytes: int):
+    key = ("dw", arch, elem_bytes)
+    if key not in _autotuned:
+        _autotuned[key] = triton.autotune(configs=GRAD_WEIGHT_CONFIGS[(arch, elem_bytes)],
+                                          key=GRAD_WEIGHT_AUTOTUNE_KEY)(_lateral_grad_weight_kernel)
+    return _autotuned[key]

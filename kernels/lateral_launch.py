@@ -1,0 +1,211 @@
+"""Launchers of the Triton lateral kernels: allocation, strides (in elements), grid and config.
+
+``lateral_forward`` and ``lateral_backward`` are the bodies of the registered ops
+``fused_fpn::triton_lateral`` and ``fused_fpn::triton_lateral_backward``
+(``fused_fpn/backends/triton.py``). They never copy an input (strides go to the kernels), never
+synchronize with the host and allocate only through torch (the caching allocator), so they are
+CUDA-graph safe once the autotuner has picked its configs. On a GPU every launch goes through
+``torch.library.wrap_triton`` so torch.compile sees the kernels; under TRITON_INTERPRET=1 (CPU
+tensors) the kernels run directly with one small fixed config.
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+import struct
+from typing import Tuple
+
+import torch
+import triton
+
+from fused_fpn._layout import output_memory_format
+
+from . import lateral_kernels as K
+
+USE_INPUT_PRECISION = K.USE_INPUT_PRECISION
+
+
+def interpreting() -> bool:
+    """True when triton runs kernels through its CPU interpreter (TRITON_INTERPRET=1)."""
+    return os.environ.get("TRITON_INTERPRET", "0").strip().lower() in ("1", "true", "yes", "on", "y")
+
+
+def f32(value: float) -> float:
+    """``value`` rounded to the nearest float32 (returned as the Python float holding it exactly)."""
+    return struct.unpack("f", struct.pack("f", value))[0]
+
+
+def nearest_scale(in_size: int, out_size: int) -> float:
+    """ATen's scale for nearest, float32(in) / float32(out), correctly rounded to float32 (the
+    double quotient of two integers < 2^24 rounds to the same float32)."""
+    return f32(float(in_size) / float(out_size))
+
+
+def _arch(device: torch.device) -> str:
+    """Which config list a GPU gets: "sm90" (Hopper and datacenter Blackwell: wgmma-sized tiles,
+    ~227 KB of shared memory) or "sm80" (Ampere/Ada and the rest; configs that do not fit a
+    smaller-shared-memory part are skipped by the autotuner as out of resources)."""
+    major, _ = torch.cuda.get_device_capability(device)
+    return "sm90" if major in (9, 10) else "sm80"
+
+
+def pixels_flatten(t: torch.Tensor) -> bool:
+    """True when t's (h, w) dims flatten into one pixel index: stride(2) == W * stride(3)."""
+    return t.shape[2] <= 1 or t.stride(2) == t.shape[3] * t.stride(3)
+
+
+def _allow_tf32(dtype: torch.dtype) -> bool:
+    return dtype == torch.float32 and bool(torch.backends.cudnn.allow_tf32)
+
+
+def _launch(kernel, grid, args, meta):
+    if interpreting():
+        kernel[grid](*args, **meta)
+    else:
+        from torch.library import wrap_triton
+        wrap_triton(kernel)[grid](*args, **meta)
+
+
+def _device_ctx(t: torch.Tensor):
+    """Launch on t's device (triton launches on the current device and torch's current stream)."""
+    return torch.cuda.device(t.device) if t.device.type == "cuda" else contextlib.nullcontext()
+
+
+def gemm_epilogue(inp: torch.Tensor, weight: torch.Tensor, bias, top, out: torch.Tensor) -> torch.Tensor:
+    """out[n, co, h, w] = sum_ci inp[n, ci, h, w] * weight[co, ci] + bias[co] + top[n, co, sh(h), sw(w)].
+
+    inp [N, Cin, H, W], weight [Cout, Cin] (any strides: the backward passes W.t()), bias [Cout]
+    or None, top [N, Cout, Ht, Wt] or None, out [N, Cout, H, W] preallocated (any strides)."""
+    n, cin, h, w = inp.shape
+    cout = weight.shape[0]
+    m = n * h * w
+    if m == 0 or cout == 0:
+        return out
+    has_bias, has_top = bias is not None, top is not None
+    ht, wt = (top.shape[2], top.shape[3]) if has_top else (1, 1)
+    scale_h = nearest_scale(ht, h)
+    scale_w = nearest_scale(wt, w)
+    b_arg = bias if has_bias else weight      # dummies: never dereferenced (HAS_BIAS/HAS_TOP off)
+    t_arg = top if has_top else inp
+    t_strides = top.stride() if has_top else (0, 0, 0, 0)
+    args = (inp, weight, b_arg, t_arg, out,
+            m, h * w, w, cin, cout, ht, wt,
+            scale_h, scale_w,
+            *inp.stride(),
+            weight.stride(0), weight.stride(1),
+            bias.stride(0) if has_bias else 0,
+            *t_strides,
+            *out.stride())
+    meta = dict(HAS_BIAS=has_bias, HAS_TOP=has_top, X_FLAT=pixels_flatten(inp), O_FLAT=pixels_flatten(out),
+                ALLOW_TF32=_allow_tf32(inp.dtype),
+                USE_INPUT_PRECISION=USE_INPUT_PRECISION)
+    if interpreting():
+        cfg = K.INTERPRET_FWD
+        grid = (triton.cdiv(m, cfg["BLOCK_M"]) * triton.cdiv(cout, cfg["BLOCK_N"]),)
+        _launch(K._lateral_fwd_kernel, grid, args, dict(meta, **cfg))
+    else:
+        kernel = K.autotuned_fwd(_arch(inp.device), inp.element_size())
+
+        def grid(meta):
+            return (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(cout, meta["BLOCK_N"]),)
+        with _device_ctx(inp):
+            _launch(kernel, grid, args, meta)
+    return out
+
+
+def lateral_forward(x: torch.Tensor, weight: torch.Tensor, bias, top) -> torch.Tensor:
+    """y = x . W^T + b + nearest(top, size=x.shape[-2:]) in one launch; y in x's memory format."""
+    n, _, h, w = x.shape
+    out = torch.empty((n, weight.shape[0], h, w), dtype=x.dtype, device=x.device,
+                      memory_format=output_memory_format(x))
+    return gemm_epilogue(x, weight, bias, top, out)
+
+
+def _grad_weight_split(m: int, tiles: int, device: torch.device) -> Tuple[int, int]:
+    """(split, rows_per_split): how many fp32 partial sums dW is reduced from. A fixed function of
+    the shape and the device, so the summation order (and the result) is reproducible."""
+    if interpreting():
+        rows = max(64, triton.cdiv(triton.cdiv(m, 3), 64) * 64)
+    else:
+        sms = torch.cuda.get_device_properties(device).multi_processor_count
+        split = max(1, min(triton.cdiv(2 * sms, tiles), triton.cdiv(m, 1024)))
+        rows = triton.cdiv(triton.cdiv(m, split), 256) * 256
+    return triton.cdiv(m, rows), rows
+
+
+def grad_weight(grad: torch.Tensor, x: torch.Tensor, out_dtype: torch.dtype) -> torch.Tensor:
+    """dW[co, ci] = sum over pixels of grad[n, co, h, w] * x[n, ci, h, w], fp32 accumulation,
+    split over pixels into partial sums that are added in a fixed order (no atomics)."""
+    n, cin, h, w = x.shape
+    cout = grad.shape[1]
+    m = n * h * w
+    if m == 0 or cin == 0 or cout == 0:
+        return torch.zeros((cout, cin), dtype=out_dtype, device=x.device)
+    mode = "interpret" if interpreting() else "gpu"
+    bco, bci = K.GRAD_WEIGHT_TILE[mode]
+    tiles = triton.cdiv(cout, bco) * triton.cdiv(cin, bci)
+    split, rows = _grad_weight_split(m, tiles, x.device)
+    part = torch.empty((split, cout, cin), dtype=torch.float32, device=x.device)
+    args = (grad, x, part, m, h * w, w, cin, cout, rows, *grad.stride(), *x.stride())
+    meta = dict(D_FLAT=pixels_flatten(grad), X_FLAT=pixels_flatten(x), ALLOW_TF32=_allow_tf32(x.dtype),
+                USE_INPUT_PRECISION=USE_INPUT_PRECISION)
+    if mode == "interpret":
+        _launch(K._lateral_grad_weight_kernel, (tiles, split), args, dict(meta, **K.INTERPRET_GRAD_WEIGHT))
+    else:
+        kernel = K.autotuned_grad_weight(_arch(x.device), x.element_size())
+        with _device_ctx(x):
+            _launch(kernel, (tiles, split), args, meta)
+    return part.sum(dim=0).to(out_dtype)
+
+
+def grad_bias_top(grad: torch.Tensor, top_h: int, top_w: int, need_top: bool):
+    """(db [C] fp32-accumulated in grad's dtype, dtop [N, C, top_h, top_w] in grad's memory format
+    or None) in one pass over grad. top_h == 0 means there is no top (only db)."""
+    n, c, h, w = grad.shape
+    has_top = need_top and top_h > 0 and top_w > 0
+    fmt = output_memory_format(grad)
+    dtop = (torch.empty((n, c, top_h, top_w), dtype=grad.dtype, device=grad.device, memory_format=fmt)
+            if need_top else None)
+    if n * h * w == 0 or c == 0:
+        if dtop is not None:
+            dtop.zero_()
+        return torch.zeros((c,), dtype=grad.dtype, device=grad.device), dtop
+    ht, wt = (top_h, top_w) if has_top else (h, w)
+    cfg = K.INTERPRET_GRAD_BIAS_TOP if interpreting() else K.GRAD_BIAS_TOP_META
+    n_tw = triton.cdiv(wt, cfg["BLOCK_TW"])
+    rows = n * ht * n_tw
+    dbpart = torch.empty((rows, c), dtype=torch.float32, device=grad.device)
+    t_arg = dtop if has_top else dbpart
+    t_strides = dtop.stride() if has_top else (0, 0, 0, 0)
+    args = (grad, t_arg, dbpart,
+            h, w, ht, wt, c, n_tw,
+            nearest_scale(ht, h), nearest_scale(wt, w), int(h).bit_length() + 1, int(w).bit_length() + 1,
+            *grad.stride(), *t_strides)
+    meta = dict(HAS_TOP=has_top, **cfg)
+    if not interpreting():
+        meta.update(K.GRAD_BIAS_TOP_LAUNCH)
+    with _device_ctx(grad):
+        _launch(K._lateral_grad_bias_top_kernel, (rows, triton.cdiv(c, cfg["BLOCK_C"])), args, meta)
+    return dbpart.sum(dim=0).to(grad.dtype), dtop
+
+
+def lateral_backward(grad: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, top_h: int, top_w: int,
+                     need_x: bool, need_w: bool, need_b: bool, need_top: bool):
+    """(dx, dW, db, dtop) of y = x . W^T + b + U(top); an unneeded gradient is an empty [0] tensor.
+
+    dx = dy . W (the forward GEMM kernel with W transposed through its strides; dx in x's memory
+    format), dW (``grad_weight``), db and dtop (``grad_bias_top``, one pass over dy)."""
+    def empty():  # a fresh [0] tensor for each unneeded gradient (outputs must not alias)
+        return grad.new_empty((0,))
+    dx, dw, db, dtop = empty(), empty(), empty(), empty()
+    if need_x:
+        # an empty reduction (Cout == 0) still launches and writes zeros
+        dx = torch.empty(x.shape, dtype=x.dtype, device=x.device, memory_format=output_memory_format(x))
+        gemm_epilogue(grad, weight.t(), None, None, dx)
+    if need_w:
+        dw = grad_weight(grad, x, weight.dtype)
+    if need_b or need_top:
+        b, t = grad_bias_top(grad, top_h, top_w, need_top)
+        db = b if need_b else db
+        dtop = t if need_top else dtop
+    return dx, dw, db, dtop

@@ -1,0 +1,109 @@
+"""Autograd (gradcheck in fp64, gradient parity), the registered ops (opcheck), torch.compile."""
+import pytest
+import torch
+
+import fused_fpn
+from fpn_testing import DEVICES, backend_device_params, backend_supports, make_lateral_case, to64
+from fused_fpn.reference import lateral_grad_bias_top_reference
+
+needs_ext = pytest.mark.skipif(not fused_fpn.extension_loaded(), reason="fused_fpn._C not built")
+
+
+@pytest.mark.parametrize("device,backend", backend_device_params())
+@pytest.mark.parametrize("layout", ["nchw", "channels_last", "noncontig"])
+@pytest.mark.parametrize("with_bias,with_top,top_hw", [(True, True, (3, 4)), (True, True, (7, 9)),
+                                                       (False, True, (2, 2)), (True, False, None)])
+def test_gradcheck_fp64(device, backend, layout, with_bias, with_top, top_hw):
+    if backend_supports(backend, device, torch.float64) is not None:
+        pytest.skip(f"{backend} has no float64 on {device}; its gradients are checked in fp32 below")
+    x, w, b, top = make_lateral_case(2, 5, 4, (5, 6), top_hw or (1, 1), torch.float64, device, layout,
+                                     with_bias=with_bias, with_top=with_top)
+    inputs = [t.requires_grad_() if t is not None else None for t in (x, w, b, top)]
+
+    def fn(x, w, b, top):
+        return fused_fpn.lateral(x, w, b, top, backend=backend)
+
+    assert torch.autograd.gradcheck(fn, inputs, eps=1e-6, atol=1e-7, rtol=1e-5)
+
+
+@pytest.mark.parametrize("device,backend", backend_device_params())
+@pytest.mark.parametrize("layout", ["nchw", "channels_last"])
+def test_gradients_fp32_match_reference(device, backend, layout):
+    x, w, b, top = make_lateral_case(2, 24, 16, (9, 13), (5, 7), torch.float32, device, layout)
+    ins = [t.requires_grad_() for t in (x, w, b, top)]
+    ins64 = [t.detach().double().requires_grad_() for t in ins]
+    out = fused_fpn.lateral(*ins, backend=backend)
+    ref = fused_fpn.lateral_reference(*ins64)
+    g = torch.randn(out.shape, generator=torch.Generator().manual_seed(3)).to(device)
+    out.backward(g)
+    ref.backward(g.double())
+    for name, a, r in zip("x w b top".split(), ins, ins64):
+        torch.testing.assert_close(a.grad.double(), r.grad, atol=1e-3, rtol=1e-3, msg=f"grad of {name}")
+
+
+@pytest.mark.parametrize("device,backend", backend_device_params())
+def test_requires_grad_on_some_inputs_only(device, backend):
+    x, w, b, top = make_lateral_case(1, 6, 4, (4, 4), (2, 2), torch.float32, device, "nchw")
+    top.requires_grad_()
+    out = fused_fpn.lateral(x, w, b, top, backend=backend)
+    out.sum().backward()
+    expected = torch.full_like(top, 4.0)          # every top pixel has a 2x2 preimage
+    torch.testing.assert_close(top.grad, expected)
+    assert x.grad is None and w.grad is None
+
+
+@needs_ext
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+@pytest.mark.parametrize("layout", ["nchw", "channels_last", "noncontig"])
+@pytest.mark.parametrize("hw,top_hw", [((9, 13), (5, 7)), ((5, 6), (9, 11)), ((8, 8), (4, 4)), ((3, 3), (0, 0))])
+def test_grad_bias_top_op_matches_reference(device, dtype, layout, hw, top_hw):
+    if device == "cuda" and not fused_fpn.cuda_built():
+        pytest.skip("_C built without CUDA kernels")
+    if device == "cuda" and dtype == torch.float64:
+        pytest.skip("CUDA kernels take fp16/bf16/fp32")
+    from fpn_testing import make_input
+    dy = make_input((2, 12, *hw), dtype, device, layout, generator=torch.Generator().manual_seed(1))
+    db, dtop = torch.ops.fused_fpn.lateral_grad_bias_top(dy, *top_hw)
+    rdb, rdtop = lateral_grad_bias_top_reference(dy.double(), *top_hw)
+    tol = {torch.float64: 1e-12, torch.float32: 1e-5, torch.bfloat16: 5e-2}[dtype]
+    torch.testing.assert_close(db.double(), rdb, atol=tol * 10, rtol=tol)
+    torch.testing.assert_close(dtop.double(), rdtop, atol=tol * 10, rtol=tol)
+    assert dtop.shape == (2, 12, *top_hw)
+
+
+@needs_ext
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("layout", ["nchw", "channels_last", "noncontig"])
+@pytest.mark.parametrize("with_bias,with_top", [(True, True), (False, False), (True, False)])
+def test_opcheck_lateral(device, layout, with_bias, with_top):
+    if device == "cuda" and not fused_fpn.cuda_built():
+        pytest.skip("_C built without CUDA kernels")
+    x, w, b, top = make_lateral_case(2, 6, 5, (5, 7), (3, 4), torch.float32, device, layout,
+                                     with_bias=with_bias, with_top=with_top)
+    args = (x.requires_grad_(), w.requires_grad_(), b, top)
+    torch.library.opcheck(torch.ops.fused_fpn.lateral.default, args)
+
+
+@needs_ext
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("layout", ["nchw", "channels_last"])
+@pytest.mark.parametrize("top_hw", [(3, 4), (0, 0)])
+def test_opcheck_grad_bias_top(device, layout, top_hw):
+    if device == "cuda" and not fused_fpn.cuda_built():
+        pytest.skip("_C built without CUDA kernels")
+    from fpn_testing import make_input
+    dy = make_input((2, 6, 5, 7), torch.float32, device, layout)
+    torch.library.opcheck(torch.ops.fused_fpn.lateral_grad_bias_top.default, (dy, *top_hw))
+
+
+@pytest.mark.parametrize("device,backend", backend_device_params())
+def test_compile_fullgraph_lateral_matches_eager(device, backend):
+    torch._dynamo.reset()
+    x, w, b, top = make_lateral_case(2, 16, 8, (9, 13), (5, 7), torch.float32, device, "channels_last")
+
+    def fn(x, w, b, top):
+        return fused_fpn.lateral(x, w, b, top, backend=backend) * 2.0
+
+    compiled = torch.compile(fn, fullgraph=True)
+    torch.testing.assert_close(compiled(x, w, b, top), fn(x, w, b, top), atol=1e-5, rtol=1e-5)

@@ -1,0 +1,99 @@
+"""Backend selection, import without the native extension, and clear errors for bad input."""
+import subprocess
+import sys
+from collections import OrderedDict
+
+import pytest
+import torch
+
+import fused_fpn
+from fused_fpn import backends
+
+
+def test_available_backends_here():
+    names = fused_fpn.available_backends()
+    assert "torch" in names and names == sorted(names)
+    assert ("cpu" in names) == fused_fpn.extension_loaded()
+    assert "torch" in fused_fpn.available_backends("cpu")
+    if not torch.cuda.is_available():
+        assert "cuda" not in names
+
+
+def test_auto_picks_the_cpu_kernel_on_cpu_tensors():
+    x = torch.randn(1, 3, 4, 4)
+    expected = "cpu" if fused_fpn.extension_loaded() else "torch"
+    assert backends.select("auto", x).NAME == expected
+
+
+def test_backend_that_cannot_run_lists_the_ones_that_can():
+    x = torch.randn(1, 3, 4, 4)
+    with pytest.raises(ValueError, match=r"cuda.*Backends that can: \[.*'torch'"):
+        fused_fpn.lateral(x, torch.randn(2, 3), backend="cuda")
+    with pytest.raises(ValueError, match="unknown fused_fpn backend 'fast'"):
+        fused_fpn.lateral(x, torch.randn(2, 3), backend="fast")
+
+
+def test_import_without_native_extension_leaves_only_torch_backend():
+    code = ("import sys; sys.modules['fused_fpn._C'] = None\n"
+            "import torch, fused_fpn\n"
+            "assert not fused_fpn.extension_loaded(), 'extension should be missing'\n"
+            "assert fused_fpn.available_backends() == ['torch'], fused_fpn.available_backends()\n"
+            "x = torch.randn(1, 3, 4, 4); w = torch.randn(2, 3)\n"
+            "y = fused_fpn.lateral(x, w, None, torch.randn(1, 2, 2, 2))\n"
+            "assert y.shape == (1, 2, 4, 4)\n"
+            "try:\n"
+            "    fused_fpn.lateral(x, w, backend='cpu')\n"
+            "except ValueError as e:\n"
+            "    assert 'not built' in str(e), e\n"
+            "else:\n"
+            "    raise SystemExit('expected ValueError')\n"
+            "print('ok')\n")
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
+                         env={**__import__('os').environ, "CUDA_VISIBLE_DEVICES": ""})
+    assert res.returncode == 0 and res.stdout.strip().endswith("ok"), res.stderr
+
+
+@pytest.mark.parametrize("args,exc,pattern", [
+    (lambda: (torch.randn(3, 4, 4), torch.randn(2, 3), None, None), ValueError, r"x must be 4-D"),
+    (lambda: (torch.randint(0, 3, (1, 3, 4, 4)), torch.randn(2, 3), None, None), TypeError, "x must have a floating"),
+    (lambda: (torch.randn(1, 3, 4, 4, dtype=torch.complex64), torch.randn(2, 3), None, None), TypeError, "floating"),
+    (lambda: (torch.randn(1, 3, 4, 4), torch.randn(2, 4), None, None), ValueError, r"weight must be \[Cout, Cin\]"),
+    (lambda: (torch.randn(1, 3, 4, 4), torch.randn(2, 3, 3, 3), None, None), ValueError, "weight must be"),
+    (lambda: (torch.randn(1, 3, 4, 4), torch.randn(2, 3), torch.randn(3), None), ValueError, r"bias must be 1-D \[Cout\]"),
+    (lambda: (torch.randn(1, 3, 4, 4), torch.randn(2, 3), None, torch.randn(2, 2, 2, 2)), ValueError, "top must be"),
+    (lambda: (torch.randn(1, 3, 4, 4), torch.randn(2, 3), None, torch.randn(1, 3, 2, 2)), ValueError, "top must be"),
+    (lambda: (torch.randn(1, 3, 4, 4), torch.randn(2, 3), None, torch.randn(1, 2, 0, 2)), ValueError, "non-empty"),
+    (lambda: (torch.randn(1, 3, 4, 4), torch.randn(2, 3).double(), None, None), TypeError, "weight must have the same dtype"),
+    (lambda: (torch.randn(1, 3, 4, 4), torch.randn(2, 3), None, torch.randn(1, 2, 2, 2).half()), TypeError, "top must have the same dtype"),
+    (lambda: (torch.randn(1, 3, 4, 4), torch.randn(2, 3), None, torch.randn(1, 2, 2, 2, device="meta")), ValueError, "same device"),
+])
+@pytest.mark.parametrize("backend", ["auto", "torch"])
+def test_lateral_bad_input_raises_clear_error(args, exc, pattern, backend):
+    x, w, b, top = args()
+    snapshot = [t.clone() if t is not None and t.device.type != "meta" else t for t in (x, w, b, top)]
+    with pytest.raises(exc, match=pattern):
+        fused_fpn.lateral(x, w, b, top, backend=backend)
+    for before, after in zip(snapshot, (x, w, b, top)):   # inputs untouched after a failure
+        if before is not None and before.device.type != "meta":
+            assert torch.equal(before, after)
+
+
+def _feats(*shapes, dtype=torch.float32):
+    return OrderedDict((f"c{i}", torch.randn(s, dtype=dtype)) for i, s in enumerate(shapes))
+
+
+@pytest.mark.parametrize("make_x,exc,pattern", [
+    (lambda: {}, TypeError, "non-empty dict"),
+    (lambda: [torch.randn(1, 4, 8, 8)], TypeError, "dict"),
+    (lambda: _feats((1, 4, 8, 8)), ValueError, "built for 2 feature maps, got 1"),
+    (lambda: _feats((1, 4, 8, 8), (1, 5, 4, 4)), ValueError, r"x\['c1'\] \(level 1\) must have 8 channels"),
+    (lambda: _feats((1, 4, 8, 8), (8, 4, 4)), ValueError, r"x\['c1'\] must be 4-D"),
+    (lambda: _feats((1, 4, 8, 8), (2, 8, 4, 4)), ValueError, "one batch size"),
+    (lambda: OrderedDict(a=torch.randn(1, 4, 8, 8), b=torch.randn(1, 8, 4, 4).double()), TypeError, "one dtype"),
+    (lambda: OrderedDict(a=torch.randn(1, 4, 8, 8), b=torch.randint(0, 2, (1, 8, 4, 4))), TypeError, "floating"),
+    (lambda: OrderedDict(a=torch.randn(1, 4, 8, 8), b=torch.randn(1, 8, 4, 4, device="meta")), ValueError, "one device"),
+])
+def test_fpn_bad_input_raises_clear_error(make_x, exc, pattern):
+    fpn = fused_fpn.FPN([4, 8], 6)
+    with pytest.raises(exc, match=pattern):
+        fpn(make_x())

@@ -1,0 +1,76 @@
+"""DDP on CPU (gloo, loopback only): a converted model trained in 2 processes stays identical across
+ranks and equals a single-process run on the same global batch."""
+import os
+import socket
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from torch import nn
+from torchvision.ops import FeaturePyramidNetwork
+from torchvision.ops import feature_pyramid_network as tv_fpn
+
+import fused_fpn
+
+STEPS = 3
+CHANNELS = [4, 8, 12]
+
+
+class Model(nn.Module):
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.fpn = FeaturePyramidNetwork(CHANNELS, 8, extra_blocks=tv_fpn.LastLevelMaxPool())
+        self.head = nn.Conv2d(8, 2, 1)
+
+    def forward(self, feats):
+        return sum(self.head(v).square().mean() for v in self.fpn(feats).values())
+
+
+def global_batch(step):
+    g = torch.Generator().manual_seed(100 + step)
+    return {f"c{i}": torch.randn((4, c, 24 // 2 ** i, 20 // 2 ** i), generator=g) for i, c in enumerate(CHANNELS)}
+
+
+def train(model, rank, world):
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    for step in range(STEPS):
+        feats = {k: v.chunk(world)[rank] for k, v in global_batch(step).items()}
+        opt.zero_grad()
+        model(feats).backward()
+        opt.step()
+
+
+def worker(rank, world, port, out_dir):
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    try:
+        model = fused_fpn.convert(Model())
+        assert isinstance(model.fpn, fused_fpn.FPN)
+        ddp = nn.parallel.DistributedDataParallel(model)
+        train(ddp, rank, world)
+        torch.save({k: v.detach() for k, v in model.state_dict().items()}, os.path.join(out_dir, f"rank{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(), reason="gloo not available")
+def test_ddp_two_processes_match_single_process(tmp_path):
+    mp.start_processes(worker, args=(2, free_port(), str(tmp_path)), nprocs=2, join=True, start_method="spawn")
+    rank0 = torch.load(tmp_path / "rank0.pt")
+    rank1 = torch.load(tmp_path / "rank1.pt")
+    single = fused_fpn.convert(Model())
+    train(single, 0, 1)
+    initial = Model().state_dict()
+    for k, v in single.state_dict().items():
+        assert torch.equal(rank0[k], rank1[k]), f"ranks diverged on {k}"
+        torch.testing.assert_close(rank0[k], v, atol=1e-6, rtol=1e-5, msg=k)
+        if k.endswith("weight"):
+            assert not torch.equal(v, initial[k]), f"{k} did not train"

@@ -1,0 +1,226 @@
+"""fused_fpn.FPN as a drop-in for torchvision.ops.FeaturePyramidNetwork: construction, state_dict,
+forward parity (fp32 / bf16, layouts, odd sizes, extra blocks, norm layers, batch 0), backward
+parity, torch.compile."""
+import copy
+from collections import OrderedDict
+from functools import partial
+
+import pytest
+import torch
+from torch import nn
+from torchvision.ops import FeaturePyramidNetwork
+from torchvision.ops import feature_pyramid_network as tv_fpn
+
+import fused_fpn
+from fpn_testing import DEVICES, TOLERANCES, backend_device_params, backend_supports, make_input, rel_err
+
+IN_CHANNELS = [8, 16, 24, 32]
+OUT = 16
+
+
+def feature_sizes(h, w, strides=(4, 8, 16, 32)):
+    """ResNet-style feature sizes of an h x w image: ceil(h / s) x ceil(w / s)."""
+    return [(-(-h // s), -(-w // s)) for s in strides]
+
+
+def make_features(n, h, w, dtype, device, layout, channels=IN_CHANNELS, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return OrderedDict((f"c{i + 2}", make_input((n, c, *hw), dtype, device, layout, generator=g))
+                       for i, (c, hw) in enumerate(zip(channels, feature_sizes(h, w))))
+
+
+def randomize_(module, seed=0):
+    """Random non-zero biases and norm statistics, so that parity tests exercise every term."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in module.named_parameters():
+            if name.endswith("bias") or p.dim() == 1:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.5 + (1.0 if "weight" in name else 0.0))
+        for name, buf in module.named_buffers():
+            if name.endswith("running_mean"):
+                buf.copy_(torch.randn(buf.shape, generator=g) * 0.3)
+            elif name.endswith("running_var"):
+                buf.copy_(torch.rand(buf.shape, generator=g) + 0.5)
+    return module
+
+
+def pair(extra_tv=None, extra_ours=None, norm_layer=None, backend="auto", channels=IN_CHANNELS, out=OUT):
+    tv = FeaturePyramidNetwork(channels, out, extra_blocks=extra_tv, norm_layer=norm_layer)
+    randomize_(tv)
+    ours = fused_fpn.FPN(channels, out, extra_blocks=extra_ours, norm_layer=norm_layer, backend=backend)
+    ours.load_state_dict(tv.state_dict())
+    return tv, ours
+
+
+def assert_outputs_match(got, expected, dtype, ref64=None):
+    assert list(got.keys()) == list(expected.keys())
+    for k in expected:
+        assert got[k].shape == expected[k].shape and got[k].dtype == expected[k].dtype, k
+        assert not torch.isnan(got[k]).any(), k
+        atol, rtol = TOLERANCES[dtype]
+        if ref64 is None:
+            torch.testing.assert_close(got[k].double(), expected[k].double(), atol=atol, rtol=rtol, msg=k)
+        else:   # low precision: within 2x the eager error from the float64 truth, plus tolerance
+            torch.testing.assert_close(got[k].double(), ref64[k], atol=atol * 4, rtol=rtol * 4, msg=k)
+            assert rel_err(got[k], ref64[k]) <= 2 * rel_err(expected[k], ref64[k]) + 1e-3, k
+
+
+@pytest.fixture(autouse=True)
+def no_tf32():
+    old = torch.backends.cudnn.allow_tf32
+    torch.backends.cudnn.allow_tf32 = False
+    yield
+    torch.backends.cudnn.allow_tf32 = old
+
+
+def test_constructor_keys_init_and_repr_match_torchvision():
+    torch.manual_seed(0)
+    tv = FeaturePyramidNetwork(IN_CHANNELS, OUT, extra_blocks=tv_fpn.LastLevelP6P7(OUT, OUT))
+    torch.manual_seed(0)
+    ours = fused_fpn.FPN(IN_CHANNELS, OUT, extra_blocks=fused_fpn.LastLevelP6P7(OUT, OUT))
+    assert list(ours.state_dict().keys()) == list(tv.state_dict().keys())
+    for (k, a), (_, b) in zip(ours.state_dict().items(), tv.state_dict().items()):
+        assert torch.equal(a, b), k            # same RNG draws: kaiming_uniform_(a=1), bias 0
+    assert ours.state_dict()._metadata[""]["version"] == 2
+    assert [n for n, _ in ours.named_parameters()] == [n for n, _ in tv.named_parameters()]
+    assert "backend='auto'" in repr(ours)
+    assert isinstance(ours, FeaturePyramidNetwork)
+    with pytest.raises(ValueError, match="in_channels=0"):
+        fused_fpn.FPN([8, 0], OUT)
+    with pytest.raises(TypeError, match="extra_blocks"):
+        fused_fpn.FPN([8], OUT, extra_blocks=nn.ReLU())
+    with pytest.raises(ValueError, match="backend"):
+        fused_fpn.FPN([8], OUT, backend="nope")
+
+
+def test_loads_version1_state_dict():
+    tv, ours = pair()
+    sd = tv.state_dict()
+    old = OrderedDict((k.replace(".0.weight", ".weight").replace(".0.bias", ".bias"), v) for k, v in sd.items())
+    old._metadata = copy.deepcopy(sd._metadata)
+    old._metadata[""]["version"] = 1
+    fresh = fused_fpn.FPN(IN_CHANNELS, OUT)
+    fresh.load_state_dict(old)
+    for k, v in sd.items():
+        assert torch.equal(fresh.state_dict()[k], v)
+
+
+@pytest.mark.parametrize("device,backend", backend_device_params())
+@pytest.mark.parametrize("layout", ["nchw", "channels_last", "noncontig"])
+@pytest.mark.parametrize("image_hw", [(33, 47), (64, 64), (29, 18)])
+def test_forward_parity_fp32(device, backend, layout, image_hw):
+    tv, ours = pair(tv_fpn.LastLevelMaxPool(), fused_fpn.LastLevelMaxPool(), backend=backend)
+    tv, ours = tv.to(device), ours.to(device)
+    x = make_features(2, *image_hw, torch.float32, device, layout)
+    assert_outputs_match(ours(x), tv(x), torch.float32)
+
+
+@pytest.mark.parametrize("device,backend", backend_device_params())
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("layout", ["nchw", "channels_last"])
+def test_forward_parity_low_precision(device, backend, dtype, layout):
+    if backend_supports(backend, device, dtype) is not None:
+        pytest.skip(f"{backend} does not take {dtype} on {device}")
+    if device == "cpu" and dtype == torch.float16:
+        pytest.skip("torchvision's eager fp16 conv on CPU is not the reference we compare with")
+    tv, ours = pair(tv_fpn.LastLevelMaxPool(), fused_fpn.LastLevelMaxPool(), backend=backend)
+    x = make_features(2, 33, 47, torch.float32, device, layout)
+    ref64 = copy.deepcopy(tv).double().to(device)({k: v.double() for k, v in x.items()})
+    tv, ours = tv.to(device, dtype), ours.to(device, dtype)
+    xl = OrderedDict((k, v.to(dtype)) for k, v in x.items())
+    assert_outputs_match(ours(xl), tv(xl), dtype, ref64)
+
+
+@pytest.mark.parametrize("device,backend", backend_device_params())
+@pytest.mark.parametrize("in_ch", [OUT, 32], ids=["P6P7-from-P5", "P6P7-from-C5"])
+def test_extra_block_p6p7_both_cases(device, backend, in_ch):
+    tv_extra, our_extra = tv_fpn.LastLevelP6P7(in_ch, OUT), fused_fpn.LastLevelP6P7(in_ch, OUT)
+    assert tv_extra.use_P5 == our_extra.use_P5 == (in_ch == OUT)
+    tv, ours = pair(tv_extra, our_extra, backend=backend)
+    tv, ours = tv.to(device), ours.to(device)
+    x = make_features(1, 41, 37, torch.float32, device, "channels_last")
+    got, expected = ours(x), tv(x)
+    assert list(got) == ["c2", "c3", "c4", "c5", "p6", "p7"]
+    assert_outputs_match(got, expected, torch.float32)
+
+
+def test_torchvision_extra_block_instances_are_accepted():
+    tv, ours = pair(tv_fpn.LastLevelMaxPool(), tv_fpn.LastLevelMaxPool())
+    x = make_features(1, 32, 32, torch.float32, "cpu", "nchw")
+    assert list(ours(x)) == ["c2", "c3", "c4", "c5", "pool"]
+    # and torchvision accepts ours
+    FeaturePyramidNetwork(IN_CHANNELS, OUT, extra_blocks=fused_fpn.LastLevelMaxPool())
+
+    class Custom(fused_fpn.ExtraFPNBlock):
+        def forward(self, results, x, names):
+            return results + [x[-1].sum(1, keepdim=True)], names + ["raw"]
+
+    _, ours = pair(None, Custom())
+    out = ours(x)
+    assert list(out)[-1] == "raw" and torch.equal(out["raw"], x["c5"].sum(1, keepdim=True))
+
+
+@pytest.mark.parametrize("device,backend", backend_device_params())
+@pytest.mark.parametrize("norm", ["bn-eval", "bn-train", "frozen-bn", "gn"])
+def test_norm_layers(device, backend, norm):
+    norm_layer = {"bn-eval": nn.BatchNorm2d, "bn-train": nn.BatchNorm2d,
+                  "frozen-bn": fused_fpn_frozen_bn(), "gn": partial(nn.GroupNorm, 4)}[norm]
+    tv, ours = pair(norm_layer=norm_layer, backend=backend)
+    tv, ours = tv.to(device), ours.to(device)
+    if norm == "bn-train":
+        tv.train(), ours.train()
+    else:
+        tv.eval(), ours.eval()
+    fused = [fused_fpn.lateral_params(b) is not None for b in ours.inner_blocks]
+    assert all(fused) == (norm in ("bn-eval", "frozen-bn")), fused   # folded BN runs the fused op
+    x = make_features(2, 33, 47, torch.float32, device, "nchw")
+    got, expected = ours(x), tv(x)
+    assert_outputs_match(got, expected, torch.float32)
+    if norm == "bn-train":       # running statistics were updated identically
+        for (k, a), (_, b) in zip(ours.state_dict().items(), tv.state_dict().items()):
+            torch.testing.assert_close(a, b, msg=k)
+
+
+def fused_fpn_frozen_bn():
+    from torchvision.ops.misc import FrozenBatchNorm2d
+    return FrozenBatchNorm2d
+
+
+@pytest.mark.parametrize("device,backend", backend_device_params())
+def test_batch_size_zero(device, backend):
+    tv, ours = pair(tv_fpn.LastLevelMaxPool(), fused_fpn.LastLevelMaxPool(), backend=backend)
+    tv, ours = tv.to(device), ours.to(device)
+    x = make_features(0, 33, 47, torch.float32, device, "nchw")
+    got, expected = ours(x), tv(x)
+    assert [v.shape for v in got.values()] == [v.shape for v in expected.values()]
+
+
+@pytest.mark.parametrize("device,backend", backend_device_params())
+@pytest.mark.parametrize("layout", ["nchw", "channels_last"])
+def test_backward_parity_whole_fpn(device, backend, layout):
+    tv, ours = pair(tv_fpn.LastLevelP6P7(OUT, OUT), fused_fpn.LastLevelP6P7(OUT, OUT), backend=backend)
+    tv, ours = tv.to(device), ours.to(device)
+    x = make_features(2, 33, 47, torch.float32, device, layout)
+    x_tv = OrderedDict((k, v.clone().requires_grad_()) for k, v in x.items())
+    x_ours = OrderedDict((k, v.clone().requires_grad_()) for k, v in x.items())
+    g = torch.Generator().manual_seed(5)
+    out_tv, out_ours = tv(x_tv), ours(x_ours)
+    loss_w = {k: torch.randn(v.shape, generator=g).to(device) for k, v in out_tv.items()}
+    sum((out_tv[k] * loss_w[k]).sum() for k in out_tv).backward()
+    sum((out_ours[k] * loss_w[k]).sum() for k in out_ours).backward()
+    for (name, p_tv), (_, p_ours) in zip(tv.named_parameters(), ours.named_parameters()):
+        torch.testing.assert_close(p_ours.grad, p_tv.grad, atol=2e-4, rtol=2e-4, msg=name)
+    for k in x:
+        torch.testing.assert_close(x_ours[k].grad, x_tv[k].grad, atol=2e-4, rtol=2e-4, msg=k)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_compile_fullgraph_fpn_matches_eager(device):
+    torch._dynamo.reset()
+    _, ours = pair(tv_fpn.LastLevelMaxPool(), fused_fpn.LastLevelMaxPool())
+    ours = ours.to(device)
+    x = make_features(2, 33, 47, torch.float32, device, "channels_last")
+    compiled = torch.compile(ours, fullgraph=True)
+    got, expected = compiled(x), ours(x)
+    for k in expected:
+        torch.testing.assert_close(got[k], expected[k], atol=1e-4, rtol=1e-4, msg=k)

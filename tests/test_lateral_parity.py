@@ -1,0 +1,125 @@
+"""Forward parity of ``fused_fpn.lateral`` for every backend that runs here, against the float64
+reference (indices in float32) and torchvision's eager computation, over dtypes x layouts x odd
+sizes x bias/top present or absent, with NaN-poisoned outputs (conftest)."""
+import pytest
+import torch
+
+import fused_fpn
+from fpn_testing import (HAS_CUDA, assert_close_to_reference, backend_device_params, backend_supports,
+                         eager_lateral, make_lateral_case, to64)
+
+# (N, Cin, Cout, (H, W), (Ht, Wt)): odd sizes, exact 2x, non-integer up-sampling, down-sampling, 1x1
+SHAPES = [
+    (2, 17, 13, (9, 13), (5, 7)),
+    (1, 32, 24, (8, 8), (4, 4)),
+    (2, 3, 5, (7, 9), (4, 5)),
+    (1, 33, 129, (5, 6), (9, 11)),      # top larger than x: nearest down-sampling
+    (3, 8, 16, (1, 1), (1, 1)),
+    (1, 64, 40, (33, 47), (17, 24)),
+]
+LAYOUTS = ["nchw", "channels_last", "noncontig"]
+DTYPES = [torch.float32, torch.bfloat16, torch.float16, torch.float64]
+
+
+@pytest.fixture(autouse=True)
+def no_tf32():
+    old = (torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32)
+    torch.backends.cudnn.allow_tf32 = False
+    torch.backends.cuda.matmul.allow_tf32 = False
+    yield
+    torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = old
+
+
+def _skip_unsupported(backend, device, dtype):
+    reason = backend_supports(backend, device, dtype)
+    if reason is not None:
+        pytest.skip(f"{backend} on {device} {dtype}: {reason}")
+
+
+@pytest.mark.parametrize("device,backend", backend_device_params())
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, [s[0], s[1], s[2], *s[3], *s[4]])))
+def test_forward_matches_reference_and_eager(device, backend, dtype, layout, shape):
+    _skip_unsupported(backend, device, dtype)
+    n, cin, cout, hw, top_hw = shape
+    x, w, b, top = make_lateral_case(n, cin, cout, hw, top_hw, dtype, device, layout)
+    out = fused_fpn.lateral(x, w, b, top, backend=backend)
+    assert out.shape == (n, cout, *hw) and out.dtype == dtype and out.device == x.device
+    ref = fused_fpn.lateral_reference(*to64(x, w, b, top))
+    eager = eager_lateral(x, w, b, top) if dtype != torch.float64 else None
+    assert_close_to_reference(out, ref, dtype, eager)
+
+
+@pytest.mark.parametrize("device,backend", backend_device_params())
+@pytest.mark.parametrize("with_bias,with_top", [(False, False), (True, False), (False, True)])
+@pytest.mark.parametrize("layout", ["nchw", "channels_last"])
+def test_bias_and_top_optional(device, backend, with_bias, with_top, layout):
+    x, w, b, top = make_lateral_case(2, 19, 11, (6, 10), (3, 5), torch.float32, device, layout,
+                                     with_bias=with_bias, with_top=with_top)
+    out = fused_fpn.lateral(x, w, b, top, backend=backend)
+    assert_close_to_reference(out, fused_fpn.lateral_reference(*to64(x, w, b, top)), torch.float32)
+
+
+@pytest.mark.parametrize("device,backend", backend_device_params())
+@pytest.mark.parametrize("layout", ["nchw", "channels_last"])
+def test_output_memory_format_follows_x(device, backend, layout):
+    x, w, b, top = make_lateral_case(2, 8, 16, (5, 7), (3, 4), torch.float32, device, layout)
+    out = fused_fpn.lateral(x, w, b, top, backend=backend)
+    fmt = torch.channels_last if layout == "channels_last" else torch.contiguous_format
+    assert out.is_contiguous(memory_format=fmt)
+
+
+@pytest.mark.parametrize("device,backend", backend_device_params())
+def test_weight_as_conv_kernel_and_batch_zero(device, backend):
+    x, w, b, top = make_lateral_case(2, 8, 6, (4, 4), (2, 2), torch.float32, device, "nchw")
+    out4 = fused_fpn.lateral(x, w[:, :, None, None], b, top, backend=backend)
+    out2 = fused_fpn.lateral(x, w, b, top, backend=backend)
+    assert torch.equal(out4, out2)
+    empty = fused_fpn.lateral(x[:0], w, b, top[:0], backend=backend)
+    assert empty.shape == (0, 6, 4, 4)
+
+
+@pytest.mark.parametrize("device,backend", backend_device_params())
+def test_expanded_stride0_input(device, backend):
+    x, w, b, top = make_lateral_case(1, 5, 7, (4, 6), (2, 3), torch.float32, device, "nchw")
+    xe = x.expand(3, -1, -1, -1)          # stride 0 over the batch
+    te = top.expand(3, -1, -1, -1)
+    out = fused_fpn.lateral(xe, w, b, te, backend=backend)
+    assert_close_to_reference(out, fused_fpn.lateral_reference(*to64(xe, w, b, te)), torch.float32)
+
+
+@pytest.mark.parametrize("device,backend", backend_device_params())
+def test_nan_and_inf_propagate_like_the_reference(device, backend):
+    x, w, b, top = make_lateral_case(1, 4, 3, (4, 4), (2, 2), torch.float32, device, "nchw")
+    x[0, 1, 2, 3] = float("nan")
+    top[0, 2, 0, 0] = float("inf")
+    out = fused_fpn.lateral(x, w, b, top, backend=backend)
+    ref = fused_fpn.lateral_reference(x, w, b, top)
+    assert torch.equal(torch.isnan(out), torch.isnan(ref))
+    assert torch.equal(torch.isinf(out), torch.isinf(ref))
+
+
+@pytest.mark.parametrize("device,backend", backend_device_params())
+def test_deterministic_forward(device, backend):
+    x, w, b, top = make_lateral_case(2, 40, 24, (9, 11), (5, 6), torch.float32, device, "channels_last")
+    a = fused_fpn.lateral(x, w, b, top, backend=backend)
+    c = fused_fpn.lateral(x, w, b, top, backend=backend)
+    assert torch.equal(a, c)
+
+
+@pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA device")
+@pytest.mark.parametrize("backend", [n for n in ("triton", "cuda")])
+def test_tf32_follows_cudnn_flag(backend):
+    if backend not in fused_fpn.available_backends("cuda"):
+        pytest.skip(f"{backend} not available")
+    x, w, b, top = make_lateral_case(2, 256, 64, (16, 16), (8, 8), torch.float32, "cuda", "channels_last")
+    ref = fused_fpn.lateral_reference(*to64(x, w, b, top))
+    torch.backends.cudnn.allow_tf32 = False
+    ieee = fused_fpn.lateral(x, w, b, top, backend=backend)
+    torch.backends.cudnn.allow_tf32 = True
+    tf32 = fused_fpn.lateral(x, w, b, top, backend=backend)
+    err_ieee = ((ieee.double() - ref).norm() / ref.norm()).item()
+    err_tf32 = ((tf32.double() - ref).norm() / ref.norm()).item()
+    assert err_ieee < 1e-5, err_ieee
+    assert err_tf32 < 3e-3, err_tf32

@@ -1,0 +1,132 @@
+"""Training, mixed precision, compilers and export with the fused FPN (issue: drop-in for real detectors)."""
+import copy
+from collections import OrderedDict
+
+import pytest
+import torch
+from torch import nn
+from torchvision.ops import FeaturePyramidNetwork
+from torchvision.ops import feature_pyramid_network as tv_fpn
+
+import fused_fpn
+from fpn_testing import DEVICES, backend_device_params, rel_err
+from test_fpn_module import IN_CHANNELS, OUT, make_features, pair
+
+
+def test_from_torchvision_and_convert_share_tensors():
+    tv, _ = pair(tv_fpn.LastLevelMaxPool(), None)
+    fused = fused_fpn.FPN.from_torchvision(tv, backend="torch")
+    assert isinstance(fused, fused_fpn.FPN) and fused.backend == "torch"
+    assert all(a is b for a, b in zip(fused.parameters(), tv.parameters()))
+    x = make_features(1, 33, 47, torch.float32, "cpu", "nchw")
+    for k, v in tv(x).items():
+        torch.testing.assert_close(fused(x)[k], v, atol=1e-5, rtol=1e-5)
+    assert fused_fpn.convert(tv) is not tv and isinstance(fused_fpn.convert(tv), fused_fpn.FPN)
+    with pytest.raises(TypeError, match="FeaturePyramidNetwork"):
+        fused_fpn.FPN.from_torchvision(nn.Conv2d(1, 1, 1))
+    with pytest.raises(TypeError, match="nn.Module"):
+        fused_fpn.convert("not a model")
+
+
+@pytest.mark.parametrize("device_type,dtype", [("cpu", torch.bfloat16)]
+                         + ([("cuda", torch.float16), ("cuda", torch.bfloat16)] if torch.cuda.is_available() else []))
+def test_autocast_dtypes_and_values_match_eager(device_type, dtype):
+    tv, ours = pair(tv_fpn.LastLevelMaxPool(), fused_fpn.LastLevelMaxPool())
+    tv, ours = tv.to(device_type), ours.to(device_type)
+    x = make_features(2, 33, 47, torch.float32, device_type, "channels_last")
+    with torch.no_grad():
+        ref64 = copy.deepcopy(tv).double()({k: v.double() for k, v in x.items()})
+        with torch.autocast(device_type, dtype=dtype):
+            expected, got = tv(x), ours(x)
+    for k in expected:
+        assert got[k].dtype == expected[k].dtype == dtype, k
+        assert rel_err(got[k], ref64[k]) <= 2 * rel_err(expected[k], ref64[k]) + 1e-3, k
+
+
+class TinyDetectorHead(nn.Module):
+    """FPN + a shared 1x1 head: enough to train the FPN end to end."""
+
+    def __init__(self, fpn):
+        super().__init__()
+        self.fpn = fpn
+        self.head = nn.Conv2d(OUT, 3, 1)
+
+    def forward(self, feats):
+        return sum(self.head(v).square().mean() for v in self.fpn(feats).values())
+
+
+@pytest.mark.parametrize("device,backend", backend_device_params())
+def test_sgd_steps_track_torchvision(device, backend):
+    tv, ours = pair(tv_fpn.LastLevelMaxPool(), fused_fpn.LastLevelMaxPool(), backend=backend)
+    torch.manual_seed(0)
+    model_tv = TinyDetectorHead(tv).to(device)
+    model_ours = TinyDetectorHead(ours).to(device)
+    model_ours.head.load_state_dict(model_tv.head.state_dict())
+    opt_tv = torch.optim.SGD(model_tv.parameters(), lr=0.05, momentum=0.9)
+    opt_ours = torch.optim.SGD(model_ours.parameters(), lr=0.05, momentum=0.9)
+    for step in range(4):
+        x = make_features(2, 33, 47, torch.float32, device, "channels_last", seed=step)
+        for model, opt in ((model_tv, opt_tv), (model_ours, opt_ours)):
+            opt.zero_grad()
+            model(x).backward()
+            opt.step()
+        for (n, a), (_, b) in zip(model_tv.named_parameters(), model_ours.named_parameters()):
+            torch.testing.assert_close(b, a, atol=1e-5, rtol=1e-4, msg=f"step {step}: {n}")
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_dynamo_sees_no_graph_break(device):
+    torch._dynamo.reset()
+    _, ours = pair(tv_fpn.LastLevelP6P7(OUT, OUT), fused_fpn.LastLevelP6P7(OUT, OUT))
+    ours = ours.to(device)
+    x = make_features(2, 33, 47, torch.float32, device, "nchw")
+    explanation = torch._dynamo.explain(ours)(x)
+    assert explanation.graph_break_count == 0, explanation.break_reasons
+    assert explanation.graph_count == 1
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_compile_dynamic_shapes_match_eager(device):
+    torch._dynamo.reset()
+    _, ours = pair(tv_fpn.LastLevelMaxPool(), fused_fpn.LastLevelMaxPool())
+    ours = ours.to(device)
+    compiled = torch.compile(ours, fullgraph=True, dynamic=True)
+    for hw in [(33, 47), (40, 29), (64, 64)]:
+        x = make_features(2, *hw, torch.float32, device, "nchw")
+        got, expected = compiled(x), ours(x)
+        for k in expected:
+            torch.testing.assert_close(got[k], expected[k], atol=1e-4, rtol=1e-4, msg=f"{hw} {k}")
+
+
+def test_converted_detector_has_no_graph_break_from_fused_fpn():
+    from torchvision.models import detection
+    torch._dynamo.reset()
+    model = detection.fasterrcnn_resnet50_fpn(weights=None, weights_backbone=None, min_size=96, max_size=144)
+    backbone = fused_fpn.convert(model.backbone).eval()       # BackboneWithFPN: body + fused FPN
+    x = torch.rand(1, 3, 96, 128)
+    explanation = torch._dynamo.explain(backbone)(x)
+    assert explanation.graph_break_count == 0, explanation.break_reasons
+    compiled = torch.compile(backbone, backend="aot_eager", fullgraph=True)
+    with torch.no_grad():
+        got, expected = compiled(x), backbone(x)
+    for k in expected:
+        torch.testing.assert_close(got[k], expected[k], atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_torch_export_runs_and_matches(device):
+    _, ours = pair(tv_fpn.LastLevelMaxPool(), fused_fpn.LastLevelMaxPool())
+    ours = ours.to(device).eval()
+    x = make_features(2, 33, 47, torch.float32, device, "nchw")
+    exported = torch.export.export(ours, (x,))
+    assert any("fused_fpn" in str(n.target) for n in exported.graph.nodes) or "cpu" not in \
+        fused_fpn.available_backends(device), "the exported graph should hold the fused op"
+    got, expected = exported.module()(x), ours(x)
+    for k in expected:
+        torch.testing.assert_close(got[k], expected[k], atol=1e-5, rtol=1e-5)
+
+
+def test_jit_script_raises_a_clear_error():
+    _, ours = pair()
+    with pytest.raises(RuntimeError, match=r"fused_fpn\.FPN does not support torch\.jit\.script.*torch\.compile"):
+        torch.jit.script(ours)

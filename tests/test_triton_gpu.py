@@ -1,0 +1,117 @@
+"""Checks of the "triton" backend that only a GPU can make (they skip without one; the parity,
+opcheck and compile tests of test_triton_interpret.py run on CUDA tensors there too):
+
+* the fp32 path follows torch.backends.cudnn.allow_tf32 (the interpreter's tl.dot is exact fp32,
+  so the flag has no visible effect there);
+* the forward and backward ops capture into a CUDA graph and replay correctly (no host sync, no
+  allocation outside the caching allocator);
+* 64-bit offsets: a tensor with more than 2^31 elements.
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+
+import fused_fpn
+from fused_fpn import backends as fb
+from fused_fpn.reference import lateral_grad_bias_top_reference, lateral_reference
+
+from fpn_testing import HAS_CUDA, rel_err
+
+pytestmark = [
+    pytest.mark.gpu,
+    pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA device"),
+]
+
+
+@pytest.fixture(autouse=True)
+def restore_tf32():
+    old = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    try:
+        yield
+    finally:
+        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = old
+
+
+def _require_backend():
+    reason = fb.unavailable_reason("triton")
+    assert reason is None, f"a GPU is present, so the triton backend must be available: {reason}"
+
+
+def test_fp32_follows_cudnn_allow_tf32():
+    _require_backend()
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn((2, 256, 24, 40), generator=g).cuda().contiguous(memory_format=torch.channels_last)
+    w = (torch.randn((256, 256), generator=g) / 16).cuda()
+    b = torch.randn((256,), generator=g).cuda()
+    top = torch.randn((2, 256, 12, 20), generator=g).cuda()
+    ref = lateral_reference(x.double(), w.double(), b.double(), top.double())
+    torch.backends.cudnn.allow_tf32 = False
+    ieee = fused_fpn.lateral(x, w, b, top, backend="triton")
+    torch.backends.cudnn.allow_tf32 = True
+    tf32 = fused_fpn.lateral(x, w, b, top, backend="triton")
+    e_ieee, e_tf32 = rel_err(ieee, ref), rel_err(tf32, ref)
+    assert e_ieee < 1e-5, f"IEEE fp32 error {e_ieee:.3g}"
+    assert e_tf32 < 5e-3, f"TF32 error {e_tf32:.3g}"
+    assert e_tf32 > 10 * e_ieee, f"allow_tf32 had no effect: {e_tf32:.3g} vs {e_ieee:.3g}"
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32], ids=str)
+def test_cuda_graph_capture_and_replay(dtype):
+    _require_backend()
+    from fused_fpn.backends import triton as tb
+    fwd, bwd = tb.ops()
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn((2, 64, 30, 38), generator=g).to("cuda", dtype).contiguous(memory_format=torch.channels_last)
+    w = (torch.randn((48, 64), generator=g) / 8).to("cuda", dtype)
+    b = torch.randn((48,), generator=g).to("cuda", dtype)
+    top = torch.randn((2, 48, 15, 19), generator=g).to("cuda", dtype).contiguous(memory_format=torch.channels_last)
+    grad = torch.randn((2, 48, 30, 38), generator=g).to("cuda", dtype).contiguous(memory_format=torch.channels_last)
+
+    def step():
+        return fwd(x, w, b, top), bwd(grad, x, w, 15, 19, True, True, True, True)
+
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):  # warm-up: autotuning happens here, outside the capture
+        for _ in range(2):
+            step()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        y_graph, grads_graph = step()
+    # new inputs in the captured buffers, then replay
+    x.copy_(torch.randn(x.shape, generator=g).to("cuda", dtype))
+    top.copy_(torch.randn(top.shape, generator=g).to("cuda", dtype))
+    grad.copy_(torch.randn(grad.shape, generator=g).to("cuda", dtype))
+    graph.replay()
+    torch.cuda.synchronize()
+    y_eager, grads_eager = step()
+    assert torch.equal(y_graph, y_eager)
+    for a, e in zip(grads_graph, grads_eager):
+        assert torch.equal(a, e)
+    # and the replayed values are right, not merely repeatable
+    db_ref, dtop_ref = lateral_grad_bias_top_reference(grad.double(), 15, 19)
+    torch.testing.assert_close(grads_graph[3].double(), dtop_ref, atol=5e-2, rtol=2e-2)
+    torch.testing.assert_close(grads_graph[2].double(), db_ref, atol=5e-1, rtol=2e-2)
+
+
+def test_more_than_2_to_31_elements():
+    """x and out have 2^31 + 2^24 elements: every offset into them must be 64-bit."""
+    _require_backend()
+    free, _ = torch.cuda.mem_get_info()
+    if free < 20 * 2**30:
+        pytest.skip(f"needs ~20 GiB of free GPU memory, {free / 2**30:.1f} GiB free")
+    c, w_size = 16, 2**27 + 2**20
+    x = torch.empty((1, c, 1, w_size), device="cuda", dtype=torch.float16)
+    x.normal_()
+    weight = (torch.randn((c, c), device="cuda") / 4).half()
+    top = torch.randn((1, c, 1, 3), device="cuda", dtype=torch.float16)
+    assert x.numel() > 2**31
+    out = fused_fpn.lateral(x, weight, None, top, backend="triton")
+    for sl in (slice(0, 4096), slice(w_size - 4096, w_size)):
+        xs = x[..., sl].double()
+        ref = torch.einsum("nchw,oc->nohw", xs, weight.double())
+        idx = fused_fpn.nearest_source_indices(3, w_size, "cuda")[sl]
+        ref = ref + top.double()[..., idx]
+        torch.testing.assert_close(out[..., sl].double(), ref, atol=2e-2, rtol=1e-2)

@@ -1,0 +1,296 @@
+"""The "triton" backend against the float64 reference, torchvision, opcheck and torch.compile.
+
+Without a GPU (CI) these run the Triton kernels on CPU tensors through the interpreter
+(conftest.py sets TRITON_INTERPRET=1 before triton is imported); with a GPU the SAME tests run on
+CUDA tensors with real compilation (autotuned configs) and add bfloat16. Shapes stay small
+(M in the hundreds, C <= 64) so each interpreter test takes well under a few seconds.
+"""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from collections import OrderedDict
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import fused_fpn
+from fused_fpn import backends as fb
+from fused_fpn._layout import output_memory_format
+from fused_fpn.reference import lateral_grad_bias_top_reference, lateral_reference
+
+from fpn_testing import HAS_CUDA, TOLERANCES, assert_close_to_reference, make_input
+
+_REASON = fb.unavailable_reason("triton")
+pytestmark = pytest.mark.skipif(_REASON is not None, reason=f"triton backend unavailable: {_REASON}")
+
+DEVICE = "cuda" if HAS_CUDA else "cpu"
+DTYPES = [torch.float32, torch.float16] + ([torch.bfloat16] if HAS_CUDA else [])
+LAYOUTS = ["nchw", "channels_last", "noncontig"]
+
+# (N, Cin, Cout, H, W, top (Ht, Wt) or None, bias?)
+CASES = {
+    "up_odd": (2, 17, 33, 7, 9, (4, 5), True),
+    "down": (1, 3, 17, 5, 6, (9, 11), True),
+    "no_top": (2, 33, 17, 7, 9, None, True),
+    "no_bias": (2, 17, 33, 8, 6, (4, 3), False),
+    "neither": (1, 64, 48, 6, 7, None, False),
+    "exact2x": (1, 40, 64, 8, 10, (4, 5), True),
+    "float_rule": (1, 5, 3, 82, 3, (2, 1), True),   # 2 -> 82: the integer rule picks other rows
+    "wide": (2, 24, 80, 11, 13, (6, 7), True),      # several row groups x column tiles, split dW
+    "ones": (1, 1, 1, 1, 3, (1, 2), True),         # sizes/strides equal to 1 (specialized by triton)
+}
+
+
+@pytest.fixture(autouse=True)
+def no_tf32():
+    """fp32 parity is checked against IEEE fp32: switch TF32 off (the kernels follow cudnn's flag)."""
+    old = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cudnn.allow_tf32 = False
+    torch.backends.cuda.matmul.allow_tf32 = False
+    try:
+        yield
+    finally:
+        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = old
+
+
+def _inputs(case, dtype, layout, seed=0):
+    n, cin, cout, h, w, top_hw, has_bias = CASES[case]
+    g = torch.Generator().manual_seed(seed)
+    x = make_input((n, cin, h, w), dtype, DEVICE, layout, generator=g)
+    weight = (torch.randn((cout, cin), generator=g) / max(cin, 1) ** 0.5).to(DEVICE, dtype)
+    bias = torch.randn((cout,), generator=g).to(DEVICE, dtype) if has_bias else None
+    top = make_input((n, cout) + top_hw, dtype, DEVICE, layout, generator=g) if top_hw else None
+    return x, weight, bias, top
+
+
+def _f64(t):
+    return None if t is None else t.detach().double().requires_grad_(True)
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("case", list(CASES))
+def test_forward_matches_reference(case, dtype, layout):
+    x, weight, bias, top = _inputs(case, dtype, layout)
+    out = fused_fpn.lateral(x, weight, bias, top, backend="triton")
+    assert out.shape == (x.shape[0], weight.shape[0], x.shape[2], x.shape[3])
+    assert out.dtype == dtype and out.device == x.device
+    fmt = output_memory_format(x)
+    assert out.is_contiguous(memory_format=fmt), f"output should follow x's memory format {fmt}"
+    ref64 = lateral_reference(x.double(), weight.double(), _f64(bias), _f64(top)).detach()
+    eager = lateral_reference(x, weight, bias, top)
+    assert_close_to_reference(out, ref64, dtype, eager)
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("case", list(CASES))
+def test_backward_matches_reference(case, dtype, layout):
+    x, weight, bias, top = _inputs(case, dtype, layout)
+    leaves = [t.detach().requires_grad_(True) if t is not None else None for t in (x, weight, bias, top)]
+    out = fused_fpn.lateral(*leaves, backend="triton")
+    leaves64 = [_f64(t) for t in (x, weight, bias, top)]
+    ref = lateral_reference(*leaves64)
+    gen = torch.Generator().manual_seed(1)
+    grad = torch.randn(ref.shape, generator=gen, dtype=torch.float64)
+    out.backward(grad.to(DEVICE, dtype))
+    ref.backward(grad.to(DEVICE))
+    atol, rtol = TOLERANCES[dtype]
+    for name, ours, theirs in zip(("x", "weight", "bias", "top"), leaves, leaves64):
+        if ours is None:
+            continue
+        assert ours.grad is not None, f"no gradient for {name}"
+        assert ours.grad.shape == ours.shape and ours.grad.dtype == dtype
+        assert not torch.isnan(ours.grad).any(), f"d{name} has NaN: an element was not written"
+        # fan-in of dW is N*H*W (up to a few hundred): scale the tolerance with the gradient's size
+        scale = max(1.0, theirs.grad.abs().max().item())
+        torch.testing.assert_close(ours.grad.double(), theirs.grad, atol=atol * scale, rtol=rtol,
+                                   msg=lambda m, name=name: f"d{name}: {m}")
+    assert leaves[0].grad.is_contiguous(memory_format=output_memory_format(x)), "dx should follow x's layout"
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_partial_gradients(dtype):
+    """Only some inputs need a gradient: the others get None and the needed ones are right."""
+    x, weight, bias, top = _inputs("up_odd", dtype, "channels_last")
+    weight = weight.detach().requires_grad_(True)
+    top = top.detach().requires_grad_(True)
+    out = fused_fpn.lateral(x, weight, bias, top, backend="triton")
+    grad = torch.ones_like(out)
+    out.backward(grad)
+    w64, t64 = _f64(weight), _f64(top)
+    lateral_reference(x.double(), w64, bias.double(), t64).backward(grad.double())
+    atol, rtol = TOLERANCES[dtype]
+    torch.testing.assert_close(weight.grad.double(), w64.grad, atol=atol * w64.grad.abs().max().item(), rtol=rtol)
+    torch.testing.assert_close(top.grad.double(), t64.grad, atol=atol, rtol=rtol)
+    assert x.grad is None and bias.grad is None
+
+
+# Size pairs where the integer rule (dst * in) // out differs from ATen's float32 rule, up- and
+# down-sampling ((26, 22): top 26 -> x 22; (39, 33): top 39 -> x 33).
+INDEX_PAIRS = [((82, 2), (22, 26)), ((46, 14), (33, 39)), ((69, 21), (58, 30)), ((7, 9), (5, 3))]
+
+
+@pytest.mark.parametrize("pairs", INDEX_PAIRS, ids=lambda p: f"{p[0][0]}from{p[0][1]}x{p[1][0]}from{p[1][1]}")
+def test_nearest_indices_bit_identical_to_interpolate(pairs):
+    """With a zero weight the output IS the gathered top: it must equal F.interpolate exactly, and
+    the adjoint of ones must count each top pixel's preimage exactly (the kernels' inverse search)."""
+    (h, ht), (w, wt) = pairs
+    x = torch.randn((1, 1, h, w), device=DEVICE)
+    weight = torch.zeros((2, 1), device=DEVICE)
+    top = (torch.arange(2 * ht * wt, dtype=torch.float32, device=DEVICE).view(1, 2, ht, wt)
+           .requires_grad_(True))
+    out = fused_fpn.lateral(x, weight, None, top, backend="triton")
+    expected = F.interpolate(top.detach(), size=(h, w), mode="nearest")
+    assert torch.equal(out.detach(), expected)
+    grad = torch.ones_like(out)
+    out.backward(grad)
+    db_ref, dtop_ref = lateral_grad_bias_top_reference(grad, ht, wt)
+    assert torch.equal(top.grad, dtop_ref)
+    assert top.grad.sum().item() == 2 * h * w  # every x pixel lies in exactly one preimage, 2 channels
+
+
+def test_backward_is_deterministic():
+    """No atomics: two backward passes give bit-identical gradients."""
+    x, weight, bias, top = _inputs("exact2x", torch.float32, "channels_last")
+    grads = []
+    for _ in range(2):
+        leaves = [t.detach().requires_grad_(True) for t in (x, weight, bias, top)]
+        out = fused_fpn.lateral(*leaves, backend="triton")
+        out.backward(torch.linspace(-1, 1, out.numel(), device=DEVICE).view(out.shape))
+        grads.append([t.grad.clone() for t in leaves])
+    for a, b in zip(*grads):
+        assert torch.equal(a, b)
+
+
+def test_empty_input():
+    x = torch.randn((2, 5, 0, 4), device=DEVICE, requires_grad=True)
+    weight = torch.randn((3, 5), device=DEVICE, requires_grad=True)
+    bias = torch.randn((3,), device=DEVICE, requires_grad=True)
+    out = fused_fpn.lateral(x, weight, bias, None, backend="triton")
+    assert out.shape == (2, 3, 0, 4)
+    out.sum().backward()
+    assert x.grad.shape == x.shape
+    assert torch.equal(weight.grad, torch.zeros_like(weight))
+    assert torch.equal(bias.grad, torch.zeros_like(bias))
+
+
+def test_weight_4d_and_unsupported_dtype():
+    x, weight, bias, top = _inputs("up_odd", torch.float32, "nchw")
+    out4 = fused_fpn.lateral(x, weight[:, :, None, None], bias, top, backend="triton")
+    out2 = fused_fpn.lateral(x, weight, bias, top, backend="triton")
+    assert torch.equal(out4, out2)
+    with pytest.raises(ValueError, match="triton"):
+        fused_fpn.lateral(x.double(), weight.double(), bias.double(), top.double(), backend="triton")
+    if DEVICE == "cpu":
+        with pytest.raises(ValueError, match="bfloat16"):
+            fused_fpn.lateral(x.bfloat16(), weight.bfloat16(), bias.bfloat16(), top.bfloat16(), backend="triton")
+
+
+def test_registered_ops_pass_opcheck():
+    from fused_fpn.backends import triton as tb
+    fwd, bwd = tb.ops()
+    x, weight, bias, top = _inputs("up_odd", torch.float32, "channels_last")
+    torch.library.opcheck(fwd, (x, weight, bias, top))
+    torch.library.opcheck(fwd, (x, weight, None, None))
+    leaves = [t.detach().requires_grad_(True) for t in (x, weight, bias, top)]
+    torch.library.opcheck(fwd, tuple(leaves))
+    grad = torch.randn((2, 33, 7, 9), device=DEVICE).contiguous(memory_format=torch.channels_last)
+    torch.library.opcheck(bwd, (grad, x, weight, 4, 5, True, True, True, True))
+    torch.library.opcheck(bwd, (grad, x, weight, 0, 0, False, True, True, False))
+    expected = "triton_op" if DEVICE == "cuda" and not tb.interpreting() else "custom_op"
+    assert tb.registration_mode() == expected
+
+
+def test_torch_compile_fullgraph_matches_eager():
+    x, weight, bias, top = _inputs("up_odd", torch.float32, "channels_last")
+
+    def f(x, weight, bias, top):
+        return torch.tanh(fused_fpn.lateral(x, weight, bias, top, backend="triton")) * 2.0
+
+    def run(fn):
+        leaves = [t.detach().requires_grad_(True) for t in (x, weight, bias, top)]
+        out = fn(*leaves)
+        out.sum().backward()
+        return out.detach(), [t.grad for t in leaves]
+
+    # eager first: it also loads the backend module (backends.select imports it on first use,
+    # which dynamo cannot trace)
+    eager_out, eager_grads = run(f)
+    torch._dynamo.reset()
+    compiled_out, compiled_grads = run(torch.compile(f, fullgraph=True))
+    torch.testing.assert_close(compiled_out, eager_out, atol=1e-5, rtol=1e-5)
+    for a, b in zip(compiled_grads, eager_grads):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_fpn_matches_torchvision(dtype):
+    from torchvision.ops import FeaturePyramidNetwork
+    torch.manual_seed(0)
+    in_channels = [8, 16, 32]
+    tv = FeaturePyramidNetwork(in_channels, 16).to(DEVICE)
+    ours = fused_fpn.FPN(in_channels, 16, backend="triton").to(DEVICE)
+    ours.load_state_dict(tv.state_dict())
+    g = torch.Generator().manual_seed(3)
+    sizes = [(15, 19), (8, 10), (4, 5)]
+    feats = OrderedDict((f"c{i}", make_input((2, c, *hw), torch.float32, DEVICE, "channels_last", generator=g))
+                        for i, (c, hw) in enumerate(zip(in_channels, sizes)))
+    ref = tv(feats)                                     # fp32 eager: the float32 nearest rule
+    low = OrderedDict((k, v.to(dtype).requires_grad_(True)) for k, v in feats.items())
+    out = ours.to(dtype)(low)
+    eager_low = tv.to(dtype)(OrderedDict((k, v.to(dtype)) for k, v in feats.items()))
+    assert list(out) == list(ref)
+    for name in ref:
+        assert_close_to_reference(out[name], ref[name].detach(), dtype,
+                                  eager_low[name])
+    sum(o.float().sum() for o in out.values()).backward()
+    for v in low.values():
+        assert v.grad is not None and not torch.isnan(v.grad).any()
+    assert ours.inner_blocks[0][0].weight.grad is not None
+
+
+def test_import_is_lazy():
+    """Without a GPU and without TRITON_INTERPRET the backend reports why it is unavailable and
+    never imports the kernels (nor triton through them)."""
+    if HAS_CUDA:
+        pytest.skip("checks the no-GPU path")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    code = ("import sys, fused_fpn\n"
+            "from fused_fpn import backends as fb\n"
+            "print(fused_fpn.available_backends())\n"
+            "print(fb.unavailable_reason('triton'))\n"
+            "print('fused_fpn.kernels.lateral_kernels' in sys.modules)\n")
+    res = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0, res.stderr
+    lines = res.stdout.strip().splitlines()
+    assert "triton" not in lines[0]
+    assert "no CUDA device" in lines[1] and "TRITON_INTERPRET" in lines[1]
+    assert lines[2] == "False"
+
+
+def test_registered_ops_reject_bad_input():
+    """The ops validate their own arguments (they can be called without fused_fpn.lateral)."""
+    from fused_fpn.backends import triton as tb
+    fwd, bwd = tb.ops()
+    x, weight, bias, top = _inputs("up_odd", torch.float32, "nchw")
+    with pytest.raises(ValueError, match="weight"):
+        fwd(x, weight[:, :5], bias, top)
+    with pytest.raises(ValueError, match="weight"):
+        fwd(x, weight[:, :, None, None], bias, top)
+    with pytest.raises(ValueError, match="bias"):
+        fwd(x, weight, bias[:3], top)
+    with pytest.raises(ValueError, match="top"):
+        fwd(x, weight, bias, top[:1])
+    with pytest.raises(TypeError, match="top"):
+        fwd(x, weight, bias, top.half())
+    with pytest.raises(ValueError, match="x"):
+        fwd(x.double(), weight.double(), None, None)
+    grad = torch.randn((2, 33, 7, 9), device=DEVICE)
+    with pytest.raises(ValueError, match="grad"):
+        bwd(grad[:, :5], x, weight, 4, 5, True, True, True, True)
+    with pytest.raises(ValueError, match="top_h"):
+        bwd(grad, x, weight, 4, 0, True, True, True, True)
