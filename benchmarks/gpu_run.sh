@@ -71,8 +71,13 @@ cat "$OUT/logs/env.txt"
 
 # ---- build
 if want build; then
-    note "build: pip install -e . (CUDA forced, sm_90), log in logs/build.log"
-    FUSED_FPN_FORCE_CUDA=1 FUSED_FPN_CUDA_ARCHS=${FUSED_FPN_CUDA_ARCHS:-90} MAX_JOBS=${MAX_JOBS:-16} \
+    force=1
+    if ! ls csrc/cuda/*.cu > /dev/null 2>&1; then
+        force=0  # nothing to force yet: FUSED_FPN_FORCE_CUDA=1 would fail the build on purpose
+        note "build: no csrc/cuda/*.cu in this tree: building without FUSED_FPN_FORCE_CUDA"
+    fi
+    note "build: pip install -e . (FUSED_FPN_FORCE_CUDA=$force, sm_90), log in logs/build.log"
+    FUSED_FPN_FORCE_CUDA=$force FUSED_FPN_CUDA_ARCHS=${FUSED_FPN_CUDA_ARCHS:-90} MAX_JOBS=${MAX_JOBS:-16} \
         "$PY" -m pip install --no-build-isolation --no-deps -v -e . > "$OUT/logs/build.log" 2>&1
     rc=$?
     "$PY" -c "import fused_fpn; print('fused_fpn backends:', fused_fpn.available_backends(), 'cuda:', fused_fpn.available_backends('cuda'), 'extension error:', fused_fpn.extension_error())" \
