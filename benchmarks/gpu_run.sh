@@ -80,8 +80,12 @@ if want build; then
     FUSED_FPN_FORCE_CUDA=$force FUSED_FPN_CUDA_ARCHS=${FUSED_FPN_CUDA_ARCHS:-90} MAX_JOBS=${MAX_JOBS:-16} \
         "$PY" -m pip install --no-build-isolation --no-deps -v -e . > "$OUT/logs/build.log" 2>&1
     rc=$?
-    "$PY" -c "import fused_fpn; print('fused_fpn backends:', fused_fpn.available_backends(), 'cuda:', fused_fpn.available_backends('cuda'), 'extension error:', fused_fpn.extension_error())" \
-        >> "$OUT/logs/build.log" 2>&1 || rc=1
+    "$PY" - >> "$OUT/logs/build.log" 2>&1 <<'EOF' || rc=1
+import torch, fused_fpn
+on_cuda = fused_fpn.available_backends("cuda") if torch.cuda.is_available() else "no GPU"
+print("fused_fpn backends:", fused_fpn.available_backends(), "on cuda:", on_cuda,
+      "cuda built:", fused_fpn.cuda_built(), "extension error:", fused_fpn.extension_error())
+EOF
     grep -E "fused_fpn setup|error|Successfully|fused_fpn backends" "$OUT/logs/build.log" | tail -20
     record build $rc
 fi
