@@ -67,7 +67,9 @@ def pytest_configure(config):
         if threads < 1:
             raise pytest.UsageError(f"--bench-threads must be >= 1, got {threads}")
         torch.set_num_threads(threads)
-    cfg.command = "python -m pytest " + " ".join(config.invocation_params.args)
+    env = [f"{k}={v}" for k, v in sorted(os.environ.items())
+           if k.startswith("FUSED_FPN_BENCH_") or k in ("OMP_NUM_THREADS", "CUDA_VISIBLE_DEVICES")]
+    cfg.command = " ".join(env + ["python -m pytest"] + list(config.invocation_params.args))
     # a FAILED-PARITY / ERROR row fails before it reaches pytest-benchmark: that is by design
     config.addinivalue_line("filterwarnings", "ignore:Benchmark fixture was not used")
     setattr(config, _KEY, harness.BenchRun(cfg))

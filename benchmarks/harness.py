@@ -583,7 +583,8 @@ def measure_copy_ceiling(device: str, quick: bool = False) -> Ceiling:
     cfg = TimingConfig(warmup=warm, min_reps=reps, max_reps=reps, target_s=0.0, set_bytes_cap=0, max_sets=1)
     timing = time_provider(lambda: dst.copy_(src), [()], device, cfg)
     bw = copy_bandwidth(src.numel() * 4, timing.median_s)
-    how = "device-to-device copy_" if device == "cuda" else f"tensor copy_ on {torch.get_num_threads()} threads"
+    n = torch.get_num_threads()
+    how = "device-to-device copy_" if device == "cuda" else f"tensor copy_ on {n} thread{'s' if n != 1 else ''}"
     return Ceiling(bw, src.numel() * 4, f"{how} of {nbytes >> 20} MiB, median of {reps}, read+write counted")
 
 
@@ -1321,7 +1322,8 @@ def format_table(report: Dict[str, object], markdown: bool = False) -> str:
     dev = report["device"]
     ceil = report.get("ceiling")
     lines = []
-    title = (f"fused_fpn benchmarks on {dev['name']} ({report['date']}; torch {report['versions']['torch']}; "
+    where = dev["name"] + (f", {dev['threads']} thread{'s' if dev['threads'] != 1 else ''}" if "threads" in dev else "")
+    title = (f"fused_fpn benchmarks on {where} ({report['date']}; torch {report['versions']['torch']}; "
              f"{report['config']['shapes']}{'; QUICK' if report['config']['quick'] else ''})")
     if markdown:
         lines.append(f"**{title}**  ")
