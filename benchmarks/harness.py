@@ -1020,6 +1020,7 @@ class BenchRun:
         self.cfg = cfg
         self.records: List[Record] = []
         self.started = time.monotonic()
+        self.load_start = load_average()
         self._groups: Dict[tuple, List[str]] = {}
         self._pending: Dict[str, Tuple[Record, Optional[Callable], Optional[tuple]]] = {}
         self._pending_key = None
@@ -1226,6 +1227,14 @@ def device_info(device: str) -> Dict[str, object]:
             "llc_bytes": cache_bytes("cpu")}
 
 
+def load_average() -> Optional[float]:
+    """The 1-minute load average (None where the OS has none)."""
+    try:
+        return float(os.getloadavg()[0])
+    except (AttributeError, OSError):
+        return None
+
+
 def _slug(text: str) -> str:
     s = re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")
     return s or "unknown"
@@ -1274,6 +1283,9 @@ def build_report(run_or_records, cfg: BenchConfig, ceiling: Optional[Ceiling]) -
             "cases": {c: CASE_DOC[c] for c in CASES},
         },
         "ceiling": None if ceiling is None else asdict(ceiling),
+        "load": {"cores": os.cpu_count(),
+                 "start": run_or_records.load_start if isinstance(run_or_records, BenchRun) else None,
+                 "end": load_average()},
         "targets": target_checks(records, cfg.device, cfg.quick),
         "results": [asdict(r) for r in records],
     }
@@ -1285,7 +1297,7 @@ REQUIRED_RECORD_KEYS = ("case", "dtype", "layout", "provider", "status", "median
 
 def validate_report(report: Dict[str, object]) -> None:
     """Raise ValueError if ``report`` does not follow the schema this module writes."""
-    for key in ("schema", "date", "command", "device", "versions", "config", "ceiling", "targets", "results"):
+    for key in ("schema", "date", "command", "device", "versions", "config", "ceiling", "load", "targets", "results"):
         if key not in report:
             raise ValueError(f"benchmark report lacks {key!r}")
     if report["schema"] != SCHEMA:
@@ -1347,6 +1359,13 @@ def format_table(report: Dict[str, object], markdown: bool = False) -> str:
                 else "no ceiling (no lateral case ran)"),
              "median over timed calls (" + ", ".join(sorted({r['timing_method'] for r in report['results']
                                                               if r['timing_method']})) + ")"]
+    load = report.get("load") or {}
+    if report["device"]["type"] == "cpu" and load.get("start") is not None:
+        notes.append(f"1-min load average {load['start']:.2f} at the start, {load['end']:.2f} at the end, "
+                     f"{load['cores']} cores")
+        if load["start"] > 0.5 * (load["cores"] or 1):
+            notes.append("WARNING: other processes were using the CPU when this run started; with several "
+                         "threads per op the timings are then unreliable")
     for chk in report.get("targets", []):
         ratio = "n/a" if chk["ratio"] is None else f"{chk['ratio']:.2f}x"
         notes.append(f"target {chk['check']}: {ratio} (target >= {chk['target']:.2f}x: "

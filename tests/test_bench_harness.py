@@ -339,3 +339,14 @@ def test_gpu_plan_logic(monkeypatch):
     assert not [r for r in harness.plan(cfg) if r.provider == "compile-max-autotune"]
     cfg.dtypes, cfg.layouts = ["bf16"], ["nchw"]
     assert {(r.case, r.dtype, r.layout) for r in harness.plan(cfg)} == {(c, "bf16", "nchw") for c in harness.CASES}
+
+
+def test_busy_cpu_warning_in_the_table():
+    run = harness.BenchRun(_quick_cfg())
+    run.records = _records()
+    run.load_start = 100.0 * (os.cpu_count() or 1)
+    text = harness.format_table(harness.build_report(run, run.cfg, None))
+    assert "1-min load average" in text and "WARNING: other processes were using the CPU" in text
+    run.load_start = 0.0
+    text = harness.format_table(harness.build_report(run, run.cfg, None))
+    assert "1-min load average 0.00 at the start" in text and "WARNING" not in text
