@@ -1,0 +1,129 @@
+#!/usr/bin/env bash
+# One call on a lent GPU machine (preinstalled torch/triton/torchvision/pytest/pytest-benchmark/matplotlib,
+# no network), from anywhere:
+#
+#     bash benchmarks/gpu_run.sh OUT_DIR
+#
+# Steps, each logged to OUT_DIR (a step that fails does not stop the next ones):
+#   env    nvidia-smi, versions                                   -> OUT_DIR/logs/env.txt
+#   build  pip install --no-build-isolation --no-deps -e . with the CUDA kernels forced
+#          (FUSED_FPN_FORCE_CUDA=1, FUSED_FPN_CUDA_ARCHS=90, MAX_JOBS=16)  -> OUT_DIR/logs/build.log
+#   tests  python3 -m pytest tests (the whole suite, on the GPU)  -> OUT_DIR/logs/tests.log
+#   bench  python3 -m pytest benchmarks (GPU shapes)              -> OUT_DIR/logs/bench.log
+#          + the results benchmarks/results/<device>_<date>.{json,png,md} copied to OUT_DIR
+# then OUT_DIR/summary.txt (step statuses + the results table), printed last. 8 files at most.
+#
+# Time (it must fit well under 10 minutes): the tests get GPU_RUN_TEST_TIMEOUT s (default 150);
+# the benchmarks get GPU_RUN_BENCH_BUDGET s (default 150: rows not started by then are reported
+# NOT-RUN, most important first: fp16 NCHW, fp16 channels_last, then bf16/fp32) and are interrupted
+# (SIGINT: the table and files are still written) GPU_RUN_BENCH_GRACE s later (default 90).
+# torch.compile(mode="max-autotune") runs on the fp16 NCHW lateral path only
+# (FUSED_FPN_BENCH_MAX_AUTOTUNE=lateral: every lateral case; =0: none).
+# GPU_RUN_STEPS=build,tests,bench picks steps (e.g. GPU_RUN_STEPS=bench after a first full call).
+set -uo pipefail
+
+OUT=${1:?usage: bash benchmarks/gpu_run.sh OUT_DIR}
+mkdir -p "$OUT/logs"
+OUT=$(cd "$OUT" && pwd)
+cd "$(dirname "$0")/.."
+
+export PYTHONUNBUFFERED=1
+export CUDA_HOME=${CUDA_HOME:-/usr/local/cuda}
+PY=${PYTHON:-python3}
+STEPS=${GPU_RUN_STEPS:-build,tests,bench}
+TEST_TIMEOUT=${GPU_RUN_TEST_TIMEOUT:-150}
+BENCH_BUDGET=${GPU_RUN_BENCH_BUDGET:-150}
+BENCH_GRACE=${GPU_RUN_BENCH_GRACE:-90}
+SUMMARY="$OUT/summary.txt"
+T0=$(date +%s)
+status_lines=()
+worst=0
+
+note() { echo "[gpu_run $(($(date +%s) - T0))s] $*"; }
+record() {  # record STEP RC
+    local msg="$1: rc=$2 after $(($(date +%s) - T0)) s"
+    status_lines+=("$msg")
+    note "$msg"
+    if [ "$2" -ne 0 ]; then worst=1; fi
+}
+want() { [[ ",$STEPS," == *",$1,"* ]]; }
+
+# ---- env
+{
+    echo "date: $(date -u +%Y-%m-%dT%H:%M:%SZ)"
+    echo "host: $(hostname) cores: $(getconf _NPROCESSORS_ONLN)"
+    echo "git: $(git rev-parse --short HEAD 2>/dev/null) $(git status --porcelain 2>/dev/null | wc -l) changed files"
+    nvidia-smi 2>&1 || echo "nvidia-smi failed"
+    "$PY" - <<'EOF' 2>&1
+import sys, torch
+print("python", sys.version.split()[0], "at", sys.executable)
+print("torch", torch.__version__, "cuda", torch.version.cuda, "available", torch.cuda.is_available())
+if torch.cuda.is_available():
+    print("device", torch.cuda.get_device_name(), "capability", torch.cuda.get_device_capability())
+for mod in ("torchvision", "triton", "pytest", "pytest_benchmark", "matplotlib"):
+    try:
+        print(mod, __import__(mod).__version__)
+    except Exception as exc:
+        print(mod, "MISSING", exc)
+EOF
+} > "$OUT/logs/env.txt" 2>&1
+cat "$OUT/logs/env.txt"
+
+# ---- build
+if want build; then
+    force=1
+    if ! ls csrc/cuda/*.cu > /dev/null 2>&1; then
+        force=0  # nothing to force yet: FUSED_FPN_FORCE_CUDA=1 would fail the build on purpose
+        note "build: no csrc/cuda/*.cu in this tree: building without FUSED_FPN_FORCE_CUDA"
+    fi
+    note "build: pip install -e . (FUSED_FPN_FORCE_CUDA=$force, sm_90), log in logs/build.log"
+    FUSED_FPN_FORCE_CUDA=$force FUSED_FPN_CUDA_ARCHS=${FUSED_FPN_CUDA_ARCHS:-90} MAX_JOBS=${MAX_JOBS:-16} \
+        "$PY" -m pip install --no-build-isolation --no-deps -v -e . > "$OUT/logs/build.log" 2>&1
+    rc=$?
+    "$PY" - >> "$OUT/logs/build.log" 2>&1 <<'EOF' || rc=1
+import torch, fused_fpn
+on_cuda = fused_fpn.available_backends("cuda") if torch.cuda.is_available() else "no GPU"
+print("fused_fpn backends:", fused_fpn.available_backends(), "on cuda:", on_cuda,
+      "cuda built:", fused_fpn.cuda_built(), "extension error:", fused_fpn.extension_error())
+EOF
+    grep -E "fused_fpn setup|error|Successfully|fused_fpn backends" "$OUT/logs/build.log" | tail -20
+    record build $rc
+fi
+
+# ---- tests
+if want tests; then
+    note "tests: pytest tests (timeout ${TEST_TIMEOUT}s), log in logs/tests.log"
+    timeout -s INT -k 20 "$TEST_TIMEOUT" "$PY" -m pytest tests -q -rfEs -p no:cacheprovider --durations=15 \
+        > "$OUT/logs/tests.log" 2>&1
+    rc=$?
+    tail -5 "$OUT/logs/tests.log"
+    record tests $rc
+fi
+
+# ---- bench
+if want bench; then
+    note "bench: pytest benchmarks (budget ${BENCH_BUDGET}s + ${BENCH_GRACE}s), log in logs/bench.log"
+    FUSED_FPN_BENCH_BUDGET_S=$BENCH_BUDGET timeout -s INT -k 30 $((BENCH_BUDGET + BENCH_GRACE)) \
+        "$PY" -m pytest benchmarks -p no:cacheprovider -rfEs --durations=10 > "$OUT/logs/bench.log" 2>&1
+    rc=$?
+    copied=0
+    while read -r path; do
+        if [ -f "$path" ]; then cp "$path" "$OUT/" && copied=$((copied + 1)); fi
+    done < <(sed -n 's/^wrote [A-Z]*: //p' "$OUT/logs/bench.log")
+    note "bench: copied $copied result files to $OUT"
+    if [ "$copied" -eq 0 ] && [ "$rc" -eq 0 ]; then rc=1; fi
+    record bench $rc
+fi
+
+# ---- summary: statuses, then the table (printed last)
+{
+    echo "gpu_run.sh summary ($(($(date +%s) - T0)) s in all)"
+    for line in "${status_lines[@]}"; do echo "  $line"; done
+    if [ -f "$OUT/logs/tests.log" ]; then echo "tests: $(tail -1 "$OUT/logs/tests.log")"; fi
+    if [ -f "$OUT/logs/bench.log" ]; then
+        echo
+        sed -n '/fused_fpn benchmark results/,$p' "$OUT/logs/bench.log"
+    fi
+} > "$SUMMARY"
+cat "$SUMMARY"
+exit $worst

@@ -1,0 +1,352 @@
+"""Unit tests of the benchmark harness (benchmarks/harness.py) and a tiny smoke pass of the suite.
+
+Nothing here asserts on a measured time: the logic (byte counts, roofline math, the parity gate,
+memory accounting, result files) is checked on hand-computed values, and the smoke pass checks that
+``pytest benchmarks --quick`` runs every case end to end and writes valid result files.
+"""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:  # benchmarks/ is a package at the repository root, not installed
+    sys.path.insert(0, str(ROOT))
+
+from benchmarks import harness  # noqa: E402
+
+import fused_fpn  # noqa: E402
+
+
+# ---------------------------------------------------------------------------------------------
+# byte counts (DESIGN.md section 5) and roofline math
+# ---------------------------------------------------------------------------------------------
+
+def test_lateral_bytes_p2_matches_design_table():
+    # P2 of ResNet-50-FPN, batch 2 at 800x1216, fp16: x 2x256x200x304, top 2x256x100x152, W 256x256, bias 256.
+    b = harness.lateral_bytes(2, 256, 200, 304, 256, (100, 152), elem_bytes=2)
+    x = y = 31_129_600          # 2 * 256 * 200 * 304 elements
+    top = 7_782_400             # 2 * 256 * 100 * 152
+    wb = 65_536 + 256
+    assert b["fused"] == 2 * (x + wb + top + y) == 140_214_784          # DESIGN: 140 MB
+    # conv: x, W, b in, lateral out; interpolate: top in, upsampled out; add: 2 in, 1 out
+    assert b["eager"] == 2 * (x + wb + y + top + y + 3 * y) == 389_251_584  # DESIGN: 389 MB
+
+
+def test_lateral_bytes_without_top_is_the_conv_alone():
+    b = harness.lateral_bytes(2, 2048, 25, 38, 256, None, elem_bytes=2)
+    expected = 2 * (2 * 2048 * 25 * 38 + 256 * 2048 + 256 + 2 * 256 * 25 * 38)
+    assert b["fused"] == b["eager"] == expected
+    no_bias = harness.lateral_bytes(2, 2048, 25, 38, 256, None, elem_bytes=2, bias=False)
+    assert no_bias["fused"] == expected - 2 * 256
+
+
+def test_lateral_path_bytes_sums_the_levels():
+    s = harness.Shapes(batch=1, image_hw=(32, 64), in_channels=(4, 8), out_channels=2, strides=(4, 8))
+    # level 0: x 1x4x8x16, top = level 1's map 1x2x4x8; level 1: x 1x8x4x8, no top. fp32.
+    l0_fused = 4 * (4 * 128 + 2 * 4 + 2 + 2 * 32 + 2 * 128)
+    l0_eager = 4 * (4 * 128 + 2 * 4 + 2 + 2 * 128 + 2 * 32 + 2 * 128 + 3 * 2 * 128)
+    l1 = 4 * (8 * 32 + 2 * 8 + 2 + 2 * 32)
+    assert harness.lateral_path_bytes(s, 4) == {"fused": l0_fused + l1, "eager": l0_eager + l1}
+
+
+def test_roofline_and_copy_bandwidth():
+    gbps, pct = harness.roofline(3_000_000_000, 1e-3, 3e12)
+    assert gbps == pytest.approx(3000.0) and pct == pytest.approx(100.0)
+    gbps, pct = harness.roofline(140_214_784, 70e-6, 3.0e12)
+    assert gbps == pytest.approx(140_214_784 / 70e-6 / 1e9) and pct == pytest.approx(66.769, rel=1e-4)
+    assert harness.copy_bandwidth(1 << 30, 0.5) == pytest.approx(4.0 * (1 << 30))  # read + write
+    with pytest.raises(ValueError, match="seconds"):
+        harness.roofline(1, 0.0, 1.0)
+    with pytest.raises(ValueError, match="ceiling"):
+        harness.roofline(1, 1.0, 0.0)
+    with pytest.raises(ValueError, match="seconds"):
+        harness.copy_bandwidth(1, -1.0)
+
+
+def test_input_rotation_overflows_the_cache_within_the_cap():
+    mib = 1 << 20
+    assert harness.num_input_sets(8 * mib, 50 * mib, 4096 * mib, 32) == 13   # ceil(100 / 8)
+    assert harness.num_input_sets(200 * mib, 50 * mib, 4096 * mib, 32) == 2  # never fewer than 2
+    assert harness.num_input_sets(1 * mib, 50 * mib, 4096 * mib, 32) == 32   # max_sets
+    assert harness.num_input_sets(600 * mib, 50 * mib, 1024 * mib, 32) == 1  # memory cap wins
+
+
+def test_summarize_median_and_quartiles():
+    t = harness.summarize([5.0, 1.0, 3.0, 2.0, 4.0], "m")
+    assert (t.median_s, t.p25_s, t.p75_s, t.min_s, t.max_s, t.n) == (3.0, 2.0, 4.0, 1.0, 5.0, 5)
+    assert harness.summarize([7.0], "m").median_s == 7.0
+    with pytest.raises(ValueError, match="no timing samples"):
+        harness.summarize([], "m")
+
+
+def test_cpu_peak_from_events_orders_by_time():
+    events = [(30, -100), (10, 100), (20, 50), (40, 10), (25, -50)]
+    # in time order: +100 (100), +50 (150), -50 (100), -100 (0), +10 (10)
+    assert harness.cpu_peak_from_events(events) == 150
+    assert harness.cpu_peak_from_events([]) == 0
+
+
+def test_cpu_peak_memory_sees_a_temporary():
+    n = 1 << 20  # 4 MiB of float32
+
+    def fn(x):
+        tmp = x * 2.0          # 4 MiB temporary
+        out = tmp[: n // 4] + 1.0  # 1 MiB output, allocated while tmp is alive
+        return out
+    x = torch.ones(n)
+    peak = harness.peak_memory(fn, (x,), "cpu")
+    assert 5 * (1 << 20) <= peak < 6 * (1 << 20)
+
+
+# ---------------------------------------------------------------------------------------------
+# parity gate
+# ---------------------------------------------------------------------------------------------
+
+def _quick_cfg(tmp_path=None, **kw):
+    cfg = harness.BenchConfig(device="cpu", quick=True, **kw)
+    if tmp_path is not None:
+        cfg.results_dir = str(tmp_path)
+    return cfg
+
+
+def test_check_parity_accepts_rounding_and_rejects_a_wrong_gather():
+    g = torch.Generator().manual_seed(0)
+    ref = torch.randn(2, 8, 16, 16, generator=g)
+    near = ref + 1e-6 * torch.randn(ref.shape, generator=g)
+    assert harness.check_parity([near], [ref], torch.float32, "cpu").ok
+    shifted = torch.roll(ref, 1, dims=-1)  # an off-by-one nearest index
+    bad = harness.check_parity([shifted], [ref], torch.float32, "cpu")
+    assert not bad.ok and bad.worst > 1.0 and "exceeds" in bad.message
+    nan = ref.clone()
+    nan[0, 0, 0, 0] = float("nan")
+    assert "NaN" in harness.check_parity([nan], [ref], torch.float32, "cpu").message
+    assert "shape" in harness.check_parity([ref[:1]], [ref], torch.float32, "cpu").message
+    assert "output tensors" in harness.check_parity([ref, ref], [ref], torch.float32, "cpu").message
+    # half-precision tolerances: fp16 rounding of the same values passes, a 5% error does not
+    rounded = (ref + 1e-4 * torch.randn(ref.shape, generator=g)).half()  # differs from ref.half() by <= 1 ulp
+    assert not torch.equal(rounded, ref.half())
+    assert harness.check_parity([rounded], [ref.half()], torch.float16, "cpu").ok
+    assert not harness.check_parity([(ref * 1.05).half()], [ref.half()], torch.float16, "cpu").ok
+
+
+def test_parity_gate_refuses_to_time_a_wrong_provider(monkeypatch, tmp_path):
+    """A provider whose gather is off by one pixel is FAILED-PARITY: not timed, no speedup reported."""
+    real = harness.LateralLevelWorkload.provider_fn
+
+    def provider_fn(self, provider):
+        fn = real(self, provider)
+        if provider == "fused-torch":
+            return lambda x, top: fn(x, torch.roll(top, 1, dims=-1))
+        return fn
+    monkeypatch.setattr(harness.LateralLevelWorkload, "provider_fn", provider_fn)
+    run = harness.BenchRun(_quick_cfg(tmp_path))
+    rec, once, args = run.run(harness.RowSpec("lateral_P3", "fp32", "nchw", "fused-torch"))
+    assert rec.status == harness.FAILED_PARITY and "exceeds" in rec.message
+    assert once is None and args is None
+    assert rec.median_ms is None and rec.gbps is None and rec.peak_mem_bytes is None
+    harness.finalize(run.records)
+    assert rec.speedup_vs_eager is None
+    run.close()
+
+
+# ---------------------------------------------------------------------------------------------
+# plan, speedups, result files
+# ---------------------------------------------------------------------------------------------
+
+def test_plan_on_cpu_lists_eager_compile_and_fused_backends():
+    cfg = _quick_cfg()
+    rows = harness.plan(cfg, ("lateral_path",))
+    provs = [r.provider for r in rows]
+    expected_fused = [f"fused-{b}" for b in fused_fpn.available_backends("cpu") if b != "triton"]
+    assert provs == ["eager", "compile"] + expected_fused
+    assert "fused-triton" not in provs and "compile-max-autotune" not in provs
+    cfg.providers = ["fused-*"]
+    assert [r.provider for r in harness.plan(cfg, ("lateral_path",))] == ["eager"] + expected_fused
+    cfg.providers, cfg.cases = None, ["lateral_P*"]
+    assert {r.case for r in harness.plan(cfg)} == set(harness.LEVEL_CASES)
+
+
+def test_config_rejects_bad_values():
+    with pytest.raises(ValueError, match="dtypes"):
+        harness.BenchConfig(device="cpu", dtypes=["fp8"]).validate()
+    with pytest.raises(ValueError, match="layouts"):
+        harness.BenchConfig(device="cpu", layouts=["nhwc"]).validate()
+    with pytest.raises(ValueError, match="device"):
+        harness.BenchConfig(device="tpu").validate()
+    with pytest.raises(ValueError, match=harness.BUDGET_ENV):
+        harness.BenchConfig(device="cpu", budget_s=0).validate()
+
+
+def _records():
+    R = harness.Record
+    return [
+        R("lateral_path", "fp32", "nchw", "eager", "cpu", median_ms=10.0, p25_ms=9.0, p75_ms=11.0,
+          peak_mem_bytes=1 << 20, bytes_min=1000, gbps=0.1, roofline_pct=1.0, timing_method="t"),
+        R("lateral_path", "fp32", "nchw", "compile", "cpu", median_ms=5.0, p25_ms=4.0, p75_ms=6.0,
+          peak_mem_bytes=1 << 20, bytes_min=1000, gbps=0.2, roofline_pct=2.0, timing_method="t"),
+        R("lateral_path", "fp32", "nchw", "fused-cpu", "cpu", median_ms=2.0, p25_ms=1.5, p75_ms=2.5,
+          peak_mem_bytes=1 << 19, bytes_min=1000, gbps=0.5, roofline_pct=5.0, timing_method="t"),
+        R("lateral_path", "fp32", "nchw", "fused-torch", "cpu", status=harness.FAILED_PARITY, message="differs"),
+        R("fpn_forward", "fp32", "nchw", "eager", "cpu", status=harness.NOT_RUN, message="budget"),
+        R("fpn_forward", "fp32", "nchw", "fused-cpu", "cpu", median_ms=4.0, p25_ms=4.0, p75_ms=4.0,
+          peak_mem_bytes=0, timing_method="t"),
+    ]
+
+
+def test_finalize_speedups_and_cpu_targets():
+    recs = _records()
+    harness.finalize(recs)
+    eager, comp, fused, failed, _, fpn_fused = recs
+    assert eager.speedup_vs_eager == pytest.approx(1.0) and eager.speedup_vs_compile == pytest.approx(0.5)
+    assert fused.speedup_vs_eager == pytest.approx(5.0) and fused.speedup_vs_compile == pytest.approx(2.5)
+    assert failed.speedup_vs_eager is None and failed.speedup_vs_compile is None
+    assert fpn_fused.speedup_vs_eager is None  # its eager row did not run
+    checks = {c["check"]: c for c in harness.target_checks(recs, "cpu")}
+    assert checks["lateral_path fused-cpu vs eager"]["met"] is True
+    assert checks["lateral_path fused-cpu vs eager"]["ratio"] == pytest.approx(5.0)
+    assert checks["fpn_forward fused-cpu vs eager"]["met"] is False
+    assert harness.target_checks(recs, "cuda") == []
+
+
+def test_write_results_json_schema_png_and_markdown(tmp_path):
+    cfg = harness.BenchConfig(device="cpu", results_dir=str(tmp_path))  # the default shapes: targets apply
+    cfg.command = "python -m pytest benchmarks"
+    ceiling = harness.Ceiling(bytes_per_s=10e9, copy_bytes=1 << 20, method="test")
+    report = harness.build_report(_records(), cfg, ceiling)
+    paths = harness.write_results(report, cfg)
+    slug = report["device"]["slug"]
+    assert paths["json"] == str(tmp_path / f"{slug}_{report['date']}.json")
+    data = json.loads(Path(paths["json"]).read_text())
+    harness.validate_report(data)
+    assert data["schema"] == harness.SCHEMA and data["command"] == cfg.command
+    assert data["ceiling"]["bytes_per_s"] == 10e9
+    assert data["config"]["memory_measure"] == harness.MEMORY_MEASURE["cpu"]
+    by = {(r["case"], r["provider"]): r for r in data["results"]}
+    assert by[("lateral_path", "fused-cpu")]["speedup_vs_eager"] == pytest.approx(5.0)
+    assert by[("lateral_path", "fused-torch")]["status"] == harness.FAILED_PARITY
+    assert by[("lateral_path", "fused-torch")]["median_ms"] is None
+    with open(paths["png"], "rb") as f:
+        assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+    assert os.path.getsize(paths["png"]) > 10_000
+    md = Path(paths["md"]).read_text()
+    assert "| case | dtype |" in md and "FAILED-PARITY: differs" in md and cfg.command in md
+    text = harness.format_table(data)
+    assert "target lateral_path fused-cpu vs eager: 5.00x" in text and "NOT MET" in text
+    quick = harness.build_report(_records(), _quick_cfg(tmp_path), ceiling)
+    assert quick["targets"] == []  # the targets are for the default CPU shapes, not --quick ones
+    assert harness.result_paths(_quick_cfg(tmp_path), quick)["json"].endswith("_quick.json")
+
+
+def test_validate_report_rejects_a_speedup_on_a_failed_row():
+    cfg = _quick_cfg()
+    report = harness.build_report(_records(), cfg, None)
+    bad = json.loads(json.dumps(report))
+    bad["results"][3]["speedup_vs_eager"] = 3.0
+    with pytest.raises(ValueError, match="FAILED-PARITY but reports a speedup"):
+        harness.validate_report(bad)
+    del bad["results"][0]["median_ms"]
+    with pytest.raises(ValueError, match="lacks"):
+        harness.validate_report(bad)
+
+
+# ---------------------------------------------------------------------------------------------
+# smoke pass: the suite itself, tiny shapes, on CPU
+# ---------------------------------------------------------------------------------------------
+
+def test_benchmark_suite_smoke_pass(tmp_path):
+    """``pytest benchmarks --quick`` (eager + every fused backend; torch.compile is left to
+    ``make bench``, its C++ compiles take minutes on 2 cores) runs every case and writes the files."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("FUSED_FPN_BENCH_")}
+    env["FUSED_FPN_BENCH_DEVICE"] = "cpu"
+    env["OMP_NUM_THREADS"] = "1"  # on a shared, busy CPU, OpenMP barriers of 2+ threads stall for whole time slices
+    cmd = [sys.executable, "-m", "pytest", "benchmarks", "-q", "-p", "no:cacheprovider", "--quick",
+           "--bench-providers", "eager,fused-*", "--bench-results-dir", str(tmp_path), "--benchmark-disable-gc"]
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+    assert "fused_fpn benchmark results" in proc.stdout
+    files = sorted(os.listdir(tmp_path))
+    jsons = [f for f in files if f.endswith("_quick.json")]
+    assert len(jsons) == 1 and jsons[0].replace(".json", ".png") in files, files
+    data = json.loads((tmp_path / jsons[0]).read_text())
+    harness.validate_report(data)
+    fused = [f"fused-{b}" for b in fused_fpn.available_backends("cpu") if b != "triton"]
+    seen = {(r["case"], r["provider"]) for r in data["results"]}
+    assert seen == {(c, p) for c in harness.CASES for p in ["eager"] + fused}
+    for r in data["results"]:
+        assert r["status"] == harness.OK, r
+        assert r["median_ms"] > 0 and r["peak_mem_bytes"] is not None
+        if r["case"].startswith("lateral"):
+            assert r["bytes_min"] > 0 and r["roofline_pct"] > 0
+
+
+def test_interleaved_timing_rotates_inputs_and_provider_order():
+    """Call order only (no time is asserted): every provider gets warm-up + the same number of timed
+    calls, the order within a round rotates, and consecutive calls never reuse one input set."""
+    calls = []
+    fns = {name: (lambda i, name=name: calls.append((name, i))) for name in ("a", "b", "c")}
+    sets = [(0,), (1,)]
+    t = harness.TimingConfig(warmup=2, min_reps=4, max_reps=4, target_s=0.0, set_bytes_cap=0, max_sets=2)
+    out = harness.time_interleaved(fns, sets, "cpu", t)
+    assert set(out) == {"a", "b", "c"} and all(v.n == 4 for v in out.values())
+    assert "interleaved" in out["a"].method
+    timed = calls[3 * 2:]
+    assert [n for n, _ in timed[:3]] == ["a", "b", "c"] and [n for n, _ in timed[3:6]] == ["b", "c", "a"]
+    assert all(timed[j][1] != timed[j + 1][1] for j in range(len(timed) - 1))
+    assert sorted(n for n, _ in timed) == ["a"] * 4 + ["b"] * 4 + ["c"] * 4
+
+
+def test_registered_providers_of_a_workload_are_measured_together(tmp_path):
+    run = harness.BenchRun(_quick_cfg(tmp_path))
+    specs = [harness.RowSpec("lateral_P5", "fp32", "nchw", p) for p in ("eager", "fused-torch")]
+    run.register(specs)
+    rec, once, args = run.run(specs[0])
+    assert rec.status == harness.OK and "fused-torch" in run._pending  # measured in the same pass
+    assert "interleaved" in rec.timing_method and once is not None
+    rec2, _, _ = run.run(specs[1])
+    assert rec2.status == harness.OK and rec2.timing_method == rec.timing_method
+    assert [r.provider for r in run.records] == ["eager", "fused-torch"]
+    assert rec.bytes_min == rec2.bytes_min == harness.lateral_bytes(1, 128, 2, 2, 32, None, 4)["fused"]
+    run.close()
+
+
+def test_gpu_plan_logic(monkeypatch):
+    """The GPU plan, with the backends a GPU machine lists faked (no GPU here): fp16 first, every case
+    in fp16 (both layouts), lateral path + FPN forward in bf16/fp32; max-autotune only on the fp16
+    NCHW lateral path by default; every available fused backend in every row group."""
+    monkeypatch.setattr(harness, "fused_backends", lambda device: ["cuda", "torch", "triton"])
+    monkeypatch.setattr(harness, "backend_supports", lambda name, device, dtype: None)
+    cfg = harness.BenchConfig(device="cuda")  # not validated: there is no GPU here
+    rows = harness.plan(cfg)
+    groups = list(dict.fromkeys((r.dtype, r.layout) for r in rows))
+    assert groups[:2] == [("fp16", "nchw"), ("fp16", "channels_last")]
+    assert set(groups) == {(d, lay) for d in ("fp16", "bf16", "fp32") for lay in harness.LAYOUTS}
+    assert {r.case for r in rows if r.dtype == "fp16"} == set(harness.CASES)
+    assert {r.case for r in rows if r.dtype != "fp16"} == {"lateral_path", "fpn_forward"}
+    mat = [r for r in rows if r.provider == "compile-max-autotune"]
+    assert [(r.case, r.dtype, r.layout) for r in mat] == [("lateral_path", "fp16", "nchw")]
+    path = [r.provider for r in rows if r.key == ("lateral_path", "fp16", "nchw")]
+    assert path == ["eager", "compile", "compile-max-autotune", "fused-cuda", "fused-torch", "fused-triton"]
+    assert rows == sorted(rows, key=lambda r: r.priority)
+    cfg.max_autotune = "lateral"
+    assert {r.case for r in harness.plan(cfg) if r.provider == "compile-max-autotune"} == \
+        {"lateral_path", *harness.LEVEL_CASES}
+    cfg.max_autotune = "0"
+    assert not [r for r in harness.plan(cfg) if r.provider == "compile-max-autotune"]
+    cfg.dtypes, cfg.layouts = ["bf16"], ["nchw"]
+    assert {(r.case, r.dtype, r.layout) for r in harness.plan(cfg)} == {(c, "bf16", "nchw") for c in harness.CASES}
+
+
+def test_busy_cpu_warning_in_the_table():
+    run = harness.BenchRun(_quick_cfg())
+    run.records = _records()
+    run.load_start = 100.0 * (os.cpu_count() or 1)
+    text = harness.format_table(harness.build_report(run, run.cfg, None))
+    assert "1-min load average" in text and "WARNING: other processes were using the CPU" in text
+    run.load_start = 0.0
+    text = harness.format_table(harness.build_report(run, run.cfg, None))
+    assert "1-min load average 0.00 at the start" in text and "WARNING" not in text
