@@ -42,7 +42,9 @@ void emu_dispatch(const LateralFwdParams& p, bool cl) {
 }
 
 void lateral_fwd_f16(const LateralFwdParams& p, bool cl, cudaStream_t) { emu_dispatch<__half, MathWmma>(p, cl); }
-void lateral_fwd_bf16(const LateralFwdParams& p, bool cl, cudaStream_t) { emu_dispatch<__nv_bfloat16, MathWmma>(p, cl); }
+void lateral_fwd_bf16(const LateralFwdParams& p, bool cl, cudaStream_t) {
+  emu_dispatch<__nv_bfloat16, MathWmma>(p, cl);
+}
 void lateral_fwd_f32_tf32(const LateralFwdParams& p, bool cl, cudaStream_t) { emu_dispatch<float, MathTf32>(p, cl); }
 void lateral_fwd_f32_ffma(const LateralFwdParams& p, bool cl, cudaStream_t) { emu_dispatch<float, MathFfma>(p, cl); }
 
