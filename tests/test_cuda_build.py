@@ -8,6 +8,10 @@ Runs on every CI machine (no GPU, nvcc + a CUDA torch present):
 * the ptxas resource report saved by the build (``build/ptxas/*.ptxas.log``, see setup.py) shows
   0 bytes of spill stores and loads for every kernel, the forward GEMM kernels included.
 
+* the kernels' logic (tiling, tails, layouts, 16-byte paths, the cp.async pipeline's waits and
+  barriers, split-K, the db/dtop kernels) and the real host code of lateral_cuda.cpp run on the
+  CPU through csrc/cuda/emu (a thread-per-CUDA-thread emulation) against fused_fpn.reference.
+
 Skipped (with the reason) only where the CUDA kernels cannot be built: no nvcc, a CPU-only torch,
 or a build that was explicitly told to skip them (FUSED_FPN_SKIP_CUDA_BUILD=1).
 """
@@ -267,3 +271,124 @@ def test_no_register_spills(kernels):
 def test_backend_listed_with_reason_matches_device():
     names = fused_fpn.available_backends()
     assert ("cuda" in names) == torch.cuda.is_available()
+
+
+# ---- the CUDA kernels' logic, emulated on the CPU (csrc/cuda/emu) --------------------------------
+
+def _load_emulate():
+    import importlib.util
+    spec = importlib.util.spec_from_file_location("fused_fpn_emulate", REPO / "csrc" / "cuda" / "emu" / "emulate.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module")
+def emu(tmp_path_factory):
+    return _load_emulate().build(str(tmp_path_factory.mktemp("cuda_emu")))
+
+
+def _emu_input(shape, dtype, layout, gen):
+    n, c, h, w = shape
+    if layout == "noncontig":
+        return torch.randn((n, c + 3, h, 2 * w + 1), generator=gen).to(dtype)[:, 1:c + 1, :, 1::2]
+    if layout == "cl_misaligned":  # channels_last view whose pointer defeats 16-byte vectors
+        wide = torch.randn((n, c + 1, h, w), generator=gen).to(dtype).contiguous(memory_format=torch.channels_last)
+        return wide[:, 1:]
+    t = torch.randn(shape, generator=gen).to(dtype)
+    return t.contiguous(memory_format=torch.channels_last) if layout == "channels_last" else t
+
+
+def _emu_case(size, dtype, layout, has_bias, has_top, top_layout=None, seed=0):
+    n, cin, cout, h, w, th, tw = size
+    gen = torch.Generator().manual_seed(seed)
+    x = _emu_input((n, cin, h, w), dtype, layout, gen)
+    weight = (torch.randn((cout, cin), generator=gen) / cin ** 0.5).to(dtype)
+    bias = torch.randn((cout,), generator=gen).to(dtype) if has_bias else None
+    top = _emu_input((n, cout, th, tw), dtype, top_layout or layout, gen) if has_top else None
+    return x, weight, bias, top
+
+
+def _check_emulated_lateral(emu, size, dtype, layout, has_bias, has_top, sm_count=132, tf32=False, top_layout=None):
+    from fused_fpn._layout import output_memory_format
+    from fused_fpn.reference import lateral_reference
+    from fpn_testing import TOLERANCES
+
+    x, weight, bias, top = _emu_case(size, dtype, layout, has_bias, has_top, top_layout)
+    out = emu.lateral(x, weight, bias, top, sm_count, tf32)
+    assert out.shape == (size[0], size[2], size[3], size[4]) and out.dtype == dtype
+    assert out.is_contiguous(memory_format=output_memory_format(x))
+    d = lambda t: None if t is None else t.double()  # noqa: E731
+    ref = lateral_reference(d(x), d(weight), d(bias), d(top))
+    assert not torch.isnan(out).any(), "an output element was not written (or read unwritten shared memory)"
+    atol, rtol = TOLERANCES[dtype]
+    torch.testing.assert_close(out.double(), ref, atol=atol, rtol=rtol)
+
+
+EMU_SIZES = [  # (N, Cin, Cout, H, W, Ht, Wt): odd channels, tails of every tile dim, up/down-sampling
+    (2, 3, 17, 7, 9, 4, 5),
+    (1, 129, 129, 13, 11, 7, 6),
+    (1, 64, 32, 10, 12, 5, 6),
+    (1, 40, 24, 3, 50, 2, 25),
+    (2, 32, 136, 10, 7, 5, 4),
+    (0, 16, 8, 4, 4, 2, 2),
+]
+EMU_DTYPES = [torch.float16, torch.bfloat16, torch.float32]
+
+
+@pytest.mark.parametrize("has_bias,has_top", [(True, True), (False, False)], ids=["bias-top", "plain"])
+@pytest.mark.parametrize("layout", ["nchw", "channels_last", "noncontig", "cl_misaligned"])
+@pytest.mark.parametrize("dtype", EMU_DTYPES, ids=["fp16", "bf16", "fp32"])
+@pytest.mark.parametrize("size", EMU_SIZES, ids=["x".join(map(str, s)) for s in EMU_SIZES])
+def test_emulated_forward(emu, size, dtype, layout, has_bias, has_top):
+    _check_emulated_lateral(emu, size, dtype, layout, has_bias, has_top)
+
+
+@pytest.mark.parametrize("has_bias,has_top", [(True, False), (False, True)], ids=["bias", "top"])
+@pytest.mark.parametrize("layout", ["nchw", "channels_last"])
+def test_emulated_forward_bias_or_top_only(emu, layout, has_bias, has_top):
+    _check_emulated_lateral(emu, (2, 32, 40, 6, 9, 3, 5), torch.float16, layout, has_bias, has_top)
+
+
+@pytest.mark.parametrize("top_layout", ["nchw", "channels_last", "noncontig"])
+@pytest.mark.parametrize("layout", ["nchw", "channels_last"])
+def test_emulated_forward_top_in_other_layouts(emu, layout, top_layout):
+    _check_emulated_lateral(emu, (1, 64, 16, 8, 8, 4, 4), torch.float16, layout, True, True, top_layout=top_layout)
+
+
+@pytest.mark.parametrize("layout", ["nchw", "channels_last", "noncontig"])
+def test_emulated_tf32_path(emu, layout):
+    """The TF32 instantiations' tiling (TF32 rounding itself is not emulated)."""
+    _check_emulated_lateral(emu, (1, 40, 24, 9, 10, 5, 5), torch.float32, layout, True, True, tf32=True)
+
+
+@pytest.mark.parametrize("has_bias,has_top", [(True, True), (False, False)], ids=["bias-top", "plain"])
+@pytest.mark.parametrize("layout", ["nchw", "channels_last", "noncontig"])
+@pytest.mark.parametrize("dtype", EMU_DTYPES, ids=["fp16", "bf16", "fp32"])
+@pytest.mark.parametrize("size", [(1, 300, 20, 5, 7, 3, 4), (2, 520, 136, 9, 8, 5, 4)], ids=["1tile", "4tiles"])
+def test_emulated_split_k(emu, size, dtype, layout, has_bias, has_top):
+    """A large SM count makes the host choose split-K for these deep-K, few-pixel shapes."""
+    _check_emulated_lateral(emu, size, dtype, layout, has_bias, has_top, sm_count=1000)
+
+
+EMU_GRAD_SIZES = [(2, 17, 7, 9, 4, 5), (1, 3, 5, 6, 10, 13), (1, 40, 3, 50, 2, 25), (2, 9, 16, 16, 8, 8),
+                  (2, 5, 9, 10, 0, 0)]
+
+
+@pytest.mark.parametrize("layout", ["nchw", "channels_last", "noncontig"])
+@pytest.mark.parametrize("dtype", EMU_DTYPES, ids=["fp16", "bf16", "fp32"])
+@pytest.mark.parametrize("size", EMU_GRAD_SIZES, ids=["x".join(map(str, s)) for s in EMU_GRAD_SIZES])
+def test_emulated_grad_bias_top(emu, size, dtype, layout):
+    from fused_fpn._layout import output_memory_format
+    from fused_fpn.reference import lateral_grad_bias_top_reference
+    from fpn_testing import TOLERANCES
+
+    n, c, h, w, th, tw = size
+    dy = _emu_input((n, c, h, w), dtype, layout, torch.Generator().manual_seed(5))
+    db, dtop = emu.grad(dy, th, tw)
+    rdb, rdtop = lateral_grad_bias_top_reference(dy.double(), th, tw)
+    assert dtop.shape == (n, c, th, tw) and dtop.is_contiguous(memory_format=output_memory_format(dy))
+    assert not torch.isnan(db).any() and not torch.isnan(dtop).any()
+    atol, rtol = TOLERANCES[dtype]
+    torch.testing.assert_close(db.double(), rdb, atol=atol, rtol=rtol)
+    torch.testing.assert_close(dtop.double(), rdtop, atol=atol, rtol=rtol)

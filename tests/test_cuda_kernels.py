@@ -283,7 +283,8 @@ def test_gradients_fp32_vs_reference(size, layout, tf32):
     ref_leaves = [t.detach().double().cpu().requires_grad_(True) for t in (x, weight, bias, top)]
     lateral_reference(*ref_leaves).backward(grad.double().cpu())
     for name, got, want in zip(("x", "weight", "bias", "top"), leaves, ref_leaves):
-        torch.testing.assert_close(got.grad.double().cpu(), want.grad, atol=1e-3, rtol=1e-3, msg=lambda m: f"d{name}: {m}")
+        torch.testing.assert_close(got.grad.double().cpu(), want.grad, atol=1e-3, rtol=1e-3,
+                                   msg=lambda m, name=name: f"d{name}: {m}")
 
 
 # ---- torch.library / compile / graphs -------------------------------------------------------------

@@ -204,7 +204,8 @@ std::tuple<at::Tensor, at::Tensor> lateral_grad_bias_top_cuda(const at::Tensor& 
                                                               int64_t top_w) {
   TORCH_CHECK(grad_out.dim() == 4, "fused_fpn::lateral_grad_bias_top: grad_out must be 4-D [N, C, H, W], got shape ",
               grad_out.sizes());
-  TORCH_CHECK(grad_out.is_cuda(), "fused_fpn::lateral_grad_bias_top (CUDA kernel): grad_out must be a CUDA tensor, got ",
+  TORCH_CHECK(grad_out.is_cuda(),
+              "fused_fpn::lateral_grad_bias_top (CUDA kernel): grad_out must be a CUDA tensor, got ",
               grad_out.device());
   check_supported_dtype(grad_out, "fused_fpn::lateral_grad_bias_top", "grad_out");
   TORCH_CHECK(top_h >= 0 && top_w >= 0 && ((top_h == 0) == (top_w == 0)),

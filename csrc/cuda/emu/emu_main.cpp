@@ -1,0 +1,96 @@
+// Launchers of the emulated kernels (mirroring lateral_fwd.cuh / lateral_bwd.cu) and the real host
+// code of lateral_cuda.cpp, built by csrc/cuda/emu/emulate.py from generated copies of the sources.
+#include <torch/extension.h>
+
+#include "lateral_bwd.cuh"
+#include "lateral_fwd.cuh"
+
+namespace fused_fpn {
+namespace cuda {
+
+template <typename T, typename Math, typename Layout, bool B, bool TP>
+void emu_fwd(const LateralFwdParams& p) {
+  using Cfg = FwdTile<T, Layout>;
+  const int64_t M = p.N * p.H * p.W;
+  TORCH_CHECK(p.k_split >= 1 && (p.k_split == 1 || p.partial != nullptr), "split");
+  const int64_t blocks = ((M + Cfg::BM - 1) / Cfg::BM) * ((p.Cout + Cfg::BN - 1) / Cfg::BN) * p.k_split;
+  emu::launch(blocks, 1, 1, Cfg::kThreads, 1, Cfg::kSmemBytes, [&] { lateral_fwd_kernel<T, Math, Layout, B, TP>(p); });
+  if (p.k_split > 1) {
+    const int64_t total = M * p.Cout;
+    const int64_t eblocks = std::min<int64_t>((total + 255) / 256, int64_t{1} << 20);
+    emu::launch(eblocks, 1, 1, 256, 1, 0, [&] { lateral_splitk_epilogue_kernel<T, Layout, B, TP>(p); });
+  }
+}
+
+template <typename T, typename Math>
+void emu_dispatch(const LateralFwdParams& p, bool cl) {
+  const bool hb = p.bias != nullptr, ht = p.top != nullptr;
+#define EMU_CASE(L, B, TP) \
+  if (hb == B && ht == TP) return emu_fwd<T, Math, L, B, TP>(p);
+  if (cl) {
+    EMU_CASE(ChannelsLast, true, true)
+    EMU_CASE(ChannelsLast, true, false)
+    EMU_CASE(ChannelsLast, false, true)
+    EMU_CASE(ChannelsLast, false, false)
+  } else {
+    EMU_CASE(Nchw, true, true)
+    EMU_CASE(Nchw, true, false)
+    EMU_CASE(Nchw, false, true)
+    EMU_CASE(Nchw, false, false)
+  }
+#undef EMU_CASE
+}
+
+void lateral_fwd_f16(const LateralFwdParams& p, bool cl, cudaStream_t) { emu_dispatch<__half, MathWmma>(p, cl); }
+void lateral_fwd_bf16(const LateralFwdParams& p, bool cl, cudaStream_t) {
+  emu_dispatch<__nv_bfloat16, MathWmma>(p, cl);
+}
+void lateral_fwd_f32_tf32(const LateralFwdParams& p, bool cl, cudaStream_t) { emu_dispatch<float, MathTf32>(p, cl); }
+void lateral_fwd_f32_ffma(const LateralFwdParams& p, bool cl, cudaStream_t) { emu_dispatch<float, MathFfma>(p, cl); }
+
+template <typename T, typename Layout, bool kHasTop>
+void emu_bwd(const GradBiasTopParams& p) {
+  if constexpr (std::is_same<Layout, ChannelsLast>::value) {
+    const int64_t cz = (p.C + kClLanes - 1) / kClLanes;
+    emu::launch(p.R, p.N, cz, kClLanes, kClGroups, 0, [&] { grad_bias_top_cl_kernel<T, kHasTop>(p); });
+  } else {
+    emu::launch(p.R, p.C, p.N, kNchwThreads, 1, 0, [&] { grad_bias_top_nchw_kernel<T, kHasTop>(p); });
+  }
+  emu::launch((p.C + 255) / 256, 1, 1, 256, 1, 0,
+              [&] { grad_bias_reduce_kernel<T>(p.partial, p.N * p.R, p.C, static_cast<T*>(p.db)); });
+}
+template <typename T>
+void emu_bwd_dispatch(const GradBiasTopParams& p, bool cl) {
+  const bool ht = p.dtop != nullptr;
+  if (cl) {
+    if (ht) return emu_bwd<T, ChannelsLast, true>(p);
+    return emu_bwd<T, ChannelsLast, false>(p);
+  }
+  if (ht) return emu_bwd<T, Nchw, true>(p);
+  return emu_bwd<T, Nchw, false>(p);
+}
+void lateral_grad_bias_top(const GradBiasTopParams& p, int dtype, bool cl, cudaStream_t) {
+  if (dtype == 0) return emu_bwd_dispatch<__half>(p, cl);
+  if (dtype == 1) return emu_bwd_dispatch<__nv_bfloat16>(p, cl);
+  return emu_bwd_dispatch<float>(p, cl);
+}
+
+}  // namespace cuda
+}  // namespace fused_fpn
+
+#include "lateral_cuda_host.cpp"
+
+at::Tensor emu_lateral(const at::Tensor& x, const at::Tensor& w, const c10::optional<at::Tensor>& b,
+                       const c10::optional<at::Tensor>& t, int64_t sms, bool tf32) {
+  emu::sm_count = static_cast<int>(sms);
+  emu::tf32 = tf32;
+  return fused_fpn::lateral_cuda(x, w, b, t);
+}
+std::tuple<at::Tensor, at::Tensor> emu_grad(const at::Tensor& dy, int64_t th, int64_t tw) {
+  return fused_fpn::lateral_grad_bias_top_cuda(dy, th, tw);
+}
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("lateral", &emu_lateral);
+  m.def("grad", &emu_grad);
+}

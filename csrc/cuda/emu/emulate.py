@@ -1,0 +1,141 @@
+"""Builds a CPU emulation of fused_fpn's CUDA kernels (see emu_cuda.h) as a torch extension.
+
+The kernel sources of csrc/cuda/ are copied with mechanical edits only: CUDA-only includes
+dropped, ``extern __shared__`` / ``__shared__`` arrays pointed at the emulated CTA's shared
+buffer, the cp.async helpers replaced by emulated ones, the ``<<<...>>>`` launchers (from the
+"// Host launcher of one instantiation" marker on) replaced by emu_main.cpp's mirrors. The host
+code of lateral_cuda.cpp runs as written apart from the device guard, the stream, the SM count
+and the TF32 flag (parameters, so the split-K and math decisions can be exercised).
+Used by tests/test_cuda_build.py on machines without a GPU.
+
+    module = build(build_dir)        # about 30 s on 2 cores
+    module.lateral(x, w, bias, top, sm_count, tf32) -> y      (CPU tensors, CUDA kernel logic)
+    module.grad(dy, top_h, top_w) -> (db, dtop)
+"""
+from __future__ import annotations
+
+import os
+import re
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+SRC = os.path.dirname(HERE)  # csrc/cuda
+
+# Emulated cp.async: deferred copies, retired by cp.async.wait_group (EMU_DEFER=1) or immediate.
+_CP_ASYNC_EMU = """struct EmuCopy {
+  void* dst;
+  const void* src;
+  bool valid;
+};
+inline thread_local std::vector<EmuCopy> emu_pending;
+inline thread_local std::vector<std::vector<EmuCopy>> emu_groups;
+inline void emu_do(const EmuCopy& c) {
+  if (c.valid) {
+    std::memcpy(c.dst, c.src, 16);
+  } else {
+    std::memset(c.dst, 0, 16);
+  }
+}
+inline void cp_async_16(void* smem, const void* gmem, bool valid) {
+#if EMU_DEFER
+  emu_pending.push_back({smem, gmem, valid});
+#else
+  emu_do({smem, gmem, valid});
+#endif
+}
+inline void cp_async_commit() {
+  emu_groups.push_back(std::move(emu_pending));
+  emu_pending.clear();
+}
+template <int N>
+inline void cp_async_wait() {
+  while (emu_groups.size() > static_cast<size_t>(N)) {
+    for (auto& c : emu_groups.front()) emu_do(c);
+    emu_groups.erase(emu_groups.begin());
+  }
+}
+
+"""
+
+
+def _read(*parts: str) -> str:
+    with open(os.path.join(SRC, *parts)) as f:
+        return f.read()
+
+
+def _replace(text: str, old: str, new: str) -> str:
+    assert old in text, f"emulation: the CUDA sources changed, cannot find {old!r}"
+    return text.replace(old, new)
+
+
+def _cut(text: str, marker: str) -> str:
+    assert marker in text, f"emulation: the CUDA sources changed, cannot find {marker!r}"
+    return text[:text.index(marker)]
+
+
+def _drop_includes(text: str, *headers: str) -> str:
+    for h in headers:
+        text = text.replace(f"#include <{h}>\n", "")
+    return text
+
+
+def generate(out: str) -> None:
+    """Writes the emulation copies of the CUDA sources into ``out``."""
+    os.makedirs(out, exist_ok=True)
+    files = {}
+
+    u = _read("cuda_utils.cuh")
+    i = u.index("// 16-byte global -> shared asynchronous copy")
+    j = u.index("}  // namespace cuda")
+    u = u[:i] + _CP_ASYNC_EMU + u[j:]
+    files["cuda_utils.cuh"] = _replace(u, "#include <cuda_runtime.h>", '#include "emu_cuda.h"')
+
+    f = _cut(_read("lateral_fwd.cuh"), "// Host launcher of one instantiation")
+    f = _drop_includes(f, "c10/cuda/CUDAException.h", "c10/util/Exception.h", "mma.h")
+    f = _replace(f, '#include "../nearest.h"', '#include "nearest.h"')
+    f = _replace(f, "extern __shared__ __align__(128) unsigned char smem[];", "unsigned char* smem = emu::smem_ptr;")
+    files["lateral_fwd.cuh"] = f + "\n}  // namespace cuda\n}  // namespace fused_fpn\n"
+
+    b = _cut(_read("lateral_bwd.cu"), "template <typename T, typename Layout, bool kHasTop>\nvoid launch_grad_bias_top")
+    b = _drop_includes(b, "c10/cuda/CUDAException.h", "c10/util/Exception.h")
+    b = _replace(b, '#include "../nearest.h"', '#include "nearest.h"')
+    b = _replace(b, "__shared__ float red[kClGroups][kClLanes];",
+                 "float(&red)[kClGroups][kClLanes] = *reinterpret_cast<float(*)[kClGroups][kClLanes]>(emu::smem_ptr);")
+    b = _replace(b, "__shared__ float red[kNchwThreads];", "float* red = reinterpret_cast<float*>(emu::smem_ptr);")
+    assert "__shared__" not in b, "emulation: a new __shared__ array needs a mapping here"
+    files["lateral_bwd.cuh"] = b + "\n}  // namespace cuda\n}  // namespace fused_fpn\n"
+
+    h = _drop_includes(_read("lateral_cuda.cpp"), "c10/cuda/CUDAException.h", "c10/cuda/CUDAGuard.h",
+                       "c10/cuda/CUDAStream.h", "torch/library.h")
+    h = _replace(h, '#include "../nearest.h"', '#include "nearest.h"')
+    h = re.sub(r"c10::cuda::CUDAGuard guard\([^;]*\);", "", h)
+    h = _replace(h, "x.is_cuda()", "true")
+    h = _replace(h, "grad_out.is_cuda()", "true")
+    h = _replace(h, "c10::cuda::getCurrentCUDAStream()", "static_cast<cudaStream_t>(nullptr)")
+    h = _replace(h, "multiprocessor_count(x.get_device())", "emu::sm_count")
+    h = _replace(h, "if (conv_allows_tf32()) {", "if (emu::tf32) {")
+    i = h.index("int multiprocessor_count(int device) {")
+    j = h.index("// Whether fp32 convolutions may use TF32")
+    h = h[:i] + h[j:]
+    i = h.index("TORCH_LIBRARY_IMPL(fused_fpn, CUDA, m)")
+    j = h.index("}", i)
+    files["lateral_cuda_host.cpp"] = h[:i] + h[j + 1:]
+
+    files["lateral_cuda.h"] = _read("lateral_cuda.h")
+    files["nearest.h"] = _read("..", "nearest.h")
+    with open(os.path.join(HERE, "emu_cuda.h")) as fh:
+        files["emu_cuda.h"] = fh.read()
+    for name, text in files.items():
+        with open(os.path.join(out, name), "w") as fh:
+            fh.write(text)
+
+
+def build(build_dir: str):
+    """Generates the sources into ``build_dir`` and builds / loads the emulator module."""
+    from torch.utils.cpp_extension import load
+
+    gen = os.path.join(build_dir, "gen")
+    generate(gen)
+    cuda_home = os.environ.get("CUDA_HOME") or "/usr/local/cuda"
+    return load("fused_fpn_cuda_emu", sources=[os.path.join(HERE, "emu_main.cpp")], build_directory=build_dir,
+                extra_include_paths=[gen, os.path.join(cuda_home, "include")],
+                extra_cflags=["-O2", "-std=c++20", "-w", "-DEMU_DEFER=1"], verbose=False)
