@@ -19,6 +19,7 @@
 # (SIGINT: the table and files are still written) GPU_RUN_BENCH_GRACE s later (default 90).
 # torch.compile(mode="max-autotune") runs on the fp16 NCHW lateral path only
 # (FUSED_FPN_BENCH_MAX_AUTOTUNE=lateral: every lateral case; =0: none).
+# GPU_RUN_PYTEST_ARGS adds pytest arguments to the test step (e.g. "-n 8", --ignore=FILE).
 # GPU_RUN_STEPS=build,tests,bench picks steps (e.g. GPU_RUN_STEPS=bench after a first full call).
 set -uo pipefail
 
@@ -93,8 +94,9 @@ fi
 # ---- tests
 if want tests; then
     note "tests: pytest tests (timeout ${TEST_TIMEOUT}s), log in logs/tests.log"
+    # GPU_RUN_PYTEST_ARGS: extra pytest arguments (e.g. "-n 8" with pytest-xdist, or --ignore=...)
     timeout -s INT -k 20 "$TEST_TIMEOUT" "$PY" -m pytest tests -q -rfEs -p no:cacheprovider --durations=15 \
-        > "$OUT/logs/tests.log" 2>&1
+        ${GPU_RUN_PYTEST_ARGS:-} > "$OUT/logs/tests.log" 2>&1
     rc=$?
     tail -5 "$OUT/logs/tests.log"
     record tests $rc

@@ -1,4 +1,11 @@
-"""The "cuda" backend: the C++/CUDA kernel of csrc/cuda/ (torch.ops.fused_fpn.lateral on CUDA)."""
+"""The "cuda" backend: the C++/CUDA kernels of csrc/cuda/ (torch.ops.fused_fpn.lateral on CUDA).
+
+Forward: one tensor-core GEMM over pixels (fp16 / bf16 with fp32 accumulation; fp32 on TF32 tensor
+cores when ``torch.backends.cudnn.allow_tf32`` is on, exact fp32 FMA when off, as eager conv2d)
+with the bias + nearest-gather epilogue fused; NCHW and channels_last read through strides.
+Backward: dx, dW through ATen (fused_fpn/_ops.py); db + dtop in one deterministic pass over dy.
+float64 is not supported on CUDA (use the "torch" backend, e.g. for gradcheck).
+"""
 from typing import Optional
 
 import torch
