@@ -61,8 +61,13 @@ def pytest_configure(config):
             max_autotune=opt("--bench-max-autotune"))
     except ValueError as exc:
         raise pytest.UsageError(str(exc)) from exc
-    threads = opt("--bench-threads") or (int(os.environ["FUSED_FPN_BENCH_THREADS"])
-                                         if os.environ.get("FUSED_FPN_BENCH_THREADS") else None)
+    threads = opt("--bench-threads")
+    if threads is None and os.environ.get("FUSED_FPN_BENCH_THREADS"):
+        try:
+            threads = int(os.environ["FUSED_FPN_BENCH_THREADS"])
+        except ValueError as exc:
+            raise pytest.UsageError(f"FUSED_FPN_BENCH_THREADS must be an integer, got "
+                                    f"{os.environ['FUSED_FPN_BENCH_THREADS']!r}") from exc
     if threads is not None:
         if threads < 1:
             raise pytest.UsageError(f"--bench-threads must be >= 1, got {threads}")

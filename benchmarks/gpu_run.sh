@@ -61,7 +61,9 @@ print("python", sys.version.split()[0], "at", sys.executable)
 print("torch", torch.__version__, "cuda", torch.version.cuda, "available", torch.cuda.is_available())
 if torch.cuda.is_available():
     print("device", torch.cuda.get_device_name(), "capability", torch.cuda.get_device_capability())
-for mod in ("torchvision", "triton", "pytest", "pytest_benchmark", "matplotlib"):
+import shutil
+print("ninja:", shutil.which("ninja") or "not on PATH", "(without ninja the CUDA files compile one at a time)")
+for mod in ("torchvision", "triton", "pytest", "pytest_benchmark", "matplotlib", "ninja"):
     try:
         print(mod, __import__(mod).__version__)
     except Exception as exc:

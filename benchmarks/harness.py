@@ -173,10 +173,14 @@ class BenchConfig:
         """Build from the FUSED_FPN_BENCH_* environment; keyword overrides (not None) win."""
         device = os.environ.get(DEVICE_ENV) or ("cuda" if torch.cuda.is_available() else "cpu")
         budget = os.environ.get(BUDGET_ENV)
+        try:
+            budget = float(budget) if budget else None
+        except ValueError:
+            raise ValueError(f"{BUDGET_ENV} must be a number of seconds, got {budget!r}") from None
         cfg = cls(device=device, quick=_env_flag(QUICK_ENV),
                   providers=_env_list(PROVIDERS_ENV), cases=_env_list(CASES_ENV),
                   dtypes=_env_list(DTYPES_ENV), layouts=_env_list(LAYOUTS_ENV),
-                  budget_s=float(budget) if budget else None,
+                  budget_s=budget,
                   max_autotune=os.environ.get(MAX_AUTOTUNE_ENV, "path").strip().lower() or "path")
         if os.environ.get(RESULTS_ENV):
             cfg.results_dir = os.environ[RESULTS_ENV]
