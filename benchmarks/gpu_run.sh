@@ -19,6 +19,7 @@
 # (SIGINT: the table and files are still written) GPU_RUN_BENCH_GRACE s later (default 90).
 # torch.compile(mode="max-autotune") runs on the fp16 NCHW lateral path only
 # (FUSED_FPN_BENCH_MAX_AUTOTUNE=lateral: every lateral case; =0: none).
+# GPU_RUN_BENCH_ARGS adds pytest arguments to the bench step (e.g. --bench-cases 'lateral_*').
 # GPU_RUN_PYTEST_ARGS adds pytest arguments to the test step (e.g. "-n 8", --ignore=FILE).
 # GPU_RUN_STEPS=build,tests,bench picks steps (e.g. GPU_RUN_STEPS=bench after a first full call).
 set -uo pipefail
@@ -108,7 +109,8 @@ fi
 if want bench; then
     note "bench: pytest benchmarks (budget ${BENCH_BUDGET}s + ${BENCH_GRACE}s), log in logs/bench.log"
     FUSED_FPN_BENCH_BUDGET_S=$BENCH_BUDGET timeout -s INT -k 30 $((BENCH_BUDGET + BENCH_GRACE)) \
-        "$PY" -m pytest benchmarks -p no:cacheprovider -rfEs --durations=10 > "$OUT/logs/bench.log" 2>&1
+        "$PY" -m pytest benchmarks -p no:cacheprovider -rfEs --durations=10 ${GPU_RUN_BENCH_ARGS:-} \
+        > "$OUT/logs/bench.log" 2>&1
     rc=$?
     copied=0
     while read -r path; do

@@ -13,8 +13,9 @@ tensors, no GPU) they are ``torch.library.custom_op`` s with ``register_fake``: 
 path and torch.compile fail there because the interpreter touches data pointers (DESIGN.md §4).
 Autograd is registered on ``triton_lateral`` in both cases; its backward is ``triton_lateral_backward``.
 
-triton is imported only when this backend is asked for (``unavailable_reason`` after the cheap checks,
-or the first ``lateral`` call), never by ``import fused_fpn``.
+triton is imported, and the ops registered, when this module is imported and the backend can run (a
+CUDA device is present or TRITON_INTERPRET=1 is set); without either, triton is never imported by
+this module.
 """
 from __future__ import annotations
 
@@ -192,3 +193,9 @@ def lateral(x, weight, bias, top):
     """The backend entry point (inputs validated by fused_fpn.lateral; weight is [Cout, Cin])."""
     _register()
     return torch.ops.fused_fpn.triton_lateral(x, weight, bias, top)
+
+
+# Register the ops at import when this backend can run (a GPU is present, or the interpreter is
+# on): a first registration inside a torch.compile'd region would be a graph break.
+if unavailable_reason() is None:
+    _register()
