@@ -7,7 +7,7 @@
 # Steps, each logged to OUT_DIR (a step that fails does not stop the next ones):
 #   env    nvidia-smi, versions                                   -> OUT_DIR/logs/env.txt
 #   build  pip install --no-build-isolation --no-deps -e . with the CUDA kernels forced
-#          (FUSED_FPN_FORCE_CUDA=1, FUSED_FPN_CUDA_ARCHS=90, MAX_JOBS=16)  -> OUT_DIR/logs/build.log
+#          (FUSED_FPN_FORCE_CUDA=1, FUSED_FPN_CUDA_ARCHS="80;90", MAX_JOBS=16)  -> OUT_DIR/logs/build.log
 #   tests  python3 -m pytest tests (the whole suite, on the GPU)  -> OUT_DIR/logs/tests.log
 #   bench  python3 -m pytest benchmarks (GPU shapes)              -> OUT_DIR/logs/bench.log
 #          + the results benchmarks/results/<device>_<date>.{json,png,md} copied to OUT_DIR
@@ -30,6 +30,8 @@ OUT=$(cd "$OUT" && pwd)
 cd "$(dirname "$0")/.."
 
 export PYTHONUNBUFFERED=1
+# sm_80 and sm_90 machine code, as on CI; exported so tests/test_cuda_build.py checks the same list
+export FUSED_FPN_CUDA_ARCHS=${FUSED_FPN_CUDA_ARCHS:-80;90}
 export CUDA_HOME=${CUDA_HOME:-/usr/local/cuda}
 PY=${PYTHON:-python3}
 STEPS=${GPU_RUN_STEPS:-build,tests,bench}
@@ -81,7 +83,7 @@ if want build; then
         note "build: no csrc/cuda/*.cu in this tree: building without FUSED_FPN_FORCE_CUDA"
     fi
     note "build: pip install -e . (FUSED_FPN_FORCE_CUDA=$force, sm_90), log in logs/build.log"
-    FUSED_FPN_FORCE_CUDA=$force FUSED_FPN_CUDA_ARCHS=${FUSED_FPN_CUDA_ARCHS:-90} MAX_JOBS=${MAX_JOBS:-16} \
+    FUSED_FPN_FORCE_CUDA=$force MAX_JOBS=${MAX_JOBS:-16} \
         "$PY" -m pip install --no-build-isolation --no-deps -v -e . > "$OUT/logs/build.log" 2>&1
     rc=$?
     "$PY" - >> "$OUT/logs/build.log" 2>&1 <<'EOF' || rc=1
