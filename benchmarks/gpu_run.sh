@@ -30,6 +30,13 @@ OUT=$(cd "$OUT" && pwd)
 cd "$(dirname "$0")/.."
 
 export PYTHONUNBUFFERED=1
+# Link with the system g++ unless told otherwise: a Python built with its own toolchain (the GPU
+# image's python links extensions with /opt/gcc/bin/g++) can put a second, static copy of
+# libstdc++ into _C, whose iostreams then crash on the first error message (seen on the H100).
+# GPU_RUN_KEEP_TOOLCHAIN=1 keeps whatever CC/CXX/LDSHARED the environment and sysconfig give.
+if [ -z "${GPU_RUN_KEEP_TOOLCHAIN:-}" ] && [ -x /usr/bin/g++ ] && [ -x /usr/bin/gcc ]; then
+    export CC=/usr/bin/gcc CXX=/usr/bin/g++ LDSHARED="/usr/bin/g++ -shared"
+fi
 # sm_80 and sm_90 machine code, as on CI; exported so tests/test_cuda_build.py checks the same list
 export FUSED_FPN_CUDA_ARCHS=${FUSED_FPN_CUDA_ARCHS:-80;90}
 export CUDA_HOME=${CUDA_HOME:-/usr/local/cuda}
@@ -92,7 +99,8 @@ on_cuda = fused_fpn.available_backends("cuda") if torch.cuda.is_available() else
 print("fused_fpn backends:", fused_fpn.available_backends(), "on cuda:", on_cuda,
       "cuda built:", fused_fpn.cuda_built(), "extension error:", fused_fpn.extension_error())
 EOF
-    grep -E "fused_fpn setup|error|Successfully|fused_fpn backends" "$OUT/logs/build.log" | tail -20
+    ls fused_fpn/_C*.so > /dev/null 2>&1 && ldd fused_fpn/_C*.so | grep -E "stdc\+\+|not found" >> "$OUT/logs/build.log"
+    grep -E "fused_fpn setup|error|Successfully|fused_fpn backends|libstdc" "$OUT/logs/build.log" | tail -20
     record build $rc
 fi
 

@@ -22,6 +22,8 @@ def nearest_source_indices(in_size: int, out_size: int, device=None) -> torch.Te
     double quotient of two float32 values rounds to the same float32), and the multiply below
     runs in float32 because the tensor is float32.
     """
+    if out_size == 0:
+        return torch.empty((0,), dtype=torch.int64, device=device)
     scale = float(in_size) / float(out_size)
     dst = torch.arange(out_size, dtype=torch.float32, device=device)
     src = torch.floor(dst * scale).to(torch.int64)
@@ -43,7 +45,13 @@ def lateral_reference(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torc
     Output [N, Cout, H, W] in x's memory format (see ``fused_fpn._layout``).
     """
     w4 = weight if weight.dim() == 4 else weight[:, :, None, None]
-    y = F.conv2d(x, w4, bias)
+    n, cin, h, w = x.shape
+    if cin == 0 or h == 0 or w == 0:   # conv2d rejects these; the sum over no channels is 0
+        y = x.new_zeros((n, w4.shape[0], h, w))
+        if bias is not None:
+            y = y + bias[None, :, None, None]
+    else:
+        y = F.conv2d(x, w4, bias)
     if top is not None:
         y = y + upsample_nearest_reference(top, x.shape[-2:])
     return y.contiguous(memory_format=output_memory_format(x))

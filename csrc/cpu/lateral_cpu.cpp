@@ -73,25 +73,23 @@ void check_lateral_inputs(const at::Tensor& x, const at::Tensor& weight, const c
   }
 }
 
-// Rows per tile: the tile's GEMM output (Cout x rows x W) stays around 512 KiB (cache-resident
-// for the epilogue), and there are at least two tiles per thread when the map allows it.
-int64_t tile_rows(int64_t n, int64_t h, int64_t w, int64_t cout, int64_t element_size) {
-  constexpr int64_t kTileBytes = 512 * 1024;
+// Rows per tile: the tile's GEMM output (Cout x rows x W) is about 2 MiB, so it stays in the
+// cores' L2 / the L3 slice for the epilogue while the GEMM still has enough columns to run at
+// full speed on every thread.
+int64_t tile_rows(int64_t h, int64_t w, int64_t cout, int64_t element_size) {
+  constexpr int64_t kTileBytes = 2 * 1024 * 1024;
   const int64_t row_bytes = std::max<int64_t>(1, cout * w * element_size);
-  int64_t rows = std::max<int64_t>(1, std::min<int64_t>(h, kTileBytes / row_bytes));
-  const int64_t min_items = 2 * static_cast<int64_t>(at::get_num_threads());
-  while (rows > 1 && n * ((h + rows - 1) / rows) < min_items) rows = (rows + 1) / 2;
-  return rows;
+  return std::max<int64_t>(1, std::min<int64_t>(h, kTileBytes / row_bytes));
 }
 
 template <typename scalar_t>
 void lateral_cpu_impl(const at::Tensor& x, const at::Tensor& w4, const c10::optional<at::Tensor>& bias,
                       const c10::optional<at::Tensor>& top, at::Tensor& out) {
   using opmath_t = at::opmath_type<scalar_t>;
-  const int64_t N = x.size(0), H = x.size(2), W = x.size(3), Cout = w4.size(0);
+  const int64_t N = x.size(0), Cin = x.size(1), H = x.size(2), W = x.size(3), Cout = w4.size(0);
   const bool out_cl = is_channels_last_like(out);
   const int64_t so0 = out.stride(0), so1 = out.stride(1), so2 = out.stride(2), so3 = out.stride(3);
-  const int64_t rows = tile_rows(N, H, W, Cout, x.element_size());
+  const int64_t rows = tile_rows(H, W, Cout, x.element_size());
   const int64_t tiles_per_image = (H + rows - 1) / rows;
 
   at::Tensor b_contig = bias.has_value() ? bias->contiguous() : at::Tensor();
@@ -108,52 +106,62 @@ void lateral_cpu_impl(const at::Tensor& x, const at::Tensor& w4, const c10::opti
   }
   scalar_t* optr = out.mutable_data_ptr<scalar_t>();
 
-  at::parallel_for(0, N * tiles_per_image, 1, [&](int64_t begin, int64_t end) {
-    for (int64_t item = begin; item < end; ++item) {
-      const int64_t n = item / tiles_per_image;
-      const int64_t h0 = (item % tiles_per_image) * rows;
-      const int64_t nrows = std::min(rows, H - h0);
-      // The tile's GEMM: ATen's own 1x1 convolution (oneDNN / BLAS) on a view of rows [h0, h0+nrows).
-      const at::Tensor yt = at::conv2d(x.narrow(0, n, 1).narrow(2, h0, nrows), w4);
-      const scalar_t* yp = yt.const_data_ptr<scalar_t>();
-      const int64_t sy1 = yt.stride(1), sy2 = yt.stride(2), sy3 = yt.stride(3);
-      // Epilogue while the tile is hot: out = yt + bias + top[nearest], each element written once.
-      if (out_cl) {
-        for (int64_t r = 0; r < nrows; ++r) {
-          const int64_t h = h0 + r;
-          for (int64_t ww = 0; ww < W; ++ww) {
-            const scalar_t* src = yp + r * sy2 + ww * sy3;
-            scalar_t* dst = optr + n * so0 + h * so2 + ww * so3;
-            const scalar_t* tp = has_top ? tptr + n * st0 + ih_off[h] + iw_off[ww] : nullptr;
-            for (int64_t c = 0; c < Cout; ++c) {
-              opmath_t v = static_cast<opmath_t>(src[c * sy1]);
-              if (bptr) v += static_cast<opmath_t>(bptr[c]);
-              if (tp) v += static_cast<opmath_t>(tp[c * st1]);
-              dst[c * so1] = static_cast<scalar_t>(v);
-            }
+  // Epilogue of one tile, for output channels [c0, c1) (NCHW) or tile rows [r0, r1) (channels_last):
+  // out = yt + bias + top[nearest], each output element written once, while yt is in cache.
+  auto epilogue = [&](int64_t n, int64_t h0, const at::Tensor& yt, int64_t lo, int64_t hi) {
+    const scalar_t* yp = yt.const_data_ptr<scalar_t>();
+    const int64_t sy1 = yt.stride(1), sy2 = yt.stride(2), sy3 = yt.stride(3);
+    if (out_cl) {
+      for (int64_t r = lo; r < hi; ++r) {
+        const int64_t h = h0 + r;
+        for (int64_t ww = 0; ww < W; ++ww) {
+          const scalar_t* src = yp + r * sy2 + ww * sy3;
+          scalar_t* dst = optr + n * so0 + h * so2 + ww * so3;
+          const scalar_t* tp = has_top ? tptr + n * st0 + ih_off[h] + iw_off[ww] : nullptr;
+          for (int64_t c = 0; c < Cout; ++c) {
+            opmath_t v = static_cast<opmath_t>(src[c * sy1]);
+            if (bptr) v += static_cast<opmath_t>(bptr[c]);
+            if (tp) v += static_cast<opmath_t>(tp[c * st1]);
+            dst[c * so1] = static_cast<scalar_t>(v);
           }
         }
-      } else {
-        for (int64_t c = 0; c < Cout; ++c) {
-          const opmath_t bc = bptr ? static_cast<opmath_t>(bptr[c]) : opmath_t(0);
-          for (int64_t r = 0; r < nrows; ++r) {
-            const int64_t h = h0 + r;
-            const scalar_t* src = yp + c * sy1 + r * sy2;
-            scalar_t* dst = optr + n * so0 + c * so1 + h * so2;
-            if (has_top) {
-              const scalar_t* trow = tptr + n * st0 + c * st1 + ih_off[h];
-              for (int64_t ww = 0; ww < W; ++ww)
-                dst[ww * so3] = static_cast<scalar_t>(static_cast<opmath_t>(src[ww * sy3]) + bc +
-                                                      static_cast<opmath_t>(trow[iw_off[ww]]));
-            } else {
-              for (int64_t ww = 0; ww < W; ++ww)
-                dst[ww * so3] = static_cast<scalar_t>(static_cast<opmath_t>(src[ww * sy3]) + bc);
-            }
+      }
+    } else {
+      const int64_t nrows = yt.size(2);
+      for (int64_t c = lo; c < hi; ++c) {
+        const opmath_t bc = bptr ? static_cast<opmath_t>(bptr[c]) : opmath_t(0);
+        for (int64_t r = 0; r < nrows; ++r) {
+          const int64_t h = h0 + r;
+          const scalar_t* src = yp + c * sy1 + r * sy2;
+          scalar_t* dst = optr + n * so0 + c * so1 + h * so2;
+          if (has_top) {
+            const scalar_t* trow = tptr + n * st0 + c * st1 + ih_off[h];
+            for (int64_t ww = 0; ww < W; ++ww)
+              dst[ww * so3] = static_cast<scalar_t>(static_cast<opmath_t>(src[ww * sy3]) + bc +
+                                                    static_cast<opmath_t>(trow[iw_off[ww]]));
+          } else {
+            for (int64_t ww = 0; ww < W; ++ww)
+              dst[ww * so3] = static_cast<scalar_t>(static_cast<opmath_t>(src[ww * sy3]) + bc);
           }
         }
       }
     }
-  });
+  };
+  // The tile's GEMM: ATen's own 1x1 convolution (oneDNN / BLAS) on a view of rows [h0, h0+nrows).
+  // (Cin == 0: the product is an empty sum, which conv2d does not take.)
+  auto tile_gemm = [&](int64_t n, int64_t h0, int64_t nrows) {
+    const at::Tensor xt = x.narrow(0, n, 1).narrow(2, h0, nrows);
+    return Cin == 0 ? at::zeros({1, Cout, nrows, W}, x.options()) : at::conv2d(xt, w4);
+  };
+  // Tiles run one after the other; ATen's GEMM uses every thread on a tile (oneDNN runs its
+  // fastest kernels multi-threaded), then the epilogue splits the tile across the threads.
+  for (int64_t item = 0; item < N * tiles_per_image; ++item) {
+    const int64_t n = item / tiles_per_image;
+    const int64_t h0 = (item % tiles_per_image) * rows;
+    const int64_t nrows = std::min(rows, H - h0);
+    const at::Tensor yt = tile_gemm(n, h0, nrows);
+    at::parallel_for(0, out_cl ? nrows : Cout, 1, [&](int64_t lo, int64_t hi) { epilogue(n, h0, yt, lo, hi); });
+  }
 }
 
 at::Tensor lateral_cpu(const at::Tensor& x, const at::Tensor& weight, const c10::optional<at::Tensor>& bias,
@@ -167,6 +175,10 @@ at::Tensor lateral_cpu(const at::Tensor& x, const at::Tensor& weight, const c10:
   at::Tensor out = at::empty({x.size(0), weight.size(0), x.size(2), x.size(3)}, x.options().memory_format(fmt));
   if (out.numel() == 0) return out;
   const at::Tensor w4 = weight.contiguous().view({weight.size(0), weight.size(1), 1, 1});
+  if (!top.has_value() && x.size(1) > 0) {
+    // Nothing to gather: y = conv1x1(x) + bias is ATen's convolution itself (one pass, bias fused).
+    return at::conv2d(x, w4, bias).contiguous(fmt);
+  }
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, dtype, "fused_fpn_lateral_cpu",
                                   [&] { lateral_cpu_impl<scalar_t>(x, w4, bias, top, out); });
   return out;

@@ -26,7 +26,10 @@ _MODULES: Dict[str, str] = {
 }
 
 # "auto": the first backend in this list that can run on the tensors. Order set by the benchmarks
-# (benchmarks/results/): on CUDA tensors the fused GPU kernels, on CPU tensors the C++ kernel.
+# (benchmarks/results/nvidia-h100-80gb-hbm3_2026-11-24*): on CUDA tensors the C++/CUDA kernel was
+# faster than the Triton one on every level but P2 in both H100 runs (fp16 channels_last: P3..P5 and
+# the whole lateral path, where Triton's per-launch host overhead dominates; P2 went to Triton in
+# one run and to CUDA in the other), so "auto" takes CUDA, then Triton. On CPU tensors the C++ kernel.
 AUTO_ORDER: Dict[str, tuple] = {
     "cuda": ("cuda", "triton", "torch"),
     "cpu": ("cpu", "torch"),
