@@ -28,3 +28,15 @@ def nan_poison():
     finally:
         torch.utils.deterministic.fill_uninitialized_memory = old_fill
         torch.use_deterministic_algorithms(old_det, warn_only=old_warn)
+
+
+@pytest.fixture
+def no_tf32():
+    """fp32 GPU kernels follow allow_tf32 (TF32 by default for cuDNN): compare in IEEE fp32."""
+    old = (torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32)
+    torch.backends.cudnn.allow_tf32 = False
+    torch.backends.cuda.matmul.allow_tf32 = False
+    try:
+        yield
+    finally:
+        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = old

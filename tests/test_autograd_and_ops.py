@@ -6,14 +6,7 @@ import fused_fpn
 from fpn_testing import DEVICES, backend_device_params, backend_supports, make_lateral_case, to64
 from fused_fpn.reference import lateral_grad_bias_top_reference
 
-@pytest.fixture(autouse=True)
-def no_tf32():
-    """fp32 GPU kernels follow allow_tf32 (TF32 by default for cuDNN): these tests compare in IEEE fp32."""
-    old = (torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32)
-    torch.backends.cudnn.allow_tf32 = False
-    torch.backends.cuda.matmul.allow_tf32 = False
-    yield
-    torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = old
+pytestmark = pytest.mark.usefixtures("no_tf32")   # IEEE fp32 on GPUs (conftest)
 
 
 needs_ext = pytest.mark.skipif(not fused_fpn.extension_loaded(), reason="fused_fpn._C not built")

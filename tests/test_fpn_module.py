@@ -65,12 +65,7 @@ def assert_outputs_match(got, expected, dtype, ref64=None):
             assert rel_err(got[k], ref64[k]) <= 2 * rel_err(expected[k], ref64[k]) + 1e-3, k
 
 
-@pytest.fixture(autouse=True)
-def no_tf32():
-    old = torch.backends.cudnn.allow_tf32
-    torch.backends.cudnn.allow_tf32 = False
-    yield
-    torch.backends.cudnn.allow_tf32 = old
+pytestmark = pytest.mark.usefixtures("no_tf32")   # IEEE fp32 on GPUs (conftest)
 
 
 def test_constructor_keys_init_and_repr_match_torchvision():
