@@ -26,6 +26,15 @@ def test_auto_picks_the_cpu_kernel_on_cpu_tensors():
     assert backends.select("auto", x).NAME == expected
 
 
+def test_auto_knows_when_it_is_compiled():
+    """On CUDA tensors "auto" takes Triton inside torch.compile / CUDA-graph capture, CUDA otherwise."""
+    assert backends._graphed() is False
+    assert backends.AUTO_ORDER["cuda"][0] == "cuda" and backends.AUTO_ORDER_GRAPHED_CUDA[0] == "triton"
+    torch._dynamo.reset()
+    compiled = torch.compile(lambda x: x + 1 if backends._graphed() else x - 1, fullgraph=True)
+    assert torch.equal(compiled(torch.zeros(1)), torch.ones(1))
+
+
 def test_backend_that_cannot_run_lists_the_ones_that_can():
     x = torch.randn(1, 3, 4, 4)
     with pytest.raises(ValueError, match=r"cuda.*Backends that can: \[.*'torch'"):

@@ -25,15 +25,23 @@ _MODULES: Dict[str, str] = {
     "cuda": "fused_fpn.backends.cuda",
 }
 
-# "auto": the first backend in this list that can run on the tensors. Order set by the benchmarks
-# (benchmarks/results/nvidia-h100-80gb-hbm3_2026-11-24*): on CUDA tensors the C++/CUDA kernel was
-# faster than the Triton one on every level but P2 in both H100 runs (fp16 channels_last: P3..P5 and
-# the whole lateral path, where Triton's per-launch host overhead dominates; P2 went to Triton in
-# one run and to CUDA in the other), so "auto" takes CUDA, then Triton. On CPU tensors the C++ kernel.
+# "auto": the first backend in this list that can run on the tensors; on CPU tensors the C++ kernel.
+# On CUDA tensors the order comes from the H100 benchmarks (benchmarks/results/nvidia-h100-80gb-hbm3_
+# 2026-11-24*, fp16 channels_last ResNet-50-FPN): timed as eager calls, the C++/CUDA kernel has the
+# lower latency (the lateral path in 0.23 ms vs Triton's 0.83 ms: Triton's per-launch host overhead
+# dominates P3..P5); timed as CUDA-graph replays (kernel time alone), Triton is faster on every level
+# but P5 (the path in 0.142 ms vs 0.223 ms, P2 at 76% of the copy ceiling). So "auto" takes CUDA for
+# eager calls and Triton when the call is being compiled or captured into a CUDA graph.
 AUTO_ORDER: Dict[str, tuple] = {
     "cuda": ("cuda", "triton", "torch"),
     "cpu": ("cpu", "torch"),
 }
+AUTO_ORDER_GRAPHED_CUDA = ("triton", "cuda", "torch")
+
+
+def _graphed() -> bool:
+    """True while torch.compile traces the call or a CUDA graph is being captured."""
+    return torch.compiler.is_compiling() or (torch.cuda.is_available() and torch.cuda.is_current_stream_capturing())
 
 BACKEND_NAMES = tuple(_MODULES)
 _loaded: Dict[str, object] = {}
@@ -93,7 +101,10 @@ def why_not(name: str, x: torch.Tensor) -> Optional[str]:
 def select(backend: str, x: torch.Tensor):
     """The backend module to run on ``x``; ValueError (listing what can run) if there is none."""
     if backend == "auto":
-        for name in AUTO_ORDER.get(x.device.type, ("torch",)):
+        order = AUTO_ORDER.get(x.device.type, ("torch",))
+        if x.device.type == "cuda" and _graphed():
+            order = AUTO_ORDER_GRAPHED_CUDA
+        for name in order:
             if why_not(name, x) is None:
                 return get_backend(name)
         raise ValueError(f"no fused_fpn backend can run on {x.device.type} tensors of dtype {x.dtype}")
