@@ -1,0 +1,178 @@
+"""Concurrent calls of ``fused_fpn.lateral`` from several Python threads give the single-threaded results.
+
+4 threads x 20 calls (forward and backward), each thread walking a list of mixed shapes, dtypes and
+layouts in its own order, all released at once by a barrier. The threaded run comes FIRST, on shapes
+no other test uses, so that per-shape state (Triton's autotuner and kernel caches, the extension's
+lazy paths, the caching allocator) is created while the threads race for it; the single-threaded
+results are computed afterwards and compared bit for bit (forward, and the gradients the backend
+computes itself: see ``_bitwise_grads``).
+
+The Triton backend on CPU tensors (TRITON_INTERPRET=1) is not run here: the Triton interpreter
+patches ``triton.language`` module-wide for the duration of each launch, so two launches from two
+threads break each other ("Did you forget to add @triton.jit ?"). That is the interpreter's
+limitation (a debugging mode), not the compiled path; on a GPU the Triton backend is tested here.
+"""
+from __future__ import annotations
+
+import threading
+
+import pytest
+import torch
+
+import fused_fpn
+from fpn_testing import DEVICES, backend_supports
+
+THREADS, CALLS = 4, 20
+JOIN_TIMEOUT_S = 300
+GRAD_NAMES = ("x", "weight", "bias", "top")
+
+# (N, Cin, Cout, (H, W), (Ht, Wt) or None, bias?, layout): odd sizes used nowhere else
+SHAPES = [
+    (1, 3, 5, (7, 5), (4, 3), True, "nchw"),
+    (2, 19, 11, (9, 6), (5, 3), True, "channels_last"),
+    (1, 37, 23, (13, 11), (19, 17), False, "nchw"),          # nearest down-sampling
+    (3, 10, 31, (6, 10), None, True, "channels_last"),
+    (2, 27, 9, (11, 15), (6, 8), False, "noncontig"),
+    (1, 45, 29, (17, 19), (9, 10), True, "channels_last"),
+]
+DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+
+
+def backend_params():
+    params = []
+    for device in DEVICES:
+        for name in fused_fpn.available_backends(device):
+            if device == "cpu" and name == "triton":
+                continue   # the interpreter is not thread-safe (module docstring)
+            params.append(pytest.param(device, name, id=f"{device}-{name}"))
+    return params
+
+
+@pytest.fixture(autouse=True)
+def no_tf32():
+    old = (torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32)
+    torch.backends.cudnn.allow_tf32 = False
+    torch.backends.cuda.matmul.allow_tf32 = False
+    try:
+        yield
+    finally:
+        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = old
+
+
+def _layout(t, layout):
+    if layout == "channels_last":
+        return t.contiguous(memory_format=torch.channels_last)
+    if layout == "noncontig":
+        return t.transpose(2, 3).contiguous().transpose(2, 3)   # strides (C*H*W, H*W, 1, H)
+    return t
+
+
+def _cases(device, backend):
+    """(x, weight, bias, top, dy) per shape, each in a dtype the backend takes (cycled)."""
+    dtypes = [d for d in DTYPES if backend_supports(backend, device, d) is None]
+    cases = []
+    for i, (n, cin, cout, hw, top_hw, with_bias, layout) in enumerate(SHAPES):
+        dtype = dtypes[i % len(dtypes)]
+        g = torch.Generator().manual_seed(100 + i)
+        x = _layout(torch.randn((n, cin, *hw), generator=g), layout).to(device, dtype)
+        w = (torch.randn((cout, cin), generator=g) / cin ** 0.5).to(device, dtype)
+        b = torch.randn((cout,), generator=g).to(device, dtype) if with_bias else None
+        top = _layout(torch.randn((n, cout, *top_hw), generator=g), layout).to(device, dtype) if top_hw else None
+        dy = torch.randn((n, cout, *hw), generator=g).to(device, dtype)
+        cases.append((x, w, b, top, dy))
+    return cases
+
+
+def _run(case, backend):
+    """Forward and backward on fresh leaves: (out, {name: grad or None})."""
+    *ins, dy = case
+    leaves = [None if t is None else t.detach().requires_grad_() for t in ins]
+    out = fused_fpn.lateral(*leaves, backend=backend)
+    out.backward(dy)
+    return out.detach(), {name: (None if t is None else t.grad) for name, t in zip(GRAD_NAMES, leaves)}
+
+
+def _bitwise_grads(device, backend):
+    """Gradients that must be bit-identical to the single-threaded ones: on the CPU all of them; on
+    CUDA those the backend computes itself (Triton: all; "cuda": db and dtop; dx and dW there are
+    cuDNN's). The rest are compared to a tight tolerance."""
+    if device == "cpu":
+        return GRAD_NAMES
+    return {"triton": GRAD_NAMES, "cuda": ("bias", "top")}.get(backend, ())
+
+
+@pytest.mark.parametrize("device,backend", backend_params())
+def test_threads_calling_at_once_get_the_single_threaded_results(device, backend):
+    cases = _cases(device, backend)
+    results, errors = {}, []
+    barrier = threading.Barrier(THREADS)
+
+    def worker(k):
+        try:
+            barrier.wait(timeout=JOIN_TIMEOUT_S)
+            for i in range(CALLS):
+                j = (k * 5 + i * (k + 1)) % len(cases)    # each thread its own order over the shapes
+                results[(k, i)] = (j, _run(cases[j], backend))
+            if device == "cuda":
+                torch.cuda.synchronize()
+        except BaseException as exc:  # noqa: BLE001 - reported below with the thread's number
+            errors.append(f"thread {k}: {exc!r}")
+
+    threads = [threading.Thread(target=worker, args=(k,), name=f"lateral-{k}") for k in range(THREADS)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=JOIN_TIMEOUT_S)
+    assert not any(t.is_alive() for t in threads), "a thread hung"
+    assert not errors, errors
+    assert len(results) == THREADS * CALLS
+    assert len({j for j, _ in results.values()}) == len(cases), "every shape ran concurrently"
+
+    expected = [_run(case, backend) for case in cases]       # single-threaded, after the race
+    bitwise = _bitwise_grads(device, backend)
+    for (k, i), (j, (out, grads)) in sorted(results.items()):
+        exp_out, exp_grads = expected[j]
+        assert torch.equal(out, exp_out), f"thread {k} call {i} (shape {j}): forward differs"
+        for name in GRAD_NAMES:
+            a, e = grads[name], exp_grads[name]
+            assert (a is None) == (e is None)
+            if a is None:
+                continue
+            if name in bitwise:
+                assert torch.equal(a, e), f"thread {k} call {i} (shape {j}): grad of {name} differs"
+            else:
+                torch.testing.assert_close(a, e, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_threads_running_fpn_modules_at_once(device):
+    """The whole FPN module (backend "auto") from several threads, one module shared by all."""
+    fpn = fused_fpn.FPN([5, 9, 17], 12, extra_blocks=fused_fpn.LastLevelMaxPool()).to(device).eval()
+    g = torch.Generator().manual_seed(7)
+    feats = [{f"c{i}": torch.randn((n, c, s, s + 1), generator=g).to(device)
+              for i, (c, s) in enumerate(zip((5, 9, 17), (20, 10, 5)))} for n in (1, 2, 3)]
+    results, errors = {}, []
+    barrier = threading.Barrier(THREADS)
+
+    def worker(k):
+        try:
+            barrier.wait(timeout=JOIN_TIMEOUT_S)
+            for i in range(CALLS // 2):
+                j = (k + i) % len(feats)
+                with torch.no_grad():
+                    results[(k, i)] = (j, fpn(feats[j]))
+        except BaseException as exc:  # noqa: BLE001
+            errors.append(f"thread {k}: {exc!r}")
+
+    threads = [threading.Thread(target=worker, args=(k,)) for k in range(THREADS)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=JOIN_TIMEOUT_S)
+    assert not any(t.is_alive() for t in threads) and not errors, errors
+    with torch.no_grad():
+        expected = [fpn(f) for f in feats]
+    for (k, i), (j, out) in results.items():
+        assert list(out) == list(expected[j])
+        for name in out:
+            assert torch.equal(out[name], expected[j][name]), f"thread {k} call {i}: level {name} differs"
