@@ -30,7 +30,11 @@ def grad_bias_top_fake(grad_out, top_h, top_w):
 
 
 def conv1x1_backward(grad, x, weight, need_x: bool, need_weight: bool):
-    """(dx, dW) of y = conv1x1(x, weight[Cout, Cin]) through ATen's convolution_backward."""
+    """(dx, dW) of y = conv1x1(x, weight[Cout, Cin]) through ATen's convolution_backward.
+
+    With no pixels or no input channels (convolution_backward rejects those) both are zeros."""
+    if x.numel() == 0 or weight.numel() == 0:
+        return (torch.zeros_like(x) if need_x else None), (torch.zeros_like(weight) if need_weight else None)
     dx, dw, _ = torch.ops.aten.convolution_backward(
         grad, x, weight[:, :, None, None], None, [1, 1], [0, 0], [1, 1], False, [0, 0], 1,
         [need_x, need_weight, False])

@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import os
 import struct
+import threading
 from typing import Tuple
 
 import torch
@@ -58,9 +59,15 @@ def _allow_tf32(dtype: torch.dtype) -> bool:
     return dtype == torch.float32 and bool(torch.backends.cudnn.allow_tf32)
 
 
+# The interpreter patches triton.language module-wide for each launch, so concurrent interpreted
+# launches from several Python threads break each other: serialize them (compiled launches are not).
+_INTERPRETER_LOCK = threading.Lock()
+
+
 def _launch(kernel, grid, args, meta):
     if interpreting():
-        kernel[grid](*args, **meta)
+        with _INTERPRETER_LOCK:
+            kernel[grid](*args, **meta)
     else:
         from torch.library import wrap_triton
         wrap_triton(kernel)[grid](*args, **meta)

@@ -298,22 +298,7 @@ def test_batch_size_zero_with_requires_grad(device, backend, layout, with_top, w
         assert torch.equal(t.grad, torch.zeros_like(t)), f"grad of {name} must be zeros (no pixels)"
 
 
-def _zero_spatial_xfail(device, backend):
-    """Known failures with an EMPTY SPATIAL size (H = 0, N > 0; batch size 0 works everywhere):
-    the C++ backends' backward ("cpu", and "cuda", which shares fused_fpn/_ops.py's backward) raises
-    from ATen's convolution_backward (conv1x1_backward calls it on a 0-row input); the "torch"
-    reference leaves x.grad / weight.grad None (reference.py builds the empty output with new_zeros,
-    detached from x and weight). strict: the marker must go when they are fixed."""
-    reasons = {"cpu": "C++ backend backward: ATen convolution_backward rejects an input with H = 0",
-               "cuda": "C++ backend backward: ATen convolution_backward rejects an input with H = 0",
-               "torch": "torch reference: x.grad and weight.grad stay None when H = 0"}
-    if backend in reasons:
-        return [pytest.mark.xfail(strict=True, reason=reasons[backend])]
-    return []
-
-
-@pytest.mark.parametrize("device,backend", [
-    pytest.param(*p.values, id=p.id, marks=_zero_spatial_xfail(*p.values)) for p in BACKENDS])
+@pytest.mark.parametrize("device,backend", BACKENDS)
 def test_empty_spatial_size_with_requires_grad(device, backend):
     x, w, b, top = _case(2, 6, 5, (0, 7), (3, 4), device)
     ins = _leaves(x, w, b, top)
