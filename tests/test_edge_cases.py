@@ -43,16 +43,7 @@ def backend_params():
 BACKENDS = backend_params()
 
 
-@pytest.fixture(autouse=True)
-def no_tf32():
-    """fp32 GPU kernels follow allow_tf32: compare in IEEE fp32 (no effect on the CPU)."""
-    old = (torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32)
-    torch.backends.cudnn.allow_tf32 = False
-    torch.backends.cuda.matmul.allow_tf32 = False
-    try:
-        yield
-    finally:
-        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = old
+pytestmark = [pytestmark, pytest.mark.usefixtures("no_tf32")]   # + IEEE fp32 on GPUs (conftest)
 
 
 def _gen(seed=0):

@@ -81,16 +81,7 @@ def dtypes_for(backend: str, device: str):
     return [d for d in ALL_DTYPES if backend_supports(backend, device, d) is None]
 
 
-@pytest.fixture(autouse=True)
-def no_tf32():
-    """fp32 GPU kernels follow allow_tf32: compare in IEEE fp32 (no effect on the CPU)."""
-    old = (torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32)
-    torch.backends.cudnn.allow_tf32 = False
-    torch.backends.cuda.matmul.allow_tf32 = False
-    try:
-        yield
-    finally:
-        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = old
+pytestmark = pytest.mark.usefixtures("no_tf32")   # IEEE fp32 on GPUs (conftest)
 
 
 # ---- the drawn case ---------------------------------------------------------------------------------
