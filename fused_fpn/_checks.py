@@ -45,7 +45,8 @@ def check_lateral_args(x, weight, bias: Optional[torch.Tensor], top: Optional[to
         if top.dim() != 4 or top.shape[0] != n or top.shape[1] != cout:
             raise ValueError(f"top must be 4-D [N, Cout, Ht, Wt] with N = x.shape[0] = {n} and "
                              f"Cout = weight.shape[0] = {cout}, got {_desc(top)}")
-        if x.numel() > 0 and (top.shape[2] == 0 or top.shape[3] == 0):
+        # every output pixel gathers from top (with Cin == 0 too: the output is bias + top)
+        if n * h * w * cout > 0 and (top.shape[2] == 0 or top.shape[3] == 0):
             raise ValueError(f"top must have a non-empty spatial size [Ht >= 1, Wt >= 1], got {_desc(top)}")
         tensors.append(("top", top))
     for name, t in tensors:

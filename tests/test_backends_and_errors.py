@@ -74,6 +74,8 @@ def test_import_without_native_extension_leaves_only_torch_backend():
     (lambda: (torch.randn(1, 3, 4, 4), torch.randn(2, 3), None, torch.randn(2, 2, 2, 2)), ValueError, "top must be"),
     (lambda: (torch.randn(1, 3, 4, 4), torch.randn(2, 3), None, torch.randn(1, 3, 2, 2)), ValueError, "top must be"),
     (lambda: (torch.randn(1, 3, 4, 4), torch.randn(2, 3), None, torch.randn(1, 2, 0, 2)), ValueError, "non-empty"),
+    # no input channels, but output pixels (bias + top): top still needs pixels
+    (lambda: (torch.randn(1, 0, 3, 4), torch.randn(2, 0), None, torch.randn(1, 2, 0, 0)), ValueError, "non-empty"),
     (lambda: (torch.randn(1, 3, 4, 4), torch.randn(2, 3).double(), None, None), TypeError, "weight must have the same dtype"),
     (lambda: (torch.randn(1, 3, 4, 4), torch.randn(2, 3), None, torch.randn(1, 2, 2, 2).half()), TypeError, "top must have the same dtype"),
     (lambda: (torch.randn(1, 3, 4, 4), torch.randn(2, 3), None, torch.randn(1, 2, 2, 2, device="meta")), ValueError, "same device"),
@@ -87,6 +89,15 @@ def test_lateral_bad_input_raises_clear_error(args, exc, pattern, backend):
     for before, after in zip(snapshot, (x, w, b, top)):   # inputs untouched after a failure
         if before is not None and before.device.type != "meta":
             assert torch.equal(before, after)
+
+
+@pytest.mark.skipif(not fused_fpn.extension_loaded(), reason="fused_fpn._C not built")
+def test_cpu_op_rejects_empty_top_when_the_output_has_pixels():
+    """The C++ check itself (the op called directly, below the Python checks): Cin == 0 leaves output pixels."""
+    with pytest.raises(RuntimeError, match="top must have non-empty spatial size"):
+        torch.ops.fused_fpn.lateral(torch.randn(1, 0, 3, 4), torch.randn(2, 0), None, torch.randn(1, 2, 0, 0))
+    out = torch.ops.fused_fpn.lateral(torch.randn(0, 3, 3, 4), torch.randn(2, 3), None, torch.randn(0, 2, 0, 0))
+    assert out.shape == (0, 2, 3, 4)
 
 
 def _feats(*shapes, dtype=torch.float32):

@@ -28,49 +28,17 @@
 #include <algorithm>
 #include <vector>
 
+#include "../lateral_common.h"
 #include "../nearest.h"
 
 namespace fused_fpn {
 namespace {
-
-bool is_channels_last_like(const at::Tensor& t) { return t.stride(1) < t.stride(3); }
 
 std::vector<int64_t> src_offsets(int64_t in_size, int64_t out_size, int64_t stride) {
   std::vector<int64_t> off(static_cast<size_t>(out_size));
   const float scale = nearest_scale(in_size, out_size);
   for (int64_t d = 0; d < out_size; ++d) off[d] = nearest_src(d, scale, in_size) * stride;
   return off;
-}
-
-void check_lateral_inputs(const at::Tensor& x, const at::Tensor& weight, const c10::optional<at::Tensor>& bias,
-                          const c10::optional<at::Tensor>& top) {
-  TORCH_CHECK(x.dim() == 4, "fused_fpn::lateral: x must be 4-D [N, Cin, H, W], got shape ", x.sizes());
-  TORCH_CHECK(weight.dim() == 2, "fused_fpn::lateral: weight must be 2-D [Cout, Cin], got shape ", weight.sizes());
-  TORCH_CHECK(weight.size(1) == x.size(1), "fused_fpn::lateral: weight must be [Cout, Cin] with Cin = x.size(1) = ",
-              x.size(1), ", got shape ", weight.sizes());
-  TORCH_CHECK(weight.scalar_type() == x.scalar_type(), "fused_fpn::lateral: weight dtype ", weight.scalar_type(),
-              " must equal x dtype ", x.scalar_type());
-  TORCH_CHECK(weight.device() == x.device(), "fused_fpn::lateral: weight must be on x's device ", x.device());
-  const int64_t cout = weight.size(0);
-  if (bias.has_value()) {
-    const auto& b = *bias;
-    TORCH_CHECK(b.dim() == 1 && b.size(0) == cout, "fused_fpn::lateral: bias must be 1-D [Cout] with Cout = ", cout,
-                ", got shape ", b.sizes());
-    TORCH_CHECK(b.scalar_type() == x.scalar_type(), "fused_fpn::lateral: bias dtype ", b.scalar_type(),
-                " must equal x dtype ", x.scalar_type());
-    TORCH_CHECK(b.device() == x.device(), "fused_fpn::lateral: bias must be on x's device ", x.device());
-  }
-  if (top.has_value()) {
-    const auto& t = *top;
-    TORCH_CHECK(t.dim() == 4 && t.size(0) == x.size(0) && t.size(1) == cout,
-                "fused_fpn::lateral: top must be 4-D [N, Cout, Ht, Wt] with N = ", x.size(0), " and Cout = ", cout,
-                ", got shape ", t.sizes());
-    TORCH_CHECK(t.scalar_type() == x.scalar_type(), "fused_fpn::lateral: top dtype ", t.scalar_type(),
-                " must equal x dtype ", x.scalar_type());
-    TORCH_CHECK(t.device() == x.device(), "fused_fpn::lateral: top must be on x's device ", x.device());
-    TORCH_CHECK(x.numel() == 0 || (t.size(2) > 0 && t.size(3) > 0),
-                "fused_fpn::lateral: top must have non-empty spatial size, got shape ", t.sizes());
-  }
 }
 
 // Rows per tile: the tile's GEMM output (Cout x rows x W) is about 2 MiB, so it stays in the
@@ -171,7 +139,7 @@ at::Tensor lateral_cpu(const at::Tensor& x, const at::Tensor& weight, const c10:
   const auto dtype = x.scalar_type();
   TORCH_CHECK(dtype == at::kFloat || dtype == at::kDouble || dtype == at::kBFloat16 || dtype == at::kHalf,
               "fused_fpn::lateral (CPU kernel): x dtype must be float32, float64, bfloat16 or float16, got ", dtype);
-  const auto fmt = is_channels_last_like(x) ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous;
+  const auto fmt = output_memory_format(x);
   at::Tensor out = at::empty({x.size(0), weight.size(0), x.size(2), x.size(3)}, x.options().memory_format(fmt));
   if (out.numel() == 0) return out;
   const at::Tensor w4 = weight.contiguous().view({weight.size(0), weight.size(1), 1, 1});
@@ -243,21 +211,9 @@ void grad_bias_top_impl(const at::Tensor& dy, int64_t top_h, int64_t top_w, at::
 
 std::tuple<at::Tensor, at::Tensor> lateral_grad_bias_top_cpu(const at::Tensor& grad_out, int64_t top_h,
                                                              int64_t top_w) {
-  TORCH_CHECK(grad_out.dim() == 4, "fused_fpn::lateral_grad_bias_top: grad_out must be 4-D [N, C, H, W], got shape ",
-              grad_out.sizes());
-  TORCH_CHECK(top_h >= 0 && top_w >= 0 && ((top_h == 0) == (top_w == 0)),
-              "fused_fpn::lateral_grad_bias_top: top_h and top_w must both be positive (or both 0 for no top), got ",
-              top_h, " and ", top_w);
-  const auto fmt = is_channels_last_like(grad_out) ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous;
-  const int64_t N = grad_out.size(0), C = grad_out.size(1);
-  at::Tensor db = at::empty({C}, grad_out.options().memory_format(at::MemoryFormat::Contiguous));
-  at::Tensor dtop = at::empty({N, C, top_h, top_w}, grad_out.options().memory_format(fmt));
-  if (C == 0) return {db, dtop};
-  if (grad_out.numel() == 0) {
-    db.zero_();
-    dtop.zero_();
-    return {db, dtop};
-  }
+  check_grad_bias_top_inputs(grad_out, top_h, top_w);
+  at::Tensor db, dtop;
+  if (allocate_grad_bias_top(grad_out, top_h, top_w, db, dtop)) return {db, dtop};
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, grad_out.scalar_type(), "fused_fpn_grad_bias_top_cpu",
                                   [&] { grad_bias_top_impl<scalar_t>(grad_out, top_h, top_w, db, dtop); });
   return {db, dtop};

@@ -59,6 +59,31 @@ __device__ __forceinline__ void group_rows(const GradBiasTopParams& p, bool has_
   }
 }
 
+// One thread's share of row group r of one (n, c) plane of dy, rows [h_lo, h_hi): the columns
+// start, start + step, ... With a top: those are top columns j, each one's preimage sum is written to
+// dtop[n, c, r, j]; without: dy columns w. Returns the sum of everything this thread read.
+template <typename T, bool kHasTop>
+__device__ __forceinline__ float sum_row_group(const GradBiasTopParams& p, const T* base, int64_t n, int64_t c,
+                                               int64_t r, int64_t h_lo, int64_t h_hi, int64_t start, int64_t step) {
+  float total = 0.0f;
+  if constexpr (kHasTop) {
+    T* __restrict__ dtop = static_cast<T*>(p.dtop);
+    for (int64_t j = start; j < p.Wt; j += step) {
+      const int64_t w_lo = first_dst_at_least(j, p.scale_w, p.Wt, p.W);
+      const int64_t w_hi = first_dst_at_least(j + 1, p.scale_w, p.Wt, p.W);
+      float s = 0.0f;
+      for (int64_t h = h_lo; h < h_hi; ++h)
+        for (int64_t w = w_lo; w < w_hi; ++w) s += to_float(base[h * p.s2 + w * p.s3]);
+      dtop[n * p.d0 + c * p.d1 + r * p.d2 + j * p.d3] = from_float<T>(s);
+      total += s;
+    }
+  } else {
+    for (int64_t h = h_lo; h < h_hi; ++h)
+      for (int64_t w = start; w < p.W; w += step) total += to_float(base[h * p.s2 + w * p.s3]);
+  }
+  return total;
+}
+
 // channels_last dy. grid (R, N, ceil(C / 32)), block (32, 8): lane x = channel, y = column group.
 template <typename T, bool kHasTop>
 __global__ void __launch_bounds__(kClLanes* kClGroups)
@@ -71,25 +96,8 @@ __global__ void __launch_bounds__(kClLanes* kClGroups)
   const T* __restrict__ dy = static_cast<const T*>(p.dy);
   int64_t h_lo, h_hi;
   group_rows(p, kHasTop, r, h_lo, h_hi);
-  float total = 0.0f;
-  if (active) {
-    const T* base = dy + n * p.s0 + c * p.s1;
-    if constexpr (kHasTop) {
-      T* __restrict__ dtop = static_cast<T*>(p.dtop);
-      for (int64_t j = g; j < p.Wt; j += kClGroups) {
-        const int64_t w_lo = first_dst_at_least(j, p.scale_w, p.Wt, p.W);
-        const int64_t w_hi = first_dst_at_least(j + 1, p.scale_w, p.Wt, p.W);
-        float s = 0.0f;
-        for (int64_t h = h_lo; h < h_hi; ++h)
-          for (int64_t w = w_lo; w < w_hi; ++w) s += to_float(base[h * p.s2 + w * p.s3]);
-        dtop[n * p.d0 + c * p.d1 + r * p.d2 + j * p.d3] = from_float<T>(s);
-        total += s;
-      }
-    } else {
-      for (int64_t h = h_lo; h < h_hi; ++h)
-        for (int64_t w = g; w < p.W; w += kClGroups) total += to_float(base[h * p.s2 + w * p.s3]);
-    }
-  }
+  const float total =
+      active ? sum_row_group<T, kHasTop>(p, dy + n * p.s0 + c * p.s1, n, c, r, h_lo, h_hi, g, kClGroups) : 0.0f;
   red[g][threadIdx.x] = total;
   __syncthreads();
   if (g == 0 && active) {
@@ -110,22 +118,7 @@ __global__ void __launch_bounds__(kNchwThreads) grad_bias_top_nchw_kernel(const 
   const T* base = dy + n * p.s0 + c * p.s1;
   int64_t h_lo, h_hi;
   group_rows(p, kHasTop, r, h_lo, h_hi);
-  float total = 0.0f;
-  if constexpr (kHasTop) {
-    T* __restrict__ dtop = static_cast<T*>(p.dtop);
-    for (int64_t j = tid; j < p.Wt; j += kNchwThreads) {
-      const int64_t w_lo = first_dst_at_least(j, p.scale_w, p.Wt, p.W);
-      const int64_t w_hi = first_dst_at_least(j + 1, p.scale_w, p.Wt, p.W);
-      float s = 0.0f;
-      for (int64_t h = h_lo; h < h_hi; ++h)
-        for (int64_t w = w_lo; w < w_hi; ++w) s += to_float(base[h * p.s2 + w * p.s3]);
-      dtop[n * p.d0 + c * p.d1 + r * p.d2 + j * p.d3] = from_float<T>(s);
-      total += s;
-    }
-  } else {
-    for (int64_t h = h_lo; h < h_hi; ++h)
-      for (int64_t w = tid; w < p.W; w += kNchwThreads) total += to_float(base[h * p.s2 + w * p.s3]);
-  }
+  const float total = sum_row_group<T, kHasTop>(p, base, n, c, r, h_lo, h_hi, tid, kNchwThreads);
   // Fixed-shape tree reduction: the same order on every run.
   red[tid] = total;
   __syncthreads();

@@ -24,13 +24,12 @@
 #include <cstdint>
 #include <tuple>
 
+#include "../lateral_common.h"
 #include "../nearest.h"
 #include "lateral_cuda.h"
 
 namespace fused_fpn {
 namespace {
-
-bool is_channels_last_like(const at::Tensor& t) { return t.stride(1) < t.stride(3); }
 
 bool aligned16(const void* ptr) { return reinterpret_cast<std::uintptr_t>(ptr) % 16 == 0; }
 
@@ -63,46 +62,11 @@ void check_supported_dtype(const at::Tensor& t, const char* op, const char* name
               " dtype must be float16, bfloat16 or float32, got ", dt);
 }
 
-void check_lateral_inputs(const at::Tensor& x, const at::Tensor& weight, const c10::optional<at::Tensor>& bias,
-                          const c10::optional<at::Tensor>& top) {
-  TORCH_CHECK(x.dim() == 4, "fused_fpn::lateral: x must be 4-D [N, Cin, H, W], got shape ", x.sizes());
-  TORCH_CHECK(x.is_cuda(), "fused_fpn::lateral (CUDA kernel): x must be a CUDA tensor, got ", x.device());
-  check_supported_dtype(x, "fused_fpn::lateral", "x");
-  TORCH_CHECK(weight.dim() == 2, "fused_fpn::lateral: weight must be 2-D [Cout, Cin], got shape ", weight.sizes());
-  TORCH_CHECK(weight.size(1) == x.size(1), "fused_fpn::lateral: weight must be [Cout, Cin] with Cin = x.size(1) = ",
-              x.size(1), ", got shape ", weight.sizes());
-  TORCH_CHECK(weight.scalar_type() == x.scalar_type(), "fused_fpn::lateral: weight dtype ", weight.scalar_type(),
-              " must equal x dtype ", x.scalar_type());
-  TORCH_CHECK(weight.device() == x.device(), "fused_fpn::lateral: weight must be on x's device ", x.device(),
-              ", got ", weight.device());
-  const int64_t cout = weight.size(0);
-  if (bias.has_value()) {
-    const auto& b = *bias;
-    TORCH_CHECK(b.dim() == 1 && b.size(0) == cout, "fused_fpn::lateral: bias must be 1-D [Cout] with Cout = ", cout,
-                ", got shape ", b.sizes());
-    TORCH_CHECK(b.scalar_type() == x.scalar_type(), "fused_fpn::lateral: bias dtype ", b.scalar_type(),
-                " must equal x dtype ", x.scalar_type());
-    TORCH_CHECK(b.device() == x.device(), "fused_fpn::lateral: bias must be on x's device ", x.device(), ", got ",
-                b.device());
-  }
-  if (top.has_value()) {
-    const auto& t = *top;
-    TORCH_CHECK(t.dim() == 4 && t.size(0) == x.size(0) && t.size(1) == cout,
-                "fused_fpn::lateral: top must be 4-D [N, Cout, Ht, Wt] with N = ", x.size(0), " and Cout = ", cout,
-                ", got shape ", t.sizes());
-    TORCH_CHECK(t.scalar_type() == x.scalar_type(), "fused_fpn::lateral: top dtype ", t.scalar_type(),
-                " must equal x dtype ", x.scalar_type());
-    TORCH_CHECK(t.device() == x.device(), "fused_fpn::lateral: top must be on x's device ", x.device(), ", got ",
-                t.device());
-    const bool no_pixels = x.size(0) == 0 || x.size(2) == 0 || x.size(3) == 0 || cout == 0;
-    TORCH_CHECK(no_pixels || (t.size(2) > 0 && t.size(3) > 0),
-                "fused_fpn::lateral: top must have non-empty spatial size, got shape ", t.sizes());
-  }
-}
-
 at::Tensor lateral_cuda(const at::Tensor& x, const at::Tensor& weight, const c10::optional<at::Tensor>& bias,
                         const c10::optional<at::Tensor>& top) {
   check_lateral_inputs(x, weight, bias, top);
+  TORCH_CHECK(x.is_cuda(), "fused_fpn::lateral (CUDA kernel): x must be a CUDA tensor, got ", x.device());
+  check_supported_dtype(x, "fused_fpn::lateral", "x");
   c10::cuda::CUDAGuard guard(x.device());
   const bool cl = is_channels_last_like(x);
   const auto fmt = cl ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous;
@@ -202,27 +166,16 @@ at::Tensor lateral_cuda(const at::Tensor& x, const at::Tensor& weight, const c10
 
 std::tuple<at::Tensor, at::Tensor> lateral_grad_bias_top_cuda(const at::Tensor& grad_out, int64_t top_h,
                                                               int64_t top_w) {
-  TORCH_CHECK(grad_out.dim() == 4, "fused_fpn::lateral_grad_bias_top: grad_out must be 4-D [N, C, H, W], got shape ",
-              grad_out.sizes());
+  check_grad_bias_top_inputs(grad_out, top_h, top_w);
   TORCH_CHECK(grad_out.is_cuda(),
               "fused_fpn::lateral_grad_bias_top (CUDA kernel): grad_out must be a CUDA tensor, got ",
               grad_out.device());
   check_supported_dtype(grad_out, "fused_fpn::lateral_grad_bias_top", "grad_out");
-  TORCH_CHECK(top_h >= 0 && top_w >= 0 && ((top_h == 0) == (top_w == 0)),
-              "fused_fpn::lateral_grad_bias_top: top_h and top_w must both be positive (or both 0 for no top), got ",
-              top_h, " and ", top_w);
   c10::cuda::CUDAGuard guard(grad_out.device());
   const bool cl = is_channels_last_like(grad_out);
-  const auto fmt = cl ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous;
   const int64_t N = grad_out.size(0), C = grad_out.size(1), H = grad_out.size(2), W = grad_out.size(3);
-  at::Tensor db = at::empty({C}, grad_out.options().memory_format(at::MemoryFormat::Contiguous));
-  at::Tensor dtop = at::empty({N, C, top_h, top_w}, grad_out.options().memory_format(fmt));
-  if (C == 0) return {db, dtop};
-  if (grad_out.numel() == 0) {  // nothing to sum: zeros (also when H or W is 0 but the top is not)
-    db.zero_();
-    dtop.zero_();
-    return {db, dtop};
-  }
+  at::Tensor db, dtop;
+  if (allocate_grad_bias_top(grad_out, top_h, top_w, db, dtop)) return {db, dtop};
   const bool has_top = top_h > 0;
   cuda::GradBiasTopParams p{};
   p.dy = grad_out.const_data_ptr();

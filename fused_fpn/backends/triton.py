@@ -26,6 +26,7 @@ import torch
 
 from .._checks import check_lateral_args
 from .._layout import output_memory_format
+from .._ops import lateral_setup_context
 
 NAME = "triton"
 GPU_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -126,12 +127,6 @@ def _backward_fake(grad, x, weight, top_h, top_w, need_x, need_weight, need_bias
 
 # ---- autograd ----------------------------------------------------------------------------------
 
-def _setup_context(ctx, inputs, output):
-    x, weight, bias, top = inputs
-    ctx.save_for_backward(x, weight)
-    ctx.top_hw = (top.shape[-2], top.shape[-1]) if top is not None else (0, 0)
-
-
 def _backward(ctx, grad):
     x, weight = ctx.saved_tensors
     need_x, need_w, need_b, need_top = ctx.needs_input_grad
@@ -174,7 +169,7 @@ def _register() -> None:
         fwd = torch.library.triton_op("fused_fpn::triton_lateral", mutates_args=())(triton_lateral)
         torch.library.triton_op("fused_fpn::triton_lateral_backward", mutates_args=())(triton_lateral_backward)
         _MODE = "triton_op"
-    fwd.register_autograd(_backward, setup_context=_setup_context)
+    fwd.register_autograd(_backward, setup_context=lateral_setup_context)
     _REGISTERED = True
 
 

@@ -107,6 +107,7 @@ def generate(out: str) -> None:
     h = _drop_includes(_read("lateral_cuda.cpp"), "c10/cuda/CUDAException.h", "c10/cuda/CUDAGuard.h",
                        "c10/cuda/CUDAStream.h", "torch/library.h")
     h = _replace(h, '#include "../nearest.h"', '#include "nearest.h"')
+    h = _replace(h, '#include "../lateral_common.h"', '#include "lateral_common.h"')
     h = re.sub(r"c10::cuda::CUDAGuard guard\([^;]*\);", "", h)
     h = _replace(h, "x.is_cuda()", "true")
     h = _replace(h, "grad_out.is_cuda()", "true")
@@ -122,6 +123,7 @@ def generate(out: str) -> None:
 
     files["lateral_cuda.h"] = _read("lateral_cuda.h")
     files["nearest.h"] = _read("..", "nearest.h")
+    files["lateral_common.h"] = _read("..", "lateral_common.h")
     with open(os.path.join(HERE, "emu_cuda.h")) as fh:
         files["emu_cuda.h"] = fh.read()
     for name, text in files.items():
