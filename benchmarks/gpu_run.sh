@@ -11,7 +11,10 @@
 #   tests  python3 -m pytest tests (the whole suite, on the GPU)  -> OUT_DIR/logs/tests.log
 #   bench  python3 -m pytest benchmarks (GPU shapes)              -> OUT_DIR/logs/bench.log
 #          + the results benchmarks/results/<device>_<date>.{json,png,md} copied to OUT_DIR
-# then OUT_DIR/summary.txt (step statuses + the results table), printed last. 8 files at most.
+#   overhead  python3 benchmarks/launch_overhead.py: host time per call, layer by layer
+#          (about 20 s)                                         -> OUT_DIR/logs/overhead.txt
+# then OUT_DIR/summary.txt (step statuses, the overhead rows, the results table), printed last.
+# 9 files at most (the device tool brings back 8: leave a step out, or drop the PNG, when all run).
 #
 # Time (it must fit well under 10 minutes): the tests get GPU_RUN_TEST_TIMEOUT s (default 150);
 # the benchmarks get GPU_RUN_BENCH_BUDGET s (default 150: rows not started by then are reported
@@ -21,7 +24,8 @@
 # (FUSED_FPN_BENCH_MAX_AUTOTUNE=lateral: every lateral case; =0: none).
 # GPU_RUN_BENCH_ARGS adds pytest arguments to the bench step (e.g. --bench-cases 'lateral_*').
 # GPU_RUN_PYTEST_ARGS adds pytest arguments to the test step (e.g. "-n 8", --ignore=FILE).
-# GPU_RUN_STEPS=build,tests,bench picks steps (e.g. GPU_RUN_STEPS=bench after a first full call).
+# GPU_RUN_STEPS=build,tests,bench,overhead picks steps (default: all four; e.g. GPU_RUN_STEPS=bench
+# after a first full call).
 set -uo pipefail
 
 OUT=${1:?usage: bash benchmarks/gpu_run.sh OUT_DIR}
@@ -41,7 +45,7 @@ fi
 export FUSED_FPN_CUDA_ARCHS=${FUSED_FPN_CUDA_ARCHS:-80;90}
 export CUDA_HOME=${CUDA_HOME:-/usr/local/cuda}
 PY=${PYTHON:-python3}
-STEPS=${GPU_RUN_STEPS:-build,tests,bench}
+STEPS=${GPU_RUN_STEPS:-build,tests,bench,overhead}
 TEST_TIMEOUT=${GPU_RUN_TEST_TIMEOUT:-150}
 BENCH_BUDGET=${GPU_RUN_BENCH_BUDGET:-150}
 BENCH_GRACE=${GPU_RUN_BENCH_GRACE:-90}
@@ -131,11 +135,20 @@ if want bench; then
     record bench $rc
 fi
 
+# ---- overhead: host time per call of each layer (tiny shapes: the GPU is not the bottleneck)
+if want overhead; then
+    note "overhead: benchmarks/launch_overhead.py, log in logs/overhead.txt"
+    timeout -s INT -k 10 120 "$PY" benchmarks/launch_overhead.py --calls 1000 > "$OUT/logs/overhead.txt" 2>&1
+    rc=$?
+    record overhead $rc
+fi
+
 # ---- summary: statuses, then the table (printed last)
 {
     echo "gpu_run.sh summary ($(($(date +%s) - T0)) s in all)"
     for line in "${status_lines[@]}"; do echo "  $line"; done
     if [ -f "$OUT/logs/tests.log" ]; then echo "tests: $(tail -1 "$OUT/logs/tests.log")"; fi
+    if [ -f "$OUT/logs/overhead.txt" ]; then echo; cat "$OUT/logs/overhead.txt"; fi
     if [ -f "$OUT/logs/bench.log" ]; then
         echo
         sed -n '/fused_fpn benchmark results/,$p' "$OUT/logs/bench.log"

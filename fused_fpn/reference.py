@@ -46,7 +46,8 @@ def lateral_reference(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torc
     """
     w4 = weight if weight.dim() == 4 else weight[:, :, None, None]
     n, cin, h, w = x.shape
-    if cin == 0 or h == 0 or w == 0:   # conv2d rejects these; einsum gives the (empty or zero) sum
+    if cin == 0 or h == 0 or w == 0 or w4.shape[0] == 0:   # conv2d rejects these; einsum gives the
+        # (empty or zero) sum
         y = torch.einsum("nchw,oc->nohw", x, w4[:, :, 0, 0])   # and keeps x, weight in the graph
         if bias is not None:
             y = y + bias[None, :, None, None]

@@ -310,12 +310,18 @@ FWD_CONFIGS = {
         _cfg(64, 256, 64, 4, 2),
         _cfg(128, 128, 64, 4, 4),
         _cfg(64, 128, 64, 4, 3),   # small M (P5: 1900 pixels): more CTAs than 128-row tiles give
+        # deep K, few pixels (P5: M = 1900, Cin = 2048; P4: M = 7600, Cin = 1024): 64-column tiles
+        # give 4x the CTAs of a 256-column one (120 on P5 instead of 30 with 64 x 256); x rows are
+        # read once per column tile, but the repeats hit L2 (GROUP_M swizzle)
+        _cfg(64, 64, 128, 4, 4),
+        _cfg(64, 128, 128, 4, 3),
     ],
     ("sm90", 4): [
         _cfg(128, 256, 32, 8, 3),
         _cfg(128, 128, 32, 8, 4),
         _cfg(64, 256, 32, 4, 3),
         _cfg(64, 128, 32, 4, 4),
+        _cfg(64, 64, 64, 4, 3),    # deep K, few pixels (P4 / P5): more CTAs
     ],
     ("sm80", 2): [
         _cfg(128, 256, 32, 8, 3),
@@ -323,6 +329,7 @@ FWD_CONFIGS = {
         _cfg(64, 256, 32, 4, 4),
         _cfg(128, 128, 64, 4, 4),
         _cfg(64, 128, 32, 4, 4),
+        _cfg(64, 64, 64, 4, 4),    # deep K, few pixels (P4 / P5): more CTAs
     ],
     ("sm80", 4): [
         _cfg(128, 256, 32, 8, 3),
@@ -364,15 +371,15 @@ def autotuned_fwd(arch: str, elem_bytes: int):
     (M, COUT, CIN, layout of x and out via their channel strides, weight orientation); dtype is part of the key too
     (triton's autotuner adds every tensor argument's dtype)."""
     key = ("fwd", arch, elem_bytes)
-    if key not in _autotuned:
-        _autotuned[key] = triton.autotune(configs=FWD_CONFIGS[(arch, elem_bytes)],
-                                          key=FWD_AUTOTUNE_KEY)(_lateral_fwd_kernel)
+    if key not in _autotuned:   # setdefault: threads that race here all get the one stored autotuner
+        _autotuned.setdefault(key, triton.autotune(configs=FWD_CONFIGS[(arch, elem_bytes)],
+                                                   key=FWD_AUTOTUNE_KEY)(_lateral_fwd_kernel))
     return _autotuned[key]
 
 
 def autotuned_grad_weight(arch: str, elem_bytes: int):
     key = ("dw", arch, elem_bytes)
     if key not in _autotuned:
-        _autotuned[key] = triton.autotune(configs=GRAD_WEIGHT_CONFIGS[(arch, elem_bytes)],
-                                          key=GRAD_WEIGHT_AUTOTUNE_KEY)(_lateral_grad_weight_kernel)
+        _autotuned.setdefault(key, triton.autotune(configs=GRAD_WEIGHT_CONFIGS[(arch, elem_bytes)],
+                                                   key=GRAD_WEIGHT_AUTOTUNE_KEY)(_lateral_grad_weight_kernel))
     return _autotuned[key]

@@ -59,18 +59,24 @@ def _allow_tf32(dtype: torch.dtype) -> bool:
     return dtype == torch.float32 and bool(torch.backends.cudnn.allow_tf32)
 
 
-# The interpreter patches triton.language module-wide for each launch, so concurrent interpreted
-# launches from several Python threads break each other: serialize them (compiled launches are not).
-_INTERPRETER_LOCK = threading.Lock()
+# Every launch holds this lock (re-entrant), for two reasons:
+# * the interpreter patches triton.language module-wide for each launch, so concurrent interpreted
+#   launches from several Python threads break each other;
+# * triton's Autotuner keeps the call's arguments in instance state (``self.nargs``: set when ``run``
+#   starts, cleared when it ends, read by every benchmark of a config), so a call from a second thread
+#   while a first one autotunes a new shape makes the first fail ("'NoneType' object is not a mapping").
+# On a GPU the lock is held for the host side of one (asynchronous) launch only, and for the
+# autotuning of a new shape, which other threads then wait for instead of breaking.
+_LAUNCH_LOCK = threading.RLock()
 
 
 def _launch(kernel, grid, args, meta):
-    if interpreting():
-        with _INTERPRETER_LOCK:
+    with _LAUNCH_LOCK:
+        if interpreting():
             kernel[grid](*args, **meta)
-    else:
-        from torch.library import wrap_triton
-        wrap_triton(kernel)[grid](*args, **meta)
+        else:
+            from torch.library import wrap_triton
+            wrap_triton(kernel)[grid](*args, **meta)
 
 
 def _device_ctx(t: torch.Tensor):
@@ -78,26 +84,18 @@ def _device_ctx(t: torch.Tensor):
     return torch.cuda.device(t.device) if t.device.type == "cuda" else contextlib.nullcontext()
 
 
-def gemm_epilogue(inp: torch.Tensor, weight: torch.Tensor, bias, top, out: torch.Tensor) -> torch.Tensor:
-    """out[n, co, h, w] = sum_ci inp[n, ci, h, w] * weight[co, ci] + bias[co] + top[n, co, sh(h), sw(w)].
-
-    inp [N, Cin, H, W], weight [Cout, Cin] (any strides: the backward passes W.t()), bias [Cout]
-    or None, top [N, Cout, Ht, Wt] or None, out [N, Cout, H, W] preallocated (any strides)."""
+def fwd_launch_args(inp: torch.Tensor, weight: torch.Tensor, bias, top, out: torch.Tensor):
+    """(args, meta): the positional arguments and constexpr flags of ``_lateral_fwd_kernel`` for
+    out = inp . weight^T + bias + nearest(top) (the config keys BLOCK_M/N/K, GROUP_M come on top)."""
     n, cin, h, w = inp.shape
-    cout = weight.shape[0]
-    m = n * h * w
-    if m == 0 or cout == 0:
-        return out
     has_bias, has_top = bias is not None, top is not None
     ht, wt = (top.shape[2], top.shape[3]) if has_top else (1, 1)
-    scale_h = nearest_scale(ht, h)
-    scale_w = nearest_scale(wt, w)
     b_arg = bias if has_bias else weight      # dummies: never dereferenced (HAS_BIAS/HAS_TOP off)
     t_arg = top if has_top else inp
     t_strides = top.stride() if has_top else (0, 0, 0, 0)
     args = (inp, weight, b_arg, t_arg, out,
-            m, h * w, w, cin, cout, ht, wt,
-            scale_h, scale_w,
+            n * h * w, h * w, w, cin, weight.shape[0], ht, wt,
+            nearest_scale(ht, h), nearest_scale(wt, w),
             *inp.stride(),
             weight.stride(0), weight.stride(1),
             bias.stride(0) if has_bias else 0,
@@ -106,6 +104,20 @@ def gemm_epilogue(inp: torch.Tensor, weight: torch.Tensor, bias, top, out: torch
     meta = dict(HAS_BIAS=has_bias, HAS_TOP=has_top, X_FLAT=pixels_flatten(inp), O_FLAT=pixels_flatten(out),
                 ALLOW_TF32=_allow_tf32(inp.dtype),
                 USE_INPUT_PRECISION=USE_INPUT_PRECISION)
+    return args, meta
+
+
+def gemm_epilogue(inp: torch.Tensor, weight: torch.Tensor, bias, top, out: torch.Tensor) -> torch.Tensor:
+    """out[n, co, h, w] = sum_ci inp[n, ci, h, w] * weight[co, ci] + bias[co] + top[n, co, sh(h), sw(w)].
+
+    inp [N, Cin, H, W], weight [Cout, Cin] (any strides: the backward passes W.t()), bias [Cout]
+    or None, top [N, Cout, Ht, Wt] or None, out [N, Cout, H, W] preallocated (any strides)."""
+    n, _, h, w = inp.shape
+    cout = weight.shape[0]
+    m = n * h * w
+    if m == 0 or cout == 0:
+        return out
+    args, meta = fwd_launch_args(inp, weight, bias, top, out)
     if interpreting():
         cfg = K.INTERPRET_FWD
         grid = (triton.cdiv(m, cfg["BLOCK_M"]) * triton.cdiv(cout, cfg["BLOCK_N"]),)

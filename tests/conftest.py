@@ -40,3 +40,13 @@ def no_tf32():
         yield
     finally:
         torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = old
+
+
+@pytest.fixture(scope="session")
+def cuda_emu(tmp_path_factory):
+    """The CPU emulation of the CUDA kernels and their host code (tests/cuda_emu_testing.py)."""
+    from cuda_emu_testing import build_cuda_emu, cuda_build_skip_reason
+    reason = cuda_build_skip_reason()
+    if reason is not None:
+        pytest.skip(reason)
+    return build_cuda_emu(str(tmp_path_factory.mktemp("cuda_emu")))

@@ -350,3 +350,20 @@ def test_busy_cpu_warning_in_the_table():
     run.load_start = 0.0
     text = harness.format_table(harness.build_report(run, run.cfg, None))
     assert "1-min load average 0.00 at the start" in text and "WARNING" not in text
+
+
+def test_launch_overhead_diagnostic_runs_on_cpu(tmp_path):
+    """benchmarks/launch_overhead.py (the host-cost-per-layer diagnostic gpu_run.sh runs) on CPU
+    tensors: every row runs, and the layers it lists for the cpu backend are there."""
+    from benchmarks import launch_overhead
+    out = tmp_path / "overhead.json"
+    assert launch_overhead.main(["--device", "cpu", "--calls", "20", "--json", str(out)]) == 0
+    data = json.loads(out.read_text())
+    rows = {r["row"]: r for r in data["rows"]}
+    assert not [r for r in rows.values() if "error" in r]
+    expected = {"eager: conv2d + interpolate + add", "eager: forward + backward"}
+    if "cpu" in fused_fpn.available_backends("cpu"):
+        expected |= {"cpu: registered op", "cpu: fused_fpn.lateral", "cpu: forward + backward"}
+    assert expected <= set(rows), sorted(rows)
+    assert all(r["us_per_call"] > 0 for r in rows.values())
+    assert not any(name.startswith("triton") for name in rows), "the interpreter is not a launch path"

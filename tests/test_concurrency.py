@@ -11,6 +11,9 @@ The Triton backend on CPU tensors (TRITON_INTERPRET=1) is too slow for this matr
 test below. The interpreter patches ``triton.language`` module-wide for each launch, so
 kernels/lateral_launch.py serializes interpreted launches with a lock (without it two threads break each
 other: "Did you forget to add @triton.jit ?"); on a GPU the compiled Triton backend runs the full matrix.
+The same lock covers compiled launches, because triton's Autotuner is not thread-safe while it tunes a
+new shape; ``test_autotuning_is_not_broken_by_a_launch_from_another_thread`` pins that down here, on
+the launcher's GPU code path with an interpreted kernel.
 """
 from __future__ import annotations
 
@@ -204,3 +207,74 @@ def test_triton_interpreter_threads():
     for i, case in enumerate(cases):
         for got, expected in zip(results[i], run(case)):
             assert torch.equal(got, expected)
+
+
+@pytest.mark.skipif("triton" not in fused_fpn.available_backends("cpu"), reason="Triton interpreter not active")
+def test_autotuning_is_not_broken_by_a_launch_from_another_thread(monkeypatch):
+    """Thread A autotunes a new shape (two configs); in the middle of its first config's benchmark,
+    thread B launches the same autotuned kernel on a shape already tuned. triton's Autotuner.run keeps
+    its arguments in ``self.nargs`` and clears them when it returns, so without the launcher's lock B's
+    call wipes A's arguments and A's next benchmark fails with a TypeError (seen with triton 3.8 when
+    the lock is taken out). With the lock B waits until A is done: both calls succeed, B's after A's.
+    The launcher runs its GPU path (``_launch`` through ``wrap_triton``) on an interpreted kernel."""
+    import triton
+    import triton.language as tl
+
+    from fused_fpn.kernels import lateral_launch as L
+
+    @triton.jit
+    def _scale(src, dst, n, factor, BLOCK: tl.constexpr):
+        offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+        mask = offs < n
+        tl.store(dst + offs, tl.load(src + offs, mask=mask) * factor, mask=mask)
+
+    blocking = threading.Event()
+    a_benchmarking = threading.Event()
+    b_done = threading.Event()
+    order = []
+
+    def do_bench(fn, quantiles=None, **_):
+        if blocking.is_set() and not a_benchmarking.is_set():
+            a_benchmarking.set()
+            b_done.wait(timeout=2.0)   # B gets in here unless the launcher serializes launches
+        fn()
+        return [1.0, 1.0, 1.0] if quantiles else 1.0
+
+    tuned = triton.autotune(configs=[triton.Config({"BLOCK": 16}), triton.Config({"BLOCK": 32})],
+                            key=["n"], do_bench=do_bench)(_scale)
+    monkeypatch.setattr(L, "interpreting", lambda: False)   # the compiled-kernel branch of _launch
+
+    def launch(n, tag):
+        src = torch.arange(n, dtype=torch.float32)
+        dst = torch.full((n,), float("nan"))
+        L._launch(tuned, lambda meta: (triton.cdiv(n, meta["BLOCK"]),), (src, dst, n, 2.0), {})
+        order.append(tag)
+        assert torch.equal(dst, 2.0 * src), f"{tag}: wrong result"
+
+    launch(40, "warm-up")       # B's shape (n = 40) is tuned before the threads start
+    blocking.set()
+    errors = []
+
+    def thread_a():
+        try:
+            launch(100, "A")
+        except Exception as exc:  # noqa: BLE001 - reported below
+            errors.append(f"A: {exc!r}")
+
+    def thread_b():
+        try:
+            assert a_benchmarking.wait(timeout=30), "thread A never started autotuning"
+            launch(40, "B")
+        except Exception as exc:  # noqa: BLE001 - reported below
+            errors.append(f"B: {exc!r}")
+        finally:
+            b_done.set()
+
+    threads = [threading.Thread(target=thread_a), threading.Thread(target=thread_b)]
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join(timeout=60)
+    assert not any(th.is_alive() for th in threads), "a thread hung"
+    assert not errors, errors
+    assert order == ["warm-up", "A", "B"], order

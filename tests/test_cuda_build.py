@@ -31,6 +31,7 @@ import torch
 
 import fused_fpn
 from fused_fpn import _extension
+from cuda_emu_testing import cuda_build_skip_reason, nvcc_home
 
 REPO = Path(__file__).resolve().parents[1]
 OPS = ("fused_fpn::lateral", "fused_fpn::lateral_grad_bias_top")
@@ -61,25 +62,7 @@ BWD_KERNELS = [
 ALL_KERNELS = FWD_KERNELS + SPLITK_KERNELS + BWD_KERNELS
 
 
-def _nvcc_home() -> Optional[str]:
-    for home in (os.environ.get("CUDA_HOME"), os.environ.get("CUDA_PATH"), "/usr/local/cuda"):
-        if home and os.path.exists(os.path.join(home, "bin", "nvcc")):
-            return home
-    nvcc = shutil.which("nvcc")
-    return os.path.dirname(os.path.dirname(os.path.realpath(nvcc))) if nvcc else None
-
-
-def _cuda_build_skip_reason() -> Optional[str]:
-    if os.environ.get("FUSED_FPN_SKIP_CUDA_BUILD", "").strip().lower() in ("1", "true", "yes", "on"):
-        return "FUSED_FPN_SKIP_CUDA_BUILD is set: the CUDA kernels were deliberately not built"
-    if torch.version.cuda is None:
-        return "torch is a CPU-only build: the CUDA kernels cannot be built"
-    if _nvcc_home() is None:
-        return "nvcc not found: the CUDA kernels cannot be built"
-    return None
-
-
-_SKIP = _cuda_build_skip_reason()
+_SKIP = cuda_build_skip_reason()
 pytestmark = pytest.mark.skipif(_SKIP is not None, reason=_SKIP or "")
 
 
@@ -95,7 +78,7 @@ def _cuobjdump() -> str:
         candidates.append(Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump")
     except ImportError:
         pass
-    home = _nvcc_home()
+    home = nvcc_home()
     if home:
         candidates.append(Path(home) / "bin" / "cuobjdump")
     found = shutil.which("cuobjdump")
@@ -275,17 +258,9 @@ def test_backend_listed_with_reason_matches_device():
 
 # ---- the CUDA kernels' logic, emulated on the CPU (csrc/cuda/emu) --------------------------------
 
-def _load_emulate():
-    import importlib.util
-    spec = importlib.util.spec_from_file_location("fused_fpn_emulate", REPO / "csrc" / "cuda" / "emu" / "emulate.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 @pytest.fixture(scope="module")
-def emu(tmp_path_factory):
-    return _load_emulate().build(str(tmp_path_factory.mktemp("cuda_emu")))
+def emu(cuda_emu):
+    return cuda_emu
 
 
 def _emu_input(shape, dtype, layout, gen):

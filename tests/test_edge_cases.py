@@ -206,12 +206,12 @@ def test_requires_grad_on_each_subset_of_inputs(device, backend, requires):
 
 # ---- NaN / Inf propagation --------------------------------------------------------------------------
 
-def _assert_same_special_values(out, ref):
+def _assert_same_special_values(out, ref, atol=1e-4, rtol=1e-4):
     assert torch.equal(torch.isnan(out), torch.isnan(ref)), "NaN positions differ from the reference"
     assert torch.equal(torch.isposinf(out), torch.isposinf(ref)), "+inf positions differ from the reference"
     assert torch.equal(torch.isneginf(out), torch.isneginf(ref)), "-inf positions differ from the reference"
     finite = torch.isfinite(ref)
-    torch.testing.assert_close(out[finite].double(), ref[finite].double(), atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(out[finite].double(), ref[finite].double(), atol=atol, rtol=rtol)
 
 
 def _poison(x, w, b, top):
@@ -290,11 +290,12 @@ def test_batch_size_zero_with_requires_grad(device, backend, layout, with_top, w
 
 
 @pytest.mark.parametrize("device,backend", BACKENDS)
-def test_empty_spatial_size_with_requires_grad(device, backend):
-    x, w, b, top = _case(2, 6, 5, (0, 7), (3, 4), device)
+@pytest.mark.parametrize("cout,hw", [(5, (0, 7)), (0, (5, 7))], ids=["h0", "cout0"])
+def test_empty_spatial_size_or_no_output_channels_with_requires_grad(device, backend, cout, hw):
+    x, w, b, top = _case(2, 6, cout, hw, (3, 4), device)
     ins = _leaves(x, w, b, top)
     out = fused_fpn.lateral(*ins, backend=backend)
-    assert out.shape == (2, 5, 0, 7)
+    assert out.shape == (2, cout, *hw)
     out.sum().backward()
     for name, t in zip(GRAD_NAMES, ins):
         assert t.grad is not None and t.grad.shape == t.shape, f"grad of {name}"

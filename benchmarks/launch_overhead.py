@@ -1,0 +1,133 @@
+"""Host time per call of the lateral op, layer by layer: where a Python caller's time goes when the
+GPU is not the bottleneck.
+
+    python benchmarks/launch_overhead.py [--device cuda|cpu] [--calls 2000] [--json FILE]
+
+Every row calls one layer of the stack on a tiny problem (x [1, 8, 4, 4], top [1, 8, 2, 2]) back to
+back ``--calls`` times and reports the wall time per call (median of 5 repeats, the device
+synchronized before and after each repeat). The kernels take a few microseconds, so on a GPU the
+figures are the host cost of enqueueing (argument checks, dispatcher, autograd, Triton's launcher);
+subtracting two rows gives the cost of one layer. Rows, from the bottom of the stack up:
+
+    triton: JIT kernel, fixed config      _lateral_fwd_kernel[grid](...) with one config (GPU only)
+    triton: autotuned kernel              lateral_launch.gemm_epilogue (autotuner + device guard)
+    triton: registered op                 torch.ops.fused_fpn.triton_lateral (triton_op dispatch)
+    <backend>: fused_fpn.lateral          the public function (checks, backend selection)
+    <backend>: ... requires_grad          the same with x requiring grad (autograd node recorded)
+    <backend>: forward + backward         one forward and one backward
+    cuda / cpu: registered op             torch.ops.fused_fpn.lateral (the C++ op)
+    eager: conv2d + interpolate + add     torchvision's unfused computation, for scale
+
+It is a diagnostic, not a benchmark of the kernels (``pytest benchmarks`` is that): run it on the
+GPU machine to see which layer to cut. On CPU tensors the Triton rows are skipped (the interpreter).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from typing import Callable, Dict, List, Optional
+
+import torch
+import torch.nn.functional as F
+
+import fused_fpn
+
+
+def _sync(device: str) -> None:
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def time_per_call(fn: Callable[[], object], device: str, calls: int, repeats: int = 5) -> float:
+    """Median over ``repeats`` of the wall time of ``calls`` back-to-back calls, in microseconds per call."""
+    for _ in range(max(10, calls // 20)):
+        fn()
+    per_call = []
+    for _ in range(repeats):
+        _sync(device)
+        t0 = time.perf_counter()
+        for _ in range(calls):
+            fn()
+        _sync(device)
+        per_call.append((time.perf_counter() - t0) / calls * 1e6)
+    return statistics.median(per_call)
+
+
+def rows_for(device: str, dtype: torch.dtype) -> Dict[str, Callable[[], object]]:
+    """name -> a zero-argument call, for every layer that can run on ``device``."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn((1, 8, 4, 4), generator=g).to(device, dtype)
+    w = torch.randn((8, 8), generator=g).to(device, dtype)
+    b = torch.randn((8,), generator=g).to(device, dtype)
+    top = torch.randn((1, 8, 2, 2), generator=g).to(device, dtype)
+    xg = x.clone().requires_grad_()
+    w4 = w[:, :, None, None]
+    rows: Dict[str, Callable[[], object]] = {
+        "eager: conv2d + interpolate + add": lambda: F.conv2d(x, w4, b) + F.interpolate(top, size=(4, 4)),
+    }
+    backends = fused_fpn.available_backends(device)
+    if device == "cpu":
+        backends = [n for n in backends if n != "triton"]   # the interpreter: not a launch path
+    if "triton" in backends:
+        from fused_fpn.backends import triton as tb
+        from fused_fpn.kernels import lateral_kernels as K
+        from fused_fpn.kernels import lateral_launch as L
+        import triton
+
+        out = torch.empty((1, 8, 4, 4), device=device, dtype=dtype)
+        args, meta = L.fwd_launch_args(x, w, b, top, out)
+        cfg = K.FWD_CONFIGS[(L._arch(x.device), x.element_size())][-1]
+        grid = (triton.cdiv(16, cfg.kwargs["BLOCK_M"]) * triton.cdiv(8, cfg.kwargs["BLOCK_N"]),)
+        fixed = dict(meta, **cfg.kwargs, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+        rows["triton: JIT kernel, fixed config"] = lambda: K._lateral_fwd_kernel[grid](*args, **fixed)
+        rows["triton: autotuned kernel"] = lambda: L.gemm_epilogue(x, w, b, top, out)
+        op = tb.ops()[0]
+        rows["triton: registered op"] = lambda: op(x, w, b, top)
+    for name in backends:
+        if name == "torch":
+            continue
+        if name in ("cuda", "cpu"):
+            rows[f"{name}: registered op"] = lambda: torch.ops.fused_fpn.lateral(x, w, b, top)
+        rows[f"{name}: fused_fpn.lateral"] = lambda n=name: fused_fpn.lateral(x, w, b, top, backend=n)
+        rows[f"{name}: fused_fpn.lateral, requires_grad"] = lambda n=name: fused_fpn.lateral(xg, w, b, top, backend=n)
+        rows[f"{name}: forward + backward"] = lambda n=name: fused_fpn.lateral(xg, w, b, top, backend=n).sum().backward()
+    rows["eager: forward + backward"] = lambda: (F.conv2d(xg, w4, b) + F.interpolate(top, size=(4, 4))).sum().backward()
+    return rows
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", choices=("cuda", "cpu"))
+    parser.add_argument("--dtype", default=None, choices=("fp16", "fp32"),
+                        help="default: fp16 on cuda, fp32 on cpu")
+    parser.add_argument("--calls", type=int, default=2000)
+    parser.add_argument("--json", help="also write the rows here")
+    args = parser.parse_args(argv)
+    dtype_name = args.dtype or ("fp16" if args.device == "cuda" else "fp32")
+    dtype = {"fp16": torch.float16, "fp32": torch.float32}[dtype_name]
+    if args.device == "cuda" and not torch.cuda.is_available():
+        print("no CUDA device", file=sys.stderr)
+        return 2
+    where = torch.cuda.get_device_name() if args.device == "cuda" else "CPU"
+    print(f"host time per call, {where}, {dtype_name}, x [1, 8, 4, 4], {args.calls} calls x 5 (median); "
+          f"torch {torch.__version__}, {torch.get_num_threads()} CPU threads")
+    results = []
+    for name, fn in rows_for(args.device, dtype).items():
+        try:
+            us = time_per_call(fn, args.device, args.calls)
+            results.append({"row": name, "us_per_call": round(us, 2)})
+            print(f"  {name:<45s} {us:9.1f} us")
+        except Exception as exc:  # noqa: BLE001 - a row that cannot run is reported, the rest go on
+            results.append({"row": name, "error": f"{type(exc).__name__}: {exc}"[:300]})
+            print(f"  {name:<45s}  ERROR {type(exc).__name__}: {exc}"[:200])
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"device": where, "dtype": dtype_name, "calls": args.calls, "rows": results}, f, indent=1)
+    return 0 if all("error" not in r for r in results) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

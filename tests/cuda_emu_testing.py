@@ -1,0 +1,44 @@
+"""Shared set-up of the tests that check the CUDA backend without a GPU.
+
+* ``cuda_build_skip_reason()``: why the CUDA kernels cannot be built here (None when they can).
+* ``build_cuda_emu(build_dir)``: the CPU emulation of the CUDA kernels (csrc/cuda/emu), whose
+  ``lateral(x, w, bias, top, sm_count, tf32)`` and ``grad(dy, top_h, top_w)`` run the real host
+  code of csrc/cuda/lateral_cuda.cpp and the kernels' logic on CPU tensors. conftest.py builds it
+  once per session (fixture ``cuda_emu``; about 30 s on 2 cores).
+"""
+from __future__ import annotations
+
+import importlib.util
+import os
+import shutil
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def nvcc_home() -> Optional[str]:
+    for home in (os.environ.get("CUDA_HOME"), os.environ.get("CUDA_PATH"), "/usr/local/cuda"):
+        if home and os.path.exists(os.path.join(home, "bin", "nvcc")):
+            return home
+    nvcc = shutil.which("nvcc")
+    return os.path.dirname(os.path.dirname(os.path.realpath(nvcc))) if nvcc else None
+
+
+def cuda_build_skip_reason() -> Optional[str]:
+    if os.environ.get("FUSED_FPN_SKIP_CUDA_BUILD", "").strip().lower() in ("1", "true", "yes", "on"):
+        return "FUSED_FPN_SKIP_CUDA_BUILD is set: the CUDA kernels were deliberately not built"
+    if torch.version.cuda is None:
+        return "torch is a CPU-only build: the CUDA kernels cannot be built"
+    if nvcc_home() is None:
+        return "nvcc not found: the CUDA kernels cannot be built"
+    return None
+
+
+def build_cuda_emu(build_dir: str):
+    spec = importlib.util.spec_from_file_location("fused_fpn_emulate", REPO / "csrc" / "cuda" / "emu" / "emulate.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.build(build_dir)
