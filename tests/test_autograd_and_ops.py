@@ -75,6 +75,57 @@ def test_grad_bias_top_op_matches_reference(device, dtype, layout, hw, top_hw):
     assert dtop.shape == (2, 12, *top_hw)
 
 
+def _cl_strided_channels(shape, dtype, generator):
+    """channels_last-like (stride(1) < stride(3)) but with channel stride 2: every other channel."""
+    n, c, h, w = shape
+    wide = torch.randn((n, 2 * c, h, w), generator=generator).to(dtype).contiguous(memory_format=torch.channels_last)
+    t = wide[:, ::2]
+    assert t.stride(1) == 2 and t.stride(1) < t.stride(3)
+    return t
+
+
+# The CPU pass's code paths (csrc/cpu/lateral_cpu.cpp, GradBiasTopPass): pixels innermost with an
+# exact 2x, 1x or 3x column fold or a general one, channels innermost with several column blocks per
+# top row (C * W large), empty preimages (down-sampling), strided channels / pixels.
+GBT_CPU_CASES = {
+    "nchw_2x": ((2, 12, 8, 10), (4, 5), "nchw"),
+    "nchw_same_size": ((2, 5, 7, 9), (7, 9), "nchw"),
+    "nchw_3x": ((1, 5, 9, 12), (3, 4), "nchw"),
+    "nchw_general_down": ((2, 6, 5, 6), (9, 11), "nchw"),
+    "nchw_strided_w": ((2, 6, 9, 13), (5, 7), "noncontig"),
+    "cl_column_blocks_2x": ((1, 300, 4, 600), (2, 300), "channels_last"),
+    "cl_column_blocks_general": ((1, 260, 3, 530), (2, 251), "channels_last"),
+    "cl_down": ((2, 7, 5, 6), (9, 11), "channels_last"),
+    "cl_strided_channels": ((2, 9, 6, 8), (3, 4), "cl_strided"),
+    "cl_no_top": ((2, 70, 5, 7), (0, 0), "channels_last"),
+}
+
+
+@needs_ext
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+@pytest.mark.parametrize("case", list(GBT_CPU_CASES))
+def test_grad_bias_top_cpu_paths_match_reference_and_every_thread_count(case, dtype):
+    from fpn_testing import make_input
+    shape, top_hw, layout = GBT_CPU_CASES[case]
+    gen = torch.Generator().manual_seed(3)
+    dy = _cl_strided_channels(shape, dtype, gen) if layout == "cl_strided" else make_input(shape, dtype, "cpu", layout, gen)
+    db, dtop = torch.ops.fused_fpn.lateral_grad_bias_top(dy, *top_hw)
+    rdb, rdtop = lateral_grad_bias_top_reference(dy.double(), *top_hw)
+    tol = {torch.float64: 1e-12, torch.float32: 1e-5, torch.bfloat16: 5e-2}[dtype]
+    scale = max(1.0, rdb.abs().max().item())
+    torch.testing.assert_close(db.double(), rdb, atol=tol * 10 * scale, rtol=tol)
+    torch.testing.assert_close(dtop.double(), rdtop, atol=tol * 10, rtol=tol)
+    assert dtop.shape == (shape[0], shape[1], *top_hw)
+    # the work split does not depend on the thread count: bitwise the same results with 1 thread
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        db1, dtop1 = torch.ops.fused_fpn.lateral_grad_bias_top(dy, *top_hw)
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(db1, db) and torch.equal(dtop1, dtop)
+
+
 @needs_ext
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("layout", ["nchw", "channels_last", "noncontig"])

@@ -152,60 +152,200 @@ at::Tensor lateral_cpu(const at::Tensor& x, const at::Tensor& weight, const c10:
   return out;
 }
 
-template <typename scalar_t>
-void grad_bias_top_impl(const at::Tensor& dy, int64_t top_h, int64_t top_w, at::Tensor& db, at::Tensor& dtop) {
-  using acc_t = at::acc_type<scalar_t, /*is_cuda=*/false>;
-  const int64_t N = dy.size(0), C = dy.size(1), H = dy.size(2), W = dy.size(3);
-  const bool has_top = top_h > 0 && top_w > 0;
-  const int64_t s0 = dy.stride(0), s1 = dy.stride(1), s2 = dy.stride(2), s3 = dy.stride(3);
-  // Channels innermost when dy is channels_last-like (contiguous reads); one channel per block otherwise.
-  const int64_t CB = is_channels_last_like(dy) ? std::min<int64_t>(C, 64) : 1;
-  const int64_t blocks = (C + CB - 1) / CB;
-  std::vector<int64_t> ih, iw;
-  if (has_top) {
-    ih = src_offsets(top_h, H, 1);
-    iw = src_offsets(top_w, W, 1);
-  }
-  const scalar_t* yp = dy.const_data_ptr<scalar_t>();
-  scalar_t* dbp = db.mutable_data_ptr<scalar_t>();
-  scalar_t* dtp = has_top ? dtop.mutable_data_ptr<scalar_t>() : nullptr;
-  const int64_t d0 = has_top ? dtop.stride(0) : 0, d1 = has_top ? dtop.stride(1) : 0;
-  const int64_t d2 = has_top ? dtop.stride(2) : 0, d3 = has_top ? dtop.stride(3) : 0;
+// Preimage starts of the nearest map src(d) (monotone in d): dy index d in [0, dst) reads top index
+// src(d); top index t gathers dy indices [first[t], first[t + 1]) (empty when nearest down-sampling
+// skips t). first has src_size + 1 entries, first[src_size] = dst_size.
+std::vector<int64_t> preimage_starts(int64_t src_size, int64_t dst_size) {
+  const std::vector<int64_t> src = src_offsets(src_size, dst_size, 1);
+  std::vector<int64_t> first(static_cast<size_t>(src_size + 1), dst_size);
+  for (int64_t d = dst_size - 1; d >= 0; --d) first[src[d]] = d;
+  for (int64_t t = src_size - 1; t >= 0; --t) first[t] = std::min(first[t], first[t + 1]);
+  return first;
+}
 
-  at::parallel_for(0, blocks, 1, [&](int64_t begin, int64_t end) {
-    std::vector<acc_t> acc(has_top ? static_cast<size_t>(top_h * top_w * CB) : 0);
-    std::vector<acc_t> bacc(static_cast<size_t>(CB));
-    for (int64_t blk = begin; blk < end; ++blk) {
-      const int64_t c0 = blk * CB, cb = std::min(CB, C - c0);
-      std::fill(bacc.begin(), bacc.end(), acc_t(0));
-      for (int64_t n = 0; n < N; ++n) {
-        if (has_top) std::fill(acc.begin(), acc.end(), acc_t(0));
-        for (int64_t h = 0; h < H; ++h) {
-          for (int64_t w = 0; w < W; ++w) {
-            const scalar_t* p = yp + n * s0 + c0 * s1 + h * s2 + w * s3;
-            if (has_top) {
-              acc_t* a = acc.data() + (ih[h] * top_w + iw[w]) * CB;
-              for (int64_t c = 0; c < cb; ++c) {
-                const acc_t v = static_cast<acc_t>(p[c * s1]);
-                a[c] += v;
-                bacc[c] += v;
-              }
+// db[c] = sum over n, h, w of dy[n, c, h, w];  dtop[n, c, i, j] = sum of dy over the preimage of (i, j),
+// i.e. rows [hs[i], hs[i + 1]) x columns [ws[j], ws[j + 1]) (preimage_starts). One pass over dy
+// [N, C, H, W] (any strides), in work units that each write their own dtop elements:
+//   pixels innermost (NCHW-like): unit (n, c), its plane read front to back; for each top row i the
+//     preimage rows are summed into colsum[w] (contiguous reads along w), then each top column j sums
+//     its columns.
+//   channels innermost (channels_last-like): unit (n, i, block of top columns); all C channels of the
+//     preimage pixels are summed into colsum[w][c] (contiguous reads along c: every cache line of dy
+//     is read by one unit), then each top column j sums its columns.
+// The contiguous case of the inner loops is specialised so that the compiler vectorises it. Sums run
+// in opmath (float for fp16 / bf16 / fp32, as eager's upsample backward); each unit writes its own
+// dtop elements and its partial db, and the partials are added in a fixed order afterwards in acc_t:
+// deterministic. Without a top the identity map takes its place (every dy pixel its own preimage) and
+// only db is written.
+template <typename scalar_t>
+struct GradBiasTopPass {
+  using op_t = at::opmath_type<scalar_t>;
+  using acc_t = at::acc_type<scalar_t, /*is_cuda=*/false>;
+  int64_t N, C, H, W, TH, TW;
+  bool has_top;
+  std::vector<int64_t> hs, ws;
+  int64_t s0, s1, s2, s3, d0, d1, d2, d3;
+  const scalar_t* yp;
+  scalar_t* dtp;
+
+  GradBiasTopPass(const at::Tensor& dy, int64_t top_h, int64_t top_w, at::Tensor& dtop)
+      : N(dy.size(0)), C(dy.size(1)), H(dy.size(2)), W(dy.size(3)), has_top(top_h > 0 && top_w > 0) {
+    TH = has_top ? top_h : H;
+    TW = has_top ? top_w : W;
+    hs = preimage_starts(TH, H);
+    ws = preimage_starts(TW, W);
+    s0 = dy.stride(0), s1 = dy.stride(1), s2 = dy.stride(2), s3 = dy.stride(3);
+    d0 = has_top ? dtop.stride(0) : 0, d1 = has_top ? dtop.stride(1) : 0;
+    d2 = has_top ? dtop.stride(2) : 0, d3 = has_top ? dtop.stride(3) : 0;
+    yp = dy.const_data_ptr<scalar_t>();
+    dtp = has_top ? dtop.mutable_data_ptr<scalar_t>() : nullptr;
+  }
+
+  // Sum of v[0, n) in a fixed order: 8 interleaved partial sums (vectorisable), then those in order.
+  static op_t fixed_order_sum(const op_t* v, int64_t n) {
+    op_t lanes[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+    int64_t j = 0;
+    for (; j + 8 <= n; j += 8) {
+      for (int l = 0; l < 8; ++l) lanes[l] += v[j + l];
+    }
+    for (; j < n; ++j) lanes[j % 8] += v[j];
+    op_t total = 0;
+    for (int l = 0; l < 8; ++l) total += lanes[l];
+    return total;
+  }
+
+  // dbpart [rows, C]: partial sums of db, one row per image (pixels inner) or per work unit
+  // (channels inner); grad_bias_top_impl adds the rows up in order.
+  void pixels_inner(std::vector<acc_t>& dbpart) const {
+    // one unit per (image, channel): its plane is read front to back, one top row's preimage at a time
+    dbpart.assign(static_cast<size_t>(N * C), acc_t(0));
+    // k when every top column's preimage is exactly k dy columns (W == k * TW, ws[j] == k * j), else 0
+    int64_t fold_k = W % TW == 0 ? W / TW : 0;
+    for (int64_t j = 0; fold_k > 0 && j <= TW; ++j) {
+      if (ws[j] != fold_k * j) fold_k = 0;
+    }
+    const int64_t plane = std::max<int64_t>(1, H * W);
+    at::parallel_for(0, N * C, std::max<int64_t>(1, 65536 / plane), [&](int64_t begin, int64_t end) {
+      std::vector<op_t> cs(static_cast<size_t>(W)), v(static_cast<size_t>(TW));
+      for (int64_t u = begin; u < end; ++u) {
+        const int64_t c = u % C, n = u / C;
+        const scalar_t* src = yp + n * s0 + c * s1;
+        acc_t plane_total = 0;
+        for (int64_t i = 0; i < TH; ++i) {
+          if (hs[i] == hs[i + 1]) std::fill(cs.begin(), cs.end(), op_t(0));  // empty preimage
+          for (int64_t h = hs[i]; h < hs[i + 1]; ++h) {
+            const scalar_t* r = src + h * s2;
+            const bool first = h == hs[i];  // the first row is stored, the others added
+            if (s3 == 1 && first) {
+              for (int64_t w = 0; w < W; ++w) cs[w] = static_cast<op_t>(r[w]);
+            } else if (s3 == 1) {
+              for (int64_t w = 0; w < W; ++w) cs[w] += static_cast<op_t>(r[w]);
             } else {
-              for (int64_t c = 0; c < cb; ++c) bacc[c] += static_cast<acc_t>(p[c * s1]);
+              for (int64_t w = 0; w < W; ++w) cs[w] = (first ? op_t(0) : cs[w]) + static_cast<op_t>(r[w * s3]);
+            }
+          }
+          // fold the columns into top columns: v[j] = sum of cs over [ws[j], ws[j + 1])
+          if (fold_k == 2) {  // exact 2x (the FPN's sizes): a fixed-stride fold the compiler vectorises
+            for (int64_t j = 0; j < TW; ++j) v[j] = cs[2 * j] + cs[2 * j + 1];
+          } else if (fold_k == 1) {
+            for (int64_t j = 0; j < TW; ++j) v[j] = cs[j];
+          } else {
+            for (int64_t j = 0; j < TW; ++j) {
+              op_t sum = 0;
+              for (int64_t w = ws[j]; w < ws[j + 1]; ++w) sum += cs[w];
+              v[j] = sum;
+            }
+          }
+          plane_total += static_cast<acc_t>(fixed_order_sum(v.data(), TW));
+          if (has_top) {
+            scalar_t* dst = dtp + n * d0 + c * d1 + i * d2;
+            if (d3 == 1) {
+              for (int64_t j = 0; j < TW; ++j) dst[j] = static_cast<scalar_t>(v[j]);
+            } else {
+              for (int64_t j = 0; j < TW; ++j) dst[j * d3] = static_cast<scalar_t>(v[j]);
             }
           }
         }
-        if (has_top) {
-          for (int64_t i = 0; i < top_h; ++i)
-            for (int64_t j = 0; j < top_w; ++j) {
-              const acc_t* a = acc.data() + (i * top_w + j) * CB;
-              scalar_t* dst = dtp + n * d0 + c0 * d1 + i * d2 + j * d3;
-              for (int64_t c = 0; c < cb; ++c) dst[c * d1] = static_cast<scalar_t>(a[c]);
-            }
-        }
+        dbpart[n * C + c] = plane_total;
       }
-      for (int64_t c = 0; c < cb; ++c) dbp[c0 + c] = static_cast<scalar_t>(bacc[c]);
+    });
+  }
+
+  void channels_inner(std::vector<acc_t>& dbpart) const {
+    // top columns per unit: the unit's colsum (its dy columns x C) stays under about 256 KB (in L2), so
+    // that each unit reads long contiguous runs of dy rows
+    const int64_t TJ = std::max<int64_t>(1, std::min<int64_t>(TW, TW * std::max<int64_t>(1, 65536 / std::max<int64_t>(C, 1)) / std::max<int64_t>(W, 1)));
+    const int64_t jblocks = (TW + TJ - 1) / TJ;
+    dbpart.assign(static_cast<size_t>(N * TH * jblocks * C), acc_t(0));
+    at::parallel_for(0, N * TH * jblocks, 1, [&](int64_t begin, int64_t end) {
+      std::vector<op_t> colsum, run(static_cast<size_t>(C)), total(static_cast<size_t>(C));
+      for (int64_t u = begin; u < end; ++u) {
+        const int64_t jb = u % jblocks, i = (u / jblocks) % TH, n = u / jblocks / TH;
+        const int64_t j0 = jb * TJ, j1 = std::min(TW, j0 + TJ), w0 = ws[j0], w1 = ws[j1];
+        colsum.resize(static_cast<size_t>((w1 - w0) * C));
+        if (hs[i] == hs[i + 1]) std::fill(colsum.begin(), colsum.end(), op_t(0));  // empty preimage
+        for (int64_t h = hs[i]; h < hs[i + 1]; ++h) {
+          const bool first = h == hs[i];  // the first row is stored, the others added
+          for (int64_t w = w0; w < w1; ++w) {
+            const scalar_t* r = yp + n * s0 + h * s2 + w * s3;
+            op_t* cs = colsum.data() + (w - w0) * C;
+            if (s1 == 1 && first) {
+              for (int64_t c = 0; c < C; ++c) cs[c] = static_cast<op_t>(r[c]);
+            } else if (s1 == 1) {
+              for (int64_t c = 0; c < C; ++c) cs[c] += static_cast<op_t>(r[c]);
+            } else {
+              for (int64_t c = 0; c < C; ++c) cs[c] = (first ? op_t(0) : cs[c]) + static_cast<op_t>(r[c * s1]);
+            }
+          }
+        }
+        std::fill(total.begin(), total.end(), op_t(0));
+        for (int64_t j = j0; j < j1; ++j) {
+          if (ws[j] == ws[j + 1]) {
+            std::fill(run.begin(), run.end(), op_t(0));  // empty preimage
+          } else {
+            const op_t* cs = colsum.data() + (ws[j] - w0) * C;
+            for (int64_t c = 0; c < C; ++c) run[c] = cs[c];
+            for (int64_t w = ws[j] + 1; w < ws[j + 1]; ++w) {
+              cs = colsum.data() + (w - w0) * C;
+              for (int64_t c = 0; c < C; ++c) run[c] += cs[c];
+            }
+          }
+          for (int64_t c = 0; c < C; ++c) total[c] += run[c];
+          if (has_top) {
+            scalar_t* dst = dtp + n * d0 + i * d2 + j * d3;
+            if (d1 == 1) {
+              for (int64_t c = 0; c < C; ++c) dst[c] = static_cast<scalar_t>(run[c]);
+            } else {
+              for (int64_t c = 0; c < C; ++c) dst[c * d1] = static_cast<scalar_t>(run[c]);
+            }
+          }
+        }
+        acc_t* dbrow = dbpart.data() + u * C;
+        for (int64_t c = 0; c < C; ++c) dbrow[c] = static_cast<acc_t>(total[c]);
+      }
+    });
+  }
+};
+
+template <typename scalar_t>
+void grad_bias_top_impl(const at::Tensor& dy, int64_t top_h, int64_t top_w, at::Tensor& db, at::Tensor& dtop) {
+  using acc_t = at::acc_type<scalar_t, /*is_cuda=*/false>;
+  const GradBiasTopPass<scalar_t> pass(dy, top_h, top_w, dtop);
+  std::vector<acc_t> dbpart;
+  if (is_channels_last_like(dy)) {
+    pass.channels_inner(dbpart);
+  } else {
+    pass.pixels_inner(dbpart);
+  }
+  const int64_t C = dy.size(1), rows = static_cast<int64_t>(dbpart.size()) / std::max<int64_t>(C, 1);
+  scalar_t* dbp = db.mutable_data_ptr<scalar_t>();
+  at::parallel_for(0, C, 64, [&](int64_t begin, int64_t end) {
+    std::vector<acc_t> sum(static_cast<size_t>(end - begin), acc_t(0));
+    for (int64_t r = 0; r < rows; ++r) {  // rows in order for every channel: deterministic
+      const acc_t* row = dbpart.data() + r * C + begin;
+      for (int64_t c = 0; c < end - begin; ++c) sum[c] += row[c];
     }
+    for (int64_t c = begin; c < end; ++c) dbp[c] = static_cast<scalar_t>(sum[c - begin]);
   });
 }
 
