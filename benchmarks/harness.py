@@ -118,13 +118,14 @@ GPU_DETECTOR = DetectorShapes(images=2, image_hw=(800, 1216), min_size=800, max_
 QUICK_DETECTOR = DetectorShapes(images=1, image_hw=(128, 128), min_size=128, max_size=128)
 
 LEVEL_CASES = ("lateral_P2", "lateral_P3", "lateral_P4", "lateral_P5")
-CASES = ("lateral_path", "fpn_forward", "fpn_train") + LEVEL_CASES + ("detector",)
+CASES = ("lateral_path", "lateral_train", "fpn_forward", "fpn_train") + LEVEL_CASES + ("detector",)
 CASE_DOC = {
     "lateral_P2": "fused op, one level (P2: finest; top = P3's inner map)",
     "lateral_P3": "fused op, one level (P3)",
     "lateral_P4": "fused op, one level (P4)",
     "lateral_P5": "fused op, one level (P5: coarsest, no top: a plain 1x1 conv)",
     "lateral_path": "the whole lateral path: 4 levels, top-down (P5 conv, then P4..P2 fused)",
+    "lateral_train": "the lateral path forward + backward (grads of the 4 inputs and the 1x1 weights and biases)",
     "fpn_forward": "whole FPN forward (lateral path + 3x3 output convs + LastLevelMaxPool), no grad",
     "fpn_train": "FPN training step: forward + backward (grads of the inputs and every parameter)",
     "detector": "fasterrcnn_resnet50_fpn(weights=None, weights_backbone=None).eval(), end to end",
@@ -271,7 +272,7 @@ def backend_supports(name: str, device: str, dtype: torch.dtype) -> Optional[str
 
 def providers_for(cfg: BenchConfig, case: str, dtype: str, layout: str) -> List[str]:
     names = ["eager", "compile"]
-    if cfg.device == "cuda" and case != "detector" and case != "fpn_train":
+    if cfg.device == "cuda" and case not in ("detector", "fpn_train", "lateral_train"):
         lateral_case = case == "lateral_path" or case in LEVEL_CASES
         if (cfg.max_autotune == "path" and case == "lateral_path" and dtype == "fp16" and layout == "nchw") or \
                 (cfg.max_autotune == "lateral" and lateral_case):
@@ -853,23 +854,43 @@ class LateralLevelWorkload(Workload):
 
 
 class LateralPathWorkload(Workload):
+    """lateral_path (forward, no grad) and lateral_train (forward + backward: the grads of the 4
+    inputs and of the 1x1 weights and biases, for fixed output gradients)."""
+
     def __init__(self, case, dtype, layout, cfg, seed=0):
         super().__init__(case, dtype, layout, cfg, seed)
         s = self.shapes
+        self.needs_grad = case == "lateral_train"
         params = [(_fmt(self.randn(s.out_channels, c, 1, 1, scale=c ** -0.5), layout),
                    self.randn(s.out_channels, scale=0.1)) for c in s.in_channels]
         self.module = EagerLateralPath(params)
-        self.make_sets(lambda: ([_fmt(self.randn(s.batch, c, *s.level_hw(i)), layout)
+        self.module.requires_grad_(self.needs_grad)
+        self.make_sets(lambda: ([_fmt(self.randn(s.batch, c, *s.level_hw(i)), layout).requires_grad_(self.needs_grad)
                                  for i, c in enumerate(s.in_channels)],))
-        self.lateral_bytes = lateral_path_bytes(s, self.elem_bytes)
+        if self.needs_grad:   # fixed output gradients, one per level
+            self.grad_outputs = [_fmt(self.randn(s.batch, s.out_channels, *s.level_hw(i)), layout)
+                                 for i in range(s.levels)]
+        else:
+            self.lateral_bytes = lateral_path_bytes(s, self.elem_bytes)
         self.shape_desc = s.describe()
 
     def provider_fn(self, provider):
         if provider == "eager":
-            return self.module
-        if provider.startswith("compile"):
-            return _compile(self.module, provider)
-        return FusedLateralPath(self.module, _fused_name(provider))
+            module = self.module
+        elif provider.startswith("compile"):
+            module = _compile(self.module, provider)
+        else:
+            module = FusedLateralPath(self.module, _fused_name(provider))
+        if not self.needs_grad:
+            return module
+        params = list(self.module.parameters())   # the fused path reads the same parameters
+        grad_outputs = self.grad_outputs
+
+        def train_step(feats):
+            outs = module(feats)
+            grads = torch.autograd.grad(outs, list(feats) + params, grad_outputs)
+            return list(outs) + list(grads)
+        return train_step
 
 
 class FPNWorkload(Workload):
@@ -1016,6 +1037,7 @@ class DetectorWorkload(Workload):
 
 
 WORKLOADS = {**{c: LateralLevelWorkload for c in LEVEL_CASES}, "lateral_path": LateralPathWorkload,
+             "lateral_train": LateralPathWorkload,
              "fpn_forward": FPNWorkload, "fpn_train": FPNWorkload, "detector": DetectorWorkload}
 
 

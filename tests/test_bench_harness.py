@@ -280,7 +280,7 @@ def test_benchmark_suite_smoke_pass(tmp_path):
     for r in data["results"]:
         assert r["status"] == harness.OK, r
         assert r["median_ms"] > 0 and r["peak_mem_bytes"] is not None
-        if r["case"].startswith("lateral"):
+        if r["case"].startswith("lateral") and r["case"] != "lateral_train":   # forward cases: a roofline
             assert r["bytes_min"] > 0 and r["roofline_pct"] > 0
 
 
