@@ -4,7 +4,7 @@
 * ``fused_fpn::lateral_grad_bias_top``: fake impl (it is the fused part of lateral's backward).
 
 Backward of y = x . W^T + b + U(top):
-    dx = dy . W and dW = sum_pixels dy^T x   -> ATen's convolution_backward (what eager conv runs)
+    dx = dy . W and dW = sum_pixels dy^T x   -> ATen: convolution_backward on CPU, GEMMs elsewhere
     db = sum dy, dtop = U^T(dy)              -> fused_fpn::lateral_grad_bias_top (one pass over dy)
 """
 from __future__ import annotations
@@ -30,16 +30,69 @@ def grad_bias_top_fake(grad_out, top_h, top_w):
 
 
 def conv1x1_backward(grad, x, weight, need_x: bool, need_weight: bool):
-    """(dx, dW) of y = conv1x1(x, weight[Cout, Cin]) through ATen's convolution_backward.
+    """(dx, dW) of y = conv1x1(x, weight[Cout, Cin]); None where not needed.
 
+    CPU tensors: ATen's convolution_backward (oneDNN; deterministic). Other devices: GEMMs
+    (``conv1x1_backward_gemm``): cuDNN's convolution backward may pick non-deterministic algorithms
+    unless torch.use_deterministic_algorithms is on, cuBLAS GEMMs give the same bits run to run.
     With no pixels or no input channels (convolution_backward rejects those) both are zeros."""
     if x.numel() == 0 or weight.numel() == 0:
         return (torch.zeros_like(x) if need_x else None), (torch.zeros_like(weight) if need_weight else None)
+    if x.device.type != "cpu":
+        return conv1x1_backward_gemm(grad, x, weight, need_x, need_weight)
     dx, dw, _ = torch.ops.aten.convolution_backward(
         grad, x, weight[:, :, None, None], None, [1, 1], [0, 0], [1, 1], False, [0, 0], 1,
         [need_x, need_weight, False])
     if dw is not None:
         dw = dw.view(weight.shape)
+    return dx, dw
+
+
+def _mm_fp32_out(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """a @ b (2-D or batched 3-D) accumulated and returned in float32 (``out_dtype``, CUDA fp16 / bf16),
+    so that a long reduction (dW sums over every pixel) is neither rounded nor split-K reduced in
+    half precision; float32 / float64 inputs are multiplied as they are."""
+    if a.dtype in (torch.float16, torch.bfloat16) and a.device.type == "cuda" and _HAS_OUT_DTYPE:
+        return (torch.bmm if a.dim() == 3 else torch.mm)(a, b, out_dtype=torch.float32)
+    return torch.matmul(a, b)
+
+
+# torch >= 2.8: aten::mm.dtype / aten::bmm.dtype (fp16 / bf16 in, fp32 out, on CUDA)
+_HAS_OUT_DTYPE = all("dtype" in op.overloads() for op in (torch.ops.aten.mm, torch.ops.aten.bmm))
+
+
+def conv1x1_backward_gemm(grad, x, weight, need_x: bool, need_weight: bool):
+    """(dx, dW) of y = conv1x1(x, weight[Cout, Cin]) as GEMMs (no atomics: same bits run to run).
+
+        dx[n, ci, p] = sum_co grad[n, co, p] * weight[co, ci]     (dx in x's memory format)
+        dW[co, ci]   = sum_{n, p} grad[n, co, p] * x[n, ci, p]    (fp32 accumulation, weight's dtype)
+
+    grad [N, Cout, H, W], x [N, Cin, H, W], both non-empty. channels_last-contiguous tensors are
+    used as [N*H*W, C] matrices and NCHW-contiguous ones as N [C, H*W] matrices, without a copy;
+    other strides are made contiguous in x's memory format first."""
+    n, cin, h, w = x.shape
+    cout = weight.shape[0]
+    fmt = output_memory_format(x)
+    x = x.contiguous(memory_format=fmt)
+    grad = grad.contiguous(memory_format=fmt)
+    dx = dw = None
+    if fmt == torch.channels_last:
+        g2 = grad.permute(0, 2, 3, 1).reshape(n * h * w, cout)   # views: channels_last-contiguous
+        x2 = x.permute(0, 2, 3, 1).reshape(n * h * w, cin)
+        if need_x:
+            dx = torch.mm(g2, weight).view(n, h, w, cin).permute(0, 3, 1, 2)
+        if need_weight:
+            dw = _mm_fp32_out(g2.t(), x2)
+    else:
+        g3 = grad.view(n, cout, h * w)
+        x3 = x.view(n, cin, h * w)
+        if need_x:
+            dx = torch.matmul(weight.t(), g3).view(n, cin, h, w)
+        if need_weight:
+            per_image = _mm_fp32_out(g3, x3.transpose(1, 2))          # [N, Cout, Cin]
+            dw = per_image[0] if n == 1 else per_image.sum(dim=0, dtype=per_image.dtype)
+    if dw is not None:
+        dw = dw.to(weight.dtype)
     return dx, dw
 
 

@@ -161,3 +161,72 @@ def test_compile_fullgraph_lateral_matches_eager(device, backend):
 
     compiled = torch.compile(fn, fullgraph=True)
     torch.testing.assert_close(compiled(x, w, b, top), fn(x, w, b, top), atol=1e-5, rtol=1e-5)
+
+
+# ---- dx and dW as GEMMs (the C++ ops' backward on non-CPU devices) ---------------------------------
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("layout", ["nchw", "channels_last", "noncontig"])
+@pytest.mark.parametrize("batch", [1, 3])
+@pytest.mark.parametrize("need", [(True, True), (True, False), (False, True)], ids=["dx-dw", "dx", "dw"])
+def test_gemm_conv1x1_backward_matches_reference(dtype, layout, batch, need):
+    """``_ops.conv1x1_backward_gemm`` (what the "cuda" backend's backward runs for dx and dW, so
+    that they are deterministic without torch.use_deterministic_algorithms) on CPU tensors: the
+    float64 autograd of conv2d, dx in x's memory format, dW in weight's dtype."""
+    from fpn_testing import make_input
+    from fused_fpn import _ops
+    from fused_fpn._layout import output_memory_format
+    gen = torch.Generator().manual_seed(7)
+    x = make_input((batch, 13, 6, 9), dtype, "cpu", layout, gen)
+    grad = make_input((batch, 10, 6, 9), dtype, "cpu", layout, gen)
+    weight = (torch.randn((10, 13), generator=gen) / 13 ** 0.5).to(dtype)
+    dx, dw = _ops.conv1x1_backward_gemm(grad, x, weight, *need)
+    x64 = x.detach().double().requires_grad_()
+    w64 = weight.detach().double().requires_grad_()
+    torch.nn.functional.conv2d(x64, w64[:, :, None, None]).backward(grad.double())
+    tol = {torch.float64: 1e-12, torch.float32: 1e-5, torch.bfloat16: 3e-2}[dtype]
+    if need[0]:
+        assert dx.dtype == dtype and dx.is_contiguous(memory_format=output_memory_format(x))
+        torch.testing.assert_close(dx.double(), x64.grad, atol=tol * 10, rtol=tol)
+    else:
+        assert dx is None
+    if need[1]:
+        assert dw.dtype == dtype and dw.shape == weight.shape
+        torch.testing.assert_close(dw.double(), w64.grad, atol=tol * 10 * batch, rtol=tol)
+    else:
+        assert dw is None
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("layout", ["nchw", "channels_last"])
+def test_backward_on_cuda_tensors_runs_gemms_not_cudnn(dtype, layout):
+    """Traced with fake CUDA tensors (no GPU needed): the backward of dx and dW on CUDA runs
+    mm / bmm (deterministic cuBLAS), with fp32 accumulation for fp16 / bf16 (the ``out_dtype``
+    overloads), never cuDNN's convolution_backward; shapes, dtypes and memory formats as eager's."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    from torch.utils._python_dispatch import TorchDispatchMode
+    from fused_fpn import _ops
+
+    class Record(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.ops = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.ops.append(str(func))
+            return func(*args, **(kwargs or {}))
+
+    fmt = torch.channels_last if layout == "channels_last" else torch.contiguous_format
+    with FakeTensorMode():
+        x = torch.empty(2, 16, 5, 7, device="cuda", dtype=dtype).contiguous(memory_format=fmt)
+        grad = torch.empty(2, 8, 5, 7, device="cuda", dtype=dtype).contiguous(memory_format=fmt)
+        weight = torch.empty(8, 16, device="cuda", dtype=dtype)
+        with Record() as rec:
+            dx, dw = _ops.conv1x1_backward(grad, x, weight, True, True)
+    assert dx.shape == x.shape and dx.dtype == dtype and dx.device.type == "cuda"
+    assert dx.is_contiguous(memory_format=fmt)
+    assert dw.shape == weight.shape and dw.dtype == dtype
+    assert not any("convolution" in op for op in rec.ops), rec.ops
+    assert any(op.startswith(("aten.mm", "aten.bmm")) for op in rec.ops), rec.ops
+    if dtype != torch.float32:
+        assert any(op in ("aten.mm.dtype", "aten.bmm.dtype") for op in rec.ops), rec.ops

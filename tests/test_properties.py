@@ -227,11 +227,12 @@ def _own_grads(device: str, backend: str):
     """The gradients a backend must reproduce bit for bit with deterministic mode off.
     CPU: all four (the C++ db/dtop pass and ATen's CPU convolution backward are deterministic).
     CUDA: the Triton backend computes all four itself without atomics; the "cuda" backend computes
-    db and dtop itself (dx and dW are cuDNN's, reproducible only under
-    torch.use_deterministic_algorithms); the "torch" reference is all ATen and is not claimed."""
+    db and dtop itself and dx, dW as cuBLAS GEMMs (``_ops.conv1x1_backward_gemm``: not cuDNN's
+    convolution backward, whose default algorithms may use atomics); the "torch" reference is all
+    ATen (cuDNN) and is not claimed."""
     if device == "cpu":
         return GRAD_NAMES
-    return {"triton": GRAD_NAMES, "cuda": ("bias", "top")}.get(backend, ())
+    return {"triton": GRAD_NAMES, "cuda": GRAD_NAMES}.get(backend, ())
 
 
 def _check_deterministic(device, backend, data):

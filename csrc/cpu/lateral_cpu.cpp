@@ -2,7 +2,7 @@
 //
 // Forward, y[n, co, h, w] = sum_ci x[n, ci, h, w] W[co, ci] + b[co] + top[n, co, src_h(h), src_w(w)],
 // fused by tiles: each image's output rows are cut into tiles of whole rows (Cout x rows x W
-// elements, about 512 KiB, so the tile stays in the core's L2). For each tile ATen's own 1x1
+// elements, about 2 MiB: in the cores' L2 / L3 slice, see tile_rows). For each tile ATen's own 1x1
 // convolution (oneDNN where ATen has it, else BLAS: the fastest GEMM ATen has for this op, never
 // a hand-rolled one) computes the lateral product of that tile alone, and the epilogue adds the
 // bias and the nearest-gathered top while the tile is hot, writing each output element once.
@@ -16,8 +16,9 @@
 // (channels_last iff x.stride(1) < x.stride(3)); the epilogue loops channels innermost for
 // channels_last and pixels innermost for NCHW, so both write contiguously.
 //
-// Backward: dx and dW are GEMMs done by ATen (Python side); this file fuses db and dtop into
-// one pass over dy (deterministic: every channel is summed in a fixed order by one thread).
+// Backward: dx and dW are done by ATen (Python side, fused_fpn/_ops.py); this file fuses db and
+// dtop into one pass over dy (GradBiasTopPass; deterministic: fixed summation order, independent
+// of the thread count).
 #include <ATen/ATen.h>
 #include <ATen/AccumulateType.h>
 #include <ATen/Dispatch.h>
