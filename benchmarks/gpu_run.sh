@@ -12,9 +12,9 @@
 #   bench  python3 -m pytest benchmarks (GPU shapes)              -> OUT_DIR/logs/bench.log
 #          + the results benchmarks/results/<device>_<date>.{json,png,md} copied to OUT_DIR
 #   overhead  python3 benchmarks/launch_overhead.py: host time per call, layer by layer
-#          (about 20 s)                                         -> OUT_DIR/logs/overhead.txt
+#          (about 20 s)                          -> appended to OUT_DIR/logs/bench.log and the summary
 # then OUT_DIR/summary.txt (step statuses, the overhead rows, the results table), printed last.
-# 9 files at most (the device tool brings back 8: leave a step out, or drop the PNG, when all run).
+# 8 files at most.
 #
 # Time (it must fit well under 10 minutes): the tests get GPU_RUN_TEST_TIMEOUT s (default 150);
 # the benchmarks get GPU_RUN_BENCH_BUDGET s (default 150: rows not started by then are reported
@@ -137,9 +137,11 @@ fi
 
 # ---- overhead: host time per call of each layer (tiny shapes: the GPU is not the bottleneck)
 if want overhead; then
-    note "overhead: benchmarks/launch_overhead.py, log in logs/overhead.txt"
-    timeout -s INT -k 10 120 "$PY" benchmarks/launch_overhead.py --calls 1000 > "$OUT/logs/overhead.txt" 2>&1
+    note "overhead: benchmarks/launch_overhead.py, appended to logs/bench.log"
+    timeout -s INT -k 10 120 "$PY" benchmarks/launch_overhead.py --calls 1000 > "$OUT/overhead.tmp" 2>&1
     rc=$?
+    { echo; echo "==== benchmarks/launch_overhead.py (gpu_run.sh overhead step)"; cat "$OUT/overhead.tmp"; } \
+        >> "$OUT/logs/bench.log"
     record overhead $rc
 fi
 
@@ -148,11 +150,12 @@ fi
     echo "gpu_run.sh summary ($(($(date +%s) - T0)) s in all)"
     for line in "${status_lines[@]}"; do echo "  $line"; done
     if [ -f "$OUT/logs/tests.log" ]; then echo "tests: $(tail -1 "$OUT/logs/tests.log")"; fi
-    if [ -f "$OUT/logs/overhead.txt" ]; then echo; cat "$OUT/logs/overhead.txt"; fi
+    if [ -f "$OUT/overhead.tmp" ]; then echo; cat "$OUT/overhead.tmp"; fi
     if [ -f "$OUT/logs/bench.log" ]; then
         echo
         sed -n '/fused_fpn benchmark results/,$p' "$OUT/logs/bench.log"
     fi
 } > "$SUMMARY"
+rm -f "$OUT/overhead.tmp"
 cat "$SUMMARY"
 exit $worst

@@ -230,3 +230,25 @@ def test_backward_on_cuda_tensors_runs_gemms_not_cudnn(dtype, layout):
     assert any(op.startswith(("aten.mm", "aten.bmm")) for op in rec.ops), rec.ops
     if dtype != torch.float32:
         assert any(op in ("aten.mm.dtype", "aten.bmm.dtype") for op in rec.ops), rec.ops
+
+
+@pytest.mark.parametrize("layout", ["nchw", "channels_last"])
+@pytest.mark.parametrize("weight_kind", ["expanded", "transposed_view"])
+def test_gemm_conv1x1_backward_with_strided_weights(layout, weight_kind):
+    """The GEMM backward with a weight that is not a contiguous [Cout, Cin] matrix."""
+    from fpn_testing import make_input
+    from fused_fpn import _ops
+    gen = torch.Generator().manual_seed(8)
+    x = make_input((2, 13, 6, 9), torch.float32, "cpu", layout, gen)
+    grad = make_input((2, 10, 6, 9), torch.float32, "cpu", layout, gen)
+    if weight_kind == "expanded":
+        weight = torch.randn((10, 1), generator=gen).expand(10, 13)
+    else:
+        weight = torch.randn((13, 10), generator=gen).t()
+    assert not weight.is_contiguous()
+    dx, dw = _ops.conv1x1_backward_gemm(grad, x, weight, True, True)
+    x64 = x.detach().double().requires_grad_()
+    w64 = weight.detach().double().contiguous().requires_grad_()
+    torch.nn.functional.conv2d(x64, w64[:, :, None, None]).backward(grad.double())
+    torch.testing.assert_close(dx.double(), x64.grad, atol=1e-4, rtol=1e-5)
+    torch.testing.assert_close(dw.double(), w64.grad, atol=1e-4, rtol=1e-5)
