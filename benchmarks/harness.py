@@ -815,6 +815,16 @@ def _flat_tensors(obj) -> List[torch.Tensor]:
     return []
 
 
+def _train_step(module: Callable, params: List[torch.Tensor], grad_outputs: List[torch.Tensor]) -> Callable:
+    """A training step of ``module`` on feats (a list or dict of tensors): its outputs, then the
+    gradients of every input tensor and of ``params`` for the fixed ``grad_outputs``."""
+    def train_step(feats):
+        outs = _as_list(module(feats))
+        grads = torch.autograd.grad(outs, _flat_tensors(feats) + params, grad_outputs)
+        return outs + list(grads)
+    return train_step
+
+
 def _fused_name(provider: str) -> str:
     if not provider.startswith("fused-"):
         raise ValueError(f"not a fused_fpn provider: {provider!r}")
@@ -883,14 +893,8 @@ class LateralPathWorkload(Workload):
             module = FusedLateralPath(self.module, _fused_name(provider))
         if not self.needs_grad:
             return module
-        params = list(self.module.parameters())   # the fused path reads the same parameters
-        grad_outputs = self.grad_outputs
-
-        def train_step(feats):
-            outs = module(feats)
-            grads = torch.autograd.grad(outs, list(feats) + params, grad_outputs)
-            return list(outs) + list(grads)
-        return train_step
+        # the fused path reads the same parameters
+        return _train_step(module, list(self.module.parameters()), self.grad_outputs)
 
 
 class FPNWorkload(Workload):
@@ -944,15 +948,7 @@ class FPNWorkload(Workload):
         if not self.needs_grad:
             return module
         owner = self.tv if provider == "eager" or provider.startswith("compile") else module
-        params = list(owner.parameters())
-        grad_outputs = self.grad_outputs
-
-        def train_step(feats):
-            outs = _as_list(module(feats))
-            inputs = list(feats.values()) + params
-            grads = torch.autograd.grad(outs, inputs, grad_outputs)
-            return outs + list(grads)
-        return train_step
+        return _train_step(module, list(owner.parameters()), self.grad_outputs)
 
 
 class DetectorWorkload(Workload):

@@ -5,6 +5,7 @@
   ``lateral(x, w, bias, top, sm_count, tf32)`` and ``grad(dy, top_h, top_w)`` run the real host
   code of csrc/cuda/lateral_cuda.cpp and the kernels' logic on CPU tensors. conftest.py builds it
   once per session (fixture ``cuda_emu``; about 30 s on 2 cores).
+* ``check_emulated_forward(emu, x, w, bias, top)``: its forward against the float64 reference.
 """
 from __future__ import annotations
 
@@ -42,3 +43,21 @@ def build_cuda_emu(build_dir: str):
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module.build(build_dir)
+
+
+def check_emulated_forward(emu, x, weight, bias, top, sm_count: int = 132, tf32: bool = False) -> torch.Tensor:
+    """The emulated CUDA forward on these inputs: shape, dtype, x's memory format, every element
+    written (outputs are NaN-poisoned), values within the dtype's tolerance of the float64 reference."""
+    from fused_fpn._layout import output_memory_format
+    from fused_fpn.reference import lateral_reference
+    from fpn_testing import TOLERANCES
+
+    out = emu.lateral(x, weight, bias, top, sm_count, tf32)
+    assert out.shape == (x.shape[0], weight.shape[0], x.shape[2], x.shape[3]) and out.dtype == x.dtype
+    assert out.is_contiguous(memory_format=output_memory_format(x))
+    d = lambda t: None if t is None else t.double()  # noqa: E731
+    ref = lateral_reference(d(x), d(weight), d(bias), d(top))
+    assert not torch.isnan(out).any(), "an output element was not written (or read unwritten shared memory)"
+    atol, rtol = TOLERANCES[x.dtype]
+    torch.testing.assert_close(out.double(), ref, atol=atol, rtol=rtol)
+    return out

@@ -31,7 +31,7 @@ import torch
 
 import fused_fpn
 from fused_fpn import _extension
-from cuda_emu_testing import cuda_build_skip_reason, nvcc_home
+from cuda_emu_testing import check_emulated_forward, cuda_build_skip_reason, nvcc_home
 
 REPO = Path(__file__).resolve().parents[1]
 OPS = ("fused_fpn::lateral", "fused_fpn::lateral_grad_bias_top")
@@ -285,19 +285,9 @@ def _emu_case(size, dtype, layout, has_bias, has_top, top_layout=None, seed=0):
 
 
 def _check_emulated_lateral(emu, size, dtype, layout, has_bias, has_top, sm_count=132, tf32=False, top_layout=None):
-    from fused_fpn._layout import output_memory_format
-    from fused_fpn.reference import lateral_reference
-    from fpn_testing import TOLERANCES
-
     x, weight, bias, top = _emu_case(size, dtype, layout, has_bias, has_top, top_layout)
-    out = emu.lateral(x, weight, bias, top, sm_count, tf32)
-    assert out.shape == (size[0], size[2], size[3], size[4]) and out.dtype == dtype
-    assert out.is_contiguous(memory_format=output_memory_format(x))
-    d = lambda t: None if t is None else t.double()  # noqa: E731
-    ref = lateral_reference(d(x), d(weight), d(bias), d(top))
-    assert not torch.isnan(out).any(), "an output element was not written (or read unwritten shared memory)"
-    atol, rtol = TOLERANCES[dtype]
-    torch.testing.assert_close(out.double(), ref, atol=atol, rtol=rtol)
+    assert x.dtype == dtype and weight.shape[0] == size[2]
+    check_emulated_forward(emu, x, weight, bias, top, sm_count, tf32)
 
 
 EMU_SIZES = [  # (N, Cin, Cout, H, W, Ht, Wt): odd channels, tails of every tile dim, up/down-sampling

@@ -20,6 +20,7 @@ import torch
 from fused_fpn import nearest_source_indices
 from fused_fpn._layout import output_memory_format
 from fused_fpn.reference import lateral_grad_bias_top_reference, lateral_reference
+from cuda_emu_testing import check_emulated_forward
 from fpn_testing import TOLERANCES
 from test_edge_cases import STORAGE_ELEMS, TOP_VIEW, X_VIEWS, _assert_same_special_values, _no_fill, _offsets, _poison
 
@@ -45,22 +46,6 @@ def _inputs(n, cin, cout, hw, top_hw, dtype, layout, seed=0, bias=True):
     return x, w, b, top
 
 
-def _d(t):
-    return None if t is None else t.double()
-
-
-def _check_forward(emu, x, w, b, top, dtype=None, sm_count=SM_COUNT):
-    dtype = dtype or x.dtype
-    out = emu.lateral(x, w, b, top, sm_count, False)
-    assert out.shape == (x.shape[0], w.shape[0], x.shape[2], x.shape[3]) and out.dtype == dtype
-    assert out.is_contiguous(memory_format=output_memory_format(x))
-    ref = lateral_reference(_d(x), _d(w), _d(b), _d(top))
-    assert not torch.isnan(out).any(), "an output element was not written"
-    atol, rtol = TOLERANCES[dtype]
-    torch.testing.assert_close(out.double(), ref, atol=atol, rtol=rtol)
-    return out
-
-
 def _check_grad(emu, dy, top_hw):
     th, tw = top_hw if top_hw is not None else (0, 0)
     db, dtop = emu.grad(dy, th, tw)
@@ -83,7 +68,7 @@ def _check_grad(emu, dy, top_hw):
 @pytest.mark.parametrize("hw", [(1, 1), (1, 9), (9, 1)], ids=["1x1", "1x9", "9x1"])
 def test_degenerate_spatial_sizes(cuda_emu, hw, top_hw, dtype, layout):
     x, w, b, top = _inputs(2, 8, 16, hw, top_hw, dtype, layout)
-    _check_forward(cuda_emu, x, w, b, top)
+    check_emulated_forward(cuda_emu, x, w, b, top)
     dy = _layout(torch.randn((2, 16, *hw), generator=_gen(3)).to(dtype), layout)
     _check_grad(cuda_emu, dy, top_hw)
 
@@ -93,7 +78,7 @@ def test_degenerate_spatial_sizes(cuda_emu, hw, top_hw, dtype, layout):
 @pytest.mark.parametrize("cin", [3, 17, 129])
 def test_channel_counts_off_the_tile_sizes(cuda_emu, cin, cout, layout):
     x, w, b, top = _inputs(1, cin, cout, (5, 7), (3, 4), torch.float16, layout, seed=cin * 1000 + cout)
-    _check_forward(cuda_emu, x, w, b, top)
+    check_emulated_forward(cuda_emu, x, w, b, top)
     dy = _layout(torch.randn((1, cout, 5, 7), generator=_gen(4)).to(torch.float16), layout)
     _check_grad(cuda_emu, dy, (3, 4))
 
@@ -122,7 +107,7 @@ def test_expanded_stride0_inputs(cuda_emu, which, dtype):
     ins = {"x": x, "weight": w, "bias": b, "top": top}
     ins[role] = torch.randn(base_shape, generator=_gen(11)).to(dtype).expand(ins[role].shape)
     assert 0 in ins[role].stride()
-    _check_forward(cuda_emu, ins["x"], ins["weight"], ins["bias"], ins["top"])
+    check_emulated_forward(cuda_emu, ins["x"], ins["weight"], ins["bias"], ins["top"])
 
 
 @pytest.mark.parametrize("base_shape", [(N, COUT, 1, 1), (N, 1, *HW), (1, COUT, 1, HW[1])],
@@ -200,7 +185,7 @@ def test_element_offsets_past_2_31(cuda_emu, x_view, with_top):
     if with_top:
         top = storage.as_strided(*TOP_VIEW)
         top.copy_(torch.randn(top.shape, generator=g))
-    _check_forward(cuda_emu, x, w, b, top)
+    check_emulated_forward(cuda_emu, x, w, b, top)
     dy = storage.as_strided(*gs)   # written after the forward check: it may share x's and top's elements
     assert dy.shape == (x.shape[0], cout, x.shape[2], x.shape[3])
     dy.copy_(torch.randn(dy.shape, generator=g))
@@ -219,7 +204,7 @@ def test_empty_sizes(cuda_emu, shape, layout):
     n, cin, cout, hw = shape
     top_hw = (3, 4)
     x, w, b, top = _inputs(n, cin, cout, hw, top_hw, torch.float16, layout)
-    _check_forward(cuda_emu, x, w, b, top)
+    check_emulated_forward(cuda_emu, x, w, b, top)
     dy = _layout(torch.randn((n, cout, *hw), generator=_gen(2)).half(), layout)
     _check_grad(cuda_emu, dy, top_hw)
 

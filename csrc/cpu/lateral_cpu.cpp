@@ -173,7 +173,8 @@ std::vector<int64_t> preimage_starts(int64_t src_size, int64_t dst_size) {
 //   channels innermost (channels_last-like): unit (n, i, block of top columns); all C channels of the
 //     preimage pixels are summed into colsum[w][c] (contiguous reads along c: every cache line of dy
 //     is read by one unit), then each top column j sums its columns.
-// The contiguous case of the inner loops is specialised so that the compiler vectorises it. Sums run
+// The contiguous case of the inner loops (accumulate, store) is specialised so that the compiler
+// vectorises it. Sums run
 // in opmath (float for fp16 / bf16 / fp32, as eager's upsample backward); each unit writes its own
 // dtop elements and its partial db, and the partials are added in a fixed order afterwards in acc_t:
 // deterministic. Without a top the identity map takes its place (every dy pixel its own preimage) and
@@ -200,6 +201,27 @@ struct GradBiasTopPass {
     d2 = has_top ? dtop.stride(2) : 0, d3 = has_top ? dtop.stride(3) : 0;
     yp = dy.const_data_ptr<scalar_t>();
     dtp = has_top ? dtop.mutable_data_ptr<scalar_t>() : nullptr;
+  }
+
+  // dst[k] = (first ? 0 : dst[k]) + src[k * stride] for k in [0, n): one dy row (or pixel) added into
+  // the column sums; stride 1 is its own loop so that the compiler vectorises it.
+  static void accumulate(op_t* dst, const scalar_t* src, int64_t n, int64_t stride, bool first) {
+    if (stride == 1 && first) {
+      for (int64_t k = 0; k < n; ++k) dst[k] = static_cast<op_t>(src[k]);
+    } else if (stride == 1) {
+      for (int64_t k = 0; k < n; ++k) dst[k] += static_cast<op_t>(src[k]);
+    } else {
+      for (int64_t k = 0; k < n; ++k) dst[k] = (first ? op_t(0) : dst[k]) + static_cast<op_t>(src[k * stride]);
+    }
+  }
+
+  // dst[k * stride] = src[k] in scalar_t for k in [0, n) (stride 1 vectorised as above).
+  static void store(scalar_t* dst, const op_t* src, int64_t n, int64_t stride) {
+    if (stride == 1) {
+      for (int64_t k = 0; k < n; ++k) dst[k] = static_cast<scalar_t>(src[k]);
+    } else {
+      for (int64_t k = 0; k < n; ++k) dst[k * stride] = static_cast<scalar_t>(src[k]);
+    }
   }
 
   // Sum of v[0, n) in a fixed order: 8 interleaved partial sums (vectorisable), then those in order.
@@ -234,16 +256,8 @@ struct GradBiasTopPass {
         acc_t plane_total = 0;
         for (int64_t i = 0; i < TH; ++i) {
           if (hs[i] == hs[i + 1]) std::fill(cs.begin(), cs.end(), op_t(0));  // empty preimage
-          for (int64_t h = hs[i]; h < hs[i + 1]; ++h) {
-            const scalar_t* r = src + h * s2;
-            const bool first = h == hs[i];  // the first row is stored, the others added
-            if (s3 == 1 && first) {
-              for (int64_t w = 0; w < W; ++w) cs[w] = static_cast<op_t>(r[w]);
-            } else if (s3 == 1) {
-              for (int64_t w = 0; w < W; ++w) cs[w] += static_cast<op_t>(r[w]);
-            } else {
-              for (int64_t w = 0; w < W; ++w) cs[w] = (first ? op_t(0) : cs[w]) + static_cast<op_t>(r[w * s3]);
-            }
+          for (int64_t h = hs[i]; h < hs[i + 1]; ++h) {  // the first row is stored, the others added
+            accumulate(cs.data(), src + h * s2, W, s3, h == hs[i]);
           }
           // fold the columns into top columns: v[j] = sum of cs over [ws[j], ws[j + 1])
           if (fold_k == 2) {  // exact 2x (the FPN's sizes): a fixed-stride fold the compiler vectorises
@@ -258,14 +272,7 @@ struct GradBiasTopPass {
             }
           }
           plane_total += static_cast<acc_t>(fixed_order_sum(v.data(), TW));
-          if (has_top) {
-            scalar_t* dst = dtp + n * d0 + c * d1 + i * d2;
-            if (d3 == 1) {
-              for (int64_t j = 0; j < TW; ++j) dst[j] = static_cast<scalar_t>(v[j]);
-            } else {
-              for (int64_t j = 0; j < TW; ++j) dst[j * d3] = static_cast<scalar_t>(v[j]);
-            }
-          }
+          if (has_top) store(dtp + n * d0 + c * d1 + i * d2, v.data(), TW, d3);
         }
         dbpart[n * C + c] = plane_total;
       }
@@ -285,18 +292,9 @@ struct GradBiasTopPass {
         const int64_t j0 = jb * TJ, j1 = std::min(TW, j0 + TJ), w0 = ws[j0], w1 = ws[j1];
         colsum.resize(static_cast<size_t>((w1 - w0) * C));
         if (hs[i] == hs[i + 1]) std::fill(colsum.begin(), colsum.end(), op_t(0));  // empty preimage
-        for (int64_t h = hs[i]; h < hs[i + 1]; ++h) {
-          const bool first = h == hs[i];  // the first row is stored, the others added
+        for (int64_t h = hs[i]; h < hs[i + 1]; ++h) {  // the first row is stored, the others added
           for (int64_t w = w0; w < w1; ++w) {
-            const scalar_t* r = yp + n * s0 + h * s2 + w * s3;
-            op_t* cs = colsum.data() + (w - w0) * C;
-            if (s1 == 1 && first) {
-              for (int64_t c = 0; c < C; ++c) cs[c] = static_cast<op_t>(r[c]);
-            } else if (s1 == 1) {
-              for (int64_t c = 0; c < C; ++c) cs[c] += static_cast<op_t>(r[c]);
-            } else {
-              for (int64_t c = 0; c < C; ++c) cs[c] = (first ? op_t(0) : cs[c]) + static_cast<op_t>(r[c * s1]);
-            }
+            accumulate(colsum.data() + (w - w0) * C, yp + n * s0 + h * s2 + w * s3, C, s1, h == hs[i]);
           }
         }
         std::fill(total.begin(), total.end(), op_t(0));
@@ -312,14 +310,7 @@ struct GradBiasTopPass {
             }
           }
           for (int64_t c = 0; c < C; ++c) total[c] += run[c];
-          if (has_top) {
-            scalar_t* dst = dtp + n * d0 + i * d2 + j * d3;
-            if (d1 == 1) {
-              for (int64_t c = 0; c < C; ++c) dst[c] = static_cast<scalar_t>(run[c]);
-            } else {
-              for (int64_t c = 0; c < C; ++c) dst[c * d1] = static_cast<scalar_t>(run[c]);
-            }
-          }
+          if (has_top) store(dtp + n * d0 + i * d2 + j * d3, run.data(), C, d1);
         }
         acc_t* dbrow = dbpart.data() + u * C;
         for (int64_t c = 0; c < C; ++c) dbrow[c] = static_cast<acc_t>(total[c]);
