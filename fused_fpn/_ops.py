@@ -1,11 +1,15 @@
 """Python-side registration of the C++ ops (schemas live in csrc/fused_fpn.cpp).
 
 * ``fused_fpn::lateral``: fake (meta) impl and autograd.
-* ``fused_fpn::lateral_grad_bias_top``: fake impl (it is the fused part of lateral's backward).
+* ``fused_fpn::lateral_grad_bias_top``: fake impl and autograd (it is the fused part of lateral's
+  backward; its own derivative is only needed when it is called directly and differentiated).
 
 Backward of y = x . W^T + b + U(top):
     dx = dy . W and dW = sum_pixels dy^T x   -> ATen: convolution_backward on CPU, GEMMs elsewhere
     db = sum dy, dtop = U^T(dy)              -> fused_fpn::lateral_grad_bias_top (one pass over dy)
+Double backward (``create_graph=True``): the fused kernels have no derivative, so a backward whose
+result must itself be differentiated runs ``reference.lateral_backward_reference`` (unfused,
+differentiable PyTorch ops) instead.
 """
 from __future__ import annotations
 
@@ -13,6 +17,7 @@ import torch
 
 from ._extension import extension_loaded
 from ._layout import output_memory_format
+from .reference import lateral_backward_reference, upsample_nearest_reference
 
 REGISTERED = False
 
@@ -102,15 +107,41 @@ def lateral_setup_context(ctx, inputs, output):
     ctx.top_hw = (top.shape[-2], top.shape[-1]) if top is not None else (0, 0)
 
 
+def backward_needs_graph(grad: torch.Tensor, x: torch.Tensor, weight: torch.Tensor) -> bool:
+    """True when a backward runs under ``create_graph=True`` and its gradients depend on tensors
+    that require grad, i.e. they will be differentiated again (double backward)."""
+    return torch.is_grad_enabled() and (grad.requires_grad or x.requires_grad or weight.requires_grad)
+
+
 def lateral_backward(ctx, grad):
     x, weight = ctx.saved_tensors
     need_x, need_w, need_b, need_top = ctx.needs_input_grad
+    if backward_needs_graph(grad, x, weight):
+        return lateral_backward_reference(grad, x, weight, ctx.top_hw, ctx.needs_input_grad)
     dx = dw = db = dtop = None
     if need_x or need_w:
         dx, dw = conv1x1_backward(grad, x, weight, need_x, need_w)
     if need_b or need_top:
         db, dtop = torch.ops.fused_fpn.lateral_grad_bias_top(grad, ctx.top_hw[0], ctx.top_hw[1])
     return dx, dw, (db if need_b else None), (dtop if need_top else None)
+
+
+def grad_bias_top_setup_context(ctx, inputs, output):
+    grad_out, top_h, top_w = inputs
+    ctx.grad_out_format = output_memory_format(grad_out)
+    ctx.hw = (grad_out.shape[2], grad_out.shape[3])
+    ctx.has_top = top_h > 0 and top_w > 0
+
+
+def grad_bias_top_backward(ctx, g_bias, g_top):
+    """The adjoint of (db, dtop) = (sum dy, U^T(dy)), both linear in dy:
+        d grad_out = g_bias[None, :, None, None] + U(g_top)      (U: nearest upsample to H x W)"""
+    g = g_bias[None, :, None, None]
+    if ctx.has_top:
+        g = g + upsample_nearest_reference(g_top, ctx.hw)
+    else:
+        g = g.expand(g_top.shape[0], g_bias.shape[0], *ctx.hw)
+    return g.contiguous(memory_format=ctx.grad_out_format), None, None
 
 
 def register() -> bool:
@@ -123,5 +154,7 @@ def register() -> bool:
     torch.library.register_fake("fused_fpn::lateral")(lateral_fake)
     torch.library.register_fake("fused_fpn::lateral_grad_bias_top")(grad_bias_top_fake)
     torch.library.register_autograd("fused_fpn::lateral", lateral_backward, setup_context=lateral_setup_context)
+    torch.library.register_autograd("fused_fpn::lateral_grad_bias_top", grad_bias_top_backward,
+                                    setup_context=grad_bias_top_setup_context)
     REGISTERED = True
     return True

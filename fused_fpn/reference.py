@@ -76,3 +76,27 @@ def lateral_grad_bias_top_reference(grad_out: torch.Tensor, top_h: int, top_w: i
     grad_top = grad_out.new_zeros((n, c, top_h * top_w))
     grad_top.index_add_(2, flat, grad_out.reshape(n, c, h * w))
     return grad_bias, grad_top.view(n, c, top_h, top_w).contiguous(memory_format=fmt)
+
+
+def lateral_backward_reference(grad: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, top_hw,
+                               needs) -> Tuple[Optional[torch.Tensor], ...]:
+    """(dx, dW, db, dtop) of y = lateral(x, weight, bias, top) for the incoming gradient ``grad``,
+    in differentiable PyTorch ops (None where ``needs`` is False):
+
+        dx[n, i, h, w] = sum_o grad[n, o, h, w] weight[o, i]      (x's memory format)
+        dW[o, i]       = sum_{n, h, w} grad[n, o, h, w] x[n, i, h, w]
+        db, dtop       = lateral_grad_bias_top_reference(grad, *top_hw)
+
+    grad [N, Cout, H, W], x [N, Cin, H, W], weight [Cout, Cin], top_hw (Ht, Wt) or (0, 0), needs
+    four bools. The fused backends' backward runs this when it must itself be differentiated
+    (``create_graph=True``: double backward), since their fused kernels have no derivative.
+    """
+    need_x, need_w, need_b, need_top = needs
+    dx = dw = db = dtop = None
+    if need_x:
+        dx = torch.einsum("nohw,oi->nihw", grad, weight).contiguous(memory_format=output_memory_format(x))
+    if need_w:
+        dw = torch.einsum("nohw,nihw->oi", grad, x)
+    if need_b or need_top:
+        db, dtop = lateral_grad_bias_top_reference(grad, top_hw[0], top_hw[1])
+    return dx, dw, (db if need_b else None), (dtop if need_top else None)

@@ -55,6 +55,102 @@ def test_requires_grad_on_some_inputs_only(device, backend):
     assert x.grad is None and w.grad is None
 
 
+# ---- double backward (create_graph=True) ----------------------------------------------------------
+
+DOUBLE_BACKWARD_CASES = [(True, True, (3, 4)), (True, True, (7, 9)), (False, False, None)]
+
+
+@pytest.mark.filterwarnings("error::UserWarning")   # e.g. "an autograd kernel was not registered"
+@pytest.mark.parametrize("device,backend", backend_device_params())
+@pytest.mark.parametrize("layout", ["nchw", "channels_last", "noncontig"])
+@pytest.mark.parametrize("with_bias,with_top,top_hw", DOUBLE_BACKWARD_CASES)
+def test_gradgradcheck_fp64(device, backend, layout, with_bias, with_top, top_hw):
+    """Second derivatives (gradients of gradients) of every input, by finite differences."""
+    if backend_supports(backend, device, torch.float64) is not None:
+        pytest.skip(f"{backend} has no float64 on {device}; see the fp32 double-backward test below")
+    x, w, b, top = make_lateral_case(2, 4, 3, (5, 6), top_hw or (1, 1), torch.float64, device, layout,
+                                     with_bias=with_bias, with_top=with_top)
+    inputs = [t.requires_grad_() if t is not None else None for t in (x, w, b, top)]
+
+    def fn(x, w, b, top):
+        return fused_fpn.lateral(x, w, b, top, backend=backend)
+
+    assert torch.autograd.gradgradcheck(fn, inputs, eps=1e-6, atol=1e-6, rtol=1e-5)
+
+
+def _gradient_penalty_grads(backend, inputs, weight_out):
+    """d/d(inputs) of sum_i |d(sum(weight_out * y^2))/d(input_i)|^2 (a gradient penalty)."""
+    y = fused_fpn.lateral(*inputs, backend=backend)
+    first = torch.autograd.grad((weight_out * y * y).sum(), inputs, create_graph=True)
+    penalty = sum((g * g).sum() for g in first)
+    return first, torch.autograd.grad(penalty, inputs)
+
+
+@pytest.mark.filterwarnings("error::UserWarning")
+@pytest.mark.parametrize("device,backend", backend_device_params())
+@pytest.mark.parametrize("layout", ["nchw", "channels_last"])
+def test_double_backward_fp32_matches_reference(device, backend, layout):
+    x, w, b, top = make_lateral_case(2, 12, 8, (9, 13), (5, 7), torch.float32, device, layout)
+    ins = [t.requires_grad_() for t in (x, w, b, top)]
+    ins64 = [t.detach().double().requires_grad_() for t in ins]
+    weight_out = torch.rand((2, 8, 9, 13), generator=torch.Generator().manual_seed(5)).to(device)
+    first, second = _gradient_penalty_grads(backend, ins, weight_out)
+    first64, second64 = _gradient_penalty_grads("torch", ins64, weight_out.double())
+    for name, a, r in zip("x w b top".split(), first + second, first64 + second64):
+        scale = max(1.0, r.abs().max().item())
+        torch.testing.assert_close(a.double(), r, atol=1e-4 * scale, rtol=1e-4, msg=f"{name}")
+
+
+@needs_ext
+@pytest.mark.parametrize("create_graph", [False, True])
+def test_backward_runs_the_fused_op_unless_create_graph(create_graph):
+    """Plain backward uses the fused db + dtop op; a backward that must be differentiable again
+    (create_graph=True) runs the unfused differentiable formulas instead."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Record(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.ops = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.ops.append(str(func))
+            return func(*args, **(kwargs or {}))
+
+    x, w, b, top = make_lateral_case(1, 6, 4, (4, 4), (2, 2), torch.float32, "cpu", "nchw")
+    ins = [t.requires_grad_() for t in (x, w, b, top)]
+    y = fused_fpn.lateral(*ins, backend="cpu")
+    with Record() as rec:
+        torch.autograd.grad((y * y).sum(), ins, create_graph=create_graph)
+    fused = "fused_fpn.lateral_grad_bias_top.default" in rec.ops
+    assert fused != create_graph, rec.ops
+
+
+@needs_ext
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("layout", ["nchw", "channels_last"])
+@pytest.mark.parametrize("top_hw", [(3, 4), (9, 11), (0, 0)])
+def test_grad_bias_top_op_is_differentiable(device, layout, top_hw):
+    """The db + dtop op called directly: first and second derivatives (gradcheck in fp64 on CPU;
+    on CUDA, fp32 against the reference's autograd)."""
+    if device == "cuda" and not fused_fpn.cuda_built():
+        pytest.skip("_C built without CUDA kernels")
+    from fpn_testing import make_input
+    fused_fpn._ops.register()
+    op = torch.ops.fused_fpn.lateral_grad_bias_top
+    if device == "cpu":
+        dy = make_input((2, 3, 5, 6), torch.float64, device, layout).requires_grad_()
+        assert torch.autograd.gradcheck(lambda g: op(g, *top_hw), [dy])
+        assert torch.autograd.gradgradcheck(lambda g: op(g, *top_hw), [dy])
+        return
+    dy = make_input((2, 3, 5, 6), torch.float32, device, layout).requires_grad_()
+    dy64 = dy.detach().double().requires_grad_()
+    cot = [torch.randn(t.shape, generator=torch.Generator().manual_seed(2)) for t in op(dy64.cpu(), *top_hw)]
+    got = torch.autograd.grad(op(dy, *top_hw), dy, [c.to(device, torch.float32) for c in cot])[0]
+    want = torch.autograd.grad(lateral_grad_bias_top_reference(dy64, *top_hw), dy64, [c.to(device) for c in cot])[0]
+    torch.testing.assert_close(got.double(), want, atol=1e-5, rtol=1e-5)
+
+
 @needs_ext
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])

@@ -129,6 +129,26 @@ def test_partial_gradients(dtype):
     assert x.grad is None and bias.grad is None
 
 
+@pytest.mark.filterwarnings("error::UserWarning")
+@pytest.mark.parametrize("case", ["up_odd", "down", "no_top"])
+def test_double_backward_matches_reference(case):
+    """create_graph=True (e.g. a gradient penalty): the gradients of the gradients, fp32 against
+    the float64 reference's autograd."""
+    leaves = [t.detach().requires_grad_(True) if t is not None else None
+              for t in _inputs(case, torch.float32, "channels_last")]
+    leaves64 = [_f64(t) for t in leaves]
+    results = []
+    for fn, ins in ((lambda *a: fused_fpn.lateral(*a, backend="triton"), leaves), (lateral_reference, leaves64)):
+        y = fn(*ins)
+        used = [t for t in ins if t is not None]
+        first = torch.autograd.grad((y * y).sum(), used, create_graph=True)
+        second = torch.autograd.grad(sum((g * g).sum() for g in first), used)
+        results.append(first + second)
+    for ours, theirs in zip(*results):
+        scale = max(1.0, theirs.abs().max().item())
+        torch.testing.assert_close(ours.double(), theirs, atol=1e-4 * scale, rtol=1e-4)
+
+
 # Size pairs where the integer rule (dst * in) // out differs from ATen's float32 rule, up- and
 # down-sampling ((26, 22): top 26 -> x 22; (39, 33): top 39 -> x 33).
 INDEX_PAIRS = [((82, 2), (22, 26)), ((46, 14), (33, 39)), ((69, 21), (58, 30)), ((7, 9), (5, 3))]

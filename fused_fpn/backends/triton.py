@@ -11,7 +11,8 @@ On a GPU they are ``torch.library.triton_op`` s whose launches go through ``wrap
 and AOTInductor see the kernels; the op body is its own fake impl). Under TRITON_INTERPRET=1 (CPU
 tensors, no GPU) they are ``torch.library.custom_op`` s with ``register_fake``: triton_op's fake-tensor
 path and torch.compile fail there because the interpreter touches data pointers (DESIGN.md §4).
-Autograd is registered on ``triton_lateral`` in both cases; its backward is ``triton_lateral_backward``.
+Autograd is registered on ``triton_lateral`` in both cases; its backward is ``triton_lateral_backward``
+(under ``create_graph=True``, the unfused differentiable ``reference.lateral_backward_reference``).
 
 triton is imported, and the ops registered, when this module is imported and the backend can run (a
 CUDA device is present or TRITON_INTERPRET=1 is set); without either, triton is never imported by
@@ -26,7 +27,8 @@ import torch
 
 from .._checks import check_lateral_args
 from .._layout import output_memory_format
-from .._ops import lateral_setup_context
+from .._ops import backward_needs_graph, lateral_setup_context
+from ..reference import lateral_backward_reference
 
 NAME = "triton"
 GPU_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -132,6 +134,8 @@ def _backward(ctx, grad):
     need_x, need_w, need_b, need_top = ctx.needs_input_grad
     if not (need_x or need_w or need_b or need_top):
         return None, None, None, None
+    if backward_needs_graph(grad, x, weight):   # double backward: differentiable, unfused ops
+        return lateral_backward_reference(grad, x, weight, ctx.top_hw, ctx.needs_input_grad)
     dx, dw, db, dtop = torch.ops.fused_fpn.triton_lateral_backward(
         grad, x, weight, ctx.top_hw[0], ctx.top_hw[1], need_x, need_w, need_b, need_top)
     return (dx if need_x else None, dw if need_w else None, db if need_b else None,
