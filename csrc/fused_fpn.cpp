@@ -2,7 +2,7 @@
 //
 // Backends implement these schemas in their own files, each ending in
 // TORCH_LIBRARY_IMPL(fused_fpn, <DispatchKey>, m): csrc/cpu/ (CPU) and csrc/cuda/ (CUDA).
-// Fake (meta) kernels and autograd are registered from Python (fused_fpn/_ops.py).
+// Autograd: csrc/autograd.cpp (the Autograd key). Fake (meta) kernels: fused_fpn/_ops.py.
 #include <Python.h>
 #include <torch/library.h>
 
@@ -19,6 +19,11 @@ TORCH_LIBRARY(fused_fpn, m) {
   // top_h == top_w == 0 means "no top": grad_top is then [N, C, 0, 0].
   // grad_top's memory format follows grad_out by the same rule as lateral's output.
   m.def("lateral_grad_bias_top(Tensor grad_out, SymInt top_h, SymInt top_w) -> (Tensor, Tensor)");
+  // (dx, dW) of y = conv1x1(x, weight [Cout, Cin]), lateral's backward step for x and weight;
+  // undefined (None) where need_x / need_weight is false. ATen's convolution_backward on CPU tensors,
+  // GEMMs on other devices, GEMMs everywhere with use_gemm (csrc/autograd.cpp).
+  m.def("conv1x1_backward(Tensor grad, Tensor x, Tensor weight, bool need_x, bool need_weight, bool use_gemm) "
+        "-> (Tensor, Tensor)");
 }
 
 #ifndef FUSED_FPN_WITH_CUDA

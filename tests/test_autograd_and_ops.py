@@ -103,9 +103,10 @@ def test_double_backward_fp32_matches_reference(device, backend, layout):
 
 @needs_ext
 @pytest.mark.parametrize("create_graph", [False, True])
-def test_backward_runs_the_fused_op_unless_create_graph(create_graph):
-    """Plain backward uses the fused db + dtop op; a backward that must be differentiable again
-    (create_graph=True) runs the unfused differentiable formulas instead."""
+def test_backward_ops_with_and_without_create_graph(create_graph):
+    """The cpu backend's backward (csrc/autograd.cpp) runs the fused db + dtop op either way; dx
+    and dW come from ATen's convolution_backward, or under create_graph=True (they will be
+    differentiated again) from einsum, and the gradients then carry a graph."""
     from torch.utils._python_dispatch import TorchDispatchMode
 
     class Record(TorchDispatchMode):
@@ -121,9 +122,10 @@ def test_backward_runs_the_fused_op_unless_create_graph(create_graph):
     ins = [t.requires_grad_() for t in (x, w, b, top)]
     y = fused_fpn.lateral(*ins, backend="cpu")
     with Record() as rec:
-        torch.autograd.grad((y * y).sum(), ins, create_graph=create_graph)
-    fused = "fused_fpn.lateral_grad_bias_top.default" in rec.ops
-    assert fused != create_graph, rec.ops
+        grads = torch.autograd.grad((y * y).sum(), ins, create_graph=create_graph)
+    assert "fused_fpn.lateral_grad_bias_top.default" in rec.ops, rec.ops
+    assert ("aten.convolution_backward.default" in rec.ops) != create_graph, rec.ops
+    assert all(g.requires_grad == create_graph for g in grads)
 
 
 @needs_ext
@@ -261,22 +263,22 @@ def test_compile_fullgraph_lateral_matches_eager(device, backend):
 
 # ---- dx and dW as GEMMs (the C++ ops' backward on non-CPU devices) ---------------------------------
 
+@needs_ext
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("layout", ["nchw", "channels_last", "noncontig"])
 @pytest.mark.parametrize("batch", [1, 3])
 @pytest.mark.parametrize("need", [(True, True), (True, False), (False, True)], ids=["dx-dw", "dx", "dw"])
 def test_gemm_conv1x1_backward_matches_reference(dtype, layout, batch, need):
-    """``_ops.conv1x1_backward_gemm`` (what the "cuda" backend's backward runs for dx and dW, so
+    """``fused_fpn::conv1x1_backward`` with use_gemm (what the "cuda" backend's backward runs for dx and dW, so
     that they are deterministic without torch.use_deterministic_algorithms) on CPU tensors: the
     float64 autograd of conv2d, dx in x's memory format, dW in weight's dtype."""
     from fpn_testing import make_input
-    from fused_fpn import _ops
     from fused_fpn._layout import output_memory_format
     gen = torch.Generator().manual_seed(7)
     x = make_input((batch, 13, 6, 9), dtype, "cpu", layout, gen)
     grad = make_input((batch, 10, 6, 9), dtype, "cpu", layout, gen)
     weight = (torch.randn((10, 13), generator=gen) / 13 ** 0.5).to(dtype)
-    dx, dw = _ops.conv1x1_backward_gemm(grad, x, weight, *need)
+    dx, dw = torch.ops.fused_fpn.conv1x1_backward(grad, x, weight, *need, True)
     x64 = x.detach().double().requires_grad_()
     w64 = weight.detach().double().requires_grad_()
     torch.nn.functional.conv2d(x64, w64[:, :, None, None]).backward(grad.double())
@@ -293,6 +295,7 @@ def test_gemm_conv1x1_backward_matches_reference(dtype, layout, batch, need):
         assert dw is None
 
 
+@needs_ext
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
 @pytest.mark.parametrize("layout", ["nchw", "channels_last"])
 def test_backward_on_cuda_tensors_runs_gemms_not_cudnn(dtype, layout):
@@ -301,7 +304,6 @@ def test_backward_on_cuda_tensors_runs_gemms_not_cudnn(dtype, layout):
     overloads), never cuDNN's convolution_backward; shapes, dtypes and memory formats as eager's."""
     from torch._subclasses.fake_tensor import FakeTensorMode
     from torch.utils._python_dispatch import TorchDispatchMode
-    from fused_fpn import _ops
 
     class Record(TorchDispatchMode):
         def __init__(self):
@@ -318,7 +320,7 @@ def test_backward_on_cuda_tensors_runs_gemms_not_cudnn(dtype, layout):
         grad = torch.empty(2, 8, 5, 7, device="cuda", dtype=dtype).contiguous(memory_format=fmt)
         weight = torch.empty(8, 16, device="cuda", dtype=dtype)
         with Record() as rec:
-            dx, dw = _ops.conv1x1_backward(grad, x, weight, True, True)
+            dx, dw = torch.ops.fused_fpn.conv1x1_backward(grad, x, weight, True, True, False)
     assert dx.shape == x.shape and dx.dtype == dtype and dx.device.type == "cuda"
     assert dx.is_contiguous(memory_format=fmt)
     assert dw.shape == weight.shape and dw.dtype == dtype
@@ -328,12 +330,12 @@ def test_backward_on_cuda_tensors_runs_gemms_not_cudnn(dtype, layout):
         assert any(op in ("aten.mm.dtype", "aten.bmm.dtype") for op in rec.ops), rec.ops
 
 
+@needs_ext
 @pytest.mark.parametrize("layout", ["nchw", "channels_last"])
 @pytest.mark.parametrize("weight_kind", ["expanded", "transposed_view"])
 def test_gemm_conv1x1_backward_with_strided_weights(layout, weight_kind):
     """The GEMM backward with a weight that is not a contiguous [Cout, Cin] matrix."""
     from fpn_testing import make_input
-    from fused_fpn import _ops
     gen = torch.Generator().manual_seed(8)
     x = make_input((2, 13, 6, 9), torch.float32, "cpu", layout, gen)
     grad = make_input((2, 10, 6, 9), torch.float32, "cpu", layout, gen)
@@ -342,7 +344,7 @@ def test_gemm_conv1x1_backward_with_strided_weights(layout, weight_kind):
     else:
         weight = torch.randn((13, 10), generator=gen).t()
     assert not weight.is_contiguous()
-    dx, dw = _ops.conv1x1_backward_gemm(grad, x, weight, True, True)
+    dx, dw = torch.ops.fused_fpn.conv1x1_backward(grad, x, weight, True, True, True)
     x64 = x.detach().double().requires_grad_()
     w64 = weight.detach().double().contiguous().requires_grad_()
     torch.nn.functional.conv2d(x64, w64[:, :, None, None]).backward(grad.double())

@@ -227,7 +227,7 @@ def _own_grads(device: str, backend: str):
     """The gradients a backend must reproduce bit for bit with deterministic mode off.
     CPU: all four (the C++ db/dtop pass and ATen's CPU convolution backward are deterministic).
     CUDA: the Triton backend computes all four itself without atomics; the "cuda" backend computes
-    db and dtop itself and dx, dW as cuBLAS GEMMs (``_ops.conv1x1_backward_gemm``: not cuDNN's
+    db and dtop itself and dx, dW as cuBLAS GEMMs (``fused_fpn::conv1x1_backward``, csrc/autograd.cpp: not cuDNN's
     convolution backward, whose default algorithms may use atomics); the "torch" reference is all
     ATen (cuDNN) and is not claimed."""
     if device == "cpu":

@@ -16,7 +16,7 @@
 // (channels_last iff x.stride(1) < x.stride(3)); the epilogue loops channels innermost for
 // channels_last and pixels innermost for NCHW, so both write contiguously.
 //
-// Backward: dx and dW are done by ATen (Python side, fused_fpn/_ops.py); this file fuses db and
+// Backward: dx and dW are done by ATen (csrc/autograd.cpp); this file fuses db and
 // dtop into one pass over dy (GradBiasTopPass; deterministic: fixed summation order, independent
 // of the thread count).
 #include <ATen/ATen.h>

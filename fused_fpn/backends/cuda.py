@@ -3,7 +3,7 @@
 Forward: one tensor-core GEMM over pixels (fp16 / bf16 with fp32 accumulation; fp32 on TF32 tensor
 cores when ``torch.backends.cudnn.allow_tf32`` is on, exact fp32 FMA when off, as eager conv2d)
 with the bias + nearest-gather epilogue fused; NCHW and channels_last read through strides.
-Backward: dx, dW as cuBLAS GEMMs through ATen (fused_fpn/_ops.py: deterministic without
+Backward: dx, dW as cuBLAS GEMMs through ATen (csrc/autograd.cpp: deterministic without
 torch.use_deterministic_algorithms, fp32 accumulation for fp16 / bf16; fp32 follows
 ``torch.backends.cuda.matmul.allow_tf32``); db + dtop in one deterministic pass over dy.
 float64 is not supported on CUDA (use the "torch" backend, e.g. for gradcheck).

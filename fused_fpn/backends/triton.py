@@ -27,7 +27,6 @@ import torch
 
 from .._checks import check_lateral_args
 from .._layout import output_memory_format
-from .._ops import backward_needs_graph, lateral_setup_context
 from ..reference import lateral_backward_reference
 
 NAME = "triton"
@@ -129,12 +128,24 @@ def _backward_fake(grad, x, weight, top_h, top_w, need_x, need_weight, need_bias
 
 # ---- autograd ----------------------------------------------------------------------------------
 
+def _setup_context(ctx, inputs, output):
+    x, weight, bias, top = inputs
+    ctx.save_for_backward(x, weight)
+    ctx.top_hw = (top.shape[-2], top.shape[-1]) if top is not None else (0, 0)
+
+
+def _backward_needs_graph(grad: torch.Tensor, x: torch.Tensor, weight: torch.Tensor) -> bool:
+    """True when the backward runs under ``create_graph=True`` and its gradients depend on tensors
+    that require grad, i.e. they will be differentiated again (double backward)."""
+    return torch.is_grad_enabled() and (grad.requires_grad or x.requires_grad or weight.requires_grad)
+
+
 def _backward(ctx, grad):
     x, weight = ctx.saved_tensors
     need_x, need_w, need_b, need_top = ctx.needs_input_grad
     if not (need_x or need_w or need_b or need_top):
         return None, None, None, None
-    if backward_needs_graph(grad, x, weight):   # double backward: differentiable, unfused ops
+    if _backward_needs_graph(grad, x, weight):   # double backward: differentiable, unfused ops
         return lateral_backward_reference(grad, x, weight, ctx.top_hw, ctx.needs_input_grad)
     dx, dw, db, dtop = torch.ops.fused_fpn.triton_lateral_backward(
         grad, x, weight, ctx.top_hw[0], ctx.top_hw[1], need_x, need_w, need_b, need_top)
@@ -173,7 +184,7 @@ def _register() -> None:
         fwd = torch.library.triton_op("fused_fpn::triton_lateral", mutates_args=())(triton_lateral)
         torch.library.triton_op("fused_fpn::triton_lateral_backward", mutates_args=())(triton_lateral_backward)
         _MODE = "triton_op"
-    fwd.register_autograd(_backward, setup_context=lateral_setup_context)
+    fwd.register_autograd(_backward, setup_context=_setup_context)
     _REGISTERED = True
 
 
