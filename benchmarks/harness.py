@@ -1454,12 +1454,15 @@ def format_table(report: Dict[str, object], markdown: bool = False) -> str:
 
 
 def result_paths(cfg: BenchConfig, report: Dict[str, object]) -> Dict[str, str]:
-    stem = f"{report['device']['slug']}_{report['date']}" + ("_quick" if cfg.quick else "")
+    """<device-slug>_<date>[_quick][_subset].{json,png,md}: a run filtered by case, provider, dtype or
+    layout is marked _subset, so that it never overwrites the day's full run."""
+    subset = any(f is not None for f in (cfg.cases, cfg.providers, cfg.dtypes, cfg.layouts))
+    stem = f"{report['device']['slug']}_{report['date']}" + ("_quick" if cfg.quick else "") + ("_subset" if subset else "")
     return {ext: os.path.join(cfg.results_dir, f"{stem}.{ext}") for ext in ("json", "png", "md")}
 
 
 def write_results(report: Dict[str, object], cfg: BenchConfig) -> Dict[str, str]:
-    """Write <device-slug>_<date>[_quick].json / .png / .md under cfg.results_dir; returns the paths."""
+    """Write the .json / .png / .md of ``result_paths`` under cfg.results_dir; returns the paths."""
     validate_report(report)
     paths = result_paths(cfg, report)
     os.makedirs(cfg.results_dir, exist_ok=True)

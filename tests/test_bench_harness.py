@@ -240,6 +240,9 @@ def test_write_results_json_schema_png_and_markdown(tmp_path):
     quick = harness.build_report(_records(), _quick_cfg(tmp_path), ceiling)
     assert quick["targets"] == []  # the targets are for the default CPU shapes, not --quick ones
     assert harness.result_paths(_quick_cfg(tmp_path), quick)["json"].endswith("_quick.json")
+    filtered = _quick_cfg(tmp_path)
+    filtered.cases = ["lateral_path"]   # a filtered run must not overwrite the full run's files
+    assert harness.result_paths(filtered, quick)["json"].endswith("_quick_subset.json")
 
 
 def test_validate_report_rejects_a_speedup_on_a_failed_row():
@@ -270,7 +273,7 @@ def test_benchmark_suite_smoke_pass(tmp_path):
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
     assert "fused_fpn benchmark results" in proc.stdout
     files = sorted(os.listdir(tmp_path))
-    jsons = [f for f in files if f.endswith("_quick.json")]
+    jsons = [f for f in files if f.endswith("_quick_subset.json")]   # --bench-providers: a subset
     assert len(jsons) == 1 and jsons[0].replace(".json", ".png") in files, files
     data = json.loads((tmp_path / jsons[0]).read_text())
     harness.validate_report(data)
