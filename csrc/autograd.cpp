@@ -14,6 +14,11 @@
 // result will be differentiated again computes dx, dW with einsum (differentiable ATen ops) and
 // db, dtop through the dispatcher (so lateral_grad_bias_top's own autograd below is recorded).
 //
+// Forward-mode AD (torch.autograd.forward_ad, torch.func.jvp): the tangent of lateral is the fused
+// op again, y' = lateral(x', W, b', top') + lateral(x, W'), and lateral_grad_bias_top is linear.
+// torch.func.grad / vjp / vmap-of-grad cannot run C++ autograd Functions (a functorch limit; they
+// raise), torch.func.vmap of the forward alone works (slow per-sample fallback).
+//
 // Sizes are read as SymInts throughout: torch.compile traces these backwards with symbolic shapes.
 #include <ATen/ATen.h>
 #include <ATen/core/dispatch/Dispatcher.h>
@@ -198,24 +203,66 @@ struct GradBiasTopFunction : public torch::autograd::Function<GradBiasTopFunctio
 
 bool requires_grad(const c10::optional<at::Tensor>& t) { return t.has_value() && t->requires_grad(); }
 
+// Forward-mode AD (torch.autograd.forward_ad, torch.func.jvp) at level 0, as ATen's generated
+// kernels do: the tangent of t (undefined if none) and t without its tangent.
+at::Tensor tangent_of(const at::Tensor& t) { return t.defined() ? t._fw_grad(/*level=*/0) : at::Tensor(); }
+at::Tensor tangent_of(const c10::optional<at::Tensor>& t) { return t.has_value() ? tangent_of(*t) : at::Tensor(); }
+at::Tensor primal_of(const at::Tensor& t) { return tangent_of(t).defined() ? t._fw_primal(0) : t; }
+c10::optional<at::Tensor> optional_tensor(const at::Tensor& t) {
+  return t.defined() ? c10::optional<at::Tensor>(t) : c10::nullopt;
+}
+
+// y' = lateral(x', W, b', top') + lateral(x, W') for the tangents x', W', b', top' (undefined: zero);
+// both terms are the fused op again (through the dispatcher, so they are differentiable too).
+at::Tensor lateral_tangent(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& x_t,
+                           const at::Tensor& w_t, const at::Tensor& b_t, const at::Tensor& top_t) {
+  const at::Tensor x_p = primal_of(x), w_p = primal_of(weight);
+  at::Tensor y_t;
+  if (x_t.defined() || b_t.defined() || top_t.defined()) {
+    y_t = call_lateral(x_t.defined() ? x_t : at::zeros_like(x_p), w_p, optional_tensor(b_t), optional_tensor(top_t));
+  }
+  if (w_t.defined()) {
+    at::Tensor term = call_lateral(x_p, w_t, c10::nullopt, c10::nullopt);
+    y_t = y_t.defined() ? y_t + term : term;
+  }
+  return y_t.contiguous(output_memory_format(x));
+}
+
 at::Tensor lateral_autograd(const at::Tensor& x, const at::Tensor& weight, const c10::optional<at::Tensor>& bias,
                             const c10::optional<at::Tensor>& top) {
+  const at::Tensor x_t = tangent_of(x), w_t = tangent_of(weight), b_t = tangent_of(bias), top_t = tangent_of(top);
+  at::Tensor y;
   if (!at::GradMode::is_enabled() ||
       !(x.requires_grad() || weight.requires_grad() || requires_grad(bias) || requires_grad(top))) {
     at::AutoDispatchBelowADInplaceOrView guard;  // nothing to record
-    return call_lateral(x, weight, bias, top);
+    y = call_lateral(x, weight, bias, top);
+  } else {
+    y = LateralFunction::apply(x, weight, bias, top);
   }
-  return LateralFunction::apply(x, weight, bias, top);
+  if (x_t.defined() || w_t.defined() || b_t.defined() || top_t.defined()) {
+    y._set_fw_grad(lateral_tangent(x, weight, x_t, w_t, b_t, top_t), /*level=*/0, /*is_inplace_op=*/false);
+  }
+  return y;
 }
 
 std::tuple<at::Tensor, at::Tensor> grad_bias_top_autograd(const at::Tensor& grad_out, c10::SymInt top_h,
                                                           c10::SymInt top_w) {
+  const at::Tensor grad_t = tangent_of(grad_out);
+  at::Tensor db, dtop;
   if (!at::GradMode::is_enabled() || !grad_out.requires_grad()) {  // e.g. inside lateral's backward
     at::AutoDispatchBelowADInplaceOrView guard;
-    return call_grad_bias_top(grad_out, std::move(top_h), std::move(top_w));
+    std::tie(db, dtop) = call_grad_bias_top(grad_out, top_h, top_w);
+  } else {
+    auto result = GradBiasTopFunction::apply(grad_out, top_h, top_w);
+    db = result[0];
+    dtop = result[1];
   }
-  auto result = GradBiasTopFunction::apply(grad_out, std::move(top_h), std::move(top_w));
-  return {result[0], result[1]};
+  if (grad_t.defined()) {  // linear in grad_out: the tangents are the op applied to its tangent
+    auto tangents = call_grad_bias_top(grad_t, top_h, top_w);
+    db._set_fw_grad(std::get<0>(tangents), 0, false);
+    dtop._set_fw_grad(std::get<1>(tangents), 0, false);
+  }
+  return {db, dtop};
 }
 
 // fused_fpn::conv1x1_backward: the backward's dx / dW step as an op of its own, so that the tests can

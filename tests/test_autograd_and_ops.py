@@ -153,6 +153,58 @@ def test_grad_bias_top_op_is_differentiable(device, layout, top_hw):
     torch.testing.assert_close(got.double(), want, atol=1e-5, rtol=1e-5)
 
 
+# ---- forward-mode AD (torch.autograd.forward_ad, torch.func.jvp) and torch.func.grad -------------
+
+TANGENT_SETS = {"all": (0, 1, 2, 3), "x_and_top": (0, 3), "weight_only": (1,)}
+
+
+@pytest.mark.parametrize("device,backend", backend_device_params())
+@pytest.mark.parametrize("layout", ["nchw", "channels_last"])
+@pytest.mark.parametrize("tangent_set", list(TANGENT_SETS))
+@pytest.mark.parametrize("api", ["forward_ad", "func_jvp"])
+def test_forward_mode_ad_matches_reference(device, backend, layout, tangent_set, api):
+    """The output's tangent for tangents on some inputs (the others constant), against the float64
+    reference's jvp; a tangent must never be dropped (None) or wrong."""
+    import torch.autograd.forward_ad as fwAD
+    from fused_fpn.reference import lateral_reference
+    primals = make_lateral_case(2, 12, 8, (9, 13), (5, 7), torch.float32, device, layout)
+    gen = torch.Generator().manual_seed(4)
+    keep = TANGENT_SETS[tangent_set]
+    tangents = [torch.randn(t.shape, generator=gen).to(device) if i in keep else torch.zeros_like(t)
+                for i, t in enumerate(primals)]
+    if api == "forward_ad":
+        with fwAD.dual_level():
+            duals = [fwAD.make_dual(p, t) if i in keep else p for i, (p, t) in enumerate(zip(primals, tangents))]
+            out, tangent = fwAD.unpack_dual(fused_fpn.lateral(*duals, backend=backend))
+            assert tangent is not None, "the tangent was dropped"
+    else:
+        out, tangent = torch.func.jvp(lambda *a: fused_fpn.lateral(*a, backend=backend), tuple(primals),
+                                      tuple(tangents))
+    ref, ref_tangent = torch.func.jvp(lateral_reference, tuple(to64(*primals)), tuple(to64(*tangents)))
+    torch.testing.assert_close(out.double(), ref, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(tangent.double(), ref_tangent, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_func_grad_runs_the_reference_under_auto_and_rejects_fused_backends(device):
+    """torch.func.grad cannot run the fused backends' autograd (a C++ autograd Function, or a custom
+    op): "auto" takes the "torch" reference there, an explicit fused backend gets a clear ValueError."""
+    x, w, b, top = make_lateral_case(2, 6, 4, (5, 7), (3, 4), torch.float32, device, "nchw")
+
+    def loss(x, backend):
+        return fused_fpn.lateral(x, w, b, top, backend=backend).square().sum()
+
+    got = torch.func.grad(loss)(x, "auto")
+    xg = x.clone().requires_grad_()
+    loss(xg, "torch").backward()
+    torch.testing.assert_close(got, xg.grad)
+    fused = [n for n in fused_fpn.available_backends(device) if n != "torch"]
+    for name in fused:
+        with pytest.raises(ValueError, match=rf"backend '{name}' cannot run inside torch.func.grad"):
+            torch.func.grad(loss)(x, name)
+    assert fused_fpn.lateral(x, w, b, top).requires_grad is False   # outside the transform: unchanged
+
+
 @needs_ext
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])

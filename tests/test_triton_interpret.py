@@ -149,6 +149,32 @@ def test_double_backward_matches_reference(case):
         torch.testing.assert_close(ours.double(), theirs, atol=1e-4 * scale, rtol=1e-4)
 
 
+@pytest.mark.parametrize("case", ["up_odd", "no_top"])
+def test_forward_mode_ad_matches_reference(case):
+    """torch.autograd.forward_ad through the triton backend: tangents on x, weight and top (the
+    registered op alone would drop them; fused_fpn.backends.triton.lateral adds them)."""
+    import torch.autograd.forward_ad as fwAD
+    x, weight, bias, top = _inputs(case, torch.float32, "channels_last")
+    gen = torch.Generator().manual_seed(5)
+    tx, tw = (torch.randn(t.shape, generator=gen).to(DEVICE) for t in (x, weight))
+    tt = torch.randn(top.shape, generator=gen).to(DEVICE) if top is not None else None
+    with fwAD.dual_level():
+        dual_top = fwAD.make_dual(top, tt) if top is not None else None
+        y = fused_fpn.lateral(fwAD.make_dual(x, tx), fwAD.make_dual(weight, tw), bias, dual_top, backend="triton")
+        out, tangent = fwAD.unpack_dual(y)
+    assert tangent is not None, "the tangent was dropped"
+    bias64 = bias.double() if bias is not None else None
+    if top is None:
+        ref, ref_t = torch.func.jvp(lambda a, w: lateral_reference(a, w, bias64, None),
+                                    (x.double(), weight.double()), (tx.double(), tw.double()))
+    else:
+        ref, ref_t = torch.func.jvp(lambda a, w, t: lateral_reference(a, w, bias64, t),
+                                    (x.double(), weight.double(), top.double()),
+                                    (tx.double(), tw.double(), tt.double()))
+    torch.testing.assert_close(out.double(), ref, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(tangent.double(), ref_t, atol=1e-4, rtol=1e-4)
+
+
 # Size pairs where the integer rule (dst * in) // out differs from ATen's float32 rule, up- and
 # down-sampling ((26, 22): top 26 -> x 22; (39, 33): top 39 -> x 33).
 INDEX_PAIRS = [((82, 2), (22, 26)), ((46, 14), (33, 39)), ((69, 21), (58, 30)), ((7, 9), (5, 3))]

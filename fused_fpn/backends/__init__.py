@@ -26,6 +26,7 @@ _MODULES: Dict[str, str] = {
 }
 
 # "auto": the first backend in this list that can run on the tensors; on CPU tensors the C++ kernel.
+# Inside torch.func.grad / vjp / jacrev, "auto" is the "torch" reference (see _functorch_grad_active).
 # On CUDA tensors the order comes from the H100 benchmarks (benchmarks/results/nvidia-h100-80gb-hbm3_
 # 2026-11-24*, fp16 channels_last ResNet-50-FPN): timed as eager calls, the C++/CUDA kernel has the
 # lower latency (the lateral path in 0.23 ms vs Triton's 0.83 ms: Triton's per-launch host overhead
@@ -42,6 +43,19 @@ AUTO_ORDER_GRAPHED_CUDA = ("triton", "cuda", "torch")
 def _graphed() -> bool:
     """True while torch.compile traces the call or a CUDA graph is being captured."""
     return torch.compiler.is_compiling() or (torch.cuda.is_available() and torch.cuda.is_current_stream_capturing())
+
+def _functorch_grad_active() -> bool:
+    """True inside torch.func.grad / vjp / jacrev (a functorch Grad transform). The fused backends'
+    autograd (a C++ autograd Function for cpu / cuda, a torch.library custom op for triton) cannot
+    run there; the "torch" reference (plain ATen ops) can."""
+    if torch.compiler.is_compiling():
+        return False
+    stack = _interpreter_stack()
+    return bool(stack) and any(ci.key() == _GRAD_TRANSFORM for ci in stack)
+
+
+_interpreter_stack = getattr(torch._C._functorch, "get_interpreter_stack", lambda: None)
+_GRAD_TRANSFORM = torch._C._functorch.TransformType.Grad
 
 BACKEND_NAMES = tuple(_MODULES)
 _loaded: Dict[str, object] = {}
@@ -100,16 +114,24 @@ def why_not(name: str, x: torch.Tensor) -> Optional[str]:
 
 def select(backend: str, x: torch.Tensor):
     """The backend module to run on ``x``; ValueError (listing what can run) if there is none."""
+    grad_transform = _functorch_grad_active()
     if backend == "auto":
         order = AUTO_ORDER.get(x.device.type, ("torch",))
         if x.device.type == "cuda" and _graphed():
             order = AUTO_ORDER_GRAPHED_CUDA
+        if grad_transform:
+            order = ("torch",)
         for name in order:
             if why_not(name, x) is None:
                 return get_backend(name)
         raise ValueError(f"no fused_fpn backend can run on {x.device.type} tensors of dtype {x.dtype}")
     if backend not in _MODULES:
         raise ValueError(f"unknown fused_fpn backend {backend!r}; known backends: {list(BACKEND_NAMES)} or 'auto'")
+    if grad_transform and backend != "torch":
+        raise ValueError(
+            f"fused_fpn backend {backend!r} cannot run inside torch.func.grad / vjp / jacrev: its autograd is a "
+            f"C++ autograd Function or a custom op, which functorch's grad transforms cannot run. Use "
+            f"backend='torch' there (backend='auto' picks it).")
     reason = why_not(backend, x)
     if reason is not None:
         can = [n for n in BACKEND_NAMES if why_not(n, x) is None]

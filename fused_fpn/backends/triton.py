@@ -13,6 +13,8 @@ tensors, no GPU) they are ``torch.library.custom_op`` s with ``register_fake``: 
 path and torch.compile fail there because the interpreter touches data pointers (DESIGN.md §4).
 Autograd is registered on ``triton_lateral`` in both cases; its backward is ``triton_lateral_backward``
 (under ``create_graph=True``, the unfused differentiable ``reference.lateral_backward_reference``).
+Forward-mode AD (torch.autograd.forward_ad, torch.func.jvp) is handled by ``lateral`` below, not by
+the registered ops: called directly on dual tensors they would drop the tangents.
 
 triton is imported, and the ops registered, when this module is imported and the backend can run (a
 CUDA device is present or TRITON_INTERPRET=1 is set); without either, triton is never imported by
@@ -24,6 +26,7 @@ import os
 from typing import Optional, Tuple
 
 import torch
+import torch.autograd.forward_ad as fwAD
 
 from .._checks import check_lateral_args
 from .._layout import output_memory_format
@@ -199,9 +202,37 @@ def ops():
     return torch.ops.fused_fpn.triton_lateral.default, torch.ops.fused_fpn.triton_lateral_backward.default
 
 
+def _forward_ad_tangents(tensors):
+    """The forward-mode AD tangents of ``tensors`` (None for none) inside a dual level
+    (torch.autograd.forward_ad, torch.func.jvp), or None when no input has one."""
+    if fwAD._current_level < 0:
+        return None
+    tangents = [None if t is None else fwAD.unpack_dual(t).tangent for t in tensors]
+    return tangents if any(t is not None for t in tangents) else None
+
+
+def _lateral_with_tangent(x, weight, bias, top, tangents):
+    """The op on dual inputs: y' = lateral(x', W, b', top') + lateral(x, W') (the fused op again);
+    a custom op alone would drop the tangents."""
+    x_p, w_p, b_p, top_p = (None if t is None else fwAD.unpack_dual(t).primal for t in (x, weight, bias, top))
+    x_t, w_t, b_t, top_t = tangents
+    op = torch.ops.fused_fpn.triton_lateral
+    y = op(x, weight, bias, top)
+    y_t = None
+    if x_t is not None or b_t is not None or top_t is not None:
+        y_t = op(torch.zeros_like(x_p) if x_t is None else x_t, w_p, b_t, top_t)
+    if w_t is not None:
+        term = op(x_p, w_t, None, None)
+        y_t = term if y_t is None else y_t + term
+    return fwAD.make_dual(y, y_t.contiguous(memory_format=output_memory_format(x_p)))
+
+
 def lateral(x, weight, bias, top):
     """The backend entry point (inputs validated by fused_fpn.lateral; weight is [Cout, Cin])."""
     _register()
+    tangents = _forward_ad_tangents((x, weight, bias, top))
+    if tangents is not None:
+        return _lateral_with_tangent(x, weight, bias, top, tangents)
     return torch.ops.fused_fpn.triton_lateral(x, weight, bias, top)
 
 
