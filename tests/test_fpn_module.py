@@ -209,6 +209,39 @@ def test_backward_parity_whole_fpn(device, backend, layout):
         torch.testing.assert_close(x_ours[k].grad, x_tv[k].grad, atol=2e-4, rtol=2e-4, msg=k)
 
 
+@pytest.mark.parametrize("device,backend", backend_device_params())
+def test_gradient_penalty_through_the_whole_fpn_matches_torchvision(device, backend):
+    """Double backward through the FPN (create_graph=True, e.g. a gradient penalty on the inputs):
+    the penalty's gradients of every parameter match torchvision's."""
+    tv, ours = pair(tv_fpn.LastLevelMaxPool(), fused_fpn.LastLevelMaxPool(), backend=backend)
+    tv, ours = tv.to(device), ours.to(device)
+    x = make_features(2, 33, 47, torch.float32, device, "channels_last")
+    g = torch.Generator().manual_seed(6)
+    grads = []
+    for model in (tv, ours):
+        inputs = OrderedDict((k, v.clone().requires_grad_()) for k, v in x.items())
+        out = model(inputs)
+        loss = sum((out[k] * out[k]).mean() for k in out)
+        first = torch.autograd.grad(loss, list(inputs.values()), create_graph=True)
+        penalty = sum((d * d).sum() for d in first)
+        grads.append(torch.autograd.grad(penalty, list(model.parameters())))
+    for (name, _), got, want in zip(tv.named_parameters(), grads[1], grads[0]):
+        scale = max(1.0, want.abs().max().item())
+        torch.testing.assert_close(got, want, atol=2e-4 * scale, rtol=2e-4, msg=name)
+
+
+@pytest.mark.parametrize("device,backend", backend_device_params())
+def test_forward_mode_jvp_through_the_whole_fpn_matches_torchvision(device, backend):
+    tv, ours = pair(tv_fpn.LastLevelP6P7(OUT, OUT), fused_fpn.LastLevelP6P7(OUT, OUT), backend=backend)
+    tv, ours = tv.to(device), ours.to(device)
+    x = make_features(2, 29, 18, torch.float32, device, "nchw")
+    tangent = make_features(2, 29, 18, torch.float32, device, "nchw", seed=1)
+    _, t_tv = torch.func.jvp(lambda d: tv(d), (x,), (tangent,))
+    _, t_ours = torch.func.jvp(lambda d: ours(d), (x,), (tangent,))
+    for k in t_tv:
+        torch.testing.assert_close(t_ours[k], t_tv[k], atol=2e-4, rtol=2e-4, msg=k)
+
+
 @pytest.mark.parametrize("device", DEVICES)
 def test_compile_fullgraph_fpn_matches_eager(device):
     torch._dynamo.reset()

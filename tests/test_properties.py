@@ -269,3 +269,33 @@ def test_bitwise_deterministic_run_to_run(device, backend, data):
 @_examples(0.1)
 def test_bitwise_deterministic_run_to_run_interpreted(device, backend, data):
     _check_deterministic(device, backend, data)
+
+
+# ---- property 3: forward-mode AD (the output's tangent) against the float64 reference's jvp ---------
+
+def _check_forward_mode(device, backend, data):
+    import torch.autograd.forward_ad as fwAD
+    case = _draw_case(data, device, backend)
+    primals = case.tensors(device)
+    tangents = Case(**{**case.__dict__, "seed": case.seed + 2}).tensors(device)   # same shapes and layouts
+    with fwAD.dual_level():
+        duals = [None if p is None else fwAD.make_dual(p, t) for p, t in zip(primals, tangents)]
+        out, tangent = fwAD.unpack_dual(fused_fpn.lateral(*duals, backend=backend))
+    present = [i for i, p in enumerate(primals) if p is not None]
+
+    def ref_fn(*args):
+        full = [None] * 4
+        for i, a in zip(present, args):
+            full[i] = a
+        return fused_fpn.lateral_reference(*full)
+
+    _, ref_tangent = torch.func.jvp(ref_fn, tuple(primals[i].double() for i in present),
+                                    tuple(tangents[i].double() for i in present))
+    _assert_grad_close("output (its tangent)", tangent, ref_tangent, case.dtype)
+
+
+@pytest.mark.parametrize("device,backend", backend_params(interpreter=False))
+@given(data=st.data())
+@_examples(0.3)
+def test_forward_mode_tangent_matches_float64_reference(device, backend, data):
+    _check_forward_mode(device, backend, data)
