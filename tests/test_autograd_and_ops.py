@@ -153,6 +153,53 @@ def test_grad_bias_top_op_is_differentiable(device, layout, top_hw):
     torch.testing.assert_close(got.double(), want, atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("device,backend", backend_device_params())
+def test_autograd_engine_features(device, backend):
+    """What autograd users rely on, on every backend: an in-place change of a saved input after the
+    forward is an error at backward; retain_graph allows a second backward (and its absence forbids
+    one); activation checkpointing (both variants) and saved-tensor hooks give the plain gradients."""
+    from torch.utils.checkpoint import checkpoint
+    case = make_lateral_case(2, 6, 4, (5, 7), (3, 4), torch.float32, device, "nchw")
+
+    def leaves():
+        return [t.detach().clone().requires_grad_() for t in case]
+
+    def lateral(*a):
+        return fused_fpn.lateral(*a, backend=backend)
+
+    plain = leaves()
+    lateral(*plain).square().sum().backward()
+
+    a, w, b, top = leaves()
+    x = a * 1.0
+    y = lateral(x, w, b, top)
+    x.add_(1.0)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        y.sum().backward()
+
+    ins = leaves()
+    y = lateral(*ins)
+    y.square().sum().backward(retain_graph=True)
+    y.square().sum().backward()
+    torch.testing.assert_close(ins[0].grad, 2 * plain[0].grad)
+    with pytest.raises(RuntimeError, match="second time"):
+        y.square().sum().backward()
+
+    for reentrant in (False, True):
+        ins = leaves()
+        checkpoint(lambda *a: lateral(*a).square(), *ins, use_reentrant=reentrant).sum().backward()
+        for got, want in zip(ins, plain):
+            torch.testing.assert_close(got.grad, want.grad, atol=1e-5, rtol=1e-5)
+
+    ins, packed = leaves(), []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: packed.append(t) or t.clone(), lambda t: t):
+        y = lateral(*ins)
+    assert packed, "the forward saved nothing through the hooks"
+    y.square().sum().backward()
+    for got, want in zip(ins, plain):
+        torch.testing.assert_close(got.grad, want.grad, atol=1e-5, rtol=1e-5)
+
+
 # ---- forward-mode AD (torch.autograd.forward_ad, torch.func.jvp) and torch.func.grad -------------
 
 TANGENT_SETS = {"all": (0, 1, 2, 3), "x_and_top": (0, 3), "weight_only": (1,)}
