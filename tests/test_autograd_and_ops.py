@@ -1,6 +1,7 @@
 """Autograd (gradcheck in fp64, gradient parity), the registered ops (opcheck), torch.compile."""
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import fused_fpn
 from fpn_testing import DEVICES, backend_device_params, backend_supports, make_lateral_case, to64
@@ -10,6 +11,18 @@ pytestmark = pytest.mark.usefixtures("no_tf32")   # IEEE fp32 on GPUs (conftest)
 
 
 needs_ext = pytest.mark.skipif(not fused_fpn.extension_loaded(), reason="fused_fpn._C not built")
+
+
+class RecordOps(TorchDispatchMode):
+    """Records the name of every ATen / custom op that runs (below autograd) while active."""
+
+    def __init__(self):
+        super().__init__()
+        self.ops = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.ops.append(str(func))
+        return func(*args, **(kwargs or {}))
 
 
 @pytest.mark.parametrize("device,backend", backend_device_params())
@@ -107,21 +120,10 @@ def test_backward_ops_with_and_without_create_graph(create_graph):
     """The cpu backend's backward (csrc/autograd.cpp) runs the fused db + dtop op either way; dx
     and dW come from ATen's convolution_backward, or under create_graph=True (they will be
     differentiated again) from einsum, and the gradients then carry a graph."""
-    from torch.utils._python_dispatch import TorchDispatchMode
-
-    class Record(TorchDispatchMode):
-        def __init__(self):
-            super().__init__()
-            self.ops = []
-
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            self.ops.append(str(func))
-            return func(*args, **(kwargs or {}))
-
     x, w, b, top = make_lateral_case(1, 6, 4, (4, 4), (2, 2), torch.float32, "cpu", "nchw")
     ins = [t.requires_grad_() for t in (x, w, b, top)]
     y = fused_fpn.lateral(*ins, backend="cpu")
-    with Record() as rec:
+    with RecordOps() as rec:
         grads = torch.autograd.grad((y * y).sum(), ins, create_graph=create_graph)
     assert "fused_fpn.lateral_grad_bias_top.default" in rec.ops, rec.ops
     assert ("aten.convolution_backward.default" in rec.ops) != create_graph, rec.ops
@@ -402,23 +404,12 @@ def test_backward_on_cuda_tensors_runs_gemms_not_cudnn(dtype, layout):
     mm / bmm (deterministic cuBLAS), with fp32 accumulation for fp16 / bf16 (the ``out_dtype``
     overloads), never cuDNN's convolution_backward; shapes, dtypes and memory formats as eager's."""
     from torch._subclasses.fake_tensor import FakeTensorMode
-    from torch.utils._python_dispatch import TorchDispatchMode
-
-    class Record(TorchDispatchMode):
-        def __init__(self):
-            super().__init__()
-            self.ops = []
-
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            self.ops.append(str(func))
-            return func(*args, **(kwargs or {}))
-
     fmt = torch.channels_last if layout == "channels_last" else torch.contiguous_format
     with FakeTensorMode():
         x = torch.empty(2, 16, 5, 7, device="cuda", dtype=dtype).contiguous(memory_format=fmt)
         grad = torch.empty(2, 8, 5, 7, device="cuda", dtype=dtype).contiguous(memory_format=fmt)
         weight = torch.empty(8, 16, device="cuda", dtype=dtype)
-        with Record() as rec:
+        with RecordOps() as rec:
             dx, dw = torch.ops.fused_fpn.conv1x1_backward(grad, x, weight, True, True, False)
     assert dx.shape == x.shape and dx.dtype == dtype and dx.device.type == "cuda"
     assert dx.is_contiguous(memory_format=fmt)
