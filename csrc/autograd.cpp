@@ -26,7 +26,6 @@
 #include <torch/library.h>
 
 #include <tuple>
-#include <vector>
 
 #include "lateral_common.h"
 #include "nearest.h"
@@ -184,13 +183,16 @@ struct GradBiasTopFunction : public torch::autograd::Function<GradBiasTopFunctio
                                                                 : at::MemoryFormat::Contiguous;
     at::Tensor g = g_bias.view_symint({1, c, 1, 1}).expand_symint({n, c, h, w});
     if (g_top.sym_size(2) > 0 && g_top.sym_size(3) > 0) {
-      // nearest gather with the kernels' float32 index rule (nearest.h); concrete sizes: only a
-      // double backward (never traced by torch.compile) gets here
+      // nearest gather with the kernels' float32 index rule (nearest.h: min(floor(float(d) * scale),
+      // in - 1), one float32 multiply), computed on g_top's device: no host-to-device copy. Concrete
+      // sizes: only a double backward (never traced by torch.compile) gets here.
       auto source_rows = [&](int64_t in_size, int64_t out_size) {
         const float scale = nearest_scale(in_size, out_size);
-        std::vector<int64_t> idx(static_cast<size_t>(out_size));
-        for (int64_t d = 0; d < out_size; ++d) idx[d] = nearest_src(d, scale, in_size);
-        return at::tensor(idx, g_top.options().dtype(at::kLong));
+        return at::arange(out_size, g_top.options().dtype(at::kFloat))
+            .mul_(scale)
+            .floor_()
+            .to(at::kLong)
+            .clamp_max_(in_size - 1);
       };
       const int64_t th = g_top.size(2), tw = g_top.size(3);
       const at::Tensor gathered = g_top.index_select(2, source_rows(th, h.guard_int(__FILE__, __LINE__)))

@@ -133,21 +133,23 @@ def test_backward_ops_with_and_without_create_graph(create_graph):
 @needs_ext
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("layout", ["nchw", "channels_last"])
-@pytest.mark.parametrize("top_hw", [(3, 4), (9, 11), (0, 0)])
-def test_grad_bias_top_op_is_differentiable(device, layout, top_hw):
+@pytest.mark.parametrize("shape,top_hw", [((2, 3, 5, 6), (3, 4)), ((2, 3, 5, 6), (9, 11)), ((2, 3, 5, 6), (0, 0)),
+                                          ((1, 2, 82, 3), (2, 1))], ids=["up", "down", "no_top", "float_rule"])
+def test_grad_bias_top_op_is_differentiable(device, layout, shape, top_hw):
     """The db + dtop op called directly: first and second derivatives (gradcheck in fp64 on CPU;
-    on CUDA, fp32 against the reference's autograd)."""
+    on CUDA, fp32 against the reference's autograd). "float_rule": 2 -> 82 rows, where an integer
+    index rule would gather other rows than ATen's float32 one."""
     if device == "cuda" and not fused_fpn.cuda_built():
         pytest.skip("_C built without CUDA kernels")
     from fpn_testing import make_input
     fused_fpn._ops.register()
     op = torch.ops.fused_fpn.lateral_grad_bias_top
     if device == "cpu":
-        dy = make_input((2, 3, 5, 6), torch.float64, device, layout).requires_grad_()
+        dy = make_input(shape, torch.float64, device, layout).requires_grad_()
         assert torch.autograd.gradcheck(lambda g: op(g, *top_hw), [dy])
         assert torch.autograd.gradgradcheck(lambda g: op(g, *top_hw), [dy])
         return
-    dy = make_input((2, 3, 5, 6), torch.float32, device, layout).requires_grad_()
+    dy = make_input(shape, torch.float32, device, layout).requires_grad_()
     dy64 = dy.detach().double().requires_grad_()
     cot = [torch.randn(t.shape, generator=torch.Generator().manual_seed(2)) for t in op(dy64.cpu(), *top_hw)]
     got = torch.autograd.grad(op(dy, *top_hw), dy, [c.to(device, torch.float32) for c in cot])[0]
