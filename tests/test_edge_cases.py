@@ -22,7 +22,7 @@ import torch
 
 import fused_fpn
 from fused_fpn._layout import output_memory_format
-from fpn_testing import DEVICES, TOLERANCES, backend_supports
+from fpn_testing import DEVICES, TOLERANCES, backend_supports, to64
 
 GRAD_NAMES = ("x", "weight", "bias", "top")
 
@@ -300,6 +300,43 @@ def test_empty_spatial_size_or_no_output_channels_with_requires_grad(device, bac
     for name, t in zip(GRAD_NAMES, ins):
         assert t.grad is not None and t.grad.shape == t.shape, f"grad of {name}"
         assert torch.equal(t.grad, torch.zeros_like(t)), f"grad of {name} must be zeros"
+
+
+DEGENERATE = {"batch0": (0, 3, 4, (5, 6)), "cin0": (2, 0, 4, (5, 6)), "cout0": (2, 3, 0, (5, 6)),
+              "h0": (2, 3, 4, (0, 6)), "1x1": (1, 3, 4, (1, 1))}
+
+
+@pytest.mark.filterwarnings("error::UserWarning")
+@pytest.mark.parametrize("device,backend", BACKENDS)
+@pytest.mark.parametrize("which", list(DEGENERATE))
+def test_forward_mode_and_double_backward_on_degenerate_sizes(device, backend, which):
+    """Empty batch / channels / rows and a 1x1 map: the forward-mode tangent and the gradients of a
+    gradient penalty (create_graph=True) against the float64 reference's."""
+    import torch.autograd.forward_ad as fwAD
+    n, cin, cout, hw = DEGENERATE[which]
+    primals = _case(n, cin, cout, hw, (3, 4), device)
+    tangents = _case(n, cin, cout, hw, (3, 4), device, seed=1)
+
+    def tangent_and_penalty_grads(fn, ps, ts):
+        with fwAD.dual_level():
+            _, tangent = fwAD.unpack_dual(fn(*[fwAD.make_dual(p, t) for p, t in zip(ps, ts)]))
+        leaves = _leaves(*ps)
+        y = fn(*leaves)
+        first = torch.autograd.grad((y * y).sum(), leaves, create_graph=True, allow_unused=True)
+        penalty = sum((f * f).sum() for f in first if f is not None)
+        second = torch.autograd.grad(penalty, leaves, allow_unused=True) if penalty.requires_grad else [None] * 4
+        return [tangent, *first, *second]
+
+    got = tangent_and_penalty_grads(lambda *a: fused_fpn.lateral(*a, backend=backend), primals, tangents)
+    want = tangent_and_penalty_grads(fused_fpn.lateral_reference, to64(*primals), to64(*tangents))
+    names = ["tangent"] + [f"d{g}" for g in GRAD_NAMES] + [f"d2{g}" for g in GRAD_NAMES]
+    for name, a, r in zip(names, got, want):
+        if r is None or r.numel() == 0 or not r.abs().sum():   # absent or zero: ours must be too
+            assert a is None or not a.abs().sum(), name
+            continue
+        assert a is not None, f"{name} is missing"
+        scale = max(1.0, r.abs().max().item())
+        torch.testing.assert_close(a.double(), r, atol=1e-4 * scale, rtol=1e-4, msg=name)
 
 
 # ---- failed calls change nothing ---------------------------------------------------------------------
