@@ -193,18 +193,37 @@ def test_archs_include_sm90():
     assert SM90 is not None, f"the CUDA build must target sm_90 (H100); FUSED_FPN_CUDA_ARCHS gives {ARCHS}"
 
 
-def test_sass_of_a_forward_kernel_has_tensor_core_and_async_copy_instructions():
-    """The fp16 channels_last forward kernel on sm_90 really uses HMMA and cp.async (LDGSTS)."""
-    assert SM90 is not None
-    name = f"{NS}lateral_fwd_kernel<__half, {NS}MathWmma, {NS}ChannelsLast, true, true>"
-    text = _run([_cuobjdump(), "--dump-sass", "--gpu-architecture", SM90, _so_path()])
-    blocks = re.split(r"\n\s*Function : ", text)
-    mangled = [b.split("\n", 1)[0].strip() for b in blocks[1:]]
-    names = _demangle(mangled)
-    body = next((b for b, m in zip(blocks[1:], mangled) if _strip_args(names[m]) == name), None)
-    assert body is not None, f"{name} not found in the sm_90 SASS"
-    assert "HMMA" in body, "no tensor-core (HMMA) instruction in the fp16 forward kernel"
-    assert "LDGSTS" in body, "no cp.async (LDGSTS) instruction in the fp16 forward kernel"
+@pytest.fixture(scope="module")
+def sass() -> Dict[str, Dict[str, str]]:
+    """arch -> {kernel template-id: SASS body} from ``cuobjdump --dump-sass`` of _C."""
+    per_arch: Dict[str, Dict[str, str]] = {}
+    for arch in ARCHS:
+        text = _run([_cuobjdump(), "--dump-sass", "--gpu-architecture", arch, _so_path()])
+        blocks = re.split(r"\n\s*Function : ", text)[1:]
+        mangled = [b.split("\n", 1)[0].strip() for b in blocks]
+        names = _demangle(mangled)
+        per_arch[arch] = {_strip_args(names[m]): b for m, b in zip(mangled, blocks)}
+    return per_arch
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("kernel", FWD_KERNELS, ids=lambda k: k[len(NS):].replace(NS, ""))
+def test_sass_of_every_forward_kernel_has_vector_memory_and_tensor_core_instructions(sass, arch, kernel):
+    """#4's forward kernel in machine code, for every instantiation and arch:
+    * x and W tiles come through cp.async 16 bytes at a time (LDGSTS ... .128);
+    * the epilogue stores the output with 16-byte stores (STG.E.128);
+    * fp16 / bf16 / TF32 run on tensor cores (HMMA), the exact-fp32 path on FFMA;
+    * channels_last with a top gathers it with 16-byte loads (LDG.E.128): channels are contiguous."""
+    body = sass[arch].get(kernel)
+    assert body is not None, f"{kernel} not found in the {arch} SASS"
+    assert re.search(r"LDGSTS\.E[.\w]*\.128\b", body), "no 16-byte cp.async (LDGSTS .128) of the x / W tiles"
+    assert re.search(r"STG\.E\.128\b", body), "no 16-byte store (STG.E.128) in the epilogue"
+    if "MathFfma" in kernel:
+        assert "FFMA" in body and "HMMA" not in body, "the exact-fp32 path must use FFMA, not tensor cores"
+    else:
+        assert "HMMA" in body, "no tensor-core (HMMA) instruction"
+    if "ChannelsLast" in kernel and kernel.endswith(", true>"):   # has_top
+        assert re.search(r"LDG\.E[.\w]*\.128\b", body), "the channels_last top is not gathered 16 bytes at a time"
 
 
 def _ptxas_log_dir() -> Path:
