@@ -352,6 +352,18 @@ def test_opcheck_grad_bias_top(device, layout, top_hw):
     torch.library.opcheck(torch.ops.fused_fpn.lateral_grad_bias_top.default, (dy, *top_hw))
 
 
+@needs_ext
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("need", [(True, True), (True, False), (False, True)], ids=["dx-dw", "dx", "dw"])
+@pytest.mark.parametrize("use_gemm", [False, True], ids=["default", "gemm"])
+def test_opcheck_conv1x1_backward(device, need, use_gemm):
+    from fpn_testing import make_input
+    x = make_input((2, 6, 5, 7), torch.float32, device, "channels_last").requires_grad_()
+    grad = make_input((2, 4, 5, 7), torch.float32, device, "channels_last")
+    w = torch.randn((4, 6), generator=torch.Generator().manual_seed(1)).to(device).requires_grad_()
+    torch.library.opcheck(torch.ops.fused_fpn.conv1x1_backward.default, (grad, x, w, *need, use_gemm))
+
+
 @pytest.mark.parametrize("device,backend", backend_device_params())
 def test_compile_fullgraph_lateral_matches_eager(device, backend):
     torch._dynamo.reset()
