@@ -52,14 +52,26 @@ std::tuple<at::Tensor, at::Tensor> call_grad_bias_top(const at::Tensor& grad, c1
   return op.call(grad, std::move(top_h), std::move(top_w));
 }
 
+using MatmulOutDtype = at::Tensor(const at::Tensor&, const at::Tensor&, at::ScalarType);
+
+// aten::mm.dtype / aten::bmm.dtype (fp16 / bf16 in, fp32 out; torch >= 2.8), looked up at run time
+// so that _C also builds against the older torch the package supports (pyproject: torch >= 2.6).
+c10::optional<c10::TypedOperatorHandle<MatmulOutDtype>> find_out_dtype_op(const char* name) {
+  auto op = c10::Dispatcher::singleton().findOp({name, "dtype"});
+  if (!op.has_value()) return c10::nullopt;
+  return op->typed<MatmulOutDtype>();
+}
+
 // a @ b (2-D, or batched 3-D) accumulated and returned in float32 for CUDA fp16 / bf16 (the
 // out_dtype overloads of mm / bmm), so that dW's long reduction over pixels is neither rounded nor
-// split-K reduced in half precision; other inputs are multiplied as they are.
+// split-K reduced in half precision; other inputs (or a torch without those overloads) are
+// multiplied as they are.
 at::Tensor matmul_fp32_accumulate(const at::Tensor& a, const at::Tensor& b) {
+  static const auto mm_out_dtype = find_out_dtype_op("aten::mm");
+  static const auto bmm_out_dtype = find_out_dtype_op("aten::bmm");
   const bool half = a.scalar_type() == at::kHalf || a.scalar_type() == at::kBFloat16;
-  if (half && a.is_cuda()) {
-    return a.dim() == 3 ? at::bmm(a, b, at::kFloat) : at::mm(a, b, at::kFloat);
-  }
+  const auto& op = a.dim() == 3 ? bmm_out_dtype : mm_out_dtype;
+  if (half && a.is_cuda() && op.has_value()) return op->call(a, b, at::kFloat);
   return at::matmul(a, b);
 }
 
