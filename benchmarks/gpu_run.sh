@@ -11,8 +11,8 @@
 #   tests  python3 -m pytest tests (the whole suite, on the GPU)  -> OUT_DIR/logs/tests.log
 #   bench  python3 -m pytest benchmarks (GPU shapes)              -> OUT_DIR/logs/bench.log
 #          + the results benchmarks/results/<device>_<date>.{json,png,md} copied to OUT_DIR
-#   overhead  python3 benchmarks/launch_overhead.py: host time per call, layer by layer
-#          (about 20 s)                          -> appended to OUT_DIR/logs/bench.log and the summary
+#   overhead  python3 benchmarks/launch_overhead.py: host time per call, layer by layer, and of
+#          the whole FPN on tiny maps (well under a minute) -> appended to OUT_DIR/logs/bench.log and the summary
 # then OUT_DIR/summary.txt (step statuses, the overhead rows, the results table), printed last.
 # 8 files at most.
 #

@@ -17,6 +17,8 @@ subtracting two rows gives the cost of one layer. Rows, from the bottom of the s
     <backend>: forward + backward         one forward and one backward
     cuda / cpu: registered op             torch.ops.fused_fpn.lateral (the C++ op)
     eager: conv2d + interpolate + add     torchvision's unfused computation, for scale
+    FPN torchvision / FPN <backend>       the whole module on tiny maps (4 levels + max-pool level),
+                                          no grad, and forward + backward
 
 It is a diagnostic, not a benchmark of the kernels (``pytest benchmarks`` is that): run it on the
 GPU machine to see which layer to cut. On CPU tensors the Triton rows are skipped (the interpreter).
@@ -24,6 +26,7 @@ GPU machine to see which layer to cut. On CPU tensors the Triton rows are skippe
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import statistics
 import sys
@@ -95,6 +98,41 @@ def rows_for(device: str, dtype: torch.dtype) -> Dict[str, Callable[[], object]]
         rows[f"{name}: fused_fpn.lateral, requires_grad"] = lambda n=name: fused_fpn.lateral(xg, w, b, top, backend=n)
         rows[f"{name}: forward + backward"] = lambda n=name: fused_fpn.lateral(xg, w, b, top, backend=n).sum().backward()
     rows["eager: forward + backward"] = lambda: (F.conv2d(xg, w4, b) + F.interpolate(top, size=(4, 4))).sum().backward()
+    rows.update(fpn_rows(device, dtype, backends))
+    return rows
+
+
+def fpn_rows(device: str, dtype: torch.dtype, backends: List[str]) -> Dict[str, Callable[[], object]]:
+    """Whole-FPN rows: torchvision's FeaturePyramidNetwork and fused_fpn.FPN (each backend) on
+    tiny maps (channels 8/16/24/32 -> 8, maps 8x8 .. 1x1, LastLevelMaxPool), no grad and forward +
+    backward: the per-call host cost of the module around the kernels, for scale with eager."""
+    from collections import OrderedDict
+    from torchvision.ops import FeaturePyramidNetwork
+    from torchvision.ops.feature_pyramid_network import LastLevelMaxPool
+    channels = [8, 16, 24, 32]
+    tv = FeaturePyramidNetwork(channels, 8, extra_blocks=LastLevelMaxPool()).to(device, dtype).eval()
+    g = torch.Generator().manual_seed(1)
+    feats = OrderedDict((f"c{i}", torch.randn((1, c, 8 >> i, 8 >> i), generator=g).to(device, dtype))
+                        for i, c in enumerate(channels))
+    feats_g = OrderedDict((k, v.clone().requires_grad_()) for k, v in feats.items())
+
+    def no_grad(model):
+        def call():
+            with torch.no_grad():
+                return model(feats)
+        return call
+
+    def train(model):
+        return lambda: sum(o.sum() for o in model(feats_g).values()).backward()
+
+    rows: Dict[str, Callable[[], object]] = {"FPN torchvision: forward": no_grad(tv),
+                                             "FPN torchvision: forward + backward": train(tv)}
+    for name in backends:
+        if name == "torch":
+            continue
+        ours = fused_fpn.FPN.from_torchvision(copy.deepcopy(tv), backend=name)
+        rows[f"FPN {name}: forward"] = no_grad(ours)
+        rows[f"FPN {name}: forward + backward"] = train(ours)
     return rows
 
 
@@ -117,7 +155,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     results = []
     for name, fn in rows_for(args.device, dtype).items():
         try:
-            us = time_per_call(fn, args.device, args.calls)
+            calls = args.calls if not name.startswith("FPN") else max(20, args.calls // 10)   # ~10x longer calls
+            us = time_per_call(fn, args.device, calls)
             results.append({"row": name, "us_per_call": round(us, 2)})
             print(f"  {name:<45s} {us:9.1f} us")
         except Exception as exc:  # noqa: BLE001 - a row that cannot run is reported, the rest go on

@@ -23,7 +23,7 @@ from torchvision.ops.misc import FrozenBatchNorm2d
 
 from . import backends as _backends
 from ._checks import check_float_tensor
-from .functional import lateral
+from .functional import autocast_dtype, autocast_tensor
 
 
 def _fusable_conv(conv: nn.Module) -> bool:
@@ -120,20 +120,20 @@ class FPN(FeaturePyramidNetwork):
             "called from Python). Use torch.compile(model) or torch.export.export(model, ...) instead, "
             "or script the model before fused_fpn.convert().")
 
-    def _check_features(self, x) -> Tuple[List[str], List[Tensor]]:
+    def _check_features(self, x, inner_blocks: List[nn.Module]) -> Tuple[List[str], List[Tensor]]:
         if not isinstance(x, dict) or len(x) == 0:
             raise TypeError(f"FPN input must be a non-empty dict[str, Tensor] of feature maps (finest first), "
                             f"got {type(x).__name__}" + (" (empty)" if isinstance(x, dict) else ""))
         names, feats = list(x.keys()), list(x.values())
-        if len(feats) != len(self.inner_blocks):
-            raise ValueError(f"FPN was built for {len(self.inner_blocks)} feature maps, got {len(feats)} "
+        if len(feats) != len(inner_blocks):
+            raise ValueError(f"FPN was built for {len(inner_blocks)} feature maps, got {len(feats)} "
                              f"({names})")
         ref = None
         for i, (name, t) in enumerate(zip(names, feats)):
             check_float_tensor(f"x[{name!r}]", t)
             if t.dim() != 4:
                 raise ValueError(f"x[{name!r}] must be 4-D [N, C, H, W], got shape {tuple(t.shape)}")
-            cin = _in_channels(self.inner_blocks[i])
+            cin = _in_channels(inner_blocks[i])
             if cin is not None and t.shape[1] != cin:
                 raise ValueError(f"x[{name!r}] (level {i}) must have {cin} channels, got shape {tuple(t.shape)}")
             if ref is None:
@@ -151,22 +151,34 @@ class FPN(FeaturePyramidNetwork):
                                  f"x[{name!r}] is on {t.device}")
         return names, feats
 
-    def _lateral(self, idx: int, x: Tensor, top: Optional[Tensor]) -> Tensor:
-        block = self.inner_blocks[idx]
+    @staticmethod
+    def _lateral(block: nn.Module, x: Tensor, top: Optional[Tensor], impl, cast: Optional[torch.dtype]) -> Tensor:
+        """One level's lateral ``block`` + nearest(top): the fused op of backend module ``impl`` (x, top
+        already in the autocast dtype ``cast`` if any), or the unfused torchvision computation."""
         params = lateral_params(block)
         if params is None:  # unfused path (GroupNorm, training-mode BatchNorm, custom blocks)
             y = block(x)
             return y if top is None else y + F.interpolate(top, size=y.shape[-2:], mode="nearest")
         weight, bias = params
-        return lateral(x, weight, bias, top, backend=self.backend)
+        if cast is not None:
+            weight, bias = autocast_tensor(weight, cast), autocast_tensor(bias, cast)
+        # fused_fpn.lateral without its per-call argument checks and backend selection: the feature
+        # maps were checked once (_check_features), the weights are the module's own 1x1 convs (a
+        # mismatch still raises in the op, naming the argument), and one backend serves every level.
+        return impl.lateral(x, weight.flatten(1), bias, top)
 
     def forward(self, x: Dict[str, Tensor]) -> Dict[str, Tensor]:
-        names, feats = self._check_features(x)
-        last_inner = self._lateral(len(feats) - 1, feats[-1], None)
-        results = [self.layer_blocks[len(feats) - 1](last_inner)]
+        inner_blocks, layer_blocks = list(self.inner_blocks), list(self.layer_blocks)
+        names, feats = self._check_features(x, inner_blocks)
+        cast = autocast_dtype(feats[0].device.type)
+        if cast is not None:   # as eager conv2d under autocast (the lateral convs would cast them)
+            feats = [autocast_tensor(f, cast) for f in feats]
+        impl = _backends.select(self.backend, feats[0])   # every level has its device and dtype
+        last_inner = self._lateral(inner_blocks[-1], feats[-1], None, impl, cast)
+        results = [layer_blocks[-1](last_inner)]
         for idx in range(len(feats) - 2, -1, -1):
-            last_inner = self._lateral(idx, feats[idx], last_inner)
-            results.insert(0, self.layer_blocks[idx](last_inner))
+            last_inner = self._lateral(inner_blocks[idx], feats[idx], last_inner, impl, cast)
+            results.insert(0, layer_blocks[idx](last_inner))
         if self.extra_blocks is not None:
             results, names = self.extra_blocks(results, feats, names)
         return OrderedDict([(k, v) for k, v in zip(names, results)])

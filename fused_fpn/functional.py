@@ -9,14 +9,15 @@ from . import backends as _backends
 from ._checks import check_lateral_args
 
 
-def _autocast_dtype(device_type: str) -> Optional[torch.dtype]:
+def autocast_dtype(device_type: str) -> Optional[torch.dtype]:
     """The autocast dtype in force for this device type, or None (conv2d is a lower-precision op)."""
     if device_type not in ("cuda", "cpu") or not torch.is_autocast_enabled(device_type):
         return None
     return torch.get_autocast_dtype(device_type)
 
 
-def _autocast(t, dtype):
+def autocast_tensor(t, dtype):
+    """t cast to the autocast dtype when it is a float32/16 tensor (never float64), else t."""
     if isinstance(t, torch.Tensor) and t.dtype in (torch.float32, torch.float16, torch.bfloat16):
         return t.to(dtype)
     return t
@@ -37,9 +38,9 @@ def lateral(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] 
     Under torch.autocast the inputs are cast to the autocast dtype, as eager conv2d does.
     """
     if isinstance(x, torch.Tensor):
-        cast = _autocast_dtype(x.device.type)
+        cast = autocast_dtype(x.device.type)
         if cast is not None:   # autocast casts float32/16 inputs of conv2d (never float64)
-            x, weight, bias, top = (_autocast(t, cast) for t in (x, weight, bias, top))
+            x, weight, bias, top = (autocast_tensor(t, cast) for t in (x, weight, bias, top))
     weight = check_lateral_args(x, weight, bias, top)
     impl = _backends.select(backend, x)
     return impl.lateral(x, weight, bias, top)

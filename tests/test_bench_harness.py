@@ -364,9 +364,11 @@ def test_launch_overhead_diagnostic_runs_on_cpu(tmp_path):
     data = json.loads(out.read_text())
     rows = {r["row"]: r for r in data["rows"]}
     assert not [r for r in rows.values() if "error" in r]
-    expected = {"eager: conv2d + interpolate + add", "eager: forward + backward"}
+    expected = {"eager: conv2d + interpolate + add", "eager: forward + backward",
+                "FPN torchvision: forward", "FPN torchvision: forward + backward"}
     if "cpu" in fused_fpn.available_backends("cpu"):
-        expected |= {"cpu: registered op", "cpu: fused_fpn.lateral", "cpu: forward + backward"}
+        expected |= {"cpu: registered op", "cpu: fused_fpn.lateral", "cpu: forward + backward",
+                     "FPN cpu: forward", "FPN cpu: forward + backward"}
     assert expected <= set(rows), sorted(rows)
     assert all(r["us_per_call"] > 0 for r in rows.values())
     assert not any(name.startswith("triton") for name in rows), "the interpreter is not a launch path"
