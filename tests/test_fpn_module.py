@@ -242,6 +242,18 @@ def test_forward_mode_jvp_through_the_whole_fpn_matches_torchvision(device, back
         torch.testing.assert_close(t_ours[k], t_tv[k], atol=2e-4, rtol=2e-4, msg=k)
 
 
+@pytest.mark.parametrize("device,backend", backend_device_params())
+def test_features_in_another_dtype_than_the_module_raise_a_clear_error(device, backend):
+    """fp16 features into an fp32 module (no autocast): an error naming the dtypes, as torchvision
+    raises one (FPN.forward leaves this check to the op, which names the argument)."""
+    tv, ours = pair(backend=backend)
+    x = make_features(1, 16, 16, torch.float16, device, "nchw")
+    with pytest.raises(RuntimeError, match="(?i)type"):
+        tv.to(device)(x)
+    with pytest.raises((RuntimeError, TypeError), match="dtype|Input type"):
+        ours.to(device)(x)
+
+
 @pytest.mark.parametrize("device", DEVICES)
 def test_compile_fullgraph_fpn_matches_eager(device):
     torch._dynamo.reset()
