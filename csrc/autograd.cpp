@@ -75,8 +75,6 @@ at::Tensor matmul_fp32_accumulate(const at::Tensor& a, const at::Tensor& b) {
   return at::matmul(a, b);
 }
 
-}  // namespace
-
 // (dx, dW) of y = conv1x1(x, weight [Cout, Cin]) as GEMMs: no atomics, so the same bits run to run
 // (cuDNN's convolution backward may pick non-deterministic algorithms). grad [N, Cout, H, W] and
 // x [N, Cin, H, W] in x's memory format are used without a copy: channels_last as [N*H*W, C]
@@ -110,22 +108,21 @@ std::tuple<at::Tensor, at::Tensor> conv1x1_backward_gemm(const at::Tensor& grad_
 }
 
 // (dx, dW) of y = conv1x1(x, weight [Cout, Cin]); undefined where not needed. CPU tensors: ATen's
-// convolution_backward (oneDNN; deterministic); other devices: conv1x1_backward_gemm. With no pixels
-// or no input channels (convolution_backward rejects those) both are zeros.
+// convolution_backward (oneDNN; deterministic); other devices, or use_gemm: conv1x1_backward_gemm.
+// With no pixels or no input channels (convolution_backward rejects those) both are zeros.
 std::tuple<at::Tensor, at::Tensor> conv1x1_backward(const at::Tensor& grad, const at::Tensor& x,
-                                                    const at::Tensor& weight, bool need_x, bool need_weight) {
+                                                    const at::Tensor& weight, bool need_x, bool need_weight,
+                                                    bool use_gemm = false) {
   if (x.sym_numel() == 0 || weight.sym_numel() == 0) {
     return {need_x ? at::zeros_like(x) : at::Tensor(), need_weight ? at::zeros_like(weight) : at::Tensor()};
   }
-  if (!x.is_cpu()) return conv1x1_backward_gemm(grad, x, weight, need_x, need_weight);
+  if (use_gemm || !x.is_cpu()) return conv1x1_backward_gemm(grad, x, weight, need_x, need_weight);
   auto result = at::convolution_backward(grad, x, weight.unsqueeze(2).unsqueeze(3), c10::nullopt, {1, 1}, {0, 0},
                                          {1, 1}, false, {0, 0}, 1, {need_x, need_weight, false});
   at::Tensor dw = std::get<1>(result);
   if (dw.defined()) dw = dw.view_symint(weight.sym_sizes());
   return {std::get<0>(result), dw};
 }
-
-namespace {
 
 // True when a backward runs under create_graph=True and its result depends on tensors that
 // require grad: it will be differentiated again.
@@ -287,10 +284,7 @@ std::tuple<at::Tensor, at::Tensor> conv1x1_backward_op(const at::Tensor& grad, c
   TORCH_CHECK(grad.dim() == 4 && x.dim() == 4 && weight.dim() == 2,
               "fused_fpn::conv1x1_backward: grad [N, Cout, H, W], x [N, Cin, H, W] and weight [Cout, Cin] expected, "
               "got shapes ", grad.sizes(), ", ", x.sizes(), " and ", weight.sizes());
-  if (use_gemm && x.sym_numel() != 0 && weight.sym_numel() != 0) {
-    return conv1x1_backward_gemm(grad, x, weight, need_x, need_weight);
-  }
-  return conv1x1_backward(grad, x, weight, need_x, need_weight);
+  return conv1x1_backward(grad, x, weight, need_x, need_weight, use_gemm);
 }
 
 }  // namespace

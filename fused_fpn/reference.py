@@ -88,8 +88,9 @@ def lateral_backward_reference(grad: torch.Tensor, x: torch.Tensor, weight: torc
         db, dtop       = lateral_grad_bias_top_reference(grad, *top_hw)
 
     grad [N, Cout, H, W], x [N, Cin, H, W], weight [Cout, Cin], top_hw (Ht, Wt) or (0, 0), needs
-    four bools. The fused backends' backward runs this when it must itself be differentiated
-    (``create_graph=True``: double backward), since their fused kernels have no derivative.
+    four bools. The triton backend's backward runs this when it must itself be differentiated
+    (``create_graph=True``: double backward), since its fused kernels have no derivative (the C++
+    ops do the same in csrc/autograd.cpp, with the fused db + dtop op, which has one).
     """
     need_x, need_w, need_b, need_top = needs
     dx = dw = db = dtop = None

@@ -100,3 +100,20 @@ def make_lateral_case(n, cin, cout, hw, top_hw, dtype, device, layout, with_bias
 
 def to64(*ts):
     return [None if t is None else t.detach().double() for t in ts]
+
+
+def gradient_penalty_grads(fn, inputs, weight_out=None):
+    """(first, second) of a gradient penalty through ``fn(*inputs)`` (inputs may hold None: absent
+    bias / top), both lists over the inputs that are not None:
+        first  = d loss / d inputs (create_graph=True),  loss = sum(weight_out * y^2) (weight_out 1 if None)
+        second = d (sum_i |first_i|^2) / d inputs
+    An input the loss does not depend on gets None in both (all of second is None when no first
+    gradient carries a graph, e.g. empty tensors)."""
+    used = [t for t in inputs if t is not None]
+    y = fn(*inputs)
+    loss = (y * y if weight_out is None else weight_out * y * y).sum()
+    first = list(torch.autograd.grad(loss, used, create_graph=True, allow_unused=True))
+    penalty = sum((f * f).sum() for f in first if f is not None)
+    if not (isinstance(penalty, torch.Tensor) and penalty.requires_grad):
+        return first, [None] * len(used)
+    return first, list(torch.autograd.grad(penalty, used, allow_unused=True))

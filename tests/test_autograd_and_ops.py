@@ -4,7 +4,8 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import fused_fpn
-from fpn_testing import DEVICES, backend_device_params, backend_supports, make_lateral_case, to64
+from fpn_testing import (DEVICES, backend_device_params, backend_supports, gradient_penalty_grads,
+                         make_lateral_case, to64)
 from fused_fpn.reference import lateral_grad_bias_top_reference
 
 pytestmark = pytest.mark.usefixtures("no_tf32")   # IEEE fp32 on GPUs (conftest)
@@ -25,20 +26,28 @@ class RecordOps(TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
+def _fp64_lateral_case(device, backend, layout, cin, cout, with_bias, with_top, top_hw):
+    """(fn, inputs) for gradcheck / gradgradcheck: fused_fpn.lateral on this backend and float64
+    leaves x [2, cin, 5, 6], weight, bias, top (None where absent); skips a backend without fp64
+    (its gradients are checked in fp32 by the tests below)."""
+    if backend_supports(backend, device, torch.float64) is not None:
+        pytest.skip(f"{backend} has no float64 on {device}; its gradients are checked in fp32 below")
+    case = make_lateral_case(2, cin, cout, (5, 6), top_hw or (1, 1), torch.float64, device, layout,
+                             with_bias=with_bias, with_top=with_top)
+    inputs = [t.requires_grad_() if t is not None else None for t in case]
+
+    def fn(x, w, b, top):
+        return fused_fpn.lateral(x, w, b, top, backend=backend)
+
+    return fn, inputs
+
+
 @pytest.mark.parametrize("device,backend", backend_device_params())
 @pytest.mark.parametrize("layout", ["nchw", "channels_last", "noncontig"])
 @pytest.mark.parametrize("with_bias,with_top,top_hw", [(True, True, (3, 4)), (True, True, (7, 9)),
                                                        (False, True, (2, 2)), (True, False, None)])
 def test_gradcheck_fp64(device, backend, layout, with_bias, with_top, top_hw):
-    if backend_supports(backend, device, torch.float64) is not None:
-        pytest.skip(f"{backend} has no float64 on {device}; its gradients are checked in fp32 below")
-    x, w, b, top = make_lateral_case(2, 5, 4, (5, 6), top_hw or (1, 1), torch.float64, device, layout,
-                                     with_bias=with_bias, with_top=with_top)
-    inputs = [t.requires_grad_() if t is not None else None for t in (x, w, b, top)]
-
-    def fn(x, w, b, top):
-        return fused_fpn.lateral(x, w, b, top, backend=backend)
-
+    fn, inputs = _fp64_lateral_case(device, backend, layout, 5, 4, with_bias, with_top, top_hw)
     assert torch.autograd.gradcheck(fn, inputs, eps=1e-6, atol=1e-7, rtol=1e-5)
 
 
@@ -79,24 +88,8 @@ DOUBLE_BACKWARD_CASES = [(True, True, (3, 4)), (True, True, (7, 9)), (False, Fal
 @pytest.mark.parametrize("with_bias,with_top,top_hw", DOUBLE_BACKWARD_CASES)
 def test_gradgradcheck_fp64(device, backend, layout, with_bias, with_top, top_hw):
     """Second derivatives (gradients of gradients) of every input, by finite differences."""
-    if backend_supports(backend, device, torch.float64) is not None:
-        pytest.skip(f"{backend} has no float64 on {device}; see the fp32 double-backward test below")
-    x, w, b, top = make_lateral_case(2, 4, 3, (5, 6), top_hw or (1, 1), torch.float64, device, layout,
-                                     with_bias=with_bias, with_top=with_top)
-    inputs = [t.requires_grad_() if t is not None else None for t in (x, w, b, top)]
-
-    def fn(x, w, b, top):
-        return fused_fpn.lateral(x, w, b, top, backend=backend)
-
+    fn, inputs = _fp64_lateral_case(device, backend, layout, 4, 3, with_bias, with_top, top_hw)
     assert torch.autograd.gradgradcheck(fn, inputs, eps=1e-6, atol=1e-6, rtol=1e-5)
-
-
-def _gradient_penalty_grads(backend, inputs, weight_out):
-    """d/d(inputs) of sum_i |d(sum(weight_out * y^2))/d(input_i)|^2 (a gradient penalty)."""
-    y = fused_fpn.lateral(*inputs, backend=backend)
-    first = torch.autograd.grad((weight_out * y * y).sum(), inputs, create_graph=True)
-    penalty = sum((g * g).sum() for g in first)
-    return first, torch.autograd.grad(penalty, inputs)
 
 
 @pytest.mark.filterwarnings("error::UserWarning")
@@ -107,8 +100,8 @@ def test_double_backward_fp32_matches_reference(device, backend, layout):
     ins = [t.requires_grad_() for t in (x, w, b, top)]
     ins64 = [t.detach().double().requires_grad_() for t in ins]
     weight_out = torch.rand((2, 8, 9, 13), generator=torch.Generator().manual_seed(5)).to(device)
-    first, second = _gradient_penalty_grads(backend, ins, weight_out)
-    first64, second64 = _gradient_penalty_grads("torch", ins64, weight_out.double())
+    first, second = gradient_penalty_grads(lambda *a: fused_fpn.lateral(*a, backend=backend), ins, weight_out)
+    first64, second64 = gradient_penalty_grads(fused_fpn.lateral_reference, ins64, weight_out.double())
     for name, a, r in zip("x w b top".split(), first + second, first64 + second64):
         scale = max(1.0, r.abs().max().item())
         torch.testing.assert_close(a.double(), r, atol=1e-4 * scale, rtol=1e-4, msg=f"{name}")

@@ -22,7 +22,7 @@ import torch
 
 import fused_fpn
 from fused_fpn._layout import output_memory_format
-from fpn_testing import DEVICES, TOLERANCES, backend_supports, to64
+from fpn_testing import DEVICES, TOLERANCES, backend_supports, gradient_penalty_grads, to64
 
 GRAD_NAMES = ("x", "weight", "bias", "top")
 
@@ -320,11 +320,7 @@ def test_forward_mode_and_double_backward_on_degenerate_sizes(device, backend, w
     def tangent_and_penalty_grads(fn, ps, ts):
         with fwAD.dual_level():
             _, tangent = fwAD.unpack_dual(fn(*[fwAD.make_dual(p, t) for p, t in zip(ps, ts)]))
-        leaves = _leaves(*ps)
-        y = fn(*leaves)
-        first = torch.autograd.grad((y * y).sum(), leaves, create_graph=True, allow_unused=True)
-        penalty = sum((f * f).sum() for f in first if f is not None)
-        second = torch.autograd.grad(penalty, leaves, allow_unused=True) if penalty.requires_grad else [None] * 4
+        first, second = gradient_penalty_grads(fn, _leaves(*ps))
         return [tangent, *first, *second]
 
     got = tangent_and_penalty_grads(lambda *a: fused_fpn.lateral(*a, backend=backend), primals, tangents)

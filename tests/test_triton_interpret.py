@@ -21,7 +21,7 @@ from fused_fpn import backends as fb
 from fused_fpn._layout import output_memory_format
 from fused_fpn.reference import lateral_grad_bias_top_reference, lateral_reference
 
-from fpn_testing import HAS_CUDA, TOLERANCES, assert_close_to_reference, make_input
+from fpn_testing import HAS_CUDA, TOLERANCES, assert_close_to_reference, gradient_penalty_grads, make_input
 
 _REASON = fb.unavailable_reason("triton")
 pytestmark = pytest.mark.skipif(_REASON is not None, reason=f"triton backend unavailable: {_REASON}")
@@ -137,13 +137,8 @@ def test_double_backward_matches_reference(case):
     leaves = [t.detach().requires_grad_(True) if t is not None else None
               for t in _inputs(case, torch.float32, "channels_last")]
     leaves64 = [_f64(t) for t in leaves]
-    results = []
-    for fn, ins in ((lambda *a: fused_fpn.lateral(*a, backend="triton"), leaves), (lateral_reference, leaves64)):
-        y = fn(*ins)
-        used = [t for t in ins if t is not None]
-        first = torch.autograd.grad((y * y).sum(), used, create_graph=True)
-        second = torch.autograd.grad(sum((g * g).sum() for g in first), used)
-        results.append(first + second)
+    results = [sum(gradient_penalty_grads(fn, ins), []) for fn, ins in (
+        (lambda *a: fused_fpn.lateral(*a, backend="triton"), leaves), (lateral_reference, leaves64))]
     for ours, theirs in zip(*results):
         scale = max(1.0, theirs.abs().max().item())
         torch.testing.assert_close(ours.double(), theirs, atol=1e-4 * scale, rtol=1e-4)

@@ -214,7 +214,7 @@ def _forward_ad_tangents(tensors):
 def _lateral_with_tangent(x, weight, bias, top, tangents):
     """The op on dual inputs: y' = lateral(x', W, b', top') + lateral(x, W') (the fused op again);
     a custom op alone would drop the tangents."""
-    x_p, w_p, b_p, top_p = (None if t is None else fwAD.unpack_dual(t).primal for t in (x, weight, bias, top))
+    x_p, w_p = fwAD.unpack_dual(x).primal, fwAD.unpack_dual(weight).primal
     x_t, w_t, b_t, top_t = tangents
     op = torch.ops.fused_fpn.triton_lateral
     y = op(x, weight, bias, top)
