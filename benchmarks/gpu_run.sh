@@ -23,7 +23,9 @@
 # torch.compile(mode="max-autotune") runs on the fp16 NCHW lateral path only
 # (FUSED_FPN_BENCH_MAX_AUTOTUNE=lateral: every lateral case; =0: none).
 # GPU_RUN_BENCH_ARGS adds pytest arguments to the bench step (e.g. --bench-cases 'lateral_*').
-# GPU_RUN_PYTEST_ARGS adds pytest arguments to the test step (e.g. "-n 8", --ignore=FILE).
+# GPU_RUN_PYTEST_ARGS adds pytest arguments to the test step (e.g. "-n 8", --ignore=FILE; split on
+# spaces), GPU_RUN_TEST_SELECT a -k expression (e.g. "(cuda or gpu) and not emulated": the rows
+# that need the GPU; CI runs the CPU rows).
 # GPU_RUN_STEPS=build,tests,bench,overhead picks steps (default: all four; e.g. GPU_RUN_STEPS=bench
 # after a first full call).
 set -uo pipefail
@@ -112,8 +114,10 @@ fi
 if want tests; then
     note "tests: pytest tests (timeout ${TEST_TIMEOUT}s), log in logs/tests.log"
     # GPU_RUN_PYTEST_ARGS: extra pytest arguments (e.g. "-n 8" with pytest-xdist, or --ignore=...)
+    select=()
+    if [ -n "${GPU_RUN_TEST_SELECT:-}" ]; then select=(-k "$GPU_RUN_TEST_SELECT"); fi
     timeout -s INT -k 20 "$TEST_TIMEOUT" "$PY" -m pytest tests -q -rfEs -p no:cacheprovider --durations=15 \
-        ${GPU_RUN_PYTEST_ARGS:-} > "$OUT/logs/tests.log" 2>&1
+        "${select[@]}" ${GPU_RUN_PYTEST_ARGS:-} > "$OUT/logs/tests.log" 2>&1
     rc=$?
     tail -5 "$OUT/logs/tests.log"
     record tests $rc

@@ -38,11 +38,15 @@ USE_INPUT_PRECISION = K.USE_INPUT_PRECISION
 def _specialize(fn, args: Dict[str, object], constexprs: Dict[str, object]):
     """(signature, constexprs, divisible-by-16 arg indices) the way triton's JIT specializes."""
     sig, const, div16 = {}, dict(constexprs), []
+    unspecialized = {fn.arg_names[a] if isinstance(a, int) else a for a in getattr(fn, "do_not_specialize", ())}
     for i, name in enumerate(fn.arg_names):
         if name in constexprs:
             sig[name] = "constexpr"
             continue
         v = args[name]
+        if name in unspecialized:       # @triton.jit(do_not_specialize=...): a plain integer
+            sig[name] = "i32" if -2**31 <= v < 2**31 else "i64"
+            continue
         if isinstance(v, str):          # pointer type
             sig[name] = v
             div16.append(i)
@@ -90,14 +94,16 @@ def fwd_args(dtype: str, layout: str):
                 scale_h=0.5, scale_w=0.5,
                 sxn=xs[0], sxc=xs[1], sxh=xs[2], sxw=xs[3], swn=cin, swk=1, sb=1,
                 stn=ts[0], stc=ts[1], sth=ts[2], stw=ts[3],
-                son=os_[0], soc=os_[1], soh=os_[2], sow=os_[3])
+                son=os_[0], soc=os_[1], soh=os_[2], sow=os_[3],
+                TUNE_KEY=K.tune_key(n * h * w, xs[1] == 1, os_[1] == 1, True))
     return args
 
 
 def dx_args(dtype: str, layout: str):
     """The forward kernel as the backward's dx = dy . W: W^T through swapped strides, no epilogue."""
     args = fwd_args(dtype, layout)
-    args.update(swn=1, swk=256, sb=0, HT=1, WT=1, stn=0, stc=0, sth=0, stw=0)
+    args.update(swn=1, swk=256, sb=0, HT=1, WT=1, stn=0, stc=0, sth=0, stw=0,
+                TUNE_KEY=args["TUNE_KEY"] - 4)   # W^T: the Cin stride is not 1
     return args
 
 
@@ -107,7 +113,7 @@ def grad_weight_args(dtype: str, layout: str):
     ds, xs = _strides(n, cout, h, w, layout), _strides(n, cin, h, w, layout)
     return dict(dy_ptr=p, x_ptr=p, part_ptr="*fp32", M=n * h * w, HW=h * w, W_=w, CIN=cin, COUT=cout,
                 ROWS_PER_SPLIT=3840, sdn=ds[0], sdc=ds[1], sdh=ds[2], sdw=ds[3],
-                sxn=xs[0], sxc=xs[1], sxh=xs[2], sxw=xs[3])
+                sxn=xs[0], sxc=xs[1], sxh=xs[2], sxw=xs[3], TUNE_KEY=K.tune_key(n * h * w, ds[1] == 1, xs[1] == 1))
 
 
 def grad_bias_top_args(dtype: str, layout: str):

@@ -33,7 +33,7 @@ import triton.language as tl
 USE_INPUT_PRECISION = "input_precision" in inspect.signature(tl.dot).parameters
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["TUNE_KEY"])
 def _lateral_fwd_kernel(
     x_ptr, w_ptr, b_ptr, top_ptr, out_ptr,
     M, HW, W_, CIN, COUT, HT, WT,
@@ -43,6 +43,7 @@ def _lateral_fwd_kernel(
     sb,
     stn, stc, sth, stw,
     son, soc, soh, sow,
+    TUNE_KEY,
     HAS_BIAS: tl.constexpr, HAS_TOP: tl.constexpr, X_FLAT: tl.constexpr, O_FLAT: tl.constexpr,
     ALLOW_TF32: tl.constexpr, USE_INPUT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
@@ -69,6 +70,9 @@ def _lateral_fwd_kernel(
       USE_INPUT_PRECISION: tl.dot spells the choice ``input_precision`` (triton >= 3.0) or, on
         older triton, ``allow_tf32``; the host picks the one this triton understands.
       BLOCK_M/N/K, GROUP_M: tile shape and swizzle group (autotuned per problem shape).
+
+    TUNE_KEY is not read by the kernel: it is the autotuner's key (``tune_key``: the power-of-two
+    bucket of M and the layout bits), so a new image size re-tunes only when it changes bucket.
     """
     pid = tl.program_id(0)
     num_pid_m = tl.cdiv(M, BLOCK_M)
@@ -134,12 +138,13 @@ def _lateral_fwd_kernel(
              acc.to(out_ptr.dtype.element_ty), mask=mask)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["TUNE_KEY"])
 def _lateral_grad_weight_kernel(
     dy_ptr, x_ptr, part_ptr,
     M, HW, W_, CIN, COUT, ROWS_PER_SPLIT,
     sdn, sdc, sdh, sdw,
     sxn, sxc, sxh, sxw,
+    TUNE_KEY,
     D_FLAT: tl.constexpr, X_FLAT: tl.constexpr,
     ALLOW_TF32: tl.constexpr, USE_INPUT_PRECISION: tl.constexpr,
     BLOCK_CO: tl.constexpr, BLOCK_CI: tl.constexpr, BLOCK_M: tl.constexpr,
@@ -155,6 +160,7 @@ def _lateral_grad_weight_kernel(
     Constexpr flags: D_FLAT / X_FLAT: dy's / x's (h, w) dims flatten (contiguous pixel runs are
     visible to the compiler, as X_FLAT in ``_lateral_fwd_kernel``); ALLOW_TF32 / USE_INPUT_PRECISION
     as there (TF32 or IEEE for fp32, and how this triton spells it); BLOCK_CO/CI/M: tile shape.
+    TUNE_KEY: the autotuner's key, not read by the kernel (``tune_key``).
     """
     pid_tile = tl.program_id(0)
     split = tl.program_id(1)
@@ -360,20 +366,44 @@ GRAD_BIAS_TOP_META = {"BLOCK_TW": 32, "BLOCK_C": 64}
 GRAD_BIAS_TOP_LAUNCH = {"num_warps": 4, "num_stages": 2}
 INTERPRET_GRAD_BIAS_TOP = {"BLOCK_TW": 16, "BLOCK_C": 64}
 
-FWD_AUTOTUNE_KEY = ["M", "COUT", "CIN", "sxc", "soc", "swk"]  # swk: forward W vs dx's W^T
-GRAD_WEIGHT_AUTOTUNE_KEY = ["M", "COUT", "CIN", "sdc", "sxc"]
+# Autotuning. The key is (TUNE_KEY, COUT, CIN) plus the tensors' dtypes (triton adds those):
+# COUT and CIN are fixed by the network, M = N*H*W changes with every image size a detector sees,
+# so it enters the key only through its power-of-two bucket (a config is correct for any M; it was
+# chosen for the bucket's first M). Each config is timed with a short benchmark (TUNE_WARMUP_MS,
+# TUNE_REP_MS instead of triton's 25 / 100 ms): a new shape costs about a second, not ten.
+FWD_AUTOTUNE_KEY = ["TUNE_KEY", "COUT", "CIN"]
+GRAD_WEIGHT_AUTOTUNE_KEY = ["TUNE_KEY", "COUT", "CIN"]
+TUNE_WARMUP_MS = 5
+TUNE_REP_MS = 25
+
+
+def tune_key(m: int, *unit_strides: bool) -> int:
+    """The TUNE_KEY argument: 8 * log2(bucket) + layout bits, where bucket is the smallest power of
+    two >= M (at least 16) and bit i is ``unit_strides[i]`` (forward: x's channel stride == 1,
+    out's channel stride == 1, W's Cin stride == 1, which tells the forward from the backward's
+    dx = dy . W^T; weight gradient: dy's and x's channel strides == 1)."""
+    if len(unit_strides) > 3:
+        raise ValueError(f"tune_key takes at most 3 layout bits, got {len(unit_strides)}")
+    bits = sum(1 << i for i, unit in enumerate(unit_strides) if unit)
+    return 8 * max(4, (max(int(m), 1) - 1).bit_length()) + bits
+
+
+def _tuning_bench(kernel_call, quantiles):
+    """The autotuner's timing of one config (triton.testing.do_bench with short warm-up/repeat)."""
+    from triton.testing import do_bench
+    return do_bench(kernel_call, warmup=TUNE_WARMUP_MS, rep=TUNE_REP_MS, quantiles=quantiles)
 
 _autotuned = {}
 
 
 def autotuned_fwd(arch: str, elem_bytes: int):
     """The forward kernel autotuned over FWD_CONFIGS[(arch, elem_bytes)], keyed on
-    (M, COUT, CIN, layout of x and out via their channel strides, weight orientation); dtype is part of the key too
-    (triton's autotuner adds every tensor argument's dtype)."""
+    (TUNE_KEY = M's bucket + layout of x and out + weight orientation, COUT, CIN); dtype is part of
+    the key too (triton's autotuner adds every tensor argument's dtype)."""
     key = ("fwd", arch, elem_bytes)
     if key not in _autotuned:   # setdefault: threads that race here all get the one stored autotuner
         _autotuned.setdefault(key, triton.autotune(configs=FWD_CONFIGS[(arch, elem_bytes)],
-                                                   key=FWD_AUTOTUNE_KEY)(_lateral_fwd_kernel))
+                                                   key=FWD_AUTOTUNE_KEY, do_bench=_tuning_bench)(_lateral_fwd_kernel))
     return _autotuned[key]
 
 
@@ -381,5 +411,5 @@ def autotuned_grad_weight(arch: str, elem_bytes: int):
     key = ("dw", arch, elem_bytes)
     if key not in _autotuned:
         _autotuned.setdefault(key, triton.autotune(configs=GRAD_WEIGHT_CONFIGS[(arch, elem_bytes)],
-                                                   key=GRAD_WEIGHT_AUTOTUNE_KEY)(_lateral_grad_weight_kernel))
+                                                   key=GRAD_WEIGHT_AUTOTUNE_KEY, do_bench=_tuning_bench)(_lateral_grad_weight_kernel))
     return _autotuned[key]

@@ -100,7 +100,8 @@ def fwd_launch_args(inp: torch.Tensor, weight: torch.Tensor, bias, top, out: tor
             weight.stride(0), weight.stride(1),
             bias.stride(0) if has_bias else 0,
             *t_strides,
-            *out.stride())
+            *out.stride(),
+            K.tune_key(n * h * w, inp.stride(1) == 1, out.stride(1) == 1, weight.stride(1) == 1))
     meta = dict(HAS_BIAS=has_bias, HAS_TOP=has_top, X_FLAT=pixels_flatten(inp), O_FLAT=pixels_flatten(out),
                 ALLOW_TF32=_allow_tf32(inp.dtype),
                 USE_INPUT_PRECISION=USE_INPUT_PRECISION)
@@ -165,7 +166,8 @@ def grad_weight(grad: torch.Tensor, x: torch.Tensor, out_dtype: torch.dtype) -> 
     tiles = triton.cdiv(cout, bco) * triton.cdiv(cin, bci)
     split, rows = _grad_weight_split(m, tiles, x.device)
     part = torch.empty((split, cout, cin), dtype=torch.float32, device=x.device)
-    args = (grad, x, part, m, h * w, w, cin, cout, rows, *grad.stride(), *x.stride())
+    args = (grad, x, part, m, h * w, w, cin, cout, rows, *grad.stride(), *x.stride(),
+            K.tune_key(m, grad.stride(1) == 1, x.stride(1) == 1))
     meta = dict(D_FLAT=pixels_flatten(grad), X_FLAT=pixels_flatten(x), ALLOW_TF32=_allow_tf32(x.dtype),
                 USE_INPUT_PRECISION=USE_INPUT_PRECISION)
     if mode == "interpret":

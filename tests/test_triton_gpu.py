@@ -115,3 +115,30 @@ def test_more_than_2_to_31_elements():
         idx = fused_fpn.nearest_source_indices(3, w_size, "cuda")[sl]
         ref = ref + top.double()[..., idx]
         torch.testing.assert_close(out[..., sl].double(), ref, atol=2e-2, rtol=1e-2)
+
+
+def test_autotuning_keys_on_the_bucket_of_the_pixel_count():
+    """Two image sizes whose N*H*W fall in one power-of-two bucket share the autotuner's choice (a
+    detector seeing a new image size does not re-tune); another bucket, the other layout and the
+    backward's dx (W transposed) each tune anew. Every result matches the float64 reference."""
+    _require_backend()
+    from fused_fpn.kernels import lateral_kernels as K
+    from fused_fpn.kernels import lateral_launch as L
+    g = torch.Generator().manual_seed(0)
+    cin, cout = 72, 40   # channel counts no other test uses: this test's keys are new
+    tuner = K.autotuned_fwd(L._arch(torch.device("cuda")), 2)
+    w = (torch.randn((cout, cin), generator=g) / 8).to("cuda", torch.float16)
+
+    def run(h, wd, memory_format=torch.channels_last):
+        x = torch.randn((1, cin, h, wd), generator=g).to("cuda", torch.float16).contiguous(
+            memory_format=memory_format)
+        out = fused_fpn.lateral(x, w, None, None, backend="triton")
+        ref = torch.einsum("nchw,oc->nohw", x.double(), w.double())
+        torch.testing.assert_close(out.double(), ref, atol=2e-2, rtol=1e-2)
+        return {k for k in tuner.cache if k[1:3] == (cout, cin)}   # key: (TUNE_KEY, COUT, CIN, dtypes)
+
+    first = run(40, 50)        # 2000 pixels: bucket 2048
+    assert len(first) == 1, first
+    assert run(44, 46) == first    # 2024 pixels: the same bucket, no new tuning
+    assert len(run(40, 60)) == 2   # 2400 pixels: bucket 4096
+    assert len(run(40, 50, torch.contiguous_format)) == 3   # NCHW x and out: other layout bits

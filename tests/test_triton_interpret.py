@@ -335,3 +335,21 @@ def test_registered_ops_reject_bad_input():
         bwd(grad[:, :5], x, weight, 4, 5, True, True, True, True)
     with pytest.raises(ValueError, match="top_h"):
         bwd(grad, x, weight, 4, 0, True, True, True, True)
+
+
+def test_autotune_key_is_the_pixel_bucket_and_the_layout_bits():
+    """The autotuners key on (TUNE_KEY, COUT, CIN): M enters only through its power-of-two bucket
+    (every M in (2^(k-1), 2^k] gives one key), and each layout bit gives another key."""
+    from fused_fpn.kernels import lateral_kernels as K
+    assert K.FWD_AUTOTUNE_KEY == K.GRAD_WEIGHT_AUTOTUNE_KEY == ["TUNE_KEY", "COUT", "CIN"]
+    assert K._lateral_fwd_kernel.arg_names.count("TUNE_KEY") == 1
+    assert K._lateral_grad_weight_kernel.arg_names.count("TUNE_KEY") == 1
+    for k in range(5, 28):
+        keys = {K.tune_key(m, True, True, True) for m in (2 ** (k - 1) + 1, 3 * 2 ** (k - 2), 2 ** k)}
+        assert len(keys) == 1, (k, keys)
+        assert K.tune_key(2 ** k + 1, True, True, True) != keys.pop()
+    assert len({K.tune_key(m) for m in range(0, 17)}) == 1          # tiny M: one bucket
+    bits = {K.tune_key(5000, a, b, c) for a in (False, True) for b in (False, True) for c in (False, True)}
+    assert len(bits) == 8
+    with pytest.raises(ValueError, match="at most 3 layout bits"):
+        K.tune_key(5000, True, True, True, True)
