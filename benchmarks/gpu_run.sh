@@ -12,11 +12,16 @@
 #   bench  python3 -m pytest benchmarks (GPU shapes)              -> OUT_DIR/logs/bench.log
 #          + the results benchmarks/results/<device>_<date>.{json,png,md} copied to OUT_DIR
 #   overhead  python3 benchmarks/launch_overhead.py: host time per call, layer by layer, and of
-#          the whole FPN on tiny maps (well under a minute) -> appended to OUT_DIR/logs/bench.log and the summary
+#          the whole FPN on tiny maps -> appended to OUT_DIR/logs/bench.log and the summary; its first
+#          triton calls compile and autotune every config (more than 2 minutes on the H200 host,
+#          2026-11-30), so it gets GPU_RUN_OVERHEAD_TIMEOUT s (default 240)
 # then OUT_DIR/summary.txt (step statuses, the overhead rows, the results table), printed last.
 # 8 files at most.
 #
-# Time (it must fit well under 10 minutes): the tests get GPU_RUN_TEST_TIMEOUT s (default 150);
+# Time (it must fit well under 10 minutes): the tests get GPU_RUN_TEST_TIMEOUT s (default 150;
+# on the H200, 2026-11-30, the build took 49 s for sm_90 alone and the rows that need the GPU,
+# GPU_RUN_TEST_SELECT="(cuda or gpu) and not emulated" with GPU_RUN_PYTEST_ARGS="-n 12", got
+# three quarters through in 150 s: the first triton call of each new shape compiles every config);
 # the benchmarks get GPU_RUN_BENCH_BUDGET s (default 150: rows not started by then are reported
 # NOT-RUN, most important first: fp16 NCHW, fp16 channels_last, then bf16/fp32) and are interrupted
 # (SIGINT: the table and files are still written) GPU_RUN_BENCH_GRACE s later (default 90).
@@ -142,7 +147,7 @@ fi
 # ---- overhead: host time per call of each layer (tiny shapes: the GPU is not the bottleneck)
 if want overhead; then
     note "overhead: benchmarks/launch_overhead.py, appended to logs/bench.log"
-    timeout -s INT -k 10 120 "$PY" benchmarks/launch_overhead.py --calls 1000 > "$OUT/overhead.tmp" 2>&1
+    timeout -s INT -k 10 "${GPU_RUN_OVERHEAD_TIMEOUT:-240}" "$PY" benchmarks/launch_overhead.py --calls 1000 > "$OUT/overhead.tmp" 2>&1
     rc=$?
     { echo; echo "==== benchmarks/launch_overhead.py (gpu_run.sh overhead step)"; cat "$OUT/overhead.tmp"; } \
         >> "$OUT/logs/bench.log"

@@ -372,3 +372,13 @@ def test_launch_overhead_diagnostic_runs_on_cpu(tmp_path):
     assert expected <= set(rows), sorted(rows)
     assert all(r["us_per_call"] > 0 for r in rows.values())
     assert not any(name.startswith("triton") for name in rows), "the interpreter is not a launch path"
+
+
+def test_host_profile_diagnostic_needs_a_gpu(capsys):
+    """benchmarks/host_profile.py imports (its helpers come from launch_overhead.py) and, without a
+    GPU, says so and exits 2 instead of failing somewhere inside."""
+    from benchmarks import host_profile
+    if torch.cuda.is_available():
+        pytest.skip("the no-GPU branch only")
+    assert host_profile.main(["--calls", "5"]) == 2
+    assert "needs a CUDA device" in capsys.readouterr().err
