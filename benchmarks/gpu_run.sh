@@ -8,15 +8,17 @@
 #   env    nvidia-smi, versions                                   -> OUT_DIR/logs/env.txt
 #   build  pip install --no-build-isolation --no-deps -e . with the CUDA kernels forced
 #          (FUSED_FPN_FORCE_CUDA=1, FUSED_FPN_CUDA_ARCHS="80;90", MAX_JOBS=16)  -> OUT_DIR/logs/build.log
-#   tests  python3 -m pytest tests (the whole suite, on the GPU)  -> OUT_DIR/logs/tests.log
+#   tests  python3 -m pytest tests (the whole suite, on the GPU)  -> OUT_DIR/logs/tests.log, and every
+#          test's outcome in OUT_DIR/logs/tests.xml (JUnit XML: which tests ran when time ran out)
 #   bench  python3 -m pytest benchmarks (GPU shapes)              -> OUT_DIR/logs/bench.log
 #          + the results benchmarks/results/<device>_<date>.{json,png,md} copied to OUT_DIR
 #   overhead  python3 benchmarks/launch_overhead.py: host time per call, layer by layer, and of
 #          the whole FPN on tiny maps -> appended to OUT_DIR/logs/bench.log and the summary; its first
 #          triton calls compile and autotune every config (more than 2 minutes on the H200 host,
 #          2026-11-30), so it gets GPU_RUN_OVERHEAD_TIMEOUT s (default 240)
-# then OUT_DIR/summary.txt (step statuses, the overhead rows, the results table), printed last.
-# 8 files at most.
+# then OUT_DIR/summary.txt (step statuses, the overhead rows, the results table), printed last, and
+# OUT_DIR/logs.tar.gz (the logs folder, packed so that OUT_DIR holds 5 files: the device tool
+# returns at most 8).
 #
 # Time (it must fit well under 10 minutes): the tests get GPU_RUN_TEST_TIMEOUT s (default 150;
 # on the H200, 2026-11-30, the build took 49 s for sm_90 alone and the rows that need the GPU,
@@ -122,7 +124,7 @@ if want tests; then
     select=()
     if [ -n "${GPU_RUN_TEST_SELECT:-}" ]; then select=(-k "$GPU_RUN_TEST_SELECT"); fi
     timeout -s INT -k 20 "$TEST_TIMEOUT" "$PY" -m pytest tests -q -rfEs -p no:cacheprovider --durations=15 \
-        "${select[@]}" ${GPU_RUN_PYTEST_ARGS:-} > "$OUT/logs/tests.log" 2>&1
+        --junitxml "$OUT/logs/tests.xml" "${select[@]}" ${GPU_RUN_PYTEST_ARGS:-} > "$OUT/logs/tests.log" 2>&1
     rc=$?
     tail -5 "$OUT/logs/tests.log"
     record tests $rc
@@ -166,5 +168,6 @@ fi
     fi
 } > "$SUMMARY"
 rm -f "$OUT/overhead.tmp"
+tar czf "$OUT/logs.tar.gz" -C "$OUT" logs && rm -rf "$OUT/logs"
 cat "$SUMMARY"
 exit $worst
