@@ -647,7 +647,7 @@ def measure_copy_ceiling(device: str, quick: bool = False) -> Ceiling:
     # timed as eager calls in every timing mode. Captured in a CUDA graph, a copy_ becomes a memcpy
     # node (the copy engine's, we infer): graph-mode runs measured 2707 GB/s against 4241 in an
     # eager-mode run minutes before on the same H200 (2026-11-30; H100, 2026-11-24: 2429 vs 3010),
-    # which inflated every % of the ceiling in graph mode by about 1.3-1.6x
+    # which inflated every % of the ceiling in graph mode (by 1.24x and 1.57x)
     timing = time_provider(lambda: dst.copy_(src), [()], device, cfg, graphs=False)
     bw = copy_bandwidth(src.numel() * 4, timing.median_s)
     n = torch.get_num_threads()
