@@ -32,7 +32,10 @@
 # GPU_RUN_BENCH_ARGS adds pytest arguments to the bench step (e.g. --bench-cases 'lateral_*').
 # GPU_RUN_PYTEST_ARGS adds pytest arguments to the test step (e.g. "-n 8", --ignore=FILE; split on
 # spaces), GPU_RUN_TEST_SELECT a -k expression (e.g. "(cuda or gpu) and not emulated": the rows
-# that need the GPU; CI runs the CPU rows).
+# that need the GPU; CI runs the CPU rows). The tests run with FUSED_FPN_TRITON_AUTOTUNE=0 (each
+# Triton kernel takes its list's first config: one compile per new shape instead of one per config;
+# tests/test_triton_gpu.py runs every config on its own, and autotunes where it tests autotuning);
+# GPU_RUN_TEST_AUTOTUNE=1 autotunes throughout.
 # GPU_RUN_STEPS=build,tests,bench,overhead picks steps (default: all four; e.g. GPU_RUN_STEPS=bench
 # after a first full call).
 set -uo pipefail
@@ -123,7 +126,8 @@ if want tests; then
     # GPU_RUN_PYTEST_ARGS: extra pytest arguments (e.g. "-n 8" with pytest-xdist, or --ignore=...)
     select=()
     if [ -n "${GPU_RUN_TEST_SELECT:-}" ]; then select=(-k "$GPU_RUN_TEST_SELECT"); fi
-    timeout -s INT -k 20 "$TEST_TIMEOUT" "$PY" -m pytest tests -q -rfEs -p no:cacheprovider --durations=15 \
+    FUSED_FPN_TRITON_AUTOTUNE=${GPU_RUN_TEST_AUTOTUNE:-0} \
+        timeout -s INT -k 20 "$TEST_TIMEOUT" "$PY" -m pytest tests -q -rfEs -p no:cacheprovider --durations=15 \
         --junitxml "$OUT/logs/tests.xml" "${select[@]}" ${GPU_RUN_PYTEST_ARGS:-} > "$OUT/logs/tests.log" 2>&1
     rc=$?
     tail -5 "$OUT/logs/tests.log"

@@ -24,6 +24,7 @@ elem_bytes 2 (fp16/bf16) or 4 (fp32); ``INTERPRET_*`` is the one small config fo
 (the autotuner would benchmark every config under the interpreter).
 """
 import inspect
+import os
 
 import triton
 import triton.language as tl
@@ -395,23 +396,40 @@ def _tuning_bench(kernel_call, quantiles):
     return do_bench(kernel_call, warmup=TUNE_WARMUP_MS, rep=TUNE_REP_MS, quantiles=quantiles)
 
 
+AUTOTUNE_ENV = "FUSED_FPN_TRITON_AUTOTUNE"
+
+
+def autotune_enabled() -> bool:
+    """False when FUSED_FPN_TRITON_AUTOTUNE is 0 / false / off / no: every launch then takes the first
+    config of its list (no benchmarking, one compile per specialization instead of one per config;
+    read at each launch)."""
+    return os.environ.get(AUTOTUNE_ENV, "1").strip().lower() not in ("0", "false", "off", "no")
+
+
 _autotuned = {}
+
+
+def _autotuner(name: str, kernel, configs, key):
+    """triton.autotune(configs, key) of ``kernel``, built once per (name, config list) and reused;
+    with autotuning off, a one-config autotuner (triton runs a single config without benchmarking)."""
+    if not autotune_enabled():
+        configs = configs[:1]
+    cache_key = (name, tuple(id(c) for c in configs))
+    if cache_key not in _autotuned:   # setdefault: threads that race here all get the one stored autotuner
+        _autotuned.setdefault(cache_key, triton.autotune(configs=configs, key=key, do_bench=_tuning_bench)(kernel))
+    return _autotuned[cache_key]
 
 
 def autotuned_fwd(arch: str, elem_bytes: int):
     """The forward kernel autotuned over FWD_CONFIGS[(arch, elem_bytes)], keyed on
     (TUNE_KEY = M's bucket + layout of x and out + weight orientation, COUT, CIN); dtype is part of
-    the key too (triton's autotuner adds every tensor argument's dtype)."""
-    key = ("fwd", arch, elem_bytes)
-    if key not in _autotuned:   # setdefault: threads that race here all get the one stored autotuner
-        _autotuned.setdefault(key, triton.autotune(configs=FWD_CONFIGS[(arch, elem_bytes)],
-                                                   key=FWD_AUTOTUNE_KEY, do_bench=_tuning_bench)(_lateral_fwd_kernel))
-    return _autotuned[key]
+    the key too (triton's autotuner adds every tensor argument's dtype). The list's first config
+    alone when ``autotune_enabled()`` is False."""
+    return _autotuner("fwd", _lateral_fwd_kernel, FWD_CONFIGS[(arch, elem_bytes)], FWD_AUTOTUNE_KEY)
 
 
 def autotuned_grad_weight(arch: str, elem_bytes: int):
-    key = ("dw", arch, elem_bytes)
-    if key not in _autotuned:
-        _autotuned.setdefault(key, triton.autotune(configs=GRAD_WEIGHT_CONFIGS[(arch, elem_bytes)],
-                                                   key=GRAD_WEIGHT_AUTOTUNE_KEY, do_bench=_tuning_bench)(_lateral_grad_weight_kernel))
-    return _autotuned[key]
+    """The weight-gradient kernel autotuned over GRAD_WEIGHT_CONFIGS[(arch, elem_bytes)] (as
+    ``autotuned_fwd``)."""
+    return _autotuner("dw", _lateral_grad_weight_kernel, GRAD_WEIGHT_CONFIGS[(arch, elem_bytes)],
+                      GRAD_WEIGHT_AUTOTUNE_KEY)

@@ -16,7 +16,7 @@ import fused_fpn
 from fused_fpn import backends as fb
 from fused_fpn.reference import lateral_grad_bias_top_reference, lateral_reference
 
-from fpn_testing import HAS_CUDA, rel_err
+from fpn_testing import HAS_CUDA, make_input, rel_err
 
 pytestmark = [
     pytest.mark.gpu,
@@ -117,13 +117,14 @@ def test_more_than_2_to_31_elements():
         torch.testing.assert_close(out[..., sl].double(), ref, atol=2e-2, rtol=1e-2)
 
 
-def test_autotuning_keys_on_the_bucket_of_the_pixel_count():
+def test_autotuning_keys_on_the_bucket_of_the_pixel_count(monkeypatch):
     """Two image sizes whose N*H*W fall in one power-of-two bucket share the autotuner's choice (a
     detector seeing a new image size does not re-tune); another bucket, the other layout and the
     backward's dx (W transposed) each tune anew. Every result matches the float64 reference."""
     _require_backend()
     from fused_fpn.kernels import lateral_kernels as K
     from fused_fpn.kernels import lateral_launch as L
+    monkeypatch.setenv(K.AUTOTUNE_ENV, "1")   # gpu_run.sh runs the suite with autotuning off
     g = torch.Generator().manual_seed(0)
     cin, cout = 72, 40   # channel counts no other test uses: this test's keys are new
     tuner = K.autotuned_fwd(L._arch(torch.device("cuda")), 2)
@@ -142,3 +143,54 @@ def test_autotuning_keys_on_the_bucket_of_the_pixel_count():
     assert run(44, 46) == first    # 2024 pixels: the same bucket, no new tuning
     assert len(run(40, 60)) == 2   # 2400 pixels: bucket 4096
     assert len(run(40, 50, torch.contiguous_format)) == 3   # NCHW x and out: other layout bits
+
+
+# relative L2 error bound of a config's result against the float64 reference (fp32 with TF32 off)
+_CONFIG_REL_ERR = {torch.float16: 2e-3, torch.bfloat16: 1.6e-2, torch.float32: 1e-5}
+
+
+@pytest.mark.parametrize("layout", ["nchw", "channels_last"])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32], ids=str)
+def test_every_autotune_config_matches_the_reference(dtype, layout, monkeypatch, no_tf32):
+    """Each config of the forward list (forward with bias + top, and the backward's dx = dy . W^T)
+    and of the weight-gradient list, run alone through the real launch path, on odd sizes: the
+    autotuner may pick any of them, and the rest of the suite runs with whichever it (or, with
+    autotuning off, the list's first) picks."""
+    _require_backend()
+    from fused_fpn.kernels import lateral_kernels as K
+    from fused_fpn.kernels import lateral_launch as L
+    from fused_fpn.reference import lateral_backward_reference
+    from triton.runtime.errors import OutOfResources
+    g = torch.Generator().manual_seed(3)
+    x = make_input((2, 72, 13, 11), dtype, "cuda", layout, g)
+    w = (torch.randn((40, 72), generator=g) / 8).to("cuda", dtype)
+    b = torch.randn((40,), generator=g).to("cuda", dtype)
+    top = make_input((2, 40, 7, 6), dtype, "cuda", layout, g)
+    grad = make_input((2, 40, 13, 11), dtype, "cuda", layout, g)
+    f64 = [t.double() for t in (x, w, b, top, grad)]
+    y_ref = lateral_reference(*f64[:4])
+    dx_ref, dw_ref, _, _ = lateral_backward_reference(f64[4], f64[0], f64[1], (7, 6), (True, True, False, False))
+    from fused_fpn.backends import triton as tb
+    _, bwd = tb.ops()
+    key = (L._arch(x.device), x.element_size())
+    bound = _CONFIG_REL_ERR[dtype]
+    ran, too_big = [], []
+    for lists, label in ((K.FWD_CONFIGS, "forward"), (K.GRAD_WEIGHT_CONFIGS, "weight gradient")):
+        for cfg in lists[key]:
+            monkeypatch.setitem(lists, key, [cfg])
+            try:
+                if label == "forward":
+                    y = fused_fpn.lateral(x, w, b, top, backend="triton")
+                    dx = bwd(grad, x, w, 7, 6, True, False, False, False)[0]
+                    pairs = {"y": (y, y_ref), "dx": (dx, dx_ref)}
+                else:
+                    pairs = {"dW": (bwd(grad, x, w, 7, 6, False, True, False, False)[1], dw_ref)}
+                torch.cuda.synchronize()
+            except OutOfResources:   # an sm80-list config on a part with less shared memory
+                too_big.append(str(cfg))
+                continue
+            for name, (got, want) in pairs.items():
+                err = rel_err(got, want)
+                assert err < bound, f"{label} config {cfg}: {name} relative error {err:.3g} >= {bound:g}"
+            ran.append(str(cfg))
+    assert ran, f"no config fits this GPU's shared memory: {too_big}"

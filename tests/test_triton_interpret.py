@@ -353,3 +353,24 @@ def test_autotune_key_is_the_pixel_bucket_and_the_layout_bits():
     assert len(bits) == 8
     with pytest.raises(ValueError, match="at most 3 layout bits"):
         K.tune_key(5000, True, True, True, True)
+
+
+def test_autotuning_can_be_switched_off(monkeypatch):
+    """FUSED_FPN_TRITON_AUTOTUNE=0 (read at each launch): every kernel runs the first config of its
+    list through a one-config autotuner (triton then neither benchmarks nor compiles the others);
+    the default autotunes over the whole list; one autotuner object per list, reused."""
+    from fused_fpn.kernels import lateral_kernels as K
+    monkeypatch.delenv(K.AUTOTUNE_ENV, raising=False)
+    assert K.autotune_enabled()
+    for arch, eb in K.FWD_CONFIGS:
+        assert K.autotuned_fwd(arch, eb).configs == K.FWD_CONFIGS[(arch, eb)]
+        assert K.autotuned_fwd(arch, eb) is K.autotuned_fwd(arch, eb)
+        assert K.autotuned_grad_weight(arch, eb).configs == K.GRAD_WEIGHT_CONFIGS[(arch, eb)]
+    for off in ("0", "false", "OFF", " no "):
+        monkeypatch.setenv(K.AUTOTUNE_ENV, off)
+        assert not K.autotune_enabled()
+        for arch, eb in K.FWD_CONFIGS:
+            assert K.autotuned_fwd(arch, eb).configs == K.FWD_CONFIGS[(arch, eb)][:1]
+            assert K.autotuned_grad_weight(arch, eb).configs == K.GRAD_WEIGHT_CONFIGS[(arch, eb)][:1]
+    monkeypatch.setenv(K.AUTOTUNE_ENV, "1")
+    assert len(K.autotuned_fwd("sm90", 2).configs) == len(K.FWD_CONFIGS[("sm90", 2)]) > 1
