@@ -27,12 +27,13 @@ _MODULES: Dict[str, str] = {
 
 # "auto": the first backend in this list that can run on the tensors; on CPU tensors the C++ kernel.
 # Inside torch.func.grad / vjp / jacrev, "auto" is the "torch" reference (see _functorch_grad_active).
-# On CUDA tensors the order comes from the H100 benchmarks (benchmarks/results/nvidia-h100-80gb-hbm3_
-# 2026-11-24*, fp16 channels_last ResNet-50-FPN): timed as eager calls, the C++/CUDA kernel has the
-# lower latency (the lateral path in 0.23 ms vs Triton's 0.83 ms: Triton's per-launch host overhead
-# dominates P3..P5); timed as CUDA-graph replays (kernel time alone), Triton is faster on every level
-# but P5 (the path in 0.142 ms vs 0.223 ms, P2 at 76% of the copy ceiling). So "auto" takes CUDA for
-# eager calls and Triton when the call is being compiled or captured into a CUDA graph.
+# On CUDA tensors the order comes from the H100 and H200 benchmarks (benchmarks/results/
+# nvidia-h100-80gb-hbm3_2026-11-24*, nvidia-h200_2026-11-30*, fp16 channels_last ResNet-50-FPN):
+# timed as eager calls, the C++/CUDA kernel has the lower latency (the lateral path in 0.23 ms vs
+# Triton's 0.83 ms on the H100, 0.22 vs 0.80 on the H200: Triton's per-launch host overhead dominates
+# P3..P5); timed as CUDA-graph replays (kernel time alone), Triton is faster (the path in 0.142 vs
+# 0.223 ms on the H100, every level but P5; 0.126 vs 0.220 ms on the H200, every level). So "auto"
+# takes CUDA for eager calls and Triton when the call is being compiled or captured into a CUDA graph.
 AUTO_ORDER: Dict[str, tuple] = {
     "cuda": ("cuda", "triton", "torch"),
     "cpu": ("cpu", "torch"),
