@@ -23,26 +23,21 @@ import io
 import pstats
 import sys
 import time
-from collections import OrderedDict
 
 import torch
 
 import fused_fpn
 
 sys.path.insert(0, __file__.rsplit("/", 1)[0])
-from launch_overhead import no_hop, time_per_call  # noqa: E402
+from launch_overhead import no_hop, time_per_call, tiny_fpn, tiny_lateral_case  # noqa: E402
 
 
 def triton_pieces(calls: int) -> None:
     from fused_fpn.backends import triton as tb
     from fused_fpn.kernels import lateral_launch as L
-    g = torch.Generator().manual_seed(0)
     dt = torch.float16
-    x = torch.randn((1, 8, 4, 4), generator=g).to("cuda", dt)
-    w = torch.randn((8, 8), generator=g).to("cuda", dt)
-    b = torch.randn((8,), generator=g).to("cuda", dt)
-    top = torch.randn((1, 8, 2, 2), generator=g).to("cuda", dt)
-    grad = torch.randn((1, 8, 4, 4), generator=g).to("cuda", dt)
+    x, w, b, top = tiny_lateral_case("cuda", dt)
+    grad = torch.randn((1, 8, 4, 4), generator=torch.Generator().manual_seed(2)).to("cuda", dt)
     dx_out = torch.empty_like(x)
     xg = x.clone().requires_grad_()
     fwd, bwd = tb.ops()
@@ -88,14 +83,9 @@ def triton_pieces(calls: int) -> None:
 
 def fpn_profiles(budget_end: float) -> None:
     from torch.profiler import ProfilerActivity, profile
-    from torchvision.ops import FeaturePyramidNetwork
-    from torchvision.ops.feature_pyramid_network import LastLevelMaxPool
-    channels = [8, 16, 24, 32]
-    dt = torch.float16
-    tv = FeaturePyramidNetwork(channels, 8, extra_blocks=LastLevelMaxPool()).to("cuda", dt)
-    g = torch.Generator().manual_seed(1)
-    feats = OrderedDict((f"c{i}", torch.randn((1, c, 8 >> i, 8 >> i), generator=g).to("cuda", dt).requires_grad_())
-                        for i, c in enumerate(channels))
+    tv, feats = tiny_fpn("cuda", torch.float16)
+    for t in feats.values():
+        t.requires_grad_()
     models = [("torchvision", tv)]
     for name in ("cuda", "triton"):
         if name in fused_fpn.available_backends("cuda"):

@@ -71,13 +71,30 @@ def no_hop(fn: Callable[[], object]) -> object:
         return fn()
 
 
+def tiny_lateral_case(device: str, dtype: torch.dtype):
+    """(x [1, 8, 4, 4], weight [8, 8], bias [8], top [1, 8, 2, 2]): the diagnostics' tiny problem."""
+    g = torch.Generator().manual_seed(0)
+    return tuple(torch.randn(shape, generator=g).to(device, dtype)
+                 for shape in ((1, 8, 4, 4), (8, 8), (8,), (1, 8, 2, 2)))
+
+
+def tiny_fpn(device: str, dtype: torch.dtype):
+    """(torchvision FeaturePyramidNetwork [8, 16, 24, 32] -> 8 with LastLevelMaxPool, its input
+    OrderedDict of maps 8x8 .. 1x1): the diagnostics' whole-module problem."""
+    from collections import OrderedDict
+    from torchvision.ops import FeaturePyramidNetwork
+    from torchvision.ops.feature_pyramid_network import LastLevelMaxPool
+    channels = [8, 16, 24, 32]
+    tv = FeaturePyramidNetwork(channels, 8, extra_blocks=LastLevelMaxPool()).to(device, dtype)
+    g = torch.Generator().manual_seed(1)
+    feats = OrderedDict((f"c{i}", torch.randn((1, c, 8 >> i, 8 >> i), generator=g).to(device, dtype))
+                        for i, c in enumerate(channels))
+    return tv, feats
+
+
 def rows_for(device: str, dtype: torch.dtype) -> Dict[str, Callable[[], object]]:
     """name -> a zero-argument call, for every layer that can run on ``device``."""
-    g = torch.Generator().manual_seed(0)
-    x = torch.randn((1, 8, 4, 4), generator=g).to(device, dtype)
-    w = torch.randn((8, 8), generator=g).to(device, dtype)
-    b = torch.randn((8,), generator=g).to(device, dtype)
-    top = torch.randn((1, 8, 2, 2), generator=g).to(device, dtype)
+    x, w, b, top = tiny_lateral_case(device, dtype)
     xg = x.clone().requires_grad_()
     w4 = w[:, :, None, None]
     rows: Dict[str, Callable[[], object]] = {
@@ -121,13 +138,8 @@ def fpn_rows(device: str, dtype: torch.dtype, backends: List[str]) -> Dict[str, 
     tiny maps (channels 8/16/24/32 -> 8, maps 8x8 .. 1x1, LastLevelMaxPool), no grad and forward +
     backward: the per-call host cost of the module around the kernels, for scale with eager."""
     from collections import OrderedDict
-    from torchvision.ops import FeaturePyramidNetwork
-    from torchvision.ops.feature_pyramid_network import LastLevelMaxPool
-    channels = [8, 16, 24, 32]
-    tv = FeaturePyramidNetwork(channels, 8, extra_blocks=LastLevelMaxPool()).to(device, dtype).eval()
-    g = torch.Generator().manual_seed(1)
-    feats = OrderedDict((f"c{i}", torch.randn((1, c, 8 >> i, 8 >> i), generator=g).to(device, dtype))
-                        for i, c in enumerate(channels))
+    tv, feats = tiny_fpn(device, dtype)
+    tv.eval()
     feats_g = OrderedDict((k, v.clone().requires_grad_()) for k, v in feats.items())
 
     def no_grad(model):
