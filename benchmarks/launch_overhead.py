@@ -1,7 +1,7 @@
 """Host time per call of the lateral op, layer by layer: where a Python caller's time goes when the
 GPU is not the bottleneck.
 
-    python benchmarks/launch_overhead.py [--device cuda|cpu] [--calls 2000] [--json FILE]
+    python benchmarks/launch_overhead.py [--device cuda|cpu] [--calls 2000] [--json FILE] [--stub-triton-launch]
 
 Every row calls one layer of the stack on a tiny problem (x [1, 8, 4, 4], top [1, 8, 2, 2]) back to
 back ``--calls`` times and reports the wall time per call (median of 5 repeats, the device
@@ -10,8 +10,11 @@ figures are the host cost of enqueueing (argument checks, dispatcher, autograd, 
 subtracting two rows gives the cost of one layer. Rows, from the bottom of the stack up:
 
     triton: JIT kernel, fixed config      _lateral_fwd_kernel[grid](...) with one config (GPU only)
-    triton: autotuned kernel              lateral_launch.gemm_epilogue (autotuner + device guard), run
-                                          as the op runs it (wrap_triton's HOP dispatch off)
+    triton: autotuned kernel              lateral_launch.gemm_epilogue (config lookup + device guard),
+                                          run as the op runs it (wrap_triton's HOP dispatch off): after
+                                          the first call, the eager fast path (the JIT function with
+                                          the config the autotuner chose)
+    triton: ..., Autotuner.run            the same through triton's Autotuner.run at every call
     triton: registered op                 torch.ops.fused_fpn.triton_lateral (triton_op dispatch)
     <backend>: fused_fpn.lateral          the public function (checks, backend selection)
     <backend>: ... requires_grad          the same with x requiring grad (autograd node recorded)
@@ -20,6 +23,9 @@ subtracting two rows gives the cost of one layer. Rows, from the bottom of the s
     eager: conv2d + interpolate + add     torchvision's unfused computation, for scale
     FPN torchvision / FPN <backend>       the whole module on tiny maps (4 levels + max-pool level),
                                           no grad, and forward + backward
+
+With ``--device cpu --stub-triton-launch`` under TRITON_INTERPRET=1, rows "triton launcher, JIT
+stubbed: ..." time the Triton launchers' own Python on this machine (``stubbed_launcher_rows``).
 
 It is a diagnostic, not a benchmark of the kernels (``pytest benchmarks`` is that): run it on the
 GPU machine to see which layer to cut. On CPU tensors the Triton rows are skipped (the interpreter).
@@ -71,6 +77,44 @@ def no_hop(fn: Callable[[], object]) -> object:
         return fn()
 
 
+def without_fast_launch(fn: Callable[[], object]) -> object:
+    """fn() with the launcher's eager fast path off: every autotuned launch through Autotuner.run."""
+    from fused_fpn.kernels import lateral_launch as L
+    L.FAST_LAUNCH = False
+    try:
+        return fn()
+    finally:
+        L.FAST_LAUNCH = True
+
+
+def stubbed_launcher_rows(dtype: torch.dtype) -> Dict[str, Callable[[], object]]:
+    """CPU only, with the Triton interpreter active: the Triton launchers' own host time on this
+    machine, with triton's JIT launch itself stubbed out (``JITFunction.run`` returns at once) and the
+    launcher on its compiled-kernel branch (sm90 config lists, autotuning off). What is left is the
+    Python around the launch: arguments, allocation, the autotuner lookup, and either Autotuner.run
+    (rebuilding its key from the ~30 arguments) or the eager fast path. The launch skipped here took
+    ~37 us on the H200 machine's host (row "triton: JIT kernel, fixed config", 2026-11-30)."""
+    import os
+    from fused_fpn.kernels import lateral_kernels as K
+    from fused_fpn.kernels import lateral_launch as L
+    x, w, b, top = tiny_lateral_case("cpu", dtype)
+    out = torch.empty((1, 8, 4, 4), dtype=dtype)
+    grad = torch.ones_like(out)
+    L.interpreting = lambda: False
+    L._device_facts = lambda device: ("sm90", 132)
+    os.environ[K.AUTOTUNE_ENV] = "0"
+    for tuner in (K.autotuned_fwd("sm90", x.element_size()), K.autotuned_grad_weight("sm90", x.element_size())):
+        tuner.fn.run = lambda *args, **kwargs: None
+    fwd = lambda: L.gemm_epilogue(x, w, b, top, out)                       # noqa: E731
+    dw = lambda: L.grad_weight(grad, x, w.dtype)                           # noqa: E731
+    return {
+        "triton launcher, JIT stubbed: forward": fwd,
+        "triton launcher, JIT stubbed: forward, Autotuner.run": lambda: without_fast_launch(fwd),
+        "triton launcher, JIT stubbed: dW": dw,
+        "triton launcher, JIT stubbed: dW, Autotuner.run": lambda: without_fast_launch(dw),
+    }
+
+
 def tiny_lateral_case(device: str, dtype: torch.dtype):
     """(x [1, 8, 4, 4], weight [8, 8], bias [8], top [1, 8, 2, 2]): the diagnostics' tiny problem."""
     g = torch.Generator().manual_seed(0)
@@ -92,7 +136,7 @@ def tiny_fpn(device: str, dtype: torch.dtype):
     return tv, feats
 
 
-def rows_for(device: str, dtype: torch.dtype) -> Dict[str, Callable[[], object]]:
+def rows_for(device: str, dtype: torch.dtype, stub_launches: bool = False) -> Dict[str, Callable[[], object]]:
     """name -> a zero-argument call, for every layer that can run on ``device``."""
     x, w, b, top = tiny_lateral_case(device, dtype)
     xg = x.clone().requires_grad_()
@@ -118,6 +162,8 @@ def rows_for(device: str, dtype: torch.dtype) -> Dict[str, Callable[[], object]]
         # as inside the registered op: wrap_triton returns the kernel itself (called outside an op,
         # it would dispatch a higher-order op instead: ~0.9 ms per call on the H200 host, 2026-11-30)
         rows["triton: autotuned kernel"] = lambda: no_hop(lambda: L.gemm_epilogue(x, w, b, top, out))
+        rows["triton: autotuned kernel, Autotuner.run"] = lambda: no_hop(
+            lambda: without_fast_launch(lambda: L.gemm_epilogue(x, w, b, top, out)))
         op = tb.ops()[0]
         rows["triton: registered op"] = lambda: op(x, w, b, top)
     for name in backends:
@@ -130,6 +176,8 @@ def rows_for(device: str, dtype: torch.dtype) -> Dict[str, Callable[[], object]]
         rows[f"{name}: forward + backward"] = lambda n=name: fused_fpn.lateral(xg, w, b, top, backend=n).sum().backward()
     rows["eager: forward + backward"] = lambda: (F.conv2d(xg, w4, b) + F.interpolate(top, size=(4, 4))).sum().backward()
     rows.update(fpn_rows(device, dtype, backends))
+    if device == "cpu" and "triton" in fused_fpn.available_backends("cpu") and stub_launches:
+        rows.update(stubbed_launcher_rows(dtype))   # last: it patches the launcher module for good
     return rows
 
 
@@ -169,6 +217,9 @@ def main(argv: Optional[List[str]] = None) -> int:
                         help="default: fp16 on cuda, fp32 on cpu")
     parser.add_argument("--calls", type=int, default=2000)
     parser.add_argument("--json", help="also write the rows here")
+    parser.add_argument("--stub-triton-launch", action="store_true",
+                        help="cpu with TRITON_INTERPRET=1: add the Triton launchers' rows with the JIT launch "
+                             "stubbed out (their own Python cost on this machine)")
     args = parser.parse_args(argv)
     dtype_name = args.dtype or ("fp16" if args.device == "cuda" else "fp32")
     dtype = {"fp16": torch.float16, "fp32": torch.float32}[dtype_name]
@@ -179,7 +230,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     print(f"host time per call, {where}, {dtype_name}, x [1, 8, 4, 4], {args.calls} calls x 5 (median); "
           f"torch {torch.__version__}, {torch.get_num_threads()} CPU threads")
     results = []
-    for name, fn in rows_for(args.device, dtype).items():
+    for name, fn in rows_for(args.device, dtype, args.stub_triton_launch).items():
         try:
             calls = args.calls if not name.startswith("FPN") else max(20, args.calls // 10)   # ~10x longer calls
             us = time_per_call(fn, args.device, calls)

@@ -10,7 +10,6 @@ tensors) the kernels run directly with one small fixed config.
 """
 from __future__ import annotations
 
-import contextlib
 import os
 import struct
 import threading
@@ -42,12 +41,24 @@ def nearest_scale(in_size: int, out_size: int) -> float:
     return f32(float(in_size) / float(out_size))
 
 
+_DEVICE_FACTS = {}   # CUDA device index -> (arch, multiprocessor count): queried once per device
+
+
+def _device_facts(device: torch.device) -> Tuple[str, int]:
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    facts = _DEVICE_FACTS.get(index)
+    if facts is None:
+        props = torch.cuda.get_device_properties(index)
+        facts = _DEVICE_FACTS.setdefault(index, ("sm90" if props.major in (9, 10) else "sm80",
+                                                 props.multi_processor_count))
+    return facts
+
+
 def _arch(device: torch.device) -> str:
     """Which config list a GPU gets: "sm90" (Hopper and datacenter Blackwell: wgmma-sized tiles,
     ~227 KB of shared memory) or "sm80" (Ampere/Ada and the rest; configs that do not fit a
     smaller-shared-memory part are skipped by the autotuner as out of resources)."""
-    major, _ = torch.cuda.get_device_capability(device)
-    return "sm90" if major in (9, 10) else "sm80"
+    return _device_facts(device)[0]
 
 
 def pixels_flatten(t: torch.Tensor) -> bool:
@@ -71,6 +82,9 @@ _LAUNCH_LOCK = threading.RLock()
 
 
 def _launch(kernel, grid, args, meta):
+    """kernel[grid](*args, **meta): directly under the interpreter, else through ``wrap_triton``
+    (inside the registered op's eager body that is the kernel itself; under torch.compile tracing it
+    records the launch in the graph)."""
     with _LAUNCH_LOCK:
         if interpreting():
             kernel[grid](*args, **meta)
@@ -79,9 +93,43 @@ def _launch(kernel, grid, args, meta):
             wrap_triton(kernel)[grid](*args, **meta)
 
 
-def _device_ctx(t: torch.Tensor):
-    """Launch on t's device (triton launches on the current device and torch's current stream)."""
-    return torch.cuda.device(t.device) if t.device.type == "cuda" else contextlib.nullcontext()
+# Eager fast path of the autotuned kernels. triton's Autotuner.run rebuilds its cache key from all
+# ~30 arguments at every call (a dict of them, a dtype string per tensor) before launching the config
+# it chose. After the first launch of a key the launcher keeps that config and launches the JIT
+# function with it itself. Only in eager: while torch.compile traces the op (wrap_triton returns a
+# wrapper, not the kernel) the autotuner is recorded as before, and inductor launches it.
+# Set FAST_LAUNCH = False to go through Autotuner.run at every call (benchmarks/launch_overhead.py
+# times both).
+FAST_LAUNCH = True
+_CHOSEN = {}   # (autotuner, key) -> the chosen config's launch kwargs (BLOCK_*, num_warps, ...)
+
+
+def _launch_autotuned(tuner, grid, args, meta, key):
+    """tuner[grid](*args, **meta) for a compiled (not interpreted) launch. ``key`` must tell apart
+    every call the autotuner would tell apart: its key arguments and the tensors' dtypes."""
+    with _LAUNCH_LOCK:
+        from torch.library import wrap_triton
+        launcher = wrap_triton(tuner)
+        chosen = _CHOSEN.get((tuner, key)) if FAST_LAUNCH and launcher is tuner else None
+        if chosen is not None:
+            tuner.fn.run(*args, grid=grid, warmup=False, **meta, **chosen)
+            return
+        launcher[grid](*args, **meta)
+        if launcher is tuner:
+            config = tuner.best_config   # set by this call's Autotuner.run (we hold the lock)
+            if config.pre_hook is None:
+                _CHOSEN[(tuner, key)] = config.all_kwargs()
+
+
+def _run_on_device(t: torch.Tensor, fn, *args) -> None:
+    """fn(*args) with t's device current (triton launches on the current device and torch's current
+    stream); no device switch when it already is (the common, single-GPU case)."""
+    index = t.device.index
+    if t.device.type != "cuda" or index is None or index == torch.cuda.current_device():
+        fn(*args)
+    else:
+        with torch.cuda.device(index):
+            fn(*args)
 
 
 def fwd_launch_args(inp: torch.Tensor, weight: torch.Tensor, bias, top, out: torch.Tensor):
@@ -113,7 +161,7 @@ def gemm_epilogue(inp: torch.Tensor, weight: torch.Tensor, bias, top, out: torch
 
     inp [N, Cin, H, W], weight [Cout, Cin] (any strides: the backward passes W.t()), bias [Cout]
     or None, top [N, Cout, Ht, Wt] or None, out [N, Cout, H, W] preallocated (any strides)."""
-    n, _, h, w = inp.shape
+    n, cin, h, w = inp.shape
     cout = weight.shape[0]
     m = n * h * w
     if m == 0 or cout == 0:
@@ -128,8 +176,8 @@ def gemm_epilogue(inp: torch.Tensor, weight: torch.Tensor, bias, top, out: torch
 
         def grid(meta):
             return (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(cout, meta["BLOCK_N"]),)
-        with _device_ctx(inp):
-            _launch(kernel, grid, args, meta)
+        key = (args[-1], cout, cin) + tuple(t.dtype for t in args[:5])   # (TUNE_KEY, COUT, CIN, dtypes)
+        _run_on_device(inp, _launch_autotuned, kernel, grid, args, meta, key)
     return out
 
 
@@ -147,7 +195,7 @@ def _grad_weight_split(m: int, tiles: int, device: torch.device) -> Tuple[int, i
     if interpreting():
         rows = max(64, triton.cdiv(triton.cdiv(m, 3), 64) * 64)
     else:
-        sms = torch.cuda.get_device_properties(device).multi_processor_count
+        sms = _device_facts(device)[1]
         split = max(1, min(triton.cdiv(2 * sms, tiles), triton.cdiv(m, 1024)))
         rows = triton.cdiv(triton.cdiv(m, split), 256) * 256
     return triton.cdiv(m, rows), rows
@@ -174,8 +222,10 @@ def grad_weight(grad: torch.Tensor, x: torch.Tensor, out_dtype: torch.dtype) -> 
         _launch(K._lateral_grad_weight_kernel, (tiles, split), args, dict(meta, **K.INTERPRET_GRAD_WEIGHT))
     else:
         kernel = K.autotuned_grad_weight(_arch(x.device), x.element_size())
-        with _device_ctx(x):
-            _launch(kernel, (tiles, split), args, meta)
+        key = (args[-1], cout, cin, grad.dtype, x.dtype, part.dtype)   # (TUNE_KEY, COUT, CIN, dtypes)
+        _run_on_device(x, _launch_autotuned, kernel, (tiles, split), args, meta, key)
+    if split == 1:   # one partial sum: no reduction launch (a cast, or nothing for fp32)
+        return part[0].to(out_dtype)
     return part.sum(dim=0).to(out_dtype)
 
 
@@ -205,8 +255,7 @@ def grad_bias_top(grad: torch.Tensor, top_h: int, top_w: int, need_top: bool):
     meta = dict(HAS_TOP=has_top, **cfg)
     if not interpreting():
         meta.update(K.GRAD_BIAS_TOP_LAUNCH)
-    with _device_ctx(grad):
-        _launch(K._lateral_grad_bias_top_kernel, (rows, triton.cdiv(c, cfg["BLOCK_C"])), args, meta)
+    _run_on_device(grad, _launch, K._lateral_grad_bias_top_kernel, (rows, triton.cdiv(c, cfg["BLOCK_C"])), args, meta)
     return dbpart.sum(dim=0).to(grad.dtype), dtop
 
 

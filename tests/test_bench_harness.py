@@ -374,6 +374,23 @@ def test_launch_overhead_diagnostic_runs_on_cpu(tmp_path):
     assert not any(name.startswith("triton") for name in rows), "the interpreter is not a launch path"
 
 
+@pytest.mark.skipif("triton" not in fused_fpn.available_backends("cpu"), reason="Triton interpreter not active")
+def test_launch_overhead_times_the_triton_launchers_with_the_jit_launch_stubbed(tmp_path):
+    """``launch_overhead.py --device cpu --stub-triton-launch`` (in its own process: it patches the
+    launcher for good) adds the Triton launchers' rows, fast path and Autotuner.run, forward and dW."""
+    out = tmp_path / "overhead.json"
+    env = dict(os.environ, TRITON_INTERPRET="1")
+    cmd = [sys.executable, "benchmarks/launch_overhead.py", "--device", "cpu", "--calls", "20",
+           "--stub-triton-launch", "--json", str(out)]
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    rows = {r["row"]: r for r in json.loads(out.read_text())["rows"]}
+    stubbed = {f"triton launcher, JIT stubbed: {what}{how}" for what in ("forward", "dW")
+               for how in ("", ", Autotuner.run")}
+    assert stubbed <= set(rows), sorted(rows)
+    assert all(rows[name]["us_per_call"] > 0 for name in stubbed)
+
+
 def test_host_profile_diagnostic_needs_a_gpu(capsys):
     """benchmarks/host_profile.py imports (its helpers come from launch_overhead.py) and, without a
     GPU, says so and exits 2 instead of failing somewhere inside."""

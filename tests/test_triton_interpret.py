@@ -374,3 +374,124 @@ def test_autotuning_can_be_switched_off(monkeypatch):
             assert K.autotuned_grad_weight(arch, eb).configs == K.GRAD_WEIGHT_CONFIGS[(arch, eb)][:1]
     monkeypatch.setenv(K.AUTOTUNE_ENV, "1")
     assert len(K.autotuned_fwd("sm90", 2).configs) == len(K.FWD_CONFIGS[("sm90", 2)]) > 1
+
+
+def test_autotuned_launches_reuse_the_chosen_config_without_the_autotuner(monkeypatch):
+    """The launcher's eager fast path (lateral_launch._launch_autotuned): the first launch of a key goes
+    through triton's Autotuner.run, which tunes; later launches of that key run the JIT function
+    itself with the config the autotuner chose (same kwargs, same result). A new key goes through the
+    autotuner again, and so does every call with FAST_LAUNCH off or while torch.compile traces the
+    op (wrap_triton returns a wrapper, which must get the autotuner). Runs the compiled-kernel branch:
+    on an interpreted kernel here, on a compiled one on a GPU."""
+    import triton
+    import triton.language as tl
+
+    from fused_fpn.kernels import lateral_launch as L
+
+    @triton.jit
+    def _scale(src, dst, n, factor, BLOCK: tl.constexpr):
+        offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+        mask = offs < n
+        tl.store(dst + offs, tl.load(src + offs, mask=mask) * factor, mask=mask)
+
+    timings = iter([])
+
+    def do_bench(fn, quantiles=None, **_):   # the second config benchmarked wins each tuning
+        fn()
+        t = next(timings)
+        return [t, t, t] if quantiles else t
+
+    tuner = triton.autotune(configs=[triton.Config({"BLOCK": 16}), triton.Config({"BLOCK": 32}, num_warps=2)],
+                            key=["n"], do_bench=do_bench)(_scale)
+    calls = {"autotuner": 0, "jit": []}
+    autotuner_run, jit_run = tuner.run, tuner.fn.run
+
+    def spy_autotuner(*args, **kwargs):
+        calls["autotuner"] += 1
+        return autotuner_run(*args, **kwargs)
+
+    def spy_jit(*args, **kwargs):
+        calls["jit"].append({k: v for k, v in kwargs.items() if k not in ("grid", "warmup")})
+        return jit_run(*args, **kwargs)
+
+    monkeypatch.setattr(tuner, "run", spy_autotuner)
+    monkeypatch.setattr(tuner.fn, "run", spy_jit)
+    monkeypatch.setattr(L, "interpreting", lambda: False)   # the compiled-kernel branch
+
+    def launch(n, expect_autotuner):
+        nonlocal timings
+        timings = iter([2.0, 1.0])
+        before, calls["jit"] = calls["autotuner"], []
+        src = torch.arange(n, dtype=torch.float32, device=DEVICE)
+        dst = torch.full((n,), float("nan"), device=DEVICE)
+        L._launch_autotuned(tuner, lambda meta: (triton.cdiv(n, meta["BLOCK"]),), (src, dst, n, 2.0), {}, (n,))
+        assert torch.equal(dst, 2.0 * src)
+        assert calls["autotuner"] - before == int(expect_autotuner)
+        return calls["jit"][-1]   # the kwargs of the launch that wrote dst
+
+    winner = {"BLOCK": 32, "num_warps": 2}
+    first = launch(40, expect_autotuner=True)             # tunes: BLOCK 32 wins
+    assert {k: first[k] for k in winner} == winner
+    again = launch(40, expect_autotuner=False)            # fast path: the JIT function, the same config
+    assert again == first and len(calls["jit"]) == 1
+    launch(100, expect_autotuner=True)                    # a new key tunes
+    launch(100, expect_autotuner=False)
+    monkeypatch.setattr(L, "FAST_LAUNCH", False)
+    launch(40, expect_autotuner=True)                     # switched off: Autotuner.run every call
+    monkeypatch.setattr(L, "FAST_LAUNCH", True)
+
+    wrapped = []
+
+    class TracingWrapper:   # what wrap_triton returns while torch.compile traces the op
+        def __init__(self, kernel):
+            self.kernel = kernel
+
+        def __getitem__(self, grid):
+            wrapped.append(self.kernel)
+            return self.kernel[grid]
+
+    monkeypatch.setattr(torch.library, "wrap_triton", TracingWrapper)
+    launch(40, expect_autotuner=True)                     # a known key, but traced: the autotuner
+    assert wrapped == [tuner]
+
+
+@pytest.mark.skipif(HAS_CUDA, reason="on a GPU the whole suite runs this launch path for real")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
+@pytest.mark.parametrize("layout", ["nchw", "channels_last"])
+def test_the_gpu_launch_path_on_interpreted_kernels(dtype, layout, monkeypatch):
+    """The launchers' compiled-kernel branch (autotuner lookup, its keys, the eager fast path, the
+    sm90 dW split, the db + dtop launch options) with the real kernels and the first sm90 config of
+    each list, run by the interpreter on CPU tensors, forward and all four gradients, twice (the
+    second time through the fast path), against the float64 reference."""
+    from fused_fpn.kernels import lateral_kernels as K
+    from fused_fpn.kernels import lateral_launch as L
+    from fused_fpn.reference import lateral_backward_reference
+    monkeypatch.setattr(L, "interpreting", lambda: False)
+    monkeypatch.setattr(L, "_device_facts", lambda device: ("sm90", 132))
+    monkeypatch.setenv(K.AUTOTUNE_ENV, "0")   # no benchmarking (it times with CUDA events)
+    g = torch.Generator().manual_seed(5)
+    x = make_input((2, 19, 7, 9), dtype, "cpu", layout, g)
+    w = (torch.randn((21, 19), generator=g) / 4).to(dtype)
+    b = torch.randn((21,), generator=g).to(dtype)
+    top = make_input((2, 21, 4, 5), dtype, "cpu", layout, g)
+    grad = make_input((2, 21, 7, 9), dtype, "cpu", layout, g)
+    f64 = [t.double() for t in (x, w, b, top, grad)]
+    y_ref = lateral_reference(*f64[:4])
+    grads_ref = lateral_backward_reference(f64[4], f64[0], f64[1], (4, 5), (True,) * 4)
+    L._CHOSEN.clear()
+    for attempt in ("autotuner", "fast path"):
+        y = L.lateral_forward(x, w, b, top)
+        assert_close_to_reference(y, y_ref, dtype)
+        assert y.is_contiguous(memory_format=output_memory_format(x))
+        got = L.lateral_backward(grad, x, w, 4, 5, True, True, True, True)
+        atol, rtol = TOLERANCES[dtype]
+        for name, g_got, g_ref in zip(("dx", "dW", "db", "dtop"), got, grads_ref):
+            assert g_got.shape == g_ref.shape and g_got.dtype == dtype, name
+            assert not torch.isnan(g_got).any(), f"{attempt}: {name} has NaN: an element was not written"
+            scale = max(1.0, g_ref.abs().max().item())   # as test_backward_matches_reference
+            torch.testing.assert_close(g_got.double(), g_ref, atol=atol * scale, rtol=rtol,
+                                       msg=lambda m, name=name: f"{attempt}: {name}: {m}")
+        assert got[0].is_contiguous(memory_format=output_memory_format(x)), "dx follows x's layout"
+    tuners = {K.autotuned_fwd("sm90", x.element_size()), K.autotuned_grad_weight("sm90", x.element_size())}
+    assert {t for t, _ in L._CHOSEN} == tuners, "forward, dx and dW configs are remembered"
+    assert len(L._CHOSEN) == 3
