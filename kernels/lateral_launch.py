@@ -16,7 +16,6 @@ import threading
 from typing import Tuple
 
 import torch
-import triton
 
 from fused_fpn._layout import output_memory_format
 
@@ -28,6 +27,12 @@ USE_INPUT_PRECISION = K.USE_INPUT_PRECISION
 def interpreting() -> bool:
     """True when triton runs kernels through its CPU interpreter (TRITON_INTERPRET=1)."""
     return os.environ.get("TRITON_INTERPRET", "0").strip().lower() in ("1", "true", "yes", "on", "y")
+
+
+def cdiv(a: int, b: int) -> int:
+    """ceil(a / b) for a >= 0, b > 0 (ints or SymInts). Host code uses this, not ``triton.cdiv``:
+    in triton 3.8 that is a ``constexpr_function``, whose call from Python costs microseconds."""
+    return (a + b - 1) // b
 
 
 def f32(value: float) -> float:
@@ -169,13 +174,13 @@ def gemm_epilogue(inp: torch.Tensor, weight: torch.Tensor, bias, top, out: torch
     args, meta = fwd_launch_args(inp, weight, bias, top, out)
     if interpreting():
         cfg = K.INTERPRET_FWD
-        grid = (triton.cdiv(m, cfg["BLOCK_M"]) * triton.cdiv(cout, cfg["BLOCK_N"]),)
+        grid = (cdiv(m, cfg["BLOCK_M"]) * cdiv(cout, cfg["BLOCK_N"]),)
         _launch(K._lateral_fwd_kernel, grid, args, dict(meta, **cfg))
     else:
         kernel = K.autotuned_fwd(_arch(inp.device), inp.element_size())
 
         def grid(meta):
-            return (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(cout, meta["BLOCK_N"]),)
+            return (cdiv(m, meta["BLOCK_M"]) * cdiv(cout, meta["BLOCK_N"]),)
         key = (args[-1], cout, cin) + tuple(t.dtype for t in args[:5])   # (TUNE_KEY, COUT, CIN, dtypes)
         _run_on_device(inp, _launch_autotuned, kernel, grid, args, meta, key)
     return out
@@ -193,12 +198,12 @@ def _grad_weight_split(m: int, tiles: int, device: torch.device) -> Tuple[int, i
     """(split, rows_per_split): how many fp32 partial sums dW is reduced from. A fixed function of
     the shape and the device, so the summation order (and the result) is reproducible."""
     if interpreting():
-        rows = max(64, triton.cdiv(triton.cdiv(m, 3), 64) * 64)
+        rows = max(64, cdiv(cdiv(m, 3), 64) * 64)
     else:
         sms = _device_facts(device)[1]
-        split = max(1, min(triton.cdiv(2 * sms, tiles), triton.cdiv(m, 1024)))
-        rows = triton.cdiv(triton.cdiv(m, split), 256) * 256
-    return triton.cdiv(m, rows), rows
+        split = max(1, min(cdiv(2 * sms, tiles), cdiv(m, 1024)))
+        rows = cdiv(cdiv(m, split), 256) * 256
+    return cdiv(m, rows), rows
 
 
 def grad_weight(grad: torch.Tensor, x: torch.Tensor, out_dtype: torch.dtype) -> torch.Tensor:
@@ -211,7 +216,7 @@ def grad_weight(grad: torch.Tensor, x: torch.Tensor, out_dtype: torch.dtype) -> 
         return torch.zeros((cout, cin), dtype=out_dtype, device=x.device)
     mode = "interpret" if interpreting() else "gpu"
     bco, bci = K.GRAD_WEIGHT_TILE[mode]
-    tiles = triton.cdiv(cout, bco) * triton.cdiv(cin, bci)
+    tiles = cdiv(cout, bco) * cdiv(cin, bci)
     split, rows = _grad_weight_split(m, tiles, x.device)
     part = torch.empty((split, cout, cin), dtype=torch.float32, device=x.device)
     args = (grad, x, part, m, h * w, w, cin, cout, rows, *grad.stride(), *x.stride(),
@@ -243,7 +248,7 @@ def grad_bias_top(grad: torch.Tensor, top_h: int, top_w: int, need_top: bool):
         return torch.zeros((c,), dtype=grad.dtype, device=grad.device), dtop
     ht, wt = (top_h, top_w) if has_top else (h, w)
     cfg = K.INTERPRET_GRAD_BIAS_TOP if interpreting() else K.GRAD_BIAS_TOP_META
-    n_tw = triton.cdiv(wt, cfg["BLOCK_TW"])
+    n_tw = cdiv(wt, cfg["BLOCK_TW"])
     rows = n * ht * n_tw
     dbpart = torch.empty((rows, c), dtype=torch.float32, device=grad.device)
     t_arg = dtop if has_top else dbpart
@@ -255,7 +260,7 @@ def grad_bias_top(grad: torch.Tensor, top_h: int, top_w: int, need_top: bool):
     meta = dict(HAS_TOP=has_top, **cfg)
     if not interpreting():
         meta.update(K.GRAD_BIAS_TOP_LAUNCH)
-    _run_on_device(grad, _launch, K._lateral_grad_bias_top_kernel, (rows, triton.cdiv(c, cfg["BLOCK_C"])), args, meta)
+    _run_on_device(grad, _launch, K._lateral_grad_bias_top_kernel, (rows, cdiv(c, cfg["BLOCK_C"])), args, meta)
     return dbpart.sum(dim=0).to(grad.dtype), dtop
 
 

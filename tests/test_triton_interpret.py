@@ -495,3 +495,12 @@ def test_the_gpu_launch_path_on_interpreted_kernels(dtype, layout, monkeypatch):
     tuners = {K.autotuned_fwd("sm90", x.element_size()), K.autotuned_grad_weight("sm90", x.element_size())}
     assert {t for t, _ in L._CHOSEN} == tuners, "forward, dx and dW configs are remembered"
     assert len(L._CHOSEN) == 3
+
+
+def test_host_cdiv_is_tritons():
+    """The launchers' host-side ceil division gives triton.cdiv's results (it replaces that call)."""
+    import triton
+    from fused_fpn.kernels import lateral_launch as L
+    for a in list(range(0, 70)) + [2**31 - 1, 2**31, 2**40 + 3]:
+        for b in (1, 2, 3, 16, 64, 256, 1024):
+            assert L.cdiv(a, b) == triton.cdiv(a, b), (a, b)
