@@ -176,7 +176,7 @@ def rows_for(device: str, dtype: torch.dtype, stub_launches: bool = False) -> Di
         rows[f"{name}: forward + backward"] = lambda n=name: fused_fpn.lateral(xg, w, b, top, backend=n).sum().backward()
     rows["eager: forward + backward"] = lambda: (F.conv2d(xg, w4, b) + F.interpolate(top, size=(4, 4))).sum().backward()
     rows.update(fpn_rows(device, dtype, backends))
-    if device == "cpu" and "triton" in fused_fpn.available_backends("cpu") and stub_launches:
+    if stub_launches:   # main() checked: cpu tensors, the Triton interpreter active
         rows.update(stubbed_launcher_rows(dtype))   # last: it patches the launcher module for good
     return rows
 
@@ -225,6 +225,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     dtype = {"fp16": torch.float16, "fp32": torch.float32}[dtype_name]
     if args.device == "cuda" and not torch.cuda.is_available():
         print("no CUDA device", file=sys.stderr)
+        return 2
+    if args.stub_triton_launch and (args.device != "cpu" or "triton" not in fused_fpn.available_backends("cpu")):
+        print("--stub-triton-launch needs --device cpu and TRITON_INTERPRET=1", file=sys.stderr)
         return 2
     where = torch.cuda.get_device_name() if args.device == "cuda" else "CPU"
     print(f"host time per call, {where}, {dtype_name}, x [1, 8, 4, 4], {args.calls} calls x 5 (median); "

@@ -389,6 +389,9 @@ def test_launch_overhead_times_the_triton_launchers_with_the_jit_launch_stubbed(
                for how in ("", ", Autotuner.run")}
     assert stubbed <= set(rows), sorted(rows)
     assert all(rows[name]["us_per_call"] > 0 for name in stubbed)
+    off = subprocess.run(cmd[:-2], cwd=ROOT, env=dict(env, TRITON_INTERPRET="0"), capture_output=True, text=True,
+                         timeout=600)
+    assert off.returncode == 2 and "needs --device cpu and TRITON_INTERPRET=1" in off.stderr, off.stderr
 
 
 def test_host_profile_diagnostic_needs_a_gpu(capsys):

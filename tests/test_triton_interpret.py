@@ -417,6 +417,7 @@ def test_autotuned_launches_reuse_the_chosen_config_without_the_autotuner(monkey
     monkeypatch.setattr(tuner, "run", spy_autotuner)
     monkeypatch.setattr(tuner.fn, "run", spy_jit)
     monkeypatch.setattr(L, "interpreting", lambda: False)   # the compiled-kernel branch
+    monkeypatch.setattr(L, "_CHOSEN", {})
 
     def launch(n, expect_autotuner):
         nonlocal timings
@@ -478,7 +479,7 @@ def test_the_gpu_launch_path_on_interpreted_kernels(dtype, layout, monkeypatch):
     f64 = [t.double() for t in (x, w, b, top, grad)]
     y_ref = lateral_reference(*f64[:4])
     grads_ref = lateral_backward_reference(f64[4], f64[0], f64[1], (4, 5), (True,) * 4)
-    L._CHOSEN.clear()
+    monkeypatch.setattr(L, "_CHOSEN", {})
     for attempt in ("autotuner", "fast path"):
         y = L.lateral_forward(x, w, b, top)
         assert_close_to_reference(y, y_ref, dtype)
