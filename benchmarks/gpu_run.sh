@@ -16,6 +16,10 @@
 #          the whole FPN on tiny maps -> appended to OUT_DIR/logs/bench.log and the summary; its first
 #          triton calls compile and autotune every config (more than 2 minutes on the H200 host,
 #          2026-11-30), so it gets GPU_RUN_OVERHEAD_TIMEOUT s (default 240)
+#   breakdown (not in the default steps) python3 benchmarks/backward_breakdown.py: GPU time of each
+#          backward piece per level (eager's, cuda's, triton's) against the bytes it must move, eager
+#          calls then CUDA-graph replays -> OUT_DIR/breakdown.txt and the summary; GPU_RUN_BREAKDOWN_TIMEOUT
+#          s (default 240; the triton pieces autotune on their first call)
 # then OUT_DIR/summary.txt (step statuses, the overhead rows, the results table), printed last, and
 # OUT_DIR/logs.tar.gz (the logs folder, packed so that OUT_DIR holds 5 files: the device tool
 # returns at most 8).
@@ -160,12 +164,23 @@ if want overhead; then
     record overhead $rc
 fi
 
+# ---- breakdown: GPU time of the backward's pieces per level (opt-in: GPU_RUN_STEPS=...,breakdown)
+if want breakdown; then
+    note "breakdown: benchmarks/backward_breakdown.py -> $OUT/breakdown.txt"
+    { timeout -s INT -k 10 "${GPU_RUN_BREAKDOWN_TIMEOUT:-240}" "$PY" benchmarks/backward_breakdown.py \
+          --json "$OUT/logs/breakdown.json" \
+      && timeout -s INT -k 10 "${GPU_RUN_BREAKDOWN_TIMEOUT:-240}" "$PY" benchmarks/backward_breakdown.py \
+          --graphs --json "$OUT/logs/breakdown_graphs.json"; } > "$OUT/breakdown.txt" 2>&1
+    record breakdown $?
+fi
+
 # ---- summary: statuses, then the table (printed last)
 {
     echo "gpu_run.sh summary ($(($(date +%s) - T0)) s in all)"
     for line in "${status_lines[@]}"; do echo "  $line"; done
     if [ -f "$OUT/logs/tests.log" ]; then echo "tests: $(tail -1 "$OUT/logs/tests.log")"; fi
     if [ -f "$OUT/overhead.tmp" ]; then echo; cat "$OUT/overhead.tmp"; fi
+    if [ -f "$OUT/breakdown.txt" ]; then echo; cat "$OUT/breakdown.txt"; fi
     if [ -f "$OUT/logs/bench.log" ]; then
         echo
         sed -n '/fused_fpn benchmark results/,$p' "$OUT/logs/bench.log"

@@ -394,6 +394,59 @@ def test_launch_overhead_times_the_triton_launchers_with_the_jit_launch_stubbed(
     assert off.returncode == 2 and "needs --device cpu and TRITON_INTERPRET=1" in off.stderr, off.stderr
 
 
+def test_backward_breakdown_bytes():
+    """benchmarks/backward_breakdown.py's byte floors, by hand for one level (2 bytes per element)."""
+    from benchmarks import backward_breakdown as bb
+    n, cin, h, w, cout, top = 2, 3, 4, 5, 7, (2, 3)
+    dy, x, wgt, t = n * cout * h * w, n * cin * h * w, cout * cin, n * cout * 2 * 3
+    got = bb.piece_bytes(n, cin, h, w, cout, top, 2)
+    assert got == {"dx": 2 * (dy + wgt + x), "dW": 2 * (dy + x + wgt), "db": 2 * (dy + cout),
+                   "dtop": 2 * (dy + t), "db+dtop": 2 * (dy + cout + t),
+                   "single": 2 * (dy + x + wgt + x + wgt + cout + t)}
+    no_top = bb.piece_bytes(n, cin, h, w, cout, None, 2)
+    assert no_top["dtop"] == 0 and no_top["db+dtop"] == no_top["db"]
+    assert bb.piece_floor("dx+dW+db", got) == got["dx"] + got["dW"] + got["db"]
+    assert bb.piece_floor("all four", got) == got["dx"] + got["dW"] + got["db+dtop"]
+
+
+@pytest.mark.parametrize("top_hw", [(3, 4), None], ids=["top", "no_top"])
+def test_backward_breakdown_pieces_compute_the_gradients(top_hw):
+    """Every piece backward_breakdown.py times computes what its name says (checked on CPU tensors against
+    the float64 gradients: the "cuda" pieces are the C++ ops, which run on CPU too, the "triton" ones the
+    interpreter), so the GPU timings are of the right work."""
+    from benchmarks import backward_breakdown as bb
+    from fused_fpn.reference import lateral_backward_reference
+    backends = [b for b in ("cuda", "triton") if b == "cuda" and fused_fpn.extension_loaded()
+                or b == "triton" and "triton" in fused_fpn.available_backends("cpu")]
+    g = torch.Generator().manual_seed(0)
+    n, cin, cout, h, w = 2, 6, 5, 7, 9
+    x = torch.randn((n, cin, h, w), generator=g)
+    dy = torch.randn((n, cout, h, w), generator=g)
+    weight = torch.randn((cout, cin), generator=g)
+    dx, dw, db, dtop = lateral_backward_reference(dy.double(), x.double(), weight.double(), top_hw or (0, 0),
+                                                  (True, True, True, top_hw is not None))
+    want = {"dx": [dx], "dW": [dw], "db+dtop": [db] + ([dtop] if top_hw else []),
+            "dx+dW+db": [dx, dw.view(cout, cin, 1, 1), db], "dtop": [dtop],
+            "all four": [dx, dw, db] + ([dtop] if top_hw else [])}
+    pieces = bb.level_pieces(backends, cout, top_hw, weight)
+    assert {p for p, _, _ in pieces} == {"eager", *backends}
+    for provider, piece, fn in pieces:
+        out = fn(x, dy)
+        got = [t for t in (out if isinstance(out, (tuple, list)) else [out]) if t is not None and t.numel() > 0]
+        assert len(got) == len(want[piece]), (provider, piece, [tuple(t.shape) for t in got])
+        for a, e in zip(got, want[piece]):
+            torch.testing.assert_close(a.double(), e, atol=1e-4, rtol=1e-4, msg=lambda m: f"{provider} {piece}: {m}")
+
+
+def test_backward_breakdown_needs_a_gpu(capsys):
+    """Without a GPU the diagnostic says so and exits 2."""
+    from benchmarks import backward_breakdown
+    if torch.cuda.is_available():
+        pytest.skip("the no-GPU branch only")
+    assert backward_breakdown.main([]) == 2
+    assert "needs a CUDA device" in capsys.readouterr().err
+
+
 def test_host_profile_diagnostic_needs_a_gpu(capsys):
     """benchmarks/host_profile.py imports (its helpers come from launch_overhead.py) and, without a
     GPU, says so and exits 2 instead of failing somewhere inside."""
