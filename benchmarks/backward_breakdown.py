@@ -1,7 +1,7 @@
 """GPU time of each piece of the lateral backward, level by level, against the bytes each piece must move:
 
     python benchmarks/backward_breakdown.py [--dtype fp16] [--layout channels_last] [--graphs]
-                                            [--backends cuda,triton] [--json FILE]
+                                            [--backends cuda,triton] [--levels P2,P5] [--json FILE]
 
 For each level P2..P5 of the GPU benchmark's shapes (batch 2, 800x1216, ResNet-50 channels -> 256) and an
 incoming gradient dy of the level's output, the pieces of one backward, timed together:
@@ -139,12 +139,23 @@ def run_level(i: int, shapes: harness.Shapes, dtype: torch.dtype, layout: str, b
     return rows
 
 
+def _levels(text: str) -> List[int]:
+    """"P2,P5" -> [0, 3] (indices into the GPU shapes' levels)."""
+    names = [t.strip().upper() for t in text.split(",") if t.strip()]
+    bad = [t for t in names if t not in ("P2", "P3", "P4", "P5")]
+    if bad or not names:
+        raise argparse.ArgumentTypeError(f"levels are P2, P3, P4, P5 (comma list), got {text!r}")
+    return sorted({int(t[1]) - 2 for t in names})
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--dtype", default="fp16", choices=sorted(harness.DTYPES))
     parser.add_argument("--layout", default="channels_last", choices=harness.LAYOUTS)
     parser.add_argument("--graphs", action="store_true", help="time CUDA-graph replays (kernel time alone)")
     parser.add_argument("--backends", default="cuda,triton", help="fused backends to break down (comma list)")
+    parser.add_argument("--levels", type=_levels, default=[0, 1, 2, 3], metavar="P2,P3,P4,P5",
+                        help="which levels (default: all four)")
     parser.add_argument("--json", help="also write the rows here")
     args = parser.parse_args(argv)
     if not torch.cuda.is_available():
@@ -164,7 +175,7 @@ def main(argv=None) -> int:
           f"{shapes.describe()}; {'CUDA-graph replays' if args.graphs else 'eager calls'}, CUDA events; "
           f"copy ceiling {ceiling.bytes_per_s / 1e9:.0f} GB/s ({ceiling.method})")
     rows = []
-    for i in range(shapes.levels):
+    for i in args.levels:
         level_rows = run_level(i, shapes, dtype, args.layout, backends, args.graphs, ceiling)
         rows += level_rows
         for r in level_rows:
