@@ -10,6 +10,9 @@ among several sets, and the eager torchvision result) run by one *provider*:
     fused-<backend>        fused_fpn with backend=<backend>, for every backend that runs on the device
                            (``fused_fpn.available_backends(device)``; "triton" is left out on CPU, where
                            it is only the interpreter)
+    fused-triton-x         backend="triton" with FUSED_FPN_TRITON_EXPERIMENTAL=1 during its calls (the
+                           forward autotunes over the experimental configs too); GPU only, and only when
+                           --bench-providers names it (e.g. "eager,fused-triton,fused-triton-x")
 
 The providers of one workload are measured together (``BenchRun``): parity first (each provider's
 output against eager, per-dtype tolerances; a provider that differs is FAILED-PARITY and is neither
@@ -270,6 +273,32 @@ def backend_supports(name: str, device: str, dtype: torch.dtype) -> Optional[str
     return fb.why_not(name, probe)
 
 
+EXPERIMENTAL_PROVIDER = "fused-triton-x"
+
+
+def wants_experimental(patterns: Optional[Sequence[str]]) -> bool:
+    """True when the --bench-providers patterns name the experimental provider (it is never a default)."""
+    return bool(patterns) and any(fnmatch.fnmatch(EXPERIMENTAL_PROVIDER, p) for p in patterns)
+
+
+def with_experimental_configs(fn: Callable) -> Callable:
+    """fn with FUSED_FPN_TRITON_EXPERIMENTAL=1 set during each call (the Triton launcher reads it at
+    each launch), and the previous value restored after it."""
+    from fused_fpn.kernels import lateral_kernels as K
+
+    def call(*args):
+        old = os.environ.get(K.EXPERIMENTAL_ENV)
+        os.environ[K.EXPERIMENTAL_ENV] = "1"
+        try:
+            return fn(*args)
+        finally:
+            if old is None:
+                del os.environ[K.EXPERIMENTAL_ENV]
+            else:
+                os.environ[K.EXPERIMENTAL_ENV] = old
+    return call
+
+
 def providers_for(cfg: BenchConfig, case: str, dtype: str, layout: str) -> List[str]:
     names = ["eager", "compile"]
     if cfg.device == "cuda" and case not in ("detector", "fpn_train", "lateral_train"):
@@ -280,6 +309,8 @@ def providers_for(cfg: BenchConfig, case: str, dtype: str, layout: str) -> List[
     for b in fused_backends(cfg.device):
         if backend_supports(b, cfg.device, DTYPES[dtype]) is None:
             names.append(f"fused-{b}")
+    if cfg.device == "cuda" and "fused-triton" in names and wants_experimental(cfg.providers):
+        names.append(EXPERIMENTAL_PROVIDER)
     if cfg.providers:
         keep = [n for n in names if any(fnmatch.fnmatch(n, p) for p in cfg.providers)]
         if keep and "eager" not in keep:
@@ -1198,7 +1229,10 @@ class BenchRun:
             self._pending[p] = (rec, None, None)
             rec.shape = getattr(w, "shape_desc", "")
             try:
-                fn = w.provider_fn(p)
+                if p == EXPERIMENTAL_PROVIDER:
+                    fn = with_experimental_configs(w.provider_fn("fused-triton"))
+                else:
+                    fn = w.provider_fn(p)
                 outs = self._outputs(w, fn, w.input_sets[0])   # the first call also compiles
             except Exception as exc:  # noqa: BLE001 - reported in the row, failed by the caller
                 rec.status, rec.message = ERROR, f"{type(exc).__name__}: {exc}"

@@ -126,7 +126,8 @@ def grad_bias_top_args(dtype: str, layout: str):
 
 
 def jobs(archs=(90, 80)) -> List[dict]:
-    """Every (kernel, arch, dtype, layout, config) to compile. Forward: fp16/bf16 on the
+    """Every (kernel, arch, dtype, layout, config) to compile (the forward's experimental configs
+    too, ``K.fwd_configs(..., experimental=True)``). Forward: fp16/bf16 on the
     channels_last hot path, fp16 also NCHW, fp32 with TF32 and with IEEE dot; the same kernel as
     the backward's dx ("fwd_dx": W^T, no epilogue) in fp16; weight gradient fp16/bf16/fp32;
     bias/top gradient (one fixed config) in every dtype."""
@@ -137,11 +138,11 @@ def jobs(archs=(90, 80)) -> List[dict]:
                                   ("fp16", "nchw", True)]),
                              (4, [("fp32", "channels_last", True), ("fp32", "channels_last", False)])):
             for dtype, layout, tf32 in variants:
-                for cfg in K.FWD_CONFIGS[(a, eb)]:
+                for cfg in K.fwd_configs(a, eb, experimental=True):
                     out.append(dict(kernel="fwd", arch=arch, dtype=dtype, layout=layout, tf32=tf32,
                                     meta=dict(cfg.kwargs), num_warps=cfg.num_warps, num_stages=cfg.num_stages))
             if eb == 2:
-                for cfg in K.FWD_CONFIGS[(a, eb)]:
+                for cfg in K.fwd_configs(a, eb, experimental=True):
                     out.append(dict(kernel="fwd_dx", arch=arch, dtype="fp16", layout="channels_last", tf32=True,
                                     meta=dict(cfg.kwargs), num_warps=cfg.num_warps, num_stages=cfg.num_stages))
             for dtype, layout, tf32 in variants[:2] if eb == 2 else variants[:1]:

@@ -32,10 +32,13 @@ import triton.language as tl
 # tl.dot spells the fp32 precision choice `input_precision` (triton >= 3.0) or `allow_tf32` (older):
 # passed to the kernels as the USE_INPUT_PRECISION constexpr.
 USE_INPUT_PRECISION = "input_precision" in inspect.signature(tl.dot).parameters
+# tl.range(..., flatten=True): the persistent forward configs need it (EXPERIMENTAL_FWD_CONFIGS).
+RANGE_FLATTEN = "flatten" in inspect.signature(tl.range.__init__).parameters
 
 
-@triton.jit(do_not_specialize=["TUNE_KEY"])
-def _lateral_fwd_kernel(
+@triton.jit
+def _fwd_tile(
+    pid,
     x_ptr, w_ptr, b_ptr, top_ptr, out_ptr,
     M, HW, W_, CIN, COUT, HT, WT,
     scale_h, scale_w,
@@ -44,38 +47,13 @@ def _lateral_fwd_kernel(
     sb,
     stn, stc, sth, stw,
     son, soc, soh, sow,
-    TUNE_KEY,
     HAS_BIAS: tl.constexpr, HAS_TOP: tl.constexpr, X_FLAT: tl.constexpr, O_FLAT: tl.constexpr,
     ALLOW_TF32: tl.constexpr, USE_INPUT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
-    """out[m, co] = sum_k x[m, k] * W[co, k] (fp32 accumulation) + b[co] + top[n, co, sh(h), sw(w)].
+    """One output tile of ``_lateral_fwd_kernel``: tile index ``pid`` (GROUP_M-swizzled), its K loop
+    and its bias + top epilogue; the other arguments as there."""
 
-    A GEMM over pixels: rows m = (n, h, w) in [0, M), reduction k over CIN, columns co over COUT.
-    x/top/out are addressed through their 4-D strides (in elements: s?n, s?c, s?h, s?w), the
-    weight through (swn = stride over COUT, swk = stride over CIN), so NCHW, channels_last and
-    strided views need no copy; the same kernel computes dx = dy . W in the backward by passing W
-    with its two strides swapped. Row offsets are int64 (a tensor may pass 2^31 elements).
-    Program ids are swizzled in groups of GROUP_M row tiles so that the x rows of a group stay in
-    L2 while the group walks the COUT tiles (and a weight tile is reused by GROUP_M programs).
-
-    Constexpr flags:
-      HAS_BIAS / HAS_TOP: the bias / top gather-add epilogue is compiled in only when present
-        (b_ptr / top_ptr are dummies otherwise, never dereferenced).
-      X_FLAT / O_FLAT: x's / out's (h, w) dims flatten (s?h == W * s?w, true for NCHW and
-        channels_last), so a pixel's offset is n * s?n + (h * W + w) * s?w. Written that way the
-        compiler sees that consecutive pixels are consecutive in memory when s?w == 1 (NCHW) and
-        vectorizes those loads/stores; the general h * s?h + w * s?w form hides it behind div/mod.
-      ALLOW_TF32: fp32 inputs use TF32 tensor cores when True (torch.backends.cudnn.allow_tf32,
-        what eager conv does), IEEE fp32 when False; no effect on fp16/bf16.
-      USE_INPUT_PRECISION: tl.dot spells the choice ``input_precision`` (triton >= 3.0) or, on
-        older triton, ``allow_tf32``; the host picks the one this triton understands.
-      BLOCK_M/N/K, GROUP_M: tile shape and swizzle group (autotuned per problem shape).
-
-    TUNE_KEY is not read by the kernel: it is the autotuner's key (``tune_key``: the power-of-two
-    bucket of M and the layout bits), so a new image size re-tunes only when it changes bucket.
-    """
-    pid = tl.program_id(0)
     num_pid_m = tl.cdiv(M, BLOCK_M)
     num_pid_n = tl.cdiv(COUT, BLOCK_N)
     num_pid_in_group = GROUP_M * num_pid_n
@@ -137,6 +115,64 @@ def _lateral_fwd_kernel(
         o_row = n64 * son + h_idx.to(tl.int64) * soh + w_idx.to(tl.int64) * sow
     tl.store(out_ptr + (o_row[:, None] + (offs_n64 * soc)[None, :]),
              acc.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit(do_not_specialize=["TUNE_KEY"])
+def _lateral_fwd_kernel(
+    x_ptr, w_ptr, b_ptr, top_ptr, out_ptr,
+    M, HW, W_, CIN, COUT, HT, WT,
+    scale_h, scale_w,
+    sxn, sxc, sxh, sxw,
+    swn, swk,
+    sb,
+    stn, stc, sth, stw,
+    son, soc, soh, sow,
+    TUNE_KEY,
+    HAS_BIAS: tl.constexpr, HAS_TOP: tl.constexpr, X_FLAT: tl.constexpr, O_FLAT: tl.constexpr,
+    ALLOW_TF32: tl.constexpr, USE_INPUT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+    PERSISTENT: tl.constexpr,
+):
+    """out[m, co] = sum_k x[m, k] * W[co, k] (fp32 accumulation) + b[co] + top[n, co, sh(h), sw(w)].
+
+    A GEMM over pixels: rows m = (n, h, w) in [0, M), reduction k over CIN, columns co over COUT.
+    x/top/out are addressed through their 4-D strides (in elements: s?n, s?c, s?h, s?w), the
+    weight through (swn = stride over COUT, swk = stride over CIN), so NCHW, channels_last and
+    strided views need no copy; the same kernel computes dx = dy . W in the backward by passing W
+    with its two strides swapped. Row offsets are int64 (a tensor may pass 2^31 elements).
+    Program ids are swizzled in groups of GROUP_M row tiles so that the x rows of a group stay in
+    L2 while the group walks the COUT tiles (and a weight tile is reused by GROUP_M programs).
+
+    Constexpr flags:
+      HAS_BIAS / HAS_TOP: the bias / top gather-add epilogue is compiled in only when present
+        (b_ptr / top_ptr are dummies otherwise, never dereferenced).
+      X_FLAT / O_FLAT: x's / out's (h, w) dims flatten (s?h == W * s?w, true for NCHW and
+        channels_last), so a pixel's offset is n * s?n + (h * W + w) * s?w. Written that way the
+        compiler sees that consecutive pixels are consecutive in memory when s?w == 1 (NCHW) and
+        vectorizes those loads/stores; the general h * s?h + w * s?w form hides it behind div/mod.
+      ALLOW_TF32: fp32 inputs use TF32 tensor cores when True (torch.backends.cudnn.allow_tf32,
+        what eager conv does), IEEE fp32 when False; no effect on fp16/bf16.
+      USE_INPUT_PRECISION: tl.dot spells the choice ``input_precision`` (triton >= 3.0) or, on
+        older triton, ``allow_tf32``; the host picks the one this triton understands.
+      BLOCK_M/N/K, GROUP_M: tile shape and swizzle group (autotuned per problem shape).
+      PERSISTENT: the grid is smaller than the number of output tiles and each program walks tiles
+        pid, pid + num_programs, ... (the host sizes the grid from the SM count) in a loop that
+        tl.range(flatten=True) merges with the K loop, so the software pipeliner can issue the next
+        tile's loads during this tile's epilogue; otherwise one program per tile.
+
+    TUNE_KEY is not read by the kernel: it is the autotuner's key (``tune_key``: the power-of-two
+    bucket of M and the layout bits), so a new image size re-tunes only when it changes bucket.
+    """
+    if PERSISTENT:   # only offered where RANGE_FLATTEN (EXPERIMENTAL_FWD_CONFIGS)
+        num_tiles = tl.cdiv(M, BLOCK_M) * tl.cdiv(COUT, BLOCK_N)
+        for tile in tl.range(tl.program_id(0), num_tiles, tl.num_programs(0), flatten=True):
+            _fwd_tile(tile, x_ptr, w_ptr, b_ptr, top_ptr, out_ptr, M, HW, W_, CIN, COUT, HT, WT, scale_h, scale_w,
+                      sxn, sxc, sxh, sxw, swn, swk, sb, stn, stc, sth, stw, son, soc, soh, sow, HAS_BIAS, HAS_TOP,
+                      X_FLAT, O_FLAT, ALLOW_TF32, USE_INPUT_PRECISION, BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M)
+    else:
+        _fwd_tile(tl.program_id(0), x_ptr, w_ptr, b_ptr, top_ptr, out_ptr, M, HW, W_, CIN, COUT, HT, WT, scale_h,
+                  scale_w, sxn, sxc, sxh, sxw, swn, swk, sb, stn, stc, sth, stw, son, soc, soh, sow, HAS_BIAS,
+                  HAS_TOP, X_FLAT, O_FLAT, ALLOW_TF32, USE_INPUT_PRECISION, BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M)
 
 
 @triton.jit(do_not_specialize=["TUNE_KEY"])
@@ -300,8 +336,9 @@ def _lateral_grad_bias_top_kernel(
 # (BLOCK_M + BLOCK_N) * BLOCK_K * elem_bytes; every list stays under the arch's limit
 # (232448 B on sm_90, 166912 B on sm_80), which tests/test_triton_aot.py checks on compiled kernels.
 
-def _cfg(bm, bn, bk, warps, stages, group_m=8):
-    return triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": group_m},
+def _cfg(bm, bn, bk, warps, stages, group_m=8, persistent=False):
+    return triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": group_m,
+                          "PERSISTENT": persistent},
                          num_warps=warps, num_stages=stages)
 
 
@@ -344,7 +381,37 @@ FWD_CONFIGS = {
         _cfg(64, 128, 32, 4, 4),
     ],
 }
-INTERPRET_FWD = {"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 32, "GROUP_M": 4}
+INTERPRET_FWD = {"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 32, "GROUP_M": 4, "PERSISTENT": False}
+
+# Experimental forward configs, offered to the autotuner only with FUSED_FPN_TRITON_EXPERIMENTAL=1
+# (``experimental_enabled``) and where tl.range has flatten: persistent programs (one per SM) whose
+# tile loop is flattened with the K loop. The lateral levels are short GEMMs (K = Cin = 256 on P2:
+# 4 K steps of 64) with a large epilogue (top gather + store of a 128 x 256 tile); with one CTA per
+# SM the next tile's x loads wait for this tile's epilogue, and a flattened persistent loop can
+# overlap them. Not in the default lists until a GPU run has checked them (tests/test_triton_gpu.py
+# runs every config of both lists on its own against the float64 reference) and timed them
+# (``FUSED_FPN_TRITON_EXPERIMENTAL=1 pytest benchmarks`` against the default).
+EXPERIMENTAL_FWD_CONFIGS = {
+    ("sm90", 2): [
+        _cfg(128, 256, 64, 8, 3, persistent=True),
+        _cfg(128, 256, 64, 8, 4, persistent=True),
+        _cfg(64, 256, 64, 4, 4, persistent=True),
+        _cfg(128, 128, 64, 4, 4, persistent=True),
+    ],
+}
+EXPERIMENTAL_ENV = "FUSED_FPN_TRITON_EXPERIMENTAL"
+
+
+def experimental_enabled() -> bool:
+    """True when FUSED_FPN_TRITON_EXPERIMENTAL is 1 / true / on / yes (read at each launch)."""
+    return os.environ.get(EXPERIMENTAL_ENV, "0").strip().lower() in ("1", "true", "on", "yes")
+
+
+def fwd_configs(arch: str, elem_bytes: int, experimental: bool = False):
+    """The forward's config list for (arch, elem_bytes), plus EXPERIMENTAL_FWD_CONFIGS when
+    ``experimental`` and this triton has tl.range(flatten=...)."""
+    extra = EXPERIMENTAL_FWD_CONFIGS.get((arch, elem_bytes), []) if experimental and RANGE_FLATTEN else []
+    return FWD_CONFIGS[(arch, elem_bytes)] + extra
 
 
 def _wcfg(bm, warps, stages, bco=128, bci=128):
@@ -421,11 +488,13 @@ def _autotuner(name: str, kernel, configs, key):
 
 
 def autotuned_fwd(arch: str, elem_bytes: int):
-    """The forward kernel autotuned over FWD_CONFIGS[(arch, elem_bytes)], keyed on
+    """The forward kernel autotuned over ``fwd_configs`` (FWD_CONFIGS[(arch, elem_bytes)], plus the
+    experimental configs with FUSED_FPN_TRITON_EXPERIMENTAL=1), keyed on
     (TUNE_KEY = M's bucket + layout of x and out + weight orientation, COUT, CIN); dtype is part of
     the key too (triton's autotuner adds every tensor argument's dtype). The list's first config
     alone when ``autotune_enabled()`` is False."""
-    return _autotuner("fwd", _lateral_fwd_kernel, FWD_CONFIGS[(arch, elem_bytes)], FWD_AUTOTUNE_KEY)
+    return _autotuner("fwd", _lateral_fwd_kernel, fwd_configs(arch, elem_bytes, experimental_enabled()),
+                      FWD_AUTOTUNE_KEY)
 
 
 def autotuned_grad_weight(arch: str, elem_bytes: int):

@@ -178,9 +178,11 @@ def gemm_epilogue(inp: torch.Tensor, weight: torch.Tensor, bias, top, out: torch
         _launch(K._lateral_fwd_kernel, grid, args, dict(meta, **cfg))
     else:
         kernel = K.autotuned_fwd(_arch(inp.device), inp.element_size())
+        sms = _device_facts(inp.device)[1]
 
-        def grid(meta):
-            return (cdiv(m, meta["BLOCK_M"]) * cdiv(cout, meta["BLOCK_N"]),)
+        def grid(meta):   # one program per output tile; persistent configs: at most one per SM
+            tiles = cdiv(m, meta["BLOCK_M"]) * cdiv(cout, meta["BLOCK_N"])
+            return (min(tiles, sms) if meta["PERSISTENT"] else tiles,)
         key = (args[-1], cout, cin) + tuple(t.dtype for t in args[:5])   # (TUNE_KEY, COUT, CIN, dtypes)
         _run_on_device(inp, _launch_autotuned, kernel, grid, args, meta, key)
     return out

@@ -394,6 +394,26 @@ def test_launch_overhead_times_the_triton_launchers_with_the_jit_launch_stubbed(
     assert off.returncode == 2 and "needs --device cpu and TRITON_INTERPRET=1" in off.stderr, off.stderr
 
 
+def test_experimental_triton_provider_is_opt_in_and_scoped_to_its_calls(monkeypatch):
+    """fused-triton-x is never a default provider (only when --bench-providers names it), and its calls
+    run with FUSED_FPN_TRITON_EXPERIMENTAL=1, the previous value restored after each (also on error)."""
+    from fused_fpn.kernels import lateral_kernels as K
+    assert not harness.wants_experimental(None) and not harness.wants_experimental(["eager", "fused-cuda"])
+    assert harness.wants_experimental(["eager", "fused-triton-x"]) and harness.wants_experimental(["fused-*"])
+    monkeypatch.setenv(K.EXPERIMENTAL_ENV, "0")
+    seen = []
+    wrapped = harness.with_experimental_configs(lambda a, b: seen.append((K.experimental_enabled(), a + b)) or a + b)
+    assert wrapped(2, 3) == 5 and seen == [(True, 5)]
+    assert os.environ[K.EXPERIMENTAL_ENV] == "0"
+
+    def boom():
+        raise RuntimeError("kernel failed")
+    monkeypatch.delenv(K.EXPERIMENTAL_ENV)
+    with pytest.raises(RuntimeError):
+        harness.with_experimental_configs(boom)()
+    assert K.EXPERIMENTAL_ENV not in os.environ
+
+
 def test_backward_breakdown_bytes():
     """benchmarks/backward_breakdown.py's byte floors, by hand for one level (2 bytes per element)."""
     from benchmarks import backward_breakdown as bb

@@ -54,16 +54,18 @@ def test_every_config_of_every_kernel_is_compiled(results):
     assert len(results) == len(jobs(ARCHS))
     for arch in ARCHS:
         a = f"sm{arch}"
-        for kernel, table in (("fwd", K.FWD_CONFIGS), ("grad_weight", K.GRAD_WEIGHT_CONFIGS)):
+        for kernel, table in (("fwd", lambda a, eb: K.fwd_configs(a, eb, experimental=True)),
+                              ("grad_weight", lambda a, eb: K.GRAD_WEIGHT_CONFIGS[(a, eb)])):
             for eb in (2, 4):
-                want = {(tuple(sorted(c.kwargs.items())), c.num_warps, c.num_stages) for c in table[(a, eb)]}
+                want = {(tuple(sorted(c.kwargs.items())), c.num_warps, c.num_stages) for c in table(a, eb)}
                 dtypes = ("fp16", "bf16") if eb == 2 else ("fp32",)
                 got = {(tuple(sorted(r["meta"].items())), r["num_warps"], r["num_stages"]) for r in results
                        if r["kernel"] == kernel and r["arch"] == arch and r["dtype"] in dtypes}
                 assert got == want, f"{kernel} {a} {eb}-byte configs compiled {got} != listed {want}"
         dx = {(tuple(sorted(r["meta"].items())), r["num_warps"], r["num_stages"]) for r in results
               if r["kernel"] == "fwd_dx" and r["arch"] == arch}
-        assert dx == {(tuple(sorted(c.kwargs.items())), c.num_warps, c.num_stages) for c in K.FWD_CONFIGS[(a, 2)]}
+        assert dx == {(tuple(sorted(c.kwargs.items())), c.num_warps, c.num_stages)
+                      for c in K.fwd_configs(a, 2, experimental=True)}
         assert {r["dtype"] for r in results if r["kernel"] == "grad_bias_top" and r["arch"] == arch} == \
             {"fp16", "bf16", "fp32"}
 
@@ -89,6 +91,17 @@ def test_sm90_fp16_bf16_forward_uses_wgmma(results):
     assert fwd and {r["dtype"] for r in fwd} == {"fp16", "bf16"}
     missing = [_label(r) for r in fwd if not r["wgmma"]]
     assert not missing, "sm_90 fp16/bf16 forward configs without wgmma:\n" + "\n".join(missing)
+
+
+def test_persistent_configs_are_compiled_with_the_flattened_loop(results):
+    """The experimental persistent forward configs (sm_90 fp16/bf16) are among the compiled ones,
+    where this triton has tl.range(flatten=...)."""
+    persistent = [r for r in results if r["kernel"] in ("fwd", "fwd_dx") and r["meta"].get("PERSISTENT")]
+    if not K.RANGE_FLATTEN:
+        assert not persistent
+        return
+    want = len(K.EXPERIMENTAL_FWD_CONFIGS[("sm90", 2)]) * 4   # fwd fp16 CL, bf16 CL, fp16 NCHW; dx fp16
+    assert len(persistent) == want and all(r["arch"] == 90 for r in persistent)
 
 
 def test_sm80_uses_tensor_cores(results):

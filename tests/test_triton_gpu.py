@@ -152,39 +152,43 @@ _CONFIG_REL_ERR = {torch.float16: 2e-3, torch.bfloat16: 1.6e-2, torch.float32: 1
 @pytest.mark.parametrize("layout", ["nchw", "channels_last"])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32], ids=str)
 def test_every_autotune_config_matches_the_reference(dtype, layout, monkeypatch, no_tf32):
-    """Each config of the forward list (forward with bias + top, and the backward's dx = dy . W^T)
-    and of the weight-gradient list, run alone through the real launch path, on odd sizes: the
-    autotuner may pick any of them, and the rest of the suite runs with whichever it (or, with
-    autotuning off, the list's first) picks."""
+    """Each config of the forward list (forward with bias + top, and the backward's dx = dy . W^T),
+    of its experimental (persistent) configs and of the weight-gradient list, run alone through the
+    real launch path, on odd sizes: the autotuner may pick any of them, and the rest of the suite
+    runs with whichever it (or, with autotuning off, the list's first) picks."""
     _require_backend()
     from fused_fpn.kernels import lateral_kernels as K
     from fused_fpn.kernels import lateral_launch as L
     from fused_fpn.reference import lateral_backward_reference
     from triton.runtime.errors import OutOfResources
     g = torch.Generator().manual_seed(3)
-    x = make_input((2, 72, 13, 11), dtype, "cuda", layout, g)
+    # odd sizes, and more output tiles than SMs (M = 19594: 154 tiles of 128 rows), so a persistent
+    # config's programs each walk several tiles
+    x = make_input((2, 72, 97, 101), dtype, "cuda", layout, g)
     w = (torch.randn((40, 72), generator=g) / 8).to("cuda", dtype)
     b = torch.randn((40,), generator=g).to("cuda", dtype)
-    top = make_input((2, 40, 7, 6), dtype, "cuda", layout, g)
-    grad = make_input((2, 40, 13, 11), dtype, "cuda", layout, g)
+    top = make_input((2, 40, 49, 51), dtype, "cuda", layout, g)
+    grad = make_input((2, 40, 97, 101), dtype, "cuda", layout, g)
     f64 = [t.double() for t in (x, w, b, top, grad)]
     y_ref = lateral_reference(*f64[:4])
-    dx_ref, dw_ref, _, _ = lateral_backward_reference(f64[4], f64[0], f64[1], (7, 6), (True, True, False, False))
+    dx_ref, dw_ref, _, _ = lateral_backward_reference(f64[4], f64[0], f64[1], (49, 51), (True, True, False, False))
     from fused_fpn.backends import triton as tb
     _, bwd = tb.ops()
     key = (L._arch(x.device), x.element_size())
     bound = _CONFIG_REL_ERR[dtype]
     ran, too_big = [], []
-    for lists, label in ((K.FWD_CONFIGS, "forward"), (K.GRAD_WEIGHT_CONFIGS, "weight gradient")):
-        for cfg in lists[key]:
+    monkeypatch.delenv(K.EXPERIMENTAL_ENV, raising=False)   # the list patched below is the whole list
+    for lists, every, label in ((K.FWD_CONFIGS, K.fwd_configs(*key, experimental=True), "forward"),
+                                (K.GRAD_WEIGHT_CONFIGS, K.GRAD_WEIGHT_CONFIGS[key], "weight gradient")):
+        for cfg in every:   # the forward's experimental (persistent) configs too
             monkeypatch.setitem(lists, key, [cfg])
             try:
                 if label == "forward":
                     y = fused_fpn.lateral(x, w, b, top, backend="triton")
-                    dx = bwd(grad, x, w, 7, 6, True, False, False, False)[0]
+                    dx = bwd(grad, x, w, 49, 51, True, False, False, False)[0]
                     pairs = {"y": (y, y_ref), "dx": (dx, dx_ref)}
                 else:
-                    pairs = {"dW": (bwd(grad, x, w, 7, 6, False, True, False, False)[1], dw_ref)}
+                    pairs = {"dW": (bwd(grad, x, w, 49, 51, False, True, False, False)[1], dw_ref)}
                 torch.cuda.synchronize()
             except OutOfResources:   # an sm80-list config on a part with less shared memory
                 too_big.append(str(cfg))

@@ -505,3 +505,52 @@ def test_host_cdiv_is_tritons():
     for a in list(range(0, 70)) + [2**31 - 1, 2**31, 2**40 + 3]:
         for b in (1, 2, 3, 16, 64, 256, 1024):
             assert L.cdiv(a, b) == triton.cdiv(a, b), (a, b)
+
+
+@pytest.mark.skipif(HAS_CUDA, reason="on a GPU tests/test_triton_gpu.py runs every persistent config itself")
+@pytest.mark.parametrize("layout", ["nchw", "channels_last", "noncontig"])
+def test_persistent_forward_walks_every_tile(layout, monkeypatch):
+    """The forward kernel's PERSISTENT path (experimental configs): 3 programs walk all the output
+    tiles (tile, tile + 3, ...), through the launcher's compiled-kernel branch on the interpreter with
+    a small persistent config; forward with bias and top, and dx = dy . W^T, against the reference."""
+    from fused_fpn.kernels import lateral_kernels as K
+    from fused_fpn.kernels import lateral_launch as L
+    from fused_fpn.reference import lateral_backward_reference
+    if not K.RANGE_FLATTEN:
+        pytest.skip("this triton has no tl.range(flatten=...): no persistent configs")
+    small = K._cfg(16, 16, 16, 4, 2, group_m=2, persistent=True)
+    monkeypatch.setattr(L, "interpreting", lambda: False)
+    monkeypatch.setattr(L, "_device_facts", lambda device: ("sm90", 3))   # 3 "SMs": 3 programs
+    monkeypatch.setattr(L, "_CHOSEN", {})
+    monkeypatch.setitem(K.FWD_CONFIGS, ("sm90", 4), [small])
+    monkeypatch.setenv(K.AUTOTUNE_ENV, "0")
+    g = torch.Generator().manual_seed(9)
+    x = make_input((2, 19, 7, 9), torch.float32, "cpu", layout, g)     # M = 126: 8 row tiles x 3 column tiles
+    w = torch.randn((37, 19), generator=g) / 4
+    b = torch.randn((37,), generator=g)
+    top = make_input((2, 37, 4, 5), torch.float32, "cpu", layout, g)
+    grad = make_input((2, 37, 7, 9), torch.float32, "cpu", layout, g)
+    f64 = [t.double() for t in (x, w, b, top, grad)]
+    for _ in range(2):   # the autotuner's launch, then the fast path
+        assert_close_to_reference(L.lateral_forward(x, w, b, top), lateral_reference(*f64[:4]), torch.float32)
+        dx = L.lateral_backward(grad, x, w, 4, 5, True, False, False, False)[0]
+        dx_ref = lateral_backward_reference(f64[4], f64[0], f64[1], (4, 5), (True, False, False, False))[0]
+        assert_close_to_reference(dx, dx_ref, torch.float32)
+    assert all(kw["PERSISTENT"] for kw in L._CHOSEN.values()) and len(L._CHOSEN) == 2
+
+
+def test_experimental_configs_are_opt_in(monkeypatch):
+    """FUSED_FPN_TRITON_EXPERIMENTAL=1 adds the persistent forward configs to the autotuner's list
+    (where this triton has tl.range(flatten=...)); without it the list is FWD_CONFIGS alone."""
+    from fused_fpn.kernels import lateral_kernels as K
+    monkeypatch.delenv(K.EXPERIMENTAL_ENV, raising=False)
+    monkeypatch.delenv(K.AUTOTUNE_ENV, raising=False)
+    assert not K.experimental_enabled()
+    assert K.autotuned_fwd("sm90", 2).configs == K.FWD_CONFIGS[("sm90", 2)]
+    assert not any(c.kwargs["PERSISTENT"] for configs in K.FWD_CONFIGS.values() for c in configs)
+    monkeypatch.setenv(K.EXPERIMENTAL_ENV, "1")
+    assert K.experimental_enabled()
+    extra = K.EXPERIMENTAL_FWD_CONFIGS[("sm90", 2)] if K.RANGE_FLATTEN else []
+    assert K.autotuned_fwd("sm90", 2).configs == K.FWD_CONFIGS[("sm90", 2)] + extra
+    assert all(c.kwargs["PERSISTENT"] for c in extra)
+    assert K.autotuned_fwd("sm80", 2).configs == K.FWD_CONFIGS[("sm80", 2)]   # sm90 only
