@@ -53,7 +53,6 @@ def _fwd_tile(
 ):
     """One output tile of ``_lateral_fwd_kernel``: tile index ``pid`` (GROUP_M-swizzled), its K loop
     and its bias + top epilogue; the other arguments as there."""
-
     num_pid_m = tl.cdiv(M, BLOCK_M)
     num_pid_n = tl.cdiv(COUT, BLOCK_N)
     num_pid_in_group = GROUP_M * num_pid_n
