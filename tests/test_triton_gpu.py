@@ -149,52 +149,89 @@ def test_autotuning_keys_on_the_bucket_of_the_pixel_count(monkeypatch):
 _CONFIG_REL_ERR = {torch.float16: 2e-3, torch.bfloat16: 1.6e-2, torch.float32: 1e-5}
 
 
-@pytest.mark.parametrize("layout", ["nchw", "channels_last"])
-@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32], ids=str)
-def test_every_autotune_config_matches_the_reference(dtype, layout, monkeypatch, no_tf32):
-    """Each config of the forward list (forward with bias + top, and the backward's dx = dy . W^T),
-    of its experimental (persistent) configs and of the weight-gradient list, run alone through the
-    real launch path, on odd sizes: the autotuner may pick any of them, and the rest of the suite
-    runs with whichever it (or, with autotuning off, the list's first) picks."""
-    _require_backend()
-    from fused_fpn.kernels import lateral_kernels as K
-    from fused_fpn.kernels import lateral_launch as L
-    from fused_fpn.reference import lateral_backward_reference
-    from triton.runtime.errors import OutOfResources
+def _config_case(dtype, layout):
+    """Inputs and float64 results for checking one config: odd sizes, and more output tiles than SMs
+    (M = 19594: 154 tiles of 128 rows), so a persistent config's programs each walk several tiles."""
     g = torch.Generator().manual_seed(3)
-    # odd sizes, and more output tiles than SMs (M = 19594: 154 tiles of 128 rows), so a persistent
-    # config's programs each walk several tiles
     x = make_input((2, 72, 97, 101), dtype, "cuda", layout, g)
     w = (torch.randn((40, 72), generator=g) / 8).to("cuda", dtype)
     b = torch.randn((40,), generator=g).to("cuda", dtype)
     top = make_input((2, 40, 49, 51), dtype, "cuda", layout, g)
     grad = make_input((2, 40, 97, 101), dtype, "cuda", layout, g)
     f64 = [t.double() for t in (x, w, b, top, grad)]
-    y_ref = lateral_reference(*f64[:4])
+    from fused_fpn.reference import lateral_backward_reference
     dx_ref, dw_ref, _, _ = lateral_backward_reference(f64[4], f64[0], f64[1], (49, 51), (True, True, False, False))
+    return (x, w, b, top, grad), {"y": lateral_reference(*f64[:4]), "dx": dx_ref, "dW": dw_ref}
+
+
+def _check_config_alone(monkeypatch, lists, key, cfg, label, inputs, refs, dtype):
+    """Run ``cfg`` as the only config of ``lists[key]`` through the real launch path (forward with
+    bias + top and the backward's dx for the forward lists, dW for the weight-gradient list) and
+    compare with the float64 results. False if the config does not fit this GPU's shared memory."""
     from fused_fpn.backends import triton as tb
+    from triton.runtime.errors import OutOfResources
+    x, w, b, top, grad = inputs
     _, bwd = tb.ops()
-    key = (L._arch(x.device), x.element_size())
+    monkeypatch.setitem(lists, key, [cfg])
+    try:
+        if label == "forward":
+            got = {"y": fused_fpn.lateral(x, w, b, top, backend="triton"),
+                   "dx": bwd(grad, x, w, 49, 51, True, False, False, False)[0]}
+        else:
+            got = {"dW": bwd(grad, x, w, 49, 51, False, True, False, False)[1]}
+        torch.cuda.synchronize()
+    except OutOfResources:   # an sm80-list config on a part with less shared memory
+        return False
     bound = _CONFIG_REL_ERR[dtype]
-    ran, too_big = [], []
+    for name, tensor in got.items():
+        err = rel_err(tensor, refs[name])
+        assert err < bound, f"{label} config {cfg}: {name} relative error {err:.3g} >= {bound:g}"
+    return True
+
+
+@pytest.mark.parametrize("layout", ["nchw", "channels_last"])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32], ids=str)
+def test_every_autotune_config_matches_the_reference(dtype, layout, monkeypatch, no_tf32):
+    """Each config of the forward list (forward with bias + top, and the backward's dx = dy . W^T)
+    and of the weight-gradient list, run alone through the real launch path, on odd sizes: the
+    autotuner may pick any of them, and the rest of the suite runs with whichever it (or, with
+    autotuning off, the list's first) picks. The experimental configs: the next test."""
+    _require_backend()
+    from fused_fpn.kernels import lateral_kernels as K
+    from fused_fpn.kernels import lateral_launch as L
     monkeypatch.delenv(K.EXPERIMENTAL_ENV, raising=False)   # the list patched below is the whole list
-    for lists, every, label in ((K.FWD_CONFIGS, K.fwd_configs(*key, experimental=True), "forward"),
-                                (K.GRAD_WEIGHT_CONFIGS, K.GRAD_WEIGHT_CONFIGS[key], "weight gradient")):
-        for cfg in every:   # the forward's experimental (persistent) configs too
-            monkeypatch.setitem(lists, key, [cfg])
-            try:
-                if label == "forward":
-                    y = fused_fpn.lateral(x, w, b, top, backend="triton")
-                    dx = bwd(grad, x, w, 49, 51, True, False, False, False)[0]
-                    pairs = {"y": (y, y_ref), "dx": (dx, dx_ref)}
-                else:
-                    pairs = {"dW": (bwd(grad, x, w, 49, 51, False, True, False, False)[1], dw_ref)}
-                torch.cuda.synchronize()
-            except OutOfResources:   # an sm80-list config on a part with less shared memory
-                too_big.append(str(cfg))
-                continue
-            for name, (got, want) in pairs.items():
-                err = rel_err(got, want)
-                assert err < bound, f"{label} config {cfg}: {name} relative error {err:.3g} >= {bound:g}"
-            ran.append(str(cfg))
+    inputs, refs = _config_case(dtype, layout)
+    key = (L._arch(inputs[0].device), inputs[0].element_size())
+    ran, too_big = [], []
+    for lists, label in ((K.FWD_CONFIGS, "forward"), (K.GRAD_WEIGHT_CONFIGS, "weight gradient")):
+        for cfg in lists[key]:
+            fits = _check_config_alone(monkeypatch, lists, key, cfg, label, inputs, refs, dtype)
+            (ran if fits else too_big).append(str(cfg))
     assert ran, f"no config fits this GPU's shared memory: {too_big}"
+
+
+try:   # how many experimental configs there are to check (one test each)
+    from fused_fpn.kernels.lateral_kernels import EXPERIMENTAL_FWD_CONFIGS as _EXPERIMENTAL
+    _N_EXPERIMENTAL = max(len(configs) for configs in _EXPERIMENTAL.values())
+except ImportError:   # no triton: every test of this file skips anyway
+    _N_EXPERIMENTAL = 0
+
+
+@pytest.mark.parametrize("index", range(_N_EXPERIMENTAL))
+@pytest.mark.parametrize("layout", ["nchw", "channels_last"])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+def test_every_experimental_config_matches_the_reference(dtype, layout, index, monkeypatch):
+    """Each experimental (persistent) forward config alone, as the test above: forward and dx, on a
+    shape with more tiles than SMs (one test per config: a flattened persistent loop compiles slowly,
+    16-32 s per NCHW config on the 2-core dev machine)."""
+    _require_backend()
+    from fused_fpn.kernels import lateral_kernels as K
+    from fused_fpn.kernels import lateral_launch as L
+    inputs, refs = _config_case(dtype, layout)
+    key = (L._arch(inputs[0].device), inputs[0].element_size())
+    experimental = K.fwd_configs(*key, experimental=True)[len(K.FWD_CONFIGS[key]):]
+    if index >= len(experimental):
+        pytest.skip(f"{key}: {len(experimental)} experimental configs on this GPU / triton")
+    monkeypatch.delenv(K.EXPERIMENTAL_ENV, raising=False)
+    assert _check_config_alone(monkeypatch, K.FWD_CONFIGS, key, experimental[index], "forward", inputs, refs, dtype), \
+        f"experimental config {experimental[index]} does not fit this GPU's shared memory"
