@@ -12,7 +12,7 @@ among several sets, and the eager torchvision result) run by one *provider*:
                            it is only the interpreter)
     fused-triton-x         backend="triton" with FUSED_FPN_TRITON_EXPERIMENTAL=1 during its calls (the
                            forward autotunes over the experimental configs too); GPU only, and only when
-                           --bench-providers names it (e.g. "eager,fused-triton,fused-triton-x")
+                           --bench-providers names it exactly (e.g. "eager,fused-triton,fused-triton-x")
 
 The providers of one workload are measured together (``BenchRun``): parity first (each provider's
 output against eager, per-dtype tolerances; a provider that differs is FAILED-PARITY and is neither
@@ -277,8 +277,9 @@ EXPERIMENTAL_PROVIDER = "fused-triton-x"
 
 
 def wants_experimental(patterns: Optional[Sequence[str]]) -> bool:
-    """True when the --bench-providers patterns name the experimental provider (it is never a default)."""
-    return bool(patterns) and any(fnmatch.fnmatch(EXPERIMENTAL_PROVIDER, p) for p in patterns)
+    """True when --bench-providers names the experimental provider itself (it is never a default, and a
+    wildcard such as "fused-*" does not bring it in)."""
+    return bool(patterns) and EXPERIMENTAL_PROVIDER in patterns
 
 
 def with_experimental_configs(fn: Callable) -> Callable:
