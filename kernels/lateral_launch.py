@@ -4,9 +4,12 @@
 ``fused_fpn::triton_lateral`` and ``fused_fpn::triton_lateral_backward``
 (``fused_fpn/backends/triton.py``). They never copy an input (strides go to the kernels), never
 synchronize with the host and allocate only through torch (the caching allocator), so they are
-CUDA-graph safe once the autotuner has picked its configs. On a GPU every launch goes through
-``torch.library.wrap_triton`` so torch.compile sees the kernels; under TRITON_INTERPRET=1 (CPU
-tensors) the kernels run directly with one small fixed config.
+CUDA-graph safe once the autotuner has picked its configs. On a GPU every launch asks
+``torch.library.wrap_triton`` first: while torch.compile traces the op it returns a wrapper that
+records the launch (so torch.compile sees the kernels); in eager it returns the kernel, and an
+autotuned kernel whose key was tuned before is launched with the chosen config directly
+(``_launch_autotuned``). Under TRITON_INTERPRET=1 (CPU tensors) the kernels run directly with one
+small fixed config.
 """
 from __future__ import annotations
 
