@@ -189,49 +189,56 @@ def _check_config_alone(monkeypatch, lists, key, cfg, label, inputs, refs, dtype
     return True
 
 
+def _config_list(kind, key):
+    """The configs a per-config test walks: the forward list, the weight-gradient list, or the
+    forward's experimental configs (those ``fwd_configs(..., experimental=True)`` adds)."""
+    from fused_fpn.kernels import lateral_kernels as K
+    if kind == "forward":
+        return K.FWD_CONFIGS, K.FWD_CONFIGS.get(key, [])
+    if kind == "weight gradient":
+        return K.GRAD_WEIGHT_CONFIGS, K.GRAD_WEIGHT_CONFIGS.get(key, [])
+    return K.FWD_CONFIGS, K.fwd_configs(*key, experimental=True)[len(K.FWD_CONFIGS[key]):]
+
+
+def _config_params():
+    """(dtype, kind, index) for every config of every list, the longest of the two arches' lists for
+    each element size (a GPU whose list is shorter skips the indices past its end)."""
+    try:
+        from fused_fpn.kernels import lateral_kernels as K
+    except ImportError:   # no triton: every test of this file skips anyway
+        return []
+    params = []
+    for dtype in (torch.float16, torch.bfloat16, torch.float32):
+        eb = torch.empty((), dtype=dtype).element_size()
+        for kind, table in (("forward", K.FWD_CONFIGS), ("weight gradient", K.GRAD_WEIGHT_CONFIGS),
+                            ("experimental", K.EXPERIMENTAL_FWD_CONFIGS)):
+            longest = max((len(table.get((arch, eb), [])) for arch in ("sm90", "sm80")), default=0)
+            params += [pytest.param(dtype, kind, i, id=f"{str(dtype)[6:]}-{kind.replace(' ', '_')}-{i}")
+                       for i in range(longest)]
+    return params
+
+
 @pytest.mark.parametrize("layout", ["nchw", "channels_last"])
-@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32], ids=str)
-def test_every_autotune_config_matches_the_reference(dtype, layout, monkeypatch, no_tf32):
-    """Each config of the forward list (forward with bias + top, and the backward's dx = dy . W^T)
-    and of the weight-gradient list, run alone through the real launch path, on odd sizes: the
-    autotuner may pick any of them, and the rest of the suite runs with whichever it (or, with
-    autotuning off, the list's first) picks. The experimental configs: the next test."""
+@pytest.mark.parametrize("dtype,kind,index", _config_params())
+def test_every_autotune_config_matches_the_reference(dtype, layout, kind, index, monkeypatch, no_tf32):
+    """Each config of the forward list (forward with bias + top, and the backward's dx = dy . W^T), of
+    the weight-gradient list and of the forward's experimental (persistent) configs, run alone through
+    the real launch path against the float64 results: the autotuner may pick any of them, and the rest
+    of the suite runs with whichever it (or, with autotuning off, the list's first) picks. One test per
+    config, so that each test compiles one or two kernels (a flattened persistent loop compiles
+    slowly: 16-32 s per NCHW config on the 2-core dev machine)."""
     _require_backend()
     from fused_fpn.kernels import lateral_kernels as K
     from fused_fpn.kernels import lateral_launch as L
-    monkeypatch.delenv(K.EXPERIMENTAL_ENV, raising=False)   # the list patched below is the whole list
+    key = (L._arch(torch.device("cuda")), torch.empty((), dtype=dtype).element_size())
+    lists, configs = _config_list(kind, key)
+    if index >= len(configs):
+        pytest.skip(f"{kind} {key}: {len(configs)} configs")
+    monkeypatch.delenv(K.EXPERIMENTAL_ENV, raising=False)   # the list patched is then the whole list
     inputs, refs = _config_case(dtype, layout)
-    key = (L._arch(inputs[0].device), inputs[0].element_size())
-    ran, too_big = [], []
-    for lists, label in ((K.FWD_CONFIGS, "forward"), (K.GRAD_WEIGHT_CONFIGS, "weight gradient")):
-        for cfg in lists[key]:
-            fits = _check_config_alone(monkeypatch, lists, key, cfg, label, inputs, refs, dtype)
-            (ran if fits else too_big).append(str(cfg))
-    assert ran, f"no config fits this GPU's shared memory: {too_big}"
-
-
-try:   # how many experimental configs there are to check (one test each)
-    from fused_fpn.kernels.lateral_kernels import EXPERIMENTAL_FWD_CONFIGS as _EXPERIMENTAL
-    _N_EXPERIMENTAL = max(len(configs) for configs in _EXPERIMENTAL.values())
-except ImportError:   # no triton: every test of this file skips anyway
-    _N_EXPERIMENTAL = 0
-
-
-@pytest.mark.parametrize("index", range(_N_EXPERIMENTAL))
-@pytest.mark.parametrize("layout", ["nchw", "channels_last"])
-@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
-def test_every_experimental_config_matches_the_reference(dtype, layout, index, monkeypatch):
-    """Each experimental (persistent) forward config alone, as the test above: forward and dx, on a
-    shape with more tiles than SMs (one test per config: a flattened persistent loop compiles slowly,
-    16-32 s per NCHW config on the 2-core dev machine)."""
-    _require_backend()
-    from fused_fpn.kernels import lateral_kernels as K
-    from fused_fpn.kernels import lateral_launch as L
-    inputs, refs = _config_case(dtype, layout)
-    key = (L._arch(inputs[0].device), inputs[0].element_size())
-    experimental = K.fwd_configs(*key, experimental=True)[len(K.FWD_CONFIGS[key]):]
-    if index >= len(experimental):
-        pytest.skip(f"{key}: {len(experimental)} experimental configs on this GPU / triton")
-    monkeypatch.delenv(K.EXPERIMENTAL_ENV, raising=False)
-    assert _check_config_alone(monkeypatch, K.FWD_CONFIGS, key, experimental[index], "forward", inputs, refs, dtype), \
-        f"experimental config {experimental[index]} does not fit this GPU's shared memory"
+    cfg = configs[index]
+    label = "weight gradient" if kind == "weight gradient" else "forward"
+    fits = _check_config_alone(monkeypatch, lists, key, cfg, label, inputs, refs, dtype)
+    if not fits and key[0] == "sm80":   # an sm80-list config on a part with less shared memory
+        pytest.skip(f"{cfg} does not fit this GPU's shared memory")
+    assert fits, f"{kind} config {cfg} does not fit this {key[0]} GPU's shared memory"
