@@ -180,8 +180,8 @@ def gemm_epilogue(inp: torch.Tensor, weight: torch.Tensor, bias, top, out: torch
         grid = (cdiv(m, cfg["BLOCK_M"]) * cdiv(cout, cfg["BLOCK_N"]),)
         _launch(K._lateral_fwd_kernel, grid, args, dict(meta, **cfg))
     else:
-        kernel = K.autotuned_fwd(_arch(inp.device), inp.element_size())
-        sms = _device_facts(inp.device)[1]
+        arch, sms = _device_facts(inp.device)
+        kernel = K.autotuned_fwd(arch, inp.element_size())
 
         def grid(meta):   # one program per output tile; persistent configs: at most one per SM
             tiles = cdiv(m, meta["BLOCK_M"]) * cdiv(cout, meta["BLOCK_N"])
