@@ -401,9 +401,16 @@ EXPERIMENTAL_FWD_CONFIGS = {
 EXPERIMENTAL_ENV = "FUSED_FPN_TRITON_EXPERIMENTAL"
 
 
+def _env_flag(name: str, default: bool) -> bool:
+    """An on/off environment switch, read now: a switch that defaults to on is off only for
+    0 / false / off / no, one that defaults to off is on only for 1 / true / on / yes."""
+    value = os.environ.get(name, "").strip().lower()
+    return value not in ("0", "false", "off", "no") if default else value in ("1", "true", "on", "yes")
+
+
 def experimental_enabled() -> bool:
     """True when FUSED_FPN_TRITON_EXPERIMENTAL is 1 / true / on / yes (read at each launch)."""
-    return os.environ.get(EXPERIMENTAL_ENV, "0").strip().lower() in ("1", "true", "on", "yes")
+    return _env_flag(EXPERIMENTAL_ENV, default=False)
 
 
 def fwd_configs(arch: str, elem_bytes: int, experimental: bool = False):
@@ -469,7 +476,7 @@ def autotune_enabled() -> bool:
     """False when FUSED_FPN_TRITON_AUTOTUNE is 0 / false / off / no: every launch then takes the first
     config of its list (no benchmarking, one compile per specialization instead of one per config;
     read at each launch)."""
-    return os.environ.get(AUTOTUNE_ENV, "1").strip().lower() not in ("0", "false", "off", "no")
+    return _env_flag(AUTOTUNE_ENV, default=True)
 
 
 _autotuned = {}
