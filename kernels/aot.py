@@ -103,7 +103,7 @@ def dx_args(dtype: str, layout: str):
     """The forward kernel as the backward's dx = dy . W: W^T through swapped strides, no epilogue."""
     args = fwd_args(dtype, layout)
     args.update(swn=1, swk=256, sb=0, HT=1, WT=1, stn=0, stc=0, sth=0, stw=0,
-                TUNE_KEY=args["TUNE_KEY"] - 4)   # W^T: the Cin stride is not 1
+                TUNE_KEY=K.tune_key(args["M"], args["sxc"] == 1, args["soc"] == 1, False))   # W^T: swk != 1
     return args
 
 
