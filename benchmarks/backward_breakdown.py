@@ -108,16 +108,11 @@ def run_level(i: int, shapes: harness.Shapes, dtype: torch.dtype, layout: str, b
     top_hw = shapes.level_hw(i + 1) if i + 1 < shapes.levels else None
     g = torch.Generator().manual_seed(i)
     weight = (torch.randn((cout, cin), generator=g) / cin ** 0.5).to("cuda", dtype)
-    elem = weight.element_size()
-    nbytes = piece_bytes(n, cin, h, w, cout, top_hw, elem)
-    per_set = (n * cin * h * w + n * cout * h * w) * elem
-    k = harness.num_input_sets(per_set, harness.cache_bytes("cuda"), harness.GPU_TIMING.set_bytes_cap,
-                               harness.GPU_TIMING.max_sets)
-    sets = []
-    for _ in range(k):
-        x = harness._fmt(torch.randn((n, cin, h, w), device="cuda", dtype=dtype), layout)
-        dy = harness._fmt(torch.randn((n, cout, h, w), device="cuda", dtype=dtype), layout)
-        sets.append((x, dy))
+    nbytes = piece_bytes(n, cin, h, w, cout, top_hw, weight.element_size())
+    sets, _ = harness.rotated_input_sets(
+        lambda: (harness._fmt(torch.randn((n, cin, h, w), device="cuda", dtype=dtype), layout),
+                 harness._fmt(torch.randn((n, cout, h, w), device="cuda", dtype=dtype), layout)),
+        "cuda", harness.GPU_TIMING)
     pieces = level_pieces(backends, cout, top_hw, weight)
     fns = {f"{provider}: {piece}": fn for provider, piece, fn in pieces}
     timings = harness.time_interleaved(fns, sets, "cuda", harness.GPU_TIMING, graphs=graphs)

@@ -718,6 +718,15 @@ def num_input_sets(set_bytes: int, cache: int, cap_bytes: int, max_sets: int) ->
     return int(max(1, min(want, fit, max_sets)))
 
 
+def rotated_input_sets(make_one: Callable[[], tuple], device: str, t: TimingConfig) -> Tuple[List[tuple], int]:
+    """(sets, bytes of one set): ``make_one()`` called ``num_input_sets`` times, so that timed calls
+    rotating through the sets never find their inputs in the last-level cache."""
+    first = make_one()
+    set_bytes = sum(x.numel() * x.element_size() for x in _flat_tensors(first))
+    n = num_input_sets(set_bytes, cache_bytes(device), t.set_bytes_cap, t.max_sets)
+    return [first] + [make_one() for _ in range(n - 1)], set_bytes
+
+
 # --------------------------------------------------------------------------------------------
 # Workloads
 # --------------------------------------------------------------------------------------------
@@ -817,11 +826,7 @@ class Workload:
         return t.to(dtype=self.dtype)
 
     def make_sets(self, make_one: Callable[[], tuple]) -> None:
-        first = make_one()
-        self.set_bytes = sum(t.numel() * t.element_size() for t in _flat_tensors(first))
-        n = num_input_sets(self.set_bytes, cache_bytes(self.device), self.cfg.timing.set_bytes_cap,
-                           self.cfg.timing.max_sets)
-        self.input_sets = [first] + [make_one() for _ in range(n - 1)]
+        self.input_sets, self.set_bytes = rotated_input_sets(make_one, self.device, self.cfg.timing)
 
     def provider_fn(self, provider: str) -> Callable:
         raise NotImplementedError
