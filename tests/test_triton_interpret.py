@@ -456,6 +456,18 @@ def test_autotuned_launches_reuse_the_chosen_config_without_the_autotuner(monkey
     assert wrapped == [tuner]
 
 
+def _compiled_branch_on_the_interpreter(monkeypatch, sms):
+    """Make the launchers take their compiled-kernel branch on CPU tensors (the interpreter runs the
+    kernels): an sm90 device with ``sms`` multiprocessors, autotuning off (the autotuner times with
+    CUDA events), and an empty table of chosen configs."""
+    from fused_fpn.kernels import lateral_kernels as K
+    from fused_fpn.kernels import lateral_launch as L
+    monkeypatch.setattr(L, "interpreting", lambda: False)
+    monkeypatch.setattr(L, "_device_facts", lambda device: ("sm90", sms))
+    monkeypatch.setattr(L, "_CHOSEN", {})
+    monkeypatch.setenv(K.AUTOTUNE_ENV, "0")
+
+
 @pytest.mark.skipif(HAS_CUDA, reason="on a GPU the whole suite runs this launch path for real")
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
 @pytest.mark.parametrize("layout", ["nchw", "channels_last"])
@@ -467,9 +479,7 @@ def test_the_gpu_launch_path_on_interpreted_kernels(dtype, layout, monkeypatch):
     from fused_fpn.kernels import lateral_kernels as K
     from fused_fpn.kernels import lateral_launch as L
     from fused_fpn.reference import lateral_backward_reference
-    monkeypatch.setattr(L, "interpreting", lambda: False)
-    monkeypatch.setattr(L, "_device_facts", lambda device: ("sm90", 132))
-    monkeypatch.setenv(K.AUTOTUNE_ENV, "0")   # no benchmarking (it times with CUDA events)
+    _compiled_branch_on_the_interpreter(monkeypatch, sms=132)
     g = torch.Generator().manual_seed(5)
     x = make_input((2, 19, 7, 9), dtype, "cpu", layout, g)
     w = (torch.randn((21, 19), generator=g) / 4).to(dtype)
@@ -479,7 +489,6 @@ def test_the_gpu_launch_path_on_interpreted_kernels(dtype, layout, monkeypatch):
     f64 = [t.double() for t in (x, w, b, top, grad)]
     y_ref = lateral_reference(*f64[:4])
     grads_ref = lateral_backward_reference(f64[4], f64[0], f64[1], (4, 5), (True,) * 4)
-    monkeypatch.setattr(L, "_CHOSEN", {})
     for attempt in ("autotuner", "fast path"):
         y = L.lateral_forward(x, w, b, top)
         assert_close_to_reference(y, y_ref, dtype)
@@ -519,11 +528,8 @@ def test_persistent_forward_walks_every_tile(layout, monkeypatch):
     if not K.RANGE_FLATTEN:
         pytest.skip("this triton has no tl.range(flatten=...): no persistent configs")
     small = K._cfg(16, 16, 16, 4, 2, group_m=2, persistent=True)
-    monkeypatch.setattr(L, "interpreting", lambda: False)
-    monkeypatch.setattr(L, "_device_facts", lambda device: ("sm90", 3))   # 3 "SMs": 3 programs
-    monkeypatch.setattr(L, "_CHOSEN", {})
+    _compiled_branch_on_the_interpreter(monkeypatch, sms=3)   # 3 "SMs": 3 programs
     monkeypatch.setitem(K.FWD_CONFIGS, ("sm90", 4), [small])
-    monkeypatch.setenv(K.AUTOTUNE_ENV, "0")
     g = torch.Generator().manual_seed(9)
     x = make_input((2, 19, 7, 9), torch.float32, "cpu", layout, g)     # M = 126: 8 row tiles x 3 column tiles
     w = torch.randn((37, 19), generator=g) / 4
