@@ -27,6 +27,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <array>
 #include <vector>
 
 #include "../lateral_common.h"
@@ -141,14 +142,16 @@ at::Tensor lateral_cpu(const at::Tensor& x, const at::Tensor& weight, const c10:
   TORCH_CHECK(dtype == at::kFloat || dtype == at::kDouble || dtype == at::kBFloat16 || dtype == at::kHalf,
               "fused_fpn::lateral (CPU kernel): x dtype must be float32, float64, bfloat16 or float16, got ", dtype);
   const auto fmt = output_memory_format(x);
-  const bool empty = x.size(0) == 0 || weight.size(0) == 0 || x.size(2) == 0 || x.size(3) == 0;
-  if (empty) return at::empty({x.size(0), weight.size(0), x.size(2), x.size(3)}, x.options().memory_format(fmt));
+  const std::array<int64_t, 4> out_sizes{x.size(0), weight.size(0), x.size(2), x.size(3)};
+  if (std::find(out_sizes.begin(), out_sizes.end(), 0) != out_sizes.end()) {
+    return at::empty(out_sizes, x.options().memory_format(fmt));
+  }
   const at::Tensor w4 = weight.contiguous().view({weight.size(0), weight.size(1), 1, 1});
   if (!top.has_value() && x.size(1) > 0) {
     // Nothing to gather: y = conv1x1(x) + bias is ATen's convolution itself (one pass, bias fused).
     return at::conv2d(x, w4, bias).contiguous(fmt);
   }
-  at::Tensor out = at::empty({x.size(0), weight.size(0), x.size(2), x.size(3)}, x.options().memory_format(fmt));
+  at::Tensor out = at::empty(out_sizes, x.options().memory_format(fmt));
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, dtype, "fused_fpn_lateral_cpu",
                                   [&] { lateral_cpu_impl<scalar_t>(x, w4, bias, top, out); });
   return out;
