@@ -4,7 +4,9 @@
 
 compiles each config of each kernel with ``triton.compile(ASTSource(fn, signature, constexprs),
 target=GPUTarget("cuda", arch, 32))`` and reports, per compile: kernel, arch, dtype, layout, config,
-shared memory (bytes, from the compiled metadata), whether the PTX uses wgmma, or the error.
+shared memory (bytes, from the compiled metadata), whether the PTX uses wgmma, how many async
+global-to-shared copies the TTGIR has (``async_copies``: 0 means the software pipeliner left the
+loads synchronous), or the error.
 Run it in a process where TRITON_INTERPRET is NOT set (``@triton.jit`` then yields JITFunctions,
 which the compiler needs); tests/test_triton_aot.py does that in a subprocess.
 
@@ -176,11 +178,12 @@ def compile_job(job: dict) -> dict:
                                   options=dict(num_warps=job["num_warps"], num_stages=job["num_stages"]))
         meta = compiled.metadata
         shared = meta["shared"] if isinstance(meta, dict) else meta.shared
-        ptx = compiled.asm.get("ptx", "")
+        ptx, ttgir = compiled.asm.get("ptx", ""), compiled.asm.get("ttgir", "")
         result.update(ok=True, shared=int(shared), wgmma="wgmma" in ptx, mma="mma." in ptx,
+                      async_copies=ttgir.count("async_copy_global_to_local") + ttgir.count("async_tma_copy"),
                       has_cubin=bool(compiled.asm.get("cubin")), error=None)
     except Exception as exc:  # noqa: BLE001 - reported, the test fails on it
-        result.update(ok=False, shared=None, wgmma=False, mma=False, has_cubin=False,
+        result.update(ok=False, shared=None, wgmma=False, mma=False, async_copies=0, has_cubin=False,
                       error=f"{type(exc).__name__}: {exc}"[:2000])
     result["seconds"] = round(time.time() - t0, 2)
     return result

@@ -36,6 +36,20 @@ USE_INPUT_PRECISION = "input_precision" in inspect.signature(tl.dot).parameters
 RANGE_FLATTEN = "flatten" in inspect.signature(tl.range.__init__).parameters
 
 
+def _triton_version() -> tuple:
+    """(major, minor) of the installed triton ("3.6.0" -> (3, 6))."""
+    return tuple(int(part) for part in triton.__version__.split(".")[:2])
+
+
+# The flattened persistent loop is worth offering only where triton software-pipelines it. Compiled
+# for sm_90 ahead of time (kernels/aot.py, fp16 128x256x64, 8 warps, 3 stages), triton 3.7.0 and
+# 3.8.0 give the flattened loop 3-stage async-copy buffers (180224 B of shared memory), while triton
+# 3.6.0 (the H100/H200 image's) flattens it but pipelines nothing: one synchronous stage, 49152 B,
+# no async copies; its unflattened inner K loop does get 3 stages. tests/test_triton_aot.py checks
+# that every compiled config of the installed triton is pipelined.
+PERSISTENT_LOOP_PIPELINES = RANGE_FLATTEN and _triton_version() >= (3, 7)
+
+
 @triton.jit
 def _fwd_tile(
     pid,
@@ -162,7 +176,7 @@ def _lateral_fwd_kernel(
     TUNE_KEY is not read by the kernel: it is the autotuner's key (``tune_key``: the power-of-two
     bucket of M and the layout bits), so a new image size re-tunes only when it changes bucket.
     """
-    if PERSISTENT:   # only offered where RANGE_FLATTEN (EXPERIMENTAL_FWD_CONFIGS)
+    if PERSISTENT:   # only offered where PERSISTENT_LOOP_PIPELINES (EXPERIMENTAL_FWD_CONFIGS)
         num_tiles = tl.cdiv(M, BLOCK_M) * tl.cdiv(COUT, BLOCK_N)
         for tile in tl.range(tl.program_id(0), num_tiles, tl.num_programs(0), flatten=True):
             _fwd_tile(tile, x_ptr, w_ptr, b_ptr, top_ptr, out_ptr, M, HW, W_, CIN, COUT, HT, WT, scale_h, scale_w,
@@ -383,8 +397,8 @@ FWD_CONFIGS = {
 INTERPRET_FWD = {"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 32, "GROUP_M": 4, "PERSISTENT": False}
 
 # Experimental forward configs, offered to the autotuner only with FUSED_FPN_TRITON_EXPERIMENTAL=1
-# (``experimental_enabled``) and where tl.range has flatten: persistent programs (one per SM) whose
-# tile loop is flattened with the K loop. The lateral levels are short GEMMs (K = Cin = 256 on P2:
+# (``experimental_enabled``) and where triton pipelines a flattened loop (PERSISTENT_LOOP_PIPELINES,
+# triton >= 3.7): persistent programs (one per SM) whose tile loop is flattened with the K loop. The lateral levels are short GEMMs (K = Cin = 256 on P2:
 # 4 K steps of 64) with a large epilogue (top gather + store of a 128 x 256 tile); with one CTA per
 # SM the next tile's x loads wait for this tile's epilogue, and a flattened persistent loop can
 # overlap them. Not in the default lists until a GPU run has checked them (tests/test_triton_gpu.py
@@ -415,8 +429,9 @@ def experimental_enabled() -> bool:
 
 def fwd_configs(arch: str, elem_bytes: int, experimental: bool = False):
     """The forward's config list for (arch, elem_bytes), plus EXPERIMENTAL_FWD_CONFIGS when
-    ``experimental`` and this triton has tl.range(flatten=...)."""
-    extra = EXPERIMENTAL_FWD_CONFIGS.get((arch, elem_bytes), []) if experimental and RANGE_FLATTEN else []
+    ``experimental`` and this triton pipelines the flattened persistent loop (PERSISTENT_LOOP_PIPELINES)."""
+    extra = (EXPERIMENTAL_FWD_CONFIGS.get((arch, elem_bytes), [])
+             if experimental and PERSISTENT_LOOP_PIPELINES else [])
     return FWD_CONFIGS[(arch, elem_bytes)] + extra
 
 
