@@ -20,6 +20,12 @@
 #          backward piece per level (eager's, cuda's, triton's) against the bytes it must move, eager
 #          calls then CUDA-graph replays -> OUT_DIR/breakdown.txt and the summary; GPU_RUN_BREAKDOWN_TIMEOUT
 #          s (default 240; the triton pieces autotune on their first call)
+#   ncu    (not in the default steps) benchmarks/kernel_profile.py under Nsight Compute: hardware counters
+#          (duration, DRAM bytes and throughput, SM throughput, occupancy, registers, shared memory, L2
+#          hit rate, warp stall reasons) of each provider's forward kernels on GPU_RUN_NCU_LEVELS (default
+#          P2,P5), clocks left alone -> OUT_DIR/ncu.txt and the summary, raw CSV in the logs;
+#          GPU_RUN_NCU_TIMEOUT s per run (default 300). ncu reads counters on the Firecracker machines
+#          only (the device notes, KINDS.md); elsewhere the step fails and says so in logs/ncu.log
 # then OUT_DIR/summary.txt (step statuses, the overhead rows, the results table), printed last, and
 # OUT_DIR/logs.tar.gz (the logs folder, packed so that OUT_DIR holds 5 files: the device tool
 # returns at most 8).
@@ -174,6 +180,29 @@ if want breakdown; then
     record breakdown $?
 fi
 
+# ---- ncu: hardware counters of the forward kernels (opt-in: GPU_RUN_STEPS=...,ncu)
+if want ncu; then
+    NCU=${NCU:-$(command -v ncu || ls -d /opt/nvidia/nsight-compute/*/ncu 2>/dev/null | tail -1)}
+    levels=(--levels "${GPU_RUN_NCU_LEVELS:-P2,P5}")
+    ncu_timeout=${GPU_RUN_NCU_TIMEOUT:-300}
+    note "ncu: benchmarks/kernel_profile.py under ${NCU:-ncu (not found)} -> $OUT/ncu.txt"
+    rc=1
+    if [ -n "$NCU" ]; then
+        read -ra ncu_opts < <("$PY" benchmarks/kernel_profile.py --ncu-args)
+        timeout -s INT -k 10 "$ncu_timeout" "$PY" benchmarks/kernel_profile.py "${levels[@]}" \
+            --plan "$OUT/logs/ncu_plan.json" > "$OUT/logs/ncu_plan.txt" 2>&1 \
+        && timeout -s INT -k 10 "$ncu_timeout" "$NCU" "${ncu_opts[@]}" "$PY" benchmarks/kernel_profile.py \
+            "${levels[@]}" > "$OUT/logs/ncu_raw.csv" 2> "$OUT/logs/ncu.log" \
+        && "$PY" benchmarks/kernel_profile.py --summarize "$OUT/logs/ncu_raw.csv" --plan "$OUT/logs/ncu_plan.json" \
+            > "$OUT/ncu.txt" 2>&1
+        rc=$?
+    else
+        echo "ncu not found (PATH, /opt/nvidia/nsight-compute/*/ncu); NCU=... names it" > "$OUT/logs/ncu.log"
+    fi
+    if [ "$rc" -ne 0 ]; then tail -20 "$OUT/logs/ncu.log" "$OUT/logs/ncu_plan.txt" 2>/dev/null; fi
+    record ncu $rc
+fi
+
 # ---- summary: statuses, then the table (printed last)
 {
     echo "gpu_run.sh summary ($(($(date +%s) - T0)) s in all)"
@@ -181,6 +210,7 @@ fi
     if [ -f "$OUT/logs/tests.log" ]; then echo "tests: $(tail -1 "$OUT/logs/tests.log")"; fi
     if [ -f "$OUT/overhead.tmp" ]; then echo; cat "$OUT/overhead.tmp"; fi
     if [ -f "$OUT/breakdown.txt" ]; then echo; cat "$OUT/breakdown.txt"; fi
+    if [ -f "$OUT/ncu.txt" ]; then echo; cat "$OUT/ncu.txt"; fi
     if [ -f "$OUT/logs/bench.log" ]; then
         echo
         sed -n '/fused_fpn benchmark results/,$p' "$OUT/logs/bench.log"
