@@ -282,16 +282,6 @@ def wants_experimental(patterns: Optional[Sequence[str]]) -> bool:
     return bool(patterns) and EXPERIMENTAL_PROVIDER in patterns
 
 
-def experimental_unavailable() -> Optional[str]:
-    """Why the experimental provider cannot run with this triton, or None: its configs exist only
-    where triton software-pipelines the flattened persistent loop (PERSISTENT_LOOP_PIPELINES)."""
-    from fused_fpn.kernels import lateral_kernels as K
-    if K.PERSISTENT_LOOP_PIPELINES:
-        return None
-    return (f"triton {K.triton.__version__} does not software-pipeline the flattened persistent loop, so "
-            f"there are no experimental configs (kernels/lateral_kernels.py: PERSISTENT_LOOP_PIPELINES)")
-
-
 def with_experimental_configs(fn: Callable) -> Callable:
     """fn with FUSED_FPN_TRITON_EXPERIMENTAL=1 set during each call (the Triton launcher reads it at
     each launch), and the previous value restored after it."""
@@ -1244,9 +1234,6 @@ class BenchRun:
         for p, rec in recs.items():
             self._pending[p] = (rec, None, None)
             rec.shape = getattr(w, "shape_desc", "")
-            if p == EXPERIMENTAL_PROVIDER and experimental_unavailable():
-                rec.status, rec.message = NOT_RUN, experimental_unavailable()
-                continue
             try:
                 if p == EXPERIMENTAL_PROVIDER:
                     fn = with_experimental_configs(w.provider_fn("fused-triton"))

@@ -32,56 +32,27 @@ import triton.language as tl
 # tl.dot spells the fp32 precision choice `input_precision` (triton >= 3.0) or `allow_tf32` (older):
 # passed to the kernels as the USE_INPUT_PRECISION constexpr.
 USE_INPUT_PRECISION = "input_precision" in inspect.signature(tl.dot).parameters
-# tl.range(..., flatten=True): the persistent forward configs need it (EXPERIMENTAL_FWD_CONFIGS).
-RANGE_FLATTEN = "flatten" in inspect.signature(tl.range.__init__).parameters
-
-
-def _triton_version() -> tuple:
-    """(major, minor) of the installed triton ("3.6.0" -> (3, 6))."""
-    return tuple(int(part) for part in triton.__version__.split(".")[:2])
-
-
-# The flattened persistent loop is worth offering only where triton software-pipelines it. Compiled
-# for sm_90 ahead of time (kernels/aot.py, fp16 128x256x64, 8 warps, 3 stages), triton 3.7.0 and
-# 3.8.0 give the flattened loop 3-stage async-copy buffers (180224 B of shared memory), while triton
-# 3.6.0 (the H100/H200 image's) flattens it but pipelines nothing: one synchronous stage, 49152 B,
-# no async copies; its unflattened inner K loop does get 3 stages. tests/test_triton_aot.py checks
-# that every compiled config of the installed triton is pipelined.
-PERSISTENT_LOOP_PIPELINES = RANGE_FLATTEN and _triton_version() >= (3, 7)
-
-
 @triton.jit
-def _fwd_tile(
-    pid,
-    x_ptr, w_ptr, b_ptr, top_ptr, out_ptr,
-    M, HW, W_, CIN, COUT, HT, WT,
-    scale_h, scale_w,
-    sxn, sxc, sxh, sxw,
-    swn, swk,
-    sb,
-    stn, stc, sth, stw,
-    son, soc, soh, sow,
-    HAS_BIAS: tl.constexpr, HAS_TOP: tl.constexpr, X_FLAT: tl.constexpr, O_FLAT: tl.constexpr,
-    ALLOW_TF32: tl.constexpr, USE_INPUT_PRECISION: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
-):
-    """One output tile of ``_lateral_fwd_kernel``: tile index ``pid`` (GROUP_M-swizzled), its K loop
-    and its bias + top epilogue; the other arguments as there."""
+def _tile_pids(tile, M, COUT, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr):
+    """(row tile, column tile) of output tile ``tile``: tiles are numbered in groups of GROUP_M row
+    tiles that walk the COUT tiles together (their x rows stay in L2, a weight tile serves GROUP_M)."""
     num_pid_m = tl.cdiv(M, BLOCK_M)
     num_pid_n = tl.cdiv(COUT, BLOCK_N)
     num_pid_in_group = GROUP_M * num_pid_n
-    group_id = pid // num_pid_in_group
+    group_id = tile // num_pid_in_group
     first_pid_m = group_id * GROUP_M
     group_size_m = tl.minimum(num_pid_m - first_pid_m, GROUP_M)
-    pid_m = first_pid_m + ((pid % num_pid_in_group) % group_size_m)
-    pid_n = (pid % num_pid_in_group) // group_size_m
+    pid_m = first_pid_m + ((tile % num_pid_in_group) % group_size_m)
+    pid_n = (tile % num_pid_in_group) // group_size_m
+    return pid_m, pid_n
 
+
+@triton.jit
+def _tile_rows(pid_m, M, HW, W_, sxn, sxh, sxw, X_FLAT: tl.constexpr, BLOCK_M: tl.constexpr):
+    """The BLOCK_M pixels m = (n, h, w) of row tile pid_m: (offs_m, mask_m, n64, rem = h*W + w, h, w,
+    x_row = int64 offset of pixel m in x). Masked rows past M are never dereferenced."""
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    offs_k = tl.arange(0, BLOCK_K)
     mask_m = offs_m < M
-    mask_n = offs_n < COUT
-    # pixel index -> (n, h, w); masked rows past M are never dereferenced
     n_idx = offs_m // HW
     rem = offs_m % HW
     h_idx = rem // W_
@@ -91,25 +62,33 @@ def _fwd_tile(
         x_row = n64 * sxn + rem.to(tl.int64) * sxw
     else:
         x_row = n64 * sxn + h_idx.to(tl.int64) * sxh + w_idx.to(tl.int64) * sxw
-    w_col = offs_n.to(tl.int64) * swn
+    return offs_m, mask_m, n64, rem, h_idx, w_idx, x_row
 
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for k0 in range(0, CIN, BLOCK_K):
-        kk = k0 + offs_k
-        mask_k = kk < CIN
-        kk64 = kk.to(tl.int64)
-        a = tl.load(x_ptr + (x_row[:, None] + (kk64 * sxc)[None, :]),
-                    mask=mask_m[:, None] & mask_k[None, :], other=0.0)
-        b = tl.load(w_ptr + ((kk64 * swk)[:, None] + w_col[None, :]),
-                    mask=mask_k[:, None] & mask_n[None, :], other=0.0)
-        if USE_INPUT_PRECISION:
-            if ALLOW_TF32:
-                acc = tl.dot(a, b, acc, input_precision="tf32")
-            else:
-                acc = tl.dot(a, b, acc, input_precision="ieee")
+
+@triton.jit
+def _fwd_k_step(acc, k0, x_ptr, w_ptr, x_row, w_col, mask_m, mask_n, CIN, sxc, swk,
+                ALLOW_TF32: tl.constexpr, USE_INPUT_PRECISION: tl.constexpr, BLOCK_K: tl.constexpr):
+    """acc += x[rows, k0:k0+BLOCK_K] . W^T[k0:k0+BLOCK_K, cols] (fp32 accumulation; K tail masked)."""
+    kk = k0 + tl.arange(0, BLOCK_K)
+    mask_k = kk < CIN
+    kk64 = kk.to(tl.int64)
+    a = tl.load(x_ptr + (x_row[:, None] + (kk64 * sxc)[None, :]), mask=mask_m[:, None] & mask_k[None, :], other=0.0)
+    b = tl.load(w_ptr + ((kk64 * swk)[:, None] + w_col[None, :]), mask=mask_k[:, None] & mask_n[None, :], other=0.0)
+    if USE_INPUT_PRECISION:
+        if ALLOW_TF32:
+            acc = tl.dot(a, b, acc, input_precision="tf32")
         else:
-            acc = tl.dot(a, b, acc, allow_tf32=ALLOW_TF32)
+            acc = tl.dot(a, b, acc, input_precision="ieee")
+    else:
+        acc = tl.dot(a, b, acc, allow_tf32=ALLOW_TF32)
+    return acc
 
+
+@triton.jit
+def _fwd_epilogue(acc, offs_n, mask_m, mask_n, n64, rem, h_idx, w_idx,
+                  b_ptr, top_ptr, out_ptr, HT, WT, scale_h, scale_w, sb, stn, stc, sth, stw, son, soc, soh, sow,
+                  HAS_BIAS: tl.constexpr, HAS_TOP: tl.constexpr, O_FLAT: tl.constexpr):
+    """out[rows, cols] = acc + b[cols] + top[n, cols, sh(h), sw(w)], stored in out's dtype."""
     mask = mask_m[:, None] & mask_n[None, :]
     offs_n64 = offs_n.to(tl.int64)
     if HAS_BIAS:
@@ -126,8 +105,7 @@ def _fwd_tile(
         o_row = n64 * son + rem.to(tl.int64) * sow
     else:
         o_row = n64 * son + h_idx.to(tl.int64) * soh + w_idx.to(tl.int64) * sow
-    tl.store(out_ptr + (o_row[:, None] + (offs_n64 * soc)[None, :]),
-             acc.to(out_ptr.dtype.element_ty), mask=mask)
+    tl.store(out_ptr + (o_row[:, None] + (offs_n64 * soc)[None, :]), acc.to(out_ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit(do_not_specialize=["TUNE_KEY"])
@@ -169,23 +147,49 @@ def _lateral_fwd_kernel(
         older triton, ``allow_tf32``; the host picks the one this triton understands.
       BLOCK_M/N/K, GROUP_M: tile shape and swizzle group (autotuned per problem shape).
       PERSISTENT: the grid is smaller than the number of output tiles and each program walks tiles
-        pid, pid + num_programs, ... (the host sizes the grid from the SM count) in a loop that
-        tl.range(flatten=True) merges with the K loop, so the software pipeliner can issue the next
-        tile's loads during this tile's epilogue; otherwise one program per tile.
+        pid, pid + num_programs, ... (the host sizes the grid from the SM count) in one loop over its
+        (tile, K step) pairs, so the software pipeliner can issue the next tile's loads during this
+        tile's epilogue; otherwise one program per tile.
 
     TUNE_KEY is not read by the kernel: it is the autotuner's key (``tune_key``: the power-of-two
     bucket of M and the layout bits), so a new image size re-tunes only when it changes bucket.
     """
-    if PERSISTENT:   # only offered where PERSISTENT_LOOP_PIPELINES (EXPERIMENTAL_FWD_CONFIGS)
+    if PERSISTENT:
+        # One loop over this program's (tile, K step) pairs, flattened by hand: the software pipeliner
+        # then issues the next tile's x / W loads while this tile's epilogue runs (triton 3.6 does
+        # not pipeline the loop that tl.range(flatten=True) makes of two nested loops; this one it does).
+        pid = tl.program_id(0)
+        nprog = tl.num_programs(0)
         num_tiles = tl.cdiv(M, BLOCK_M) * tl.cdiv(COUT, BLOCK_N)
-        for tile in tl.range(tl.program_id(0), num_tiles, tl.num_programs(0), flatten=True):
-            _fwd_tile(tile, x_ptr, w_ptr, b_ptr, top_ptr, out_ptr, M, HW, W_, CIN, COUT, HT, WT, scale_h, scale_w,
-                      sxn, sxc, sxh, sxw, swn, swk, sb, stn, stc, sth, stw, son, soc, soh, sow, HAS_BIAS, HAS_TOP,
-                      X_FLAT, O_FLAT, ALLOW_TF32, USE_INPUT_PRECISION, BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M)
+        k_steps = tl.cdiv(CIN, BLOCK_K)
+        my_tiles = tl.cdiv(num_tiles - pid, nprog)
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        for it in range(0, my_tiles * k_steps):
+            tile = pid + (it // k_steps) * nprog
+            ki = it % k_steps
+            pid_m, pid_n = _tile_pids(tile, M, COUT, BLOCK_M, BLOCK_N, GROUP_M)
+            offs_m, mask_m, n64, rem, h_idx, w_idx, x_row = _tile_rows(pid_m, M, HW, W_, sxn, sxh, sxw, X_FLAT,
+                                                                       BLOCK_M)
+            offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+            mask_n = offs_n < COUT
+            acc = _fwd_k_step(acc, ki * BLOCK_K, x_ptr, w_ptr, x_row, offs_n.to(tl.int64) * swn, mask_m, mask_n,
+                              CIN, sxc, swk, ALLOW_TF32, USE_INPUT_PRECISION, BLOCK_K)
+            if ki == k_steps - 1:
+                _fwd_epilogue(acc, offs_n, mask_m, mask_n, n64, rem, h_idx, w_idx, b_ptr, top_ptr, out_ptr, HT, WT,
+                              scale_h, scale_w, sb, stn, stc, sth, stw, son, soc, soh, sow, HAS_BIAS, HAS_TOP, O_FLAT)
+                acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     else:
-        _fwd_tile(tl.program_id(0), x_ptr, w_ptr, b_ptr, top_ptr, out_ptr, M, HW, W_, CIN, COUT, HT, WT, scale_h,
-                  scale_w, sxn, sxc, sxh, sxw, swn, swk, sb, stn, stc, sth, stw, son, soc, soh, sow, HAS_BIAS,
-                  HAS_TOP, X_FLAT, O_FLAT, ALLOW_TF32, USE_INPUT_PRECISION, BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M)
+        pid_m, pid_n = _tile_pids(tl.program_id(0), M, COUT, BLOCK_M, BLOCK_N, GROUP_M)
+        offs_m, mask_m, n64, rem, h_idx, w_idx, x_row = _tile_rows(pid_m, M, HW, W_, sxn, sxh, sxw, X_FLAT, BLOCK_M)
+        offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        mask_n = offs_n < COUT
+        w_col = offs_n.to(tl.int64) * swn
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        for k0 in range(0, CIN, BLOCK_K):
+            acc = _fwd_k_step(acc, k0, x_ptr, w_ptr, x_row, w_col, mask_m, mask_n, CIN, sxc, swk,
+                              ALLOW_TF32, USE_INPUT_PRECISION, BLOCK_K)
+        _fwd_epilogue(acc, offs_n, mask_m, mask_n, n64, rem, h_idx, w_idx, b_ptr, top_ptr, out_ptr, HT, WT,
+                      scale_h, scale_w, sb, stn, stc, sth, stw, son, soc, soh, sow, HAS_BIAS, HAS_TOP, O_FLAT)
 
 
 @triton.jit(do_not_specialize=["TUNE_KEY"])
@@ -397,8 +401,8 @@ FWD_CONFIGS = {
 INTERPRET_FWD = {"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 32, "GROUP_M": 4, "PERSISTENT": False}
 
 # Experimental forward configs, offered to the autotuner only with FUSED_FPN_TRITON_EXPERIMENTAL=1
-# (``experimental_enabled``) and where triton pipelines a flattened loop (PERSISTENT_LOOP_PIPELINES,
-# triton >= 3.7): persistent programs (one per SM) whose tile loop is flattened with the K loop. The lateral levels are short GEMMs (K = Cin = 256 on P2:
+# (``experimental_enabled``): persistent programs (one per SM) that walk their tiles in one loop over
+# (tile, K step) pairs. The lateral levels are short GEMMs (K = Cin = 256 on P2:
 # 4 K steps of 64) with a large epilogue (top gather + store of a 128 x 256 tile); with one CTA per
 # SM the next tile's x loads wait for this tile's epilogue, and a flattened persistent loop can
 # overlap them. Not in the default lists until a GPU run has checked them (tests/test_triton_gpu.py
@@ -428,10 +432,8 @@ def experimental_enabled() -> bool:
 
 
 def fwd_configs(arch: str, elem_bytes: int, experimental: bool = False):
-    """The forward's config list for (arch, elem_bytes), plus EXPERIMENTAL_FWD_CONFIGS when
-    ``experimental`` and this triton pipelines the flattened persistent loop (PERSISTENT_LOOP_PIPELINES)."""
-    extra = (EXPERIMENTAL_FWD_CONFIGS.get((arch, elem_bytes), [])
-             if experimental and PERSISTENT_LOOP_PIPELINES else [])
+    """The forward's config list for (arch, elem_bytes), plus EXPERIMENTAL_FWD_CONFIGS when ``experimental``."""
+    extra = EXPERIMENTAL_FWD_CONFIGS.get((arch, elem_bytes), []) if experimental else []
     return FWD_CONFIGS[(arch, elem_bytes)] + extra
 
 

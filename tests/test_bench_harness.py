@@ -415,20 +415,6 @@ def test_experimental_triton_provider_is_opt_in_and_scoped_to_its_calls(monkeypa
     assert K.EXPERIMENTAL_ENV not in os.environ
 
 
-def test_experimental_provider_needs_a_pipelined_persistent_loop(monkeypatch):
-    """Where triton does not pipeline the flattened persistent loop (3.6.0, the GPU image's) there are
-    no experimental configs, and the fused-triton-x rows say so (NOT-RUN) instead of timing the
-    default list a second time."""
-    from fused_fpn.kernels import lateral_kernels as K
-    monkeypatch.setattr(K, "PERSISTENT_LOOP_PIPELINES", False)
-    why = harness.experimental_unavailable()
-    assert why and f"triton {K.triton.__version__} does not software-pipeline" in why
-    assert K.fwd_configs("sm90", 2, experimental=True) == K.FWD_CONFIGS[("sm90", 2)]
-    monkeypatch.setattr(K, "PERSISTENT_LOOP_PIPELINES", True)
-    assert harness.experimental_unavailable() is None
-    assert K.fwd_configs("sm90", 2, experimental=True)[-1].kwargs["PERSISTENT"]
-
-
 def test_backward_breakdown_bytes():
     """benchmarks/backward_breakdown.py's byte floors, by hand for one level (2 bytes per element)."""
     from benchmarks import backward_breakdown as bb

@@ -96,8 +96,9 @@ def test_sm90_fp16_bf16_forward_uses_wgmma(results):
 def test_gemm_configs_are_software_pipelined(results):
     """Every forward / dx / weight-gradient config with 2+ stages compiles to a pipelined K loop:
     its TTGIR has async global-to-shared copies. A config the pipeliner gives up on still compiles
-    and runs, only slower; triton 3.6.0 does that to the flattened persistent loop, which is why
-    the experimental configs need PERSISTENT_LOOP_PIPELINES (this test fails on 3.6.0 without it)."""
+    and runs, only slower: triton 3.6.0 did that to the persistent forward when its tile loop and K
+    loop were two loops merged by tl.range(flatten=True) (this test failed on 3.6.0 then); the kernel
+    now writes the persistent loop flattened by hand, which 3.6.0 and 3.8.0 both pipeline."""
     gemm = [r for r in results if r["kernel"] in ("fwd", "fwd_dx", "grad_weight") and r["num_stages"] >= 2]
     assert gemm
     unpipelined = [_label(r) for r in gemm if r["async_copies"] == 0]
@@ -105,12 +106,8 @@ def test_gemm_configs_are_software_pipelined(results):
 
 
 def test_persistent_configs_are_compiled_with_the_flattened_loop(results):
-    """The experimental persistent forward configs (sm_90 fp16/bf16) are among the compiled ones,
-    where this triton pipelines the flattened loop (PERSISTENT_LOOP_PIPELINES)."""
+    """The experimental persistent forward configs (sm_90 fp16/bf16) are among the compiled ones."""
     persistent = [r for r in results if r["kernel"] in ("fwd", "fwd_dx") and r["meta"].get("PERSISTENT")]
-    if not K.PERSISTENT_LOOP_PIPELINES:
-        assert not persistent
-        return
     want = len(K.EXPERIMENTAL_FWD_CONFIGS[("sm90", 2)]) * 4   # fwd fp16 CL, bf16 CL, fp16 NCHW; dx fp16
     assert len(persistent) == want and all(r["arch"] == 90 for r in persistent)
 

@@ -525,8 +525,6 @@ def test_persistent_forward_walks_every_tile(layout, monkeypatch):
     from fused_fpn.kernels import lateral_kernels as K
     from fused_fpn.kernels import lateral_launch as L
     from fused_fpn.reference import lateral_backward_reference
-    if not K.PERSISTENT_LOOP_PIPELINES:   # (triton 3.6's interpreter also fails on this loop's bounds)
-        pytest.skip("this triton does not pipeline the flattened loop: no persistent configs")
     small = K._cfg(16, 16, 16, 4, 2, group_m=2, persistent=True)
     _compiled_branch_on_the_interpreter(monkeypatch, sms=3)   # 3 "SMs": 3 programs
     monkeypatch.setitem(K.FWD_CONFIGS, ("sm90", 4), [small])
@@ -547,7 +545,7 @@ def test_persistent_forward_walks_every_tile(layout, monkeypatch):
 
 def test_experimental_configs_are_opt_in(monkeypatch):
     """FUSED_FPN_TRITON_EXPERIMENTAL=1 adds the persistent forward configs to the autotuner's list
-    (where this triton pipelines the flattened loop); without it the list is FWD_CONFIGS alone."""
+    (sm_90, fp16/bf16); without it the list is FWD_CONFIGS alone."""
     from fused_fpn.kernels import lateral_kernels as K
     monkeypatch.delenv(K.EXPERIMENTAL_ENV, raising=False)
     monkeypatch.delenv(K.AUTOTUNE_ENV, raising=False)
@@ -556,7 +554,7 @@ def test_experimental_configs_are_opt_in(monkeypatch):
     assert not any(c.kwargs["PERSISTENT"] for configs in K.FWD_CONFIGS.values() for c in configs)
     monkeypatch.setenv(K.EXPERIMENTAL_ENV, "1")
     assert K.experimental_enabled()
-    extra = K.EXPERIMENTAL_FWD_CONFIGS[("sm90", 2)] if K.PERSISTENT_LOOP_PIPELINES else []
+    extra = K.EXPERIMENTAL_FWD_CONFIGS[("sm90", 2)]
     assert K.autotuned_fwd("sm90", 2).configs == K.FWD_CONFIGS[("sm90", 2)] + extra
     assert all(c.kwargs["PERSISTENT"] for c in extra)
     assert K.autotuned_fwd("sm80", 2).configs == K.FWD_CONFIGS[("sm80", 2)]   # sm90 only
