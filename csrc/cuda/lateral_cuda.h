@@ -85,6 +85,7 @@ constexpr int kFwdBM = 128;      // pixels per CTA
 constexpr int kFwdBN = 128;      // output channels per CTA
 constexpr int kFwdThreads = 256; // 8 warps
 constexpr int kFwdStages = 3;    // cp.async pipeline depth
+constexpr int kEpiBatch = 4;     // 16-byte output chunks per thread whose top gathers are in flight together
 
 }  // namespace cuda
 }  // namespace fused_fpn

@@ -407,33 +407,45 @@ __global__ void __launch_bounds__(kFwdThreads, 2) lateral_fwd_kernel(const Later
     return;
   }
 
-  // Epilogue: y = C + b + top[nearest], each output element written exactly once.
+  // Epilogue: y = C + b + top[nearest], each output element written exactly once. The vectorized
+  // paths take kEpiBatch 16-byte chunks per thread at a time and issue all their top gathers before
+  // the first add: one chunk at a time kept a single gather in flight per thread, so the loop waited
+  // a full memory round trip per chunk (8 of them per thread and tile for fp16).
   const T* __restrict__ top = static_cast<const T*>(p.top);
   if constexpr (Cfg::kCL) {
     if (p.vec_out) {  // Cout % VEC == 0: a 16-byte chunk is VEC channels of one pixel
       constexpr int CPR = BN / VEC;
+      static_assert((BM * CPR) % (NT * kEpiBatch) == 0, "whole batches per thread");
 #pragma unroll 1
-      for (int c = tid; c < BM * CPR; c += NT) {
-        const int r = c / CPR, cc = (c % CPR) * VEC;
-        const int64_t m = m0 + r;
-        const int co = co0 + cc;
-        if (m >= M || co >= p.Cout) continue;
-        float v[VEC];
-#pragma unroll
-        for (int i = 0; i < VEC; ++i) v[i] = Cs[r * Cfg::LDC + cc + i] + (kHasBias ? s_bias[cc + i] : 0.0f);
+      for (int c0 = tid; c0 < BM * CPR; c0 += NT * kEpiBatch) {
+        Pack16<T> tops[kEpiBatch];  // the batch's top chunks: every gather issued before the first add
         if constexpr (kHasTop) {
-          const T* tp = top + s_toff[r] + co * p.st1;
-          if (p.vec_top) {
-            float t[VEC];
-            load16_as_float<T>(tp, t);
 #pragma unroll
-            for (int i = 0; i < VEC; ++i) v[i] += t[i];
-          } else {
+          for (int u = 0; u < kEpiBatch; ++u) {
+            const int c = c0 + u * NT, r = c / CPR, co = co0 + (c % CPR) * VEC;
+            if (m0 + r >= M || co >= p.Cout) continue;
+            const T* tp = top + s_toff[r] + static_cast<int64_t>(co) * p.st1;
+            if (p.vec_top) {
+              tops[u].raw = *reinterpret_cast<const uint4*>(tp);
+            } else {
 #pragma unroll
-            for (int i = 0; i < VEC; ++i) v[i] += to_float(tp[i * p.st1]);
+              for (int i = 0; i < VEC; ++i) tops[u].e[i] = tp[i * p.st1];
+            }
           }
         }
-        store16_from_float<T>(out + s_ooff[r] + co, v);
+#pragma unroll
+        for (int u = 0; u < kEpiBatch; ++u) {
+          const int c = c0 + u * NT, r = c / CPR, cc = (c % CPR) * VEC, co = co0 + cc;
+          if (m0 + r >= M || co >= p.Cout) continue;
+          float v[VEC];
+#pragma unroll
+          for (int i = 0; i < VEC; ++i) {
+            v[i] = Cs[r * Cfg::LDC + cc + i];
+            if constexpr (kHasBias) v[i] += s_bias[cc + i];
+            if constexpr (kHasTop) v[i] += to_float(tops[u].e[i]);
+          }
+          store16_from_float<T>(out + s_ooff[r] + co, v);
+        }
       }
     } else {
 #pragma unroll 1
@@ -451,20 +463,32 @@ __global__ void __launch_bounds__(kFwdThreads, 2) lateral_fwd_kernel(const Later
   } else {
     if (p.vec_out) {  // H*W % VEC == 0: a 16-byte chunk is VEC pixels of one channel, one image
       constexpr int CPC = BM / VEC;
+      static_assert((BN * CPC) % (NT * kEpiBatch) == 0, "whole batches per thread");
 #pragma unroll 1
-      for (int c = tid; c < BN * CPC; c += NT) {
-        const int cc = c / CPC, r = (c % CPC) * VEC;
-        const int64_t m = m0 + r;
-        const int co = co0 + cc;
-        if (m >= M || co >= p.Cout) continue;
-        float v[VEC];
+      for (int c0 = tid; c0 < BN * CPC; c0 += NT * kEpiBatch) {
+        Pack16<T> tops[kEpiBatch];  // the batch's gathered top values, all loads issued first
+        if constexpr (kHasTop) {
 #pragma unroll
-        for (int i = 0; i < VEC; ++i) {
-          v[i] = Cs[cc * Cfg::LDC + r + i];
-          if constexpr (kHasBias) v[i] += s_bias[cc];
-          if constexpr (kHasTop) v[i] += to_float(top[s_toff[r + i] + co * p.st1]);
+          for (int u = 0; u < kEpiBatch; ++u) {
+            const int c = c0 + u * NT, r = (c % CPC) * VEC, co = co0 + c / CPC;
+            if (m0 + r >= M || co >= p.Cout) continue;
+#pragma unroll
+            for (int i = 0; i < VEC; ++i) tops[u].e[i] = top[s_toff[r + i] + static_cast<int64_t>(co) * p.st1];
+          }
         }
-        store16_from_float<T>(out + s_ooff[r] + static_cast<int64_t>(co) * HW, v);
+#pragma unroll
+        for (int u = 0; u < kEpiBatch; ++u) {
+          const int c = c0 + u * NT, cc = c / CPC, r = (c % CPC) * VEC, co = co0 + cc;
+          if (m0 + r >= M || co >= p.Cout) continue;
+          float v[VEC];
+#pragma unroll
+          for (int i = 0; i < VEC; ++i) {
+            v[i] = Cs[cc * Cfg::LDC + r + i];
+            if constexpr (kHasBias) v[i] += s_bias[cc];
+            if constexpr (kHasTop) v[i] += to_float(tops[u].e[i]);
+          }
+          store16_from_float<T>(out + s_ooff[r] + static_cast<int64_t>(co) * HW, v);
+        }
       }
     } else {
 #pragma unroll 1
