@@ -6,7 +6,8 @@ compiles each config of each kernel with ``triton.compile(ASTSource(fn, signatur
 target=GPUTarget("cuda", arch, 32))`` and reports, per compile: kernel, arch, dtype, layout, config,
 shared memory (bytes, from the compiled metadata), whether the PTX uses wgmma, how many async
 global-to-shared copies the TTGIR has (``async_copies``: 0 means the software pipeliner left the
-loads synchronous), or the error.
+loads synchronous), registers and stack bytes per thread (``regs``, ``stack``: cuobjdump's resource
+usage of the cubin; stack is spill space), or the error.
 Run it in a process where TRITON_INTERPRET is NOT set (``@triton.jit`` then yields JITFunctions,
 which the compiler needs); tests/test_triton_aot.py does that in a subprocess.
 
@@ -21,7 +22,10 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
+import subprocess
 import sys
+import tempfile
 import time
 from typing import Dict, List
 
@@ -33,6 +37,21 @@ from triton.compiler import ASTSource
 from . import lateral_kernels as K
 
 SHARED_LIMIT = {90: 232448, 80: 166912}
+# cuobjdump ships in triton's wheel (triton/backends/nvidia/bin); it reads registers and stack per kernel
+CUOBJDUMP = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+
+
+def resource_usage(cubin: bytes):
+    """(registers, stack bytes) per thread of a compiled kernel, from ``cuobjdump --dump-resource-usage``
+    (a stack frame in these kernels is register spill space), or (None, None) without cuobjdump."""
+    if not os.path.exists(CUOBJDUMP):
+        return None, None
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(cubin)
+        f.flush()
+        out = subprocess.run([CUOBJDUMP, "--dump-resource-usage", f.name], capture_output=True, text=True).stdout
+    match = re.search(r"REG:(\d+) STACK:(\d+)", out)
+    return (int(match.group(1)), int(match.group(2))) if match else (None, None)
 _TY = {"fp16": "*fp16", "bf16": "*bf16", "fp32": "*fp32"}
 USE_INPUT_PRECISION = K.USE_INPUT_PRECISION
 
@@ -179,11 +198,13 @@ def compile_job(job: dict) -> dict:
         meta = compiled.metadata
         shared = meta["shared"] if isinstance(meta, dict) else meta.shared
         ptx, ttgir = compiled.asm.get("ptx", ""), compiled.asm.get("ttgir", "")
+        regs, stack = resource_usage(compiled.asm["cubin"]) if compiled.asm.get("cubin") else (None, None)
         result.update(ok=True, shared=int(shared), wgmma="wgmma" in ptx, mma="mma." in ptx,
                       async_copies=ttgir.count("async_copy_global_to_local") + ttgir.count("async_tma_copy"),
-                      has_cubin=bool(compiled.asm.get("cubin")), error=None)
+                      regs=regs, stack=stack, has_cubin=bool(compiled.asm.get("cubin")), error=None)
     except Exception as exc:  # noqa: BLE001 - reported, the test fails on it
-        result.update(ok=False, shared=None, wgmma=False, mma=False, async_copies=0, has_cubin=False,
+        result.update(ok=False, shared=None, wgmma=False, mma=False, async_copies=0, regs=None, stack=None,
+                      has_cubin=False,
                       error=f"{type(exc).__name__}: {exc}"[:2000])
     result["seconds"] = round(time.time() - t0, 2)
     return result

@@ -108,6 +108,53 @@ def _fwd_epilogue(acc, offs_n, mask_m, mask_n, n64, rem, h_idx, w_idx,
     tl.store(out_ptr + (o_row[:, None] + (offs_n64 * soc)[None, :]), acc.to(out_ptr.dtype.element_ty), mask=mask)
 
 
+@triton.jit
+def _halves(t, ROWS: tl.constexpr, COLS: tl.constexpr):
+    """(t[:, :COLS // 2], t[:, COLS // 2:]) of a [ROWS, COLS] tensor (reshape, permute, split)."""
+    return tl.split(tl.permute(tl.reshape(t, (ROWS, 2, COLS // 2)), (0, 2, 1)))
+
+
+@triton.jit
+def _fwd_epilogue_tile(acc, pid_n, mask_m, n64, rem, h_idx, w_idx, COUT,
+                       b_ptr, top_ptr, out_ptr, HT, WT, scale_h, scale_w, sb, stn, stc, sth, stw, son, soc, soh, sow,
+                       HAS_BIAS: tl.constexpr, HAS_TOP: tl.constexpr, O_FLAT: tl.constexpr,
+                       BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """``_fwd_epilogue`` of the [BLOCK_M, BLOCK_N] tile pid_n, in column quarters (BLOCK_N >= 128) or
+    halves (64): the top gather's pointers and values of a whole 128 x 256 tile, with the fp32
+    accumulator, need more than the 255 registers of a thread, and the compiled kernel spilled (sm_90:
+    up to 184 B of stack for channels_last, 2184 B for NCHW); a quarter at a time it does not."""
+    if BLOCK_N >= 128:
+        Q: tl.constexpr = BLOCK_N // 4
+        lo, hi = _halves(acc, BLOCK_M, BLOCK_N)
+        q0, q1 = _halves(lo, BLOCK_M, BLOCK_N // 2)
+        q2, q3 = _halves(hi, BLOCK_M, BLOCK_N // 2)
+        o = pid_n * BLOCK_N + tl.arange(0, Q)
+        _fwd_epilogue(q0, o, mask_m, o < COUT, n64, rem, h_idx, w_idx, b_ptr, top_ptr, out_ptr, HT, WT,
+                      scale_h, scale_w, sb, stn, stc, sth, stw, son, soc, soh, sow, HAS_BIAS, HAS_TOP, O_FLAT)
+        o += Q
+        _fwd_epilogue(q1, o, mask_m, o < COUT, n64, rem, h_idx, w_idx, b_ptr, top_ptr, out_ptr, HT, WT,
+                      scale_h, scale_w, sb, stn, stc, sth, stw, son, soc, soh, sow, HAS_BIAS, HAS_TOP, O_FLAT)
+        o += Q
+        _fwd_epilogue(q2, o, mask_m, o < COUT, n64, rem, h_idx, w_idx, b_ptr, top_ptr, out_ptr, HT, WT,
+                      scale_h, scale_w, sb, stn, stc, sth, stw, son, soc, soh, sow, HAS_BIAS, HAS_TOP, O_FLAT)
+        o += Q
+        _fwd_epilogue(q3, o, mask_m, o < COUT, n64, rem, h_idx, w_idx, b_ptr, top_ptr, out_ptr, HT, WT,
+                      scale_h, scale_w, sb, stn, stc, sth, stw, son, soc, soh, sow, HAS_BIAS, HAS_TOP, O_FLAT)
+    elif BLOCK_N >= 64:
+        H: tl.constexpr = BLOCK_N // 2
+        h0, h1 = _halves(acc, BLOCK_M, BLOCK_N)
+        o = pid_n * BLOCK_N + tl.arange(0, H)
+        _fwd_epilogue(h0, o, mask_m, o < COUT, n64, rem, h_idx, w_idx, b_ptr, top_ptr, out_ptr, HT, WT,
+                      scale_h, scale_w, sb, stn, stc, sth, stw, son, soc, soh, sow, HAS_BIAS, HAS_TOP, O_FLAT)
+        o += H
+        _fwd_epilogue(h1, o, mask_m, o < COUT, n64, rem, h_idx, w_idx, b_ptr, top_ptr, out_ptr, HT, WT,
+                      scale_h, scale_w, sb, stn, stc, sth, stw, son, soc, soh, sow, HAS_BIAS, HAS_TOP, O_FLAT)
+    else:
+        o = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        _fwd_epilogue(acc, o, mask_m, o < COUT, n64, rem, h_idx, w_idx, b_ptr, top_ptr, out_ptr, HT, WT,
+                      scale_h, scale_w, sb, stn, stc, sth, stw, son, soc, soh, sow, HAS_BIAS, HAS_TOP, O_FLAT)
+
+
 @triton.jit(do_not_specialize=["TUNE_KEY"])
 def _lateral_fwd_kernel(
     x_ptr, w_ptr, b_ptr, top_ptr, out_ptr,
@@ -175,8 +222,9 @@ def _lateral_fwd_kernel(
             acc = _fwd_k_step(acc, ki * BLOCK_K, x_ptr, w_ptr, x_row, offs_n.to(tl.int64) * swn, mask_m, mask_n,
                               CIN, sxc, swk, ALLOW_TF32, USE_INPUT_PRECISION, BLOCK_K)
             if ki == k_steps - 1:
-                _fwd_epilogue(acc, offs_n, mask_m, mask_n, n64, rem, h_idx, w_idx, b_ptr, top_ptr, out_ptr, HT, WT,
-                              scale_h, scale_w, sb, stn, stc, sth, stw, son, soc, soh, sow, HAS_BIAS, HAS_TOP, O_FLAT)
+                _fwd_epilogue_tile(acc, pid_n, mask_m, n64, rem, h_idx, w_idx, COUT, b_ptr, top_ptr, out_ptr, HT, WT,
+                                   scale_h, scale_w, sb, stn, stc, sth, stw, son, soc, soh, sow,
+                                   HAS_BIAS, HAS_TOP, O_FLAT, BLOCK_M, BLOCK_N)
                 acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     else:
         pid_m, pid_n = _tile_pids(tl.program_id(0), M, COUT, BLOCK_M, BLOCK_N, GROUP_M)
@@ -188,8 +236,9 @@ def _lateral_fwd_kernel(
         for k0 in range(0, CIN, BLOCK_K):
             acc = _fwd_k_step(acc, k0, x_ptr, w_ptr, x_row, w_col, mask_m, mask_n, CIN, sxc, swk,
                               ALLOW_TF32, USE_INPUT_PRECISION, BLOCK_K)
-        _fwd_epilogue(acc, offs_n, mask_m, mask_n, n64, rem, h_idx, w_idx, b_ptr, top_ptr, out_ptr, HT, WT,
-                      scale_h, scale_w, sb, stn, stc, sth, stw, son, soc, soh, sow, HAS_BIAS, HAS_TOP, O_FLAT)
+        _fwd_epilogue_tile(acc, pid_n, mask_m, n64, rem, h_idx, w_idx, COUT, b_ptr, top_ptr, out_ptr, HT, WT,
+                           scale_h, scale_w, sb, stn, stc, sth, stw, son, soc, soh, sow,
+                           HAS_BIAS, HAS_TOP, O_FLAT, BLOCK_M, BLOCK_N)
 
 
 @triton.jit(do_not_specialize=["TUNE_KEY"])

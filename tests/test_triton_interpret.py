@@ -482,10 +482,12 @@ def test_the_gpu_launch_path_on_interpreted_kernels(dtype, layout, monkeypatch):
     _compiled_branch_on_the_interpreter(monkeypatch, sms=132)
     g = torch.Generator().manual_seed(5)
     x = make_input((2, 19, 7, 9), dtype, "cpu", layout, g)
-    w = (torch.randn((21, 19), generator=g) / 4).to(dtype)
-    b = torch.randn((21,), generator=g).to(dtype)
-    top = make_input((2, 21, 4, 5), dtype, "cpu", layout, g)
-    grad = make_input((2, 21, 7, 9), dtype, "cpu", layout, g)
+    # Cout = 203: the forward's 256-wide tile stores in column quarters (_fwd_epilogue_tile), and
+    # 203 reaches into the fourth one, so every quarter and the tail are checked
+    w = (torch.randn((203, 19), generator=g) / 4).to(dtype)
+    b = torch.randn((203,), generator=g).to(dtype)
+    top = make_input((2, 203, 4, 5), dtype, "cpu", layout, g)
+    grad = make_input((2, 203, 7, 9), dtype, "cpu", layout, g)
     f64 = [t.double() for t in (x, w, b, top, grad)]
     y_ref = lateral_reference(*f64[:4])
     grads_ref = lateral_backward_reference(f64[4], f64[0], f64[1], (4, 5), (True,) * 4)
