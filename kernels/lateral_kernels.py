@@ -115,6 +115,21 @@ def _halves(t, ROWS: tl.constexpr, COLS: tl.constexpr):
 
 
 @triton.jit
+def _fwd_epilogue_halves(acc, col0, mask_m, n64, rem, h_idx, w_idx, COUT,
+                         b_ptr, top_ptr, out_ptr, HT, WT, scale_h, scale_w, sb, stn, stc, sth, stw, son, soc, soh, sow,
+                         HAS_BIAS: tl.constexpr, HAS_TOP: tl.constexpr, O_FLAT: tl.constexpr,
+                         BLOCK_M: tl.constexpr, COLS: tl.constexpr):
+    """``_fwd_epilogue`` of acc [BLOCK_M, COLS] (output columns col0 + [0, COLS)), one half at a time."""
+    first, second = _halves(acc, BLOCK_M, COLS)
+    o = col0 + tl.arange(0, COLS // 2)
+    _fwd_epilogue(first, o, mask_m, o < COUT, n64, rem, h_idx, w_idx, b_ptr, top_ptr, out_ptr, HT, WT,
+                  scale_h, scale_w, sb, stn, stc, sth, stw, son, soc, soh, sow, HAS_BIAS, HAS_TOP, O_FLAT)
+    o += COLS // 2
+    _fwd_epilogue(second, o, mask_m, o < COUT, n64, rem, h_idx, w_idx, b_ptr, top_ptr, out_ptr, HT, WT,
+                  scale_h, scale_w, sb, stn, stc, sth, stw, son, soc, soh, sow, HAS_BIAS, HAS_TOP, O_FLAT)
+
+
+@triton.jit
 def _fwd_epilogue_tile(acc, pid_n, mask_m, n64, rem, h_idx, w_idx, COUT,
                        b_ptr, top_ptr, out_ptr, HT, WT, scale_h, scale_w, sb, stn, stc, sth, stw, son, soc, soh, sow,
                        HAS_BIAS: tl.constexpr, HAS_TOP: tl.constexpr, O_FLAT: tl.constexpr,
@@ -123,34 +138,21 @@ def _fwd_epilogue_tile(acc, pid_n, mask_m, n64, rem, h_idx, w_idx, COUT,
     halves (64): the top gather's pointers and values of a whole 128 x 256 tile, with the fp32
     accumulator, need more than the 255 registers of a thread, and the compiled kernel spilled (sm_90:
     up to 184 B of stack for channels_last, 2184 B for NCHW); a quarter at a time it does not."""
+    col0 = pid_n * BLOCK_N
     if BLOCK_N >= 128:
-        Q: tl.constexpr = BLOCK_N // 4
         lo, hi = _halves(acc, BLOCK_M, BLOCK_N)
-        q0, q1 = _halves(lo, BLOCK_M, BLOCK_N // 2)
-        q2, q3 = _halves(hi, BLOCK_M, BLOCK_N // 2)
-        o = pid_n * BLOCK_N + tl.arange(0, Q)
-        _fwd_epilogue(q0, o, mask_m, o < COUT, n64, rem, h_idx, w_idx, b_ptr, top_ptr, out_ptr, HT, WT,
-                      scale_h, scale_w, sb, stn, stc, sth, stw, son, soc, soh, sow, HAS_BIAS, HAS_TOP, O_FLAT)
-        o += Q
-        _fwd_epilogue(q1, o, mask_m, o < COUT, n64, rem, h_idx, w_idx, b_ptr, top_ptr, out_ptr, HT, WT,
-                      scale_h, scale_w, sb, stn, stc, sth, stw, son, soc, soh, sow, HAS_BIAS, HAS_TOP, O_FLAT)
-        o += Q
-        _fwd_epilogue(q2, o, mask_m, o < COUT, n64, rem, h_idx, w_idx, b_ptr, top_ptr, out_ptr, HT, WT,
-                      scale_h, scale_w, sb, stn, stc, sth, stw, son, soc, soh, sow, HAS_BIAS, HAS_TOP, O_FLAT)
-        o += Q
-        _fwd_epilogue(q3, o, mask_m, o < COUT, n64, rem, h_idx, w_idx, b_ptr, top_ptr, out_ptr, HT, WT,
-                      scale_h, scale_w, sb, stn, stc, sth, stw, son, soc, soh, sow, HAS_BIAS, HAS_TOP, O_FLAT)
+        _fwd_epilogue_halves(lo, col0, mask_m, n64, rem, h_idx, w_idx, COUT, b_ptr, top_ptr, out_ptr, HT, WT,
+                             scale_h, scale_w, sb, stn, stc, sth, stw, son, soc, soh, sow,
+                             HAS_BIAS, HAS_TOP, O_FLAT, BLOCK_M, BLOCK_N // 2)
+        _fwd_epilogue_halves(hi, col0 + BLOCK_N // 2, mask_m, n64, rem, h_idx, w_idx, COUT, b_ptr, top_ptr, out_ptr,
+                             HT, WT, scale_h, scale_w, sb, stn, stc, sth, stw, son, soc, soh, sow,
+                             HAS_BIAS, HAS_TOP, O_FLAT, BLOCK_M, BLOCK_N // 2)
     elif BLOCK_N >= 64:
-        H: tl.constexpr = BLOCK_N // 2
-        h0, h1 = _halves(acc, BLOCK_M, BLOCK_N)
-        o = pid_n * BLOCK_N + tl.arange(0, H)
-        _fwd_epilogue(h0, o, mask_m, o < COUT, n64, rem, h_idx, w_idx, b_ptr, top_ptr, out_ptr, HT, WT,
-                      scale_h, scale_w, sb, stn, stc, sth, stw, son, soc, soh, sow, HAS_BIAS, HAS_TOP, O_FLAT)
-        o += H
-        _fwd_epilogue(h1, o, mask_m, o < COUT, n64, rem, h_idx, w_idx, b_ptr, top_ptr, out_ptr, HT, WT,
-                      scale_h, scale_w, sb, stn, stc, sth, stw, son, soc, soh, sow, HAS_BIAS, HAS_TOP, O_FLAT)
+        _fwd_epilogue_halves(acc, col0, mask_m, n64, rem, h_idx, w_idx, COUT, b_ptr, top_ptr, out_ptr, HT, WT,
+                             scale_h, scale_w, sb, stn, stc, sth, stw, son, soc, soh, sow,
+                             HAS_BIAS, HAS_TOP, O_FLAT, BLOCK_M, BLOCK_N)
     else:
-        o = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        o = col0 + tl.arange(0, BLOCK_N)
         _fwd_epilogue(acc, o, mask_m, o < COUT, n64, rem, h_idx, w_idx, b_ptr, top_ptr, out_ptr, HT, WT,
                       scale_h, scale_w, sb, stn, stc, sth, stw, son, soc, soh, sow, HAS_BIAS, HAS_TOP, O_FLAT)
 
