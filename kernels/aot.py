@@ -52,6 +52,8 @@ def resource_usage(cubin: bytes):
         out = subprocess.run([CUOBJDUMP, "--dump-resource-usage", f.name], capture_output=True, text=True).stdout
     match = re.search(r"REG:(\d+) STACK:(\d+)", out)
     return (int(match.group(1)), int(match.group(2))) if match else (None, None)
+
+
 _TY = {"fp16": "*fp16", "bf16": "*bf16", "fp32": "*fp32"}
 USE_INPUT_PRECISION = K.USE_INPUT_PRECISION
 

@@ -32,6 +32,8 @@ import triton.language as tl
 # tl.dot spells the fp32 precision choice `input_precision` (triton >= 3.0) or `allow_tf32` (older):
 # passed to the kernels as the USE_INPUT_PRECISION constexpr.
 USE_INPUT_PRECISION = "input_precision" in inspect.signature(tl.dot).parameters
+
+
 @triton.jit
 def _tile_pids(tile, M, COUT, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr):
     """(row tile, column tile) of output tile ``tile``: tiles are numbered in groups of GROUP_M row
@@ -210,7 +212,7 @@ def _lateral_fwd_kernel(
         pid = tl.program_id(0)
         nprog = tl.num_programs(0)
         num_tiles = tl.cdiv(M, BLOCK_M) * tl.cdiv(COUT, BLOCK_N)
-        k_steps = tl.cdiv(CIN, BLOCK_K)
+        k_steps = tl.maximum(tl.cdiv(CIN, BLOCK_K), 1)   # CIN == 0: one masked step, then the epilogue
         my_tiles = tl.cdiv(num_tiles - pid, nprog)
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
         for it in range(0, my_tiles * k_steps):

@@ -543,6 +543,12 @@ def test_persistent_forward_walks_every_tile(layout, monkeypatch):
         dx_ref = lateral_backward_reference(f64[4], f64[0], f64[1], (4, 5), (True, False, False, False))[0]
         assert_close_to_reference(dx, dx_ref, torch.float32)
     assert all(kw["PERSISTENT"] for kw in L._CHOSEN.values()) and len(L._CHOSEN) == 2
+    # Cin == 0 (out = bias + top): the loop still takes one (masked) K step per tile, then its epilogue
+    x0 = make_input((2, 0, 7, 9), torch.float32, "cpu", layout, g)
+    w0 = torch.empty((37, 0))
+    out = torch.full((2, 37, 7, 9), float("nan")).contiguous(memory_format=output_memory_format(x0))
+    L.gemm_epilogue(x0, w0, b, top, out)
+    assert_close_to_reference(out, lateral_reference(x0.double(), w0.double(), f64[2], f64[3]), torch.float32)
 
 
 def test_experimental_configs_are_opt_in(monkeypatch):
