@@ -138,8 +138,9 @@ def _fwd_epilogue_tile(acc, pid_n, mask_m, n64, rem, h_idx, w_idx, COUT,
                        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     """``_fwd_epilogue`` of the [BLOCK_M, BLOCK_N] tile pid_n, in column quarters (BLOCK_N >= 128) or
     halves (64): the top gather's pointers and values of a whole 128 x 256 tile, with the fp32
-    accumulator, need more than the 255 registers of a thread, and the compiled kernel spilled (sm_90:
-    up to 184 B of stack for channels_last, 2184 B for NCHW); a quarter at a time it does not."""
+    accumulator, need more than the 255 registers of a thread, and the compiled kernel spilled (sm_90,
+    per thread: triton 3.6.0 8-64 B for channels_last, 208-424 B for NCHW; triton 3.8.0 184-200 B and
+    2088-2184 B); a quarter at a time it does not, with either."""
     col0 = pid_n * BLOCK_N
     if BLOCK_N >= 128:
         lo, hi = _halves(acc, BLOCK_M, BLOCK_N)

@@ -109,8 +109,9 @@ def test_sm90_fp16_bf16_configs_do_not_spill(results):
     """No register spills (cuobjdump's stack size of the cubin is 0) in any default sm_90 fp16/bf16
     config of the forward, dx and weight-gradient kernels: the Hopper hot paths. Before the forward's
     epilogue went by column quarters (_fwd_epilogue_tile) its 128 x 256 and 64 x 256 configs spilled
-    (184-200 B per thread for channels_last, 2184 B for NCHW). Not asserted, only recorded in the AOT
-    report: fp32 with IEEE dot, the sm_80 lists and the experimental persistent configs."""
+    (triton 3.8.0: 184-200 B per thread for channels_last, 2184 B for NCHW; 3.6.0: 8-64 B and 368-424 B).
+    Not asserted, only recorded in the AOT report: fp32 with IEEE dot, the sm_80 lists and the
+    experimental persistent configs."""
     hot = [r for r in results if r["arch"] == 90 and r["dtype"] in ("fp16", "bf16")
            and r["kernel"] in ("fwd", "fwd_dx", "grad_weight") and not r["meta"].get("PERSISTENT")]
     assert hot and all(r["regs"] is not None for r in hot), "cuobjdump (triton/backends/nvidia/bin) gave no resource usage"
