@@ -22,7 +22,8 @@
 #          s (default 240; the triton pieces autotune on their first call)
 #   ncu    (not in the default steps) benchmarks/kernel_profile.py under Nsight Compute: hardware counters
 #          (duration, DRAM bytes and throughput, SM throughput, occupancy, registers, shared memory, L2
-#          hit rate, warp stall reasons) of each provider's forward kernels on GPU_RUN_NCU_LEVELS (default
+#          hit rate, warp stall reasons) of each provider's forward kernels, and of the backward pieces
+#          (GPU_RUN_NCU_ARGS, default --backward; empty: forward only), on GPU_RUN_NCU_LEVELS (default
 #          P2,P5), clocks left alone -> OUT_DIR/ncu.txt and the summary, raw CSV in the logs;
 #          GPU_RUN_NCU_TIMEOUT s per run (default 300). ncu reads counters on the Firecracker machines
 #          only (the device notes, KINDS.md); elsewhere the step fails and says so in logs/ncu.log
@@ -183,7 +184,7 @@ fi
 # ---- ncu: hardware counters of the forward kernels (opt-in: GPU_RUN_STEPS=...,ncu)
 if want ncu; then
     NCU=${NCU:-$(command -v ncu || ls -d /opt/nvidia/nsight-compute/*/ncu 2>/dev/null | tail -1)}
-    levels=(--levels "${GPU_RUN_NCU_LEVELS:-P2,P5}")
+    levels=(--levels "${GPU_RUN_NCU_LEVELS:-P2,P5}" ${GPU_RUN_NCU_ARGS---backward})
     ncu_timeout=${GPU_RUN_NCU_TIMEOUT:-300}
     note "ncu: benchmarks/kernel_profile.py under ${NCU:-ncu (not found)} -> $OUT/ncu.txt"
     rc=1

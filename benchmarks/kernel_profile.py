@@ -9,7 +9,8 @@ Three runs of this script, which ``gpu_run.sh``'s opt-in ``ncu`` step makes:
 
 A region is one forward call of one provider on one level of the GPU benchmark's shapes (batch 2,
 800x1216, ResNet-50 channels -> 256; fp16 channels_last unless told): ``eager`` (torchvision's conv2d +
-interpolate + add), ``compile`` (torch.compile of that), ``cuda`` and ``triton`` (``fused_fpn.lateral``).
+interpolate + add), ``compile`` (torch.compile of that), ``cuda`` and ``triton`` (``fused_fpn.lateral``);
+with ``--backward`` also each backward piece of ``backward_breakdown.py`` (eager, cuda, triton).
 Every region is warmed up first (Triton autotuning, torch.compile) outside the profiled ranges; each
 region then runs once between ``cudaProfilerStart`` and ``cudaProfilerStop`` so ncu profiles only it.
 
@@ -147,7 +148,8 @@ def assign_regions(plan: Sequence[dict], rows: Sequence[Dict[str, str]]) -> Tupl
 def summary_lines(plan: Sequence[dict], rows: Sequence[Dict[str, str]], units: Dict[str, str]) -> List[str]:
     """The per-kernel table, then per region the summed duration."""
     labelled, problems = assign_regions(plan, rows)
-    head = f"{'region':<14s} {'kernel':<34s} " + " ".join(f"{label:>10s}" for _, label, _ in SUMMARY_COLUMNS)
+    width = max([14] + [len(label) for label, _ in labelled])
+    head = f"{'region':<{width}s} {'kernel':<34s} " + " ".join(f"{label:>10s}" for _, label, _ in SUMMARY_COLUMNS)
     lines = [head + "  DRAM GB/s  top stalls (cycles/issue)"]
     totals: Dict[str, float] = {}
     for label, row in labelled:
@@ -157,11 +159,11 @@ def summary_lines(plan: Sequence[dict], rows: Sequence[Dict[str, str]], units: D
         gbs = (rd + wr) / us * 1e3 if None not in (us, rd, wr) and us > 0 else None   # MB/us -> GB/s
         stalls = ", ".join(f"{n} {v:.1f}" for n, v in top_stalls(row))
         name = _base_name(row.get("Kernel Name", "?"))[:34]
-        lines.append(f"{label:<14s} {name:<34s} {cells}  {gbs if gbs is None else round(gbs):>9}  {stalls}")
+        lines.append(f"{label:<{width}s} {name:<34s} {cells}  {gbs if gbs is None else round(gbs):>9}  {stalls}")
         if us is not None:
             totals[label] = totals.get(label, 0.0) + us
     lines.append("")
-    lines += [f"{label:<14s} kernels' duration in all: {us:9.1f} us" for label, us in totals.items()]
+    lines += [f"{label:<{width}s} kernels' duration in all: {us:9.1f} us" for label, us in totals.items()]
     lines += [f"WARNING: {p}" for p in problems]
     return lines
 
@@ -192,9 +194,12 @@ def _providers(text: str) -> List[str]:
     return names
 
 
-def build_regions(levels: Sequence[int], providers: Sequence[str], dtype_name: str, layout: str
-                  ) -> List[Tuple[str, Callable[[], object]]]:
-    """(label, call) per level and provider, on CUDA tensors of the GPU benchmark's shapes."""
+def build_regions(levels: Sequence[int], providers: Sequence[str], dtype_name: str, layout: str,
+                  backward: bool = False, device: str = "cuda") -> List[Tuple[str, Callable[[], object]]]:
+    """(label, call) per level and provider, on CUDA tensors of the GPU benchmark's shapes: the forward,
+    and with ``backward`` the backward pieces of ``backward_breakdown.level_pieces`` (eager's conv and
+    upsample backward, cuda's dx / dW / db+dtop, triton's dx / dW / db+dtop / all four). ``device``
+    other than cuda only for tests (eager regions on CPU)."""
     import torch
     import fused_fpn
     sys.path.insert(0, __file__.rsplit("/", 1)[0])
@@ -207,13 +212,13 @@ def build_regions(levels: Sequence[int], providers: Sequence[str], dtype_name: s
         n, cin, cout = shapes.batch, shapes.in_channels[i], shapes.out_channels
         h, w = shapes.level_hw(i)
         g = torch.Generator().manual_seed(i)
-        x = harness._fmt(torch.randn((n, cin, h, w), generator=g), layout).to("cuda", dtype)
-        weight = (torch.randn((cout, cin, 1, 1), generator=g) / cin ** 0.5).to("cuda", dtype)
-        bias = torch.randn((cout,), generator=g).to("cuda", dtype)
+        x = harness._fmt(torch.randn((n, cin, h, w), generator=g), layout).to(device, dtype)
+        weight = (torch.randn((cout, cin, 1, 1), generator=g) / cin ** 0.5).to(device, dtype)
+        bias = torch.randn((cout,), generator=g).to(device, dtype)
         top = None
         if i + 1 < shapes.levels:
             th, tw = shapes.level_hw(i + 1)
-            top = harness._fmt(torch.randn((n, cout, th, tw), generator=g), layout).to("cuda", dtype)
+            top = harness._fmt(torch.randn((n, cout, th, tw), generator=g), layout).to(device, dtype)
         compiled = torch.compile(harness.eager_lateral, dynamic=False)
         for provider in providers:
             if provider == "eager":
@@ -223,6 +228,14 @@ def build_regions(levels: Sequence[int], providers: Sequence[str], dtype_name: s
             else:
                 call = (lambda p=provider, x=x, w=weight, b=bias, t=top: fused_fpn.lateral(x, w, b, t, backend=p))
             regions.append((f"P{i + 2} {provider}", call))
+        if backward:
+            import backward_breakdown
+            dy = harness._fmt(torch.randn((n, cout, h, w), generator=g), layout).to(device, dtype)
+            top_hw = shapes.level_hw(i + 1) if i + 1 < shapes.levels else None
+            fused = [p for p in providers if p in ("cuda", "triton")]
+            for provider, piece, fn in backward_breakdown.level_pieces(fused, cout, top_hw, weight[:, :, 0, 0]):
+                if provider in providers:
+                    regions.append((f"P{i + 2} {provider} bwd {piece}", lambda fn=fn, x=x, dy=dy: fn(x, dy)))
     return regions
 
 
@@ -245,6 +258,7 @@ def main(argv=None) -> int:
     parser.add_argument("--providers", type=_providers, default=list(PROVIDERS), metavar="eager,compile,cuda,triton")
     parser.add_argument("--dtype", default="fp16", choices=("fp16", "bf16", "fp32"))
     parser.add_argument("--layout", default="channels_last", choices=("channels_last", "nchw"))
+    parser.add_argument("--backward", action="store_true", help="also the backward pieces of each level")
     parser.add_argument("--plan", help="with --summarize: the plan to read; otherwise: record the plan here")
     parser.add_argument("--summarize", metavar="NCU_CSV", help="print the summary of an ncu raw CSV")
     parser.add_argument("--ncu-args", action="store_true", help="print the ncu options for the profiled run")
@@ -270,7 +284,7 @@ def main(argv=None) -> int:
     import fused_fpn
     available = fused_fpn.available_backends("cuda")
     providers = [p for p in args.providers if p in ("eager", "compile") or p in available]
-    regions = build_regions(args.levels, providers, args.dtype, args.layout)
+    regions = build_regions(args.levels, providers, args.dtype, args.layout, args.backward)
     for _, call in regions:              # autotune, compile and allocate outside the profiled ranges
         for _ in range(3):
             call()
@@ -281,7 +295,7 @@ def main(argv=None) -> int:
             json.dump({"device": torch.cuda.get_device_name(), "dtype": args.dtype, "layout": args.layout,
                        "regions": plan}, f, indent=1)
         for region in plan:
-            print(f"{region['label']:<14s} {len(region['kernels'])} kernels: "
+            print(f"{region['label']:<28s} {len(region['kernels'])} kernels: "
                   + ", ".join(_base_name(k) for k in region["kernels"]))
         return 0
     for label, call in regions:          # the profiled pass: one call per region, nothing else

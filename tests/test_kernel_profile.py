@@ -110,3 +110,17 @@ def test_region_arguments_are_checked():
     args = kp.ncu_args()
     assert args[:4] == ["--profile-from-start", "off", "--clock-control", "none"]
     assert args[args.index("--metrics") + 1].split(",") == list(kp.NCU_METRICS)
+
+
+def test_regions_on_cpu_eager_forward_and_backward():
+    """build_regions' labels and calls (eager only: the fused GPU backends and torch.compile need the
+    GPU machine), forward and backward pieces, on CPU tensors of the GPU shapes' P5 (smallest level)."""
+    import torch
+    regions = kp.build_regions([3], ["eager"], "fp32", "channels_last", backward=True, device="cpu")
+    assert [label for label, _ in regions] == ["P5 eager", "P5 eager bwd dx+dW+db"]   # P5 has no top map
+    y = regions[0][1]()
+    assert y.shape == (2, 256, 25, 38) and y.is_contiguous(memory_format=torch.channels_last)
+    dx, dw, db = regions[1][1]()
+    assert dx.shape == (2, 2048, 25, 38) and dw.shape == (256, 2048, 1, 1) and db.shape == (256,)
+    labels = [label for label, _ in kp.build_regions([2], ["eager"], "fp32", "nchw", backward=True, device="cpu")]
+    assert labels == ["P4 eager", "P4 eager bwd dx+dW+db", "P4 eager bwd dtop"]
