@@ -181,7 +181,7 @@ if want breakdown; then
     record breakdown $?
 fi
 
-# ---- ncu: hardware counters of the forward kernels (opt-in: GPU_RUN_STEPS=...,ncu)
+# ---- ncu: hardware counters of the forward kernels and backward pieces (opt-in: GPU_RUN_STEPS=...,ncu)
 if want ncu; then
     NCU=${NCU:-$(command -v ncu || ls -d /opt/nvidia/nsight-compute/*/ncu 2>/dev/null | tail -1)}
     levels=(--levels "${GPU_RUN_NCU_LEVELS:-P2,P5}" ${GPU_RUN_NCU_ARGS---backward})
