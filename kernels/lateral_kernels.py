@@ -68,14 +68,9 @@ def _tile_rows(pid_m, M, HW, W_, sxn, sxh, sxw, X_FLAT: tl.constexpr, BLOCK_M: t
 
 
 @triton.jit
-def _fwd_k_step(acc, k0, x_ptr, w_ptr, x_row, w_col, mask_m, mask_n, CIN, sxc, swk,
-                ALLOW_TF32: tl.constexpr, USE_INPUT_PRECISION: tl.constexpr, BLOCK_K: tl.constexpr):
-    """acc += x[rows, k0:k0+BLOCK_K] . W^T[k0:k0+BLOCK_K, cols] (fp32 accumulation; K tail masked)."""
-    kk = k0 + tl.arange(0, BLOCK_K)
-    mask_k = kk < CIN
-    kk64 = kk.to(tl.int64)
-    a = tl.load(x_ptr + (x_row[:, None] + (kk64 * sxc)[None, :]), mask=mask_m[:, None] & mask_k[None, :], other=0.0)
-    b = tl.load(w_ptr + ((kk64 * swk)[:, None] + w_col[None, :]), mask=mask_k[:, None] & mask_n[None, :], other=0.0)
+def _dot(a, b, acc, ALLOW_TF32: tl.constexpr, USE_INPUT_PRECISION: tl.constexpr):
+    """acc + a . b in fp32: TF32 tensor cores for fp32 inputs when ALLOW_TF32, IEEE fp32 otherwise
+    (no effect on fp16/bf16), spelled the way this triton's tl.dot takes it (USE_INPUT_PRECISION)."""
     if USE_INPUT_PRECISION:
         if ALLOW_TF32:
             acc = tl.dot(a, b, acc, input_precision="tf32")
@@ -84,6 +79,18 @@ def _fwd_k_step(acc, k0, x_ptr, w_ptr, x_row, w_col, mask_m, mask_n, CIN, sxc, s
     else:
         acc = tl.dot(a, b, acc, allow_tf32=ALLOW_TF32)
     return acc
+
+
+@triton.jit
+def _fwd_k_step(acc, k0, x_ptr, w_ptr, x_row, w_col, mask_m, mask_n, CIN, sxc, swk,
+                ALLOW_TF32: tl.constexpr, USE_INPUT_PRECISION: tl.constexpr, BLOCK_K: tl.constexpr):
+    """acc += x[rows, k0:k0+BLOCK_K] . W^T[k0:k0+BLOCK_K, cols] (fp32 accumulation; K tail masked)."""
+    kk = k0 + tl.arange(0, BLOCK_K)
+    mask_k = kk < CIN
+    kk64 = kk.to(tl.int64)
+    a = tl.load(x_ptr + (x_row[:, None] + (kk64 * sxc)[None, :]), mask=mask_m[:, None] & mask_k[None, :], other=0.0)
+    b = tl.load(w_ptr + ((kk64 * swk)[:, None] + w_col[None, :]), mask=mask_k[:, None] & mask_n[None, :], other=0.0)
+    return _dot(a, b, acc, ALLOW_TF32, USE_INPUT_PRECISION)
 
 
 @triton.jit
@@ -305,13 +312,7 @@ def _lateral_grad_weight_kernel(
                     mask=mask_co[:, None] & mask_m[None, :], other=0.0)
         b = tl.load(x_ptr + (x_row[:, None] + ci_off[None, :]),
                     mask=mask_m[:, None] & mask_ci[None, :], other=0.0)
-        if USE_INPUT_PRECISION:
-            if ALLOW_TF32:
-                acc = tl.dot(a, b, acc, input_precision="tf32")
-            else:
-                acc = tl.dot(a, b, acc, input_precision="ieee")
-        else:
-            acc = tl.dot(a, b, acc, allow_tf32=ALLOW_TF32)
+        acc = _dot(a, b, acc, ALLOW_TF32, USE_INPUT_PRECISION)
 
     part = part_ptr + split.to(tl.int64) * COUT * CIN
     offs = offs_co.to(tl.int64)[:, None] * CIN + offs_ci[None, :]
