@@ -134,22 +134,13 @@ def run_level(i: int, shapes: harness.Shapes, dtype: torch.dtype, layout: str, b
     return rows
 
 
-def _levels(text: str) -> List[int]:
-    """"P2,P5" -> [0, 3] (indices into the GPU shapes' levels)."""
-    names = [t.strip().upper() for t in text.split(",") if t.strip()]
-    bad = [t for t in names if t not in ("P2", "P3", "P4", "P5")]
-    if bad or not names:
-        raise argparse.ArgumentTypeError(f"levels are P2, P3, P4, P5 (comma list), got {text!r}")
-    return sorted({int(t[1]) - 2 for t in names})
-
-
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--dtype", default="fp16", choices=sorted(harness.DTYPES))
     parser.add_argument("--layout", default="channels_last", choices=harness.LAYOUTS)
     parser.add_argument("--graphs", action="store_true", help="time CUDA-graph replays (kernel time alone)")
     parser.add_argument("--backends", default="cuda,triton", help="fused backends to break down (comma list)")
-    parser.add_argument("--levels", type=_levels, default=[0, 1, 2, 3], metavar="P2,P3,P4,P5",
+    parser.add_argument("--levels", type=harness.parse_levels, default=[0, 1, 2, 3], metavar="P2,P3,P4,P5",
                         help="which levels (default: all four)")
     parser.add_argument("--json", help="also write the rows here")
     args = parser.parse_args(argv)

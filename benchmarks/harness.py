@@ -29,6 +29,7 @@ unit-tests it.
 """
 from __future__ import annotations
 
+import argparse
 import copy
 import datetime as _dt
 import fnmatch
@@ -115,6 +116,16 @@ class DetectorShapes:
 
 CPU_SHAPES = Shapes(batch=1, image_hw=(512, 512))
 GPU_SHAPES = Shapes(batch=2, image_hw=(800, 1216))
+
+
+def parse_levels(text: str) -> List[int]:
+    """"P2,P5" -> [0, 3]: level names (comma list, any case) to indices into GPU_SHAPES' levels, for
+    the GPU diagnostics' --levels; raises argparse.ArgumentTypeError for a level that does not exist."""
+    names = [t.strip().upper() for t in text.split(",") if t.strip()]
+    bad = [t for t in names if t not in ("P2", "P3", "P4", "P5")]
+    if bad or not names:
+        raise argparse.ArgumentTypeError(f"levels are P2, P3, P4, P5 (comma list), got {text!r}")
+    return sorted({int(t[1]) - 2 for t in names})
 QUICK_SHAPES = Shapes(batch=1, image_hw=(64, 64), in_channels=(16, 32, 64, 128), out_channels=32)
 CPU_DETECTOR = DetectorShapes(images=1, image_hw=(512, 512), min_size=512, max_size=512)
 GPU_DETECTOR = DetectorShapes(images=2, image_hw=(800, 1216), min_size=800, max_size=1333)

@@ -30,6 +30,9 @@ import re
 import sys
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
+sys.path.insert(0, __file__.rsplit("/", 1)[0])
+import harness  # noqa: E402
+
 PROVIDERS = ("eager", "compile", "cuda", "triton")
 # ncu sections and extra metrics the summary reads (gpu_run.sh passes them to ncu)
 NCU_SECTIONS = ("SpeedOfLight", "MemoryWorkloadAnalysis", "Occupancy", "LaunchStats", "WarpStateStats")
@@ -180,13 +183,6 @@ def ncu_args() -> List[str]:
     return args + ["--metrics", ",".join(NCU_METRICS)]
 
 
-def _levels(text: str) -> List[int]:
-    names = [t.strip().upper() for t in text.split(",") if t.strip()]
-    if not names or any(t not in ("P2", "P3", "P4", "P5") for t in names):
-        raise argparse.ArgumentTypeError(f"levels are P2, P3, P4, P5 (comma list), got {text!r}")
-    return sorted({int(t[1]) - 2 for t in names})
-
-
 def _providers(text: str) -> List[str]:
     names = [t.strip() for t in text.split(",") if t.strip()]
     if not names or any(t not in PROVIDERS for t in names):
@@ -202,8 +198,6 @@ def build_regions(levels: Sequence[int], providers: Sequence[str], dtype_name: s
     other than cuda only for tests (eager regions on CPU)."""
     import torch
     import fused_fpn
-    sys.path.insert(0, __file__.rsplit("/", 1)[0])
-    import harness
 
     dtype = harness.DTYPES[dtype_name]
     shapes = harness.GPU_SHAPES
@@ -254,7 +248,7 @@ def kernel_names(call: Callable[[], object]) -> List[str]:
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--levels", type=_levels, default=[0, 3], metavar="P2,P5", help="default: P2,P5")
+    parser.add_argument("--levels", type=harness.parse_levels, default=[0, 3], metavar="P2,P5", help="default: P2,P5")
     parser.add_argument("--providers", type=_providers, default=list(PROVIDERS), metavar="eager,compile,cuda,triton")
     parser.add_argument("--dtype", default="fp16", choices=("fp16", "bf16", "fp32"))
     parser.add_argument("--layout", default="channels_last", choices=("channels_last", "nchw"))

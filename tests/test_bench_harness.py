@@ -466,7 +466,7 @@ def test_backward_breakdown_needs_a_gpu(capsys):
         pytest.skip("the no-GPU branch only")
     assert backward_breakdown.main([]) == 2
     assert "needs a CUDA device" in capsys.readouterr().err
-    assert backward_breakdown._levels("p5, P2") == [0, 3]
+    assert harness.parse_levels("p5, P2") == [0, 3]
     with pytest.raises(SystemExit):   # argparse: a level that does not exist
         backward_breakdown.main(["--levels", "P6"])
     assert "levels are P2, P3, P4, P5" in capsys.readouterr().err

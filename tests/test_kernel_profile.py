@@ -101,10 +101,10 @@ def test_summarize_end_to_end(tmp_path, capsys):
 
 
 def test_region_arguments_are_checked():
-    assert kp._levels("p5,P2") == [0, 3]
+    assert kp.harness.parse_levels("p5,P2") == [0, 3]
     for bad in ("P6", ""):
         with pytest.raises(Exception, match="levels are P2, P3, P4, P5"):
-            kp._levels(bad)
+            kp.harness.parse_levels(bad)
     with pytest.raises(Exception, match="providers are eager, compile, cuda, triton"):
         kp._providers("eager,cudnn")
     args = kp.ncu_args()
