@@ -4,7 +4,6 @@ import copy
 
 import pytest
 import torch
-import torchvision
 from torchvision.models import detection
 from torchvision.ops import FeaturePyramidNetwork
 

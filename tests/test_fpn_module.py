@@ -216,7 +216,6 @@ def test_gradient_penalty_through_the_whole_fpn_matches_torchvision(device, back
     tv, ours = pair(tv_fpn.LastLevelMaxPool(), fused_fpn.LastLevelMaxPool(), backend=backend)
     tv, ours = tv.to(device), ours.to(device)
     x = make_features(2, 33, 47, torch.float32, device, "channels_last")
-    g = torch.Generator().manual_seed(6)
     grads = []
     for model in (tv, ours):
         inputs = OrderedDict((k, v.clone().requires_grad_()) for k, v in x.items())

@@ -1,16 +1,14 @@
 """Training, mixed precision, compilers and export with the fused FPN (issue: drop-in for real detectors)."""
 import copy
-from collections import OrderedDict
 
 import pytest
 import torch
 from torch import nn
-from torchvision.ops import FeaturePyramidNetwork
 from torchvision.ops import feature_pyramid_network as tv_fpn
 
 import fused_fpn
 from fpn_testing import DEVICES, backend_device_params, rel_err
-from test_fpn_module import IN_CHANNELS, OUT, make_features, pair
+from test_fpn_module import OUT, make_features, pair
 
 
 def test_from_torchvision_and_convert_share_tensors():
