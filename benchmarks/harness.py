@@ -30,6 +30,7 @@ unit-tests it.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import datetime as _dt
 import fnmatch
@@ -1134,6 +1135,9 @@ class Record:
     parity_rel_l2: Optional[float] = None
     parity_tol: Optional[Tuple[float, float]] = None
     note: str = ""
+    # fused Triton rows on a GPU: which config the autotuner chose for each kernel launch of the row
+    # (``lateral_launch.describe_key`` -> ``describe_config``), e.g. whether a persistent config won
+    triton_configs: Optional[Dict[str, str]] = None
 
     @property
     def key(self):
@@ -1250,7 +1254,9 @@ class BenchRun:
                     fn = with_experimental_configs(w.provider_fn("fused-triton"))
                 else:
                     fn = w.provider_fn(p)
-                outs = self._outputs(w, fn, w.input_sets[0])   # the first call also compiles
+                with recording_triton_choices() as chosen:
+                    outs = self._outputs(w, fn, w.input_sets[0])   # the first call also compiles (and autotunes)
+                rec.triton_configs = dict(chosen) or None
             except Exception as exc:  # noqa: BLE001 - reported in the row, failed by the caller
                 rec.status, rec.message = ERROR, f"{type(exc).__name__}: {exc}"
                 continue
@@ -1505,9 +1511,35 @@ def format_table(report: Dict[str, object], markdown: bool = False) -> str:
         ratio = "n/a" if chk["ratio"] is None else f"{chk['ratio']:.2f}x"
         notes.append(f"target {chk['check']}: {ratio} (target >= {chk['target']:.2f}x: "
                      f"{'MET' if chk['met'] else 'NOT MET'})")
+    notes += triton_config_notes(report["results"])
     for n in notes:
         lines.append(("- " if markdown else "* ") + n)
     return "\n".join(lines)
+
+
+def recording_triton_choices():
+    """A block that collects the configs the Triton autotuner picks for the launches inside it
+    (``lateral_launch.recording_autotune_choices``: GPU, eager launches), or records nothing where the
+    Triton backend cannot be imported."""
+    try:
+        from fused_fpn.kernels import lateral_launch
+    except Exception:  # noqa: BLE001 - no triton: nothing to record
+        return contextlib.nullcontext({})
+    return lateral_launch.recording_autotune_choices()
+
+
+def triton_config_notes(results: Sequence[Dict[str, object]], max_rows: int = 4) -> List[str]:
+    """One note per (kernel launch, chosen config) seen in the rows' ``triton_configs``, naming the rows
+    (case/layout/provider; the dtype is in the launch's description) that ran it."""
+    rows: Dict[Tuple[str, str], List[str]] = OrderedDict()
+    for r in results:
+        for launch, config in (r.get("triton_configs") or {}).items():
+            rows.setdefault((launch, config), []).append(f"{r['case']}/{r['layout']}/{r['provider']}")
+    notes = []
+    for (launch, config), names in rows.items():
+        more = f" and {len(names) - max_rows} more" if len(names) > max_rows else ""
+        notes.append(f"triton autotune: {launch}: {config} ({', '.join(names[:max_rows])}{more})")
+    return notes
 
 
 def result_paths(cfg: BenchConfig, report: Dict[str, object]) -> Dict[str, str]:

@@ -535,6 +535,11 @@ def tune_key(m: int, *unit_strides: bool) -> int:
     return 8 * max(4, (max(int(m), 1) - 1).bit_length()) + bits
 
 
+def tune_key_parts(key: int):
+    """(bucket, bits) of a ``tune_key``: M's power-of-two bucket and the layout bits."""
+    return 1 << (key // 8), key % 8
+
+
 def _tuning_bench(kernel_call, quantiles):
     """The autotuner's timing of one config (triton.testing.do_bench with short warm-up/repeat)."""
     from triton.testing import do_bench
@@ -561,7 +566,9 @@ def _autotuner(name: str, kernel, configs, key):
         configs = configs[:1]
     cache_key = (name, tuple(id(c) for c in configs))
     if cache_key not in _autotuned:   # setdefault: threads that race here all get the one stored autotuner
-        _autotuned.setdefault(cache_key, triton.autotune(configs=configs, key=key, do_bench=_tuning_bench)(kernel))
+        tuner = triton.autotune(configs=configs, key=key, do_bench=_tuning_bench)(kernel)
+        tuner.fused_fpn_name = name   # "fwd" or "dw": read by the launcher's descriptions of its choices
+        _autotuned.setdefault(cache_key, tuner)
     return _autotuned[cache_key]
 
 

@@ -13,10 +13,11 @@ small fixed config.
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import struct
 import threading
-from typing import Tuple
+from typing import List, Tuple
 
 import torch
 
@@ -121,12 +122,68 @@ def _launch_autotuned(tuner, grid, args, meta, key):
         chosen = _CHOSEN.get((tuner, key)) if FAST_LAUNCH and launcher is tuner else None
         if chosen is not None:
             tuner.fn.run(*args, grid=grid, warmup=False, **meta, **chosen)
+            _note_choice(tuner, key, chosen)
             return
         launcher[grid](*args, **meta)
         if launcher is tuner:
             config = tuner.best_config   # set by this call's Autotuner.run (we hold the lock)
+            kwargs = config.all_kwargs()
             if config.pre_hook is None:
-                _CHOSEN[(tuner, key)] = config.all_kwargs()
+                _CHOSEN[(tuner, key)] = kwargs
+            _note_choice(tuner, key, kwargs)
+
+
+# What the autotuner chose, for the benchmarks' results (which config ran on which level is what
+# tells a tile-shape or persistent-config prediction from its refutation).
+_RECORDERS: List[dict] = []   # one dict per active ``recording_autotune_choices`` block
+
+
+def _note_choice(tuner, key, kwargs) -> None:
+    for recorder in _RECORDERS:
+        recorder.setdefault(describe_key(tuner, key), describe_config(kwargs))
+
+
+_CONFIG_FIELDS = ("BLOCK_M", "BLOCK_N", "BLOCK_K", "BLOCK_CO", "BLOCK_CI", "GROUP_M", "PERSISTENT",
+                  "num_warps", "num_stages")
+
+
+def describe_config(kwargs: dict) -> str:
+    """A config's launch kwargs as one short string: its tile sizes, swizzle group, persistence,
+    warps and pipeline stages, e.g. "BLOCK_M=128 BLOCK_N=256 BLOCK_K=64 GROUP_M=8 PERSISTENT=False
+    num_warps=8 num_stages=3"."""
+    return " ".join(f"{k}={kwargs[k]}" for k in _CONFIG_FIELDS if kwargs.get(k) is not None)
+
+
+def describe_key(tuner, key) -> str:
+    """What an autotuner key (``_launch_autotuned``'s: TUNE_KEY, COUT, CIN, then the tensors' dtypes)
+    means: which GEMM ("fwd": y = x . W^T + ..., "dx": dy . W, "dW": dy^T x), the layer's Cout and
+    Cin, M's power-of-two bucket, which operands have unit channel stride ("cl"; "nchw" otherwise)
+    and the first tensor's dtype."""
+    tune, cout, cin = key[:3]
+    bucket, bits = K.tune_key_parts(tune)
+    dtype = str(key[3]).replace("torch.", "")
+    layout = lambda bit: "cl" if bits >> bit & 1 else "nchw"  # noqa: E731
+    if getattr(tuner, "fused_fpn_name", "") == "dw":
+        return f"dW Cout={cout} Cin={cin} M<={bucket} dy={layout(0)} x={layout(1)} {dtype}"
+    if bits >> 2 & 1:   # the forward's W has unit Cin stride; dx = dy . W passes W.t()
+        return f"fwd Cout={cout} Cin={cin} M<={bucket} x={layout(0)} out={layout(1)} {dtype}"
+    # dx's GEMM: its "x" is dy (the layer's Cout channels), its output dx (the layer's Cin)
+    return f"dx Cout={cin} Cin={cout} M<={bucket} dy={layout(0)} dx={layout(1)} {dtype}"
+
+
+@contextlib.contextmanager
+def recording_autotune_choices():
+    """Collects which config each autotuned kernel launched with inside the block: yields a dict
+    {describe_key(...): describe_config(...)} that fills as the block runs. Eager launches only:
+    under torch.compile the compiled graph launches inductor's copy of the autotuner, not ours."""
+    recorder: dict = {}
+    with _LAUNCH_LOCK:
+        _RECORDERS.append(recorder)
+    try:
+        yield recorder
+    finally:
+        with _LAUNCH_LOCK:
+            _RECORDERS.remove(recorder)
 
 
 def _run_on_device(t: torch.Tensor, fn, *args) -> None:

@@ -317,6 +317,47 @@ def test_registered_providers_of_a_workload_are_measured_together(tmp_path):
     run.close()
 
 
+def test_rows_record_the_triton_configs_their_launches_chose(monkeypatch, tmp_path):
+    """Each row keeps what the Triton launcher reported choosing during the row's calls (on a GPU:
+    ``lateral_launch._launch_autotuned``; here a provider reports a choice itself, as that launcher
+    does), and the table's notes list each (launch, config) with the rows that ran it."""
+    from fused_fpn.kernels import lateral_kernels as K
+    from fused_fpn.kernels import lateral_launch as L
+
+    class Tuner:   # what the launcher reads of an autotuner: its name
+        fused_fpn_name = "fwd"
+    config = {"BLOCK_M": 128, "BLOCK_N": 256, "BLOCK_K": 64, "GROUP_M": 8, "PERSISTENT": True,
+              "num_warps": 8, "num_stages": 3, "maxnreg": None}
+    key = (K.tune_key(126, True, True, True), 256, 2048, torch.float16)
+    real = harness.LateralLevelWorkload.provider_fn
+
+    def provider_fn(self, provider):
+        fn = real(self, provider)
+        if provider != "fused-torch":
+            return fn
+
+        def reporting(*args):
+            L._note_choice(Tuner(), key, config)
+            return fn(*args)
+        return reporting
+    monkeypatch.setattr(harness.LateralLevelWorkload, "provider_fn", provider_fn)
+    run = harness.BenchRun(_quick_cfg(tmp_path))
+    specs = [harness.RowSpec("lateral_P5", "fp32", "nchw", p) for p in ("eager", "fused-torch")]
+    run.register(specs)
+    eager, fused = run.run(specs[0])[0], run.run(specs[1])[0]
+    launch = "fwd Cout=256 Cin=2048 M<=128 x=cl out=cl float16"
+    described = "BLOCK_M=128 BLOCK_N=256 BLOCK_K=64 GROUP_M=8 PERSISTENT=True num_warps=8 num_stages=3"
+    assert fused.status == harness.OK and fused.triton_configs == {launch: described}
+    assert eager.triton_configs is None
+    assert not L._RECORDERS
+    report = harness.build_report(run, run.cfg, None)
+    report = json.loads(json.dumps(report))
+    assert report["results"][1]["triton_configs"] == {launch: described}
+    text = harness.format_table(report, markdown=True)
+    assert f"- triton autotune: {launch}: {described} (lateral_P5/nchw/fused-torch)" in text.splitlines()
+    run.close()
+
+
 def test_gpu_plan_logic(monkeypatch):
     """The GPU plan, with the backends a GPU machine lists faked (no GPU here): fp16 first, every case
     in fp16 (both layouts), lateral path + FPN forward in bf16/fp32; max-autotune only on the fp16

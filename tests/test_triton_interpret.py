@@ -491,11 +491,14 @@ def test_the_gpu_launch_path_on_interpreted_kernels(dtype, layout, monkeypatch):
     f64 = [t.double() for t in (x, w, b, top, grad)]
     y_ref = lateral_reference(*f64[:4])
     grads_ref = lateral_backward_reference(f64[4], f64[0], f64[1], (4, 5), (True,) * 4)
+    recorded = []
     for attempt in ("autotuner", "fast path"):
-        y = L.lateral_forward(x, w, b, top)
+        with L.recording_autotune_choices() as chosen:
+            y = L.lateral_forward(x, w, b, top)
+            got = L.lateral_backward(grad, x, w, 4, 5, True, True, True, True)
+        recorded.append(chosen)
         assert_close_to_reference(y, y_ref, dtype)
         assert y.is_contiguous(memory_format=output_memory_format(x))
-        got = L.lateral_backward(grad, x, w, 4, 5, True, True, True, True)
         atol, rtol = TOLERANCES[dtype]
         for name, g_got, g_ref in zip(("dx", "dW", "db", "dtop"), got, grads_ref):
             assert g_got.shape == g_ref.shape and g_got.dtype == dtype, name
@@ -507,6 +510,19 @@ def test_the_gpu_launch_path_on_interpreted_kernels(dtype, layout, monkeypatch):
     tuners = {K.autotuned_fwd("sm90", x.element_size()), K.autotuned_grad_weight("sm90", x.element_size())}
     assert {t for t, _ in L._CHOSEN} == tuners, "forward, dx and dW configs are remembered"
     assert len(L._CHOSEN) == 3
+    # what the benchmarks record of each row: the same three choices through the autotuner and the
+    # fast path, described in the layer's terms (M = 126 pixels: bucket 128)
+    lay, dt = ("cl" if layout == "channels_last" else "nchw"), str(dtype).replace("torch.", "")
+    fwd, dw = K.fwd_configs("sm90", x.element_size())[0], K.GRAD_WEIGHT_CONFIGS[("sm90", x.element_size())][0]
+    assert recorded[0] == recorded[1] == {
+        f"fwd Cout=203 Cin=19 M<=128 x={lay} out={lay} {dt}": L.describe_config(fwd.all_kwargs()),
+        f"dx Cout=203 Cin=19 M<=128 dy={lay} dx={lay} {dt}": L.describe_config(fwd.all_kwargs()),
+        f"dW Cout=203 Cin=19 M<=128 dy={lay} x={lay} {dt}": L.describe_config(dw.all_kwargs()),
+    }
+    assert L.describe_config(fwd.all_kwargs()).startswith(
+        f"BLOCK_M={fwd.kwargs['BLOCK_M']} BLOCK_N={fwd.kwargs['BLOCK_N']} BLOCK_K={fwd.kwargs['BLOCK_K']} ")
+    assert L.describe_config(fwd.all_kwargs()).endswith(f" num_warps={fwd.num_warps} num_stages={fwd.num_stages}")
+    assert not L._RECORDERS, "a recording block leaves nothing behind"
 
 
 def test_host_cdiv_is_tritons():
