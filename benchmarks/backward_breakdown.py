@@ -160,18 +160,23 @@ def main(argv=None) -> int:
     print(f"backward pieces, {torch.cuda.get_device_name()}, torch {torch.__version__}, {args.dtype} {args.layout}, "
           f"{shapes.describe()}; {'CUDA-graph replays' if args.graphs else 'eager calls'}, CUDA events; "
           f"copy ceiling {ceiling.bytes_per_s / 1e9:.0f} GB/s ({ceiling.method})")
-    rows = []
+    rows, configs = [], {}
     for i in args.levels:
-        level_rows = run_level(i, shapes, dtype, args.layout, backends, args.graphs, ceiling)
+        with harness.recording_triton_choices() as chosen:   # the configs the triton pieces ran with
+            level_rows = run_level(i, shapes, dtype, args.layout, backends, args.graphs, ceiling)
         rows += level_rows
+        configs[f"P{i + 2}"] = dict(chosen)
         for r in level_rows:
             pct = f"{r['gb_s']:7.0f} GB/s {r['pct_ceiling']:5.1f} %" if r["gb_s"] is not None else ""
             print(f"  {r['level']}  {r['provider']:<7s} {r['piece']:<27s} {r['median_ms']:8.4f} ms "
                   f"{r['min_bytes'] / 1e6:8.1f} MB  {pct}")
+        for launch, config in chosen.items():
+            print(f"  P{i + 2}  triton autotune: {launch}: {config}")
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"device": torch.cuda.get_device_name(), "dtype": args.dtype, "layout": args.layout,
-                       "graphs": args.graphs, "ceiling_gb_s": ceiling.bytes_per_s / 1e9, "rows": rows}, f, indent=1)
+                       "graphs": args.graphs, "ceiling_gb_s": ceiling.bytes_per_s / 1e9, "rows": rows,
+                       "triton_configs": configs}, f, indent=1)
     return 0
 
 

@@ -1,6 +1,8 @@
 """Helpers shared by the tests: tolerance table, devices and backends, input makers, comparisons."""
 from __future__ import annotations
 
+import contextlib
+
 from typing import List, Optional
 
 import pytest
@@ -117,3 +119,15 @@ def gradient_penalty_grads(fn, inputs, weight_out=None):
     if not (isinstance(penalty, torch.Tensor) and penalty.requires_grad):
         return first, [None] * len(used)
     return first, list(torch.autograd.grad(penalty, used, allow_unused=True))
+
+
+@contextlib.contextmanager
+def launching_as_the_op_body_does():
+    """wrap_triton's higher-order-op dispatch off (in this thread), as torch.library.triton_op runs a
+    registered op's eager body: wrap_triton then returns the kernel itself. Tests that call the Triton
+    launchers' compiled-kernel branch directly, outside an op, on interpreted kernels need it: with the
+    dispatch on, torch 2.11's wrap_triton wraps an autotuner of interpreted kernels and the launch fails
+    ("'function' object has no attribute 'fn'"); torch 2.14's returns such an autotuner as it is."""
+    from torch._library.triton import set_wrap_triton_enabled
+    with set_wrap_triton_enabled(False):
+        yield

@@ -21,7 +21,8 @@ from fused_fpn import backends as fb
 from fused_fpn._layout import output_memory_format
 from fused_fpn.reference import lateral_grad_bias_top_reference, lateral_reference
 
-from fpn_testing import HAS_CUDA, TOLERANCES, assert_close_to_reference, gradient_penalty_grads, make_input
+from fpn_testing import (HAS_CUDA, TOLERANCES, assert_close_to_reference, gradient_penalty_grads,
+                         launching_as_the_op_body_does, make_input)
 
 _REASON = fb.unavailable_reason("triton")
 pytestmark = pytest.mark.skipif(_REASON is not None, reason=f"triton backend unavailable: {_REASON}")
@@ -425,7 +426,8 @@ def test_autotuned_launches_reuse_the_chosen_config_without_the_autotuner(monkey
         before, calls["jit"] = calls["autotuner"], []
         src = torch.arange(n, dtype=torch.float32, device=DEVICE)
         dst = torch.full((n,), float("nan"), device=DEVICE)
-        L._launch_autotuned(tuner, lambda meta: (triton.cdiv(n, meta["BLOCK"]),), (src, dst, n, 2.0), {}, (n,))
+        with launching_as_the_op_body_does():
+            L._launch_autotuned(tuner, lambda meta: (triton.cdiv(n, meta["BLOCK"]),), (src, dst, n, 2.0), {}, (n,))
         assert torch.equal(dst, 2.0 * src)
         assert calls["autotuner"] - before == int(expect_autotuner)
         return calls["jit"][-1]   # the kwargs of the launch that wrote dst
@@ -459,9 +461,12 @@ def test_autotuned_launches_reuse_the_chosen_config_without_the_autotuner(monkey
 def _compiled_branch_on_the_interpreter(monkeypatch, sms):
     """Make the launchers take their compiled-kernel branch on CPU tensors (the interpreter runs the
     kernels): an sm90 device with ``sms`` multiprocessors, autotuning off (the autotuner times with
-    CUDA events), and an empty table of chosen configs."""
+    CUDA events), an empty table of chosen configs, and ``wrap_triton`` returning the kernel itself, as
+    it does in the registered op's eager body on a GPU (torch 2.14 also returns an interpreted kernel
+    as it is; torch 2.11 refuses one: "wrap_triton only works on functions annotated with triton.jit")."""
     from fused_fpn.kernels import lateral_kernels as K
     from fused_fpn.kernels import lateral_launch as L
+    monkeypatch.setattr(torch.library, "wrap_triton", lambda kernel: kernel)
     monkeypatch.setattr(L, "interpreting", lambda: False)
     monkeypatch.setattr(L, "_device_facts", lambda device: ("sm90", sms))
     monkeypatch.setattr(L, "_CHOSEN", {})
