@@ -158,7 +158,8 @@ def describe_key(tuner, key) -> str:
     """What an autotuner key (``_launch_autotuned``'s: TUNE_KEY, COUT, CIN, then the tensors' dtypes)
     means: which GEMM ("fwd": y = x . W^T + ..., "dx": dy . W, "dW": dy^T x), the layer's Cout and
     Cin, M's power-of-two bucket, which operands have unit channel stride ("cl"; "nchw" otherwise)
-    and the first tensor's dtype."""
+    and the first tensor's dtype. The key tells the forward from dx by the weight's Cin stride (as
+    ``tune_key`` does), so a forward given a weight whose Cin stride is not 1 reads as "dx"."""
     tune, cout, cin = key[:3]
     bucket, bits = K.tune_key_parts(tune)
     dtype = str(key[3]).replace("torch.", "")
