@@ -390,6 +390,18 @@ def lateral_path_bytes(shapes: Shapes, elem_bytes: int) -> Dict[str, int]:
     return total
 
 
+def lateral_flops(n: int, cin: int, h: int, w: int, cout: int) -> int:
+    """Floating-point operations of one lateral level's 1x1 conv: 2 * N*H*W * Cin * Cout (a multiply
+    and an add per term; the bias and top adds are N*H*W*Cout each, left out as DESIGN.md does)."""
+    return 2 * n * h * w * cin * cout
+
+
+def lateral_path_flops(shapes: Shapes) -> int:
+    """Sum over the levels of ``lateral_flops``."""
+    return sum(lateral_flops(shapes.batch, shapes.in_channels[i], *shapes.level_hw(i), shapes.out_channels)
+               for i in range(shapes.levels))
+
+
 def roofline(nbytes: int, seconds: float, ceiling_bytes_per_s: float) -> Tuple[float, float]:
     """(achieved GB/s, % of the ceiling) for ``nbytes`` moved in ``seconds``."""
     if seconds <= 0 or ceiling_bytes_per_s <= 0:
@@ -821,6 +833,7 @@ class Workload:
 
     needs_grad = False
     lateral_bytes: Optional[Dict[str, int]] = None
+    lateral_flops: Optional[int] = None   # the 1x1 convs' FLOPs, where lateral_bytes is set
 
     def __init__(self, case: str, dtype: str, layout: str, cfg: BenchConfig, seed: int = 0):
         self.case, self.dtype_name, self.layout, self.cfg = case, dtype, layout, cfg
@@ -905,6 +918,7 @@ class LateralLevelWorkload(Workload):
             return (x, top)
         self.make_sets(one)
         self.lateral_bytes = lateral_bytes(s.batch, cin, h, w, cout, top_hw, self.elem_bytes)
+        self.lateral_flops = lateral_flops(s.batch, cin, h, w, cout)
         self.shape_desc = f"x {s.batch}x{cin}x{h}x{w}" + (
             f", top {s.batch}x{cout}x{top_hw[0]}x{top_hw[1]}" if top_hw else "")
 
@@ -937,6 +951,7 @@ class LateralPathWorkload(Workload):
                                  for i in range(s.levels)]
         else:
             self.lateral_bytes = lateral_path_bytes(s, self.elem_bytes)
+            self.lateral_flops = lateral_path_flops(s)
         self.shape_desc = s.describe()
 
     def provider_fn(self, provider):
@@ -1128,6 +1143,7 @@ class Record:
     bytes_provider: Optional[int] = None
     gbps: Optional[float] = None
     roofline_pct: Optional[float] = None
+    tflops: Optional[float] = None   # lateral cases: the 1x1 convs' FLOPs / median time, in TFLOP/s
     speedup_vs_eager: Optional[float] = None
     speedup_vs_compile: Optional[float] = None
     parity_max_abs_err: Optional[float] = None
@@ -1292,6 +1308,7 @@ class BenchRun:
                 rec.bytes_min = w.lateral_bytes["fused"]
                 rec.bytes_provider = w.bytes_for(p)
                 rec.gbps, rec.roofline_pct = roofline(rec.bytes_min, timing.median_s, self.ceiling().bytes_per_s)
+                rec.tflops = w.lateral_flops / timing.median_s / 1e12
             self._pending[p] = (rec, self._once(fn, w.needs_grad), w.input_sets[0])
 
     def _once(self, fn: Callable, needs_grad: bool) -> Callable:
@@ -1462,7 +1479,7 @@ def _f(v, fmt: str) -> str:
 def format_table(report: Dict[str, object], markdown: bool = False) -> str:
     """The results table (plain text for the terminal, or markdown for the README)."""
     head = ["case", "dtype", "layout", "provider", "median ms", "p25-p75 ms", "vs eager", "vs compile",
-            "peak MB", "GB/s", "% ceil", "status"]
+            "peak MB", "GB/s", "% ceil", "TFLOP/s", "status"]
     rows = []
     for r in report["results"]:
         spread = "" if r["p25_ms"] is None else f"{r['p25_ms']:.3g}-{r['p75_ms']:.3g}"
@@ -1471,7 +1488,7 @@ def format_table(report: Dict[str, object], markdown: bool = False) -> str:
                      _f(r["speedup_vs_eager"], ".2f") + ("x" if r["speedup_vs_eager"] is not None else ""),
                      _f(r["speedup_vs_compile"], ".2f") + ("x" if r["speedup_vs_compile"] is not None else ""),
                      _f(None if r["peak_mem_bytes"] is None else r["peak_mem_bytes"] / 2 ** 20, ".1f"),
-                     _f(r["gbps"], ".1f"), _f(r["roofline_pct"], ".1f"), status])
+                     _f(r["gbps"], ".1f"), _f(r["roofline_pct"], ".1f"), _f(r.get("tflops"), ".1f"), status])
     dev = report["device"]
     ceil = report.get("ceiling")
     lines = []
@@ -1498,6 +1515,8 @@ def format_table(report: Dict[str, object], markdown: bool = False) -> str:
              "GB/s and % ceil (lateral cases): the fused op's minimum bytes / median time, against "
              + (f"a copy-bandwidth ceiling of {ceil['bytes_per_s'] / 1e9:.1f} GB/s ({ceil['method']})" if ceil
                 else "no ceiling (no lateral case ran)"),
+             "TFLOP/s (lateral cases): the 1x1 convs' 2 * N*H*W * Cin * Cout / median time (the levels are "
+             "near the ridge: on P4 / P5 the tensor cores, not only the bytes, bound the time)",
              "median over timed calls (" + ", ".join(sorted({r['timing_method'] for r in report['results']
                                                               if r['timing_method']})) + ")"]
     load = report.get("load") or {}

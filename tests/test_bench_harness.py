@@ -37,6 +37,16 @@ def test_lateral_bytes_p2_matches_design_table():
     assert b["eager"] == 2 * (x + wb + y + top + y + 3 * y) == 389_251_584  # DESIGN: 389 MB
 
 
+def test_lateral_flops_match_design_table():
+    """DESIGN.md section 5's GFLOP column (P2..P5: 15.9, 8.0, 4.0, 2.0) and the path's sum."""
+    shapes = harness.GPU_SHAPES
+    gflops = [harness.lateral_flops(shapes.batch, shapes.in_channels[i], *shapes.level_hw(i), shapes.out_channels) / 1e9
+              for i in range(shapes.levels)]
+    assert [round(g, 1) for g in gflops] == [15.9, 8.0, 4.0, 2.0]
+    assert harness.lateral_flops(2, 256, 200, 304, 256) == 2 * 2 * 200 * 304 * 256 * 256
+    assert harness.lateral_path_flops(shapes) == pytest.approx(sum(gflops) * 1e9)
+
+
 def test_lateral_bytes_without_top_is_the_conv_alone():
     b = harness.lateral_bytes(2, 2048, 25, 38, 256, None, elem_bytes=2)
     expected = 2 * (2 * 2048 * 25 * 38 + 256 * 2048 + 256 + 2 * 256 * 25 * 38)
@@ -314,6 +324,8 @@ def test_registered_providers_of_a_workload_are_measured_together(tmp_path):
     assert rec2.status == harness.OK and rec2.timing_method == rec.timing_method
     assert [r.provider for r in run.records] == ["eager", "fused-torch"]
     assert rec.bytes_min == rec2.bytes_min == harness.lateral_bytes(1, 128, 2, 2, 32, None, 4)["fused"]
+    for r in (rec, rec2):
+        assert r.tflops == pytest.approx(harness.lateral_flops(1, 128, 2, 2, 32) / (r.median_ms / 1e3) / 1e12)
     run.close()
 
 
