@@ -1488,7 +1488,7 @@ def format_table(report: Dict[str, object], markdown: bool = False) -> str:
                      _f(r["speedup_vs_eager"], ".2f") + ("x" if r["speedup_vs_eager"] is not None else ""),
                      _f(r["speedup_vs_compile"], ".2f") + ("x" if r["speedup_vs_compile"] is not None else ""),
                      _f(None if r["peak_mem_bytes"] is None else r["peak_mem_bytes"] / 2 ** 20, ".1f"),
-                     _f(r["gbps"], ".1f"), _f(r["roofline_pct"], ".1f"), _f(r.get("tflops"), ".1f"), status])
+                     _f(r["gbps"], ".1f"), _f(r["roofline_pct"], ".1f"), _f(r.get("tflops"), ".3g"), status])
     dev = report["device"]
     ceil = report.get("ceiling")
     lines = []
@@ -1515,8 +1515,8 @@ def format_table(report: Dict[str, object], markdown: bool = False) -> str:
              "GB/s and % ceil (lateral cases): the fused op's minimum bytes / median time, against "
              + (f"a copy-bandwidth ceiling of {ceil['bytes_per_s'] / 1e9:.1f} GB/s ({ceil['method']})" if ceil
                 else "no ceiling (no lateral case ran)"),
-             "TFLOP/s (lateral cases): the 1x1 convs' 2 * N*H*W * Cin * Cout / median time (the levels are "
-             "near the ridge: on P4 / P5 the tensor cores, not only the bytes, bound the time)",
+             "TFLOP/s (lateral cases): the 1x1 convs' 2 * N*H*W * Cin * Cout / median time (on an H200 the "
+             "levels sit near the ridge, P4 / P5 about at it: tensor-core throughput bounds them as much as bytes)",
              "median over timed calls (" + ", ".join(sorted({r['timing_method'] for r in report['results']
                                                               if r['timing_method']})) + ")"]
     load = report.get("load") or {}
