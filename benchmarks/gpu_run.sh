@@ -197,6 +197,9 @@ if want ncu; then
         && "$PY" benchmarks/kernel_profile.py --summarize "$OUT/logs/ncu_raw.csv" --plan "$OUT/logs/ncu_plan.json" \
             > "$OUT/ncu.txt" 2>&1
         rc=$?
+        if grep -q "triton autotune" "$OUT/logs/ncu.log" 2>/dev/null; then   # which config each triton kernel ran
+            { echo "Triton configs of the profiled run:"; grep "triton autotune" "$OUT/logs/ncu.log"; } >> "$OUT/ncu.txt"
+        fi
     else
         echo "ncu not found (PATH, /opt/nvidia/nsight-compute/*/ncu); NCU=... names it" > "$OUT/logs/ncu.log"
     fi

@@ -279,19 +279,25 @@ def main(argv=None) -> int:
     available = fused_fpn.available_backends("cuda")
     providers = [p for p in args.providers if p in ("eager", "compile") or p in available]
     regions = build_regions(args.levels, providers, args.dtype, args.layout, args.backward)
-    for _, call in regions:              # autotune, compile and allocate outside the profiled ranges
-        for _ in range(3):
-            call()
+    with harness.recording_triton_choices() as chosen:
+        for _, call in regions:          # autotune, compile and allocate outside the profiled ranges
+            for _ in range(3):
+                call()
     torch.cuda.synchronize()
+    # the Triton configs this process runs with (each run autotunes anew: the plan run and the ncu run
+    # print their own, and a Triton kernel's name does not say which config it is)
+    choices = [f"triton autotune: {launch}: {config}" for launch, config in chosen.items()]
     if args.plan:
         plan = [{"label": label, "kernels": kernel_names(call)} for label, call in regions]
         with open(args.plan, "w") as f:
             json.dump({"device": torch.cuda.get_device_name(), "dtype": args.dtype, "layout": args.layout,
-                       "regions": plan}, f, indent=1)
+                       "regions": plan, "triton_configs": dict(chosen)}, f, indent=1)
         for region in plan:
             print(f"{region['label']:<28s} {len(region['kernels'])} kernels: "
                   + ", ".join(_base_name(k) for k in region["kernels"]))
+        print("\n".join(choices))
         return 0
+    print("\n".join(choices), file=sys.stderr)
     for label, call in regions:          # the profiled pass: one call per region, nothing else
         torch.cuda.synchronize()
         torch.cuda.profiler.start()
