@@ -125,9 +125,10 @@ def gradient_penalty_grads(fn, inputs, weight_out=None):
 def launching_as_the_op_body_does():
     """wrap_triton's higher-order-op dispatch off (in this thread), as torch.library.triton_op runs a
     registered op's eager body: wrap_triton then returns the kernel itself. Tests that call the Triton
-    launchers' compiled-kernel branch directly, outside an op, on interpreted kernels need it: with the
-    dispatch on, torch 2.11's wrap_triton wraps an autotuner of interpreted kernels and the launch fails
-    ("'function' object has no attribute 'fn'"); torch 2.14's returns such an autotuner as it is."""
+    launchers' compiled-kernel branch directly, outside an op, need it. With the dispatch on, wrap_triton
+    wraps a compiled autotuner (torch 2.11 and 2.14), so the launcher's eager fast path never runs; and
+    torch 2.11 wraps an autotuner of interpreted kernels too, whose launch then fails ("'function'
+    object has no attribute 'fn'"), where torch 2.14 returns it as it is."""
     from torch._library.triton import set_wrap_triton_enabled
     with set_wrap_triton_enabled(False):
         yield
