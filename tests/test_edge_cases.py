@@ -470,12 +470,12 @@ def test_element_offsets_past_2_31(device, backend, x_view, with_top):
 
 
 @pytest.mark.skipif("triton" not in fused_fpn.available_backends(), reason="triton backend unavailable")
-def test_triton_rejects_2_31_pixels_with_a_clear_error():
+@pytest.mark.parametrize("device", DEVICES[-1:])   # the GPU when there is one (the interpreter's CPU otherwise)
+def test_triton_rejects_2_31_pixels_with_a_clear_error(device):
     """The Triton kernels index pixels (N*H*W) in 32 bits (element offsets in 64): the launcher must
     refuse N*H*W >= 2^31 with a ValueError before launching anything. x is a stride-0 expand of one
     element, so nothing large is allocated; 2^31 - 1 pixels pass the check (not run)."""
     from fused_fpn.backends import triton as tb
-    device = "cuda" if torch.cuda.is_available() else "cpu"
     one = torch.ones((1, 1, 1, 1), device=device)
     w = torch.ones((1, 1), device=device)
     x = one.expand(1, 1, 2**16, 2**15)                  # exactly 2^31 pixels

@@ -102,6 +102,7 @@ def test_deterministic_forward(device, backend):
     assert torch.equal(a, c)
 
 
+@pytest.mark.gpu
 @pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA device")
 @pytest.mark.parametrize("backend", [n for n in ("triton", "cuda")])
 def test_tf32_follows_cudnn_flag(backend):

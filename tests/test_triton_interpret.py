@@ -25,7 +25,11 @@ from fpn_testing import (HAS_CUDA, TOLERANCES, assert_close_to_reference, gradie
                          launching_as_the_op_body_does, make_input)
 
 _REASON = fb.unavailable_reason("triton")
-pytestmark = pytest.mark.skipif(_REASON is not None, reason=f"triton backend unavailable: {_REASON}")
+pytestmark = [pytest.mark.skipif(_REASON is not None, reason=f"triton backend unavailable: {_REASON}")]
+# With a GPU these tests run on CUDA tensors (DEVICE), and no "cuda" is in their ids: the "gpu" marker
+# then puts them in gpu_run.sh's selection of the GPU rows (-k "(cuda or gpu) and not emulated").
+if HAS_CUDA:
+    pytestmark.append(pytest.mark.gpu)
 
 DEVICE = "cuda" if HAS_CUDA else "cpu"
 DTYPES = [torch.float32, torch.float16] + ([torch.bfloat16] if HAS_CUDA else [])
