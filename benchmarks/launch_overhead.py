@@ -67,13 +67,10 @@ def time_per_call(fn: Callable[[], object], device: str, calls: int, repeats: in
 
 
 def no_hop(fn: Callable[[], object]) -> object:
-    """fn() with wrap_triton's higher-order-op dispatch off, as torch.library.triton_op's eager
-    path runs an op's body (wrap_triton then returns the kernel itself)."""
-    try:
-        from torch._library.triton import set_wrap_triton_enabled
-    except ImportError:
-        return fn()
-    with set_wrap_triton_enabled(False):
+    """fn() as in a registered op's eager body (``lateral_launch.as_in_the_op_body``: wrap_triton
+    returns the kernel itself, not a higher-order op)."""
+    from fused_fpn.kernels import lateral_launch as L
+    with L.as_in_the_op_body():
         return fn()
 
 

@@ -113,6 +113,23 @@ FAST_LAUNCH = True
 _CHOSEN = {}   # (autotuner, key) -> the chosen config's launch kwargs (BLOCK_*, num_warps, ...)
 
 
+@contextlib.contextmanager
+def as_in_the_op_body():
+    """Launches inside the block run as in a registered op's eager body: wrap_triton's higher-order-op
+    dispatch off in this thread (torch.library.triton_op turns it off there), so wrap_triton returns
+    the kernel itself and an autotuned kernel takes the eager fast path. For callers of the launchers
+    outside an op (diagnostics, tests); outside an op and this block, wrap_triton wraps the kernel in
+    a higher-order op. A torch without the switch: nothing to turn off."""
+    try:
+        from torch._library.triton import set_wrap_triton_enabled
+    except ImportError:
+        switch = contextlib.nullcontext()
+    else:
+        switch = set_wrap_triton_enabled(False)
+    with switch:
+        yield
+
+
 def _launch_autotuned(tuner, grid, args, meta, key):
     """tuner[grid](*args, **meta) for a compiled (not interpreted) launch. ``key`` must tell apart
     every call the autotuner would tell apart: its key arguments and the tensors' dtypes."""

@@ -1,8 +1,6 @@
 """Helpers shared by the tests: tolerance table, devices and backends, input makers, comparisons."""
 from __future__ import annotations
 
-import contextlib
-
 from typing import List, Optional
 
 import pytest
@@ -120,15 +118,3 @@ def gradient_penalty_grads(fn, inputs, weight_out=None):
         return first, [None] * len(used)
     return first, list(torch.autograd.grad(penalty, used, allow_unused=True))
 
-
-@contextlib.contextmanager
-def launching_as_the_op_body_does():
-    """wrap_triton's higher-order-op dispatch off (in this thread), as torch.library.triton_op runs a
-    registered op's eager body: wrap_triton then returns the kernel itself. Tests that call the Triton
-    launchers' compiled-kernel branch directly, outside an op, need it. With the dispatch on, wrap_triton
-    wraps a compiled autotuner (torch 2.11 and 2.14), so the launcher's eager fast path never runs; and
-    torch 2.11 wraps an autotuner of interpreted kernels too, whose launch then fails ("'function'
-    object has no attribute 'fn'"), where torch 2.14 returns it as it is."""
-    from torch._library.triton import set_wrap_triton_enabled
-    with set_wrap_triton_enabled(False):
-        yield
