@@ -117,16 +117,6 @@ class DetectorShapes:
 
 CPU_SHAPES = Shapes(batch=1, image_hw=(512, 512))
 GPU_SHAPES = Shapes(batch=2, image_hw=(800, 1216))
-
-
-def parse_levels(text: str) -> List[int]:
-    """"P2,P5" -> [0, 3]: level names (comma list, any case) to indices into GPU_SHAPES' levels, for
-    the GPU diagnostics' --levels; raises argparse.ArgumentTypeError for a level that does not exist."""
-    names = [t.strip().upper() for t in text.split(",") if t.strip()]
-    bad = [t for t in names if t not in ("P2", "P3", "P4", "P5")]
-    if bad or not names:
-        raise argparse.ArgumentTypeError(f"levels are P2, P3, P4, P5 (comma list), got {text!r}")
-    return sorted({int(t[1]) - 2 for t in names})
 QUICK_SHAPES = Shapes(batch=1, image_hw=(64, 64), in_channels=(16, 32, 64, 128), out_channels=32)
 CPU_DETECTOR = DetectorShapes(images=1, image_hw=(512, 512), min_size=512, max_size=512)
 GPU_DETECTOR = DetectorShapes(images=2, image_hw=(800, 1216), min_size=800, max_size=1333)
@@ -145,6 +135,16 @@ CASE_DOC = {
     "fpn_train": "FPN training step: forward + backward (grads of the inputs and every parameter)",
     "detector": "fasterrcnn_resnet50_fpn(weights=None, weights_backbone=None).eval(), end to end",
 }
+
+
+def parse_levels(text: str) -> List[int]:
+    """"P2,P5" -> [0, 3]: level names (comma list, any case) to indices into GPU_SHAPES' levels, for
+    the GPU diagnostics' --levels; raises argparse.ArgumentTypeError for a level that does not exist."""
+    names = [t.strip().upper() for t in text.split(",") if t.strip()]
+    bad = [t for t in names if t not in ("P2", "P3", "P4", "P5")]
+    if bad or not names:
+        raise argparse.ArgumentTypeError(f"levels are P2, P3, P4, P5 (comma list), got {text!r}")
+    return sorted({int(t[1]) - 2 for t in names})
 
 
 @dataclass
@@ -1516,7 +1516,7 @@ def format_table(report: Dict[str, object], markdown: bool = False) -> str:
              + (f"a copy-bandwidth ceiling of {ceil['bytes_per_s'] / 1e9:.1f} GB/s ({ceil['method']})" if ceil
                 else "no ceiling (no lateral case ran)"),
              "TFLOP/s (lateral cases): the 1x1 convs' 2 * N*H*W * Cin * Cout / median time (on an H200 the "
-             "levels sit near the ridge, P4 / P5 about at it: tensor-core throughput bounds them as much as bytes)",
+             "levels sit near the ridge, P4 / P5 past it: tensor-core throughput bounds them as much as bytes)",
              "median over timed calls (" + ", ".join(sorted({r['timing_method'] for r in report['results']
                                                               if r['timing_method']})) + ")"]
     load = report.get("load") or {}
