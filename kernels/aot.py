@@ -149,33 +149,41 @@ def grad_bias_top_args(dtype: str, layout: str):
 
 
 def jobs(archs=(90, 80)) -> List[dict]:
-    """Every (kernel, arch, dtype, layout, config) to compile (the forward's experimental configs
-    too, ``K.fwd_configs(..., experimental=True)``). Forward: fp16/bf16 on the
-    channels_last hot path, fp16 also NCHW, fp32 with TF32 and with IEEE dot; the same kernel as
-    the backward's dx ("fwd_dx": W^T, no epilogue) in fp16; weight gradient fp16/bf16/fp32;
-    bias/top gradient (one fixed config) in every dtype."""
+    """Every (kernel, arch, dtype, layout, config) to compile: each config of each (arch, kind) list
+    (the forward's experimental configs too, ``K.fwd_configs(..., experimental=True)``), in the
+    dtypes / layouts / precisions that take it. Forward: fp16/bf16 channels_last and fp16 NCHW
+    ("16bit"), fp32 with TF32 dot ("tf32") and with IEEE dot ("ieee"); the same kernel as the
+    backward's dx ("fwd_dx": W^T, no epilogue) in fp16 and in both fp32 kinds; weight gradient in
+    fp16/bf16 and both fp32 kinds; bias/top gradient (one fixed config) in every dtype."""
+    kinds = {"16bit": [("fp16", "channels_last"), ("bf16", "channels_last"), ("fp16", "nchw")],
+             "tf32": [("fp32", "channels_last")], "ieee": [("fp32", "channels_last")]}
     out = []
+
+    def add(kernel, arch, dtype, layout, kind, cfg):
+        out.append(dict(kernel=kernel, arch=arch, dtype=dtype, layout=layout, tf32=kind != "ieee",
+                        meta=dict(cfg.kwargs), num_warps=cfg.num_warps, num_stages=cfg.num_stages))
+
     for arch in archs:
         a = f"sm{arch}"
-        for eb, variants in ((2, [("fp16", "channels_last", True), ("bf16", "channels_last", True),
-                                  ("fp16", "nchw", True)]),
-                             (4, [("fp32", "channels_last", True), ("fp32", "channels_last", False)])):
-            for dtype, layout, tf32 in variants:
-                for cfg in K.fwd_configs(a, eb, experimental=True):
-                    out.append(dict(kernel="fwd", arch=arch, dtype=dtype, layout=layout, tf32=tf32,
-                                    meta=dict(cfg.kwargs), num_warps=cfg.num_warps, num_stages=cfg.num_stages))
-            if eb == 2:
-                for cfg in K.fwd_configs(a, eb, experimental=True):
-                    out.append(dict(kernel="fwd_dx", arch=arch, dtype="fp16", layout="channels_last", tf32=True,
-                                    meta=dict(cfg.kwargs), num_warps=cfg.num_warps, num_stages=cfg.num_stages))
-            for dtype, layout, tf32 in variants[:2] if eb == 2 else variants[:1]:
-                for cfg in K.GRAD_WEIGHT_CONFIGS[(a, eb)]:
-                    out.append(dict(kernel="grad_weight", arch=arch, dtype=dtype, layout=layout, tf32=tf32,
-                                    meta=dict(cfg.kwargs), num_warps=cfg.num_warps, num_stages=cfg.num_stages))
+        for kind, variants in kinds.items():
+            for dtype, layout in variants:
+                for cfg in K.fwd_configs(a, kind, experimental=True):
+                    add("fwd", arch, dtype, layout, kind, cfg)
+            dx_dtype, dx_layout = variants[0]
+            for cfg in K.fwd_configs(a, kind, experimental=True):
+                add("fwd_dx", arch, dx_dtype, dx_layout, kind, cfg)
+            for dtype, layout in variants[:2]:
+                for cfg in K.GRAD_WEIGHT_CONFIGS[(a, kind)]:
+                    add("grad_weight", arch, dtype, layout, kind, cfg)
         for dtype in ("fp16", "bf16", "fp32"):
             out.append(dict(kernel="grad_bias_top", arch=arch, dtype=dtype, layout="channels_last", tf32=False,
                             meta=dict(K.GRAD_BIAS_TOP_META), **K.GRAD_BIAS_TOP_LAUNCH))
     return out
+
+
+def kind_of(job: dict) -> str:
+    """The (arch, kind) list a job's config comes from."""
+    return K.operand_kind(2 if job["dtype"] in ("fp16", "bf16") else 4, job["tf32"])
 
 
 def compile_job(job: dict) -> dict:

@@ -19,8 +19,8 @@ dtop = U^T(dy) (``_lateral_grad_bias_top_kernel``: one pass over dy). Nothing us
 every result is bit-reproducible run to run.
 
 This module imports triton only (no torch), so the ahead-of-time compile test can import it in a
-process of its own. Config lists: ``*_CONFIGS[(arch, elem_bytes)]`` with arch "sm90" / "sm80" and
-elem_bytes 2 (fp16/bf16) or 4 (fp32); ``INTERPRET_*`` is the one small config for TRITON_INTERPRET=1
+process of its own. Config lists: ``*_CONFIGS[(arch, kind)]`` with arch "sm90" / "sm80" and kind
+"16bit" (fp16/bf16), "tf32" or "ieee" (fp32; ``operand_kind``); ``INTERPRET_*`` is the one small config for TRITON_INTERPRET=1
 (the autotuner would benchmark every config under the interpreter).
 """
 import inspect
@@ -402,11 +402,26 @@ def _lateral_grad_bias_top_kernel(
 
 
 # ---------------------------------------------------------------------------------------------
-# Configs. Memory-bound regime (DESIGN.md §5): BLOCK_N = 256 covers all 256 output channels of an
-# FPN so x is read exactly once; BLOCK_M 64-128; 3-4 pipeline stages. On sm_90 fp16/bf16 tl.dot
-# lowers to wgmma (BLOCK_M a multiple of 64, num_warps a multiple of 4). Shared memory per stage is
+# Configs, one list per (arch, kind): arch "sm90" / "sm80", kind what tl.dot multiplies
+# (``operand_kind``): "16bit" (fp16/bf16 on tensor cores), "tf32" (fp32 on TF32 tensor cores) or
+# "ieee" (fp32, exact dot: FMA, its operands in registers, so it takes smaller tiles per thread).
+# Memory-bound regime (DESIGN.md §5): BLOCK_N = 256 covers all 256 output channels of an FPN so x is
+# read exactly once; BLOCK_M 64-128; 3-4 pipeline stages. On sm_90 fp16/bf16 tl.dot lowers to wgmma
+# (BLOCK_M a multiple of 64, num_warps a multiple of 4). Shared memory per stage is
 # (BLOCK_M + BLOCK_N) * BLOCK_K * elem_bytes; every list stays under the arch's limit
-# (232448 B on sm_90, 166912 B on sm_80), which tests/test_triton_aot.py checks on compiled kernels.
+# (232448 B on sm_90, 166912 B on sm_80), and no config of a default list spills registers when
+# compiled by triton 3.6.0 or 3.8.0 (tests/test_triton_aot.py checks both on compiled kernels).
+
+KINDS = ("16bit", "tf32", "ieee")
+
+
+def operand_kind(elem_bytes: int, allow_tf32: bool) -> str:
+    """Which config list a launch takes: "16bit" for 2-byte elements, else "tf32" when TF32 is
+    allowed (torch.backends.cudnn.allow_tf32), "ieee" when not."""
+    if elem_bytes == 2:
+        return "16bit"
+    return "tf32" if allow_tf32 else "ieee"
+
 
 def _cfg(bm, bn, bk, warps, stages, group_m=8, persistent=False):
     return triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": group_m,
@@ -415,7 +430,7 @@ def _cfg(bm, bn, bk, warps, stages, group_m=8, persistent=False):
 
 
 FWD_CONFIGS = {
-    ("sm90", 2): [
+    ("sm90", "16bit"): [
         _cfg(128, 256, 64, 8, 3),
         _cfg(128, 256, 64, 8, 4),
         _cfg(128, 256, 32, 8, 4),
@@ -432,25 +447,41 @@ FWD_CONFIGS = {
         _cfg(64, 64, 128, 4, 4),
         _cfg(64, 128, 128, 4, 3),
     ],
-    ("sm90", 4): [
+    ("sm90", "tf32"): [
         _cfg(128, 256, 32, 8, 3),
         _cfg(128, 128, 32, 8, 4),
         _cfg(64, 256, 32, 4, 3),
         _cfg(64, 128, 32, 4, 4),
         _cfg(64, 64, 64, 4, 3),    # deep K, few pixels (P4 / P5): more CTAs
     ],
-    ("sm80", 2): [
-        _cfg(128, 256, 32, 8, 3),
-        _cfg(128, 256, 64, 8, 3),
+    # exact fp32: at most 64 fp32 accumulators per thread (the TF32 list's 128 x 256 / 8 warps and
+    # 64 x 256 / 4 warps spilled 160-272 B per thread, 64 x 128 / 4 warps 8 B)
+    ("sm90", "ieee"): [
+        _cfg(128, 128, 32, 8, 3),
+        _cfg(64, 256, 32, 8, 3),
+        _cfg(128, 64, 32, 8, 4),
+        _cfg(64, 64, 64, 4, 3),
+    ],
+    # sm_80 (mma.sync: the accumulators and the operand fragments share the registers): 128 x 256
+    # tiles spilled 8-56 B per thread (channels_last with triton 3.6.0, NCHW with 3.8.0) and
+    # 128 x 128 at 4 warps 8-88 B; 128 x 128 at 8 warps and 64 x 256 at 4 warps do not
+    ("sm80", "16bit"): [
         _cfg(64, 256, 32, 4, 4),
-        _cfg(128, 128, 64, 4, 4),
+        _cfg(128, 128, 64, 8, 4),
+        _cfg(128, 128, 32, 8, 4),
         _cfg(64, 128, 32, 4, 4),
         _cfg(64, 64, 64, 4, 4),    # deep K, few pixels (P4 / P5): more CTAs
     ],
-    ("sm80", 4): [
-        _cfg(128, 256, 32, 8, 3),
-        _cfg(128, 128, 32, 4, 4),
-        _cfg(64, 128, 32, 4, 4),
+    ("sm80", "tf32"): [
+        _cfg(128, 128, 32, 8, 4),
+        _cfg(64, 256, 32, 8, 3),
+        _cfg(64, 128, 32, 8, 4),
+        _cfg(64, 64, 64, 4, 3),
+    ],
+    ("sm80", "ieee"): [
+        _cfg(64, 256, 32, 8, 3),
+        _cfg(64, 128, 32, 8, 4),
+        _cfg(128, 64, 32, 8, 4),
     ],
 }
 INTERPRET_FWD = {"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 32, "GROUP_M": 4, "PERSISTENT": False}
@@ -464,7 +495,7 @@ INTERPRET_FWD = {"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 32, "GROUP_M": 4, "PER
 # runs every config of both lists on its own against the float64 reference) and timed them
 # (``FUSED_FPN_TRITON_EXPERIMENTAL=1 pytest benchmarks`` against the default).
 EXPERIMENTAL_FWD_CONFIGS = {
-    ("sm90", 2): [
+    ("sm90", "16bit"): [
         _cfg(128, 256, 64, 8, 3, persistent=True),
         _cfg(128, 256, 64, 8, 4, persistent=True),
         _cfg(64, 256, 64, 4, 4, persistent=True),
@@ -486,10 +517,10 @@ def experimental_enabled() -> bool:
     return _env_flag(EXPERIMENTAL_ENV, default=False)
 
 
-def fwd_configs(arch: str, elem_bytes: int, experimental: bool = False):
-    """The forward's config list for (arch, elem_bytes), plus EXPERIMENTAL_FWD_CONFIGS when ``experimental``."""
-    extra = EXPERIMENTAL_FWD_CONFIGS.get((arch, elem_bytes), []) if experimental else []
-    return FWD_CONFIGS[(arch, elem_bytes)] + extra
+def fwd_configs(arch: str, kind: str, experimental: bool = False):
+    """The forward's config list for (arch, kind), plus EXPERIMENTAL_FWD_CONFIGS when ``experimental``."""
+    extra = EXPERIMENTAL_FWD_CONFIGS.get((arch, kind), []) if experimental else []
+    return FWD_CONFIGS[(arch, kind)] + extra
 
 
 def _wcfg(bm, warps, stages, bco=128, bci=128):
@@ -498,10 +529,14 @@ def _wcfg(bm, warps, stages, bco=128, bci=128):
 
 
 GRAD_WEIGHT_CONFIGS = {
-    ("sm90", 2): [_wcfg(64, 8, 4), _wcfg(128, 8, 3), _wcfg(64, 4, 4)],
-    ("sm90", 4): [_wcfg(32, 8, 4), _wcfg(64, 8, 3)],
-    ("sm80", 2): [_wcfg(32, 8, 4), _wcfg(64, 8, 3), _wcfg(64, 4, 3)],
-    ("sm80", 4): [_wcfg(32, 8, 3), _wcfg(32, 4, 4)],
+    ("sm90", "16bit"): [_wcfg(64, 8, 4), _wcfg(128, 8, 3), _wcfg(64, 4, 4)],
+    ("sm90", "tf32"): [_wcfg(32, 8, 4), _wcfg(64, 8, 3)],
+    ("sm90", "ieee"): [_wcfg(32, 8, 4), _wcfg(64, 8, 3)],
+    ("sm80", "16bit"): [_wcfg(32, 8, 4), _wcfg(64, 8, 3), _wcfg(64, 4, 3)],
+    ("sm80", "tf32"): [_wcfg(32, 8, 3), _wcfg(32, 4, 4)],
+    # exact fp32 on sm_80: 64-pixel steps at 8 warps spilled 1328 B per thread (triton 3.8.0), and
+    # 32-pixel steps at 4 warps 536 B
+    ("sm80", "ieee"): [_wcfg(32, 8, 3), _wcfg(16, 8, 4)],
 }
 # The weight-gradient tile is fixed per mode (the host sizes the split buffer from it).
 GRAD_WEIGHT_TILE = {"gpu": (128, 128), "interpret": (32, 32)}
@@ -559,31 +594,34 @@ def autotune_enabled() -> bool:
 _autotuned = {}
 
 
-def _autotuner(name: str, kernel, configs, key):
-    """triton.autotune(configs, key) of ``kernel``, built once per (name, config list) and reused;
-    with autotuning off, a one-config autotuner (triton runs a single config without benchmarking)."""
+def _autotuner(name: str, kind: str, kernel, configs, key):
+    """triton.autotune(configs, key) of ``kernel``, built once per (name, kind, config list) and reused;
+    with autotuning off, a one-config autotuner (triton runs a single config without benchmarking).
+    One autotuner per kind: triton's key holds the tensors' dtypes but not ALLOW_TF32, so a config
+    tuned for TF32 must not be reused for an exact fp32 call (nor the other way round)."""
     if not autotune_enabled():
         configs = configs[:1]
-    cache_key = (name, tuple(id(c) for c in configs))
+    cache_key = (name, kind, tuple(id(c) for c in configs))
     if cache_key not in _autotuned:   # setdefault: threads that race here all get the one stored autotuner
         tuner = triton.autotune(configs=configs, key=key, do_bench=_tuning_bench)(kernel)
         tuner.fused_fpn_name = name   # "fwd" or "dw": read by the launcher's descriptions of its choices
+        tuner.fused_fpn_kind = kind
         _autotuned.setdefault(cache_key, tuner)
     return _autotuned[cache_key]
 
 
-def autotuned_fwd(arch: str, elem_bytes: int):
-    """The forward kernel autotuned over ``fwd_configs`` (FWD_CONFIGS[(arch, elem_bytes)], plus the
+def autotuned_fwd(arch: str, kind: str):
+    """The forward kernel autotuned over ``fwd_configs`` (FWD_CONFIGS[(arch, kind)], plus the
     experimental configs with FUSED_FPN_TRITON_EXPERIMENTAL=1), keyed on
     (TUNE_KEY = M's bucket + layout of x and out + weight orientation, COUT, CIN); dtype is part of
     the key too (triton's autotuner adds every tensor argument's dtype). The list's first config
     alone when ``autotune_enabled()`` is False."""
-    return _autotuner("fwd", _lateral_fwd_kernel, fwd_configs(arch, elem_bytes, experimental_enabled()),
+    return _autotuner("fwd", kind, _lateral_fwd_kernel, fwd_configs(arch, kind, experimental_enabled()),
                       FWD_AUTOTUNE_KEY)
 
 
-def autotuned_grad_weight(arch: str, elem_bytes: int):
-    """The weight-gradient kernel autotuned over GRAD_WEIGHT_CONFIGS[(arch, elem_bytes)] (as
+def autotuned_grad_weight(arch: str, kind: str):
+    """The weight-gradient kernel autotuned over GRAD_WEIGHT_CONFIGS[(arch, kind)] (as
     ``autotuned_fwd``)."""
-    return _autotuner("dw", _lateral_grad_weight_kernel, GRAD_WEIGHT_CONFIGS[(arch, elem_bytes)],
+    return _autotuner("dw", kind, _lateral_grad_weight_kernel, GRAD_WEIGHT_CONFIGS[(arch, kind)],
                       GRAD_WEIGHT_AUTOTUNE_KEY)

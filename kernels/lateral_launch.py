@@ -79,6 +79,11 @@ def _allow_tf32(dtype: torch.dtype) -> bool:
     return dtype == torch.float32 and bool(torch.backends.cudnn.allow_tf32)
 
 
+def _kind(t: torch.Tensor, allow_tf32: bool) -> str:
+    """The config list a GEMM on t's dtype takes (``lateral_kernels.operand_kind``)."""
+    return K.operand_kind(t.element_size(), allow_tf32)
+
+
 # Every launch holds this lock (re-entrant), for two reasons:
 # * the interpreter patches triton.language module-wide for each launch, so concurrent interpreted
 #   launches from several Python threads break each other;
@@ -175,11 +180,15 @@ def describe_key(tuner, key) -> str:
     """What an autotuner key (``_launch_autotuned``'s: TUNE_KEY, COUT, CIN, then the tensors' dtypes)
     means: which GEMM ("fwd": y = x . W^T + ..., "dx": dy . W, "dW": dy^T x), the layer's Cout and
     Cin, M's power-of-two bucket, which operands have unit channel stride ("cl"; "nchw" otherwise)
-    and the first tensor's dtype. The key tells the forward from dx by the weight's Cin stride (as
+    and the first tensor's dtype, followed for fp32 by the tuner's kind ("tf32" or "ieee": which
+    config list it tunes over). The key tells the forward from dx by the weight's Cin stride (as
     ``tune_key`` does), so a forward given a weight whose Cin stride is not 1 reads as "dx"."""
     tune, cout, cin = key[:3]
     bucket, bits = K.tune_key_parts(tune)
     dtype = str(key[3]).replace("torch.", "")
+    kind = getattr(tuner, "fused_fpn_kind", "16bit")
+    if kind != "16bit":
+        dtype += f" {kind}"
     layout = lambda bit: "cl" if bits >> bit & 1 else "nchw"  # noqa: E731
     if getattr(tuner, "fused_fpn_name", "") == "dw":
         return f"dW Cout={cout} Cin={cin} M<={bucket} dy={layout(0)} x={layout(1)} {dtype}"
@@ -256,7 +265,7 @@ def gemm_epilogue(inp: torch.Tensor, weight: torch.Tensor, bias, top, out: torch
         _launch(K._lateral_fwd_kernel, grid, args, dict(meta, **cfg))
     else:
         arch, sms = _device_facts(inp.device)
-        kernel = K.autotuned_fwd(arch, inp.element_size())
+        kernel = K.autotuned_fwd(arch, _kind(inp, meta["ALLOW_TF32"]))
 
         def grid(meta):   # one program per output tile; persistent configs: at most one per SM
             tiles = cdiv(m, meta["BLOCK_M"]) * cdiv(cout, meta["BLOCK_N"])
@@ -306,7 +315,7 @@ def grad_weight(grad: torch.Tensor, x: torch.Tensor, out_dtype: torch.dtype) -> 
     if mode == "interpret":
         _launch(K._lateral_grad_weight_kernel, (tiles, split), args, dict(meta, **K.INTERPRET_GRAD_WEIGHT))
     else:
-        kernel = K.autotuned_grad_weight(_arch(x.device), x.element_size())
+        kernel = K.autotuned_grad_weight(_arch(x.device), _kind(x, meta["ALLOW_TF32"]))
         key = (args[-1], cout, cin, grad.dtype, x.dtype, part.dtype)   # (TUNE_KEY, COUT, CIN, dtypes)
         _run_on_device(x, _launch_autotuned, kernel, (tiles, split), args, meta, key)
     if split == 1:   # one partial sum: no reduction launch (a cast, or nothing for fp32)

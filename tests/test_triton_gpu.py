@@ -127,7 +127,7 @@ def test_autotuning_keys_on_the_bucket_of_the_pixel_count(monkeypatch):
     monkeypatch.setenv(K.AUTOTUNE_ENV, "1")   # gpu_run.sh runs the suite with autotuning off
     g = torch.Generator().manual_seed(0)
     cin, cout = 72, 40   # channel counts no other test uses: this test's keys are new
-    tuner = K.autotuned_fwd(L._arch(torch.device("cuda")), 2)
+    tuner = K.autotuned_fwd(L._arch(torch.device("cuda")), "16bit")
     w = (torch.randn((cout, cin), generator=g) / 8).to("cuda", torch.float16)
 
     def run(h, wd, memory_format=torch.channels_last):
@@ -145,8 +145,10 @@ def test_autotuning_keys_on_the_bucket_of_the_pixel_count(monkeypatch):
     assert len(run(40, 50, torch.contiguous_format)) == 3   # NCHW x and out: other layout bits
 
 
-# relative L2 error bound of a config's result against the float64 reference (fp32 with TF32 off)
-_CONFIG_REL_ERR = {torch.float16: 2e-3, torch.bfloat16: 1.6e-2, torch.float32: 1e-5}
+# relative L2 error bound of a config's result against the float64 reference, by dtype and list kind
+# ("tf32": fp32 through TF32 tensor cores, 10 mantissa bits like fp16; "ieee": exact fp32 dot)
+_CONFIG_REL_ERR = {(torch.float16, "16bit"): 2e-3, (torch.bfloat16, "16bit"): 1.6e-2,
+                   (torch.float32, "tf32"): 2e-3, (torch.float32, "ieee"): 1e-5}
 
 
 def _config_case(dtype, layout):
@@ -182,63 +184,70 @@ def _check_config_alone(monkeypatch, lists, key, cfg, label, inputs, refs, dtype
         torch.cuda.synchronize()
     except OutOfResources:   # an sm80-list config on a part with less shared memory
         return False
-    bound = _CONFIG_REL_ERR[dtype]
+    bound = _CONFIG_REL_ERR[(dtype, key[1])]
     for name, tensor in got.items():
         err = rel_err(tensor, refs[name])
         assert err < bound, f"{label} config {cfg}: {name} relative error {err:.3g} >= {bound:g}"
     return True
 
 
-def _config_list(kind, key):
+def _config_list(table, key):
     """The configs a per-config test walks: the forward list, the weight-gradient list, or the
     forward's experimental configs (those ``fwd_configs(..., experimental=True)`` adds)."""
     from fused_fpn.kernels import lateral_kernels as K
-    if kind == "forward":
+    if table == "forward":
         return K.FWD_CONFIGS, K.FWD_CONFIGS.get(key, [])
-    if kind == "weight gradient":
+    if table == "weight gradient":
         return K.GRAD_WEIGHT_CONFIGS, K.GRAD_WEIGHT_CONFIGS.get(key, [])
     return K.FWD_CONFIGS, K.fwd_configs(*key, experimental=True)[len(K.FWD_CONFIGS[key]):]
 
 
+# the config lists each dtype runs through: fp32 takes the "tf32" list with TF32 on, "ieee" with it off
+_DTYPE_KINDS = ((torch.float16, "16bit"), (torch.bfloat16, "16bit"), (torch.float32, "tf32"), (torch.float32, "ieee"))
+
+
 def _config_params():
-    """(dtype, kind, index) for every config of every list, the longest of the two arches' lists for
-    each element size (a GPU whose list is shorter skips the indices past its end)."""
+    """(dtype, kind, table, index) for every config of every list, the longest of the two arches'
+    lists for each kind (a GPU whose list is shorter skips the indices past its end)."""
     try:
         from fused_fpn.kernels import lateral_kernels as K
     except ImportError:   # no triton: every test of this file skips anyway
         return []
     params = []
-    for dtype in (torch.float16, torch.bfloat16, torch.float32):
-        eb = torch.empty((), dtype=dtype).element_size()
-        for kind, table in (("forward", K.FWD_CONFIGS), ("weight gradient", K.GRAD_WEIGHT_CONFIGS),
-                            ("experimental", K.EXPERIMENTAL_FWD_CONFIGS)):
-            longest = max((len(table.get((arch, eb), [])) for arch in ("sm90", "sm80")), default=0)
-            params += [pytest.param(dtype, kind, i, id=f"{str(dtype)[6:]}-{kind.replace(' ', '_')}-{i}")
+    for dtype, kind in _DTYPE_KINDS:
+        for table, configs in (("forward", K.FWD_CONFIGS), ("weight gradient", K.GRAD_WEIGHT_CONFIGS),
+                               ("experimental", K.EXPERIMENTAL_FWD_CONFIGS)):
+            longest = max((len(configs.get((arch, kind), [])) for arch in ("sm90", "sm80")), default=0)
+            name = str(dtype)[6:] + ("" if kind == "16bit" else f"_{kind}")
+            params += [pytest.param(dtype, kind, table, i, id=f"{name}-{table.replace(' ', '_')}-{i}")
                        for i in range(longest)]
     return params
 
 
 @pytest.mark.parametrize("layout", ["nchw", "channels_last"])
-@pytest.mark.parametrize("dtype,kind,index", _config_params())
-def test_every_autotune_config_matches_the_reference(dtype, layout, kind, index, monkeypatch, no_tf32):
+@pytest.mark.parametrize("dtype,kind,table,index", _config_params())
+def test_every_autotune_config_matches_the_reference(dtype, kind, table, index, layout, monkeypatch, no_tf32):
     """Each config of the forward list (forward with bias + top, and the backward's dx = dy . W^T), of
     the weight-gradient list and of the forward's experimental (persistent) configs, run alone through
     the real launch path against the float64 results: the autotuner may pick any of them, and the rest
-    of the suite runs with whichever it (or, with autotuning off, the list's first) picks. One test per
-    config, so that each test compiles one or two kernels (a flattened persistent loop compiles
-    slowly: 16-32 s per NCHW config on the 2-core dev machine)."""
+    of the suite runs with whichever it (or, with autotuning off, the list's first) picks. fp32 runs
+    each config of the "tf32" lists with TF32 on and each of the "ieee" lists with it off (the launch
+    takes the list of the flag's setting). One test per config, so that each test compiles one or two
+    kernels (a flattened persistent loop compiles slowly: 16-32 s per NCHW config on the 2-core dev
+    machine)."""
     _require_backend()
     from fused_fpn.kernels import lateral_kernels as K
     from fused_fpn.kernels import lateral_launch as L
-    key = (L._arch(torch.device("cuda")), torch.empty((), dtype=dtype).element_size())
-    lists, configs = _config_list(kind, key)
+    key = (L._arch(torch.device("cuda")), kind)
+    lists, configs = _config_list(table, key)
     if index >= len(configs):
-        pytest.skip(f"{kind} {key}: {len(configs)} configs")
+        pytest.skip(f"{table} {key}: {len(configs)} configs")
+    torch.backends.cudnn.allow_tf32 = kind == "tf32"   # no_tf32 restores the flags afterwards
     monkeypatch.delenv(K.EXPERIMENTAL_ENV, raising=False)   # the list patched is then the whole list
     inputs, refs = _config_case(dtype, layout)
     cfg = configs[index]
-    label = "weight gradient" if kind == "weight gradient" else "forward"
+    label = "weight gradient" if table == "weight gradient" else "forward"
     fits = _check_config_alone(monkeypatch, lists, key, cfg, label, inputs, refs, dtype)
     if not fits and key[0] == "sm80":   # an sm80-list config on a part with less shared memory
         pytest.skip(f"{cfg} does not fit this GPU's shared memory")
-    assert fits, f"{kind} config {cfg} does not fit this {key[0]} GPU's shared memory"
+    assert fits, f"{table} config {cfg} does not fit this {key[0]} GPU's shared memory"

@@ -366,18 +366,19 @@ def test_autotuning_can_be_switched_off(monkeypatch):
     from fused_fpn.kernels import lateral_kernels as K
     monkeypatch.delenv(K.AUTOTUNE_ENV, raising=False)
     assert K.autotune_enabled()
-    for arch, eb in K.FWD_CONFIGS:
-        assert K.autotuned_fwd(arch, eb).configs == K.FWD_CONFIGS[(arch, eb)]
-        assert K.autotuned_fwd(arch, eb) is K.autotuned_fwd(arch, eb)
-        assert K.autotuned_grad_weight(arch, eb).configs == K.GRAD_WEIGHT_CONFIGS[(arch, eb)]
+    assert set(K.FWD_CONFIGS) == set(K.GRAD_WEIGHT_CONFIGS) == {(a, k) for a in ("sm90", "sm80") for k in K.KINDS}
+    for arch, kind in K.FWD_CONFIGS:
+        assert K.autotuned_fwd(arch, kind).configs == K.FWD_CONFIGS[(arch, kind)]
+        assert K.autotuned_fwd(arch, kind) is K.autotuned_fwd(arch, kind)
+        assert K.autotuned_grad_weight(arch, kind).configs == K.GRAD_WEIGHT_CONFIGS[(arch, kind)]
     for off in ("0", "false", "OFF", " no "):
         monkeypatch.setenv(K.AUTOTUNE_ENV, off)
         assert not K.autotune_enabled()
-        for arch, eb in K.FWD_CONFIGS:
-            assert K.autotuned_fwd(arch, eb).configs == K.FWD_CONFIGS[(arch, eb)][:1]
-            assert K.autotuned_grad_weight(arch, eb).configs == K.GRAD_WEIGHT_CONFIGS[(arch, eb)][:1]
+        for arch, kind in K.FWD_CONFIGS:
+            assert K.autotuned_fwd(arch, kind).configs == K.FWD_CONFIGS[(arch, kind)][:1]
+            assert K.autotuned_grad_weight(arch, kind).configs == K.GRAD_WEIGHT_CONFIGS[(arch, kind)][:1]
     monkeypatch.setenv(K.AUTOTUNE_ENV, "1")
-    assert len(K.autotuned_fwd("sm90", 2).configs) == len(K.FWD_CONFIGS[("sm90", 2)]) > 1
+    assert len(K.autotuned_fwd("sm90", "16bit").configs) == len(K.FWD_CONFIGS[("sm90", "16bit")]) > 1
 
 
 def test_autotuned_launches_reuse_the_chosen_config_without_the_autotuner(monkeypatch):
@@ -517,13 +518,15 @@ def test_the_gpu_launch_path_on_interpreted_kernels(dtype, layout, monkeypatch):
             torch.testing.assert_close(g_got.double(), g_ref, atol=atol * scale, rtol=rtol,
                                        msg=lambda m, name=name: f"{attempt}: {name}: {m}")
         assert got[0].is_contiguous(memory_format=output_memory_format(x)), "dx follows x's layout"
-    tuners = {K.autotuned_fwd("sm90", x.element_size()), K.autotuned_grad_weight("sm90", x.element_size())}
+    kind = K.operand_kind(x.element_size(), torch.backends.cudnn.allow_tf32)
+    tuners = {K.autotuned_fwd("sm90", kind), K.autotuned_grad_weight("sm90", kind)}
     assert {t for t, _ in L._CHOSEN} == tuners, "forward, dx and dW configs are remembered"
     assert len(L._CHOSEN) == 3
     # what the benchmarks record of each row: the same three choices through the autotuner and the
     # fast path, described in the layer's terms (M = 126 pixels: bucket 128)
     lay, dt = ("cl" if layout == "channels_last" else "nchw"), str(dtype).replace("torch.", "")
-    fwd, dw = K.fwd_configs("sm90", x.element_size())[0], K.GRAD_WEIGHT_CONFIGS[("sm90", x.element_size())][0]
+    dt += "" if kind == "16bit" else f" {kind}"   # fp32: this file runs with TF32 off (no_tf32): "ieee"
+    fwd, dw = K.fwd_configs("sm90", kind)[0], K.GRAD_WEIGHT_CONFIGS[("sm90", kind)][0]
     assert recorded[0] == recorded[1] == {
         f"fwd Cout=203 Cin=19 M<=128 x={lay} out={lay} {dt}": L.describe_config(fwd.all_kwargs()),
         f"dx Cout=203 Cin=19 M<=128 dy={lay} dx={lay} {dt}": L.describe_config(fwd.all_kwargs()),
@@ -533,6 +536,42 @@ def test_the_gpu_launch_path_on_interpreted_kernels(dtype, layout, monkeypatch):
         f"BLOCK_M={fwd.kwargs['BLOCK_M']} BLOCK_N={fwd.kwargs['BLOCK_N']} BLOCK_K={fwd.kwargs['BLOCK_K']} ")
     assert L.describe_config(fwd.all_kwargs()).endswith(f" num_warps={fwd.num_warps} num_stages={fwd.num_stages}")
     assert not L._RECORDERS, "a recording block leaves nothing behind"
+
+
+@pytest.mark.skipif(HAS_CUDA, reason="on a GPU tests/test_triton_gpu.py runs each list with its TF32 setting")
+def test_fp32_takes_the_config_lists_of_the_tf32_flag(monkeypatch):
+    """fp32 launches tune over the "tf32" lists when torch.backends.cudnn.allow_tf32 is on and over the
+    "ieee" lists (tiles an FMA dot holds without spilling) when it is off, each with an autotuner of its
+    own: triton's autotuner key has the dtypes but not ALLOW_TF32, so one shared autotuner would reuse a
+    config chosen for TF32 in exact fp32. Through the launchers' compiled-kernel branch on the
+    interpreter, forward and dW, flag off, on, then off again (the fast path of the first choices)."""
+    from fused_fpn.kernels import lateral_kernels as K
+    from fused_fpn.kernels import lateral_launch as L
+    _compiled_branch_on_the_interpreter(monkeypatch, sms=132)
+    assert K.operand_kind(2, True) == K.operand_kind(2, False) == "16bit"
+    assert (K.operand_kind(4, True), K.operand_kind(4, False)) == ("tf32", "ieee")
+    g = torch.Generator().manual_seed(6)
+    x = make_input((1, 12, 5, 6), torch.float32, "cpu", "channels_last", g)
+    w, b = torch.randn((20, 12), generator=g) / 4, torch.randn((20,), generator=g)
+    y_ref = lateral_reference(x.double(), w.double(), b.double(), None)
+    recorded = {}
+    for tf32 in (False, True, False):
+        monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", tf32)
+        with L.recording_autotune_choices() as chosen:
+            assert_close_to_reference(L.lateral_forward(x, w, b, None), y_ref, torch.float32)
+            L.grad_weight(torch.ones((1, 20, 5, 6)), x, torch.float32)
+        kind = "tf32" if tf32 else "ieee"
+        assert chosen == {
+            f"fwd Cout=20 Cin=12 M<=32 x=cl out=cl float32 {kind}":
+                L.describe_config(K.FWD_CONFIGS[("sm90", kind)][0].all_kwargs()),
+            f"dW Cout=20 Cin=12 M<=32 dy=nchw x=cl float32 {kind}":
+                L.describe_config(K.GRAD_WEIGHT_CONFIGS[("sm90", kind)][0].all_kwargs()),
+        }
+        recorded.setdefault(kind, chosen)
+        assert chosen == recorded[kind]
+    assert {(t.fused_fpn_name, t.fused_fpn_kind) for t, _ in L._CHOSEN} == \
+        {("fwd", "ieee"), ("dw", "ieee"), ("fwd", "tf32"), ("dw", "tf32")}
+    assert K.FWD_CONFIGS[("sm90", "ieee")][0].all_kwargs() != K.FWD_CONFIGS[("sm90", "tf32")][0].all_kwargs()
 
 
 def test_host_cdiv_is_tritons():
@@ -555,7 +594,7 @@ def test_persistent_forward_walks_every_tile(layout, monkeypatch):
     from fused_fpn.reference import lateral_backward_reference
     small = K._cfg(16, 16, 16, 4, 2, group_m=2, persistent=True)
     _compiled_branch_on_the_interpreter(monkeypatch, sms=3)   # 3 "SMs": 3 programs
-    monkeypatch.setitem(K.FWD_CONFIGS, ("sm90", 4), [small])
+    monkeypatch.setitem(K.FWD_CONFIGS, ("sm90", "ieee"), [small])   # fp32 with TF32 off (no_tf32)
     g = torch.Generator().manual_seed(9)
     x = make_input((2, 19, 7, 9), torch.float32, "cpu", layout, g)     # M = 126: 8 row tiles x 3 column tiles
     w = torch.randn((37, 19), generator=g) / 4
@@ -584,11 +623,12 @@ def test_experimental_configs_are_opt_in(monkeypatch):
     monkeypatch.delenv(K.EXPERIMENTAL_ENV, raising=False)
     monkeypatch.delenv(K.AUTOTUNE_ENV, raising=False)
     assert not K.experimental_enabled()
-    assert K.autotuned_fwd("sm90", 2).configs == K.FWD_CONFIGS[("sm90", 2)]
+    assert K.autotuned_fwd("sm90", "16bit").configs == K.FWD_CONFIGS[("sm90", "16bit")]
     assert not any(c.kwargs["PERSISTENT"] for configs in K.FWD_CONFIGS.values() for c in configs)
     monkeypatch.setenv(K.EXPERIMENTAL_ENV, "1")
     assert K.experimental_enabled()
-    extra = K.EXPERIMENTAL_FWD_CONFIGS[("sm90", 2)]
-    assert K.autotuned_fwd("sm90", 2).configs == K.FWD_CONFIGS[("sm90", 2)] + extra
+    extra = K.EXPERIMENTAL_FWD_CONFIGS[("sm90", "16bit")]
+    assert K.autotuned_fwd("sm90", "16bit").configs == K.FWD_CONFIGS[("sm90", "16bit")] + extra
     assert all(c.kwargs["PERSISTENT"] for c in extra)
-    assert K.autotuned_fwd("sm80", 2).configs == K.FWD_CONFIGS[("sm80", 2)]   # sm90 only
+    assert K.autotuned_fwd("sm80", "16bit").configs == K.FWD_CONFIGS[("sm80", "16bit")]   # sm90 only
+    assert K.autotuned_fwd("sm90", "tf32").configs == K.FWD_CONFIGS[("sm90", "tf32")]     # fp16/bf16 only
