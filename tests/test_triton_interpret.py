@@ -464,9 +464,9 @@ def test_autotuned_launches_reuse_the_chosen_config_without_the_autotuner(monkey
     assert wrapped == [tuner]
 
 
-def _compiled_branch_on_the_interpreter(monkeypatch, sms):
+def _compiled_branch_on_the_interpreter(monkeypatch, sms, arch="sm90"):
     """Make the launchers take their compiled-kernel branch on CPU tensors (the interpreter runs the
-    kernels): an sm90 device with ``sms`` multiprocessors, autotuning off (the autotuner times with
+    kernels): an ``arch`` device with ``sms`` multiprocessors, autotuning off (the autotuner times with
     CUDA events), an empty table of chosen configs, and ``wrap_triton`` returning the kernel itself, as
     it does in the registered op's eager body on a GPU (torch 2.14 also returns an interpreted kernel
     as it is; torch 2.11 refuses one: "wrap_triton only works on functions annotated with triton.jit")."""
@@ -474,7 +474,7 @@ def _compiled_branch_on_the_interpreter(monkeypatch, sms):
     from fused_fpn.kernels import lateral_launch as L
     monkeypatch.setattr(torch.library, "wrap_triton", lambda kernel: kernel)
     monkeypatch.setattr(L, "interpreting", lambda: False)
-    monkeypatch.setattr(L, "_device_facts", lambda device: ("sm90", sms))
+    monkeypatch.setattr(L, "_device_facts", lambda device: (arch, sms))
     monkeypatch.setattr(L, "_CHOSEN", {})
     monkeypatch.setenv(K.AUTOTUNE_ENV, "0")
 
@@ -482,15 +482,16 @@ def _compiled_branch_on_the_interpreter(monkeypatch, sms):
 @pytest.mark.skipif(HAS_CUDA, reason="on a GPU the whole suite runs this launch path for real")
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
 @pytest.mark.parametrize("layout", ["nchw", "channels_last"])
-def test_the_gpu_launch_path_on_interpreted_kernels(dtype, layout, monkeypatch):
+@pytest.mark.parametrize("arch,sms", [("sm90", 132), ("sm80", 108)])
+def test_the_gpu_launch_path_on_interpreted_kernels(arch, sms, dtype, layout, monkeypatch):
     """The launchers' compiled-kernel branch (autotuner lookup, its keys, the eager fast path, the
-    sm90 dW split, the db + dtop launch options) with the real kernels and the first sm90 config of
-    each list, run by the interpreter on CPU tensors, forward and all four gradients, twice (the
+    GPU dW split, the db + dtop launch options) with the real kernels and the first config of each
+    list of the arch, run by the interpreter on CPU tensors, forward and all four gradients, twice (the
     second time through the fast path), against the float64 reference."""
     from fused_fpn.kernels import lateral_kernels as K
     from fused_fpn.kernels import lateral_launch as L
     from fused_fpn.reference import lateral_backward_reference
-    _compiled_branch_on_the_interpreter(monkeypatch, sms=132)
+    _compiled_branch_on_the_interpreter(monkeypatch, sms=sms, arch=arch)
     g = torch.Generator().manual_seed(5)
     x = make_input((2, 19, 7, 9), dtype, "cpu", layout, g)
     # Cout = 203: the forward's 256-wide tile stores in column quarters (_fwd_epilogue_tile), and
@@ -519,14 +520,14 @@ def test_the_gpu_launch_path_on_interpreted_kernels(dtype, layout, monkeypatch):
                                        msg=lambda m, name=name: f"{attempt}: {name}: {m}")
         assert got[0].is_contiguous(memory_format=output_memory_format(x)), "dx follows x's layout"
     kind = K.operand_kind(x.element_size(), torch.backends.cudnn.allow_tf32)
-    tuners = {K.autotuned_fwd("sm90", kind), K.autotuned_grad_weight("sm90", kind)}
+    tuners = {K.autotuned_fwd(arch, kind), K.autotuned_grad_weight(arch, kind)}
     assert {t for t, _ in L._CHOSEN} == tuners, "forward, dx and dW configs are remembered"
     assert len(L._CHOSEN) == 3
     # what the benchmarks record of each row: the same three choices through the autotuner and the
     # fast path, described in the layer's terms (M = 126 pixels: bucket 128)
     lay, dt = ("cl" if layout == "channels_last" else "nchw"), str(dtype).replace("torch.", "")
     dt += "" if kind == "16bit" else f" {kind}"   # fp32: this file runs with TF32 off (no_tf32): "ieee"
-    fwd, dw = K.fwd_configs("sm90", kind)[0], K.GRAD_WEIGHT_CONFIGS[("sm90", kind)][0]
+    fwd, dw = K.fwd_configs(arch, kind)[0], K.GRAD_WEIGHT_CONFIGS[(arch, kind)][0]
     assert recorded[0] == recorded[1] == {
         f"fwd Cout=203 Cin=19 M<=128 x={lay} out={lay} {dt}": L.describe_config(fwd.all_kwargs()),
         f"dx Cout=203 Cin=19 M<=128 dy={lay} dx={lay} {dt}": L.describe_config(fwd.all_kwargs()),
