@@ -462,9 +462,9 @@ FWD_CONFIGS = {
         _cfg(128, 64, 32, 8, 4),
         _cfg(64, 64, 64, 4, 3),
     ],
-    # sm_80 (mma.sync: the accumulators and the operand fragments share the registers): 128 x 256
-    # tiles spilled 8-56 B per thread (channels_last with triton 3.6.0, NCHW with 3.8.0) and
-    # 128 x 128 at 4 warps 8-88 B; 128 x 128 at 8 warps and 64 x 256 at 4 warps do not
+    # sm_80 (mma.sync: the accumulators and the operand fragments share the registers), fp16/bf16
+    # and TF32: 128 x 256 tiles spilled 8-56 B per thread (triton 3.6.0: BLOCK_K = 64 and fp32;
+    # 3.8.0: NCHW), 128 x 128 at 4 warps 8-88 B, 64 x 256 x 64 32-112 B; the tiles below do not
     ("sm80", "16bit"): [
         _cfg(64, 256, 32, 4, 4),
         _cfg(128, 128, 64, 8, 4),
