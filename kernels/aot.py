@@ -182,7 +182,7 @@ def jobs(archs=(90, 80)) -> List[dict]:
 
 
 def kind_of(job: dict) -> str:
-    """The (arch, kind) list a job's config comes from."""
+    """The kind of the (arch, kind) config list a GEMM job's config comes from."""
     return K.operand_kind(2 if job["dtype"] in ("fp16", "bf16") else 4, job["tf32"])
 
 
