@@ -20,8 +20,8 @@ every result is bit-reproducible run to run.
 
 This module imports triton only (no torch), so the ahead-of-time compile test can import it in a
 process of its own. Config lists: ``*_CONFIGS[(arch, kind)]`` with arch "sm90" / "sm80" and kind
-"16bit" (fp16/bf16), "tf32" or "ieee" (fp32; ``operand_kind``); ``INTERPRET_*`` is the one small config for TRITON_INTERPRET=1
-(the autotuner would benchmark every config under the interpreter).
+"16bit" (fp16/bf16), "tf32" or "ieee" (fp32; ``operand_kind``); ``INTERPRET_*`` is the one small
+config for TRITON_INTERPRET=1 (the autotuner would benchmark every config under the interpreter).
 """
 import inspect
 import os

@@ -110,8 +110,9 @@ def test_default_configs_do_not_spill(results):
     64 x 256 configs spilled (triton 3.8.0: 184-200 B per thread for channels_last, 2184 B for NCHW;
     3.6.0: 8-64 B and 368-424 B); before exact fp32 had lists of its own it took the TF32 lists, whose
     256-column and 4-warp 128 x 128 tiles spilled 160-752 B with an FMA dot; the sm_80 fp16/bf16 and
-    TF32 lists had 128 x 256 and 4-warp 128 x 128 tiles that spilled 8-88 B. Not asserted, only recorded in the AOT report: the
-    experimental persistent configs (NCHW spills 40-120 B with triton 3.8.0)."""
+    TF32 lists had 128 x 256 and 4-warp 128 x 128 tiles that spilled 8-88 B. Not asserted, only
+    recorded in the AOT report: the experimental persistent configs (NCHW spills 40-120 B with
+    triton 3.8.0)."""
     hot = [r for r in results if r["kernel"] in ("fwd", "fwd_dx", "grad_weight") and not r["meta"].get("PERSISTENT")]
     assert {(r["arch"], kind_of(r)) for r in hot} == {(a, k) for a in ARCHS for k in K.KINDS}
     assert all(r["regs"] is not None for r in hot), "cuobjdump (triton/backends/nvidia/bin) gave no resource usage"
