@@ -100,8 +100,7 @@ def stubbed_launcher_rows(dtype: torch.dtype) -> Dict[str, Callable[[], object]]
     L.interpreting = lambda: False
     L._device_facts = lambda device: ("sm90", 132)
     os.environ[K.AUTOTUNE_ENV] = "0"
-    kind = K.operand_kind(x.element_size(), L._allow_tf32(x.dtype))
-    for tuner in (K.autotuned_fwd("sm90", kind), K.autotuned_grad_weight("sm90", kind)):
+    for tuner in (K.autotuned_fwd("sm90", L.config_kind(x)), K.autotuned_grad_weight("sm90", L.config_kind(x))):
         tuner.fn.run = lambda *args, **kwargs: None
     fwd = lambda: no_hop(lambda: L.gemm_epilogue(x, w, b, top, out))       # noqa: E731  (as in the op)
     dw = lambda: no_hop(lambda: L.grad_weight(grad, x, w.dtype))           # noqa: E731
@@ -153,7 +152,7 @@ def rows_for(device: str, dtype: torch.dtype, stub_launches: bool = False) -> Di
 
         out = torch.empty((1, 8, 4, 4), device=device, dtype=dtype)
         args, meta = L.fwd_launch_args(x, w, b, top, out)
-        cfg = K.FWD_CONFIGS[(L._arch(x.device), K.operand_kind(x.element_size(), L._allow_tf32(x.dtype)))][-1]
+        cfg = K.FWD_CONFIGS[(L._arch(x.device), L.config_kind(x))][-1]
         grid = (triton.cdiv(16, cfg.kwargs["BLOCK_M"]) * triton.cdiv(8, cfg.kwargs["BLOCK_N"]),)
         fixed = dict(meta, **cfg.kwargs, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
         rows["triton: JIT kernel, fixed config"] = lambda: K._lateral_fwd_kernel[grid](*args, **fixed)

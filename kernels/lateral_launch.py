@@ -79,9 +79,10 @@ def _allow_tf32(dtype: torch.dtype) -> bool:
     return dtype == torch.float32 and bool(torch.backends.cudnn.allow_tf32)
 
 
-def _kind(t: torch.Tensor, allow_tf32: bool) -> str:
-    """The config list a GEMM on t's dtype takes (``lateral_kernels.operand_kind``)."""
-    return K.operand_kind(t.element_size(), allow_tf32)
+def config_kind(t: torch.Tensor) -> str:
+    """The kind of config list a GEMM on t's dtype takes now (``lateral_kernels.operand_kind`` of its
+    element size and, for fp32, torch.backends.cudnn.allow_tf32)."""
+    return K.operand_kind(t.element_size(), _allow_tf32(t.dtype))
 
 
 # Every launch holds this lock (re-entrant), for two reasons:
@@ -265,7 +266,7 @@ def gemm_epilogue(inp: torch.Tensor, weight: torch.Tensor, bias, top, out: torch
         _launch(K._lateral_fwd_kernel, grid, args, dict(meta, **cfg))
     else:
         arch, sms = _device_facts(inp.device)
-        kernel = K.autotuned_fwd(arch, _kind(inp, meta["ALLOW_TF32"]))
+        kernel = K.autotuned_fwd(arch, config_kind(inp))
 
         def grid(meta):   # one program per output tile; persistent configs: at most one per SM
             tiles = cdiv(m, meta["BLOCK_M"]) * cdiv(cout, meta["BLOCK_N"])
@@ -315,7 +316,7 @@ def grad_weight(grad: torch.Tensor, x: torch.Tensor, out_dtype: torch.dtype) -> 
     if mode == "interpret":
         _launch(K._lateral_grad_weight_kernel, (tiles, split), args, dict(meta, **K.INTERPRET_GRAD_WEIGHT))
     else:
-        kernel = K.autotuned_grad_weight(_arch(x.device), _kind(x, meta["ALLOW_TF32"]))
+        kernel = K.autotuned_grad_weight(_arch(x.device), config_kind(x))
         key = (args[-1], cout, cin, grad.dtype, x.dtype, part.dtype)   # (TUNE_KEY, COUT, CIN, dtypes)
         _run_on_device(x, _launch_autotuned, kernel, (tiles, split), args, meta, key)
     if split == 1:   # one partial sum: no reduction launch (a cast, or nothing for fp32)

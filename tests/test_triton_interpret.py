@@ -519,7 +519,7 @@ def test_the_gpu_launch_path_on_interpreted_kernels(arch, sms, dtype, layout, mo
             torch.testing.assert_close(g_got.double(), g_ref, atol=atol * scale, rtol=rtol,
                                        msg=lambda m, name=name: f"{attempt}: {name}: {m}")
         assert got[0].is_contiguous(memory_format=output_memory_format(x)), "dx follows x's layout"
-    kind = K.operand_kind(x.element_size(), torch.backends.cudnn.allow_tf32)
+    kind = L.config_kind(x)
     tuners = {K.autotuned_fwd(arch, kind), K.autotuned_grad_weight(arch, kind)}
     assert {t for t, _ in L._CHOSEN} == tuners, "forward, dx and dW configs are remembered"
     assert len(L._CHOSEN) == 3
