@@ -81,11 +81,12 @@ struct GradBiasTopParams {
 void lateral_grad_bias_top(const GradBiasTopParams& p, int dtype, bool channels_last, cudaStream_t stream);
 
 // Tile shape of the forward kernel (the host needs BM, BN only for documentation and tests).
-constexpr int kFwdBM = 128;      // pixels per CTA
-constexpr int kFwdBN = 128;      // output channels per CTA
-constexpr int kFwdThreads = 256; // 8 warps
-constexpr int kFwdStages = 3;    // cp.async pipeline depth
-constexpr int kEpiBatch = 4;     // 16-byte output chunks per thread whose top gathers are in flight together
+constexpr int kFwdBM = 128;           // pixels per CTA
+constexpr int kFwdBN = 128;           // output channels per CTA
+constexpr int kFwdThreadsMma = 128;   // tensor-core paths: 4 warps, 2 x 2 warp tiles of 64 x 64
+constexpr int kFwdThreadsFfma = 256;  // exact fp32: 16 x 16 threads of 8 x 8 outputs
+constexpr int kFwdStages = 3;         // cp.async pipeline depth
+constexpr int kEpiChunks = 1024;      // 16-byte output chunks per CTA whose top gathers are in flight together
 
 }  // namespace cuda
 }  // namespace fused_fpn

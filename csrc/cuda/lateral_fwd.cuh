@@ -14,8 +14,8 @@
 //   y    [N, Cout, H, W]  channels_last-contiguous (Layout = ChannelsLast) or contiguous (Layout = Nchw),
 //                         allocated by the host by the rule "channels_last iff x.stride(1) < x.stride(3)".
 //
-// CTA tile: BM = 128 pixels x BN = 128 output channels, BK = 64 bytes of K per stage, 8 warps,
-// a 3-stage cp.async pipeline of the x and W tiles (16-byte copies when strides and pointers
+// CTA tile: BM = 128 pixels x BN = 128 output channels, BK = 64 bytes of K per stage, a 3-stage
+// cp.async pipeline of the x and W tiles (16-byte copies when strides and pointers
 // allow, element loads otherwise: odd channel counts, misaligned or strided views). The CTA
 // index puts the Cout tiles fastest, so the CTAs that share an x tile run together and the
 // second read of x hits L2 (x is read from DRAM about once). After the K loop the fp32
@@ -26,6 +26,10 @@
 // K is deep, e.g. P5): the CTAs of one output tile each own a range of K tiles and store raw
 // fp32 sums to a workspace; lateral_splitk_epilogue_kernel then adds the k_split partial sums in
 // a fixed order, the bias and the gathered top. No atomics: results are deterministic.
+//
+// Threads: the tensor-core paths run 4 warps, 2 x 2 warp tiles of 64 x 64 (16 accumulator
+// fragments per warp: each fragment load feeds 4 MMAs, and the next K slice's fragments load
+// while this slice's MMAs issue); the exact-fp32 FMA path runs 16 x 16 threads of 8 x 8 outputs.
 //
 // Template parameters (compile-time switches, each instantiated explicitly in a .cu file):
 //   T        element type: __half, __nv_bfloat16, float (accumulation is always fp32).
@@ -51,16 +55,18 @@
 namespace fused_fpn {
 namespace cuda {
 
-template <typename T, typename Layout>
+template <typename T, typename Math, typename Layout>
 struct FwdTile {
   static constexpr bool kCL = std::is_same<Layout, ChannelsLast>::value;
+  static constexpr bool kTensorCores = !std::is_same<Math, MathFfma>::value;
   static constexpr int BM = kFwdBM;
   static constexpr int BN = kFwdBN;
   static constexpr int BK = 64 / static_cast<int>(sizeof(T));  // 32 (fp16/bf16) or 16 (fp32)
   static constexpr int VEC = Vec16<T>::kN;                      // elements per 16 bytes
   static constexpr int PAD = VEC;                               // 16 bytes of row padding
-  static constexpr int kThreads = kFwdThreads;
+  static constexpr int kThreads = kTensorCores ? kFwdThreadsMma : kFwdThreadsFfma;
   static constexpr int kStages = kFwdStages;
+  static constexpr int kEpiBatch = kEpiChunks / kThreads;      // 16-byte chunks per thread per epilogue batch: 8 or 4
   // Shared-memory tiles (elements of T):
   //   A (x): ChannelsLast As[m][k], pitch LDA = BK + PAD;  Nchw As[k][m], pitch LDA = BM + PAD
   //   B (W): Bs[n][k], pitch LDB = BK + PAD (column-major K x N for the MMA)
@@ -77,9 +83,10 @@ struct FwdTile {
   // then: x offset, top offset and output offset of each of the BM pixels (int64), bias (fp32)
   static constexpr int kSmemBytes = kUnionBytes + 3 * BM * 8 + BN * 4;
   static_assert(kABytes % 128 == 0 && kBBytes % 128 == 0, "stage buffers keep 128-byte alignment");
-  // Warp tiling of the 128 x 128 CTA tile for the tensor-core paths: 4 x 2 warps of 32 x 64.
-  static constexpr int kWarpsM = 4, kWarpsN = 2, WM = BM / kWarpsM, WN = BN / kWarpsN;
+  // Warp tiling of the 128 x 128 CTA tile for the tensor-core paths: 2 x 2 warps of 64 x 64.
+  static constexpr int kWarpsM = 2, kWarpsN = 2, WM = BM / kWarpsM, WN = BN / kWarpsN;
   static constexpr int kFragsM = WM / 16, kFragsN = WN / 16;
+  static_assert(!kTensorCores || kWarpsM * kWarpsN * 32 == kThreads, "one warp per warp tile");
 };
 
 // ---- tensor-core MMA over one BK slice of the stage buffers --------------------------------
@@ -103,7 +110,7 @@ struct WmmaTypes<float, MathTf32> {
 
 template <typename T, typename Math, typename Layout>
 struct TensorCoreMath {
-  using Cfg = FwdTile<T, Layout>;
+  using Cfg = FwdTile<T, Math, Layout>;
   using TT = WmmaTypes<T, Math>;
   static constexpr int KF = TT::K;
   using ALayout = typename std::conditional<Cfg::kCL, nvcuda::wmma::row_major, nvcuda::wmma::col_major>::type;
@@ -124,33 +131,46 @@ struct TensorCoreMath {
       for (int j = 0; j < Cfg::kFragsN; ++j) nvcuda::wmma::fill_fragment(acc[i][j], 0.0f);
   }
 
-  // One B fragment live at a time (a[] for the warp's rows stays in registers): keeps the
-  // 64 fp32 accumulators + operands under the 128-register budget of 2 CTAs / SM, no spills.
+  // The warp's A fragments (its 64 rows) and B fragments (its 64 columns) of one K slice.
+  struct Operands {
+    AFrag a[Cfg::kFragsM];
+    BFrag b[Cfg::kFragsN];
+  };
+
+  __device__ __forceinline__ void load(Operands& op, const T* As, const T* Bs, int ks) const {
+#pragma unroll
+    for (int i = 0; i < Cfg::kFragsM; ++i) {
+      const int m = wm + i * 16;
+      nvcuda::wmma::load_matrix_sync(op.a[i], Cfg::kCL ? As + m * Cfg::LDA + ks : As + ks * Cfg::LDA + m, Cfg::LDA);
+      if constexpr (std::is_same<Math, MathTf32>::value) {
+#pragma unroll
+        for (int e = 0; e < op.a[i].num_elements; ++e) op.a[i].x[e] = nvcuda::wmma::__float_to_tf32(op.a[i].x[e]);
+      }
+    }
+#pragma unroll
+    for (int j = 0; j < Cfg::kFragsN; ++j) {
+      nvcuda::wmma::load_matrix_sync(op.b[j], Bs + (wn + j * 16) * Cfg::LDB + ks, Cfg::LDB);
+      if constexpr (std::is_same<Math, MathTf32>::value) {
+#pragma unroll
+        for (int e = 0; e < op.b[j].num_elements; ++e) op.b[j].x[e] = nvcuda::wmma::__float_to_tf32(op.b[j].x[e]);
+      }
+    }
+  }
+
+  // acc += A(BM x BK slice) . B(BK x BN slice) for this warp's 64 x 64: the K slices of KF run
+  // with two operand sets, slice s + 1 loading from shared memory while slice s's 16 MMAs issue.
   __device__ __forceinline__ void compute(const T* As, const T* Bs) {
-#pragma unroll 1
-    for (int ks = 0; ks < Cfg::BK; ks += KF) {
-      AFrag a[Cfg::kFragsM];
+    constexpr int kSlices = Cfg::BK / KF;
+    Operands op[2];
+    load(op[0], As, Bs, 0);
 #pragma unroll
-      for (int i = 0; i < Cfg::kFragsM; ++i) {
-        const int m = wm + i * 16;
-        const T* ptr = Cfg::kCL ? As + m * Cfg::LDA + ks : As + ks * Cfg::LDA + m;
-        nvcuda::wmma::load_matrix_sync(a[i], ptr, Cfg::LDA);
-        if constexpr (std::is_same<Math, MathTf32>::value) {
+    for (int s = 0; s < kSlices; ++s) {
+      if (s + 1 < kSlices) load(op[(s + 1) % 2], As, Bs, (s + 1) * KF);
 #pragma unroll
-          for (int e = 0; e < a[i].num_elements; ++e) a[i].x[e] = nvcuda::wmma::__float_to_tf32(a[i].x[e]);
-        }
-      }
+      for (int i = 0; i < Cfg::kFragsM; ++i)
 #pragma unroll
-      for (int j = 0; j < Cfg::kFragsN; ++j) {
-        BFrag b;
-        nvcuda::wmma::load_matrix_sync(b, Bs + (wn + j * 16) * Cfg::LDB + ks, Cfg::LDB);
-        if constexpr (std::is_same<Math, MathTf32>::value) {
-#pragma unroll
-          for (int e = 0; e < b.num_elements; ++e) b.x[e] = nvcuda::wmma::__float_to_tf32(b.x[e]);
-        }
-#pragma unroll
-        for (int i = 0; i < Cfg::kFragsM; ++i) nvcuda::wmma::mma_sync(acc[i][j], a[i], b, acc[i][j]);
-      }
+        for (int j = 0; j < Cfg::kFragsN; ++j)
+          nvcuda::wmma::mma_sync(acc[i][j], op[s % 2].a[i], op[s % 2].b[j], acc[i][j]);
     }
   }
 
@@ -174,7 +194,7 @@ struct TensorCoreMath {
 // Thread (tx, ty) = (tid % 16, tid / 16) computes rows ty + 16 i and columns tx + 16 j.
 template <typename Layout>
 struct FfmaMath {
-  using Cfg = FwdTile<float, Layout>;
+  using Cfg = FwdTile<float, MathFfma, Layout>;
   static constexpr int TM = Cfg::BM / 16, TN = Cfg::BN / 16;
   static_assert(Cfg::kThreads == 256, "16 x 16 threads");
   float acc[TM][TN];
@@ -231,11 +251,11 @@ struct MathImpl<float, MathFfma, Layout> {
 // 32-bit tile-local indices (rows / cols / K left in this tile) keep the register budget: only
 // the per-pixel x offsets (s_xoff) and the NCHW channel stride products are 64-bit.
 //   rows_valid: pixels of this tile < M;  cols_valid: output channels < Cout;  w_tile = W + co0 * Cin.
-template <typename T, typename Layout>
+template <typename T, typename Math, typename Layout>
 __device__ __forceinline__ void load_stage(const LateralFwdParams& p, const T* __restrict__ x,
                                            const T* __restrict__ w_tile, const int64_t* s_xoff, int rows_valid,
                                            int cols_valid, int cin, int k0, T* As, T* Bs, int tid) {
-  using Cfg = FwdTile<T, Layout>;
+  using Cfg = FwdTile<T, Math, Layout>;
   constexpr int BM = Cfg::BM, BN = Cfg::BN, BK = Cfg::BK, VEC = Cfg::VEC, NT = Cfg::kThreads;
   const T zero = from_float<T>(0.0f);
   // A = x tile
@@ -305,9 +325,10 @@ __device__ __forceinline__ void load_stage(const LateralFwdParams& p, const T* _
 }
 
 template <typename T, typename Math, typename Layout, bool kHasBias, bool kHasTop>
-__global__ void __launch_bounds__(kFwdThreads, 2) lateral_fwd_kernel(const LateralFwdParams p) {
-  using Cfg = FwdTile<T, Layout>;
+__global__ void __launch_bounds__(FwdTile<T, Math, Layout>::kThreads, 2) lateral_fwd_kernel(const LateralFwdParams p) {
+  using Cfg = FwdTile<T, Math, Layout>;
   constexpr int BM = Cfg::BM, BN = Cfg::BN, BK = Cfg::BK, VEC = Cfg::VEC, NT = Cfg::kThreads;
+  constexpr int kEpiBatch = Cfg::kEpiBatch;
   extern __shared__ __align__(128) unsigned char smem[];
   int64_t* s_xoff = reinterpret_cast<int64_t*>(smem + Cfg::kUnionBytes);  // x offset of pixel r
   int64_t* s_toff = s_xoff + BM;  // top offset of pixel r's nearest source (channel 0)
@@ -366,7 +387,7 @@ __global__ void __launch_bounds__(kFwdThreads, 2) lateral_fwd_kernel(const Later
 #pragma unroll
   for (int s = 0; s < Cfg::kStages - 1; ++s) {
     if (s < KT) {
-      load_stage<T, Layout>(p, x, w_tile, s_xoff, rows_valid, cols_valid, cin, static_cast<int>((kt_begin + s) * BK),
+      load_stage<T, Math, Layout>(p, x, w_tile, s_xoff, rows_valid, cols_valid, cin, static_cast<int>((kt_begin + s) * BK),
                             stage_a(s), stage_b(s), tid);
     }
     cp_async_commit();
@@ -377,7 +398,7 @@ __global__ void __launch_bounds__(kFwdThreads, 2) lateral_fwd_kernel(const Later
     const int64_t nk = kt + Cfg::kStages - 1;
     if (nk < KT) {
       const int s = static_cast<int>(nk % Cfg::kStages);
-      load_stage<T, Layout>(p, x, w_tile, s_xoff, rows_valid, cols_valid, cin, static_cast<int>((kt_begin + nk) * BK),
+      load_stage<T, Math, Layout>(p, x, w_tile, s_xoff, rows_valid, cols_valid, cin, static_cast<int>((kt_begin + nk) * BK),
                             stage_a(s), stage_b(s), tid);
     }
     cp_async_commit();
@@ -408,9 +429,9 @@ __global__ void __launch_bounds__(kFwdThreads, 2) lateral_fwd_kernel(const Later
   }
 
   // Epilogue: y = C + b + top[nearest], each output element written exactly once. The vectorized
-  // paths take kEpiBatch 16-byte chunks per thread at a time and issue all their top gathers before
-  // the first add: one chunk at a time kept a single gather in flight per thread, so the loop waited
-  // a full memory round trip per chunk (8 of them per thread and tile for fp16).
+  // paths take kEpiBatch 16-byte chunks per thread at a time (kEpiChunks = 1024 per CTA, whatever
+  // its thread count) and issue all their top gathers before the first add: one chunk at a time
+  // kept a single gather in flight per thread, so the loop waited a full memory round trip per chunk.
   const T* __restrict__ top = static_cast<const T*>(p.top);
   if constexpr (Cfg::kCL) {
     if (p.vec_out) {  // Cout % VEC == 0: a 16-byte chunk is VEC channels of one pixel
@@ -537,7 +558,7 @@ __global__ void __launch_bounds__(256) lateral_splitk_epilogue_kernel(const Late
 // Host launcher of one instantiation, on `stream`.
 template <typename T, typename Math, typename Layout, bool kHasBias, bool kHasTop>
 void launch_lateral_fwd(const LateralFwdParams& p, cudaStream_t stream) {
-  using Cfg = FwdTile<T, Layout>;
+  using Cfg = FwdTile<T, Math, Layout>;
   auto kernel = lateral_fwd_kernel<T, Math, Layout, kHasBias, kHasTop>;
   // Dynamic shared memory above 48 KiB needs an opt-in, once per device and instantiation.
   static std::atomic<uint64_t> configured{0};

@@ -10,7 +10,7 @@ namespace cuda {
 
 template <typename T, typename Math, typename Layout, bool B, bool TP>
 void emu_fwd(const LateralFwdParams& p) {
-  using Cfg = FwdTile<T, Layout>;
+  using Cfg = FwdTile<T, Math, Layout>;
   const int64_t M = p.N * p.H * p.W;
   TORCH_CHECK(p.k_split >= 1 && (p.k_split == 1 || p.partial != nullptr), "split");
   const int64_t blocks = ((M + Cfg::BM - 1) / Cfg::BM) * ((p.Cout + Cfg::BN - 1) / Cfg::BN) * p.k_split;
