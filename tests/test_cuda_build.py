@@ -226,6 +226,22 @@ def test_sass_of_every_forward_kernel_has_vector_memory_and_tensor_core_instruct
         assert re.search(r"LDG\.E[.\w]*\.128\b", body), "the channels_last top is not gathered 16 bytes at a time"
 
 
+@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("kernel", [k for k in FWD_KERNELS if k.startswith(f"{NS}lateral_fwd_kernel<__half, {NS}MathWmma")],
+                         ids=lambda k: k[len(NS):].replace(NS, ""))
+def test_sass_of_fp16_forward_kernels_feeds_4_mmas_per_fragment_load(sass, arch, kernel):
+    """The fp16 K loop: each warp's 64 x 64 tile takes 8 shared-memory fragment loads (LDSM) per
+    16-deep K slice and issues 32 HMMA.16816 with them: 4 per load. The earlier 32 x 64 warp tiles
+    issued 16 per 6 loads (2.7), one B fragment live at a time, and their tensor-core ops waited on
+    each load. The K loop is unrolled once, so whole-kernel counts are the loop's. (bf16 is not
+    checked here: nvcuda::wmma loads bf16 fragments with plain LDS, not LDSM, in nvcc 13.0.)"""
+    body = sass[arch].get(kernel)
+    assert body is not None, f"{kernel} not found in the {arch} SASS"
+    hmma = len(re.findall(r"\bHMMA\.16816\.F32", body))
+    ldsm = len(re.findall(r"\bLDSM\.", body))
+    assert ldsm > 0 and hmma >= 4 * ldsm, f"{hmma} HMMA.16816 for {ldsm} LDSM: fewer than 4 tensor-core ops per fragment load"
+
+
 def _ptxas_log_dir() -> Path:
     return Path(os.environ.get("FUSED_FPN_PTXAS_LOG_DIR") or REPO / "build" / "ptxas")
 
