@@ -226,9 +226,11 @@ def test_sass_of_every_forward_kernel_has_vector_memory_and_tensor_core_instruct
         assert re.search(r"LDG\.E[.\w]*\.128\b", body), "the channels_last top is not gathered 16 bytes at a time"
 
 
+FP16_FWD_KERNELS = [k for k in FWD_KERNELS if k.startswith(f"{NS}lateral_fwd_kernel<__half, {NS}MathWmma")]
+
+
 @pytest.mark.parametrize("arch", ARCHS)
-@pytest.mark.parametrize("kernel", [k for k in FWD_KERNELS if k.startswith(f"{NS}lateral_fwd_kernel<__half, {NS}MathWmma")],
-                         ids=lambda k: k[len(NS):].replace(NS, ""))
+@pytest.mark.parametrize("kernel", FP16_FWD_KERNELS, ids=lambda k: k[len(NS):].replace(NS, ""))
 def test_sass_of_fp16_forward_kernels_feeds_4_mmas_per_fragment_load(sass, arch, kernel):
     """The fp16 K loop: each warp's 64 x 64 tile takes 8 shared-memory fragment loads (LDSM) per
     16-deep K slice and issues 32 HMMA.16816 with them: 4 per load. The earlier 32 x 64 warp tiles
@@ -239,7 +241,8 @@ def test_sass_of_fp16_forward_kernels_feeds_4_mmas_per_fragment_load(sass, arch,
     assert body is not None, f"{kernel} not found in the {arch} SASS"
     hmma = len(re.findall(r"\bHMMA\.16816\.F32", body))
     ldsm = len(re.findall(r"\bLDSM\.", body))
-    assert ldsm > 0 and hmma >= 4 * ldsm, f"{hmma} HMMA.16816 for {ldsm} LDSM: fewer than 4 tensor-core ops per fragment load"
+    assert ldsm > 0 and hmma >= 4 * ldsm, \
+        f"{hmma} HMMA.16816 for {ldsm} LDSM: fewer than 4 tensor-core ops per fragment load"
 
 
 def _ptxas_log_dir() -> Path:

@@ -387,8 +387,8 @@ __global__ void __launch_bounds__(FwdTile<T, Math, Layout>::kThreads, 2) lateral
 #pragma unroll
   for (int s = 0; s < Cfg::kStages - 1; ++s) {
     if (s < KT) {
-      load_stage<T, Math, Layout>(p, x, w_tile, s_xoff, rows_valid, cols_valid, cin, static_cast<int>((kt_begin + s) * BK),
-                            stage_a(s), stage_b(s), tid);
+      load_stage<T, Math, Layout>(p, x, w_tile, s_xoff, rows_valid, cols_valid, cin,
+                                  static_cast<int>((kt_begin + s) * BK), stage_a(s), stage_b(s), tid);
     }
     cp_async_commit();
   }
@@ -398,8 +398,8 @@ __global__ void __launch_bounds__(FwdTile<T, Math, Layout>::kThreads, 2) lateral
     const int64_t nk = kt + Cfg::kStages - 1;
     if (nk < KT) {
       const int s = static_cast<int>(nk % Cfg::kStages);
-      load_stage<T, Math, Layout>(p, x, w_tile, s_xoff, rows_valid, cols_valid, cin, static_cast<int>((kt_begin + nk) * BK),
-                            stage_a(s), stage_b(s), tid);
+      load_stage<T, Math, Layout>(p, x, w_tile, s_xoff, rows_valid, cols_valid, cin,
+                                  static_cast<int>((kt_begin + nk) * BK), stage_a(s), stage_b(s), tid);
     }
     cp_async_commit();
     const int s = static_cast<int>(kt % Cfg::kStages);
