@@ -137,23 +137,26 @@ struct TensorCoreMath {
     BFrag b[Cfg::kFragsN];
   };
 
+  // TF32 operands are fp32 values rounded to TF32 after the load; fp16 / bf16 ones are used as loaded.
+  template <typename Frag>
+  __device__ __forceinline__ static void round_for_math(Frag& f) {
+    if constexpr (std::is_same<Math, MathTf32>::value) {
+#pragma unroll
+      for (int e = 0; e < f.num_elements; ++e) f.x[e] = nvcuda::wmma::__float_to_tf32(f.x[e]);
+    }
+  }
+
   __device__ __forceinline__ void load(Operands& op, const T* As, const T* Bs, int ks) const {
 #pragma unroll
     for (int i = 0; i < Cfg::kFragsM; ++i) {
       const int m = wm + i * 16;
       nvcuda::wmma::load_matrix_sync(op.a[i], Cfg::kCL ? As + m * Cfg::LDA + ks : As + ks * Cfg::LDA + m, Cfg::LDA);
-      if constexpr (std::is_same<Math, MathTf32>::value) {
-#pragma unroll
-        for (int e = 0; e < op.a[i].num_elements; ++e) op.a[i].x[e] = nvcuda::wmma::__float_to_tf32(op.a[i].x[e]);
-      }
+      round_for_math(op.a[i]);
     }
 #pragma unroll
     for (int j = 0; j < Cfg::kFragsN; ++j) {
       nvcuda::wmma::load_matrix_sync(op.b[j], Bs + (wn + j * 16) * Cfg::LDB + ks, Cfg::LDB);
-      if constexpr (std::is_same<Math, MathTf32>::value) {
-#pragma unroll
-        for (int e = 0; e < op.b[j].num_elements; ++e) op.b[j].x[e] = nvcuda::wmma::__float_to_tf32(op.b[j].x[e]);
-      }
+      round_for_math(op.b[j]);
     }
   }
 
