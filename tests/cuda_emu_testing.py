@@ -5,7 +5,8 @@
   ``lateral(x, w, bias, top, sm_count, tf32)`` and ``grad(dy, top_h, top_w)`` run the real host
   code of csrc/cuda/lateral_cuda.cpp and the kernels' logic on CPU tensors. conftest.py builds it
   once per session (fixture ``cuda_emu``; about 30 s on 2 cores).
-* ``check_emulated_forward(emu, x, w, bias, top)``: its forward against the float64 reference.
+* ``check_emulated_forward(emu, x, w, bias, top)``: its forward against the float64 reference
+  (without a top: the host's route and the kernel, forced).
 """
 from __future__ import annotations
 
@@ -47,17 +48,21 @@ def build_cuda_emu(build_dir: str):
 
 def check_emulated_forward(emu, x, weight, bias, top, sm_count: int = 132, tf32: bool = False) -> torch.Tensor:
     """The emulated CUDA forward on these inputs: shape, dtype, x's memory format, every element
-    written (outputs are NaN-poisoned), values within the dtype's tolerance of the float64 reference."""
+    written (outputs are NaN-poisoned), values within the dtype's tolerance of the float64 reference.
+    Without a top both routes are checked: the host code's own (conv2d for dense x, see
+    runs_as_convolution in lateral_cuda.cpp) and the kernel, forced; the host route's output is returned."""
     from fused_fpn._layout import output_memory_format
     from fused_fpn.reference import lateral_reference
     from fpn_testing import TOLERANCES
 
-    out = emu.lateral(x, weight, bias, top, sm_count, tf32)
-    assert out.shape == (x.shape[0], weight.shape[0], x.shape[2], x.shape[3]) and out.dtype == x.dtype
-    assert out.is_contiguous(memory_format=output_memory_format(x))
     d = lambda t: None if t is None else t.double()  # noqa: E731
     ref = lateral_reference(d(x), d(weight), d(bias), d(top))
-    assert not torch.isnan(out).any(), "an output element was not written (or read unwritten shared memory)"
     atol, rtol = TOLERANCES[x.dtype]
-    torch.testing.assert_close(out.double(), ref, atol=atol, rtol=rtol)
-    return out
+    outs = [emu.lateral(x, weight, bias, top, sm_count, tf32, topless_conv=route) for route in
+            ((True, False) if top is None else (True,))]
+    for out in outs:
+        assert out.shape == (x.shape[0], weight.shape[0], x.shape[2], x.shape[3]) and out.dtype == x.dtype
+        assert out.is_contiguous(memory_format=output_memory_format(x))
+        assert not torch.isnan(out).any(), "an output element was not written (or read unwritten shared memory)"
+        torch.testing.assert_close(out.double(), ref, atol=atol, rtol=rtol)
+    return outs[0]

@@ -374,6 +374,39 @@ def test_emulated_split_k(emu, size, dtype, layout, has_bias, has_top):
     _check_emulated_lateral(emu, size, dtype, layout, has_bias, has_top, sm_count=1000)
 
 
+@pytest.mark.parametrize("dtype", EMU_DTYPES, ids=["fp16", "bf16", "fp32"])
+def test_emulated_topless_level_route(emu, dtype):
+    """The host code hands a level without a top map to ATen's conv2d when x is dense NCHW or
+    channels_last (no kernel launch; the same numbers as eager conv2d, bit for bit, in x's format),
+    and runs the kernel for every other case: a top map, strided x, Cin == 0."""
+    import torch.nn.functional as F
+    from fused_fpn._layout import output_memory_format
+
+    size = (2, 40, 24, 5, 7, 3, 4)
+    for layout, has_top, conv in [("nchw", False, True), ("channels_last", False, True), ("noncontig", False, False),
+                                  ("cl_misaligned", False, False), ("nchw", True, False), ("channels_last", True, False)]:
+        for has_bias in (True, False):
+            x, weight, bias, top = _emu_case(size, dtype, layout, has_bias, has_top)
+            before = emu.launches()
+            out = emu.lateral(x, weight, bias, top, 132, False)
+            assert (emu.launches() == before) == conv, (layout, has_top, "route")
+            assert out.is_contiguous(memory_format=output_memory_format(x))
+            if conv:
+                eager = F.conv2d(x, weight[:, :, None, None], bias)
+                assert torch.equal(out, eager), (layout, has_bias)
+            else:
+                check_emulated_forward(emu, x, weight, bias, top)
+    x = _emu_input((2, 40, 5, 14), dtype, "channels_last", torch.Generator().manual_seed(1))[..., ::2]
+    assert x.stride(1) == 1 and not x.is_contiguous(memory_format=torch.channels_last)  # the kernel's 16-byte path
+    before = emu.launches()
+    check_emulated_forward(emu, x, weight, bias, None)
+    assert emu.launches() > before
+    x, weight, bias, _ = _emu_case((1, 0, 8, 3, 3, 1, 1), dtype, "nchw", True, False)
+    before = emu.launches()
+    out = emu.lateral(x, weight, bias, None, 132, False)
+    assert emu.launches() > before and torch.equal(out, bias[None, :, None, None].expand(1, 8, 3, 3))
+
+
 EMU_GRAD_SIZES = [(2, 17, 7, 9, 4, 5), (1, 3, 5, 6, 10, 13), (1, 40, 3, 50, 2, 25), (2, 9, 16, 16, 8, 8),
                   (2, 5, 9, 10, 0, 0)]
 

@@ -28,7 +28,9 @@ TF32_TOL = (1e-2, 1e-2)
 # (N, Cin, Cout, H, W, Ht, Wt): odd channel counts (3, 17, 129), up- and down-sampling with
 # non-integer ratios, exact 2x, a K loop of many tiles, Cout spanning two 128-wide tiles with a
 # tail, H*W not a multiple of 8 (scalar NCHW paths), batch 0. The two deep-K cases with few
-# pixels (Cin 1024 / 2048) take the split-K path on every GPU (their tiles fill < half the SMs).
+# pixels (Cin 1024 / 2048) take the split-K path on every GPU (their tiles fill < half the SMs)
+# when the kernel runs them: with a top map, or with strided x (without a top, dense x runs as
+# ATen's conv2d, see test_topless_level_route).
 SIZES = [
     (2, 2048, 136, 9, 11, 5, 6),
     (2, 3, 17, 7, 9, 4, 5),
@@ -191,13 +193,40 @@ def test_large_level_fp16_channels_last():
 
 
 def test_split_k_p5_level():
-    """ResNet-50-FPN P5 (25x38, Cin 2048): few output tiles, deep K -> split-K, both layouts."""
+    """A ResNet-50-FPN P5-shaped level (25x38, Cin 2048) with a top map: few output tiles, deep K ->
+    split-K, both layouts."""
     for layout in ("channels_last", "nchw"):
         x, weight, bias, top = _case((2, 2048, 256, 25, 38, 13, 19), torch.float16, layout, True, True, seed=8)
         out = fused_fpn.lateral(x, weight, bias, top, backend="cuda")
         assert out.is_contiguous(memory_format=output_memory_format(x))
         eager = lateral_reference(x, weight, bias, top)
         assert_close_to_reference(out.cpu(), _ref64(x, weight, bias, top), torch.float16, eager.cpu())
+
+
+@pytest.mark.parametrize("dtype,use_tf32", DTYPES)
+def test_topless_level_route(dtype, use_tf32, tf32):
+    """No top map (P5) and x dense NCHW / channels_last: ATen's conv2d, eager's numbers bit for bit.
+    x strided (channels_last sliced along W, which the kernel reads with 16-byte vectors): the kernel."""
+    import torch.nn.functional as F
+
+    tf32(use_tf32)
+    for layout in ("channels_last", "nchw"):
+        x, weight, bias, _ = _case((2, 2048, 256, 25, 38, 13, 19), dtype, layout, True, False, seed=9)
+        out = fused_fpn.lateral(x, weight, bias, None, backend="cuda")
+        assert out.is_contiguous(memory_format=output_memory_format(x))
+        assert torch.equal(out, F.conv2d(x, weight[:, :, None, None], bias)), layout
+    gen = torch.Generator().manual_seed(10)
+    x = make_input((2, 64, 9, 22), dtype, DEV, "channels_last", gen)[..., ::2]
+    assert not x.is_contiguous(memory_format=torch.channels_last) and x.stride(1) == 1
+    weight, bias = _case((2, 64, 40, 9, 11, 5, 6), dtype, "nchw", True, False, seed=11)[1:3]
+    out = fused_fpn.lateral(x, weight, bias, None, backend="cuda")
+    assert out.is_contiguous(memory_format=torch.channels_last)
+    ref = _ref64(x, weight, bias, None)
+    if use_tf32:
+        torch.testing.assert_close(out.double().cpu(), ref, atol=TF32_TOL[0], rtol=TF32_TOL[1])
+    else:
+        eager = lateral_reference(x, weight, bias, None).cpu() if dtype != torch.float32 else None
+        assert_close_to_reference(out.cpu(), ref, dtype, eager)
 
 
 @pytest.mark.parametrize("size", [(2, 129, 129, 13, 11, 7, 6), (1, 2048, 256, 5, 7, 3, 4)], ids=["one-pass", "split-k"])

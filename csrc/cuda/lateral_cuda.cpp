@@ -4,7 +4,8 @@
 // forwards to (ATen/cuda/CUDAContext.h is not included: it needs the cuSPARSE / cuBLAS headers,
 // which a bare nvcc install, like the CI machine's, does not have).
 //
-//   fused_fpn::lateral                y = x . W^T + b + U(top)       (lateral_fwd_*.cu)
+//   fused_fpn::lateral                y = x . W^T + b + U(top)       (lateral_fwd_*.cu;
+//                                     no top and x dense: ATen's conv2d, runs_as_convolution)
 //   fused_fpn::lateral_grad_bias_top  db = sum dy, dtop = U^T(dy)    (lateral_bwd.cu)
 //
 // Semantics are those of the CPU kernel (csrc/cpu/lateral_cpu.cpp) and csrc/nearest.h; the output
@@ -56,6 +57,18 @@ bool conv_allows_tf32() {
 #endif
 }
 
+// A level without a top map (P5 of an FPN) is a 1x1 convolution plus bias: there is nothing to
+// gather, so ATen's convolution (cuDNN) runs it, exactly as eager conv2d does (same algorithms, fp32
+// accumulation, TF32 iff cudnn.allow_tf32). On the H200 (benchmarks/results/
+// nvidia-h200_2026-11-30_cudagraphs_subset.md, lateral_P5) that was 2.3x faster than this backend's
+// split-K GEMM and needed no fp32 workspace. Only for x dense in NCHW or channels_last, which cuDNN
+// reads in place; other strides (and Cin == 0, which conv2d does not take) go to the kernel, which
+// reads them without a copy.
+bool runs_as_convolution(const at::Tensor& x, const c10::optional<at::Tensor>& top) {
+  return !top.has_value() && x.size(1) > 0 &&
+         (x.is_contiguous() || x.is_contiguous(at::MemoryFormat::ChannelsLast));
+}
+
 void check_supported_dtype(const at::Tensor& t, const char* op, const char* name) {
   const auto dt = t.scalar_type();
   TORCH_CHECK(dt == at::kHalf || dt == at::kBFloat16 || dt == at::kFloat, op, " (CUDA kernel): ", name,
@@ -74,6 +87,9 @@ at::Tensor lateral_cuda(const at::Tensor& x, const at::Tensor& weight, const c10
   TORCH_CHECK(Cin < (int64_t{1} << 24) && Cout < (int64_t{1} << 24),
               "fused_fpn::lateral (CUDA kernel): x.size(1) (Cin) and weight.size(0) (Cout) must be < 2^24, got ", Cin,
               " and ", Cout);
+  if (N * Cout * H * W > 0 && runs_as_convolution(x, top)) {
+    return at::conv2d(x, weight.contiguous().view({Cout, Cin, 1, 1}), bias).contiguous(fmt);
+  }
   at::Tensor out = at::empty({N, Cout, H, W}, x.options().memory_format(fmt));
   if (out.numel() == 0) return out;
 
@@ -123,9 +139,10 @@ at::Tensor lateral_cuda(const at::Tensor& x, const at::Tensor& weight, const c10
   }
   p.vec_w = divisible(Cin, vec) && aligned16(p.w);
 
-  // Split-K when the output tiles fill at most half of the SMs and K is deep (P5-like levels:
-  // few pixels, Cin = 2048): about one CTA per SM, each split >= 4 K tiles. Deterministic: the
-  // partial sums are added in a fixed order by a second kernel (lateral_fwd.cuh).
+  // Split-K when the output tiles fill at most half of the SMs and K is deep (few pixels and
+  // many input channels, e.g. P5 with a top map or strided x): about one CTA per SM, each split
+  // >= 4 K tiles. Deterministic: the partial sums are added in a fixed order by a second kernel
+  // (lateral_fwd.cuh).
   const int64_t BK = 64 / static_cast<int64_t>(x.element_size());
   const int64_t KT = (Cin + BK - 1) / BK;
   const int64_t tiles = ((N * HW + cuda::kFwdBM - 1) / cuda::kFwdBM) * ((Cout + cuda::kFwdBN - 1) / cuda::kFwdBN);

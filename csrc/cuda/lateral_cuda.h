@@ -45,11 +45,12 @@ struct LateralFwdParams {
   bool vec_w;    // weight tiles load with 16-byte cp.async
   bool vec_out;  // output stores (and channels_last top loads when vec_top) are 16-byte
   bool vec_top;  // top gathers are 16-byte (channels_last only: top.stride(1) == 1, aligned)
-  // Split-K (deterministic, for grids too small to fill the GPU with a deep K, e.g. P5: few
-  // pixels, Cin = 2048): k_split CTAs per output tile each sum k_tiles_per_split K tiles into
-  // partial (fp32 [k_split, M, Cout] for ChannelsLast, [k_split, Cout, M] for Nchw); a second
-  // kernel adds the k_split partial sums in order, the bias and the gathered top. k_split == 1:
-  // one pass, the epilogue is fused into the GEMM kernel (partial unused).
+  // Split-K (deterministic, for grids too small to fill the GPU with a deep K, e.g. a P5-sized
+  // level with a top map or strided x: few pixels, Cin = 2048): k_split CTAs per output tile each
+  // sum k_tiles_per_split K tiles into partial (fp32 [k_split, M, Cout] for ChannelsLast, [k_split,
+  // Cout, M] for Nchw); a second kernel adds the k_split partial sums in order, the bias and the
+  // gathered top. k_split == 1: one pass, the epilogue is fused into the GEMM kernel (partial
+  // unused).
   int64_t k_split;
   int64_t k_tiles_per_split;
   float* partial;
@@ -80,7 +81,7 @@ struct GradBiasTopParams {
 // dtype: 0 = float16, 1 = bfloat16, 2 = float32.
 void lateral_grad_bias_top(const GradBiasTopParams& p, int dtype, bool channels_last, cudaStream_t stream);
 
-// Tile shape of the forward kernel (the host needs BM, BN only for documentation and tests).
+// Tile shape of the forward kernel (the host counts output tiles with BM, BN to decide split-K).
 constexpr int kFwdBM = 128;           // pixels per CTA
 constexpr int kFwdBN = 128;           // output channels per CTA
 constexpr int kFwdThreadsMma = 128;   // tensor-core paths: 4 warps, 2 x 2 warp tiles of 64 x 64

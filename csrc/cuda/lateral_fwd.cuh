@@ -22,10 +22,11 @@
 // accumulators go through shared memory (the pipeline buffers are reused) so the epilogue reads
 // and writes in the output's contiguous direction with 16-byte accesses.
 //
-// Split-K (p.k_split > 1, chosen by the host only when the output tiles cannot fill the GPU and
-// K is deep, e.g. P5): the CTAs of one output tile each own a range of K tiles and store raw
-// fp32 sums to a workspace; lateral_splitk_epilogue_kernel then adds the k_split partial sums in
-// a fixed order, the bias and the gathered top. No atomics: results are deterministic.
+// Split-K (p.k_split > 1, chosen by the host only when the output tiles cannot fill the GPU and K
+// is deep, e.g. a P5-sized level with a top map): the CTAs of one output tile each own a range of K
+// tiles and store raw fp32 sums to a workspace; lateral_splitk_epilogue_kernel then adds the
+// k_split partial sums in a fixed order, the bias and the gathered top. No atomics: results are
+// deterministic.
 //
 // Threads: the tensor-core paths run 4 warps, 2 x 2 warp tiles of 64 x 64 (16 accumulator
 // fragments per warp: each fragment load feeds 4 MMAs, and the next K slice's fragments load

@@ -2,7 +2,10 @@
 
 Forward: one tensor-core GEMM over pixels (fp16 / bf16 with fp32 accumulation; fp32 on TF32 tensor
 cores when ``torch.backends.cudnn.allow_tf32`` is on, exact fp32 FMA when off, as eager conv2d)
-with the bias + nearest-gather epilogue fused; NCHW and channels_last read through strides.
+with the bias + nearest-gather epilogue fused; NCHW and channels_last read through strides. A level
+without a top map whose x is dense NCHW or channels_last (P5) is a plain 1x1 convolution + bias:
+it runs as ATen's conv2d (cuDNN), which is what eager runs, bit for bit (csrc/cuda/lateral_cuda.cpp,
+runs_as_convolution).
 Backward: dx, dW as cuBLAS GEMMs through ATen (csrc/autograd.cpp: deterministic without
 torch.use_deterministic_algorithms, fp32 accumulation for fp16 / bf16; fp32 follows
 ``torch.backends.cuda.matmul.allow_tf32``); db + dtop in one deterministic pass over dy.

@@ -34,9 +34,12 @@ inline thread_local unsigned char* smem_ptr = nullptr;
 inline std::barrier<>* bar = nullptr;
 inline int sm_count = 132;
 inline bool tf32 = false;
+inline bool topless_conv = true;   // false: the host code's conv2d route is off (the kernel runs)
+inline int64_t launches = 0;        // emulated kernel launches so far
 
 inline void launch(unsigned gx, unsigned gy, unsigned gz, unsigned bx, unsigned by, size_t smem_bytes,
                    const std::function<void()>& body) {
+  ++launches;
   gDim = {gx, gy, gz};
   bDim = {bx, by, 1};
   const unsigned nt = bx * by;

@@ -81,9 +81,10 @@ void lateral_grad_bias_top(const GradBiasTopParams& p, int dtype, bool cl, cudaS
 #include "lateral_cuda_host.cpp"
 
 at::Tensor emu_lateral(const at::Tensor& x, const at::Tensor& w, const c10::optional<at::Tensor>& b,
-                       const c10::optional<at::Tensor>& t, int64_t sms, bool tf32) {
+                       const c10::optional<at::Tensor>& t, int64_t sms, bool tf32, bool topless_conv) {
   emu::sm_count = static_cast<int>(sms);
   emu::tf32 = tf32;
+  emu::topless_conv = topless_conv;
   return fused_fpn::lateral_cuda(x, w, b, t);
 }
 std::tuple<at::Tensor, at::Tensor> emu_grad(const at::Tensor& dy, int64_t th, int64_t tw) {
@@ -91,6 +92,8 @@ std::tuple<at::Tensor, at::Tensor> emu_grad(const at::Tensor& dy, int64_t th, in
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.def("lateral", &emu_lateral);
+  m.def("lateral", &emu_lateral, py::arg("x"), py::arg("w"), py::arg("b"), py::arg("t"), py::arg("sms"),
+        py::arg("tf32"), py::arg("topless_conv") = true);
+  m.def("launches", [] { return emu::launches; });
   m.def("grad", &emu_grad);
 }

@@ -4,12 +4,15 @@ The kernel sources of csrc/cuda/ are copied with mechanical edits only: CUDA-onl
 dropped, ``extern __shared__`` / ``__shared__`` arrays pointed at the emulated CTA's shared
 buffer, the cp.async helpers replaced by emulated ones, the ``<<<...>>>`` launchers (from the
 "// Host launcher of one instantiation" marker on) replaced by emu_main.cpp's mirrors. The host
-code of lateral_cuda.cpp runs as written apart from the device guard, the stream, the SM count
-and the TF32 flag (parameters, so the split-K and math decisions can be exercised).
+code of lateral_cuda.cpp runs as written apart from the device guard, the stream, the SM count,
+the TF32 flag and the conv2d route of top-less levels (parameters, so the split-K, math and route
+decisions can be exercised, and the kernel run where the host would hand the level to conv2d).
 Used by tests/test_cuda_build.py on machines without a GPU.
 
     module = build(build_dir)        # about 30 s on 2 cores
-    module.lateral(x, w, bias, top, sm_count, tf32) -> y      (CPU tensors, CUDA kernel logic)
+    module.lateral(x, w, bias, top, sm_count, tf32, topless_conv=True) -> y
+                                     (CPU tensors, CUDA kernel logic; topless_conv=False: never conv2d)
+    module.launches() -> int         emulated kernel launches so far
     module.grad(dy, top_h, top_w) -> (db, dtop)
 """
 from __future__ import annotations
@@ -114,6 +117,7 @@ def generate(out: str) -> None:
     h = _replace(h, "c10::cuda::getCurrentCUDAStream()", "static_cast<cudaStream_t>(nullptr)")
     h = _replace(h, "multiprocessor_count(x.get_device())", "emu::sm_count")
     h = _replace(h, "if (conv_allows_tf32()) {", "if (emu::tf32) {")
+    h = _replace(h, "&& runs_as_convolution(x, top)) {", "&& emu::topless_conv && runs_as_convolution(x, top)) {")
     i = h.index("int multiprocessor_count(int device) {")
     j = h.index("// Whether fp32 convolutions may use TF32")
     h = h[:i] + h[j:]
