@@ -116,7 +116,7 @@ if want build; then
         force=0  # nothing to force yet: FUSED_FPN_FORCE_CUDA=1 would fail the build on purpose
         note "build: no csrc/cuda/*.cu in this tree: building without FUSED_FPN_FORCE_CUDA"
     fi
-    note "build: pip install -e . (FUSED_FPN_FORCE_CUDA=$force, sm_90), log in logs/build.log"
+    note "build: pip install -e . (FUSED_FPN_FORCE_CUDA=$force, archs $FUSED_FPN_CUDA_ARCHS), log in logs/build.log"
     FUSED_FPN_FORCE_CUDA=$force MAX_JOBS=${MAX_JOBS:-16} \
         "$PY" -m pip install --no-build-isolation --no-deps -v -e . > "$OUT/logs/build.log" 2>&1
     rc=$?

@@ -1562,10 +1562,13 @@ def triton_config_notes(results: Sequence[Dict[str, object]], max_rows: int = 4)
 
 
 def result_paths(cfg: BenchConfig, report: Dict[str, object]) -> Dict[str, str]:
-    """<device-slug>_<date>[_quick][_subset].{json,png,md}: a run filtered by case, provider, dtype or
-    layout is marked _subset, so that it never overwrites the day's full run."""
+    """<device-slug>_<date>[_cudagraphs][_quick][_subset].{json,png,md}: a run filtered by case,
+    provider, dtype or layout is marked _subset, and a GPU run that timed CUDA-graph replays
+    (FUSED_FPN_BENCH_CUDA_GRAPHS=1) _cudagraphs, so that neither overwrites the day's full eager-call run."""
     subset = any(f is not None for f in (cfg.cases, cfg.providers, cfg.dtypes, cfg.layouts))
-    stem = f"{report['device']['slug']}_{report['date']}" + ("_quick" if cfg.quick else "") + ("_subset" if subset else "")
+    graphs = report["device"].get("type") == "cuda" and cuda_graph_timing()
+    stem = (f"{report['device']['slug']}_{report['date']}" + ("_cudagraphs" if graphs else "")
+            + ("_quick" if cfg.quick else "") + ("_subset" if subset else ""))
     return {ext: os.path.join(cfg.results_dir, f"{stem}.{ext}") for ext in ("json", "png", "md")}
 
 

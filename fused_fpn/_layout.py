@@ -4,7 +4,7 @@ import torch
 
 def is_channels_last_like(t: torch.Tensor) -> bool:
     """A 4-D tensor counts as channels_last when its channel stride is smaller than its width
-    stride. Must stay identical to ``is_channels_last_like`` in csrc/cpu/lateral_cpu.cpp."""
+    stride. Must stay identical to ``is_channels_last_like`` in csrc/lateral_common.h."""
     return t.stride(1) < t.stride(3)
 
 

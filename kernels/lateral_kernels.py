@@ -406,7 +406,7 @@ def _lateral_grad_bias_top_kernel(
 # (``operand_kind``): "16bit" (fp16/bf16 on tensor cores), "tf32" (fp32 on TF32 tensor cores) or
 # "ieee" (fp32, exact dot: FMA, its operands in registers, so it takes smaller tiles per thread).
 # Memory-bound regime (DESIGN.md §5): BLOCK_N = 256 covers all 256 output channels of an FPN so x is
-# read exactly once; BLOCK_M 64-128; 3-4 pipeline stages. On sm_90 fp16/bf16 tl.dot lowers to wgmma
+# read exactly once; BLOCK_M 64-128; 2-4 pipeline stages. On sm_90 fp16/bf16 tl.dot lowers to wgmma
 # (BLOCK_M a multiple of 64, num_warps a multiple of 4). Shared memory per stage is
 # (BLOCK_M + BLOCK_N) * BLOCK_K * elem_bytes; every list stays under the arch's limit
 # (232448 B on sm_90, 166912 B on sm_80), and no config of a default list spills registers when

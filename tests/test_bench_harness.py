@@ -223,7 +223,7 @@ def test_finalize_speedups_and_cpu_targets():
     assert harness.target_checks(recs, "cuda") == []
 
 
-def test_write_results_json_schema_png_and_markdown(tmp_path):
+def test_write_results_json_schema_png_and_markdown(tmp_path, monkeypatch):
     cfg = harness.BenchConfig(device="cpu", results_dir=str(tmp_path))  # the default shapes: targets apply
     cfg.command = "python -m pytest benchmarks"
     ceiling = harness.Ceiling(bytes_per_s=10e9, copy_bytes=1 << 20, method="test")
@@ -253,6 +253,11 @@ def test_write_results_json_schema_png_and_markdown(tmp_path):
     filtered = _quick_cfg(tmp_path)
     filtered.cases = ["lateral_path"]   # a filtered run must not overwrite the full run's files
     assert harness.result_paths(filtered, quick)["json"].endswith("_quick_subset.json")
+    graphed = dict(quick, device=dict(quick["device"], type="cuda", slug="nvidia-h200"))
+    monkeypatch.setenv("FUSED_FPN_BENCH_CUDA_GRAPHS", "1")   # graph replays must not overwrite eager-call files
+    graphed_name = "nvidia-h200_" + quick["date"] + "_cudagraphs_quick_subset.json"
+    assert harness.result_paths(filtered, graphed)["json"].endswith(graphed_name)
+    assert harness.result_paths(filtered, quick)["json"].endswith("_quick_subset.json")   # CPU: no graph timing
 
 
 def test_validate_report_rejects_a_speedup_on_a_failed_row():

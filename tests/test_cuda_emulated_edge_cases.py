@@ -3,8 +3,9 @@
 The CUDA kernels and the real host code of csrc/cuda/lateral_cuda.cpp run on CPU tensors through
 the emulation of csrc/cuda/emu (fixture ``cuda_emu``, conftest.py): the forward op
 (``fused_fpn::lateral``'s CUDA implementation) and the fused db + dtop pass of its backward
-(``fused_fpn::lateral_grad_bias_top``). dx and dW are ATen's convolution_backward on every C++
-backend, exercised by test_edge_cases.py through the ``cpu`` backend.
+(``fused_fpn::lateral_grad_bias_top``). dx and dW are not kernels of ours: ATen's
+convolution_backward on CPU tensors (exercised by test_edge_cases.py through the ``cpu`` backend)
+and ATen GEMMs on CUDA tensors (``conv1x1_backward_gemm`` in csrc/autograd.cpp).
 
 Covered here, against the float64 reference: 1x1 / 1xW / Hx1 maps with up- and down-sampled tops,
 channel counts off every tile size (3, 17, 129), stride-0 (expanded) inputs, NaN / Inf reaching

@@ -6,9 +6,10 @@
 // convolution (oneDNN where ATen has it, else BLAS: the fastest GEMM ATen has for this op, never
 // a hand-rolled one) computes the lateral product of that tile alone, and the epilogue adds the
 // bias and the nearest-gathered top while the tile is hot, writing each output element once.
-// The lateral map and the upsampled map never exist in memory. Tiles run in parallel over
-// at::parallel_for (the GEMM runs single-threaded inside the parallel region); small maps are cut
-// into smaller tiles so that every thread gets work.
+// The lateral map and the upsampled map never exist in memory. Tiles run one after the other:
+// ATen's GEMM uses every thread on a tile, then at::parallel_for splits the tile's epilogue (by
+// rows for channels_last, by channels for NCHW). A level without a top map is ATen's conv2d with
+// the bias: nothing to gather.
 //
 // Layouts: x is never copied as a whole: the tile is a view (rows [h0, h0+rows) of one image)
 // in x's own strides; channels_last and NCHW tiles go to the GEMM as they are (other strided
