@@ -226,23 +226,30 @@ def test_sass_of_every_forward_kernel_has_vector_memory_and_tensor_core_instruct
         assert re.search(r"LDG\.E[.\w]*\.128\b", body), "the channels_last top is not gathered 16 bytes at a time"
 
 
-FP16_FWD_KERNELS = [k for k in FWD_KERNELS if k.startswith(f"{NS}lateral_fwd_kernel<__half, {NS}MathWmma")]
+_WMMA_PREFIXES = tuple(f"{NS}lateral_fwd_kernel<{t}, {NS}MathWmma" for t in ("__half", "__nv_bfloat16"))
+FP16_BF16_FWD_KERNELS = [k for k in FWD_KERNELS if k.startswith(_WMMA_PREFIXES)]
 
 
 @pytest.mark.parametrize("arch", ARCHS)
-@pytest.mark.parametrize("kernel", FP16_FWD_KERNELS, ids=lambda k: k[len(NS):].replace(NS, ""))
-def test_sass_of_fp16_forward_kernels_feeds_4_mmas_per_fragment_load(sass, arch, kernel):
-    """The fp16 K loop: each warp's 64 x 64 tile takes 8 shared-memory fragment loads (LDSM) per
-    16-deep K slice and issues 32 HMMA.16816 with them: 4 per load. The earlier 32 x 64 warp tiles
+@pytest.mark.parametrize("kernel", FP16_BF16_FWD_KERNELS, ids=lambda k: k[len(NS):].replace(NS, ""))
+def test_sass_of_16bit_forward_kernels_feeds_4_mmas_per_fragment_load(sass, arch, kernel):
+    """The fp16 / bf16 K loop: each warp's 64 x 64 tile takes 8 shared-memory fragment loads (LDSM)
+    per 16-deep K slice and issues 32 HMMA.16816 with them: 4 per load. The earlier 32 x 64 warp tiles
     issued 16 per 6 loads (2.7), one B fragment live at a time, and their tensor-core ops waited on
-    each load. The K loop is unrolled once, so whole-kernel counts are the loop's. (bf16 is not
-    checked here: nvcuda::wmma loads bf16 fragments with plain LDS, not LDSM, in nvcc 13.0.)"""
+    each load. The K loop is unrolled once, so whole-kernel counts are the loop's. No generic loads
+    (LD.E) or register transposes (MOVM) either: nvcuda::wmma loaded bf16 fragments that way in nvcc
+    13.0 (64 LD.E, no LDSM, and for NCHW 32 MOVM per kernel; this test failed for bf16), so bf16 now
+    gets its LDSM from the kernel's own ldmatrix."""
     body = sass[arch].get(kernel)
     assert body is not None, f"{kernel} not found in the {arch} SASS"
     hmma = len(re.findall(r"\bHMMA\.16816\.F32", body))
     ldsm = len(re.findall(r"\bLDSM\.", body))
     assert ldsm > 0 and hmma >= 4 * ldsm, \
         f"{hmma} HMMA.16816 for {ldsm} LDSM: fewer than 4 tensor-core ops per fragment load"
+    slow = re.findall(r"\b(?:LD\.E|MOVM)\S*", body)
+    assert not slow, f"fragment loads through generic loads / register transposes: {sorted(set(slow))}"
+    if "bfloat16" in kernel:
+        assert hmma == len(re.findall(r"\bHMMA\.16816\.F32\.BF16\b", body)), "bf16 kernel with non-bf16 MMAs"
 
 
 def _ptxas_log_dir() -> Path:
@@ -383,8 +390,9 @@ def test_emulated_topless_level_route(emu, dtype):
     from fused_fpn._layout import output_memory_format
 
     size = (2, 40, 24, 5, 7, 3, 4)
-    for layout, has_top, conv in [("nchw", False, True), ("channels_last", False, True), ("noncontig", False, False),
-                                  ("cl_misaligned", False, False), ("nchw", True, False), ("channels_last", True, False)]:
+    routes = [("nchw", False, True), ("channels_last", False, True), ("noncontig", False, False),
+              ("cl_misaligned", False, False), ("nchw", True, False), ("channels_last", True, False)]
+    for layout, has_top, conv in routes:
         for has_bias in (True, False):
             x, weight, bias, top = _emu_case(size, dtype, layout, has_bias, has_top)
             before = emu.launches()

@@ -1,6 +1,6 @@
 // Small device helpers shared by the CUDA kernels of fused_fpn: dtype conversions that do not
 // depend on the __CUDA_NO_HALF_CONVERSIONS__ family of macros (torch extensions define them),
-// 16-byte packs and the cp.async primitives (sm_80+).
+// 16-byte packs, the cp.async primitives and the ldmatrix / mma.sync ones (sm_80+).
 #pragma once
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
@@ -68,6 +68,41 @@ __device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commi
 template <int N>
 __device__ __forceinline__ void cp_async_wait() {
   asm volatile("cp.async.wait_group %0;\n" ::"n"(N));
+}
+
+// Warp-wide tensor-core primitives (sm_80+), with the register layouts of the PTX ISA; every lane
+// of the warp calls them together. Lane l, g = l / 4, q = l % 4; a register holds two 16-bit
+// elements, the lower-indexed one in its low half.
+//
+// ldmatrix_x4: four 8 x 8 matrices of 16-bit elements; lanes 8 i .. 8 i + 7 give the addresses of
+// matrix i's rows 0..7 (16 contiguous, 16-byte aligned shared-memory bytes each); r[i] receives row
+// g, columns 2q and 2q + 1 of matrix i. ldmatrix_x4_trans: the same rows, and r[i] receives
+// matrix i's rows 2q and 2q + 1 of column g (the transposed matrix's row g, columns 2q, 2q + 1).
+__device__ __forceinline__ void ldmatrix_x4(uint32_t (&r)[4], const void* smem_row) {
+  const unsigned s = static_cast<unsigned>(__cvta_generic_to_shared(smem_row));
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];\n"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+               : "r"(s));
+}
+
+__device__ __forceinline__ void ldmatrix_x4_trans(uint32_t (&r)[4], const void* smem_row) {
+  const unsigned s = static_cast<unsigned>(__cvta_generic_to_shared(smem_row));
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0, %1, %2, %3}, [%4];\n"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+               : "r"(s));
+}
+
+// d += A . B, A 16 x 16 (row-major fragment), B 16 x 8 (column-major fragment), bf16 inputs, fp32
+// accumulation (mma.sync.m16n8k16):
+//   a[0] = A[g][2q, 2q+1]   a[1] = A[g+8][2q, 2q+1]   a[2] = A[g][2q+8, 2q+9]   a[3] = A[g+8][2q+8, 2q+9]
+//   b[0] = B[2q, 2q+1][g]   b[1] = B[2q+8, 2q+9][g]
+//   d[0], d[1] = D[g][2q, 2q+1]   d[2], d[3] = D[g+8][2q, 2q+1]
+__device__ __forceinline__ void mma_bf16_16816(float (&d)[4], const uint32_t (&a)[4], const uint32_t (&b)[2]) {
+  asm volatile(
+      "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
+      "{%0, %1, %2, %3};\n"
+      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
 }
 
 }  // namespace cuda

@@ -34,8 +34,9 @@
 //
 // Template parameters (compile-time switches, each instantiated explicitly in a .cu file):
 //   T        element type: __half, __nv_bfloat16, float (accumulation is always fp32).
-//   Math     MathWmma (fp16/bf16 tensor cores), MathTf32 (fp32 inputs on TF32 tensor cores, when
-//            cudnn.allow_tf32 is on, as eager conv does), MathFfma (exact fp32 FMA otherwise).
+//   Math     MathWmma (fp16/bf16 tensor cores: WMMA for fp16, ldmatrix + mma.sync for bf16),
+//            MathTf32 (fp32 inputs on TF32 tensor cores, when cudnn.allow_tf32 is on, as eager
+//            conv does), MathFfma (exact fp32 FMA otherwise).
 //   Layout   ChannelsLast / Nchw: which direction of x and y is contiguous, so the shared-memory
 //            tiles and the epilogue are arranged for coalesced, vectorized global accesses.
 //   kHasBias whether b exists (no load, no add, no shared staging when false).
@@ -191,6 +192,106 @@ struct TensorCoreMath {
           nvcuda::wmma::store_matrix_sync(Cs + n * Cfg::LDC + m, acc[i][j], Cfg::LDC, nvcuda::wmma::mem_col_major);
         }
       }
+  }
+};
+
+// ---- bf16: the same warp tiling with ldmatrix + mma.sync (PTX) instead of WMMA ---------------
+// nvcc 13.0 lowers nvcuda::wmma's bf16 fragment loads to 32-bit generic loads (sm_90 SASS: 64 LD.E
+// per K step where the fp16 kernels have 16 LDSM, plus 32 MOVM register transposes for Nchw), so
+// bf16 issues the instructions itself (cuda_utils.cuh: ldmatrix_x4, ldmatrix_x4_trans,
+// mma_bf16_16816). Per warp and 16-deep K slice: 4 ldmatrix.x4 for A (one per 16 rows), 4 for B
+// (one per 16 columns), 32 m16n8k16 MMAs.
+// acc[i][j][v]: row wm + 16 i + g + 8 (v / 2), column wn + 8 j + 2q + v % 2 (g = lane / 4, q = lane % 4).
+template <typename Layout>
+struct TensorCoreMath<__nv_bfloat16, MathWmma, Layout> {
+  using Cfg = FwdTile<__nv_bfloat16, MathWmma, Layout>;
+  static constexpr int KF = 16;
+  static constexpr int kTilesM = Cfg::WM / 16;  // m16 tiles per warp
+  static constexpr int kTilesN = Cfg::WN / 8;   // n8 tiles per warp
+  static_assert(kTilesN % 2 == 0, "one ldmatrix.x4 loads the B operands of two n8 tiles");
+
+  float acc[kTilesM][kTilesN][4];
+  int wm, wn, lane;
+
+  __device__ __forceinline__ void init(int tid) {
+    const int warp = tid / 32;
+    lane = tid % 32;
+    wm = (warp % Cfg::kWarpsM) * Cfg::WM;
+    wn = (warp / Cfg::kWarpsM) * Cfg::WN;
+#pragma unroll
+    for (int i = 0; i < kTilesM; ++i)
+#pragma unroll
+      for (int j = 0; j < kTilesN; ++j)
+#pragma unroll
+        for (int v = 0; v < 4; ++v) acc[i][j][v] = 0.0f;
+  }
+
+  struct Operands {
+    uint32_t a[kTilesM][4];
+    uint32_t b[kTilesN][2];
+  };
+
+  // Lane l gives the row address of matrix l / 8, row l % 8, of each ldmatrix.x4:
+  //   A, ChannelsLast (As[m][k]): matrices (m 0-7, k 0-7), (m 8-15, k 0-7), (m 0-7, k 8-15),
+  //     (m 8-15, k 8-15) = a[0..3]; Nchw (As[k][m]): the same four, stored as rows of k, loaded
+  //     transposed.
+  //   B (Bs[n][k], i.e. B column-major): (n 0-7, k 0-7), (n 0-7, k 8-15) = b of n8 tile 2jj,
+  //     (n 8-15, k 0-7), (n 8-15, k 8-15) = b of n8 tile 2jj + 1.
+  __device__ __forceinline__ void load(Operands& op, const __nv_bfloat16* As, const __nv_bfloat16* Bs, int ks) const {
+    const int mat = lane / 8, row = lane % 8;
+#pragma unroll
+    for (int i = 0; i < kTilesM; ++i) {
+      const int m0 = wm + i * 16;
+      if constexpr (Cfg::kCL) {
+        ldmatrix_x4(op.a[i], As + (m0 + (mat % 2) * 8 + row) * Cfg::LDA + ks + (mat / 2) * 8);
+      } else {
+        ldmatrix_x4_trans(op.a[i], As + (ks + (mat / 2) * 8 + row) * Cfg::LDA + m0 + (mat % 2) * 8);
+      }
+    }
+#pragma unroll
+    for (int jj = 0; jj < kTilesN / 2; ++jj) {
+      uint32_t r[4];
+      ldmatrix_x4(r, Bs + (wn + jj * 16 + (mat / 2) * 8 + row) * Cfg::LDB + ks + (mat % 2) * 8);
+      op.b[2 * jj][0] = r[0];
+      op.b[2 * jj][1] = r[1];
+      op.b[2 * jj + 1][0] = r[2];
+      op.b[2 * jj + 1][1] = r[3];
+    }
+  }
+
+  // As TensorCoreMath::compute: slice s + 1's operands load while slice s's MMAs issue.
+  __device__ __forceinline__ void compute(const __nv_bfloat16* As, const __nv_bfloat16* Bs) {
+    constexpr int kSlices = Cfg::BK / KF;
+    Operands op[2];
+    load(op[0], As, Bs, 0);
+#pragma unroll
+    for (int s = 0; s < kSlices; ++s) {
+      if (s + 1 < kSlices) load(op[(s + 1) % 2], As, Bs, (s + 1) * KF);
+#pragma unroll
+      for (int i = 0; i < kTilesM; ++i)
+#pragma unroll
+        for (int j = 0; j < kTilesN; ++j) mma_bf16_16816(acc[i][j], op[s % 2].a[i], op[s % 2].b[j]);
+    }
+  }
+
+  // Accumulators -> Cs (fp32): ChannelsLast Cs[m][n] (row-major), Nchw Cs[n][m] (column-major).
+  __device__ __forceinline__ void store(float* Cs) {
+    const int g = lane / 4, q = lane % 4;
+#pragma unroll
+    for (int i = 0; i < kTilesM; ++i)
+#pragma unroll
+      for (int j = 0; j < kTilesN; ++j)
+#pragma unroll
+        for (int h = 0; h < 2; ++h) {  // rows g and g + 8
+          const int m = wm + i * 16 + g + 8 * h, n = wn + j * 8 + 2 * q;
+          if constexpr (Cfg::kCL) {
+            Cs[m * Cfg::LDC + n] = acc[i][j][2 * h];
+            Cs[m * Cfg::LDC + n + 1] = acc[i][j][2 * h + 1];
+          } else {
+            Cs[n * Cfg::LDC + m] = acc[i][j][2 * h];
+            Cs[(n + 1) * Cfg::LDC + m] = acc[i][j][2 * h + 1];
+          }
+        }
   }
 };
 

@@ -4,18 +4,23 @@
 //     before every CTA) and a std::barrier for __syncthreads; exited threads drop out;
 //   * WMMA fragments are whole matrices held by every thread of the warp (fp32 math; TF32
 //     rounding is not emulated); cp.async copies land only when cp.async.wait_group retires
-//     their group (EMU_DEFER=1), the latest moment the hardware allows.
+//     their group (EMU_DEFER=1), the latest moment the hardware allows;
+//   * the warp-wide PTX primitives (ldmatrix, mma.sync, emulated in emulate.py) exchange the
+//     lanes' addresses and registers through a per-warp buffer and a per-warp std::barrier, with
+//     the register layouts of the PTX ISA: a lane gets exactly the elements the hardware gives it.
 // It checks indexing, tails, layouts, vector paths, the pipeline's wait / barrier logic and the
 // host code's decisions; not timing, not tensor-core rounding, not the real memory model.
 #pragma once
 #include <cuda_runtime.h>   // host-usable: vector types, cudaStream_t
 #include <cuda_fp16.h>
 #include <cuda_bf16.h>
+#include <algorithm>
 #include <barrier>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
 #include <functional>
+#include <memory>
 #include <thread>
 #include <type_traits>
 #include <vector>
@@ -37,6 +42,17 @@ inline bool tf32 = false;
 inline bool topless_conv = true;   // false: the host code's conv2d route is off (the kernel runs)
 inline int64_t launches = 0;        // emulated kernel launches so far
 
+// One warp's exchange buffer for the warp-wide primitives: two sets (alternating calls), so one
+// barrier per call suffices (a lane rewrites a set only after every lane passed the next call's barrier).
+struct WarpShare {
+  const unsigned char* addr[2][32];
+  uint32_t regs[2][32][6];
+};
+inline thread_local std::barrier<>* warp_bar = nullptr;
+inline thread_local WarpShare* warp_share = nullptr;
+inline thread_local int lane_id = 0;
+inline thread_local int warp_parity = 0;
+
 inline void launch(unsigned gx, unsigned gy, unsigned gz, unsigned bx, unsigned by, size_t smem_bytes,
                    const std::function<void()>& body) {
   ++launches;
@@ -50,6 +66,10 @@ inline void launch(unsigned gx, unsigned gy, unsigned gz, unsigned bx, unsigned 
         std::memset(smem.data(), 0xFF, smem.size());  // NaN everywhere: unwritten smem reads show up
         std::barrier<> b(nt);
         bar = &b;
+        const unsigned nw = (nt + 31) / 32;
+        std::vector<std::unique_ptr<std::barrier<>>> wbars;
+        for (unsigned w = 0; w < nw; ++w) wbars.push_back(std::make_unique<std::barrier<>>(std::min(32u, nt - 32 * w)));
+        std::vector<WarpShare> shares(nw);
         std::vector<std::thread> ts;
         ts.reserve(nt);
         for (unsigned t = 0; t < nt; ++t)
@@ -57,7 +77,12 @@ inline void launch(unsigned gx, unsigned gy, unsigned gz, unsigned bx, unsigned 
             tIdx = {t % bx, t / bx, 0};
             bIdx = {x, y, z};
             smem_ptr = smem.data();
+            warp_bar = wbars[t / 32].get();
+            warp_share = &shares[t / 32];
+            lane_id = static_cast<int>(t % 32);
+            warp_parity = 0;
             body();
+            warp_bar->arrive_and_drop();
             b.arrive_and_drop();
           });
         for (auto& th : ts) th.join();

@@ -23,8 +23,9 @@ import re
 HERE = os.path.dirname(os.path.abspath(__file__))
 SRC = os.path.dirname(HERE)  # csrc/cuda
 
-# Emulated cp.async: deferred copies, retired by cp.async.wait_group (EMU_DEFER=1) or immediate.
-_CP_ASYNC_EMU = """struct EmuCopy {
+# Emulated cp.async (deferred copies, retired by cp.async.wait_group (EMU_DEFER=1) or immediate),
+# ldmatrix and mma.sync (per lane, through the warp's exchange buffer of emu_cuda.h).
+_DEVICE_PRIMITIVES_EMU = """struct EmuCopy {
   void* dst;
   const void* src;
   bool valid;
@@ -54,6 +55,63 @@ inline void cp_async_wait() {
   while (emu_groups.size() > static_cast<size_t>(N)) {
     for (auto& c : emu_groups.front()) emu_do(c);
     emu_groups.erase(emu_groups.begin());
+  }
+}
+
+// Emulated warp-wide primitives (layouts: cuda_utils.cuh, from the PTX ISA). Each call publishes
+// this lane's operands in the warp's exchange buffer (emu_cuda.h), waits for the whole warp, then
+// computes what the hardware hands this lane.
+inline uint16_t emu_b16(const unsigned char* p) {
+  uint16_t v;
+  std::memcpy(&v, p, 2);
+  return v;
+}
+inline uint32_t emu_pack(uint16_t lo, uint16_t hi) { return lo | (static_cast<uint32_t>(hi) << 16); }
+inline int emu_publish() {  // the exchange set of this call; flips for the next one
+  const int p = emu::warp_parity;
+  emu::warp_parity ^= 1;
+  return p;
+}
+inline void emu_ldmatrix_x4(uint32_t (&r)[4], const void* smem_row, bool trans) {
+  emu::WarpShare& w = *emu::warp_share;
+  const int p = emu_publish(), l = emu::lane_id, g = l / 4, q = l % 4;
+  w.addr[p][l] = static_cast<const unsigned char*>(smem_row);
+  emu::warp_bar->arrive_and_wait();
+  for (int i = 0; i < 4; ++i) {
+    if (trans) {  // rows 2q and 2q + 1 of matrix i, column g
+      r[i] = emu_pack(emu_b16(w.addr[p][8 * i + 2 * q] + 2 * g), emu_b16(w.addr[p][8 * i + 2 * q + 1] + 2 * g));
+    } else {      // row g of matrix i, columns 2q and 2q + 1
+      const unsigned char* row = w.addr[p][8 * i + g];
+      r[i] = emu_pack(emu_b16(row + 4 * q), emu_b16(row + 4 * q + 2));
+    }
+  }
+}
+inline void ldmatrix_x4(uint32_t (&r)[4], const void* smem_row) { emu_ldmatrix_x4(r, smem_row, false); }
+inline void ldmatrix_x4_trans(uint32_t (&r)[4], const void* smem_row) { emu_ldmatrix_x4(r, smem_row, true); }
+inline float emu_bf16_half(uint32_t v, int hi) {  // the bf16 element in the low (hi = 0) or high half
+  const uint32_t bits = hi ? (v & 0xFFFF0000u) : (v << 16);
+  float f;
+  std::memcpy(&f, &bits, 4);
+  return f;
+}
+inline void mma_bf16_16816(float (&d)[4], const uint32_t (&a)[4], const uint32_t (&b)[2]) {
+  emu::WarpShare& w = *emu::warp_share;
+  const int p = emu_publish(), l = emu::lane_id, g = l / 4, q = l % 4;
+  for (int i = 0; i < 4; ++i) w.regs[p][l][i] = a[i];
+  w.regs[p][l][4] = b[0];
+  w.regs[p][l][5] = b[1];
+  emu::warp_bar->arrive_and_wait();
+  // A[row][k] is in lane (row % 8) * 4 + (k % 8) / 2, register row / 8 + 2 (k / 8), half k % 2;
+  // B[k][n] in lane n * 4 + (k % 8) / 2, register 4 + k / 8, half k % 2.
+  auto A = [&](int row, int k) {
+    return emu_bf16_half(w.regs[p][(row % 8) * 4 + (k % 8) / 2][row / 8 + 2 * (k / 8)], k % 2);
+  };
+  auto B = [&](int k, int n) { return emu_bf16_half(w.regs[p][n * 4 + (k % 8) / 2][4 + k / 8], k % 2); };
+  for (int v = 0; v < 4; ++v) {
+    const int row = g + 8 * (v / 2), col = 2 * q + v % 2;
+    float s = d[v];
+    for (int k = 0; k < 16; ++k) s += A(row, k) * B(k, col);
+    d[v] = s;
   }
 }
 
@@ -89,7 +147,7 @@ def generate(out: str) -> None:
     u = _read("cuda_utils.cuh")
     i = u.index("// 16-byte global -> shared asynchronous copy")
     j = u.index("}  // namespace cuda")
-    u = u[:i] + _CP_ASYNC_EMU + u[j:]
+    u = u[:i] + _DEVICE_PRIMITIVES_EMU + u[j:]
     files["cuda_utils.cuh"] = _replace(u, "#include <cuda_runtime.h>", '#include "emu_cuda.h"')
 
     f = _cut(_read("lateral_fwd.cuh"), "// Host launcher of one instantiation")
