@@ -226,30 +226,33 @@ def test_sass_of_every_forward_kernel_has_vector_memory_and_tensor_core_instruct
         assert re.search(r"LDG\.E[.\w]*\.128\b", body), "the channels_last top is not gathered 16 bytes at a time"
 
 
-_WMMA_PREFIXES = tuple(f"{NS}lateral_fwd_kernel<{t}, {NS}MathWmma" for t in ("__half", "__nv_bfloat16"))
-FP16_BF16_FWD_KERNELS = [k for k in FWD_KERNELS if k.startswith(_WMMA_PREFIXES)]
+_TENSOR_CORE_PREFIXES = tuple(f"{NS}lateral_fwd_kernel<{t}, {NS}{m}" for t, m in
+                              (("__half", "MathWmma"), ("__nv_bfloat16", "MathWmma"), ("float", "MathTf32")))
+TENSOR_CORE_FWD_KERNELS = [k for k in FWD_KERNELS if k.startswith(_TENSOR_CORE_PREFIXES)]
 
 
 @pytest.mark.parametrize("arch", ARCHS)
-@pytest.mark.parametrize("kernel", FP16_BF16_FWD_KERNELS, ids=lambda k: k[len(NS):].replace(NS, ""))
-def test_sass_of_16bit_forward_kernels_feeds_4_mmas_per_fragment_load(sass, arch, kernel):
-    """The fp16 / bf16 K loop: each warp's 64 x 64 tile takes 8 shared-memory fragment loads (LDSM)
-    per 16-deep K slice and issues 32 HMMA.16816 with them: 4 per load. The earlier 32 x 64 warp tiles
+@pytest.mark.parametrize("kernel", TENSOR_CORE_FWD_KERNELS, ids=lambda k: k[len(NS):].replace(NS, ""))
+def test_sass_of_tensor_core_forward_kernels_feeds_4_mmas_per_fragment_load(sass, arch, kernel):
+    """The fp16 / bf16 / TF32 K loop: each warp's 64 x 64 tile takes 8 shared-memory fragment loads
+    (LDSM) per K slice (TF32 NCHW: 4, its A operands are 32-bit shared loads) and issues 32
+    HMMA.16816 (HMMA.1688 for TF32) with them: at least 4 per load. The earlier 32 x 64 warp tiles
     issued 16 per 6 loads (2.7), one B fragment live at a time, and their tensor-core ops waited on
     each load. The K loop is unrolled once, so whole-kernel counts are the loop's. No generic loads
-    (LD.E) or register transposes (MOVM) either: nvcuda::wmma loaded bf16 fragments that way in nvcc
-    13.0 (64 LD.E, no LDSM, and for NCHW 32 MOVM per kernel; this test failed for bf16), so bf16 now
-    gets its LDSM from the kernel's own ldmatrix."""
+    (LD.E) or register transposes (MOVM) either: nvcuda::wmma loaded bf16 and TF32 fragments that
+    way in nvcc 13.0 (64 LD.E, no LDSM, and for bf16 NCHW 32 MOVM per kernel; this test failed for
+    both), so those two now get their LDSM from the kernel's own ldmatrix."""
     body = sass[arch].get(kernel)
     assert body is not None, f"{kernel} not found in the {arch} SASS"
-    hmma = len(re.findall(r"\bHMMA\.16816\.F32", body))
+    hmma = len(re.findall(r"\bHMMA\.(?:16816|1688)\.F32", body))
     ldsm = len(re.findall(r"\bLDSM\.", body))
     assert ldsm > 0 and hmma >= 4 * ldsm, \
-        f"{hmma} HMMA.16816 for {ldsm} LDSM: fewer than 4 tensor-core ops per fragment load"
+        f"{hmma} HMMA.16816 / 1688 for {ldsm} LDSM: fewer than 4 tensor-core ops per fragment load"
     slow = re.findall(r"\b(?:LD\.E|MOVM)\S*", body)
     assert not slow, f"fragment loads through generic loads / register transposes: {sorted(set(slow))}"
-    if "bfloat16" in kernel:
-        assert hmma == len(re.findall(r"\bHMMA\.16816\.F32\.BF16\b", body)), "bf16 kernel with non-bf16 MMAs"
+    kind = {"__nv_bfloat16": r"16816\.F32\.BF16", "float": r"1688\.F32\.TF32"}.get(kernel.split("<")[1].split(",")[0])
+    if kind is not None:
+        assert hmma == len(re.findall(rf"\bHMMA\.{kind}\b", body)), f"MMAs of another type than {kind}"
 
 
 def _ptxas_log_dir() -> Path:
@@ -344,14 +347,18 @@ EMU_SIZES = [  # (N, Cin, Cout, H, W, Ht, Wt): odd channels, tails of every tile
     (0, 16, 8, 4, 4, 2, 2),
 ]
 EMU_DTYPES = [torch.float16, torch.bfloat16, torch.float32]
+# (dtype, tf32): every math path of the forward kernel: WMMA fp16, PTX bf16, exact fp32 FMA, PTX TF32
+# (whose rounding to TF32 is not emulated: fp32 tolerances apply)
+EMU_MATHS = [pytest.param(torch.float16, False, id="fp16"), pytest.param(torch.bfloat16, False, id="bf16"),
+             pytest.param(torch.float32, False, id="fp32"), pytest.param(torch.float32, True, id="fp32_tf32")]
 
 
 @pytest.mark.parametrize("has_bias,has_top", [(True, True), (False, False)], ids=["bias-top", "plain"])
 @pytest.mark.parametrize("layout", ["nchw", "channels_last", "noncontig", "cl_misaligned"])
-@pytest.mark.parametrize("dtype", EMU_DTYPES, ids=["fp16", "bf16", "fp32"])
+@pytest.mark.parametrize("dtype,tf32", EMU_MATHS)
 @pytest.mark.parametrize("size", EMU_SIZES, ids=["x".join(map(str, s)) for s in EMU_SIZES])
-def test_emulated_forward(emu, size, dtype, layout, has_bias, has_top):
-    _check_emulated_lateral(emu, size, dtype, layout, has_bias, has_top)
+def test_emulated_forward(emu, size, dtype, tf32, layout, has_bias, has_top):
+    _check_emulated_lateral(emu, size, dtype, layout, has_bias, has_top, tf32=tf32)
 
 
 @pytest.mark.parametrize("has_bias,has_top", [(True, False), (False, True)], ids=["bias", "top"])
@@ -366,19 +373,13 @@ def test_emulated_forward_top_in_other_layouts(emu, layout, top_layout):
     _check_emulated_lateral(emu, (1, 64, 16, 8, 8, 4, 4), torch.float16, layout, True, True, top_layout=top_layout)
 
 
-@pytest.mark.parametrize("layout", ["nchw", "channels_last", "noncontig"])
-def test_emulated_tf32_path(emu, layout):
-    """The TF32 instantiations' tiling (TF32 rounding itself is not emulated)."""
-    _check_emulated_lateral(emu, (1, 40, 24, 9, 10, 5, 5), torch.float32, layout, True, True, tf32=True)
-
-
 @pytest.mark.parametrize("has_bias,has_top", [(True, True), (False, False)], ids=["bias-top", "plain"])
 @pytest.mark.parametrize("layout", ["nchw", "channels_last", "noncontig"])
-@pytest.mark.parametrize("dtype", EMU_DTYPES, ids=["fp16", "bf16", "fp32"])
+@pytest.mark.parametrize("dtype,tf32", EMU_MATHS)
 @pytest.mark.parametrize("size", [(1, 300, 20, 5, 7, 3, 4), (2, 520, 136, 9, 8, 5, 4)], ids=["1tile", "4tiles"])
-def test_emulated_split_k(emu, size, dtype, layout, has_bias, has_top):
+def test_emulated_split_k(emu, size, dtype, tf32, layout, has_bias, has_top):
     """A large SM count makes the host choose split-K for these deep-K, few-pixel shapes."""
-    _check_emulated_lateral(emu, size, dtype, layout, has_bias, has_top, sm_count=1000)
+    _check_emulated_lateral(emu, size, dtype, layout, has_bias, has_top, sm_count=1000, tf32=tf32)
 
 
 @pytest.mark.parametrize("dtype", EMU_DTYPES, ids=["fp16", "bf16", "fp32"])

@@ -92,6 +92,9 @@ __device__ __forceinline__ void ldmatrix_x4_trans(uint32_t (&r)[4], const void* 
                : "r"(s));
 }
 
+// ldmatrix on fp32 data: each 32-bit element is a pair of 16-bit ones, so a 16-byte row holds 4
+// fp32 and r[i] receives row g, element q of matrix i (no .trans: it would split the elements).
+//
 // d += A . B, A 16 x 16 (row-major fragment), B 16 x 8 (column-major fragment), bf16 inputs, fp32
 // accumulation (mma.sync.m16n8k16):
 //   a[0] = A[g][2q, 2q+1]   a[1] = A[g+8][2q, 2q+1]   a[2] = A[g][2q+8, 2q+9]   a[3] = A[g+8][2q+8, 2q+9]
@@ -103,6 +106,26 @@ __device__ __forceinline__ void mma_bf16_16816(float (&d)[4], const uint32_t (&a
       "{%0, %1, %2, %3};\n"
       : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
       : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
+}
+
+// d += A . B, A 16 x 8, B 8 x 8, TF32 inputs (fp32 bit patterns), fp32 accumulation (mma.sync.m16n8k8):
+//   a[0] = A[g][q]   a[1] = A[g+8][q]   a[2] = A[g][q+4]   a[3] = A[g+8][q+4]
+//   b[0] = B[q][g]   b[1] = B[q+4][g]
+//   d as for mma_bf16_16816.
+__device__ __forceinline__ void mma_tf32_1688(float (&d)[4], const uint32_t (&a)[4], const uint32_t (&b)[2]) {
+  asm volatile(
+      "mma.sync.aligned.m16n8k8.row.col.f32.tf32.tf32.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
+      "{%0, %1, %2, %3};\n"
+      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
+}
+
+// An fp32 bit pattern rounded to TF32 (cvt.rna.tf32.f32: to nearest, ties away; what
+// nvcuda::wmma::__float_to_tf32 does).
+__device__ __forceinline__ uint32_t f32_to_tf32(uint32_t bits) {
+  uint32_t r;
+  asm("cvt.rna.tf32.f32 %0, %1;\n" : "=r"(r) : "f"(__uint_as_float(bits)));
+  return r;
 }
 
 }  // namespace cuda

@@ -23,7 +23,8 @@ struct Nchw {};
 // Arithmetic of the forward GEMM:
 //   MathWmma: tensor cores for fp16 (WMMA m16n16k16) and bf16 (ldmatrix + mma.sync m16n8k16), fp32
 //             accumulation.
-//   MathTf32: tensor cores (WMMA m16n16k8, TF32 inputs) for fp32 when cudnn.allow_tf32 is on.
+//   MathTf32: tensor cores (ldmatrix + mma.sync m16n8k8, TF32 inputs) for fp32 when cudnn.allow_tf32
+//             is on.
 //   MathFfma: exact IEEE fp32 FMA on the CUDA cores for fp32 when allow_tf32 is off.
 struct MathWmma {};
 struct MathTf32 {};

@@ -28,9 +28,10 @@
 // k_split partial sums in a fixed order, the bias and the gathered top. No atomics: results are
 // deterministic.
 //
-// Threads: the tensor-core paths run 4 warps, 2 x 2 warp tiles of 64 x 64 (16 accumulator
-// fragments per warp: each fragment load feeds 4 MMAs, and the next K slice's fragments load
-// while this slice's MMAs issue); the exact-fp32 FMA path runs 16 x 16 threads of 8 x 8 outputs.
+// Threads: the tensor-core paths run 4 warps, 2 x 2 warp tiles of 64 x 64 (128 fp32 accumulators
+// per thread: each fragment load feeds 4 MMAs, and the next K slice's fragments load while this
+// slice's MMAs issue); fp16 goes through nvcuda::wmma (WmmaMath), bf16 and TF32 through ldmatrix +
+// mma.sync in PTX (PtxMma); the exact-fp32 FMA path runs 16 x 16 threads of 8 x 8 outputs.
 //
 // Template parameters (compile-time switches, each instantiated explicitly in a .cu file):
 //   T        element type: __half, __nv_bfloat16, float (accumulation is always fp32).
@@ -92,33 +93,29 @@ struct FwdTile {
 };
 
 // ---- tensor-core MMA over one BK slice of the stage buffers --------------------------------
-template <typename T, typename Math>
-struct WmmaTypes;
-template <>
-struct WmmaTypes<__half, MathWmma> {
-  using In = __half;
-  static constexpr int K = 16;
-};
-template <>
-struct WmmaTypes<__nv_bfloat16, MathWmma> {
-  using In = __nv_bfloat16;
-  static constexpr int K = 16;
-};
-template <>
-struct WmmaTypes<float, MathTf32> {
-  using In = nvcuda::wmma::precision::tf32;
-  static constexpr int K = 8;
-};
+// acc += A(BM x BK) . B(BK x BN) for a warp's 64 x 64, in K slices of KF with two operand sets:
+// slice s + 1's operands load from shared memory (Math::load) while slice s's MMAs issue
+// (Math::mma_all).
+template <int kSlices, int KF, typename Math, typename T>
+__device__ __forceinline__ void run_slices(Math& math, const T* As, const T* Bs) {
+  typename Math::Operands op[2];
+  math.load(op[0], As, Bs, 0);
+#pragma unroll
+  for (int s = 0; s < kSlices; ++s) {
+    if (s + 1 < kSlices) math.load(op[(s + 1) % 2], As, Bs, (s + 1) * KF);
+    math.mma_all(op[s % 2]);
+  }
+}
 
-template <typename T, typename Math, typename Layout>
-struct TensorCoreMath {
-  using Cfg = FwdTile<T, Math, Layout>;
-  using TT = WmmaTypes<T, Math>;
-  static constexpr int KF = TT::K;
+// fp16 through nvcuda::wmma.
+template <typename Layout>
+struct WmmaMath {
+  using Cfg = FwdTile<__half, MathWmma, Layout>;
+  static constexpr int KF = 16;
   using ALayout = typename std::conditional<Cfg::kCL, nvcuda::wmma::row_major, nvcuda::wmma::col_major>::type;
   using AccFrag = nvcuda::wmma::fragment<nvcuda::wmma::accumulator, 16, 16, KF, float>;
-  using AFrag = nvcuda::wmma::fragment<nvcuda::wmma::matrix_a, 16, 16, KF, typename TT::In, ALayout>;
-  using BFrag = nvcuda::wmma::fragment<nvcuda::wmma::matrix_b, 16, 16, KF, typename TT::In, nvcuda::wmma::col_major>;
+  using AFrag = nvcuda::wmma::fragment<nvcuda::wmma::matrix_a, 16, 16, KF, __half, ALayout>;
+  using BFrag = nvcuda::wmma::fragment<nvcuda::wmma::matrix_b, 16, 16, KF, __half, nvcuda::wmma::col_major>;
 
   AccFrag acc[Cfg::kFragsM][Cfg::kFragsN];
   int wm, wn;  // this warp's tile origin inside the CTA tile
@@ -139,44 +136,28 @@ struct TensorCoreMath {
     BFrag b[Cfg::kFragsN];
   };
 
-  // TF32 operands are fp32 values rounded to TF32 after the load; fp16 / bf16 ones are used as loaded.
-  template <typename Frag>
-  __device__ __forceinline__ static void round_for_math(Frag& f) {
-    if constexpr (std::is_same<Math, MathTf32>::value) {
-#pragma unroll
-      for (int e = 0; e < f.num_elements; ++e) f.x[e] = nvcuda::wmma::__float_to_tf32(f.x[e]);
-    }
-  }
-
-  __device__ __forceinline__ void load(Operands& op, const T* As, const T* Bs, int ks) const {
+  __device__ __forceinline__ void load(Operands& op, const __half* As, const __half* Bs, int ks) const {
 #pragma unroll
     for (int i = 0; i < Cfg::kFragsM; ++i) {
       const int m = wm + i * 16;
       nvcuda::wmma::load_matrix_sync(op.a[i], Cfg::kCL ? As + m * Cfg::LDA + ks : As + ks * Cfg::LDA + m, Cfg::LDA);
-      round_for_math(op.a[i]);
     }
 #pragma unroll
     for (int j = 0; j < Cfg::kFragsN; ++j) {
       nvcuda::wmma::load_matrix_sync(op.b[j], Bs + (wn + j * 16) * Cfg::LDB + ks, Cfg::LDB);
-      round_for_math(op.b[j]);
     }
   }
 
-  // acc += A(BM x BK slice) . B(BK x BN slice) for this warp's 64 x 64: the K slices of KF run
-  // with two operand sets, slice s + 1 loading from shared memory while slice s's 16 MMAs issue.
-  __device__ __forceinline__ void compute(const T* As, const T* Bs) {
-    constexpr int kSlices = Cfg::BK / KF;
-    Operands op[2];
-    load(op[0], As, Bs, 0);
+  // acc += one K slice's A . B for this warp's 64 x 64 (16 MMAs).
+  __device__ __forceinline__ void mma_all(const Operands& op) {
 #pragma unroll
-    for (int s = 0; s < kSlices; ++s) {
-      if (s + 1 < kSlices) load(op[(s + 1) % 2], As, Bs, (s + 1) * KF);
+    for (int i = 0; i < Cfg::kFragsM; ++i)
 #pragma unroll
-      for (int i = 0; i < Cfg::kFragsM; ++i)
-#pragma unroll
-        for (int j = 0; j < Cfg::kFragsN; ++j)
-          nvcuda::wmma::mma_sync(acc[i][j], op[s % 2].a[i], op[s % 2].b[j], acc[i][j]);
-    }
+      for (int j = 0; j < Cfg::kFragsN; ++j) nvcuda::wmma::mma_sync(acc[i][j], op.a[i], op.b[j], acc[i][j]);
+  }
+
+  __device__ __forceinline__ void compute(const __half* As, const __half* Bs) {
+    run_slices<Cfg::BK / KF, KF>(*this, As, Bs);
   }
 
   // Accumulators -> Cs (fp32): ChannelsLast Cs[m][n] (row-major), Nchw Cs[n][m] (column-major).
@@ -195,17 +176,44 @@ struct TensorCoreMath {
   }
 };
 
-// ---- bf16: the same warp tiling with ldmatrix + mma.sync (PTX) instead of WMMA ---------------
-// nvcc 13.0 lowers nvcuda::wmma's bf16 fragment loads to 32-bit generic loads (sm_90 SASS: 64 LD.E
-// per K step where the fp16 kernels have 16 LDSM, plus 32 MOVM register transposes for Nchw), so
-// bf16 issues the instructions itself (cuda_utils.cuh: ldmatrix_x4, ldmatrix_x4_trans,
-// mma_bf16_16816). Per warp and 16-deep K slice: 4 ldmatrix.x4 for A (one per 16 rows), 4 for B
-// (one per 16 columns), 32 m16n8k16 MMAs.
-// acc[i][j][v]: row wm + 16 i + g + 8 (v / 2), column wn + 8 j + 2q + v % 2 (g = lane / 4, q = lane % 4).
-template <typename Layout>
-struct TensorCoreMath<__nv_bfloat16, MathWmma, Layout> {
-  using Cfg = FwdTile<__nv_bfloat16, MathWmma, Layout>;
-  static constexpr int KF = 16;
+// ---- bf16 and TF32: the same warp tiling with ldmatrix + mma.sync (PTX) instead of WMMA --------
+// nvcc 13.0 lowers nvcuda::wmma's bf16 and TF32 fragment loads to 32-bit generic loads (sm_90 SASS:
+// 64 LD.E per K step where the fp16 kernels have 16 LDSM; for bf16 Nchw also 32 MOVM register
+// transposes), so these two issue the instructions themselves (cuda_utils.cuh). Per warp and K slice
+// (16 deep for bf16, 8 for TF32): 4 ldmatrix.x4 for B (one per 16 columns), for A 4 ldmatrix.x4
+// (one per 16 rows) except TF32 Nchw (4 32-bit shared loads per 16 rows: ldmatrix.trans
+// transposes 16-bit elements), and 32 MMAs (m16n8k16 bf16 / m16n8k8 TF32). The operand registers
+// are laid out alike for both (the PTX ISA's): lane l, g = l / 4, q = l % 4, c = 16 bytes of a row
+// (8 bf16 or 4 fp32):
+//   a[0] = A[g][q-th pair or element]  a[1] = the same of row g + 8  a[2], a[3] = rows g, g + 8 at c
+//   b[0] = B[q-th pair or element][g]  b[1] = the same at c
+// acc[i][j][v]: row wm + 16 i + g + 8 (v / 2), column wn + 8 j + 2q + v % 2.
+template <typename T>
+struct PtxMmaOp;
+template <>
+struct PtxMmaOp<__nv_bfloat16> {
+  static constexpr int K = 16;  // mma.sync.m16n8k16, bf16 operands as loaded
+  __device__ __forceinline__ static uint32_t operand(uint32_t v) { return v; }
+  __device__ __forceinline__ static void mma(float (&d)[4], const uint32_t (&a)[4], const uint32_t (&b)[2]) {
+    mma_bf16_16816(d, a, b);
+  }
+};
+template <>
+struct PtxMmaOp<float> {
+  static constexpr int K = 8;  // mma.sync.m16n8k8, fp32 operands rounded to TF32 (as WMMA's __float_to_tf32)
+  __device__ __forceinline__ static uint32_t operand(uint32_t v) { return f32_to_tf32(v); }
+  __device__ __forceinline__ static void mma(float (&d)[4], const uint32_t (&a)[4], const uint32_t (&b)[2]) {
+    mma_tf32_1688(d, a, b);
+  }
+};
+
+template <typename T, typename Math, typename Layout>
+struct PtxMma {
+  using Cfg = FwdTile<T, Math, Layout>;
+  using Op = PtxMmaOp<T>;
+  static constexpr int KF = Op::K;
+  static constexpr int kC = 16 / static_cast<int>(sizeof(T));  // elements in 16 bytes: KF / 2
+  static_assert(2 * kC == KF, "an A or B row of one K slice is two 16-byte halves");
   static constexpr int kTilesM = Cfg::WM / 16;  // m16 tiles per warp
   static constexpr int kTilesN = Cfg::WN / 8;   // n8 tiles per warp
   static_assert(kTilesN % 2 == 0, "one ldmatrix.x4 loads the B operands of two n8 tiles");
@@ -231,47 +239,53 @@ struct TensorCoreMath<__nv_bfloat16, MathWmma, Layout> {
     uint32_t b[kTilesN][2];
   };
 
-  // Lane l gives the row address of matrix l / 8, row l % 8, of each ldmatrix.x4:
-  //   A, ChannelsLast (As[m][k]): matrices (m 0-7, k 0-7), (m 8-15, k 0-7), (m 0-7, k 8-15),
-  //     (m 8-15, k 8-15) = a[0..3]; Nchw (As[k][m]): the same four, stored as rows of k, loaded
-  //     transposed.
-  //   B (Bs[n][k], i.e. B column-major): (n 0-7, k 0-7), (n 0-7, k 8-15) = b of n8 tile 2jj,
-  //     (n 8-15, k 0-7), (n 8-15, k 8-15) = b of n8 tile 2jj + 1.
-  __device__ __forceinline__ void load(Operands& op, const __nv_bfloat16* As, const __nv_bfloat16* Bs, int ks) const {
+  // Lane l gives the row address of matrix l / 8, row l % 8, of each ldmatrix.x4 (rows of 16 bytes:
+  // kC elements of K):
+  //   A, ChannelsLast (As[m][k]): matrices (m 0-7, first half of the slice's K), (m 8-15, first
+  //     half), (m 0-7, second half), (m 8-15, second half) = a[0..3]. Nchw (As[k][m]): bf16, the
+  //     same four stored as rows of k, loaded transposed; TF32, element loads at a's positions.
+  //   B (Bs[n][k], i.e. B column-major): (n 0-7, first half), (n 0-7, second half) = b of n8 tile
+  //     2jj; (n 8-15, first half), (n 8-15, second half) = b of n8 tile 2jj + 1.
+  __device__ __forceinline__ void load(Operands& op, const T* As, const T* Bs, int ks) const {
     const int mat = lane / 8, row = lane % 8;
 #pragma unroll
     for (int i = 0; i < kTilesM; ++i) {
       const int m0 = wm + i * 16;
       if constexpr (Cfg::kCL) {
-        ldmatrix_x4(op.a[i], As + (m0 + (mat % 2) * 8 + row) * Cfg::LDA + ks + (mat / 2) * 8);
-      } else {
-        ldmatrix_x4_trans(op.a[i], As + (ks + (mat / 2) * 8 + row) * Cfg::LDA + m0 + (mat % 2) * 8);
+        ldmatrix_x4(op.a[i], As + (m0 + (mat % 2) * 8 + row) * Cfg::LDA + ks + (mat / 2) * kC);
+      } else if constexpr (sizeof(T) == 2) {
+        ldmatrix_x4_trans(op.a[i], As + (ks + (mat / 2) * kC + row) * Cfg::LDA + m0 + (mat % 2) * 8);
+      } else {  // a[v] = A[g + 8 (v % 2)][q + 4 (v / 2)] = As[ks + q + 4 (v / 2)][m0 + g + 8 (v % 2)]
+        const T* a = As + (ks + lane % 4) * Cfg::LDA + m0 + lane / 4;
+        op.a[i][0] = __float_as_uint(a[0]);
+        op.a[i][1] = __float_as_uint(a[8]);
+        op.a[i][2] = __float_as_uint(a[4 * Cfg::LDA]);
+        op.a[i][3] = __float_as_uint(a[4 * Cfg::LDA + 8]);
       }
+#pragma unroll
+      for (int v = 0; v < 4; ++v) op.a[i][v] = Op::operand(op.a[i][v]);
     }
 #pragma unroll
     for (int jj = 0; jj < kTilesN / 2; ++jj) {
       uint32_t r[4];
-      ldmatrix_x4(r, Bs + (wn + jj * 16 + (mat / 2) * 8 + row) * Cfg::LDB + ks + (mat % 2) * 8);
-      op.b[2 * jj][0] = r[0];
-      op.b[2 * jj][1] = r[1];
-      op.b[2 * jj + 1][0] = r[2];
-      op.b[2 * jj + 1][1] = r[3];
+      ldmatrix_x4(r, Bs + (wn + jj * 16 + (mat / 2) * 8 + row) * Cfg::LDB + ks + (mat % 2) * kC);
+      op.b[2 * jj][0] = Op::operand(r[0]);
+      op.b[2 * jj][1] = Op::operand(r[1]);
+      op.b[2 * jj + 1][0] = Op::operand(r[2]);
+      op.b[2 * jj + 1][1] = Op::operand(r[3]);
     }
   }
 
-  // As TensorCoreMath::compute: slice s + 1's operands load while slice s's MMAs issue.
-  __device__ __forceinline__ void compute(const __nv_bfloat16* As, const __nv_bfloat16* Bs) {
-    constexpr int kSlices = Cfg::BK / KF;
-    Operands op[2];
-    load(op[0], As, Bs, 0);
+  // acc += one K slice's A . B for this warp's 64 x 64 (32 MMAs).
+  __device__ __forceinline__ void mma_all(const Operands& op) {
 #pragma unroll
-    for (int s = 0; s < kSlices; ++s) {
-      if (s + 1 < kSlices) load(op[(s + 1) % 2], As, Bs, (s + 1) * KF);
+    for (int i = 0; i < kTilesM; ++i)
 #pragma unroll
-      for (int i = 0; i < kTilesM; ++i)
-#pragma unroll
-        for (int j = 0; j < kTilesN; ++j) mma_bf16_16816(acc[i][j], op[s % 2].a[i], op[s % 2].b[j]);
-    }
+      for (int j = 0; j < kTilesN; ++j) Op::mma(acc[i][j], op.a[i], op.b[j]);
+  }
+
+  __device__ __forceinline__ void compute(const T* As, const T* Bs) {
+    run_slices<Cfg::BK / KF, KF>(*this, As, Bs);
   }
 
   // Accumulators -> Cs (fp32): ChannelsLast Cs[m][n] (row-major), Nchw Cs[n][m] (column-major).
@@ -344,8 +358,18 @@ struct FfmaMath {
 };
 
 template <typename T, typename Math, typename Layout>
-struct MathImpl {
-  using type = TensorCoreMath<T, Math, Layout>;
+struct MathImpl;
+template <typename Layout>
+struct MathImpl<__half, MathWmma, Layout> {
+  using type = WmmaMath<Layout>;
+};
+template <typename Layout>
+struct MathImpl<__nv_bfloat16, MathWmma, Layout> {
+  using type = PtxMma<__nv_bfloat16, MathWmma, Layout>;
+};
+template <typename Layout>
+struct MathImpl<float, MathTf32, Layout> {
+  using type = PtxMma<float, MathTf32, Layout>;
 };
 template <typename Layout>
 struct MathImpl<float, MathFfma, Layout> {

@@ -2,12 +2,13 @@
 // CPU (csrc/cuda/emu/emulate.py builds it; tests/test_cuda_build.py uses it on GPU-less CI):
 //   * a CTA = blockDim std::threads sharing one shared-memory buffer (filled with 0xFF = NaN
 //     before every CTA) and a std::barrier for __syncthreads; exited threads drop out;
-//   * WMMA fragments are whole matrices held by every thread of the warp (fp32 math; TF32
-//     rounding is not emulated); cp.async copies land only when cp.async.wait_group retires
-//     their group (EMU_DEFER=1), the latest moment the hardware allows;
-//   * the warp-wide PTX primitives (ldmatrix, mma.sync, emulated in emulate.py) exchange the
-//     lanes' addresses and registers through a per-warp buffer and a per-warp std::barrier, with
-//     the register layouts of the PTX ISA: a lane gets exactly the elements the hardware gives it.
+//   * WMMA fragments (fp16) are whole matrices held by every thread of the warp (fp32 math);
+//     cp.async copies land only when cp.async.wait_group retires their group (EMU_DEFER=1), the
+//     latest moment the hardware allows;
+//   * the warp-wide PTX primitives of bf16 / TF32 (ldmatrix, mma.sync, emulated in emulate.py)
+//     exchange the lanes' addresses and registers through a per-warp buffer and a per-warp
+//     std::barrier, with the register layouts of the PTX ISA: a lane gets exactly the elements the
+//     hardware gives it (fp32 math; TF32 rounding is not emulated).
 // It checks indexing, tails, layouts, vector paths, the pipeline's wait / barrier logic and the
 // host code's decisions; not timing, not tensor-core rounding, not the real memory model.
 #pragma once
@@ -90,6 +91,12 @@ inline void launch(unsigned gx, unsigned gy, unsigned gz, unsigned bx, unsigned 
 }
 }  // namespace emu
 
+inline unsigned int __float_as_uint(float f) {
+  unsigned int u;
+  std::memcpy(&u, &f, 4);
+  return u;
+}
+
 #define threadIdx (emu::tIdx)
 #define blockIdx (emu::bIdx)
 #define blockDim (emu::bDim)
@@ -104,7 +111,6 @@ struct col_major {};
 struct matrix_a {};
 struct matrix_b {};
 struct accumulator {};
-namespace precision { struct tf32 {}; }
 enum layout_t { mem_row_major, mem_col_major };
 template <class Use, int M, int N, int K> struct Dims;
 template <int M, int N, int K> struct Dims<matrix_a, M, N, K> { static constexpr int R = M, C = K; };
@@ -147,7 +153,6 @@ void store_matrix_sync(float* ptr, const fragment<accumulator, M, N, K, float>& 
   for (int i = 0; i < M; ++i)
     for (int j = 0; j < N; ++j) (l == mem_row_major ? ptr[i * ldm + j] : ptr[i + j * ldm]) = f.x[i * N + j];
 }
-inline float __float_to_tf32(float v) { return v; }
 }  // namespace wmma
 }  // namespace nvcuda
 

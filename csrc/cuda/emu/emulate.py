@@ -88,31 +88,52 @@ inline void emu_ldmatrix_x4(uint32_t (&r)[4], const void* smem_row, bool trans) 
 }
 inline void ldmatrix_x4(uint32_t (&r)[4], const void* smem_row) { emu_ldmatrix_x4(r, smem_row, false); }
 inline void ldmatrix_x4_trans(uint32_t (&r)[4], const void* smem_row) { emu_ldmatrix_x4(r, smem_row, true); }
-inline float emu_bf16_half(uint32_t v, int hi) {  // the bf16 element in the low (hi = 0) or high half
-  const uint32_t bits = hi ? (v & 0xFFFF0000u) : (v << 16);
-  float f;
-  std::memcpy(&f, &bits, 4);
-  return f;
-}
-inline void mma_bf16_16816(float (&d)[4], const uint32_t (&a)[4], const uint32_t (&b)[2]) {
+inline uint32_t f32_to_tf32(uint32_t bits) { return bits; }  // TF32 rounding is not emulated
+// mma.sync m16n8kK: publishes this lane's a[4], b[2], then computes its 4 outputs (rows g, g + 8;
+// columns 2q, 2q + 1) from A(regs, row, k) and B(regs, k, n), which read the warp's registers.
+template <int K, typename AElem, typename BElem>
+inline void emu_mma_16x8(float (&d)[4], const uint32_t (&a)[4], const uint32_t (&b)[2], AElem A, BElem B) {
   emu::WarpShare& w = *emu::warp_share;
   const int p = emu_publish(), l = emu::lane_id, g = l / 4, q = l % 4;
   for (int i = 0; i < 4; ++i) w.regs[p][l][i] = a[i];
   w.regs[p][l][4] = b[0];
   w.regs[p][l][5] = b[1];
   emu::warp_bar->arrive_and_wait();
-  // A[row][k] is in lane (row % 8) * 4 + (k % 8) / 2, register row / 8 + 2 (k / 8), half k % 2;
-  // B[k][n] in lane n * 4 + (k % 8) / 2, register 4 + k / 8, half k % 2.
-  auto A = [&](int row, int k) {
-    return emu_bf16_half(w.regs[p][(row % 8) * 4 + (k % 8) / 2][row / 8 + 2 * (k / 8)], k % 2);
-  };
-  auto B = [&](int k, int n) { return emu_bf16_half(w.regs[p][n * 4 + (k % 8) / 2][4 + k / 8], k % 2); };
   for (int v = 0; v < 4; ++v) {
     const int row = g + 8 * (v / 2), col = 2 * q + v % 2;
     float s = d[v];
-    for (int k = 0; k < 16; ++k) s += A(row, k) * B(k, col);
+    for (int k = 0; k < K; ++k) s += A(w.regs[p], row, k) * B(w.regs[p], k, col);
     d[v] = s;
   }
+}
+using EmuRegs = const uint32_t (*)[6];
+inline float emu_bf16_half(uint32_t v, int hi) {  // the bf16 element in the low (hi = 0) or high half
+  const uint32_t bits = hi ? (v & 0xFFFF0000u) : (v << 16);
+  float f;
+  std::memcpy(&f, &bits, 4);
+  return f;
+}
+// bf16: A[row][k] is in lane (row % 8) * 4 + (k % 8) / 2, register row / 8 + 2 (k / 8), half k % 2;
+// B[k][n] in lane n * 4 + (k % 8) / 2, register 4 + k / 8, half k % 2.
+inline void mma_bf16_16816(float (&d)[4], const uint32_t (&a)[4], const uint32_t (&b)[2]) {
+  emu_mma_16x8<16>(
+      d, a, b,
+      [](EmuRegs r, int row, int k) {
+        return emu_bf16_half(r[(row % 8) * 4 + (k % 8) / 2][row / 8 + 2 * (k / 8)], k % 2);
+      },
+      [](EmuRegs r, int k, int n) { return emu_bf16_half(r[n * 4 + (k % 8) / 2][4 + k / 8], k % 2); });
+}
+// TF32: A[row][k] is in lane (row % 8) * 4 + k % 4, register row / 8 + 2 (k / 4); B[k][n] in lane
+// n * 4 + k % 4, register 4 + k / 4.
+inline float emu_f32(uint32_t bits) {
+  float f;
+  std::memcpy(&f, &bits, 4);
+  return f;
+}
+inline void mma_tf32_1688(float (&d)[4], const uint32_t (&a)[4], const uint32_t (&b)[2]) {
+  emu_mma_16x8<8>(
+      d, a, b, [](EmuRegs r, int row, int k) { return emu_f32(r[(row % 8) * 4 + k % 4][row / 8 + 2 * (k / 4)]); },
+      [](EmuRegs r, int k, int n) { return emu_f32(r[n * 4 + k % 4][4 + k / 4]); });
 }
 
 """
