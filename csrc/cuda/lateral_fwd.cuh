@@ -36,8 +36,8 @@
 // Template parameters (compile-time switches, each instantiated explicitly in a .cu file):
 //   T        element type: __half, __nv_bfloat16, float (accumulation is always fp32).
 //   Math     MathWmma (fp16/bf16 tensor cores: WMMA for fp16, ldmatrix + mma.sync for bf16),
-//            MathTf32 (fp32 inputs on TF32 tensor cores, when cudnn.allow_tf32 is on, as eager
-//            conv does), MathFfma (exact fp32 FMA otherwise).
+//            MathTf32 (fp32 inputs on TF32 tensor cores through ldmatrix + mma.sync, when
+//            cudnn.allow_tf32 is on, as eager conv does), MathFfma (exact fp32 FMA otherwise).
 //   Layout   ChannelsLast / Nchw: which direction of x and y is contiguous, so the shared-memory
 //            tiles and the epilogue are arranged for coalesced, vectorized global accesses.
 //   kHasBias whether b exists (no load, no add, no shared staging when false).
