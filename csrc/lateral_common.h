@@ -4,10 +4,19 @@
 // stay with each backend.
 #pragma once
 #include <ATen/ATen.h>
+#include <c10/core/impl/LocalDispatchKeySet.h>
 
 #include <cstdint>
 
 namespace fused_fpn {
+
+// Held by the CPU and CUDA kernels of fused_fpn::lateral while they run: their own ATen calls
+// (conv2d) compute in x's dtype, as the op's schema and fake implementation say, also when the op
+// is called directly under torch.autocast (it has no Autocast kernel, so the autocast keys are
+// still active inside it and would cast those inner calls to fp16 / bf16).
+struct NoAutocastInside {
+  c10::impl::ExcludeDispatchKeyGuard guard{c10::autocast_dispatch_keyset};
+};
 
 // channels_last iff the channel stride is smaller than the width stride; must stay identical to
 // fused_fpn/_layout.py::is_channels_last_like (lateral's output and grad_top follow it).

@@ -407,6 +407,7 @@ def test_emulated_topless_level_route(emu, dtype):
                 check_emulated_forward(emu, x, weight, bias, top)
     x = _emu_input((2, 40, 5, 14), dtype, "channels_last", torch.Generator().manual_seed(1))[..., ::2]
     assert x.stride(1) == 1 and not x.is_contiguous(memory_format=torch.channels_last)  # the kernel's 16-byte path
+    weight, bias = _emu_case(size, dtype, "nchw", True, False)[1:3]
     before = emu.launches()
     check_emulated_forward(emu, x, weight, bias, None)
     assert emu.launches() > before
@@ -414,6 +415,17 @@ def test_emulated_topless_level_route(emu, dtype):
     before = emu.launches()
     out = emu.lateral(x, weight, bias, None, 132, False)
     assert emu.launches() > before and torch.equal(out, bias[None, :, None, None].expand(1, 8, 3, 3))
+
+
+@pytest.mark.parametrize("has_top", [False, True], ids=["conv2d-route", "kernel"])
+def test_emulated_host_code_under_autocast_computes_in_x_dtype(emu, has_top):
+    """Under torch.autocast (here the CPU's: the emulation runs on CPU tensors) the host code's own
+    conv2d must not be cast: the output stays in x's dtype, the same values as without autocast."""
+    x, weight, bias, top = _emu_case((2, 40, 24, 5, 7, 3, 4), torch.float32, "channels_last", True, has_top)
+    plain = emu.lateral(x, weight, bias, top, 132, False)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = emu.lateral(x, weight, bias, top, 132, False)
+    assert out.dtype == torch.float32 and torch.equal(out, plain)
 
 
 EMU_GRAD_SIZES = [(2, 17, 7, 9, 4, 5), (1, 3, 5, 6, 10, 13), (1, 40, 3, 50, 2, 25), (2, 9, 16, 16, 8, 8),

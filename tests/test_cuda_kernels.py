@@ -203,10 +203,21 @@ def test_split_k_p5_level():
         assert_close_to_reference(out.cpu(), _ref64(x, weight, bias, top), torch.float16, eager.cpu())
 
 
+def _runs_fused_kernel(fn) -> bool:
+    """Whether fn() launches the fused forward kernel (torch.profiler's CUDA kernel events)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        fn()
+        torch.cuda.synchronize()
+    return any("lateral_fwd_kernel" in e.name for e in prof.events())
+
+
 @pytest.mark.parametrize("dtype,use_tf32", DTYPES)
 def test_topless_level_route(dtype, use_tf32, tf32):
-    """No top map (P5) and x dense NCHW / channels_last: ATen's conv2d, eager's numbers bit for bit.
-    x strided (channels_last sliced along W, which the kernel reads with 16-byte vectors): the kernel."""
+    """No top map (P5) and x dense NCHW / channels_last: ATen's conv2d (no fused kernel launch),
+    eager's numbers bit for bit. x strided with 16-byte rows (channels_last sliced along W, NCHW
+    sliced along C: the kernel's vector paths): the fused kernel, against float64."""
     import torch.nn.functional as F
 
     tf32(use_tf32)
@@ -215,18 +226,22 @@ def test_topless_level_route(dtype, use_tf32, tf32):
         out = fused_fpn.lateral(x, weight, bias, None, backend="cuda")
         assert out.is_contiguous(memory_format=output_memory_format(x))
         assert torch.equal(out, F.conv2d(x, weight[:, :, None, None], bias)), layout
+        assert not _runs_fused_kernel(lambda: fused_fpn.lateral(x, weight, bias, None, backend="cuda")), layout
     gen = torch.Generator().manual_seed(10)
-    x = make_input((2, 64, 9, 22), dtype, DEV, "channels_last", gen)[..., ::2]
-    assert not x.is_contiguous(memory_format=torch.channels_last) and x.stride(1) == 1
+    strided = {"channels_last": make_input((2, 64, 9, 22), dtype, DEV, "channels_last", gen)[..., ::2],
+               "nchw": make_input((2, 128, 8, 10), dtype, DEV, "nchw", gen)[:, ::2]}
     weight, bias = _case((2, 64, 40, 9, 11, 5, 6), dtype, "nchw", True, False, seed=11)[1:3]
-    out = fused_fpn.lateral(x, weight, bias, None, backend="cuda")
-    assert out.is_contiguous(memory_format=torch.channels_last)
-    ref = _ref64(x, weight, bias, None)
-    if use_tf32:
-        torch.testing.assert_close(out.double().cpu(), ref, atol=TF32_TOL[0], rtol=TF32_TOL[1])
-    else:
-        eager = lateral_reference(x, weight, bias, None).cpu() if dtype != torch.float32 else None
-        assert_close_to_reference(out.cpu(), ref, dtype, eager)
+    for layout, x in strided.items():
+        assert not (x.is_contiguous() or x.is_contiguous(memory_format=torch.channels_last)), layout
+        out = fused_fpn.lateral(x, weight, bias, None, backend="cuda")
+        assert out.is_contiguous(memory_format=output_memory_format(x))
+        assert _runs_fused_kernel(lambda: fused_fpn.lateral(x, weight, bias, None, backend="cuda")), layout
+        ref = _ref64(x, weight, bias, None)
+        if use_tf32:
+            torch.testing.assert_close(out.double().cpu(), ref, atol=TF32_TOL[0], rtol=TF32_TOL[1])
+        else:
+            eager = lateral_reference(x, weight, bias, None).cpu() if dtype != torch.float32 else None
+            assert_close_to_reference(out.cpu(), ref, dtype, eager)
 
 
 @pytest.mark.parametrize("size", [(2, 129, 129, 13, 11, 7, 6), (1, 2048, 256, 5, 7, 3, 4)], ids=["one-pass", "split-k"])

@@ -41,6 +41,32 @@ def test_autocast_dtypes_and_values_match_eager(device_type, dtype):
         assert rel_err(got[k], ref64[k]) <= 2 * rel_err(expected[k], ref64[k]) + 1e-3, k
 
 
+@pytest.mark.parametrize("device_type,dtype", [("cpu", torch.bfloat16)]
+                         + ([("cuda", torch.float16), ("cuda", torch.bfloat16)] if torch.cuda.is_available() else []))
+@pytest.mark.parametrize("with_top", [False, True], ids=["no_top", "top"])
+def test_op_called_directly_under_autocast_computes_in_x_dtype(device_type, dtype, with_top):
+    """torch.ops.fused_fpn.lateral has no Autocast kernel: called directly under torch.autocast it
+    computes in its inputs' dtype, as its fake implementation says, on both routes of the C++ kernels
+    (ATen's conv2d for a level without a top map, the fused kernel with one). Autocast's inner casts
+    of that conv2d used to return a bf16 output on the first route and fail on the second."""
+    from fused_fpn import _ops
+
+    backend = "cpu" if device_type == "cpu" else "cuda"
+    if backend not in fused_fpn.available_backends(device_type):
+        pytest.skip(f"the {backend} backend is not available here")
+    assert _ops.register()
+    g = torch.Generator().manual_seed(3)
+    x, w, b = torch.randn(2, 16, 6, 7, generator=g), torch.randn(8, 16, generator=g), torch.randn(8, generator=g)
+    top = torch.randn(2, 8, 3, 4, generator=g) if with_top else None
+    x, w, b, top = (None if t is None else t.to(device_type) for t in (x, w, b, top))
+    with torch.autocast(device_type, enabled=False):
+        plain = torch.ops.fused_fpn.lateral(x, w, b, top)
+    with torch.autocast(device_type, dtype=dtype):
+        out = torch.ops.fused_fpn.lateral(x, w, b, top)
+    assert plain.dtype == out.dtype == torch.float32
+    torch.testing.assert_close(out, plain, atol=0, rtol=0)
+
+
 class TinyDetectorHead(nn.Module):
     """FPN + a shared 1x1 head: enough to train the FPN end to end."""
 

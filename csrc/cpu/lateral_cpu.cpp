@@ -139,6 +139,7 @@ at::Tensor lateral_cpu(const at::Tensor& x, const at::Tensor& weight, const c10:
                        const c10::optional<at::Tensor>& top) {
   check_lateral_inputs(x, weight, bias, top);
   TORCH_CHECK(x.device().is_cpu(), "fused_fpn::lateral (CPU kernel): x must be a CPU tensor, got ", x.device());
+  const NoAutocastInside no_autocast;
   const auto dtype = x.scalar_type();
   TORCH_CHECK(dtype == at::kFloat || dtype == at::kDouble || dtype == at::kBFloat16 || dtype == at::kHalf,
               "fused_fpn::lateral (CPU kernel): x dtype must be float32, float64, bfloat16 or float16, got ", dtype);

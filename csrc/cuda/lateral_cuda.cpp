@@ -81,6 +81,7 @@ at::Tensor lateral_cuda(const at::Tensor& x, const at::Tensor& weight, const c10
   TORCH_CHECK(x.is_cuda(), "fused_fpn::lateral (CUDA kernel): x must be a CUDA tensor, got ", x.device());
   check_supported_dtype(x, "fused_fpn::lateral", "x");
   c10::cuda::CUDAGuard guard(x.device());
+  const NoAutocastInside no_autocast;
   const bool cl = is_channels_last_like(x);
   const auto fmt = cl ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous;
   const int64_t N = x.size(0), Cin = x.size(1), H = x.size(2), W = x.size(3), Cout = weight.size(0);

@@ -67,14 +67,17 @@ struct FwdTile {
   static constexpr int BK = 64 / static_cast<int>(sizeof(T));  // 32 (fp16/bf16) or 16 (fp32)
   static constexpr int VEC = Vec16<T>::kN;                      // elements per 16 bytes
   static constexpr int PAD = VEC;                               // 16 bytes of row padding
+  // TF32 Nchw reads its A operands with 32-bit shared loads, lane (g, q) at As[q][g] (PtxMma): a
+  // pitch of BM + 8 floats puts the 32 lanes in 32 banks (8q + g), BM + 4 in 20 (4q + g).
+  static constexpr int PAD_A = std::is_same<Math, MathTf32>::value && !kCL ? 2 * VEC : PAD;
   static constexpr int kThreads = kTensorCores ? kFwdThreadsMma : kFwdThreadsFfma;
   static constexpr int kStages = kFwdStages;
   static constexpr int kEpiBatch = kEpiChunks / kThreads;      // 16-byte chunks per thread per epilogue batch: 8 or 4
   // Shared-memory tiles (elements of T):
-  //   A (x): ChannelsLast As[m][k], pitch LDA = BK + PAD;  Nchw As[k][m], pitch LDA = BM + PAD
+  //   A (x): ChannelsLast As[m][k], pitch LDA = BK + PAD;  Nchw As[k][m], pitch LDA = BM + PAD_A
   //   B (W): Bs[n][k], pitch LDB = BK + PAD (column-major K x N for the MMA)
   //   C (fp32 accumulators, after the K loop): ChannelsLast Cs[m][n] pitch BN + 4, Nchw Cs[n][m] pitch BM + 4
-  static constexpr int LDA = kCL ? BK + PAD : BM + PAD;
+  static constexpr int LDA = kCL ? BK + PAD : BM + PAD_A;
   static constexpr int LDB = BK + PAD;
   static constexpr int LDC = kCL ? BN + 4 : BM + 4;
   static constexpr int kABytes = (kCL ? BM * LDA : BK * LDA) * static_cast<int>(sizeof(T));
