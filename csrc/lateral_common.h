@@ -26,6 +26,15 @@ inline at::MemoryFormat output_memory_format(const at::Tensor& t) {
   return is_channels_last_like(t) ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous;
 }
 
+// y = conv1x1(x, weight) + bias by ATen's convolution, in output_memory_format(x): how the CPU and
+// CUDA kernels run a level without a top map (nothing to gather). weight [Cout, Cin] (or
+// [Cout, Cin, 1, 1]); x.size(1) > 0 (conv2d does not take Cin == 0). Callers hold NoAutocastInside.
+inline at::Tensor lateral_as_convolution(const at::Tensor& x, const at::Tensor& weight,
+                                         const c10::optional<at::Tensor>& bias) {
+  const at::Tensor w4 = weight.contiguous().view({weight.size(0), weight.size(1), 1, 1});
+  return at::conv2d(x, w4, bias).contiguous(output_memory_format(x));
+}
+
 // Shapes, dtypes and devices of lateral's arguments (x's own device and dtype are the backend's to check).
 inline void check_lateral_inputs(const at::Tensor& x, const at::Tensor& weight, const c10::optional<at::Tensor>& bias,
                                  const c10::optional<at::Tensor>& top) {

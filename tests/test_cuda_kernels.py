@@ -104,6 +104,18 @@ def _ref64(x, weight, bias, top):
     return lateral_reference(d(x), d(weight), d(bias), d(top))
 
 
+def _check_against_reference(out, x, weight, bias, top, dtype, use_tf32):
+    """out vs float64: the TF32 tolerance when TF32 is on, else the dtype's (and for fp16 / bf16 at
+    most a bounded factor of eager's error, assert_close_to_reference)."""
+    ref = _ref64(x, weight, bias, top)
+    if use_tf32:
+        assert not torch.isnan(out).any(), "output has NaN: an element was not written"
+        torch.testing.assert_close(out.double().cpu(), ref, atol=TF32_TOL[0], rtol=TF32_TOL[1])
+    else:
+        eager = lateral_reference(x, weight, bias, top) if dtype != torch.float32 else None
+        assert_close_to_reference(out.cpu(), ref, dtype, None if eager is None else eager.cpu())
+
+
 def test_cuda_backend_available():
     assert fb.why_not("cuda", torch.empty(1, 1, 1, 1, device=DEV)) is None
     assert "cuda" in fused_fpn.available_backends(DEV)
@@ -121,15 +133,9 @@ def test_lateral_parity(size, layout, dtype, use_tf32, has_bias, has_top, tf32):
     assert out.shape == (x.shape[0], weight.shape[0], x.shape[2], x.shape[3])
     assert out.dtype == dtype and out.device.type == "cuda"
     assert out.is_contiguous(memory_format=output_memory_format(x))
-    ref = _ref64(x, weight, bias, top)
     if out.numel() == 0:
         return
-    if use_tf32:
-        assert not torch.isnan(out).any(), "output has NaN: an element was not written"
-        torch.testing.assert_close(out.double().cpu(), ref, atol=TF32_TOL[0], rtol=TF32_TOL[1])
-    else:
-        eager = lateral_reference(x, weight, bias, top) if dtype != torch.float32 else None
-        assert_close_to_reference(out.cpu(), ref, dtype, None if eager is None else eager.cpu())
+    _check_against_reference(out, x, weight, bias, top, dtype, use_tf32)
 
 
 @pytest.mark.parametrize("seed", range(24))
@@ -236,12 +242,7 @@ def test_topless_level_route(dtype, use_tf32, tf32):
         out = fused_fpn.lateral(x, weight, bias, None, backend="cuda")
         assert out.is_contiguous(memory_format=output_memory_format(x))
         assert _runs_fused_kernel(lambda: fused_fpn.lateral(x, weight, bias, None, backend="cuda")), layout
-        ref = _ref64(x, weight, bias, None)
-        if use_tf32:
-            torch.testing.assert_close(out.double().cpu(), ref, atol=TF32_TOL[0], rtol=TF32_TOL[1])
-        else:
-            eager = lateral_reference(x, weight, bias, None).cpu() if dtype != torch.float32 else None
-            assert_close_to_reference(out.cpu(), ref, dtype, eager)
+        _check_against_reference(out, x, weight, bias, None, dtype, use_tf32)
 
 
 @pytest.mark.parametrize("size", [(2, 129, 129, 13, 11, 7, 6), (1, 2048, 256, 5, 7, 3, 4)], ids=["one-pass", "split-k"])

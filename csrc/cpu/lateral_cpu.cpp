@@ -148,11 +148,8 @@ at::Tensor lateral_cpu(const at::Tensor& x, const at::Tensor& weight, const c10:
   if (std::find(out_sizes.begin(), out_sizes.end(), 0) != out_sizes.end()) {
     return at::empty(out_sizes, x.options().memory_format(fmt));
   }
+  if (!top.has_value() && x.size(1) > 0) return lateral_as_convolution(x, weight, bias);  // nothing to gather
   const at::Tensor w4 = weight.contiguous().view({weight.size(0), weight.size(1), 1, 1});
-  if (!top.has_value() && x.size(1) > 0) {
-    // Nothing to gather: y = conv1x1(x) + bias is ATen's convolution itself (one pass, bias fused).
-    return at::conv2d(x, w4, bias).contiguous(fmt);
-  }
   at::Tensor out = at::empty(out_sizes, x.options().memory_format(fmt));
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, dtype, "fused_fpn_lateral_cpu",
                                   [&] { lateral_cpu_impl<scalar_t>(x, w4, bias, top, out); });

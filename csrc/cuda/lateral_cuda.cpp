@@ -89,7 +89,7 @@ at::Tensor lateral_cuda(const at::Tensor& x, const at::Tensor& weight, const c10
               "fused_fpn::lateral (CUDA kernel): x.size(1) (Cin) and weight.size(0) (Cout) must be < 2^24, got ", Cin,
               " and ", Cout);
   if (N * Cout * H * W > 0 && runs_as_convolution(x, top)) {
-    return at::conv2d(x, weight.contiguous().view({Cout, Cin, 1, 1}), bias).contiguous(fmt);
+    return lateral_as_convolution(x, weight, bias);
   }
   at::Tensor out = at::empty({N, Cout, H, W}, x.options().memory_format(fmt));
   if (out.numel() == 0) return out;
