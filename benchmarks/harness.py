@@ -49,6 +49,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from fused_fpn._precision import conv_allows_tf32
+
 SCHEMA = "fused_fpn-bench/1"
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
@@ -433,7 +435,7 @@ PARITY_TOL_TF32 = (1e-2, 1e-2)
 
 
 def parity_tolerance(dtype: torch.dtype, device: str) -> Tuple[float, float]:
-    if dtype == torch.float32 and device == "cuda" and torch.backends.cudnn.allow_tf32:
+    if dtype == torch.float32 and device == "cuda" and conv_allows_tf32():
         return PARITY_TOL_TF32
     return PARITY_TOL[dtype]
 
@@ -1434,7 +1436,7 @@ def build_report(run_or_records, cfg: BenchConfig, ceiling: Optional[Ceiling]) -
             "gbps_definition": "bytes_min (the fused op's minimum bytes, DESIGN.md section 5) / median time, "
                                "for every provider; bytes_provider is what that provider's own algorithm moves",
             "parity_tolerances": {DTYPE_NAMES[d]: list(parity_tolerance(d, cfg.device)) for d in PARITY_TOL},
-            "cudnn_allow_tf32": bool(torch.backends.cudnn.allow_tf32),
+            "cudnn_allow_tf32": conv_allows_tf32(),
             "matmul_allow_tf32": bool(torch.backends.cuda.matmul.allow_tf32),
             "max_autotune": cfg.max_autotune,
             "budget_s": cfg.budget_s,

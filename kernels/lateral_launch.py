@@ -4,7 +4,8 @@
 ``fused_fpn::triton_lateral`` and ``fused_fpn::triton_lateral_backward``
 (``fused_fpn/backends/triton.py``). They never copy an input (strides go to the kernels), never
 synchronize with the host and allocate only through torch (the caching allocator), so they are
-CUDA-graph safe once the autotuner has picked its configs. On a GPU every launch asks
+CUDA-graph safe once the autotuner has picked its configs (the first call of a shape inside a
+capture raises a RuntimeError instead of tuning there). On a GPU every launch asks
 ``torch.library.wrap_triton`` first: while torch.compile traces the op it returns a wrapper that
 records the launch (so torch.compile sees the kernels); in eager it returns the kernel, and an
 autotuned kernel whose key was tuned before is launched with the chosen config directly
@@ -22,6 +23,7 @@ from typing import List, Tuple
 import torch
 
 from fused_fpn._layout import output_memory_format
+from fused_fpn._precision import conv_allows_tf32
 
 from . import lateral_kernels as K
 
@@ -76,7 +78,7 @@ def pixels_flatten(t: torch.Tensor) -> bool:
 
 
 def _allow_tf32(dtype: torch.dtype) -> bool:
-    return dtype == torch.float32 and bool(torch.backends.cudnn.allow_tf32)
+    return dtype == torch.float32 and conv_allows_tf32()
 
 
 def config_kind(t: torch.Tensor) -> str:
@@ -117,6 +119,12 @@ def _launch(kernel, grid, args, meta):
 # times both).
 FAST_LAUNCH = True
 _CHOSEN = {}   # (autotuner, key) -> the chosen config's launch kwargs (BLOCK_*, num_warps, ...)
+_TUNED = set()   # (autotuner, key) launched eagerly at least once: tuned, and its kernel loaded
+
+
+def _capturing() -> bool:
+    """True while the current CUDA stream is being captured into a CUDA graph."""
+    return torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
 
 
 @contextlib.contextmanager
@@ -147,8 +155,15 @@ def _launch_autotuned(tuner, grid, args, meta, key):
             tuner.fn.run(*args, grid=grid, warmup=False, **meta, **chosen)
             _note_choice(tuner, key, chosen)
             return
+        if launcher is tuner and (tuner, key) not in _TUNED and _capturing():
+            raise RuntimeError(
+                f"fused_fpn triton backend: the first call for this shape ({describe_key(tuner, key)}) is inside "
+                f"a CUDA-graph capture, where its kernel can be neither autotuned (timing synchronizes) nor "
+                f"loaded. Run the same call once before the capture (the usual warm-up), or capture "
+                f"backend='cuda'.")
         launcher[grid](*args, **meta)
         if launcher is tuner:
+            _TUNED.add((tuner, key))
             config = tuner.best_config   # set by this call's Autotuner.run (we hold the lock)
             kwargs = config.all_kwargs()
             if config.pre_hook is None:

@@ -26,13 +26,20 @@ def test_auto_picks_the_cpu_kernel_on_cpu_tensors():
     assert backends.select("auto", x).NAME == expected
 
 
-def test_auto_knows_when_it_is_compiled():
-    """On CUDA tensors "auto" takes Triton inside torch.compile / CUDA-graph capture, CUDA otherwise."""
-    assert backends._graphed() is False
-    assert backends.AUTO_ORDER["cuda"][0] == "cuda" and backends.AUTO_ORDER_GRAPHED_CUDA[0] == "triton"
+def test_auto_takes_triton_on_cuda_only_when_compiled(monkeypatch):
+    """On CUDA tensors "auto" tries Triton first while torch.compile traces, CUDA first otherwise,
+    including inside a CUDA-graph capture by hand (its eager warm-up ran CUDA: a switch to Triton in
+    the capture would meet untuned, unloaded kernels)."""
+    assert backends.auto_order("cuda") == backends.AUTO_ORDER["cuda"] == ("cuda", "triton", "torch")
+    assert backends.auto_order("cpu") == ("cpu", "torch") and backends.auto_order("mps") == ("torch",)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: True)
+    assert backends.auto_order("cuda")[0] == "cuda", "a capture by hand keeps the eager order"
+    monkeypatch.undo()   # torch.compile below must see this machine as it is
     torch._dynamo.reset()
-    compiled = torch.compile(lambda x: x + 1 if backends._graphed() else x - 1, fullgraph=True)
-    assert torch.equal(compiled(torch.zeros(1)), torch.ones(1))
+    compiled = torch.compile(lambda x: x + len(backends.auto_order("cuda")[0]), fullgraph=True)
+    assert torch.equal(compiled(torch.zeros(1)), torch.full((1,), float(len("triton"))))
+    assert backends.auto_order("cuda") == ("cuda", "triton", "torch"), "eager again after tracing"
 
 
 def test_backend_that_cannot_run_lists_the_ones_that_can():

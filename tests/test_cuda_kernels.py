@@ -385,3 +385,44 @@ def test_cuda_graph_capture_and_replay():
     want_db, want_dtop = torch.ops.fused_fpn.lateral_grad_bias_top(want_y, 10, 15)
     assert torch.equal(y, want_y)
     assert torch.equal(db, want_db) and torch.equal(dtop, want_dtop)
+
+
+def test_auto_fpn_captured_by_hand_runs_the_warmed_up_backend():
+    """The usual recipe (eager warm-up on a side stream, then torch.cuda.graph) with backend="auto":
+    the capture runs the backend the warm-up ran ("cuda"; nothing untuned or unloaded inside the
+    capture), and the replay matches eager on new inputs. Forward and backward of the whole FPN."""
+    from collections import OrderedDict
+    torch.manual_seed(0)
+    fpn = fused_fpn.FPN([16, 32, 64], 24).to(DEV, torch.float16)
+    shapes = [(2, 16, 24, 20), (2, 32, 12, 10), (2, 64, 6, 5)]
+    static = OrderedDict((f"c{i}", torch.randn(s, device=DEV, dtype=torch.float16, requires_grad=True))
+                         for i, s in enumerate(shapes))
+    assert fb.select("auto", static["c0"]).NAME == "cuda"
+
+    def step():
+        for t in static.values():
+            t.grad = None
+        out = fpn(static)
+        loss = sum(o.float().square().sum() for o in out.values())
+        loss.backward()
+        return [o.detach() for o in out.values()] + [t.grad for t in static.values()]
+
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(2):
+            step()
+    torch.cuda.current_stream().wait_stream(side)
+    for p in fpn.parameters():
+        p.grad = None
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        captured = step()
+    with torch.no_grad():
+        for t in static.values():
+            t.copy_(torch.randn_like(t))
+    graph.replay()
+    torch.cuda.synchronize()
+    expected = step()
+    for got, want in zip(captured, expected):
+        assert torch.equal(got, want)

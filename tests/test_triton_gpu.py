@@ -96,6 +96,30 @@ def test_cuda_graph_capture_and_replay(dtype):
     torch.testing.assert_close(grads_graph[2].double(), db_ref, atol=5e-1, rtol=2e-2)
 
 
+def test_first_call_of_a_shape_inside_a_capture_raises_a_clear_error():
+    """A Triton call whose shape was never run before cannot be tuned or loaded inside a CUDA-graph
+    capture: a RuntimeError says so before anything is launched, and the same call, warmed up
+    first, captures and replays."""
+    _require_backend()
+    fwd, _ = fb.get_backend("triton").ops()
+    g = torch.Generator().manual_seed(3)
+    # Cout 88 / Cin 72: a key no other test of this module tunes
+    x = torch.randn((1, 72, 17, 23), generator=g).to("cuda", torch.float16)
+    w = (torch.randn((88, 72), generator=g) / 8).to("cuda", torch.float16)
+    graph = torch.cuda.CUDAGraph()
+    with pytest.raises(RuntimeError, match="first call for this shape .* inside a CUDA-graph capture"):
+        with torch.cuda.graph(graph):
+            fwd(x, w, None, None)
+    fwd(x, w, None, None)   # warm-up outside the capture
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        y = fwd(x, w, None, None)
+    x.copy_(torch.randn(x.shape, generator=g).to("cuda", torch.float16))
+    graph.replay()
+    torch.cuda.synchronize()
+    assert torch.equal(y, fwd(x, w, None, None))
+
 def test_more_than_2_to_31_elements():
     """x and out have 2^31 + 2^24 elements: every offset into them must be 64-bit."""
     _require_backend()

@@ -391,6 +391,7 @@ def test_autotuned_launches_reuse_the_chosen_config_without_the_autotuner(monkey
     import triton
     import triton.language as tl
 
+    from fused_fpn.kernels import lateral_kernels as K
     from fused_fpn.kernels import lateral_launch as L
 
     @triton.jit
@@ -423,6 +424,7 @@ def test_autotuned_launches_reuse_the_chosen_config_without_the_autotuner(monkey
     monkeypatch.setattr(tuner.fn, "run", spy_jit)
     monkeypatch.setattr(L, "interpreting", lambda: False)   # the compiled-kernel branch
     monkeypatch.setattr(L, "_CHOSEN", {})
+    monkeypatch.setattr(L, "_TUNED", set())
 
     def launch(n, expect_autotuner):
         nonlocal timings
@@ -448,6 +450,22 @@ def test_autotuned_launches_reuse_the_chosen_config_without_the_autotuner(monkey
     monkeypatch.setattr(L, "FAST_LAUNCH", False)
     launch(40, expect_autotuner=True)                     # switched off: Autotuner.run every call
     monkeypatch.setattr(L, "FAST_LAUNCH", True)
+
+    # inside a CUDA-graph capture: a key launched before runs as before (fast path, or the autotuner's
+    # cached choice with FAST_LAUNCH off); a new key raises before anything is tuned or launched
+    monkeypatch.setattr(L, "_capturing", lambda: True)
+    launch(40, expect_autotuner=False)
+    monkeypatch.setattr(L, "FAST_LAUNCH", False)
+    launch(40, expect_autotuner=True)
+    monkeypatch.setattr(L, "FAST_LAUNCH", True)
+    before, calls["jit"] = calls["autotuner"], []
+    src, dst = torch.arange(70, dtype=torch.float32, device=DEVICE), torch.zeros(70, device=DEVICE)
+    key = (K.tune_key(70, True, True, True), 8, 4, torch.float32)
+    with L.as_in_the_op_body(), pytest.raises(RuntimeError, match=r"first call for this shape \(fwd Cout=8 Cin=4 "
+                                                                  r"M<=128 x=cl out=cl float32\) is inside a CUDA-graph"):
+        L._launch_autotuned(tuner, lambda meta: (triton.cdiv(70, meta["BLOCK"]),), (src, dst, 70, 2.0), {}, key)
+    assert calls["autotuner"] == before and calls["jit"] == [] and not dst.any(), "nothing tuned or launched"
+    monkeypatch.setattr(L, "_capturing", lambda: False)
 
     wrapped = []
 
@@ -574,6 +592,40 @@ def test_fp32_takes_the_config_lists_of_the_tf32_flag(monkeypatch):
         {("fwd", "ieee"), ("dw", "ieee"), ("fwd", "tf32"), ("dw", "tf32")}
     assert K.FWD_CONFIGS[("sm90", "ieee")][0].all_kwargs() != K.FWD_CONFIGS[("sm90", "tf32")][0].all_kwargs()
 
+
+@pytest.mark.skipif(getattr(torch.backends.cudnn, "conv", None) is None, reason="torch < 2.9: one legacy TF32 switch")
+def test_tf32_switch_is_read_as_eager_conv_reads_it():
+    """The Triton launchers take TF32 for fp32 exactly when eager conv2d may (fused_fpn._precision:
+    torch.backends.cudnn.conv.fp32_precision, resolved through its parents), whichever API set it.
+    After the per-op API sets conv alone, the legacy getter torch.backends.cudnn.allow_tf32 raises
+    (conv and RNN differ), so reading it would fail every fp32 Triton call."""
+    from fused_fpn._precision import conv_allows_tf32
+    from fused_fpn.kernels import lateral_launch as L
+    get, put = torch._C._get_fp32_precision_getter, torch._C._set_fp32_precision_setter
+    slots = [("cuda", "conv"), ("cuda", "rnn"), ("cuda", "all"), ("generic", "all")]
+    saved = [get(*slot) for slot in slots]
+    x = torch.zeros((1, 4, 2, 2))
+    try:
+        for legacy in (False, True):   # ends on torch's default, TF32 on
+            torch.backends.cudnn.allow_tf32 = legacy
+            assert conv_allows_tf32() is legacy
+            assert L.config_kind(x) == ("tf32" if legacy else "ieee")
+        torch.backends.cudnn.conv.fp32_precision = "ieee"   # the per-op API, from the default
+        with pytest.raises(RuntimeError, match="different TF32 flags"):
+            torch.backends.cudnn.allow_tf32
+        assert conv_allows_tf32() is False and L.config_kind(x) == "ieee"
+        torch.backends.cudnn.conv.fp32_precision = "tf32"
+        assert conv_allows_tf32() is True and L.config_kind(x) == "tf32"
+        torch.backends.cudnn.conv.fp32_precision = "none"     # inherits: cuDNN's, then the global setting
+        torch.backends.fp32_precision = "tf32"
+        assert conv_allows_tf32() is True
+        torch.backends.fp32_precision = "ieee"
+        assert conv_allows_tf32() is False
+        assert L.config_kind(x.half()) == "16bit"
+    finally:
+        for slot, value in zip(slots, saved):
+            put(*slot, value)
+    assert [get(*slot) for slot in slots] == saved
 
 def test_host_cdiv_is_tritons():
     """The launchers' host-side ceil division gives triton.cdiv's results (it replaces that call)."""

@@ -32,18 +32,25 @@ _MODULES: Dict[str, str] = {
 # timed as eager calls, the C++/CUDA kernel has the lower latency (the lateral path in 0.23 ms vs
 # Triton's 0.83 ms on the H100, 0.22 vs 0.80 on the H200: Triton's per-launch host overhead dominates
 # P3..P5); timed as CUDA-graph replays (kernel time alone), Triton is faster (the path in 0.142 vs
-# 0.223 ms on the H100, every level but P5; 0.126 vs 0.220 ms on the H200, every level). So "auto"
-# takes CUDA for eager calls and Triton when the call is being compiled or captured into a CUDA graph.
+# 0.223 ms on the H100, 0.126 vs 0.220 ms on the H200, every level on both). So "auto" takes Triton
+# while torch.compile traces the call (inductor tunes and loads the Triton kernels before it runs or
+# captures them) and CUDA otherwise. A CUDA-graph capture by hand (torch.cuda.graph) gets the eager
+# order too: its warm-up calls run eagerly, so a capture that switched to Triton would meet kernels
+# that were never tuned nor loaded, and tuning (which synchronizes) or loading a kernel module is not
+# allowed while a stream captures. Pass backend="triton" to both warm-up and capture to graph Triton.
 AUTO_ORDER: Dict[str, tuple] = {
     "cuda": ("cuda", "triton", "torch"),
     "cpu": ("cpu", "torch"),
 }
-AUTO_ORDER_GRAPHED_CUDA = ("triton", "cuda", "torch")
+AUTO_ORDER_COMPILED_CUDA = ("triton", "cuda", "torch")
 
 
-def _graphed() -> bool:
-    """True while torch.compile traces the call or a CUDA graph is being captured."""
-    return torch.compiler.is_compiling() or (torch.cuda.is_available() and torch.cuda.is_current_stream_capturing())
+def auto_order(device_type: str) -> tuple:
+    """The backends "auto" tries, in order, for tensors on ``device_type`` (before the functorch rule)."""
+    if device_type == "cuda" and torch.compiler.is_compiling():
+        return AUTO_ORDER_COMPILED_CUDA
+    return AUTO_ORDER.get(device_type, ("torch",))
+
 
 def _functorch_grad_active() -> bool:
     """True inside torch.func.grad / vjp / jacrev (a functorch Grad transform). The fused backends'
@@ -117,9 +124,7 @@ def select(backend: str, x: torch.Tensor):
     """The backend module to run on ``x``; ValueError (listing what can run) if there is none."""
     grad_transform = _functorch_grad_active()
     if backend == "auto":
-        order = AUTO_ORDER.get(x.device.type, ("torch",))
-        if x.device.type == "cuda" and _graphed():
-            order = AUTO_ORDER_GRAPHED_CUDA
+        order = auto_order(x.device.type)
         if grad_transform:
             order = ("torch",)
         for name in order:
