@@ -94,6 +94,13 @@ def _fwd_k_step(acc, k0, x_ptr, w_ptr, x_row, w_col, mask_m, mask_n, CIN, sxc, s
 
 
 @triton.jit
+def _nearest_src(dst, scale, SRC):
+    """ATen's float32 nearest rule, bit for bit (DESIGN.md §2): the source index of destination index
+    dst (int32, elementwise) is min(floor(float32(dst) * scale), SRC - 1), scale = float32(SRC / DST)."""
+    return tl.minimum(tl.floor(dst.to(tl.float32) * scale).to(tl.int32), SRC - 1)
+
+
+@triton.jit
 def _fwd_epilogue(acc, offs_n, mask_m, mask_n, n64, rem, h_idx, w_idx,
                   b_ptr, top_ptr, out_ptr, HT, WT, scale_h, scale_w, sb, stn, stc, sth, stw, son, soc, soh, sow,
                   HAS_BIAS: tl.constexpr, HAS_TOP: tl.constexpr, O_FLAT: tl.constexpr):
@@ -104,9 +111,8 @@ def _fwd_epilogue(acc, offs_n, mask_m, mask_n, n64, rem, h_idx, w_idx,
         bias = tl.load(b_ptr + offs_n64 * sb, mask=mask_n, other=0.0)
         acc += bias.to(tl.float32)[None, :]
     if HAS_TOP:
-        # ATen's float32 nearest rule, bit for bit: floor(float32(dst) * float32 scale), clamped
-        src_h = tl.minimum(tl.floor(h_idx.to(tl.float32) * scale_h).to(tl.int32), HT - 1)
-        src_w = tl.minimum(tl.floor(w_idx.to(tl.float32) * scale_w).to(tl.int32), WT - 1)
+        src_h = _nearest_src(h_idx, scale_h, HT)
+        src_w = _nearest_src(w_idx, scale_w, WT)
         t_row = n64 * stn + src_h.to(tl.int64) * sth + src_w.to(tl.int64) * stw
         t = tl.load(top_ptr + (t_row[:, None] + (offs_n64 * stc)[None, :]), mask=mask, other=0.0)
         acc += t.to(tl.float32)
@@ -328,8 +334,8 @@ def _nearest_first_dst(t, DST, SRC, scale, N_ITER):
     hi = lo + DST
     for _ in range(N_ITER):
         active = lo < hi
-        mid = (lo + hi) // 2
-        src = tl.minimum(tl.floor(mid.to(tl.float32) * scale).to(tl.int32), SRC - 1)
+        mid = lo + (hi - lo) // 2   # not (lo + hi) // 2: that passes 2^31 in int32 once DST >= 2^30
+        src = _nearest_src(mid, scale, SRC)
         right = src >= t
         hi = tl.where(active & right, mid, hi)
         lo = tl.where(active & (~right), mid + 1, lo)

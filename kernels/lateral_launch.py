@@ -26,6 +26,7 @@ from fused_fpn._layout import output_memory_format
 from fused_fpn._precision import conv_allows_tf32
 
 from . import lateral_kernels as K
+from .limits import MAX_GRAD_WEIGHT_SPLIT
 
 USE_INPUT_PRECISION = K.USE_INPUT_PRECISION
 
@@ -306,7 +307,7 @@ def _grad_weight_split(m: int, tiles: int, device: torch.device) -> Tuple[int, i
         rows = max(64, cdiv(cdiv(m, 3), 64) * 64)
     else:
         sms = _device_facts(device)[1]
-        split = max(1, min(cdiv(2 * sms, tiles), cdiv(m, 1024)))
+        split = max(1, min(cdiv(2 * sms, tiles), cdiv(m, 1024), MAX_GRAD_WEIGHT_SPLIT))
         rows = cdiv(cdiv(m, split), 256) * 256
     return cdiv(m, rows), rows
 

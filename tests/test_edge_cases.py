@@ -471,17 +471,49 @@ def test_element_offsets_past_2_31(device, backend, x_view, with_top):
 
 @pytest.mark.skipif("triton" not in fused_fpn.available_backends(), reason="triton backend unavailable")
 @pytest.mark.parametrize("device", DEVICES[-1:])   # the GPU when there is one (the interpreter's CPU otherwise)
-def test_triton_rejects_2_31_pixels_with_a_clear_error(device):
+def test_triton_rejects_more_pixels_than_its_int32_indices_allow(device):
     """The Triton kernels index pixels (N*H*W) in 32 bits (element offsets in 64): the launcher must
-    refuse N*H*W >= 2^31 with a ValueError before launching anything. x is a stride-0 expand of one
-    element, so nothing large is allocated; 2^31 - 1 pixels pass the check (not run)."""
+    refuse N*H*W > MAX_PIXELS = 2^31 - 2^20 (tile ends and dW split bounds pass M by up to 2^20) with
+    a ValueError before launching anything. x is a stride-0 expand of one element, so nothing large is
+    allocated; exactly MAX_PIXELS pixels pass the check (not run)."""
     from fused_fpn.backends import triton as tb
+    from fused_fpn.kernels.limits import MAX_PIXELS
     one = torch.ones((1, 1, 1, 1), device=device)
     w = torch.ones((1, 1), device=device)
     x = one.expand(1, 1, 2**16, 2**15)                  # exactly 2^31 pixels
-    with pytest.raises(ValueError, match=r"N\*H\*W must be < 2\^31"):
+    with pytest.raises(ValueError, match=r"N\*H\*W must be <= 2\^31 - 2\^20 = 2146435072"):
         fused_fpn.lateral(x, w, backend="triton")
     x = one.expand(2, 1, 2**15, 2**15)                  # 2^31 pixels over a batch
     with pytest.raises(ValueError, match="2\\^31"):
         fused_fpn.lateral(x, w, backend="triton")
-    tb.check_forward_args(one.expand(1, 1, 2**31 - 1, 1), w, None, None)   # one below: accepted
+    with pytest.raises(ValueError, match="2146435073 pixels"):
+        tb.check_forward_args(one.expand(1, 1, MAX_PIXELS + 1, 1), w, None, None)
+    tb.check_forward_args(one.expand(1, 1, MAX_PIXELS, 1), w, None, None)   # the limit itself: accepted
+
+
+@pytest.mark.skipif("triton" not in fused_fpn.available_backends(), reason="triton backend unavailable")
+@pytest.mark.parametrize("sms", [1, 108, 132, 148, 5000])
+def test_triton_pixel_indices_stay_below_2_31_up_to_the_limit(sms, monkeypatch):
+    """The offset math behind MAX_PIXELS, for M up to it: every pixel index the Triton kernels form in
+    int32 stays below 2^31. Forward (and dx, the same kernel): the last row tile of any config ends at
+    cdiv(M, BLOCK_M) * BLOCK_M. dW: ``_grad_weight_split``'s splits cover [0, M) exactly once, none is
+    empty, and split s computes s * rows + rows (its end, before the min with M) and walks BLOCK_M
+    past its last pixel. On a device of ``sms`` multiprocessors (5000: the split cap binds)."""
+    from fused_fpn.kernels import lateral_kernels as K
+    from fused_fpn.kernels import lateral_launch as L
+    from fused_fpn.kernels.limits import MAX_GRAD_WEIGHT_SPLIT, MAX_PIXELS
+    monkeypatch.setattr(L, "interpreting", lambda: False)
+    monkeypatch.setattr(L, "_device_facts", lambda device: ("sm90", sms))
+    limit = 2**31 - 1
+    block_m = {c.kwargs["BLOCK_M"] for cfgs in K.FWD_CONFIGS.values() for c in cfgs}
+    block_m |= {c.kwargs["BLOCK_M"] for cfgs in K.EXPERIMENTAL_FWD_CONFIGS.values() for c in cfgs}
+    dw_block_m = {c.kwargs["BLOCK_M"] for cfgs in K.GRAD_WEIGHT_CONFIGS.values() for c in cfgs}
+    assert max(block_m | dw_block_m) <= 256
+    for m in (MAX_PIXELS, MAX_PIXELS - 1, MAX_PIXELS - 255, 2**31 - 2**21 + 77, 3 * 2**29 + 5, 2**30 + 1, 10**9):
+        for bm in block_m:
+            assert L.cdiv(m, bm) * bm + bm - 1 <= limit, (m, bm)
+        for tiles in (1, 2, 3, 8, 64, 1024):
+            split, rows = L._grad_weight_split(m, tiles, torch.device("cuda"))
+            assert 1 <= split <= MAX_GRAD_WEIGHT_SPLIT and rows % 256 == 0
+            assert (split - 1) * rows < m <= split * rows, "every split non-empty, all of [0, M) covered"
+            assert split * rows + max(dw_block_m) <= limit, (m, tiles, split, rows)

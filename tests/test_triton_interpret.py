@@ -198,6 +198,76 @@ def test_nearest_indices_bit_identical_to_interpolate(pairs):
     assert top.grad.sum().item() == 2 * h * w  # every x pixel lies in exactly one preimage, 2 channels
 
 
+def _run_nearest_probe(dst_sizes, src_sizes, d, t):
+    from fused_fpn.kernels.lateral_launch import nearest_scale
+    rows, cols = d.shape
+    i32 = dict(dtype=torch.int32, device=DEVICE)
+    scales = torch.tensor([nearest_scale(s, n) for s, n in zip(src_sizes, dst_sizes)], dtype=torch.float32,
+                          device=DEVICE)
+    src_out, first_out = torch.full((rows, cols), -7, **i32), torch.full((rows, cols), -7, **i32)
+    from triton_probes import nearest_probe
+    nearest_probe[(1,)](torch.tensor(dst_sizes, **i32), torch.tensor(src_sizes, **i32), scales,
+                        d.to(**i32), t.to(**i32), src_out, first_out, max(dst_sizes).bit_length() + 1,
+                        ROWS=rows, COLS=cols)
+    return src_out.cpu().long(), first_out.cpu().long()
+
+
+def test_index_helpers_match_interpolate_for_all_pairs_up_to_512():
+    """The Triton kernels' nearest index (forward gather) equals F.interpolate's for every (in, out)
+    pair up to 512 (the reference's indices, which tests/test_nearest_rule.py checks against
+    F.interpolate for the same pairs), and the backward's preimage search returns, for every source
+    index t, the first destination index that maps to t or above (as the reference's table says)."""
+    from fused_fpn.reference import nearest_source_indices
+    n = 512
+    dst_sizes = list(range(1, n + 1))
+    d = torch.arange(n).expand(n, n)          # row r: destination indices of DST = r + 1
+    mismatches = []
+    for src_size in range(1, n + 1):
+        t = torch.arange(n).clamp(max=src_size).expand(n, n)   # source indices 0..SRC (SRC: past the end)
+        src_got, first_got = _run_nearest_probe(dst_sizes, [src_size] * n, d, t)
+        for dst_size in dst_sizes:
+            table = nearest_source_indices(src_size, dst_size)
+            first = torch.searchsorted(table, torch.arange(src_size + 1))   # smallest d with table[d] >= t
+            row = dst_size - 1
+            k = min(src_size + 1, n)   # t = SRC (first = DST) too, where the row has room for it
+            if not (torch.equal(src_got[row, :dst_size], table) and torch.equal(first_got[row, :k], first[:k])):
+                mismatches.append((src_size, dst_size))
+    assert mismatches == []
+
+
+def test_preimage_search_has_no_int32_overflow_past_2_30():
+    """Destination sizes of 2^30 and more (a 1 x 2^30 map is 2^30 pixels, within the kernels' limit):
+    the search's midpoint must not pass 2^31 in int32. Checked against the same search in Python
+    integers (the rule in float32, as numpy computes it)."""
+    import numpy as np
+    from fused_fpn.kernels.lateral_launch import nearest_scale
+    cases = [(2**30 + 7, 5), (2**31 - 2**20, 3), (2**30, 2**30 - 1)]
+    cols = 8
+    d_rows, t_rows, want_src, want_first = [], [], [], []
+    for dst_size, src_size in cases:
+        scale = np.float32(nearest_scale(src_size, dst_size))
+
+        def src_of(i):
+            return min(int(np.floor(np.float32(i) * scale)), src_size - 1)
+
+        def first_of(t):
+            lo, hi = 0, dst_size
+            while lo < hi:
+                mid = (lo + hi) // 2
+                lo, hi = (lo, mid) if src_of(mid) >= t else (mid + 1, hi)
+            return lo
+        ds = [0, 1, dst_size // 2, dst_size - 3, dst_size - 2, dst_size - 1, dst_size // 3, 2 * (dst_size // 3)]
+        ts = [min(t, src_size) for t in (0, 1, 2, src_size // 2, src_size - 2, src_size - 1, src_size, 3)]
+        d_rows.append(ds), t_rows.append(ts)
+        want_src.append([src_of(i) for i in ds]), want_first.append([first_of(t) for t in ts])
+    rows = 4   # a power of two: one padding row repeats the last case
+    pad = lambda rs: rs + [rs[-1]] * (rows - len(rs))   # noqa: E731
+    src_got, first_got = _run_nearest_probe(pad([c[0] for c in cases]), pad([c[1] for c in cases]),
+                                            torch.tensor(pad(d_rows)), torch.tensor(pad(t_rows)))
+    assert src_got[:len(cases)].tolist() == want_src
+    assert first_got[:len(cases)].tolist() == want_first
+    assert want_first[0][6] == 2**30 + 7 and want_first[0][1] > 2**27, "the search really runs past 2^30"
+
 def test_backward_is_deterministic():
     """No atomics: two backward passes give bit-identical gradients."""
     x, weight, bias, top = _inputs("exact2x", torch.float32, "channels_last")

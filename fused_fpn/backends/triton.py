@@ -30,6 +30,7 @@ import torch.autograd.forward_ad as fwAD
 
 from .._checks import check_lateral_args
 from .._layout import output_memory_format
+from ..kernels.limits import MAX_PIXELS
 from ..reference import lateral_backward_reference
 
 NAME = "triton"
@@ -94,9 +95,10 @@ def check_forward_args(x, weight, bias, top) -> None:
                          f"{tuple(weight.shape) if isinstance(weight, torch.Tensor) else type(weight).__name__}")
     check_lateral_args(x, weight, bias, top)
     _check_supported("x", x)
-    if x.shape[0] * x.shape[2] * x.shape[3] >= 2**31:
+    if x.shape[0] * x.shape[2] * x.shape[3] > MAX_PIXELS:
         raise ValueError(f"x has {x.shape[0] * x.shape[2] * x.shape[3]} pixels (N*H*W); the triton kernels index "
-                         f"pixels with 32-bit integers, so N*H*W must be < 2^31 (element offsets are 64-bit)")
+                         f"pixels with 32-bit integers, so N*H*W must be <= 2^31 - 2^20 = {MAX_PIXELS} (tile ends "
+                         f"and split bounds stay below 2^31; element offsets are 64-bit)")
 
 
 def check_backward_args(grad, x, weight, top_h, top_w) -> None:
