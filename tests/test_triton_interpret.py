@@ -242,7 +242,6 @@ def test_preimage_search_has_no_int32_overflow_past_2_30():
     import numpy as np
     from fused_fpn.kernels.lateral_launch import nearest_scale
     cases = [(2**30 + 7, 5), (2**31 - 2**20, 3), (2**30, 2**30 - 1)]
-    cols = 8
     d_rows, t_rows, want_src, want_first = [], [], [], []
     for dst_size, src_size in cases:
         scale = np.float32(nearest_scale(src_size, dst_size))
@@ -531,8 +530,8 @@ def test_autotuned_launches_reuse_the_chosen_config_without_the_autotuner(monkey
     before, calls["jit"] = calls["autotuner"], []
     src, dst = torch.arange(70, dtype=torch.float32, device=DEVICE), torch.zeros(70, device=DEVICE)
     key = (K.tune_key(70, True, True, True), 8, 4, torch.float32)
-    with L.as_in_the_op_body(), pytest.raises(RuntimeError, match=r"first call for this shape \(fwd Cout=8 Cin=4 "
-                                                                  r"M<=128 x=cl out=cl float32\) is inside a CUDA-graph"):
+    message = r"first call for this shape \(fwd Cout=8 Cin=4 M<=128 x=cl out=cl float32\) is inside a CUDA-graph"
+    with L.as_in_the_op_body(), pytest.raises(RuntimeError, match=message):
         L._launch_autotuned(tuner, lambda meta: (triton.cdiv(70, meta["BLOCK"]),), (src, dst, 70, 2.0), {}, key)
     assert calls["autotuner"] == before and calls["jit"] == [] and not dst.any(), "nothing tuned or launched"
     monkeypatch.setattr(L, "_capturing", lambda: False)
