@@ -76,9 +76,11 @@ inline void check_lateral_inputs(const at::Tensor& x, const at::Tensor& weight, 
 inline void check_grad_bias_top_inputs(const at::Tensor& grad_out, int64_t top_h, int64_t top_w) {
   TORCH_CHECK(grad_out.dim() == 4, "fused_fpn::lateral_grad_bias_top: grad_out must be 4-D [N, C, H, W], got shape ",
               grad_out.sizes());
-  TORCH_CHECK(top_h >= 0 && top_w >= 0 && ((top_h == 0) == (top_w == 0)),
-              "fused_fpn::lateral_grad_bias_top: top_h and top_w must both be positive (or both 0 for no top), got ",
-              top_h, " and ", top_w);
+  // One of them 0 is a top with no pixels, which the forward accepts when the output has none
+  // (check_lateral_inputs): its gradient is empty too.
+  TORCH_CHECK(top_h >= 0 && top_w >= 0 && ((top_h == 0) == (top_w == 0) || grad_out.numel() == 0),
+              "fused_fpn::lateral_grad_bias_top: top_h and top_w must both be positive (or both 0 for no top; one ",
+              "of them 0 only when grad_out is empty), got ", top_h, " and ", top_w);
 }
 
 // Allocates grad_bias [C] and grad_top [N, C, top_h, top_w] (grad_out's memory format) on grad_out's

@@ -149,7 +149,28 @@ class FPN(FeaturePyramidNetwork):
             if t.device != r.device:
                 raise ValueError(f"all feature maps must be on one device: x[{rname!r}] is on {r.device}, "
                                  f"x[{name!r}] is on {t.device}")
+        for i in range(len(feats) - 1):   # level i adds the upsampled level i + 1: it needs pixels
+            fine, coarse = feats[i], feats[i + 1]
+            if fine.shape[0] * fine.shape[2] * fine.shape[3] > 0 and coarse.shape[2] * coarse.shape[3] == 0:
+                raise ValueError(f"x[{names[i + 1]!r}] has no pixels (shape {tuple(coarse.shape)}), so there is "
+                                 f"nothing to upsample into the finer level x[{names[i]!r}] (shape "
+                                 f"{tuple(fine.shape)}); every level coarser than a non-empty one needs H, W >= 1")
         return names, feats
+
+    @staticmethod
+    def _check_weights_match(inner_blocks: List[nn.Module], feats: List[Tensor], cast: Optional[torch.dtype]) -> None:
+        """Each lateral block's first parameter (its conv weight) on its feature map's device and, without
+        autocast, of its dtype: else the op's own check would fail naming an argument the caller never passed."""
+        for block, t in zip(inner_blocks, feats):
+            weight = next(iter(block.parameters()), None)
+            if weight is None:
+                continue
+            if weight.device != t.device:
+                raise ValueError(f"the FPN's weights are on {weight.device}, the feature maps on {t.device}: move "
+                                 f"the module or the inputs to one device")
+            if cast is None and weight.dtype != t.dtype:
+                raise TypeError(f"the FPN's weights have dtype {weight.dtype}, the feature maps {t.dtype}: convert "
+                                f"the module or the inputs to one dtype (or run under torch.autocast)")
 
     @staticmethod
     def _lateral(block: nn.Module, x: Tensor, top: Optional[Tensor], impl, cast: Optional[torch.dtype]) -> Tensor:
@@ -173,6 +194,7 @@ class FPN(FeaturePyramidNetwork):
         cast = autocast_dtype(feats[0].device.type)
         if cast is not None:   # as eager conv2d under autocast (the lateral convs would cast them)
             feats = [autocast_tensor(f, cast) for f in feats]
+        self._check_weights_match(inner_blocks, feats, cast)
         impl = _backends.select(self.backend, feats[0])   # every level has its device and dtype
         last_inner = self._lateral(inner_blocks[-1], feats[-1], None, impl, cast)
         results = [layer_blocks[-1](last_inner)]

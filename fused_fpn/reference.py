@@ -32,6 +32,11 @@ def nearest_source_indices(in_size: int, out_size: int, device=None) -> torch.Te
 
 def upsample_nearest_reference(top: torch.Tensor, size) -> torch.Tensor:
     """top [N, C, Ht, Wt] -> [N, C, H, W] gathered with the float32 nearest rule (any dtype)."""
+    if top.shape[-2] == 0 or top.shape[-1] == 0:   # no source pixel: only an empty output can be gathered
+        if top.shape[0] * top.shape[1] * size[0] * size[1] > 0:
+            raise ValueError(f"top of shape {tuple(top.shape)} has no pixels to gather {tuple(size)} from")
+        # a sum keeps top in the autograd graph, so its gradient is zeros of its shape
+        return top.sum(dim=(-2, -1), keepdim=True).expand(*top.shape[:2], *size)
     ih = nearest_source_indices(top.shape[-2], size[0], top.device)
     iw = nearest_source_indices(top.shape[-1], size[1], top.device)
     return top[:, :, ih[:, None], iw[None, :]]
@@ -63,13 +68,14 @@ def lateral_grad_bias_top_reference(grad_out: torch.Tensor, top_h: int, top_w: i
     """(grad_bias [C], grad_top [N, C, top_h, top_w]): the adjoints of "+ bias" and "+ nearest(top)".
 
     grad_top[n, c, i, j] sums grad_out over the pixels whose nearest source is (i, j).
-    top_h == top_w == 0 means "no top" (grad_top is [N, C, 0, 0]).
+    top_h == top_w == 0 means "no top" (grad_top is [N, C, 0, 0]); one of them 0 is a top without pixels
+    (grad_top [N, C, top_h, top_w], empty too).
     """
     n, c, h, w = grad_out.shape
     grad_bias = grad_out.sum(dim=(0, 2, 3))
     fmt = output_memory_format(grad_out)
     if top_h == 0 or top_w == 0:
-        return grad_bias, grad_out.new_empty((n, c, 0, 0)).contiguous(memory_format=fmt)
+        return grad_bias, grad_out.new_empty((n, c, top_h, top_w)).contiguous(memory_format=fmt)
     ih = nearest_source_indices(top_h, h, grad_out.device)
     iw = nearest_source_indices(top_w, w, grad_out.device)
     flat = (ih[:, None] * top_w + iw[None, :]).reshape(-1)

@@ -428,8 +428,9 @@ def test_emulated_host_code_under_autocast_computes_in_x_dtype(emu, has_top):
     assert out.dtype == torch.float32 and torch.equal(out, plain)
 
 
+# the last two: no dy pixels, with a top that has none along one axis (the forward accepts it then)
 EMU_GRAD_SIZES = [(2, 17, 7, 9, 4, 5), (1, 3, 5, 6, 10, 13), (1, 40, 3, 50, 2, 25), (2, 9, 16, 16, 8, 8),
-                  (2, 5, 9, 10, 0, 0)]
+                  (2, 5, 9, 10, 0, 0), (2, 5, 0, 10, 0, 4), (1, 4, 6, 0, 3, 0)]
 
 
 @pytest.mark.parametrize("layout", ["nchw", "channels_last", "noncontig"])

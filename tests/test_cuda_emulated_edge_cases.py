@@ -97,6 +97,10 @@ EXPANDED = {   # name: (input, shape of the base that is expanded to the input's
     "top_over_hw": ("top", (N, COUT, 1, 1)),
     "top_over_channels": ("top", (N, 1, *TOP_HW)),
     "top_everything": ("top", (1, 1, 1, 1)),
+    # channels_last bases (x channels_last too): channel stride 1, so the 16-byte x / top loads run
+    "x_cl_over_batch": ("x_cl", (1, CIN, *HW)),
+    "top_cl_over_batch": ("top_cl", (1, COUT, *TOP_HW)),
+    "top_cl_over_h": ("top_cl", (N, COUT, 1, TOP_HW[1])),
 }
 
 
@@ -104,11 +108,32 @@ EXPANDED = {   # name: (input, shape of the base that is expanded to the input's
 @pytest.mark.parametrize("which", list(EXPANDED))
 def test_expanded_stride0_inputs(cuda_emu, which, dtype):
     role, base_shape = EXPANDED[which]
-    x, w, b, top = _inputs(N, CIN, COUT, HW, TOP_HW, dtype, "nchw")
+    cl = role.endswith("_cl")
+    role = role.removesuffix("_cl")
+    x, w, b, top = _inputs(N, CIN, COUT, HW, TOP_HW, dtype, "channels_last" if cl else "nchw")
     ins = {"x": x, "weight": w, "bias": b, "top": top}
-    ins[role] = torch.randn(base_shape, generator=_gen(11)).to(dtype).expand(ins[role].shape)
-    assert 0 in ins[role].stride()
+    base = _layout(torch.randn(base_shape, generator=_gen(11)).to(dtype), "channels_last" if cl else "nchw")
+    ins[role] = base.expand(ins[role].shape)
+    assert 0 in ins[role].stride() and (not cl or ins[role].stride(1) == 1)
     check_emulated_forward(cuda_emu, ins["x"], ins["weight"], ins["bias"], ins["top"])
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32], ids=["fp16", "fp32"])
+@pytest.mark.parametrize("view", ["hw_transposed", "batch_reversed"])
+def test_permuted_and_flipped_views(cuda_emu, view, dtype):
+    """x and top as views dense in neither NCHW nor channels_last: H and W swapped by a transpose (H's
+    stride 1, W's stride H), or every second image of a larger batch (batch stride two images)."""
+    g = _gen(13)
+    if view == "hw_transposed":
+        x = torch.randn((N, CIN, HW[1], HW[0]), generator=g).to(dtype).transpose(2, 3)
+        top = torch.randn((N, COUT, TOP_HW[1], TOP_HW[0]), generator=g).to(dtype).transpose(2, 3)
+    else:
+        x = torch.randn((2 * N, CIN, *HW), generator=g).to(dtype)[1::2]
+        top = _layout(torch.randn((2 * N, COUT, *TOP_HW), generator=g).to(dtype), "channels_last")[::2]
+    w = (torch.randn((COUT, CIN), generator=g) / CIN ** 0.5).to(dtype)
+    b = torch.randn((COUT,), generator=g).to(dtype)
+    assert x.shape == (N, CIN, *HW) and top.shape == (N, COUT, *TOP_HW) and not x.is_contiguous()
+    check_emulated_forward(cuda_emu, x, w, b, top)
 
 
 @pytest.mark.parametrize("base_shape", [(N, COUT, 1, 1), (N, 1, *HW), (1, COUT, 1, HW[1])],

@@ -313,6 +313,9 @@ def test_grad_bias_top_rejects_bad_input():
         torch.ops.fused_fpn.lateral_grad_bias_top(dy, 2, 0)
     with pytest.raises(RuntimeError, match="grad_out must be 4-D"):
         torch.ops.fused_fpn.lateral_grad_bias_top(dy[0], 2, 2)
+    # one of them 0 is a top without pixels, accepted when dy has none either
+    db, dtop = torch.ops.fused_fpn.lateral_grad_bias_top(dy[:, :, :0], 0, 3)
+    assert dtop.shape == (1, 4, 0, 3) and torch.equal(db, torch.zeros_like(db))
 
 
 @pytest.mark.parametrize("layout", ["nchw", "channels_last"])

@@ -128,6 +128,10 @@ EXPANDED = {
     "x_over_hw": ("x", (N, CIN, 1, 1)),
     "x_over_channels": ("x", (N, 1, *HW)),
     "x_over_batch_and_w": ("x", (1, CIN, HW[0], 1)),
+    # channels_last bases (x channels_last too): the channel stride stays 1 (the C++ kernels' vector paths)
+    "x_cl_over_batch": ("x_cl", (1, CIN, *HW)),
+    "top_cl_over_batch": ("top_cl", (1, COUT, *TOP_HW)),
+    "top_cl_over_h": ("top_cl", (N, COUT, 1, TOP_HW[1])),
 }
 
 
@@ -137,11 +141,16 @@ def test_expanded_stride0_inputs_forward_and_backward(device, backend, which):
     """An input that is an expand() of a smaller base (stride 0 along the expanded dims): the value
     and the base's gradient (the sum over the expanded dims) match the reference."""
     role, base_shape = EXPANDED[which]
-    x, w, b, top = _case(N, CIN, COUT, HW, TOP_HW, device)
-    base = torch.randn(base_shape, generator=_gen(11)).to(device).requires_grad_()
+    cl = role.endswith("_cl")
+    role = role.removesuffix("_cl")
+    x, w, b, top = _case(N, CIN, COUT, HW, TOP_HW, device, layout="channels_last" if cl else "nchw")
+    base = torch.randn(base_shape, generator=_gen(11)).to(device)
+    if cl:
+        base = base.contiguous(memory_format=torch.channels_last)
+    base.requires_grad_()
     full = {"x": x.shape, "weight": w.shape, "weight4": (COUT, CIN, 1, 1), "bias": b.shape, "top": top.shape}[role]
     expanded = base.expand(full)
-    assert 0 in expanded.stride()
+    assert 0 in expanded.stride() and (not cl or expanded.stride(1) == 1)
     ins = {"x": x, "weight": w, "bias": b, "top": top}
     ins["weight" if role == "weight4" else role] = expanded
     others = {k: v.detach().clone().requires_grad_() for k, v in ins.items() if v is not expanded}
@@ -162,6 +171,26 @@ def test_expanded_stride0_inputs_forward_and_backward(device, backend, which):
         scale = max(1.0, r.grad.abs().max().item())
         torch.testing.assert_close(t.grad.double(), r.grad, atol=atol * scale, rtol=rtol, msg=lambda m, n=name: f"{n}: {m}")
 
+
+
+@pytest.mark.parametrize("device,backend", BACKENDS)
+@pytest.mark.parametrize("view", ["hw_transposed", "batch_step2"])
+def test_permuted_and_batch_strided_views_forward_and_backward(device, backend, view):
+    """x and top as views dense in neither NCHW nor channels_last: H and W swapped by a transpose (H's
+    stride 1, W's stride H), or every second image of a larger batch (x NCHW, top channels_last)."""
+    g = _gen(13)
+    if view == "hw_transposed":
+        x = torch.randn((N, CIN, HW[1], HW[0]), generator=g).transpose(2, 3)
+        top = torch.randn((N, COUT, TOP_HW[1], TOP_HW[0]), generator=g).transpose(2, 3)
+    else:
+        x = torch.randn((2 * N, CIN, *HW), generator=g)[1::2]
+        top = torch.randn((2 * N, COUT, *TOP_HW), generator=g).contiguous(memory_format=torch.channels_last)[::2]
+    w, b = torch.randn((COUT, CIN), generator=g) / CIN ** 0.5, torch.randn((COUT,), generator=g)
+    assert x.shape == (N, CIN, *HW) and top.shape == (N, COUT, *TOP_HW) and not x.is_contiguous()
+    # leaves on the device with the views' strides (a strided buffer, gaps included)
+    views = [torch.empty_strided(t.shape, t.stride(), device=device).copy_(t).requires_grad_() for t in (x, w, b, top)]
+    assert views[0].stride() == x.stride() and views[3].stride() == top.stride()
+    _check_fwd_bwd(backend, views)
 
 # ---- no_grad, inference_mode, requires_grad on some inputs ----------------------------------------
 
@@ -290,9 +319,13 @@ def test_batch_size_zero_with_requires_grad(device, backend, layout, with_top, w
 
 
 @pytest.mark.parametrize("device,backend", BACKENDS)
-@pytest.mark.parametrize("cout,hw", [(5, (0, 7)), (0, (5, 7))], ids=["h0", "cout0"])
-def test_empty_spatial_size_or_no_output_channels_with_requires_grad(device, backend, cout, hw):
-    x, w, b, top = _case(2, 6, cout, hw, (3, 4), device)
+@pytest.mark.parametrize("cout,hw,top_hw", [(5, (0, 7), (3, 4)), (0, (5, 7), (3, 4)), (5, (0, 7), (0, 4)),
+                                            (5, (6, 0), (3, 0)), (0, (5, 7), (3, 0))],
+                         ids=["h0", "cout0", "h0_top_h0", "w0_top_w0", "cout0_top_w0"])
+def test_empty_spatial_size_or_no_output_channels_with_requires_grad(device, backend, cout, hw, top_hw):
+    """No output elements: every gradient is zeros of its input's shape, including a top with no pixels
+    along one axis, which the forward accepts when the output has none."""
+    x, w, b, top = _case(2, 6, cout, hw, top_hw, device)
     ins = _leaves(x, w, b, top)
     out = fused_fpn.lateral(*ins, backend=backend)
     assert out.shape == (2, cout, *hw)

@@ -243,14 +243,40 @@ def test_forward_mode_jvp_through_the_whole_fpn_matches_torchvision(device, back
 
 @pytest.mark.parametrize("device,backend", backend_device_params())
 def test_features_in_another_dtype_than_the_module_raise_a_clear_error(device, backend):
-    """fp16 features into an fp32 module (no autocast): an error naming the dtypes, as torchvision
-    raises one (FPN.forward leaves this check to the op, which names the argument)."""
+    """fp16 features into an fp32 module (no autocast): an error naming both dtypes, as torchvision
+    raises one."""
     tv, ours = pair(backend=backend)
     x = make_features(1, 16, 16, torch.float16, device, "nchw")
     with pytest.raises(RuntimeError, match="(?i)type"):
         tv.to(device)(x)
-    with pytest.raises((RuntimeError, TypeError), match="dtype|Input type"):
+    with pytest.raises(TypeError, match=r"weights have dtype torch.float32, the feature maps torch.float16"):
         ours.to(device)(x)
+
+
+@pytest.mark.parametrize("backend", ["auto", "torch"])
+def test_features_on_another_device_than_the_module_raise_a_clear_error(backend):
+    """Weights on one device, feature maps on another: a ValueError naming both devices (the op's own
+    check would name "weight", which the caller never passed). The module on the meta device stands in
+    for a GPU here."""
+    _, ours = pair(backend=backend)
+    with pytest.raises(ValueError, match="weights are on meta, the feature maps on cpu"):
+        ours.to("meta")(make_features(1, 16, 16, torch.float32, "cpu", "nchw"))
+
+
+@pytest.mark.parametrize("device,backend", backend_device_params())
+def test_a_coarse_level_without_pixels_under_a_finer_one_raises_a_clear_error(device, backend):
+    """The top-down pathway upsamples each level into the next finer one: a coarse level with H or W = 0
+    under a level with pixels has nothing to upsample (torchvision's F.interpolate raises too). A
+    ValueError names both levels, for every backend (the "torch" reference raised an IndexError, the
+    C++ kernel named "top"). Levels that are all empty still run (test_batch_size_zero)."""
+    tv, ours = pair(backend=backend)
+    tv, ours = tv.to(device), ours.to(device)
+    x = make_features(1, 16, 16, torch.float32, device, "nchw")
+    x["c5"] = x["c5"][:, :, :0]
+    with pytest.raises(RuntimeError):
+        tv(x)
+    with pytest.raises(ValueError, match=r"x\['c5'\] has no pixels .* finer level x\['c4'\]"):
+        ours(x)
 
 
 @pytest.mark.parametrize("device", DEVICES)
