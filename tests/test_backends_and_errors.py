@@ -86,9 +86,17 @@ def test_import_without_native_extension_leaves_only_torch_backend():
     (lambda: (torch.randn(1, 3, 4, 4), torch.randn(2, 3).double(), None, None), TypeError, "weight must have the same dtype"),
     (lambda: (torch.randn(1, 3, 4, 4), torch.randn(2, 3), None, torch.randn(1, 2, 2, 2).half()), TypeError, "top must have the same dtype"),
     (lambda: (torch.randn(1, 3, 4, 4), torch.randn(2, 3), None, torch.randn(1, 2, 2, 2, device="meta")), ValueError, "same device"),
+    (lambda: (torch.randn(1, 3, 4, 4), torch.randn(2, 3, device="meta"), None, None), ValueError, "weight must be on the same device"),
+    (lambda: (torch.randn(1, 3, 4, 4), torch.randn(2, 3), torch.randn(2, device="meta"), None), ValueError, "bias must be on the same device"),
+    (lambda: (torch.randn(1, 3, 4, 4), torch.randn(2, 3), torch.randn(2).half(), None), TypeError, "bias must have the same dtype"),
+    (lambda: (torch.randn(1, 3, 4, 4), torch.randn(2, 3), torch.randint(0, 3, (2,)), None), TypeError, "bias must have a floating"),
 ])
-@pytest.mark.parametrize("backend", ["auto", "torch"])
+@pytest.mark.parametrize("backend", ["auto", "torch", "cpu", "triton"])
 def test_lateral_bad_input_raises_clear_error(args, exc, pattern, backend):
+    """Every backend that runs on CPU tensors here (the Triton one under the interpreter) checks the
+    arguments before it runs: the same exception and message for each."""
+    if backend not in ("auto", "torch") and backend not in fused_fpn.available_backends("cpu"):
+        pytest.skip(f"backend {backend} does not run on CPU tensors here")
     x, w, b, top = args()
     snapshot = [t.clone() if t is not None and t.device.type != "meta" else t for t in (x, w, b, top)]
     with pytest.raises(exc, match=pattern):
@@ -120,6 +128,9 @@ def _feats(*shapes, dtype=torch.float32):
     (lambda: _feats((1, 4, 8, 8), (2, 8, 4, 4)), ValueError, "one batch size"),
     (lambda: OrderedDict(a=torch.randn(1, 4, 8, 8), b=torch.randn(1, 8, 4, 4).double()), TypeError, "one dtype"),
     (lambda: OrderedDict(a=torch.randn(1, 4, 8, 8), b=torch.randint(0, 2, (1, 8, 4, 4))), TypeError, "floating"),
+    (lambda: _feats((1, 4, 8, 8), (1, 8, 4, 4), dtype=torch.complex64), TypeError, r"x\['c0'\] must have a floating"),
+    (lambda: _feats((1, 4, 8, 8), (1, 8, 0, 4)), ValueError, r"x\['c1'\] has no pixels"),
+    (lambda: _feats((1, 4, 8, 8), (1, 8, 4, 4), dtype=torch.float64), TypeError, "weights have dtype torch.float32"),
     (lambda: OrderedDict(a=torch.randn(1, 4, 8, 8), b=torch.randn(1, 8, 4, 4, device="meta")), ValueError, "one device"),
 ])
 def test_fpn_bad_input_raises_clear_error(make_x, exc, pattern):

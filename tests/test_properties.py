@@ -26,6 +26,7 @@ from typing import Optional, Tuple
 
 import pytest
 import torch
+import torch.nn.functional as F
 from hypothesis import HealthCheck, event, settings
 from hypothesis import strategies as st
 from hypothesis import given
@@ -194,6 +195,13 @@ def _check_against_reference(device, backend, data):
         assert out.is_contiguous(memory_format=output_memory_format(x)), "output not in x's memory format"
     refs = [None if t is None else t.detach().double().requires_grad_() for t in leaves]
     ref = fused_fpn.lateral_reference(*refs)
+    # the reference against eager torchvision's computation (so the "torch" backend in float64, which
+    # is the reference, is not compared with itself alone): conv2d, then F.interpolate's nearest + add
+    w4 = refs[1] if refs[1].dim() == 4 else refs[1][:, :, None, None]
+    eager = F.conv2d(refs[0].detach(), w4.detach(), None if refs[2] is None else refs[2].detach())
+    if refs[3] is not None:
+        eager = eager + F.interpolate(refs[3].detach(), size=case.hw, mode="nearest")
+    torch.testing.assert_close(ref.detach(), eager, atol=1e-12, rtol=1e-12)
     assert not torch.isnan(out).any(), "output has NaN: an element was not written"
     atol, rtol = TOLERANCES[case.dtype]
     torch.testing.assert_close(out.detach().double(), ref.detach(), atol=atol, rtol=rtol)

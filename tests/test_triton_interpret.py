@@ -7,6 +7,7 @@ CUDA tensors with real compilation (autotuned configs) and add bfloat16. Shapes 
 """
 from __future__ import annotations
 
+import copy
 import os
 import subprocess
 import sys
@@ -349,6 +350,7 @@ def test_fpn_matches_torchvision(dtype):
     tv = FeaturePyramidNetwork(in_channels, 16).to(DEVICE)
     ours = fused_fpn.FPN(in_channels, 16, backend="triton").to(DEVICE)
     ours.load_state_dict(tv.state_dict())
+    tv64 = copy.deepcopy(tv).double()   # torchvision's own autograd in float64: the gradients' truth
     g = torch.Generator().manual_seed(3)
     sizes = [(15, 19), (8, 10), (4, 5)]
     feats = OrderedDict((f"c{i}", make_input((2, c, *hw), torch.float32, DEVICE, "channels_last", generator=g))
@@ -361,10 +363,18 @@ def test_fpn_matches_torchvision(dtype):
     for name in ref:
         assert_close_to_reference(out[name], ref[name].detach(), dtype,
                                   eager_low[name])
-    sum(o.float().sum() for o in out.values()).backward()
-    for v in low.values():
-        assert v.grad is not None and not torch.isnan(v.grad).any()
-    assert ours.inner_blocks[0][0].weight.grad is not None
+    dys = {k: torch.randn(o.shape, generator=g).to(DEVICE) for k, o in out.items()}
+    sum((o.float() * dys[k]).sum() for k, o in out.items()).backward()
+    feats64 = OrderedDict((k, v.detach().double().requires_grad_(True)) for k, v in feats.items())
+    out64 = tv64(feats64)
+    sum((o * dys[k].double()).sum() for k, o in out64.items()).backward()
+    atol, rtol = TOLERANCES[dtype]
+    named = [(f"x[{k}]", low[k].grad, feats64[k].grad) for k in feats]
+    named += [(f"{name}.grad", p.grad, p64.grad) for (name, p), p64 in zip(ours.named_parameters(), tv64.parameters())]
+    for name, got, want in named:
+        assert got is not None and got.dtype == dtype and got.shape == want.shape, name
+        scale = max(1.0, want.abs().max().item())
+        torch.testing.assert_close(got.double(), want, atol=atol * scale, rtol=rtol, msg=lambda m, n=name: f"{n}: {m}")
 
 
 def test_import_is_lazy():
