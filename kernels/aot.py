@@ -148,20 +148,26 @@ def grad_bias_top_args(dtype: str, layout: str):
                 sdn=ds[0], sdc=ds[1], sdh=ds[2], sdw=ds[3], stn=ts[0], stc=ts[1], sth=ts[2], stw=ts[3])
 
 
+STRIDED_VIEWS = {"X_FLAT": False, "O_FLAT": False}
+
+
 def jobs(archs=(90, 80)) -> List[dict]:
     """Every (kernel, arch, dtype, layout, config) to compile: each config of each (arch, kind) list
     (the forward's experimental configs too, ``K.fwd_configs(..., experimental=True)``), in the
     dtypes / layouts / precisions that take it. Forward: fp16/bf16 channels_last and fp16 NCHW
     ("16bit"), fp32 with TF32 dot ("tf32") and with IEEE dot ("ieee"); the same kernel as the
     backward's dx ("fwd_dx": W^T, no epilogue) in fp16 and in both fp32 kinds; weight gradient in
-    fp16/bf16 and both fp32 kinds; bias/top gradient (one fixed config) in every dtype."""
+    fp16/bf16 and both fp32 kinds; bias/top gradient (one fixed config) in every dtype. And each default
+    forward config once more with x and out strided (``flags``: X_FLAT = O_FLAT = False) and, for fp32,
+    in NCHW."""
     kinds = {"16bit": [("fp16", "channels_last"), ("bf16", "channels_last"), ("fp16", "nchw")],
              "tf32": [("fp32", "channels_last")], "ieee": [("fp32", "channels_last")]}
     out = []
 
-    def add(kernel, arch, dtype, layout, kind, cfg):
+    def add(kernel, arch, dtype, layout, kind, cfg, flags=None):
         out.append(dict(kernel=kernel, arch=arch, dtype=dtype, layout=layout, tf32=kind != "ieee",
-                        meta=dict(cfg.kwargs), num_warps=cfg.num_warps, num_stages=cfg.num_stages))
+                        meta=dict(cfg.kwargs), num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+                        flags=dict(flags or {})))
 
     for arch in archs:
         a = f"sm{arch}"
@@ -175,6 +181,12 @@ def jobs(archs=(90, 80)) -> List[dict]:
             for dtype, layout in variants[:2]:
                 for cfg in K.GRAD_WEIGHT_CONFIGS[(a, kind)]:
                     add("grad_weight", arch, dtype, layout, kind, cfg)
+            # the forward's other index paths, default configs: x and out as views whose (h, w) do not
+            # flatten (X_FLAT = O_FLAT = False: per-pixel h, w offsets), and fp32 NCHW
+            for cfg in K.fwd_configs(a, kind):
+                add("fwd", arch, variants[0][0], variants[0][1], kind, cfg, STRIDED_VIEWS)
+                if kind != "16bit":
+                    add("fwd", arch, "fp32", "nchw", kind, cfg)
         for dtype in ("fp16", "bf16", "fp32"):
             out.append(dict(kernel="grad_bias_top", arch=arch, dtype=dtype, layout="channels_last", tf32=False,
                             meta=dict(K.GRAD_BIAS_TOP_META), **K.GRAD_BIAS_TOP_LAUNCH))
@@ -193,6 +205,7 @@ def compile_job(job: dict) -> dict:
         fn, args = K._lateral_fwd_kernel, (fwd_args if epilogue else dx_args)(dtype, layout)
         constexprs = dict(HAS_BIAS=epilogue, HAS_TOP=epilogue, X_FLAT=True, O_FLAT=True, ALLOW_TF32=job["tf32"],
                           USE_INPUT_PRECISION=USE_INPUT_PRECISION, **job["meta"])
+        constexprs.update(job.get("flags", {}))
     elif kernel == "grad_weight":
         fn, args = K._lateral_grad_weight_kernel, grad_weight_args(dtype, layout)
         constexprs = dict(D_FLAT=True, X_FLAT=True, ALLOW_TF32=job["tf32"], USE_INPUT_PRECISION=USE_INPUT_PRECISION,

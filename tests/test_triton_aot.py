@@ -46,7 +46,7 @@ def results(tmp_path_factory):
 
 def _label(r):
     return (f"{r['kernel']} sm_{r['arch']} {r['dtype']} {r['layout']} tf32={r['tf32']} {r['meta']} "
-            f"warps={r['num_warps']} stages={r['num_stages']}")
+            f"warps={r['num_warps']} stages={r['num_stages']}" + (f" {r['flags']}" if r.get("flags") else ""))
 
 
 def test_every_config_of_every_kernel_is_compiled(results):
@@ -112,13 +112,55 @@ def test_default_configs_do_not_spill(results):
     256-column and 4-warp 128 x 128 tiles spilled 160-752 B with an FMA dot; the sm_80 fp16/bf16 and
     TF32 lists had 128 x 256 and 4-warp 128 x 128 tiles that spilled 8-88 B. Not asserted, only
     recorded in the AOT report: the experimental persistent configs (NCHW spills 40-120 B with
-    triton 3.8.0)."""
-    hot = [r for r in results if r["kernel"] in ("fwd", "fwd_dx", "grad_weight") and not r["meta"].get("PERSISTENT")]
+    triton 3.8.0). The forward's strided-view and fp32 NCHW variants: the next test."""
+    hot = [r for r in results if r["kernel"] in ("fwd", "fwd_dx", "grad_weight") and not r["meta"].get("PERSISTENT")
+           and not _index_variant(r)]
     assert {(r["arch"], kind_of(r)) for r in hot} == {(a, k) for a in ARCHS for k in K.KINDS}
     assert all(r["regs"] is not None for r in hot), "cuobjdump (triton/backends/nvidia/bin) gave no resource usage"
     spilled = [f"{_label(r)}: {r['stack']} B stack, {r['regs']} registers" for r in hot if r["stack"]]
     assert not spilled, f"register spills with triton {triton.__version__}:\n" + "\n".join(spilled)
 
+
+
+def _index_variant(r) -> bool:
+    """A forward job of the other index paths: strided x / out (flags), or fp32 NCHW."""
+    return r["kernel"] == "fwd" and (bool(r.get("flags")) or (r["dtype"] == "fp32" and r["layout"] == "nchw"))
+
+
+# Spills measured in the forward's other index paths with exact fp32 (the "ieee" lists: TF32 off), per
+# (arch, layout, BLOCK_M, BLOCK_N, flags) and triton version; every other variant spills nothing.
+# Exact fp32 holds its dot operands in registers (no tensor cores), so the per-pixel h, w offsets of
+# a strided view or NCHW's A loads push these tiles past 255 registers. The bound is what was
+# measured: a spill that grows, or one anywhere else, fails.
+KNOWN_VARIANT_SPILLS = {
+    "3.6": {(90, "channels_last", 128, 128, True): 8},
+    "3.8": {(90, "channels_last", 128, 128, True): 8, (80, "nchw", 64, 256, False): 248,
+            (80, "nchw", 128, 64, False): 8},
+}
+
+
+def test_forward_index_variants_are_compiled_and_do_not_spill(results):
+    """Each default forward config compiled again for the other index paths: x and out strided
+    (X_FLAT = O_FLAT = False) in every kind, and fp32 NCHW in both fp32 kinds (fp16 NCHW is among the
+    main jobs). They compile within the shared-memory limit (test_shared_memory_within_limits), and
+    none spills except the exact-fp32 ones of KNOWN_VARIANT_SPILLS, each at most its measured size."""
+    variants = [r for r in results if _index_variant(r)]
+    for arch in ARCHS:
+        for kind in K.KINDS:
+            configs = K.fwd_configs(f"sm{arch}", kind)
+            want = {(tuple(sorted(c.kwargs.items())), c.num_warps, c.num_stages) for c in configs}
+            for strided in (True, False) if kind != "16bit" else (True,):
+                got = {(tuple(sorted(r["meta"].items())), r["num_warps"], r["num_stages"]) for r in variants
+                       if r["arch"] == arch and kind_of(r) == kind and bool(r["flags"]) == strided}
+                assert got == want, f"sm{arch} {kind} strided={strided}: {got} != {want}"
+    known = KNOWN_VARIANT_SPILLS.get(".".join(triton.__version__.split(".")[:2]), {})
+    bad = []
+    for r in variants:
+        key = (r["arch"], r["layout"], r["meta"]["BLOCK_M"], r["meta"]["BLOCK_N"], bool(r["flags"]))
+        allowed = known.get(key, 0) if kind_of(r) == "ieee" else 0
+        if r["stack"] is None or r["stack"] > allowed:
+            bad.append(f"{_label(r)}: {r['stack']} B stack (allowed {allowed}), {r['regs']} registers")
+    assert not bad, f"triton {triton.__version__}:\n" + "\n".join(bad)
 
 def test_persistent_configs_are_compiled_with_the_flattened_loop(results):
     """The experimental persistent forward configs (sm_90 fp16/bf16) are among the compiled ones."""
