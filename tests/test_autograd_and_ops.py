@@ -51,6 +51,23 @@ def test_gradcheck_fp64(device, backend, layout, with_bias, with_top, top_hw):
     assert torch.autograd.gradcheck(fn, inputs, eps=1e-6, atol=1e-7, rtol=1e-5)
 
 
+
+@pytest.mark.filterwarnings("ignore:Input #.* is not a double precision")
+@pytest.mark.parametrize("device,backend", backend_device_params())
+@pytest.mark.parametrize("layout", ["nchw", "channels_last"])
+def test_gradcheck_fp32(device, backend, layout):
+    """gradcheck in fp32 for every backend, those without fp64 (cuda, triton) included: the op is
+    linear in each input, so central differences are exact but for fp32 rounding (~1e-7 of the
+    output over 2 * eps = 2e-2: ~1e-5), far below the tolerance; a wrong gradient entry is off by O(1).
+    TF32 off (no_tf32)."""
+    case = make_lateral_case(1, 3, 4, (3, 5), (2, 3), torch.float32, device, layout)
+    inputs = [t.requires_grad_() for t in case]
+
+    def fn(x, w, b, top):
+        return fused_fpn.lateral(x, w, b, top, backend=backend)
+
+    assert torch.autograd.gradcheck(fn, inputs, eps=1e-2, atol=2e-3, rtol=2e-3)
+
 @pytest.mark.parametrize("device,backend", backend_device_params())
 @pytest.mark.parametrize("layout", ["nchw", "channels_last"])
 def test_gradients_fp32_match_reference(device, backend, layout):
