@@ -158,21 +158,6 @@ class FPN(FeaturePyramidNetwork):
         return names, feats
 
     @staticmethod
-    def _check_weights_match(inner_blocks: List[nn.Module], feats: List[Tensor], cast: Optional[torch.dtype]) -> None:
-        """Each lateral block's first parameter (its conv weight) on its feature map's device and, without
-        autocast, of its dtype: else the op's own check would fail naming an argument the caller never passed."""
-        for block, t in zip(inner_blocks, feats):
-            weight = next(iter(block.parameters()), None)
-            if weight is None:
-                continue
-            if weight.device != t.device:
-                raise ValueError(f"the FPN's weights are on {weight.device}, the feature maps on {t.device}: move "
-                                 f"the module or the inputs to one device")
-            if cast is None and weight.dtype != t.dtype:
-                raise TypeError(f"the FPN's weights have dtype {weight.dtype}, the feature maps {t.dtype}: convert "
-                                f"the module or the inputs to one dtype (or run under torch.autocast)")
-
-    @staticmethod
     def _lateral(block: nn.Module, x: Tensor, top: Optional[Tensor], impl, cast: Optional[torch.dtype]) -> Tensor:
         """One level's lateral ``block`` + nearest(top): the fused op of backend module ``impl`` (x, top
         already in the autocast dtype ``cast`` if any), or the unfused torchvision computation."""
@@ -181,11 +166,17 @@ class FPN(FeaturePyramidNetwork):
             y = block(x)
             return y if top is None else y + F.interpolate(top, size=y.shape[-2:], mode="nearest")
         weight, bias = params
+        if weight.device != x.device:   # the op's own check would name "weight", which the caller never passed
+            raise ValueError(f"the FPN's weights are on {weight.device}, the feature maps on {x.device}: move the "
+                             f"module or the inputs to one device")
         if cast is not None:
             weight, bias = autocast_tensor(weight, cast), autocast_tensor(bias, cast)
+        elif weight.dtype != x.dtype:
+            raise TypeError(f"the FPN's weights have dtype {weight.dtype}, the feature maps {x.dtype}: convert the "
+                            f"module or the inputs to one dtype (or run under torch.autocast)")
         # fused_fpn.lateral without its per-call argument checks and backend selection: the feature
-        # maps were checked once (_check_features), the weights are the module's own 1x1 convs (a
-        # mismatch still raises in the op, naming the argument), and one backend serves every level.
+        # maps were checked once (_check_features), the weights just above (shapes: the module's own
+        # 1x1 convs), and one backend serves every level.
         return impl.lateral(x, weight.flatten(1), bias, top)
 
     def forward(self, x: Dict[str, Tensor]) -> Dict[str, Tensor]:
@@ -194,7 +185,6 @@ class FPN(FeaturePyramidNetwork):
         cast = autocast_dtype(feats[0].device.type)
         if cast is not None:   # as eager conv2d under autocast (the lateral convs would cast them)
             feats = [autocast_tensor(f, cast) for f in feats]
-        self._check_weights_match(inner_blocks, feats, cast)
         impl = _backends.select(self.backend, feats[0])   # every level has its device and dtype
         last_inner = self._lateral(inner_blocks[-1], feats[-1], None, impl, cast)
         results = [layer_blocks[-1](last_inner)]

@@ -206,8 +206,8 @@ def _lateral_fwd_kernel(
         channels_last), so a pixel's offset is n * s?n + (h * W + w) * s?w. Written that way the
         compiler sees that consecutive pixels are consecutive in memory when s?w == 1 (NCHW) and
         vectorizes those loads/stores; the general h * s?h + w * s?w form hides it behind div/mod.
-      ALLOW_TF32: fp32 inputs use TF32 tensor cores when True (torch.backends.cudnn.allow_tf32,
-        what eager conv does), IEEE fp32 when False; no effect on fp16/bf16.
+      ALLOW_TF32: fp32 inputs use TF32 tensor cores when True (when eager conv2d may:
+        fused_fpn._precision.conv_allows_tf32), IEEE fp32 when False; no effect on fp16/bf16.
       USE_INPUT_PRECISION: tl.dot spells the choice ``input_precision`` (triton >= 3.0) or, on
         older triton, ``allow_tf32``; the host picks the one this triton understands.
       BLOCK_M/N/K, GROUP_M: tile shape and swizzle group (autotuned per problem shape).
@@ -423,7 +423,7 @@ KINDS = ("16bit", "tf32", "ieee")
 
 def operand_kind(elem_bytes: int, allow_tf32: bool) -> str:
     """Which config list a launch takes: "16bit" for 2-byte elements, else "tf32" when TF32 is
-    allowed (torch.backends.cudnn.allow_tf32), "ieee" when not."""
+    allowed (as for eager conv2d: fused_fpn._precision.conv_allows_tf32), "ieee" when not."""
     if elem_bytes == 2:
         return "16bit"
     return "tf32" if allow_tf32 else "ieee"

@@ -84,7 +84,7 @@ def _allow_tf32(dtype: torch.dtype) -> bool:
 
 def config_kind(t: torch.Tensor) -> str:
     """The kind of config list a GEMM on t's dtype takes now (``lateral_kernels.operand_kind`` of its
-    element size and, for fp32, torch.backends.cudnn.allow_tf32)."""
+    element size and, for fp32, whether eager conv2d may use TF32: ``conv_allows_tf32``)."""
     return K.operand_kind(t.element_size(), _allow_tf32(t.dtype))
 
 
@@ -108,7 +108,13 @@ def _launch(kernel, grid, args, meta):
             kernel[grid](*args, **meta)
         else:
             from torch.library import wrap_triton
-            wrap_triton(kernel)[grid](*args, **meta)
+            launcher = wrap_triton(kernel)
+            seen = (kernel, _launch_variant(meta))
+            if launcher is kernel and seen not in _TUNED and _capturing():
+                raise _first_launch_in_capture(getattr(kernel, "__name__", "kernel"))
+            launcher[grid](*args, **meta)
+            if launcher is kernel:
+                _TUNED.add(seen)
 
 
 # Eager fast path of the autotuned kernels. triton's Autotuner.run rebuilds its cache key from all
@@ -120,12 +126,30 @@ def _launch(kernel, grid, args, meta):
 # times both).
 FAST_LAUNCH = True
 _CHOSEN = {}   # (autotuner, key) -> the chosen config's launch kwargs (BLOCK_*, num_warps, ...)
-_TUNED = set()   # (autotuner, key) launched eagerly at least once: tuned, and its kernel loaded
+# What was launched eagerly at least once (tuned, and its kernel loaded): (autotuner, key, variant)
+# or (kernel, variant), the variant being the launch's constexpr flags and the current device. A
+# launch not in it raises inside a CUDA-graph capture. Not covered: triton's own specialization of
+# the integer and pointer arguments (divisibility by 16), which may still compile a new binary.
+_TUNED = set()
 
 
 def _capturing() -> bool:
     """True while the current CUDA stream is being captured into a CUDA graph."""
     return torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
+
+
+def _launch_variant(meta: dict):
+    """The constexpr flags of a launch (HAS_BIAS, X_FLAT, ...) and the current device: what, with the
+    autotune key, selects a compiled binary."""
+    index = torch.cuda.current_device() if torch.cuda.is_available() else -1
+    return tuple(sorted(meta.items())), index
+
+
+def _first_launch_in_capture(what: str) -> RuntimeError:
+    return RuntimeError(
+        f"fused_fpn triton backend: the first call for this shape ({what}) is inside a CUDA-graph capture, "
+        f"where its kernel can be neither autotuned (timing synchronizes) nor loaded. Run the same call "
+        f"once before the capture (the usual warm-up), or capture backend='cuda'.")
 
 
 @contextlib.contextmanager
@@ -156,15 +180,12 @@ def _launch_autotuned(tuner, grid, args, meta, key):
             tuner.fn.run(*args, grid=grid, warmup=False, **meta, **chosen)
             _note_choice(tuner, key, chosen)
             return
-        if launcher is tuner and (tuner, key) not in _TUNED and _capturing():
-            raise RuntimeError(
-                f"fused_fpn triton backend: the first call for this shape ({describe_key(tuner, key)}) is inside "
-                f"a CUDA-graph capture, where its kernel can be neither autotuned (timing synchronizes) nor "
-                f"loaded. Run the same call once before the capture (the usual warm-up), or capture "
-                f"backend='cuda'.")
+        seen = (tuner, key, _launch_variant(meta))
+        if launcher is tuner and seen not in _TUNED and _capturing():
+            raise _first_launch_in_capture(describe_key(tuner, key))
         launcher[grid](*args, **meta)
         if launcher is tuner:
-            _TUNED.add((tuner, key))
+            _TUNED.add(seen)
             config = tuner.best_config   # set by this call's Autotuner.run (we hold the lock)
             kwargs = config.all_kwargs()
             if config.pre_hook is None:

@@ -51,7 +51,6 @@ def test_gradcheck_fp64(device, backend, layout, with_bias, with_top, top_hw):
     assert torch.autograd.gradcheck(fn, inputs, eps=1e-6, atol=1e-7, rtol=1e-5)
 
 
-
 @pytest.mark.filterwarnings("ignore:Input #.* is not a double precision")
 @pytest.mark.parametrize("device,backend", backend_device_params())
 @pytest.mark.parametrize("layout", ["nchw", "channels_last"])
@@ -67,6 +66,7 @@ def test_gradcheck_fp32(device, backend, layout):
         return fused_fpn.lateral(x, w, b, top, backend=backend)
 
     assert torch.autograd.gradcheck(fn, inputs, eps=1e-2, atol=2e-3, rtol=2e-3)
+
 
 @pytest.mark.parametrize("device,backend", backend_device_params())
 @pytest.mark.parametrize("layout", ["nchw", "channels_last"])

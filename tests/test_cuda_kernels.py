@@ -408,7 +408,8 @@ def test_auto_fpn_captured_by_hand_runs_the_warmed_up_backend():
         out = fpn(static)
         loss = sum(o.float().square().sum() for o in out.values())
         loss.backward()
-        return [o.detach() for o in out.values()] + [t.grad for t in static.values()]
+        return ([o.detach() for o in out.values()] + [t.grad for t in static.values()]
+                + [p.grad for p in fpn.parameters()])
 
     side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())
@@ -426,6 +427,10 @@ def test_auto_fpn_captured_by_hand_runs_the_warmed_up_backend():
             t.copy_(torch.randn_like(t))
     graph.replay()
     torch.cuda.synchronize()
+    captured = [t.clone() for t in captured]   # the eager step below accumulates into the same .grad
+    for p in fpn.parameters():
+        p.grad = None
     expected = step()
+    assert len(captured) == len(expected) == 2 * len(shapes) + len(list(fpn.parameters()))
     for got, want in zip(captured, expected):
         assert torch.equal(got, want)

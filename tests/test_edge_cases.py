@@ -172,7 +172,6 @@ def test_expanded_stride0_inputs_forward_and_backward(device, backend, which):
         torch.testing.assert_close(t.grad.double(), r.grad, atol=atol * scale, rtol=rtol, msg=lambda m, n=name: f"{n}: {m}")
 
 
-
 @pytest.mark.parametrize("device,backend", BACKENDS)
 @pytest.mark.parametrize("view", ["hw_transposed", "batch_step2"])
 def test_permuted_and_batch_strided_views_forward_and_backward(device, backend, view):

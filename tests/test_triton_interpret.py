@@ -207,9 +207,10 @@ def _run_nearest_probe(dst_sizes, src_sizes, d, t):
                           device=DEVICE)
     src_out, first_out = torch.full((rows, cols), -7, **i32), torch.full((rows, cols), -7, **i32)
     from triton_probes import nearest_probe
-    nearest_probe[(1,)](torch.tensor(dst_sizes, **i32), torch.tensor(src_sizes, **i32), scales,
+    per_program = rows if DEVICE == "cpu" else min(rows, 4)   # the interpreter: one program; a GPU: small tiles
+    nearest_probe[(rows // per_program,)](torch.tensor(dst_sizes, **i32), torch.tensor(src_sizes, **i32), scales,
                         d.to(**i32), t.to(**i32), src_out, first_out, max(dst_sizes).bit_length() + 1,
-                        ROWS=rows, COLS=cols)
+                        ROWS=per_program, COLS=cols)
     return src_out.cpu().long(), first_out.cpu().long()
 
 
@@ -267,6 +268,7 @@ def test_preimage_search_has_no_int32_overflow_past_2_30():
     assert src_got[:len(cases)].tolist() == want_src
     assert first_got[:len(cases)].tolist() == want_first
     assert want_first[0][6] == 2**30 + 7 and want_first[0][1] > 2**27, "the search really runs past 2^30"
+
 
 def test_backward_is_deterministic():
     """No atomics: two backward passes give bit-identical gradients."""
@@ -544,6 +546,20 @@ def test_autotuned_launches_reuse_the_chosen_config_without_the_autotuner(monkey
     with L.as_in_the_op_body(), pytest.raises(RuntimeError, match=message):
         L._launch_autotuned(tuner, lambda meta: (triton.cdiv(70, meta["BLOCK"]),), (src, dst, 70, 2.0), {}, key)
     assert calls["autotuner"] == before and calls["jit"] == [] and not dst.any(), "nothing tuned or launched"
+    # the same for a fixed-config kernel, and for a launch of a tuned key with other constexpr flags
+    with L.as_in_the_op_body(), pytest.raises(RuntimeError, match=r"first call for this shape \(_scale\)"):
+        L._launch(_scale, (5,), (src, dst, 70, 2.0), {"BLOCK": 16})
+    monkeypatch.setattr(L, "_capturing", lambda: False)
+    timings = iter([2.0, 1.0])
+    grid40, args40 = (lambda meta: (triton.cdiv(40, meta["BLOCK"]),)), (src, torch.zeros(70, device=DEVICE), 40, 2.0)
+    with L.as_in_the_op_body():   # before the capture: key40 tuned with no flags
+        L._launch_autotuned(tuner, grid40, args40, {}, key)
+    monkeypatch.setattr(L, "_capturing", lambda: True)
+    monkeypatch.setattr(L, "FAST_LAUNCH", False)
+    with L.as_in_the_op_body(), pytest.raises(RuntimeError, match="first call for this shape"):
+        L._launch_autotuned(tuner, grid40, (src, dst, 40, 2.0), {"EXTRA_FLAG": True}, key)
+    monkeypatch.setattr(L, "FAST_LAUNCH", True)
+    assert not dst.any()
     monkeypatch.setattr(L, "_capturing", lambda: False)
 
     wrapped = []
@@ -705,6 +721,7 @@ def test_tf32_switch_is_read_as_eager_conv_reads_it():
         for slot, value in zip(slots, saved):
             put(*slot, value)
     assert [get(*slot) for slot in slots] == saved
+
 
 def test_host_cdiv_is_tritons():
     """The launchers' host-side ceil division gives triton.cdiv's results (it replaces that call)."""

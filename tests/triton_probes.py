@@ -11,8 +11,8 @@ def nearest_probe(dst_size_ptr, src_size_ptr, scale_ptr, d_ptr, t_ptr, src_out, 
                   ROWS: tl.constexpr, COLS: tl.constexpr):
     """Rows r of (DST, SRC, scale): src_out[r] = _nearest_src(d[r]) (the forward's gather index) and
     first_out[r] = _nearest_first_dst(t[r]) (the backward's preimage search); d, t, outputs int32
-    [ROWS, COLS], contiguous. One program."""
-    r = tl.arange(0, ROWS)
+    [rows, COLS], contiguous. Program p takes rows [p * ROWS, (p + 1) * ROWS)."""
+    r = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
     offs = r[:, None] * COLS + tl.arange(0, COLS)[None, :]
     dst_size = tl.load(dst_size_ptr + r)[:, None]
     src_size = tl.load(src_size_ptr + r)[:, None]

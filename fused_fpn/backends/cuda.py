@@ -1,7 +1,8 @@
 """The "cuda" backend: the C++/CUDA kernels of csrc/cuda/ (torch.ops.fused_fpn.lateral on CUDA).
 
 Forward: one tensor-core GEMM over pixels (fp16 / bf16 with fp32 accumulation; fp32 on TF32 tensor
-cores when ``torch.backends.cudnn.allow_tf32`` is on, exact fp32 FMA when off, as eager conv2d)
+cores when eager conv2d may use them (``torch.backends.cudnn.allow_tf32``, or since torch 2.9
+``torch.backends.cudnn.conv.fp32_precision``), exact fp32 FMA when not)
 with the bias + nearest-gather epilogue fused; NCHW and channels_last read through strides. A level
 without a top map whose x is dense NCHW or channels_last (P5) is a plain 1x1 convolution + bias:
 it runs as ATen's conv2d (cuDNN), which is what eager runs, bit for bit (csrc/cuda/lateral_cuda.cpp,
