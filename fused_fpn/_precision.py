@@ -9,8 +9,7 @@ def conv_allows_tf32() -> bool:
     ``allowTF32CuDNN(Float32Op::CONV)`` reads), before it ``torch.backends.cudnn.allow_tf32``.
     The legacy getter raises once the new per-op API has set conv and RNN differently (e.g. after
     ``torch.backends.cudnn.conv.fp32_precision = "ieee"``), so it is read only where the new API is absent."""
-    conv = getattr(torch.backends.cudnn, "conv", None)
-    precision = getattr(conv, "fp32_precision", None) if conv is not None else None
+    precision = getattr(getattr(torch.backends.cudnn, "conv", None), "fp32_precision", None)
     if precision is None:
         return bool(torch.backends.cudnn.allow_tf32)
     return precision == "tf32"

@@ -110,8 +110,8 @@ def _launch(kernel, grid, args, meta):
             from torch.library import wrap_triton
             launcher = wrap_triton(kernel)
             seen = (kernel, _launch_variant(meta))
-            if launcher is kernel and seen not in _TUNED and _capturing():
-                raise _first_launch_in_capture(getattr(kernel, "__name__", "kernel"))
+            if launcher is kernel:
+                _refuse_first_launch_in_capture(seen, lambda: getattr(kernel, "__name__", "kernel"))
             launcher[grid](*args, **meta)
             if launcher is kernel:
                 _TUNED.add(seen)
@@ -145,11 +145,14 @@ def _launch_variant(meta: dict):
     return tuple(sorted(meta.items())), index
 
 
-def _first_launch_in_capture(what: str) -> RuntimeError:
-    return RuntimeError(
-        f"fused_fpn triton backend: the first call for this shape ({what}) is inside a CUDA-graph capture, "
-        f"where its kernel can be neither autotuned (timing synchronizes) nor loaded. Run the same call "
-        f"once before the capture (the usual warm-up), or capture backend='cuda'.")
+def _refuse_first_launch_in_capture(seen, what) -> None:
+    """RuntimeError, naming the shape ``what()``, when launch ``seen`` is not in _TUNED and the
+    current stream is capturing (the one check of ``_launch`` and ``_launch_autotuned``)."""
+    if seen not in _TUNED and _capturing():
+        raise RuntimeError(
+            f"fused_fpn triton backend: the first call for this shape ({what()}) is inside a CUDA-graph capture, "
+            f"where its kernel can be neither autotuned (timing synchronizes) nor loaded. Run the same call "
+            f"once before the capture (the usual warm-up), or capture backend='cuda'.")
 
 
 @contextlib.contextmanager
@@ -181,8 +184,8 @@ def _launch_autotuned(tuner, grid, args, meta, key):
             _note_choice(tuner, key, chosen)
             return
         seen = (tuner, key, _launch_variant(meta))
-        if launcher is tuner and seen not in _TUNED and _capturing():
-            raise _first_launch_in_capture(describe_key(tuner, key))
+        if launcher is tuner:
+            _refuse_first_launch_in_capture(seen, lambda: describe_key(tuner, key))
         launcher[grid](*args, **meta)
         if launcher is tuner:
             _TUNED.add(seen)
