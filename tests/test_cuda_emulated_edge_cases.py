@@ -10,7 +10,7 @@ and ATen GEMMs on CUDA tensors (``conv1x1_backward_gemm`` in csrc/autograd.cpp).
 Covered here, against the float64 reference: 1x1 / 1xW / Hx1 maps with up- and down-sampled tops,
 channel counts off every tile size (3, 17, 129), stride-0 (expanded) inputs, NaN / Inf reaching
 exactly the reference's positions, element offsets past 2^31 (views into one 4 GiB storage), empty
-batch / map / channel sizes, and bad input: a RuntimeError naming the argument, inputs unchanged.
+batch / map / channel sizes, a db + dtop launch past the grid's size, and bad input: a RuntimeError naming the argument, inputs unchanged.
 On a GPU the same cases run on the real kernels in test_edge_cases.py and test_properties.py.
 """
 from __future__ import annotations
@@ -178,6 +178,22 @@ def test_nan_and_inf_in_the_incoming_gradient(cuda_emu, layout, top_hw):
     assert torch.isnan(rdb).any() and torch.isinf(rdb).any()
     _assert_same_special_values(db.double(), rdb)
     _assert_same_special_values(dtop.double(), rdtop)
+
+
+# ---- the db + dtop launch's size limit --------------------------------------------------------------
+
+@pytest.mark.parametrize("layout,strides", [("nchw", (0, 1, 0, 0)), ("channels_last", (0, 0, 0, 1))])
+@pytest.mark.parametrize("size,top_hw", [((2**16, 2**21, 1, 1), (1, 1)), ((2, 8, 4, 4), (2**40, 1)),
+                                         ((3, 5, 4, 4), (2**62, 1))], ids=["images-channels", "top-rows", "int64"])
+def test_grad_past_one_launch_is_a_clear_error(cuda_emu, size, top_hw, layout, strides):
+    """The db + dtop kernel runs one block per (row group, image, channel block) in a 1-D grid (N and C
+    were grid y / z axes, at most 65535, until 2026-12-02; test_cuda_kernels.py runs 70001 on a GPU).
+    Past the grid's 2^31 - 1 blocks the host code says so before it allocates anything, and the count
+    does not overflow int64 for any top size."""
+    dy = torch.zeros(max(size[1], size[3])).as_strided(size, strides)  # channels_last-like: stride(1) < stride(3)
+    assert (dy.stride(1) < dy.stride(3)) == (layout == "channels_last")
+    with pytest.raises(RuntimeError, match=r"needs more than 2147483647 blocks \(row groups x images x channel"):
+        cuda_emu.grad(dy, *top_hw)
 
 
 # ---- element offsets past 2^31 ---------------------------------------------------------------------

@@ -300,6 +300,21 @@ def test_grad_bias_top_parity(size, layout, dtype):
     torch.testing.assert_close(dtop.double().cpu(), rdtop, atol=atol, rtol=rtol)
 
 
+@pytest.mark.parametrize("layout", ["nchw", "channels_last"])
+@pytest.mark.parametrize("size", [(70001, 3, 2, 3, 1, 2), (70001, 3, 2, 3, 0, 0), (1, 70001, 2, 3, 1, 2)],
+                         ids=["batch-top", "batch-no-top", "channels-top"])
+def test_grad_bias_top_past_the_grid_y_z_limit(size, layout):
+    """More than 65535 images or channels: the db + dtop launch once put N (and, for NCHW, C) in the
+    grid's y / z (at most 65535) and refused such shapes while the forward accepted them."""
+    n, c, h, w, th, tw = size
+    dy = _x((n, c, h, w), torch.float32, layout, torch.Generator().manual_seed(5))
+    db, dtop = torch.ops.fused_fpn.lateral_grad_bias_top(dy, th, tw)
+    rdb, rdtop = lateral_grad_bias_top_reference(dy.double().cpu(), th, tw)
+    atol, rtol = TOLERANCES[torch.float32]
+    torch.testing.assert_close(db.double().cpu(), rdb, atol=atol * 100, rtol=rtol)  # sums of 70001 * 6 terms
+    torch.testing.assert_close(dtop.double().cpu(), rdtop, atol=atol, rtol=rtol)
+
+
 def test_grad_bias_top_deterministic():
     dy = make_input((2, 256, 40, 60), torch.float16, DEV, "channels_last", torch.Generator().manual_seed(1))
     a = torch.ops.fused_fpn.lateral_grad_bias_top(dy, 20, 30)

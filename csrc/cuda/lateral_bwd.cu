@@ -84,13 +84,21 @@ __device__ __forceinline__ float sum_row_group(const GradBiasTopParams& p, const
   return total;
 }
 
-// channels_last dy. grid (R, N, ceil(C / 32)), block (32, 8): lane x = channel, y = column group.
+// Kernel 1 runs one block per work item, in a 1-D grid (its x size may reach 2^31 - 1; y and z only
+// 65535, which limited N and C when they were grid axes): block q is (row group r, image n, channel
+// block cb) with q = r + R * (n + N * cb) for channels_last dy (cb: kClLanes channels), or (r, c, n)
+// with q = r + R * (c + C * n) for NCHW-like dy. The host checks the count (grad_bias_top_blocks,
+// lateral_cuda.h) fits, so q, R, N and C fit in 32 bits and the split needs no 64-bit division.
+static_assert(kClLanes == kGradTopChannelsPerBlock, "lateral_cuda.h counts blocks of this many channels");
+
+// channels_last dy. block (32, 8): lane x = channel, y = column group.
 template <typename T, bool kHasTop>
 __global__ void __launch_bounds__(kClLanes* kClGroups)
     grad_bias_top_cl_kernel(const GradBiasTopParams p) {
   __shared__ float red[kClGroups][kClLanes];
-  const int64_t r = blockIdx.x, n = blockIdx.y;
-  const int64_t c = static_cast<int64_t>(blockIdx.z) * kClLanes + threadIdx.x;
+  const uint32_t q = blockIdx.x, rows = static_cast<uint32_t>(p.R), images = static_cast<uint32_t>(p.N);
+  const int64_t r = q % rows, n = (q / rows) % images;
+  const int64_t c = static_cast<int64_t>(q / rows / images) * kClLanes + threadIdx.x;
   const int g = threadIdx.y;
   const bool active = c < p.C;
   const T* __restrict__ dy = static_cast<const T*>(p.dy);
@@ -108,11 +116,12 @@ __global__ void __launch_bounds__(kClLanes* kClGroups)
   }
 }
 
-// NCHW-like dy. grid (R, C, N), block 128: threads walk top columns j (or dy columns w).
+// NCHW-like dy. block 128: threads walk top columns j (or dy columns w).
 template <typename T, bool kHasTop>
 __global__ void __launch_bounds__(kNchwThreads) grad_bias_top_nchw_kernel(const GradBiasTopParams p) {
   __shared__ float red[kNchwThreads];
-  const int64_t r = blockIdx.x, c = blockIdx.y, n = blockIdx.z;
+  const uint32_t q = blockIdx.x, rows = static_cast<uint32_t>(p.R), channels = static_cast<uint32_t>(p.C);
+  const int64_t r = q % rows, c = (q / rows) % channels, n = q / rows / channels;
   const int tid = threadIdx.x;
   const T* __restrict__ dy = static_cast<const T*>(p.dy);
   const T* base = dy + n * p.s0 + c * p.s1;
@@ -143,23 +152,17 @@ __global__ void __launch_bounds__(256) grad_bias_reduce_kernel(const float* __re
 
 template <typename T, typename Layout, bool kHasTop>
 void launch_grad_bias_top(const GradBiasTopParams& p, cudaStream_t stream) {
-  TORCH_CHECK(p.R <= 0x7fffffffLL, "fused_fpn::lateral_grad_bias_top (CUDA): too many row groups: ", p.R);
-  if constexpr (std::is_same<Layout, ChannelsLast>::value) {
-    const int64_t cz = (p.C + kClLanes - 1) / kClLanes;
-    TORCH_CHECK(p.N <= 65535 && cz <= 65535, "fused_fpn::lateral_grad_bias_top (CUDA): grad_out has too many images (",
-                p.N, ") or channels (", p.C, ") for one launch");
-    const dim3 grid(static_cast<unsigned>(p.R), static_cast<unsigned>(p.N), static_cast<unsigned>(cz));
-    grad_bias_top_cl_kernel<T, kHasTop><<<grid, dim3(kClLanes, kClGroups), 0, stream>>>(p);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  constexpr bool kChannelsLast = std::is_same<Layout, ChannelsLast>::value;
+  const int64_t blocks = grad_bias_top_blocks(p.N, p.C, p.R, kChannelsLast);  // <= kMaxGridBlocks (host check)
+  if constexpr (kChannelsLast) {
+    grad_bias_top_cl_kernel<T, kHasTop>
+        <<<static_cast<unsigned>(blocks), dim3(kClLanes, kClGroups), 0, stream>>>(p);
   } else {
-    TORCH_CHECK(p.N <= 65535 && p.C <= 65535, "fused_fpn::lateral_grad_bias_top (CUDA): grad_out has too many images (",
-                p.N, ") or channels (", p.C, ") for one launch");
-    const dim3 grid(static_cast<unsigned>(p.R), static_cast<unsigned>(p.C), static_cast<unsigned>(p.N));
-    grad_bias_top_nchw_kernel<T, kHasTop><<<grid, kNchwThreads, 0, stream>>>(p);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    grad_bias_top_nchw_kernel<T, kHasTop><<<static_cast<unsigned>(blocks), kNchwThreads, 0, stream>>>(p);
   }
-  const unsigned blocks = static_cast<unsigned>((p.C + 255) / 256);
-  grad_bias_reduce_kernel<T><<<blocks, 256, 0, stream>>>(p.partial, p.N * p.R, p.C, static_cast<T*>(p.db));
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  const unsigned reduce_blocks = static_cast<unsigned>((p.C + 255) / 256);
+  grad_bias_reduce_kernel<T><<<reduce_blocks, 256, 0, stream>>>(p.partial, p.N * p.R, p.C, static_cast<T*>(p.db));
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 

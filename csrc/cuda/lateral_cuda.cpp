@@ -192,9 +192,17 @@ std::tuple<at::Tensor, at::Tensor> lateral_grad_bias_top_cuda(const at::Tensor& 
   c10::cuda::CUDAGuard guard(grad_out.device());
   const bool cl = is_channels_last_like(grad_out);
   const int64_t N = grad_out.size(0), C = grad_out.size(1), H = grad_out.size(2), W = grad_out.size(3);
+  const bool has_top = top_h > 0;
+  // Row groups per image: one per top row (its preimage rows), else runs of rows_per_group dy rows.
+  const int64_t rows_per_group = has_top ? 0 : std::max<int64_t>(1, (H + 63) / 64);
+  const int64_t R = has_top ? top_h : (H + rows_per_group - 1) / rows_per_group;
+  const int64_t blocks = cuda::grad_bias_top_blocks(N, C, R, cl);
+  TORCH_CHECK(grad_out.numel() == 0 || blocks <= cuda::kMaxGridBlocks,
+              "fused_fpn::lateral_grad_bias_top (CUDA kernel): grad_out ", grad_out.sizes(), " with a top of ", top_h,
+              " x ", top_w, " needs more than ", cuda::kMaxGridBlocks,
+              " blocks (row groups x images x channel blocks) in one launch");
   at::Tensor db, dtop;
   if (allocate_grad_bias_top(grad_out, top_h, top_w, db, dtop)) return {db, dtop};
-  const bool has_top = top_h > 0;
   cuda::GradBiasTopParams p{};
   p.dy = grad_out.const_data_ptr();
   p.db = db.mutable_data_ptr();
@@ -216,12 +224,9 @@ std::tuple<at::Tensor, at::Tensor> lateral_grad_bias_top_cuda(const at::Tensor& 
     p.d3 = dtop.stride(3);
     p.scale_h = nearest_scale(top_h, H);
     p.scale_w = nearest_scale(top_w, W);
-    p.rows_per_group = 0;
-    p.R = top_h;  // one group per top row: its preimage rows
-  } else {
-    p.rows_per_group = std::max<int64_t>(1, (H + 63) / 64);
-    p.R = (H + p.rows_per_group - 1) / p.rows_per_group;
   }
+  p.rows_per_group = rows_per_group;
+  p.R = R;
   at::Tensor partial = at::empty({N * p.R, C}, grad_out.options().dtype(at::kFloat));
   p.partial = partial.mutable_data_ptr<float>();
   const int dtype = grad_out.scalar_type() == at::kHalf ? 0 : grad_out.scalar_type() == at::kBFloat16 ? 1 : 2;

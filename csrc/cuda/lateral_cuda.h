@@ -80,6 +80,19 @@ struct GradBiasTopParams {
   int64_t rows_per_group;  // rows of dy per group when there is no top
 };
 
+// Blocks of the db + dtop kernel (lateral_bwd.cu), one per work item in a 1-D grid: (row group,
+// image, block of kGradTopChannelsPerBlock channels) for channels_last dy, (row group, channel, image)
+// otherwise; R row groups per image. At most kMaxGridBlocks (the grid's x limit), checked by the host
+// code; a count past it comes back as kMaxGridBlocks + 1 (no int64 overflow for any sizes).
+constexpr int64_t kGradTopChannelsPerBlock = 32;
+constexpr int64_t kMaxGridBlocks = 0x7fffffff;
+inline int64_t grad_bias_top_blocks(int64_t N, int64_t C, int64_t R, bool channels_last) {
+  const int64_t channel_blocks = channels_last ? (C + kGradTopChannelsPerBlock - 1) / kGradTopChannelsPerBlock : C;
+  if (R == 0 || N == 0 || channel_blocks == 0) return 0;
+  if (R > kMaxGridBlocks / N || R * N > kMaxGridBlocks / channel_blocks) return kMaxGridBlocks + 1;
+  return R * N * channel_blocks;
+}
+
 // dtype: 0 = float16, 1 = bfloat16, 2 = float32.
 void lateral_grad_bias_top(const GradBiasTopParams& p, int dtype, bool channels_last, cudaStream_t stream);
 

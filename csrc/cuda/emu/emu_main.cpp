@@ -50,11 +50,12 @@ void lateral_fwd_f32_ffma(const LateralFwdParams& p, bool cl, cudaStream_t) { em
 
 template <typename T, typename Layout, bool kHasTop>
 void emu_bwd(const GradBiasTopParams& p) {
-  if constexpr (std::is_same<Layout, ChannelsLast>::value) {
-    const int64_t cz = (p.C + kClLanes - 1) / kClLanes;
-    emu::launch(p.R, p.N, cz, kClLanes, kClGroups, 0, [&] { grad_bias_top_cl_kernel<T, kHasTop>(p); });
+  constexpr bool kChannelsLast = std::is_same<Layout, ChannelsLast>::value;
+  const auto blocks = static_cast<unsigned>(grad_bias_top_blocks(p.N, p.C, p.R, kChannelsLast));
+  if constexpr (kChannelsLast) {
+    emu::launch(blocks, 1, 1, kClLanes, kClGroups, 0, [&] { grad_bias_top_cl_kernel<T, kHasTop>(p); });
   } else {
-    emu::launch(p.R, p.C, p.N, kNchwThreads, 1, 0, [&] { grad_bias_top_nchw_kernel<T, kHasTop>(p); });
+    emu::launch(blocks, 1, 1, kNchwThreads, 1, 0, [&] { grad_bias_top_nchw_kernel<T, kHasTop>(p); });
   }
   emu::launch((p.C + 255) / 256, 1, 1, 256, 1, 0,
               [&] { grad_bias_reduce_kernel<T>(p.partial, p.N * p.R, p.C, static_cast<T*>(p.db)); });
