@@ -143,7 +143,7 @@ def grad_bias_top_args(dtype: str, layout: str):
     n, c, h, w, ht, wt = 2, 256, 200, 304, 100, 152
     p = _TY[dtype]
     ds, ts = _strides(n, c, h, w, layout), _strides(n, c, ht, wt, layout)
-    return dict(dy_ptr=p, dtop_ptr=p, dbpart_ptr="*fp32", H=h, W_=w, HT=ht, WT=wt, C=c, N_TW_BLOCKS=5,
+    return dict(dy_ptr=p, dtop_ptr=p, dbpart_ptr="*fp32", H=h, W_=w, HT=ht, WT=wt, C=c, N_TW_BLOCKS=5, ROWS=n * ht * 5,
                 scale_h=0.5, scale_w=0.5, ITER_H=9, ITER_W=10,
                 sdn=ds[0], sdc=ds[1], sdh=ds[2], sdw=ds[3], stn=ts[0], stc=ts[1], sth=ts[2], stw=ts[3])
 

@@ -345,17 +345,19 @@ def _nearest_first_dst(t, DST, SRC, scale, N_ITER):
 @triton.jit
 def _lateral_grad_bias_top_kernel(
     dy_ptr, dtop_ptr, dbpart_ptr,
-    H, W_, HT, WT, C, N_TW_BLOCKS,
+    H, W_, HT, WT, C, N_TW_BLOCKS, ROWS,
     scale_h, scale_w, ITER_H, ITER_W,
     sdn, sdc, sdh, sdw,
     stn, stc, sth, stw,
     HAS_TOP: tl.constexpr, BLOCK_TW: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
     """dtop[n, c, i, j] = sum over (h, w) with sh(h) = i, sw(w) = j of dy[n, c, h, w]   (U^T dy)
-    dbpart[p, c]       = sum over the dy pixels program p visited                (db = sum_p dbpart)
+    dbpart[p, c]       = sum over the dy pixels of row p's programs               (db = sum_p dbpart)
 
-    One pass over dy [N, C, H, W] (any strides). Program p owns top row i of image n, a block of
-    BLOCK_TW top columns and BLOCK_C channels; the preimage of a top pixel is the row range
+    One pass over dy [N, C, H, W] (any strides), in a 1-D grid of ROWS * ceil(C / BLOCK_C) programs
+    (ROWS = N * HT * N_TW_BLOCKS; the host keeps it below 2^31; a 2-D grid's y size, at most 65535,
+    would limit C). Program pid owns row p = pid % ROWS, that is top row i of image n and a block of
+    BLOCK_TW top columns, and channel block pid // ROWS of BLOCK_C channels; the preimage of a top pixel is the row range
     [first(i), first(i + 1)) x column range [first(j), first(j + 1)) (``_nearest_first_dst``, the
     same float32 rule as the forward), summed in a fixed order in fp32: deterministic, no atomics.
     Top pixels with an empty preimage (downsampling) get 0. Every dy pixel lies in exactly one
@@ -367,9 +369,10 @@ def _lateral_grad_bias_top_kernel(
       BLOCK_TW, BLOCK_C: tile of top columns x channels.
     """
     pid = tl.program_id(0)
-    pid_c = tl.program_id(1)
-    twb = pid % N_TW_BLOCKS
-    row = pid // N_TW_BLOCKS
+    pid_c = pid // ROWS   # channel block
+    p = pid % ROWS        # (n, top row, column block): row p of dbpart
+    twb = p % N_TW_BLOCKS
+    row = p // N_TW_BLOCKS
     ti = row % HT
     n = row // HT
     offs_tw = twb * BLOCK_TW + tl.arange(0, BLOCK_TW)
@@ -404,7 +407,7 @@ def _lateral_grad_bias_top_kernel(
         tl.store(dtop_ptr + t_off, acc.to(dtop_ptr.dtype.element_ty),
                  mask=mask_tw[:, None] & mask_c[None, :])
     db = tl.sum(acc, axis=0)
-    tl.store(dbpart_ptr + pid.to(tl.int64) * C + offs_c, db, mask=mask_c)
+    tl.store(dbpart_ptr + p.to(tl.int64) * C + offs_c, db, mask=mask_c)
 
 
 # ---------------------------------------------------------------------------------------------

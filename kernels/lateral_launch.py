@@ -26,7 +26,7 @@ from fused_fpn._layout import output_memory_format
 from fused_fpn._precision import conv_allows_tf32
 
 from . import lateral_kernels as K
-from .limits import MAX_GRAD_WEIGHT_SPLIT
+from .limits import MAX_GRAD_WEIGHT_SPLIT, MAX_PROGRAMS
 
 USE_INPUT_PRECISION = K.USE_INPUT_PRECISION
 
@@ -369,28 +369,34 @@ def grad_bias_top(grad: torch.Tensor, top_h: int, top_w: int, need_top: bool):
     or None) in one pass over grad. top_h == 0 means there is no top (only db)."""
     n, c, h, w = grad.shape
     has_top = need_top and top_h > 0 and top_w > 0
-    fmt = output_memory_format(grad)
-    dtop = (torch.empty((n, c, top_h, top_w), dtype=grad.dtype, device=grad.device, memory_format=fmt)
-            if need_top else None)
-    if n * h * w == 0 or c == 0:
-        if dtop is not None:
-            dtop.zero_()
-        return torch.zeros((c,), dtype=grad.dtype, device=grad.device), dtop
+    empty = n * h * w == 0 or c == 0
     ht, wt = (top_h, top_w) if has_top else (h, w)
     cfg = K.INTERPRET_GRAD_BIAS_TOP if interpreting() else K.GRAD_BIAS_TOP_META
     n_tw = cdiv(wt, cfg["BLOCK_TW"])
     rows = n * ht * n_tw
+    programs = rows * cdiv(c, cfg["BLOCK_C"])
+    if not empty and programs > MAX_PROGRAMS:
+        raise ValueError(f"grad {tuple(grad.shape)} with a top of {top_h} x {top_w}: the triton bias / top gradient "
+                         f"needs {programs} programs (N * top_h * ceil(top_w / {cfg['BLOCK_TW']}) * "
+                         f"ceil(C / {cfg['BLOCK_C']})), more than one launch takes ({MAX_PROGRAMS})")
+    fmt = output_memory_format(grad)
+    dtop = (torch.empty((n, c, top_h, top_w), dtype=grad.dtype, device=grad.device, memory_format=fmt)
+            if need_top else None)
+    if empty:
+        if dtop is not None:
+            dtop.zero_()
+        return torch.zeros((c,), dtype=grad.dtype, device=grad.device), dtop
     dbpart = torch.empty((rows, c), dtype=torch.float32, device=grad.device)
     t_arg = dtop if has_top else dbpart
     t_strides = dtop.stride() if has_top else (0, 0, 0, 0)
     args = (grad, t_arg, dbpart,
-            h, w, ht, wt, c, n_tw,
+            h, w, ht, wt, c, n_tw, rows,
             nearest_scale(ht, h), nearest_scale(wt, w), int(h).bit_length() + 1, int(w).bit_length() + 1,
             *grad.stride(), *t_strides)
     meta = dict(HAS_TOP=has_top, **cfg)
     if not interpreting():
         meta.update(K.GRAD_BIAS_TOP_LAUNCH)
-    _run_on_device(grad, _launch, K._lateral_grad_bias_top_kernel, (rows, cdiv(c, cfg["BLOCK_C"])), args, meta)
+    _run_on_device(grad, _launch, K._lateral_grad_bias_top_kernel, (programs,), args, meta)
     return dbpart.sum(dim=0).to(grad.dtype), dtop
 
 

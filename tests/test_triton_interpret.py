@@ -422,6 +422,21 @@ def test_registered_ops_reject_bad_input():
         bwd(grad, x, weight, 4, 0, True, True, True, True)
 
 
+def test_bias_top_gradient_past_one_launch_is_a_clear_error():
+    """The bias / top gradient runs N * top_h * ceil(top_w / BLOCK_TW) * ceil(C / BLOCK_C) programs in a
+    1-D grid (its channel blocks were the grid's y axis, at most 65535 on a GPU, until 2026-12-02).
+    Past 2^31 - 1 programs: a ValueError naming grad and the top, raised before dtop is allocated."""
+    from fused_fpn.backends import triton as tb
+    _, bwd = tb.ops()
+    c = 2**22   # 65536 channel blocks of 64, times 65536 top rows: 2^32 programs
+    x = torch.randn((1, 1, 1, 1), device=DEVICE)
+    weight = torch.zeros((c, 1), device=DEVICE)
+    grad = torch.zeros((1, 1, 1, 1), device=DEVICE).expand(1, c, 1, 1)
+    with pytest.raises(ValueError, match=r"grad \(1, 4194304, 1, 1\) with a top of 65536 x 1: .* programs .* "
+                                         r"more than one launch takes \(2147483647\)"):
+        bwd(grad, x, weight, 2**16, 1, False, False, True, True)
+
+
 def test_autotune_key_is_the_pixel_bucket_and_the_layout_bits():
     """The autotuners key on (TUNE_KEY, COUT, CIN): M enters only through its power-of-two bucket
     (every M in (2^(k-1), 2^k] gives one key), and each layout bit gives another key."""
