@@ -4,7 +4,8 @@ It subclasses torchvision's module, so the constructor checks, the init (kaiming
 bias 0), the submodules and state_dict keys (``inner_blocks.{i}.0.weight`` ...), the version-2
 state_dict loading and ``isinstance(m, FeaturePyramidNetwork)`` are torchvision's own. Only
 ``forward`` differs: each level's lateral 1x1 conv + nearest upsample + add is one
-``fused_fpn.lateral`` call (one kernel launch on the fused backends).
+fused op (the backend's ``lateral``: one kernel launch on triton and cuda; on cpu, ATen's GEMM
+and a parallel epilogue per cache-sized tile).
 
 Norm layers: a frozen or eval-mode BatchNorm after the 1x1 conv is folded into the fused op's
 weight and bias (no extra pass). Any other norm (GroupNorm, training-mode BatchNorm, ...) takes

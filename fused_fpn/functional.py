@@ -28,7 +28,8 @@ def lateral(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] 
     """y = conv1x1(x; weight, bias) + upsample_nearest(top, size=x.shape[-2:]), fused in one kernel.
 
     Args:
-        x:      [N, Cin, H, W], NCHW or channels_last (any strides; never copied by the fused backends).
+        x:      [N, Cin, H, W], NCHW or channels_last (any strides; never copied as a whole: see README for the
+                cpu backend's NCHW tiles).
         weight: [Cout, Cin] or [Cout, Cin, 1, 1].
         bias:   [Cout] or None.
         top:    [N, Cout, Ht, Wt] or None; any Ht, Wt (nearest up- or down-sampling, ATen's index rule).

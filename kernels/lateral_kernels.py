@@ -419,7 +419,8 @@ def _lateral_grad_bias_top_kernel(
 # (BLOCK_M a multiple of 64, num_warps a multiple of 4). Shared memory per stage is
 # (BLOCK_M + BLOCK_N) * BLOCK_K * elem_bytes; every list stays under the arch's limit
 # (232448 B on sm_90, 166912 B on sm_80), and no config of a default list spills registers when
-# compiled by triton 3.6.0 or 3.8.0 (tests/test_triton_aot.py checks both on compiled kernels).
+# compiled by triton 3.6.0 or 3.8.0 (tests/test_triton_aot.py checks both on compiled kernels), but
+# for a few exact-fp32 (IEEE) ones on NCHW or strided x: KNOWN_VARIANT_SPILLS there, 8-248 B.
 
 KINDS = ("16bit", "tf32", "ieee")
 
@@ -502,7 +503,8 @@ INTERPRET_FWD = {"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 32, "GROUP_M": 4, "PER
 # SM the next tile's x loads wait for this tile's epilogue, and a flattened persistent loop can
 # overlap them. Not in the default lists until a GPU run has checked them (tests/test_triton_gpu.py
 # runs every config of both lists on its own against the float64 reference) and timed them
-# (``FUSED_FPN_TRITON_EXPERIMENTAL=1 pytest benchmarks`` against the default).
+# (provider ``fused-triton-x`` beside ``fused-triton`` in the benchmark: ``--bench-providers
+# eager,fused-triton,fused-triton-x``; the variable set for a whole run changes both rows).
 EXPERIMENTAL_FWD_CONFIGS = {
     ("sm90", "16bit"): [
         _cfg(128, 256, 64, 8, 3, persistent=True),

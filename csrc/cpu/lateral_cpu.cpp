@@ -12,8 +12,10 @@
 // the bias: nothing to gather.
 //
 // Layouts: x is never copied as a whole: the tile is a view (rows [h0, h0+rows) of one image)
-// in x's own strides; channels_last and NCHW tiles go to the GEMM as they are (other strided
-// views may be packed tile by tile inside ATen). The output has x's memory format
+// in x's own strides. A channels_last tile is dense and goes to the convolution as it is; an NCHW
+// tile (a band of rows in each channel plane) and other strided views are packed tile by tile
+// inside ATen's conv2d, one cache-sized copy per tile (at::mm on the band as a strided matrix
+// avoids it but was not faster here: 6.8 ms against 6.4 ms for a 512 x 13 x 152 fp32 tile). The output has x's memory format
 // (channels_last iff x.stride(1) < x.stride(3)); the epilogue loops channels innermost for
 // channels_last and pixels innermost for NCHW, so both write contiguously.
 //
