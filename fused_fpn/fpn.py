@@ -8,8 +8,10 @@ fused op (the backend's ``lateral``: one kernel launch on triton and cuda; on cp
 and a parallel epilogue per cache-sized tile).
 
 Norm layers: a frozen or eval-mode BatchNorm after the 1x1 conv is folded into the fused op's
-weight and bias (no extra pass). Any other norm (GroupNorm, training-mode BatchNorm, ...) takes
-the unfused path: ``block(x) + F.interpolate(top, size, mode="nearest")``, exactly as torchvision.
+weight and bias (no extra pass). Any other norm (GroupNorm, training-mode BatchNorm, ...), and a
+block whose call would do more than conv (+ norm) (hooks, as pruning, legacy weight_norm and
+quantization observers register; a conv or norm subclass with its own forward, as QAT's), takes the
+unfused path: ``block(x) + F.interpolate(top, size, mode="nearest")``, exactly as torchvision.
 """
 from __future__ import annotations
 
@@ -19,6 +21,7 @@ from typing import Dict, List, Optional, Tuple
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.nn.modules import module as _nn_module
 from torchvision.ops import FeaturePyramidNetwork
 from torchvision.ops.misc import FrozenBatchNorm2d
 
@@ -27,18 +30,40 @@ from ._checks import check_float_tensor
 from .functional import autocast_dtype, autocast_tensor
 
 
+def _has_hooks(module: nn.Module) -> bool:
+    """Whether calling ``module`` would run hooks (its own or global ones): forward / backward hooks,
+    and the forward pre-hooks of legacy weight_norm, pruning, quantization observers."""
+    return bool(module._forward_hooks or module._forward_pre_hooks or module._backward_hooks
+                or module._backward_pre_hooks)
+
+
+def _global_module_hooks() -> bool:
+    m = _nn_module
+    return bool(m._global_forward_hooks or m._global_forward_pre_hooks or m._global_backward_hooks
+                or m._global_backward_pre_hooks)
+
+
 def _fusable_conv(conv: nn.Module) -> bool:
-    return (isinstance(conv, nn.Conv2d) and tuple(conv.kernel_size) == (1, 1) and tuple(conv.stride) == (1, 1)
+    """A 1x1 convolution whose call is exactly F.conv2d(x, conv.weight, conv.bias): nn.Conv2d's own
+    forward (subclasses such as QAT or weight-standardized convs override it; a parametrized conv,
+    torch.nn.utils.parametrize, keeps it and computes .weight) and no hooks."""
+    return (isinstance(conv, nn.Conv2d) and type(conv).forward is nn.Conv2d.forward
+            and type(conv)._conv_forward is nn.Conv2d._conv_forward and not _has_hooks(conv)
+            and tuple(conv.kernel_size) == (1, 1) and tuple(conv.stride) == (1, 1)
             and tuple(conv.padding) == (0, 0) and tuple(conv.dilation) == (1, 1) and conv.groups == 1
             and conv.padding_mode == "zeros")
 
 
 def _batchnorm_scale_shift(norm: nn.Module) -> Optional[Tuple[Tensor, Tensor]]:
-    """(scale, shift) with norm(y) = y * scale + shift, for norms that are affine maps; else None."""
-    if isinstance(norm, FrozenBatchNorm2d):
+    """(scale, shift) with norm(y) = y * scale + shift, for norms that are affine maps (the classes'
+    own forward, no hooks); else None."""
+    if _has_hooks(norm):
+        return None
+    if isinstance(norm, FrozenBatchNorm2d) and type(norm).forward is FrozenBatchNorm2d.forward:
         scale = norm.weight * torch.rsqrt(norm.running_var + norm.eps)
         return scale, norm.bias - norm.running_mean * scale
-    if isinstance(norm, nn.BatchNorm2d) and not norm.training and norm.running_mean is not None:
+    if (isinstance(norm, nn.BatchNorm2d) and type(norm).forward is nn.BatchNorm2d.forward and not norm.training
+            and norm.running_mean is not None):
         inv_std = torch.rsqrt(norm.running_var + norm.eps)
         scale = inv_std if norm.weight is None else norm.weight * inv_std
         shift = -norm.running_mean * scale
@@ -50,8 +75,17 @@ def _batchnorm_scale_shift(norm: nn.Module) -> Optional[Tuple[Tensor, Tensor]]:
 
 def lateral_params(block: nn.Module) -> Optional[Tuple[Tensor, Optional[Tensor]]]:
     """(weight [Cout, Cin, 1, 1], bias [Cout] or None) of a lateral block the fused op can run,
-    folding an affine norm; None when the block must run unfused."""
-    layers = list(block) if isinstance(block, nn.Sequential) else [block]
+    folding an affine norm; None when the block must run unfused: anything whose call would do more
+    than conv (+ norm), such as hooks (global ones too: they would see each block's call), an
+    overridden forward, a third layer."""
+    if _global_module_hooks():
+        return None
+    if isinstance(block, nn.Sequential):   # torchvision's Conv2dNormActivation is one
+        if type(block).forward is not nn.Sequential.forward or _has_hooks(block):
+            return None
+        layers = list(block)
+    else:
+        layers = [block]
     if not layers or not _fusable_conv(layers[0]):
         return None
     conv = layers[0]
@@ -101,6 +135,12 @@ class FPN(FeaturePyramidNetwork):
         """
         if not isinstance(fpn, FeaturePyramidNetwork):
             raise TypeError(f"from_torchvision expects a torchvision.ops.FeaturePyramidNetwork, got {type(fpn).__name__}")
+        if not isinstance(fpn, FPN) and type(fpn) is not FeaturePyramidNetwork:
+            raise TypeError(
+                f"from_torchvision converts torchvision.ops.FeaturePyramidNetwork itself, got its subclass "
+                f"{type(fpn).__qualname__}: a fused_fpn.FPN in its place would drop the subclass's own methods "
+                f"(forward included). Derive {type(fpn).__qualname__} from fused_fpn.FPN instead (same constructor "
+                f"and state_dict keys) to fuse it.")
         if backend != "auto" and backend not in _backends.BACKEND_NAMES:
             raise ValueError(f"backend must be 'auto' or one of {list(_backends.BACKEND_NAMES)}, got {backend!r}")
         if isinstance(fpn, FPN):
@@ -121,7 +161,9 @@ class FPN(FeaturePyramidNetwork):
             "called from Python). Use torch.compile(model) or torch.export.export(model, ...) instead, "
             "or script the model before fused_fpn.convert().")
 
-    def _check_features(self, x, inner_blocks: List[nn.Module]) -> Tuple[List[str], List[Tensor]]:
+    def _check_features(self, x, inner_blocks: List[nn.Module]
+                        ) -> Tuple[List[str], List[Tensor], Optional[torch.dtype]]:
+        """(names, feature maps, the autocast dtype in force or None), after checking the maps."""
         if not isinstance(x, dict) or len(x) == 0:
             raise TypeError(f"FPN input must be a non-empty dict[str, Tensor] of feature maps (finest first), "
                             f"got {type(x).__name__}" + (" (empty)" if isinstance(x, dict) else ""))
@@ -129,9 +171,11 @@ class FPN(FeaturePyramidNetwork):
         if len(feats) != len(inner_blocks):
             raise ValueError(f"FPN was built for {len(inner_blocks)} feature maps, got {len(feats)} "
                              f"({names})")
-        ref = None
+        ref, cast = None, None
         for i, (name, t) in enumerate(zip(names, feats)):
             check_float_tensor(f"x[{name!r}]", t)
+            if i == 0:
+                cast = autocast_dtype(t.device.type)
             if t.dim() != 4:
                 raise ValueError(f"x[{name!r}] must be 4-D [N, C, H, W], got shape {tuple(t.shape)}")
             cin = _in_channels(inner_blocks[i])
@@ -144,8 +188,9 @@ class FPN(FeaturePyramidNetwork):
             if t.shape[0] != r.shape[0]:
                 raise ValueError(f"all feature maps must have one batch size: x[{rname!r}] has {r.shape[0]}, "
                                  f"x[{name!r}] has {t.shape[0]}")
-            if t.dtype != r.dtype:
-                raise TypeError(f"all feature maps must have one dtype: x[{rname!r}] is {r.dtype}, "
+            if autocast_tensor(t, cast).dtype != autocast_tensor(r, cast).dtype:   # as the convs would see them
+                under = f" (under autocast to {cast}: float32 / float16 / bfloat16 are cast to it)" if cast else ""
+                raise TypeError(f"all feature maps must have one dtype{under}: x[{rname!r}] is {r.dtype}, "
                                 f"x[{name!r}] is {t.dtype}")
             if t.device != r.device:
                 raise ValueError(f"all feature maps must be on one device: x[{rname!r}] is on {r.device}, "
@@ -156,7 +201,7 @@ class FPN(FeaturePyramidNetwork):
                 raise ValueError(f"x[{names[i + 1]!r}] has no pixels (shape {tuple(coarse.shape)}), so there is "
                                  f"nothing to upsample into the finer level x[{names[i]!r}] (shape "
                                  f"{tuple(fine.shape)}); every level coarser than a non-empty one needs H, W >= 1")
-        return names, feats
+        return names, feats, cast
 
     @staticmethod
     def _lateral(block: nn.Module, x: Tensor, top: Optional[Tensor], impl, cast: Optional[torch.dtype]) -> Tensor:
@@ -172,6 +217,10 @@ class FPN(FeaturePyramidNetwork):
                              f"module or the inputs to one device")
         if cast is not None:
             weight, bias = autocast_tensor(weight, cast), autocast_tensor(bias, cast)
+            if x.dtype != weight.dtype:   # float64 maps: autocast casts the weights but not them
+                raise TypeError(f"the feature maps are {x.dtype}, which autocast leaves as it is, while it casts the "
+                                f"FPN's weights to {cast} "
+                                f"(torchvision's conv2d fails the same way): run {x.dtype} maps outside autocast")
         elif weight.dtype != x.dtype:
             raise TypeError(f"the FPN's weights have dtype {weight.dtype}, the feature maps {x.dtype}: convert the "
                             f"module or the inputs to one dtype (or run under torch.autocast)")
@@ -182,8 +231,8 @@ class FPN(FeaturePyramidNetwork):
 
     def forward(self, x: Dict[str, Tensor]) -> Dict[str, Tensor]:
         inner_blocks, layer_blocks = list(self.inner_blocks), list(self.layer_blocks)
-        names, feats = self._check_features(x, inner_blocks)
-        cast = autocast_dtype(feats[0].device.type)
+        names, feats, cast = self._check_features(x, inner_blocks)
+        originals = feats   # what torchvision hands the extra blocks
         if cast is not None:   # as eager conv2d under autocast (the lateral convs would cast them)
             feats = [autocast_tensor(f, cast) for f in feats]
         impl = _backends.select(self.backend, feats[0])   # every level has its device and dtype
@@ -193,5 +242,5 @@ class FPN(FeaturePyramidNetwork):
             last_inner = self._lateral(inner_blocks[idx], feats[idx], last_inner, impl, cast)
             results.insert(0, layer_blocks[idx](last_inner))
         if self.extra_blocks is not None:
-            results, names = self.extra_blocks(results, feats, names)
+            results, names = self.extra_blocks(results, originals, names)
         return OrderedDict([(k, v) for k, v in zip(names, results)])

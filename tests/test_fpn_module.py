@@ -8,6 +8,7 @@ from functools import partial
 import pytest
 import torch
 from torch import nn
+from torch.nn.utils import prune
 from torchvision.ops import FeaturePyramidNetwork
 from torchvision.ops import feature_pyramid_network as tv_fpn
 
@@ -289,3 +290,166 @@ def test_compile_fullgraph_fpn_matches_eager(device):
     got, expected = compiled(x), ours(x)
     for k in expected:
         torch.testing.assert_close(got[k], expected[k], atol=1e-4, rtol=1e-4, msg=k)
+
+
+# ---- lateral blocks whose call does more than conv (+ norm): the unfused path, as torchvision ----
+
+class _WeightStandardizedConv(nn.Conv2d):   # timm StdConv-style: its own forward
+    def forward(self, x):
+        w = self.weight
+        w = (w - w.mean(dim=(1, 2, 3), keepdim=True)) / (w.std(dim=(1, 2, 3), keepdim=True) + 1e-5)
+        return self._conv_forward(x, w, self.bias)
+
+
+class _ShiftedBatchNorm(nn.BatchNorm2d):    # a norm subclass with its own forward
+    def forward(self, x):
+        return super().forward(x) + 1.0
+
+
+def _alter_lateral_block(tv, how):
+    """Changes inner_blocks[1] of ``tv`` so that its call does more than F.conv2d(x, weight, bias)."""
+    block = tv.inner_blocks[1]
+    conv = block[0]
+    if how == "forward-hook":
+        conv.register_forward_hook(lambda m, i, o: o * 0.5)
+    elif how == "forward-pre-hook":
+        conv.register_forward_pre_hook(lambda m, i: (i[0] * 2.0,))
+    elif how == "block-hook":
+        block.register_forward_hook(lambda m, i, o: o - 1.0)
+    elif how == "legacy-weight-norm":
+        torch.nn.utils.weight_norm(conv)
+        with torch.no_grad():
+            conv.weight_g.mul_(3.0)   # the weight the pre-hook computes differs from the stale .weight
+    elif how == "prune":
+        prune.l1_unstructured(conv, "weight", amount=0.5)
+    elif how == "conv-subclass":
+        std = _WeightStandardizedConv(conv.in_channels, conv.out_channels, 1)
+        std.load_state_dict(conv.state_dict())
+        block[0] = std
+    elif how == "norm-subclass":
+        norm = _ShiftedBatchNorm(conv.out_channels).eval()
+        block.append(norm)
+        conv.bias = None
+    else:
+        raise AssertionError(how)
+
+
+ALTERATIONS = ["forward-hook", "forward-pre-hook", "block-hook", "legacy-weight-norm", "prune", "conv-subclass",
+               "norm-subclass"]
+
+
+@pytest.mark.parametrize("device,backend", backend_device_params())
+@pytest.mark.parametrize("how", ALTERATIONS)
+def test_lateral_blocks_that_do_more_than_conv_run_as_torchvision(device, backend, how):
+    """Hooks (pruning, legacy weight_norm and quantization observers register them too) and conv /
+    norm subclasses with their own forward: the fused op would skip them and silently give another
+    answer; such a block runs unfused (block(x) + nearest(top)), and its neighbours stay fused."""
+    tv = randomize_(FeaturePyramidNetwork(IN_CHANNELS, OUT)).eval()
+    _alter_lateral_block(tv, how)
+    tv = tv.to(device)
+    ours = fused_fpn.FPN.from_torchvision(tv, backend=backend)   # the same blocks (some cannot be deep-copied)
+    assert [fused_fpn.lateral_params(b) is not None for b in ours.inner_blocks] == [True, False, True, True]
+    x = make_features(2, 33, 47, torch.float32, device, "nchw")
+    assert_outputs_match(ours(x), tv(x), torch.float32)
+
+
+@pytest.mark.parametrize("device,backend", backend_device_params())
+def test_a_global_module_hook_sees_every_lateral_block_as_in_torchvision(device, backend):
+    tv = randomize_(FeaturePyramidNetwork(IN_CHANNELS, OUT)).eval().to(device)
+    ours = fused_fpn.convert(copy.deepcopy(tv), backend=backend)
+    x = make_features(2, 33, 47, torch.float32, device, "nchw")
+    seen = []
+    handle = torch.nn.modules.module.register_module_forward_hook(
+        lambda m, i, o: seen.append(type(m).__name__) or (o * 0.5 if isinstance(m, nn.Conv2d) else None))
+    try:
+        expected, n_tv = tv(x), len(seen)
+        got = ours(x)
+    finally:
+        handle.remove()
+    assert seen[n_tv:-1] == seen[:n_tv - 1] and seen[-1] == "FPN" and seen.count("Conv2d") == 4 * len(IN_CHANNELS)
+    assert_outputs_match(got, expected, torch.float32)
+    assert all(fused_fpn.lateral_params(b) is not None for b in ours.inner_blocks)   # the hook is gone
+
+
+def test_pruned_fpn_trains_as_torchvision():
+    """Pruning recomputes weight = weight_orig * mask in a forward pre-hook: a fused op reading the
+    stale weight reused its freed graph ('backward through the graph a second time') at step 2."""
+    def pruned():
+        torch.manual_seed(0)
+        fpn = randomize_(FeaturePyramidNetwork(IN_CHANNELS, OUT))
+        prune.l1_unstructured(fpn.inner_blocks[0][0], "weight", amount=0.5)
+        return fpn
+    tv, ours = pruned(), fused_fpn.convert(pruned(), backend="auto")   # a pruned FPN cannot be deep-copied
+    x = make_features(2, 17, 23, torch.float32, "cpu", "nchw")
+    for model in (tv, ours):
+        opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        for _ in range(3):
+            loss = sum(v.square().mean() for v in model(x).values())
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+    for (k, a), (_, b) in zip(ours.state_dict().items(), tv.state_dict().items()):
+        torch.testing.assert_close(a, b, msg=k)
+
+
+# ---- autocast: the features as the convs see them ---------------------------------------------
+
+def test_mixed_feature_dtypes_under_autocast_run_as_torchvision():
+    """Under autocast the lateral convs cast float32 / float16 / bfloat16 maps to the autocast dtype,
+    so torchvision accepts a mix; the extra blocks get the maps as passed, not cast copies."""
+    tv, ours = pair(tv_fpn.LastLevelP6P7(IN_CHANNELS[-1], OUT), fused_fpn.LastLevelP6P7(IN_CHANNELS[-1], OUT))
+    x = make_features(2, 33, 47, torch.float32, "cpu", "nchw")
+    x["c3"], x["c4"] = x["c3"].bfloat16(), x["c4"].half()
+    seen = []
+    for model in (tv, ours):
+        model.extra_blocks.register_forward_pre_hook(lambda m, args: seen.append(args[1]))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        expected, got = tv(x), ours(x)
+    assert_outputs_match(got, expected, torch.bfloat16)
+    assert all(a is b for a, b in zip(seen[1], list(x.values()))), "the extra blocks got cast copies"
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        x["c3"] = x["c3"].double()
+        with pytest.raises(TypeError,
+                           match=r"one dtype \(under autocast to torch.bfloat16.*x\['c3'\] is torch.float64"):
+            ours(x)
+
+
+def test_float64_maps_under_autocast_name_the_maps():
+    tv, ours = pair()
+    x = make_features(1, 17, 23, torch.float64, "cpu", "nchw")
+    with torch.autocast("cpu", dtype=torch.bfloat16), pytest.raises(RuntimeError):
+        tv(x)   # torchvision fails too (autocast casts the weights, not float64 maps)
+    with torch.autocast("cpu", dtype=torch.bfloat16), pytest.raises(
+            TypeError, match="feature maps are torch.float64, which autocast leaves as it is"):
+        ours(x)
+
+
+class _ReluFPN(FeaturePyramidNetwork):   # a user's subclass with its own forward
+    def forward(self, x):
+        return OrderedDict((k, torch.relu(v)) for k, v in super().forward(x).items())
+
+
+class _FusedReluFPN(fused_fpn.FPN):      # the same, derived from the fused module
+    def forward(self, x):
+        return OrderedDict((k, torch.relu(v)) for k, v in super().forward(x).items())
+
+
+def test_convert_leaves_subclasses_of_torchvision_fpn_alone_with_a_warning():
+    """A fused_fpn.FPN in a subclass's place would drop its methods (here a forward with a ReLU):
+    convert leaves it, with a warning naming it, and from_torchvision refuses it; deriving the
+    subclass from fused_fpn.FPN fuses it with the same numbers."""
+    model = nn.Module()
+    model.sub = randomize_(_ReluFPN(IN_CHANNELS, OUT))
+    model.plain = randomize_(FeaturePyramidNetwork(IN_CHANNELS, OUT))
+    with pytest.warns(UserWarning, match=r"sub is _ReluFPN, a subclass of torchvision's FeaturePyramidNetwork; "
+                                         r"left unfused"):
+        assert fused_fpn.convert(model) is model
+    assert type(model.sub) is _ReluFPN and type(model.plain) is fused_fpn.FPN
+    with pytest.raises(TypeError, match="Derive _ReluFPN from fused_fpn.FPN instead"):
+        fused_fpn.FPN.from_torchvision(model.sub)
+    fused = _FusedReluFPN(IN_CHANNELS, OUT)
+    fused.load_state_dict(model.sub.state_dict())
+    assert fused_fpn.convert(fused) is fused   # already fused: returned as it is
+    x = make_features(2, 33, 47, torch.float32, "cpu", "nchw")
+    assert_outputs_match(fused(x), model.sub(x), torch.float32)
+    assert min(v.min().item() for v in fused(x).values()) == 0.0
