@@ -113,6 +113,13 @@ std::tuple<at::Tensor, at::Tensor> conv1x1_backward_gemm(const at::Tensor& grad_
 std::tuple<at::Tensor, at::Tensor> conv1x1_backward(const at::Tensor& grad, const at::Tensor& x,
                                                     const at::Tensor& weight, bool need_x, bool need_weight,
                                                     bool use_gemm = false) {
+  TORCH_CHECK(x.dim() == 4 && weight.dim() == 2 && weight.sym_size(1) == x.sym_size(1),
+              "fused_fpn::conv1x1_backward: x must be 4-D [N, Cin, H, W] and weight 2-D [Cout, Cin], got x ",
+              x.sym_sizes(), " and weight ", weight.sym_sizes());
+  TORCH_CHECK(grad.dim() == 4 && grad.sym_size(0) == x.sym_size(0) && grad.sym_size(1) == weight.sym_size(0) &&
+                  grad.sym_size(2) == x.sym_size(2) && grad.sym_size(3) == x.sym_size(3),
+              "fused_fpn::conv1x1_backward: grad must be [N, Cout, H, W] = [", x.sym_size(0), ", ", weight.sym_size(0),
+              ", ", x.sym_size(2), ", ", x.sym_size(3), "], got ", grad.sym_sizes());
   if (x.sym_numel() == 0 || weight.sym_numel() == 0) {
     return {need_x ? at::zeros_like(x) : at::Tensor(), need_weight ? at::zeros_like(weight) : at::Tensor()};
   }

@@ -17,6 +17,9 @@ def _desc(t: torch.Tensor) -> str:
 def check_float_tensor(name: str, t) -> None:
     if not isinstance(t, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if t.is_nested or t.layout != torch.strided:
+        kind = "a nested tensor" if t.is_nested else f"layout {t.layout}"
+        raise TypeError(f"{name} must be a dense (torch.strided) tensor, got {kind}")
     if not t.dtype.is_floating_point:
         raise TypeError(f"{name} must have a floating-point dtype (float16, bfloat16, float32, float64), got {t.dtype}")
 

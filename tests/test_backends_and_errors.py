@@ -90,6 +90,18 @@ def test_import_without_native_extension_leaves_only_torch_backend():
     (lambda: (torch.randn(1, 3, 4, 4), torch.randn(2, 3), torch.randn(2, device="meta"), None), ValueError, "bias must be on the same device"),
     (lambda: (torch.randn(1, 3, 4, 4), torch.randn(2, 3), torch.randn(2).half(), None), TypeError, "bias must have the same dtype"),
     (lambda: (torch.randn(1, 3, 4, 4), torch.randn(2, 3), torch.randint(0, 3, (2,)), None), TypeError, "bias must have a floating"),
+    # tensors that are not dense: each names the argument (the ops would say "SparseCPU backend" or worse)
+    (lambda: (torch.randn(1, 3, 4, 4).to_sparse(), torch.randn(2, 3), None, None), TypeError,
+     r"x must be a dense \(torch.strided\) tensor, got layout torch.sparse_coo"),
+    (lambda: (torch.randn(1, 3, 4, 4), torch.randn(2, 3).to_sparse(), None, None), TypeError, "weight must be a dense"),
+    (lambda: (torch.randn(1, 3, 4, 4), torch.randn(2, 3), torch.randn(2).to_sparse(), None), TypeError,
+     "bias must be a dense"),
+    (lambda: (torch.randn(1, 3, 4, 4), torch.randn(2, 3), None, torch.randn(1, 2, 2, 2).to_sparse()), TypeError,
+     "top must be a dense"),
+    (lambda: (torch.randn(1, 3, 4, 4).to_mkldnn(), torch.randn(2, 3), None, None), TypeError,
+     r"x must be a dense .*layout torch._mkldnn"),
+    (lambda: (torch.nested.nested_tensor([torch.randn(3, 4, 4), torch.randn(3, 2, 4)]), torch.randn(2, 3), None, None),
+     TypeError, "x must be a dense .* got a nested tensor"),
 ])
 @pytest.mark.parametrize("backend", ["auto", "torch", "cpu", "triton"])
 def test_lateral_bad_input_raises_clear_error(args, exc, pattern, backend):
@@ -98,11 +110,14 @@ def test_lateral_bad_input_raises_clear_error(args, exc, pattern, backend):
     if backend not in ("auto", "torch") and backend not in fused_fpn.available_backends("cpu"):
         pytest.skip(f"backend {backend} does not run on CPU tensors here")
     x, w, b, top = args()
-    snapshot = [t.clone() if t is not None and t.device.type != "meta" else t for t in (x, w, b, top)]
+
+    def comparable(t):   # a dense tensor with data (torch.equal takes no meta, sparse or nested ones)
+        return t is not None and t.device.type != "meta" and t.layout == torch.strided and not t.is_nested
+    snapshot = [t.clone() if comparable(t) else None for t in (x, w, b, top)]
     with pytest.raises(exc, match=pattern):
         fused_fpn.lateral(x, w, b, top, backend=backend)
     for before, after in zip(snapshot, (x, w, b, top)):   # inputs untouched after a failure
-        if before is not None and before.device.type != "meta":
+        if before is not None:
             assert torch.equal(before, after)
 
 
@@ -132,8 +147,33 @@ def _feats(*shapes, dtype=torch.float32):
     (lambda: _feats((1, 4, 8, 8), (1, 8, 0, 4)), ValueError, r"x\['c1'\] has no pixels"),
     (lambda: _feats((1, 4, 8, 8), (1, 8, 4, 4), dtype=torch.float64), TypeError, "weights have dtype torch.float32"),
     (lambda: OrderedDict(a=torch.randn(1, 4, 8, 8), b=torch.randn(1, 8, 4, 4, device="meta")), ValueError, "one device"),
+    (lambda: OrderedDict(a=torch.randn(1, 4, 8, 8), b=torch.randn(1, 8, 4, 4).to_sparse()), TypeError,
+     r"x\['b'\] must be a dense"),
 ])
 def test_fpn_bad_input_raises_clear_error(make_x, exc, pattern):
     fpn = fused_fpn.FPN([4, 8], 6)
     with pytest.raises(exc, match=pattern):
         fpn(make_x())
+
+
+@pytest.mark.skipif(not fused_fpn.extension_loaded(), reason="fused_fpn._C not built")
+@pytest.mark.parametrize("use_gemm", [False, True], ids=["convolution_backward", "gemm"])
+def test_conv1x1_backward_op_checks_its_shapes(use_gemm):
+    """The registered op below the autograd Function (callable on its own): a grad of another shape
+    than [N, Cout, H, W] once gave dx / dW without an error (the GEMM path reshapes it)."""
+    op = torch.ops.fused_fpn.conv1x1_backward
+    x, w = torch.randn(1, 3, 4, 1), torch.randn(4, 3)
+    dx, dw = op(torch.ones(1, 4, 4, 1), x, w, True, True, use_gemm)
+    assert dx.shape == x.shape and dw.shape == w.shape
+    with pytest.raises(RuntimeError, match=r"grad must be \[N, Cout, H, W\] = \[1, 4, 4, 1\], got \[1, 2, 8, 1\]"):
+        op(torch.ones(1, 2, 8, 1), x, w, True, True, use_gemm)
+    with pytest.raises(RuntimeError, match=r"grad must be \[N, Cout, H, W\] = \[1, 4, 4, 1\], got \[2, 4, 4, 1\]"):
+        op(torch.ones(2, 4, 4, 1), x, w, True, True, use_gemm)
+    with pytest.raises(RuntimeError, match=r"x must be 4-D \[N, Cin, H, W\] and weight 2-D \[Cout, Cin\]"):
+        op(torch.ones(1, 4, 4, 1), x, torch.randn(4, 2), True, True, use_gemm)
+
+
+@pytest.mark.skipif(not fused_fpn.extension_loaded(), reason="fused_fpn._C not built")
+def test_grad_bias_top_op_names_the_dtype_it_takes():
+    with pytest.raises(RuntimeError, match="grad_out dtype must be float32, float64, bfloat16 or float16, got Long"):
+        torch.ops.fused_fpn.lateral_grad_bias_top(torch.ones(1, 2, 3, 3, dtype=torch.long), 2, 2)

@@ -349,6 +349,10 @@ void grad_bias_top_impl(const at::Tensor& dy, int64_t top_h, int64_t top_w, at::
 std::tuple<at::Tensor, at::Tensor> lateral_grad_bias_top_cpu(const at::Tensor& grad_out, int64_t top_h,
                                                              int64_t top_w) {
   check_grad_bias_top_inputs(grad_out, top_h, top_w);
+  const auto dtype = grad_out.scalar_type();
+  TORCH_CHECK(dtype == at::kFloat || dtype == at::kDouble || dtype == at::kBFloat16 || dtype == at::kHalf,
+              "fused_fpn::lateral_grad_bias_top (CPU kernel): grad_out dtype must be float32, float64, bfloat16 or "
+              "float16, got ", dtype);
   at::Tensor db, dtop;
   if (allocate_grad_bias_top(grad_out, top_h, top_w, db, dtop)) return {db, dtop};
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, grad_out.scalar_type(), "fused_fpn_grad_bias_top_cpu",
