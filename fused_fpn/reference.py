@@ -24,7 +24,14 @@ def nearest_source_indices(in_size: int, out_size: int, device=None) -> torch.Te
     """
     if out_size == 0:
         return torch.empty((0,), dtype=torch.int64, device=device)
-    scale = float(in_size) / float(out_size)
+    if isinstance(in_size, torch.SymInt) or isinstance(out_size, torch.SymInt):
+        # symbolic sizes (torch.export / compile with dynamic shapes): float() would specialize them;
+        # the same correctly rounded float32 quotient, as a float32 tensor division
+        def as_f32(size):
+            return torch.full((), size, dtype=torch.float32, device=device)
+        scale = as_f32(in_size) / as_f32(out_size)
+    else:
+        scale = float(in_size) / float(out_size)
     dst = torch.arange(out_size, dtype=torch.float32, device=device)
     src = torch.floor(dst * scale).to(torch.int64)
     return torch.clamp(src, max=in_size - 1)

@@ -150,6 +150,36 @@ def test_torch_export_runs_and_matches(device):
         torch.testing.assert_close(got[k], expected[k], atol=1e-5, rtol=1e-5)
 
 
+class _Lateral(torch.nn.Module):
+    def __init__(self, backend):
+        super().__init__()
+        self.backend = backend
+        g = torch.Generator().manual_seed(0)
+        self.weight = torch.nn.Parameter(torch.randn(6, 4, generator=g))
+        self.bias = torch.nn.Parameter(torch.randn(6, generator=g))
+
+    def forward(self, x, top):
+        return fused_fpn.lateral(x, self.weight, self.bias, top, backend=self.backend)
+
+
+@pytest.mark.parametrize("backend", ["torch", "cpu"])
+def test_torch_export_with_dynamic_spatial_sizes(backend):
+    """H, W and the top's size symbolic: the "torch" backend's index rule once specialized them
+    (float(SymInt)); the exported program must give the reference's output on other sizes too."""
+    if backend not in fused_fpn.available_backends("cpu"):
+        pytest.skip(f"backend {backend} does not run on CPU tensors here")
+    model = _Lateral(backend)
+    h, w = torch.export.Dim("h", min=2, max=512), torch.export.Dim("w", min=2, max=512)
+    th, tw = torch.export.Dim("th", min=2, max=512), torch.export.Dim("tw", min=2, max=512)
+    g = torch.Generator().manual_seed(1)
+    x, top = torch.randn(2, 4, 9, 11, generator=g), torch.randn(2, 6, 5, 6, generator=g)
+    exported = torch.export.export(model, (x, top), dynamic_shapes={"x": {2: h, 3: w}, "top": {2: th, 3: tw}})
+    for (hh, ww), (tth, ttw) in [((9, 11), (5, 6)), ((33, 47), (17, 24)), ((164, 7), (2, 9)), ((5, 5), (9, 11))]:
+        x, top = torch.randn(2, 4, hh, ww, generator=g), torch.randn(2, 6, tth, ttw, generator=g)
+        expected = fused_fpn.lateral_reference(x.double(), model.weight.double(), model.bias.double(), top.double())
+        torch.testing.assert_close(exported.module()(x, top).double(), expected, atol=1e-5, rtol=1e-5)
+
+
 def test_jit_script_raises_a_clear_error():
     _, ours = pair()
     with pytest.raises(RuntimeError, match=r"fused_fpn\.FPN does not support torch\.jit\.script.*torch\.compile"):
