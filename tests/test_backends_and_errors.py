@@ -177,3 +177,20 @@ def test_conv1x1_backward_op_checks_its_shapes(use_gemm):
 def test_grad_bias_top_op_names_the_dtype_it_takes():
     with pytest.raises(RuntimeError, match="grad_out dtype must be float32, float64, bfloat16 or float16, got Long"):
         torch.ops.fused_fpn.lateral_grad_bias_top(torch.ones(1, 2, 3, 3, dtype=torch.long), 2, 2)
+
+
+@pytest.mark.skipif(not fused_fpn.extension_loaded(), reason="fused_fpn._C not built")
+def test_fake_impls_check_like_the_kernels():
+    """The ops' fake (meta) impls run the kernels' checks: a direct call on meta tensors, or a trace,
+    fails as the real op does instead of returning an output of a made-up shape."""
+    def meta(*shape):
+        return torch.empty(*shape, device="meta")
+    with pytest.raises(ValueError, match=r"weight must be \[Cout, Cin\] or \[Cout, Cin, 1, 1\] with Cin"):
+        torch.ops.fused_fpn.lateral(meta(1, 3, 4, 4), meta(2, 5), None, None)
+    with pytest.raises(ValueError, match="top must be 4-D"):
+        torch.ops.fused_fpn.lateral(meta(1, 3, 4, 4), meta(2, 3), None, meta(1, 3, 2, 2))
+    assert torch.ops.fused_fpn.lateral(meta(1, 3, 4, 4), meta(2, 3, 1, 1), None, meta(1, 2, 2, 2)).shape == (1, 2, 4, 4)
+    with pytest.raises(ValueError, match="grad_out must be 4-D"):
+        torch.ops.fused_fpn.lateral_grad_bias_top(meta(3, 4, 4), 2, 2)
+    with pytest.raises(ValueError, match="top_h and top_w must both be positive"):
+        torch.ops.fused_fpn.lateral_grad_bias_top(meta(1, 3, 4, 4), 2, 0)

@@ -117,11 +117,14 @@ def check_backward_args(grad, x, weight, top_h, top_w) -> None:
 # ---- fake impls (custom_op mode; in triton_op mode the op body is its own fake) -------------------
 
 def _lateral_fake(x, weight, bias, top):
+    check_forward_args(x, weight, bias, top)   # as the op body does (a direct call on meta tensors, a trace)
     n, _, h, w = x.shape
     return x.new_empty((n, weight.shape[0], h, w)).contiguous(memory_format=output_memory_format(x))
 
 
 def _backward_fake(grad, x, weight, top_h, top_w, need_x, need_weight, need_bias, need_top):
+    check_backward_args(grad, x, weight, top_h, top_w)
+
     def empty():
         return grad.new_empty((0,))
     dx = x.new_empty(x.shape).contiguous(memory_format=output_memory_format(x)) if need_x else empty()
