@@ -24,6 +24,14 @@ def check_float_tensor(name: str, t) -> None:
         raise TypeError(f"{name} must have a floating-point dtype (float16, bfloat16, float32, float64), got {t.dtype}")
 
 
+def check_top_size(op: str, grad: torch.Tensor, top_h, top_w) -> None:
+    """The backward ops' rule for (top_h, top_w): both >= 1 (a top) or both 0 (no top); one of them 0
+    only when grad is empty (a top without pixels under an output without pixels)."""
+    if top_h < 0 or top_w < 0 or ((top_h == 0) != (top_w == 0) and grad.numel() > 0):
+        raise ValueError(f"{op}: top_h and top_w must both be positive (or both 0 for no top; one of them 0 only "
+                         f"when the gradient is empty), got {top_h} and {top_w}")
+
+
 def check_lateral_args(x, weight, bias: Optional[torch.Tensor], top: Optional[torch.Tensor]) -> torch.Tensor:
     """Validate ``lateral``'s arguments; returns weight as [Cout, Cin] (a view, never a copy)."""
     check_float_tensor("x", x)

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from ._checks import check_lateral_args
+from ._checks import check_lateral_args, check_top_size
 from ._extension import extension_loaded
 from ._layout import output_memory_format
 
@@ -19,7 +19,9 @@ REGISTERED = False
 def lateral_fake(x, weight, bias, top):
     """Output of ``fused_fpn::lateral`` (meta / fake tensors): the kernels' checks of shapes, dtypes and
     devices first, so that a direct call on meta tensors or a trace fails as the real op would."""
-    weight = check_lateral_args(x, weight, bias, top)
+    if isinstance(weight, torch.Tensor) and weight.dim() != 2:   # the op takes [Cout, Cin] only
+        raise ValueError(f"fused_fpn::lateral: weight must be 2-D [Cout, Cin], got shape {tuple(weight.shape)}")
+    check_lateral_args(x, weight, bias, top)
     n, _, h, w = x.shape
     return x.new_empty((n, weight.shape[0], h, w)).contiguous(memory_format=output_memory_format(x))
 
@@ -28,9 +30,7 @@ def grad_bias_top_fake(grad_out, top_h, top_w):
     if grad_out.dim() != 4:
         raise ValueError(f"fused_fpn::lateral_grad_bias_top: grad_out must be 4-D [N, C, H, W], got shape "
                          f"{tuple(grad_out.shape)}")
-    if top_h < 0 or top_w < 0 or ((top_h == 0) != (top_w == 0) and grad_out.numel() > 0):
-        raise ValueError(f"fused_fpn::lateral_grad_bias_top: top_h and top_w must both be positive (or both 0 for "
-                         f"no top; one of them 0 only when grad_out is empty), got {top_h} and {top_w}")
+    check_top_size("fused_fpn::lateral_grad_bias_top", grad_out, top_h, top_w)
     n, c, _, _ = grad_out.shape
     grad_bias = grad_out.new_empty((c,))
     grad_top = grad_out.new_empty((n, c, top_h, top_w)).contiguous(memory_format=output_memory_format(grad_out))

@@ -6,7 +6,7 @@ import warnings
 from torch import nn
 from torchvision.ops import FeaturePyramidNetwork
 
-from .fpn import FPN
+from .fpn import FPN, convertible
 
 
 def convert(model: nn.Module, *, backend: str = "auto") -> nn.Module:
@@ -33,7 +33,7 @@ def convert(model: nn.Module, *, backend: str = "auto") -> nn.Module:
 
 
 def _convert_one(fpn: FeaturePyramidNetwork, path: str, backend: str) -> nn.Module:
-    if isinstance(fpn, FPN) or type(fpn) is FeaturePyramidNetwork:
+    if convertible(fpn):
         return FPN.from_torchvision(fpn, backend=backend)
     warnings.warn(f"fused_fpn.convert: {path} is {type(fpn).__qualname__}, a subclass of torchvision's "
                   f"FeaturePyramidNetwork; left unfused (a fused_fpn.FPN in its place would drop the subclass's "

@@ -27,7 +27,7 @@ from torchvision.ops.misc import FrozenBatchNorm2d
 
 from . import backends as _backends
 from ._checks import check_float_tensor
-from .functional import autocast_dtype, autocast_tensor
+from .functional import autocast_dtype, autocast_result_dtype, autocast_tensor
 
 
 def _has_hooks(module: nn.Module) -> bool:
@@ -102,6 +102,12 @@ def lateral_params(block: nn.Module) -> Optional[Tuple[Tensor, Optional[Tensor]]
     return weight, bias.to(conv.weight.dtype)
 
 
+def convertible(fpn: nn.Module) -> bool:
+    """Whether a fused_fpn.FPN can stand in for ``fpn``: torchvision's FPN itself, or a fused one
+    (a subclass of torchvision's has methods of its own that a fused_fpn.FPN would drop)."""
+    return isinstance(fpn, FPN) or type(fpn) is FeaturePyramidNetwork
+
+
 def _in_channels(block: nn.Module) -> Optional[int]:
     first = block[0] if isinstance(block, nn.Sequential) and len(block) > 0 else block
     return getattr(first, "in_channels", None)
@@ -135,7 +141,7 @@ class FPN(FeaturePyramidNetwork):
         """
         if not isinstance(fpn, FeaturePyramidNetwork):
             raise TypeError(f"from_torchvision expects a torchvision.ops.FeaturePyramidNetwork, got {type(fpn).__name__}")
-        if not isinstance(fpn, FPN) and type(fpn) is not FeaturePyramidNetwork:
+        if not convertible(fpn):
             raise TypeError(
                 f"from_torchvision converts torchvision.ops.FeaturePyramidNetwork itself, got its subclass "
                 f"{type(fpn).__qualname__}: a fused_fpn.FPN in its place would drop the subclass's own methods "
@@ -188,7 +194,7 @@ class FPN(FeaturePyramidNetwork):
             if t.shape[0] != r.shape[0]:
                 raise ValueError(f"all feature maps must have one batch size: x[{rname!r}] has {r.shape[0]}, "
                                  f"x[{name!r}] has {t.shape[0]}")
-            if autocast_tensor(t, cast).dtype != autocast_tensor(r, cast).dtype:   # as the convs would see them
+            if autocast_result_dtype(t.dtype, cast) != autocast_result_dtype(r.dtype, cast):   # as the convs see them
                 under = f" (under autocast to {cast}: float32 / float16 / bfloat16 are cast to it)" if cast else ""
                 raise TypeError(f"all feature maps must have one dtype{under}: x[{rname!r}] is {r.dtype}, "
                                 f"x[{name!r}] is {t.dtype}")
@@ -217,10 +223,11 @@ class FPN(FeaturePyramidNetwork):
                              f"module or the inputs to one device")
         if cast is not None:
             weight, bias = autocast_tensor(weight, cast), autocast_tensor(bias, cast)
-            if x.dtype != weight.dtype:   # float64 maps: autocast casts the weights but not them
-                raise TypeError(f"the feature maps are {x.dtype}, which autocast leaves as it is, while it casts the "
-                                f"FPN's weights to {cast} "
-                                f"(torchvision's conv2d fails the same way): run {x.dtype} maps outside autocast")
+            if x.dtype != weight.dtype:   # one side float64, which autocast leaves as it is
+                side, other = ("feature maps", "FPN's weights") if x.dtype == torch.float64 else \
+                    ("FPN's weights", "feature maps")
+                raise TypeError(f"the {side} are float64, which autocast leaves as it is, while it casts the {other} "
+                                f"to {cast} (torchvision's conv2d fails the same way): run float64 outside autocast")
         elif weight.dtype != x.dtype:
             raise TypeError(f"the FPN's weights have dtype {weight.dtype}, the feature maps {x.dtype}: convert the "
                             f"module or the inputs to one dtype (or run under torch.autocast)")

@@ -16,10 +16,15 @@ def autocast_dtype(device_type: str) -> Optional[torch.dtype]:
     return torch.get_autocast_dtype(device_type)
 
 
+def autocast_result_dtype(dtype: torch.dtype, cast: Optional[torch.dtype]) -> torch.dtype:
+    """The dtype autocast to ``cast`` gives a tensor of ``dtype`` (float32/16 are cast, float64 never)."""
+    return cast if cast is not None and dtype in (torch.float32, torch.float16, torch.bfloat16) else dtype
+
+
 def autocast_tensor(t, dtype):
     """t cast to the autocast dtype when it is a float32/16 tensor (never float64), else t."""
-    if isinstance(t, torch.Tensor) and t.dtype in (torch.float32, torch.float16, torch.bfloat16):
-        return t.to(dtype)
+    if isinstance(t, torch.Tensor):
+        return t.to(autocast_result_dtype(t.dtype, dtype))
     return t
 
 

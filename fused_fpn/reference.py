@@ -25,11 +25,16 @@ def nearest_source_indices(in_size: int, out_size: int, device=None) -> torch.Te
     if out_size == 0:
         return torch.empty((0,), dtype=torch.int64, device=device)
     if isinstance(in_size, torch.SymInt) or isinstance(out_size, torch.SymInt):
-        # symbolic sizes (torch.export / compile with dynamic shapes): float() would specialize them;
-        # the same correctly rounded float32 quotient, as a float32 tensor division
-        def as_f32(size):
-            return torch.full((), size, dtype=torch.float32, device=device)
-        scale = as_f32(in_size) / as_f32(out_size)
+        # symbolic sizes (torch.export / compile with dynamic shapes): float() would specialize them.
+        # The same float32 scale from a float64 division, rounded once more to float32 (harmless for
+        # a quotient: 53 >= 2 * 24 + 2): a float32 division compiled for a GPU may be approximate
+        # (div.full.f32), and one ulp low picks the row before for exact ratios; float64 division is
+        # IEEE there. (MPS has no float64: a 0-d CPU tensor, which ops on MPS tensors take as a scalar.)
+        f64_device = "cpu" if torch.device(device or "cpu").type == "mps" else device
+
+        def as_f64(size):
+            return torch.full((), size, dtype=torch.float64, device=f64_device)
+        scale = (as_f64(in_size) / as_f64(out_size)).to(torch.float32)
     else:
         scale = float(in_size) / float(out_size)
     dst = torch.arange(out_size, dtype=torch.float32, device=device)

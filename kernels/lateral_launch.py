@@ -376,9 +376,10 @@ def grad_bias_top(grad: torch.Tensor, top_h: int, top_w: int, need_top: bool):
     rows = n * ht * n_tw
     programs = rows * cdiv(c, cfg["BLOCK_C"])
     if not empty and programs > MAX_PROGRAMS:
-        raise ValueError(f"grad {tuple(grad.shape)} with a top of {top_h} x {top_w}: the triton bias / top gradient "
-                         f"needs {programs} programs (N * top_h * ceil(top_w / {cfg['BLOCK_TW']}) * "
-                         f"ceil(C / {cfg['BLOCK_C']})), more than one launch takes ({MAX_PROGRAMS})")
+        what = f"a top of {top_h} x {top_w}" if has_top else "no top (its pixels are walked as a top's)"
+        raise ValueError(f"grad {tuple(grad.shape)} with {what}: the triton bias / top gradient needs {programs} "
+                         f"programs (N * {ht} * ceil({wt} / {cfg['BLOCK_TW']}) * ceil(C / {cfg['BLOCK_C']})), more "
+                         f"than one launch takes ({MAX_PROGRAMS})")
     fmt = output_memory_format(grad)
     dtop = (torch.empty((n, c, top_h, top_w), dtype=grad.dtype, device=grad.device, memory_format=fmt)
             if need_top else None)

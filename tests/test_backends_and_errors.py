@@ -189,7 +189,11 @@ def test_fake_impls_check_like_the_kernels():
         torch.ops.fused_fpn.lateral(meta(1, 3, 4, 4), meta(2, 5), None, None)
     with pytest.raises(ValueError, match="top must be 4-D"):
         torch.ops.fused_fpn.lateral(meta(1, 3, 4, 4), meta(2, 3), None, meta(1, 3, 2, 2))
-    assert torch.ops.fused_fpn.lateral(meta(1, 3, 4, 4), meta(2, 3, 1, 1), None, meta(1, 2, 2, 2)).shape == (1, 2, 4, 4)
+    assert torch.ops.fused_fpn.lateral(meta(1, 3, 4, 4), meta(2, 3), None, meta(1, 2, 2, 2)).shape == (1, 2, 4, 4)
+    for device in ("meta", "cpu"):   # the op takes a 2-D weight only (fused_fpn.lateral reshapes a 4-D one)
+        with pytest.raises((ValueError, RuntimeError), match=r"weight must be 2-D \[Cout, Cin\]"):
+            torch.ops.fused_fpn.lateral(*(torch.empty(s, device=device) for s in ((1, 3, 4, 4), (2, 3, 1, 1))),
+                                        None, None)
     with pytest.raises(ValueError, match="grad_out must be 4-D"):
         torch.ops.fused_fpn.lateral_grad_bias_top(meta(3, 4, 4), 2, 2)
     with pytest.raises(ValueError, match="top_h and top_w must both be positive"):

@@ -192,7 +192,7 @@ def test_grad_past_one_launch_is_a_clear_error(cuda_emu, size, top_hw, layout, s
     does not overflow int64 for any top size."""
     dy = torch.zeros(max(size[1], size[3])).as_strided(size, strides)  # channels_last-like: stride(1) < stride(3)
     assert (dy.stride(1) < dy.stride(3)) == (layout == "channels_last")
-    with pytest.raises(RuntimeError, match=r"needs more than 2147483647 blocks \(row groups x images x channel"):
+    with pytest.raises(RuntimeError, match=r"needs more than 2147483647 blocks \(row groups x images x channels"):
         cuda_emu.grad(dy, *top_hw)
 
 

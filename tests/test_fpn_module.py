@@ -420,7 +420,7 @@ def test_float64_maps_under_autocast_name_the_maps():
     with torch.autocast("cpu", dtype=torch.bfloat16), pytest.raises(RuntimeError):
         tv(x)   # torchvision fails too (autocast casts the weights, not float64 maps)
     with torch.autocast("cpu", dtype=torch.bfloat16), pytest.raises(
-            TypeError, match="feature maps are torch.float64, which autocast leaves as it is"):
+            TypeError, match="feature maps are float64, which autocast leaves as it is"):
         ours(x)
 
 

@@ -180,6 +180,23 @@ def test_torch_export_with_dynamic_spatial_sizes(backend):
         torch.testing.assert_close(exported.module()(x, top).double(), expected, atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("device", DEVICES)
+def test_compiled_dynamic_shapes_gather_the_same_rows_as_eager(device):
+    """torch.compile(dynamic=True) of the "torch" backend: the index rule's scale is then computed
+    in the graph from symbolic sizes; a float32 division compiled for a GPU may be approximate, and
+    one ulp low would pick the row before for exact ratios (2 -> 6, 25 -> 50, ...). Zero weight:
+    the output is the gathered top, compared bit for bit with eager."""
+    weight = torch.zeros(3, 2, device=device)
+    compiled = torch.compile(lambda x, top: fused_fpn.lateral(x, weight, None, top, backend="torch"), dynamic=True)
+    g = torch.Generator().manual_seed(0)
+    for (h, w), (th, tw) in [((6, 50), (2, 25)), ((21, 39), (7, 13)), ((200, 9), (100, 3)), ((5, 164), (9, 2)),
+                             ((48, 60), (16, 12)), ((7, 7), (7, 7))]:
+        x = torch.randn(1, 2, h, w, generator=g).to(device)
+        top = torch.randn(1, 3, th, tw, generator=g).to(device)
+        expected = fused_fpn.lateral(x, weight, None, top, backend="torch")
+        assert torch.equal(compiled(x, top), expected), ((h, w), (th, tw))
+
+
 def test_jit_script_raises_a_clear_error():
     _, ours = pair()
     with pytest.raises(RuntimeError, match=r"fused_fpn\.FPN does not support torch\.jit\.script.*torch\.compile"):

@@ -28,7 +28,7 @@ from typing import Optional, Tuple
 import torch
 import torch.autograd.forward_ad as fwAD
 
-from .._checks import check_lateral_args
+from .._checks import check_lateral_args, check_top_size
 from .._layout import output_memory_format
 from ..kernels.limits import MAX_PIXELS
 from ..reference import lateral_backward_reference
@@ -109,9 +109,7 @@ def check_backward_args(grad, x, weight, top_h, top_w) -> None:
                          f"got {tuple(grad.shape) if isinstance(grad, torch.Tensor) else type(grad).__name__}")
     if grad.dtype != x.dtype or grad.device != x.device:
         raise TypeError(f"grad must have x's dtype and device ({x.dtype}, {x.device}), got {grad.dtype}, {grad.device}")
-    if top_h < 0 or top_w < 0 or ((top_h == 0) != (top_w == 0) and grad.numel() > 0):
-        raise ValueError(f"top_h, top_w must both be >= 1 (a top) or both 0 (no top; one of them 0 only when grad "
-                         f"is empty: a top without pixels under an output without pixels), got {top_h}, {top_w}")
+    check_top_size("fused_fpn::triton_lateral_backward", grad, top_h, top_w)
 
 
 # ---- fake impls (custom_op mode; in triton_op mode the op body is its own fake) -------------------
