@@ -31,16 +31,11 @@ from .functional import autocast_dtype, autocast_result_dtype, autocast_tensor
 
 
 def _has_hooks(module: nn.Module) -> bool:
-    """Whether calling ``module`` would run hooks (its own or global ones): forward / backward hooks,
-    and the forward pre-hooks of legacy weight_norm, pruning, quantization observers."""
+    """Whether calling ``module`` would run hooks of its own: forward / backward hooks, and the
+    forward pre-hooks of legacy weight_norm, pruning, quantization observers (global ones: torch's
+    ``_has_any_global_hook``)."""
     return bool(module._forward_hooks or module._forward_pre_hooks or module._backward_hooks
                 or module._backward_pre_hooks)
-
-
-def _global_module_hooks() -> bool:
-    m = _nn_module
-    return bool(m._global_forward_hooks or m._global_forward_pre_hooks or m._global_backward_hooks
-                or m._global_backward_pre_hooks)
 
 
 def _fusable_conv(conv: nn.Module) -> bool:
@@ -78,7 +73,7 @@ def lateral_params(block: nn.Module) -> Optional[Tuple[Tensor, Optional[Tensor]]
     folding an affine norm; None when the block must run unfused: anything whose call would do more
     than conv (+ norm), such as hooks (global ones too: they would see each block's call), an
     overridden forward, a third layer."""
-    if _global_module_hooks():
+    if _nn_module._has_any_global_hook():
         return None
     if isinstance(block, nn.Sequential):   # torchvision's Conv2dNormActivation is one
         if type(block).forward is not nn.Sequential.forward or _has_hooks(block):

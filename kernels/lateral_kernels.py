@@ -357,9 +357,10 @@ def _lateral_grad_bias_top_kernel(
     One pass over dy [N, C, H, W] (any strides), in a 1-D grid of ROWS * ceil(C / BLOCK_C) programs
     (ROWS = N * HT * N_TW_BLOCKS; the host keeps it below 2^31; a 2-D grid's y size, at most 65535,
     would limit C). Program pid owns row p = pid % ROWS, that is top row i of image n and a block of
-    BLOCK_TW top columns, and channel block pid // ROWS of BLOCK_C channels; the preimage of a top pixel is the row range
-    [first(i), first(i + 1)) x column range [first(j), first(j + 1)) (``_nearest_first_dst``, the
-    same float32 rule as the forward), summed in a fixed order in fp32: deterministic, no atomics.
+    BLOCK_TW top columns, and channel block pid // ROWS of BLOCK_C channels; the preimage of a top
+    pixel is the row range [first(i), first(i + 1)) x column range [first(j), first(j + 1))
+    (``_nearest_first_dst``, the same float32 rule as the forward), summed in a fixed order in
+    fp32: deterministic, no atomics.
     Top pixels with an empty preimage (downsampling) get 0. Every dy pixel lies in exactly one
     preimage, so the partial sums dbpart [N*HT*N_TW_BLOCKS, C] (contiguous fp32) add up to db.
 

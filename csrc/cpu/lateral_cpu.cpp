@@ -15,9 +15,10 @@
 // in x's own strides. A channels_last tile is dense and goes to the convolution as it is; an NCHW
 // tile (a band of rows in each channel plane) and other strided views are packed tile by tile
 // inside ATen's conv2d, one cache-sized copy per tile (at::mm on the band as a strided matrix
-// avoids it but was not faster here: 6.8 ms against 6.4 ms for a 512 x 13 x 152 fp32 tile). The output has x's memory format
-// (channels_last iff x.stride(1) < x.stride(3)); the epilogue loops channels innermost for
-// channels_last and pixels innermost for NCHW, so both write contiguously.
+// avoids it but was not faster here: 6.8 ms against 6.4 ms for a 512 x 13 x 152 fp32 tile).
+// The output has x's memory format (channels_last iff x.stride(1) < x.stride(3)); the epilogue
+// loops channels innermost for channels_last and pixels innermost for NCHW, so both write
+// contiguously.
 //
 // Backward: dx and dW are done by ATen (csrc/autograd.cpp); this file fuses db and
 // dtop into one pass over dy (GradBiasTopPass; deterministic: fixed summation order, independent

@@ -200,7 +200,8 @@ std::tuple<at::Tensor, at::Tensor> lateral_grad_bias_top_cuda(const at::Tensor& 
   TORCH_CHECK(grad_out.numel() == 0 || blocks <= cuda::kMaxGridBlocks,
               "fused_fpn::lateral_grad_bias_top (CUDA kernel): grad_out ", grad_out.sizes(), " with a top of ", top_h,
               " x ", top_w, " needs more than ", cuda::kMaxGridBlocks,
-              " blocks (row groups x images x channels, or blocks of 32 channels for channels_last) in one launch");
+              " blocks (row groups x images x channels, or blocks of ", cuda::kGradTopChannelsPerBlock,
+              " channels for channels_last) in one launch");
   at::Tensor db, dtop;
   if (allocate_grad_bias_top(grad_out, top_h, top_w, db, dtop)) return {db, dtop};
   cuda::GradBiasTopParams p{};
