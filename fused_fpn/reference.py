@@ -7,6 +7,7 @@ arithmetic, so fp64 references must select with these indices rather than call i
 """
 from __future__ import annotations
 
+import struct
 from typing import Optional, Tuple
 
 import torch
@@ -15,28 +16,35 @@ import torch.nn.functional as F
 from ._layout import output_memory_format
 
 
+def _f32(value) -> float:
+    """``value`` rounded to the nearest float32, as a Python float."""
+    return struct.unpack("f", struct.pack("f", float(value)))[0]
+
+
 def nearest_source_indices(in_size: int, out_size: int, device=None) -> torch.Tensor:
     """int64 [out_size]: the source index of every destination index (ATen's float32 rule).
 
-    ``float(in)/float(out)`` is the correctly rounded float32 quotient once cast to float32 (a
-    double quotient of two float32 values rounds to the same float32), and the multiply below
-    runs in float32 because the tensor is float32.
+    The sizes are rounded to float32 first (ATen casts them: sizes past 2^24 change), and their
+    double quotient is the correctly rounded float32 quotient once cast to float32 (a double
+    quotient of two float32 values rounds to the same float32); the multiply below runs in float32
+    because the tensor is float32.
     """
     if out_size == 0:
         return torch.empty((0,), dtype=torch.int64, device=device)
-    if isinstance(in_size, torch.SymInt) or isinstance(out_size, torch.SymInt):
-        # symbolic sizes (torch.export / compile with dynamic shapes): float() would specialize them.
+    if isinstance(in_size, torch.SymInt) or isinstance(out_size, torch.SymInt) or torch.compiler.is_compiling():
+        # symbolic sizes (torch.export / compile with dynamic shapes): float() would specialize them;
+        # and any trace by dynamo (which shows sizes as ints, and cannot trace struct.pack).
         # The same float32 scale from a float64 division, rounded once more to float32 (harmless for
         # a quotient: 53 >= 2 * 24 + 2): a float32 division compiled for a GPU may be approximate
         # (div.full.f32), and one ulp low picks the row before for exact ratios; float64 division is
         # IEEE there. (MPS has no float64: a 0-d CPU tensor, which ops on MPS tensors take as a scalar.)
         f64_device = "cpu" if torch.device(device or "cpu").type == "mps" else device
 
-        def as_f64(size):
-            return torch.full((), size, dtype=torch.float64, device=f64_device)
+        def as_f64(size):   # float32(size) (ATen's cast: sizes past 2^24 round), held in float64
+            return torch.full((), size, dtype=torch.float32, device=f64_device).to(torch.float64)
         scale = (as_f64(in_size) / as_f64(out_size)).to(torch.float32)
     else:
-        scale = float(in_size) / float(out_size)
+        scale = _f32(float(_f32(in_size)) / float(_f32(out_size)))
     dst = torch.arange(out_size, dtype=torch.float32, device=device)
     src = torch.floor(dst * scale).to(torch.int64)
     return torch.clamp(src, max=in_size - 1)

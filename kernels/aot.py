@@ -7,15 +7,19 @@ target=GPUTarget("cuda", arch, 32))`` and reports, per compile: kernel, arch, dt
 shared memory (bytes, from the compiled metadata), whether the PTX uses wgmma, how many async
 global-to-shared copies the TTGIR has (``async_copies``: 0 means the software pipeliner left the
 loads synchronous), registers and stack bytes per thread (``regs``, ``stack``: cuobjdump's resource
-usage of the cubin; stack is spill space), or the error.
+usage of the cubin; stack is spill space), the fp32 divisions in the PTX (``fp32_divisions``, e.g.
+["div.rn.f32"]: an in-kernel nearest scale must be the IEEE division), or the error.
 Run it in a process where TRITON_INTERPRET is NOT set (``@triton.jit`` then yields JITFunctions,
 which the compiler needs); tests/test_triton_aot.py does that in a subprocess.
 
 The argument values mimic what the launcher passes for ResNet-50-FPN's P2 level (batch 2,
 200x304, 256 -> 256 channels, top 100x152) so the specialization matches a real launch: ints equal
 to 1 become constexprs (triton's JIT specializes them), ints divisible by 16 and all pointers get
-the ``tt.divisibility`` 16 hint. The ASTSource signature/attrs format changed across triton
-versions: 3.2 takes an ``AttrsDescriptor``; 3.3+ a dict {(arg index,): [["tt.divisibility", 16]]}.
+the ``tt.divisibility`` 16 hint. The ``*_symbolic`` jobs compile the kernels' SCALE_IN_KERNEL variant
+(what a trace with symbolic sizes launches), the ``*_symbolic_ones`` ones with every size 1 (a
+1 x 1 top, a one-pixel-wide map: those arrive as constexprs), the ``*_i64`` ones with int64 sizes and
+strides (inductor's type for a symbolic size it cannot bound below 2^31). The ASTSource
+signature/attrs format changed across triton versions: 3.2 takes an ``AttrsDescriptor``; 3.3+ a dict {(arg index,): [["tt.divisibility", 16]]}.
 """
 from __future__ import annotations
 
@@ -187,10 +191,43 @@ def jobs(archs=(90, 80)) -> List[dict]:
                 add("fwd", arch, variants[0][0], variants[0][1], kind, cfg, STRIDED_VIEWS)
                 if kind != "16bit":
                     add("fwd", arch, "fp32", "nchw", kind, cfg)
+            # the variant a trace with symbolic sizes launches (scales computed in the kernel): the
+            # default configs, channels_last and NCHW
+            for dtype, layout in variants[::2]:
+                for cfg in K.fwd_configs(a, kind):
+                    add("fwd_symbolic", arch, dtype, layout, kind, cfg)
         for dtype in ("fp16", "bf16", "fp32"):
             out.append(dict(kernel="grad_bias_top", arch=arch, dtype=dtype, layout="channels_last", tf32=False,
                             meta=dict(K.GRAD_BIAS_TOP_META), **K.GRAD_BIAS_TOP_LAUNCH))
+        out.append(dict(kernel="grad_bias_top_symbolic", arch=arch, dtype="fp16", layout="channels_last", tf32=False,
+                        meta=dict(K.GRAD_BIAS_TOP_META), **K.GRAD_BIAS_TOP_LAUNCH))
+        # every size 1 (constexprs, triton's JIT specializes integers equal to 1), scales in the kernel;
+        # and every size and stride an int64 (inductor passes a symbolic size whose range it cannot
+        # bound below 2^31 as i64)
+        add("fwd_symbolic_ones", arch, "fp16", "channels_last", "16bit", K.fwd_configs(a, "16bit")[0])
+        out.append(dict(kernel="grad_bias_top_symbolic_ones", arch=arch, dtype="fp16", layout="channels_last",
+                        tf32=False, meta=dict(K.GRAD_BIAS_TOP_META), **K.GRAD_BIAS_TOP_LAUNCH))
+        for dtype, layout in (("fp16", "channels_last"), ("fp16", "nchw")):
+            add("fwd_symbolic_i64", arch, dtype, layout, "16bit", K.fwd_configs(a, "16bit")[0])
+        add("grad_weight_i64", arch, "fp16", "channels_last", "16bit", K.GRAD_WEIGHT_CONFIGS[(a, "16bit")][0])
+        out.append(dict(kernel="grad_bias_top_symbolic_i64", arch=arch, dtype="fp16", layout="channels_last",
+                        tf32=False, meta=dict(K.GRAD_BIAS_TOP_META), **K.GRAD_BIAS_TOP_LAUNCH))
     return out
+
+
+# size and stride arguments that a trace with symbolic sizes passes (the channel counts come from
+# the weights: static); the *_i64 jobs give them int64 values
+_SYMBOLIC_ARGS = {
+    "fwd": ("M", "HW", "W_", "HT", "WT", "sxn", "sxh", "sxw", "stn", "sth", "stw", "son", "soh", "sow"),
+    "grad_weight": ("M", "HW", "W_", "ROWS_PER_SPLIT", "sdn", "sdh", "sdw", "sxn", "sxh", "sxw"),
+    "grad_bias_top": ("H", "W_", "HT", "WT", "N_TW_BLOCKS", "ROWS", "sdn", "sdh", "sdw", "stn", "sth", "stw"),
+}
+
+
+def _as_int64(args: dict, names) -> None:
+    for i, name in enumerate(names):
+        if args[name] not in (0, 1):   # unit strides stay as they are
+            args[name] = 2**31 + 16 * (i + 1)
 
 
 def kind_of(job: dict) -> str:
@@ -200,19 +237,26 @@ def kind_of(job: dict) -> str:
 
 def compile_job(job: dict) -> dict:
     kernel, dtype, layout = job["kernel"], job["dtype"], job["layout"]
-    if kernel in ("fwd", "fwd_dx"):
-        epilogue = kernel == "fwd"
+    in_kernel = "_symbolic" in kernel
+    if kernel.startswith("fwd"):
+        epilogue = kernel != "fwd_dx"
         fn, args = K._lateral_fwd_kernel, (fwd_args if epilogue else dx_args)(dtype, layout)
+        if kernel.endswith("_ones"):   # x [2, 256, 1, 1], top [2, 256, 1, 1]
+            args.update(M=2, HW=1, W_=1, HT=1, WT=1, sxh=1, sxw=1, sth=1, stw=1, soh=1, sow=1)
         constexprs = dict(HAS_BIAS=epilogue, HAS_TOP=epilogue, X_FLAT=True, O_FLAT=True, ALLOW_TF32=job["tf32"],
-                          USE_INPUT_PRECISION=USE_INPUT_PRECISION, **job["meta"])
+                          USE_INPUT_PRECISION=USE_INPUT_PRECISION, SCALE_IN_KERNEL=in_kernel, **job["meta"])
         constexprs.update(job.get("flags", {}))
-    elif kernel == "grad_weight":
+    elif kernel.startswith("grad_weight"):
         fn, args = K._lateral_grad_weight_kernel, grad_weight_args(dtype, layout)
         constexprs = dict(D_FLAT=True, X_FLAT=True, ALLOW_TF32=job["tf32"], USE_INPUT_PRECISION=USE_INPUT_PRECISION,
                           **job["meta"])
     else:
         fn, args = K._lateral_grad_bias_top_kernel, grad_bias_top_args(dtype, layout)
-        constexprs = dict(HAS_TOP=True, **job["meta"])
+        if kernel.endswith("_ones"):   # dy [2, 256, 1, 1], top [2, 256, 1, 1]
+            args.update(H=1, W_=1, HT=1, WT=1, N_TW_BLOCKS=1, ROWS=2, sdh=1, sdw=1, sth=1, stw=1)
+        constexprs = dict(HAS_TOP=True, SCALE_IN_KERNEL=in_kernel, **job["meta"])
+    if kernel.endswith("_i64"):
+        _as_int64(args, _SYMBOLIC_ARGS[kernel.split("_symbolic")[0].replace("_i64", "")])
     result = dict(job)
     t0 = time.time()
     try:
@@ -223,10 +267,12 @@ def compile_job(job: dict) -> dict:
         ptx, ttgir = compiled.asm.get("ptx", ""), compiled.asm.get("ttgir", "")
         regs, stack = resource_usage(compiled.asm["cubin"]) if compiled.asm.get("cubin") else (None, None)
         result.update(ok=True, shared=int(shared), wgmma="wgmma" in ptx, mma="mma." in ptx,
+                      fp32_divisions=sorted(set(re.findall(r"\bdiv\.[a-z.]*f32\b", ptx))),
                       async_copies=ttgir.count("async_copy_global_to_local") + ttgir.count("async_tma_copy"),
                       regs=regs, stack=stack, has_cubin=bool(compiled.asm.get("cubin")), error=None)
     except Exception as exc:  # noqa: BLE001 - reported, the test fails on it
-        result.update(ok=False, shared=None, wgmma=False, mma=False, async_copies=0, regs=None, stack=None,
+        result.update(ok=False, shared=None, wgmma=False, mma=False, fp32_divisions=None, async_copies=0, regs=None,
+                      stack=None,
                       has_cubin=False,
                       error=f"{type(exc).__name__}: {exc}"[:2000])
     result["seconds"] = round(time.time() - t0, 2)

@@ -10,7 +10,11 @@ Shapes and names used throughout (M = N*H*W pixels, enumerated as m = (n*H + h)*
 
 Forward:   out[n, co, h, w] = sum_ci x[n, ci, h, w] * W[co, ci] + b[co] + top[n, co, sh(h), sw(w)]
 with ATen's float32 nearest rule sh(h) = min(floor(float32(h) * scale_h), Ht - 1),
-scale_h = float32(Ht) / float32(H) (computed on the host, passed as an fp32 scalar); same for w.
+scale_h = float32(Ht) / float32(H); same for w. The host computes the scales and passes them as fp32
+scalars, except while torch.compile or torch.export traces the op with symbolic sizes (dynamic
+shapes, Dims): a float of a symbolic size would pin it to its traced value, so the host then passes
+the integer sizes only and the kernels compute the scales themselves (constexpr SCALE_IN_KERNEL,
+``_nearest_scale``: a correctly rounded division; the same float32 values).
 
 Backward of that: dx = dy . W (the forward kernel with W transposed through its strides),
 dW = sum_m dy[m, :]^T x[m, :] (``_lateral_grad_weight_kernel``: split over pixels into a fixed
@@ -94,6 +98,15 @@ def _fwd_k_step(acc, k0, x_ptr, w_ptr, x_row, w_col, mask_m, mask_n, CIN, sxc, s
 
 
 @triton.jit
+def _nearest_scale(SRC, DST):
+    """ATen's nearest scale float32(SRC) / float32(DST), correctly rounded (div_rn: IEEE division;
+    a plain fp32 ``/`` compiles to an approximate division on NVIDIA GPUs, and one ulp low would
+    pick the row before for exact ratios). SRC, DST: integer scalars or tensors, DST >= 1 (tl.cast,
+    not .to: a size of 1 reaches the kernel as a constexpr, which the JIT specializes)."""
+    return tl.math.div_rn(tl.cast(SRC, tl.float32), tl.cast(DST, tl.float32))
+
+
+@triton.jit
 def _nearest_src(dst, scale, SRC):
     """ATen's float32 nearest rule, bit for bit (DESIGN.md §2): the source index of destination index
     dst (int32, elementwise) is min(floor(float32(dst) * scale), SRC - 1), scale = float32(SRC / DST)."""
@@ -146,14 +159,25 @@ def _fwd_epilogue_halves(acc, col0, mask_m, n64, rem, h_idx, w_idx, COUT,
 
 @triton.jit
 def _fwd_epilogue_tile(acc, pid_n, mask_m, n64, rem, h_idx, w_idx, COUT,
-                       b_ptr, top_ptr, out_ptr, HT, WT, scale_h, scale_w, sb, stn, stc, sth, stw, son, soc, soh, sow,
+                       b_ptr, top_ptr, out_ptr, HT, WT, HW, W_, scale_h, scale_w,
+                       sb, stn, stc, sth, stw, son, soc, soh, sow,
                        HAS_BIAS: tl.constexpr, HAS_TOP: tl.constexpr, O_FLAT: tl.constexpr,
-                       BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+                       BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SCALE_IN_KERNEL: tl.constexpr):
     """``_fwd_epilogue`` of the [BLOCK_M, BLOCK_N] tile pid_n, in column quarters (BLOCK_N >= 128) or
     halves (64): the top gather's pointers and values of a whole 128 x 256 tile, with the fp32
     accumulator, need more than the 255 registers of a thread, and the compiled kernel spilled (sm_90,
     per thread: triton 3.6.0 8-64 B for channels_last, 208-424 B for NCHW; triton 3.8.0 184-200 B and
-    2088-2184 B); a quarter at a time it does not, with either."""
+    2088-2184 B); a quarter at a time it does not, with either.
+    SCALE_IN_KERNEL: the nearest scales (HT / H with H = HW // W_, WT / W_) are computed here, after
+    the K loop, instead of taken from scale_h, scale_w. Those are cast to fp32 (a no-op for the
+    launcher's fp32 scalars): inductor passes a Python float to a kernel it compiles as fp64, and
+    the rule's product float32(h) * scale would then run in fp64 and pick other rows."""
+    if SCALE_IN_KERNEL:
+        scale_h = _nearest_scale(HT, HW // W_)
+        scale_w = _nearest_scale(WT, W_)
+    else:
+        scale_h = tl.cast(scale_h, tl.float32)
+        scale_w = tl.cast(scale_w, tl.float32)
     col0 = pid_n * BLOCK_N
     if BLOCK_N >= 128:
         lo, hi = _halves(acc, BLOCK_M, BLOCK_N)
@@ -187,7 +211,7 @@ def _lateral_fwd_kernel(
     HAS_BIAS: tl.constexpr, HAS_TOP: tl.constexpr, X_FLAT: tl.constexpr, O_FLAT: tl.constexpr,
     ALLOW_TF32: tl.constexpr, USE_INPUT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
-    PERSISTENT: tl.constexpr,
+    PERSISTENT: tl.constexpr, SCALE_IN_KERNEL: tl.constexpr,
 ):
     """out[m, co] = sum_k x[m, k] * W[co, k] (fp32 accumulation) + b[co] + top[n, co, sh(h), sw(w)].
 
@@ -218,7 +242,18 @@ def _lateral_fwd_kernel(
 
     TUNE_KEY is not read by the kernel: it is the autotuner's key (``tune_key``: the power-of-two
     bucket of M and the layout bits), so a new image size re-tunes only when it changes bucket.
+    The nearest scales scale_h = float32(HT) / float32(H), scale_w likewise, come from the host, or
+    with SCALE_IN_KERNEL (a trace with symbolic sizes; scale_h, scale_w then unused) are computed
+    from HT, WT, HW, W_ in ``_fwd_epilogue_tile``.
     """
+    if SCALE_IN_KERNEL:
+        # a trace with symbolic sizes: inductor passes a size it cannot bound below 2^31 as int64, and
+        # the per-pixel div / mod in int64 spilled 672-776 B in NCHW; the host keeps them below 2^31
+        M = tl.cast(M, tl.int32)
+        HW = tl.cast(HW, tl.int32)
+        W_ = tl.cast(W_, tl.int32)
+        HT = tl.cast(HT, tl.int32)
+        WT = tl.cast(WT, tl.int32)
     if PERSISTENT:
         # One loop over this program's (tile, K step) pairs, flattened by hand: the software pipeliner
         # then issues the next tile's x / W loads while this tile's epilogue runs (triton 3.6 does
@@ -241,8 +276,8 @@ def _lateral_fwd_kernel(
                               CIN, sxc, swk, ALLOW_TF32, USE_INPUT_PRECISION, BLOCK_K)
             if ki == k_steps - 1:
                 _fwd_epilogue_tile(acc, pid_n, mask_m, n64, rem, h_idx, w_idx, COUT, b_ptr, top_ptr, out_ptr, HT, WT,
-                                   scale_h, scale_w, sb, stn, stc, sth, stw, son, soc, soh, sow,
-                                   HAS_BIAS, HAS_TOP, O_FLAT, BLOCK_M, BLOCK_N)
+                                   HW, W_, scale_h, scale_w, sb, stn, stc, sth, stw, son, soc, soh, sow,
+                                   HAS_BIAS, HAS_TOP, O_FLAT, BLOCK_M, BLOCK_N, SCALE_IN_KERNEL)
                 acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     else:
         pid_m, pid_n = _tile_pids(tl.program_id(0), M, COUT, BLOCK_M, BLOCK_N, GROUP_M)
@@ -255,8 +290,8 @@ def _lateral_fwd_kernel(
             acc = _fwd_k_step(acc, k0, x_ptr, w_ptr, x_row, w_col, mask_m, mask_n, CIN, sxc, swk,
                               ALLOW_TF32, USE_INPUT_PRECISION, BLOCK_K)
         _fwd_epilogue_tile(acc, pid_n, mask_m, n64, rem, h_idx, w_idx, COUT, b_ptr, top_ptr, out_ptr, HT, WT,
-                           scale_h, scale_w, sb, stn, stc, sth, stw, son, soc, soh, sow,
-                           HAS_BIAS, HAS_TOP, O_FLAT, BLOCK_M, BLOCK_N)
+                           HW, W_, scale_h, scale_w, sb, stn, stc, sth, stw, son, soc, soh, sow,
+                           HAS_BIAS, HAS_TOP, O_FLAT, BLOCK_M, BLOCK_N, SCALE_IN_KERNEL)
 
 
 @triton.jit(do_not_specialize=["TUNE_KEY"])
@@ -326,10 +361,26 @@ def _lateral_grad_weight_kernel(
 
 
 @triton.jit
+def _search_steps(DST):
+    """bit_length(DST) + 1 for an integer scalar DST >= 0: enough steps for ``_nearest_first_dst``'s
+    binary search over [0, DST] (computed here, not on the host, so symbolic sizes stay symbolic).
+    DST < 2^31 (the host's pixel limit); a DST of 1 arrives as a constexpr: made a tensor first."""
+    rest = tl.cast(DST, tl.int32)
+    steps = rest * 0 + 1
+    while rest > 0:
+        rest = rest // 2
+        steps += 1
+    return steps
+
+
+@triton.jit
 def _nearest_first_dst(t, DST, SRC, scale, N_ITER):
     """Smallest d in [0, DST] whose nearest source min(floor(float32(d) * scale), SRC - 1) is >= t
     (DST if there is none): a binary search of N_ITER >= bit_length(DST) + 1 steps, elementwise on
-    t. The source index is monotone in d, so the preimage of source t is [first(t), first(t + 1))."""
+    t. The source index is monotone in d, so the preimage of source t is [first(t), first(t + 1)).
+    DST (< 2^31) is cast to int32: an int64 size (inductor passes sizes whose range it cannot bound
+    as i64) would make hi int64 and the loop-carried lo, hi change type."""
+    DST = tl.cast(DST, tl.int32)
     lo = t * 0
     hi = lo + DST
     for _ in range(N_ITER):
@@ -349,7 +400,7 @@ def _lateral_grad_bias_top_kernel(
     scale_h, scale_w, ITER_H, ITER_W,
     sdn, sdc, sdh, sdw,
     stn, stc, sth, stw,
-    HAS_TOP: tl.constexpr, BLOCK_TW: tl.constexpr, BLOCK_C: tl.constexpr,
+    HAS_TOP: tl.constexpr, BLOCK_TW: tl.constexpr, BLOCK_C: tl.constexpr, SCALE_IN_KERNEL: tl.constexpr,
 ):
     """dtop[n, c, i, j] = sum over (h, w) with sh(h) = i, sw(w) = j of dy[n, c, h, w]   (U^T dy)
     dbpart[p, c]       = sum over the dy pixels of row p's programs               (db = sum_p dbpart)
@@ -368,7 +419,21 @@ def _lateral_grad_bias_top_kernel(
       HAS_TOP: write dtop (dtop [N, C, HT, WT] through its strides). Without a top the host
         passes HT = H, WT = W, scale 1 (every preimage is one pixel) and only db is produced.
       BLOCK_TW, BLOCK_C: tile of top columns x channels.
+      SCALE_IN_KERNEL: the nearest scales (HT / H, WT / W_) and the searches' depths
+        (bit_length(H) + 1, bit_length(W_) + 1) are computed here (a trace with symbolic sizes),
+        instead of taken from scale_h, scale_w (cast to fp32: inductor passes Python floats as
+        fp64), ITER_H, ITER_W.
     """
+    if SCALE_IN_KERNEL:
+        scale_h = _nearest_scale(HT, H)
+        scale_w = _nearest_scale(WT, W_)
+        iter_h = _search_steps(H)
+        iter_w = _search_steps(W_)
+    else:
+        scale_h = tl.cast(scale_h, tl.float32)
+        scale_w = tl.cast(scale_w, tl.float32)
+        iter_h = ITER_H
+        iter_w = ITER_W
     pid = tl.program_id(0)
     pid_c = pid // ROWS   # channel block
     p = pid % ROWS        # (n, top row, column block): row p of dbpart
@@ -381,10 +446,10 @@ def _lateral_grad_bias_top_kernel(
     mask_tw = offs_tw < WT
     mask_c = offs_c < C
 
-    h_lo = _nearest_first_dst(ti, H, HT, scale_h, ITER_H)
-    h_hi = _nearest_first_dst(ti + 1, H, HT, scale_h, ITER_H)
-    w_lo = _nearest_first_dst(offs_tw, W_, WT, scale_w, ITER_W)
-    w_hi = _nearest_first_dst(offs_tw + 1, W_, WT, scale_w, ITER_W)
+    h_lo = _nearest_first_dst(ti, H, HT, scale_h, iter_h)
+    h_hi = _nearest_first_dst(ti + 1, H, HT, scale_h, iter_h)
+    w_lo = _nearest_first_dst(offs_tw, W_, WT, scale_w, iter_w)
+    w_hi = _nearest_first_dst(offs_tw + 1, W_, WT, scale_w, iter_w)
     w_len = tl.where(mask_tw, w_hi - w_lo, 0)
     max_len = tl.max(w_len, axis=0)
 

@@ -48,9 +48,41 @@ def f32(value: float) -> float:
 
 
 def nearest_scale(in_size: int, out_size: int) -> float:
-    """ATen's scale for nearest, float32(in) / float32(out), correctly rounded to float32 (the
-    double quotient of two integers < 2^24 rounds to the same float32)."""
-    return f32(float(in_size) / float(out_size))
+    """ATen's scale for nearest, float32(in) / float32(out), correctly rounded to float32: each size
+    rounded to float32 first (as ATen's casts do: sizes past 2^24 change), then the double quotient
+    of two float32 values, which rounds to the same float32 as a float32 division."""
+    return f32(f32(float(in_size)) / f32(float(out_size)))
+
+
+# Tests set this to run the kernels' SCALE_IN_KERNEL variant on concrete sizes too (it is what a
+# trace with symbolic sizes compiles; on a GPU nothing else runs it eagerly).
+FORCE_SCALE_IN_KERNEL = False
+
+
+def scale_in_kernel(*sizes) -> bool:
+    """True when the kernels must compute the nearest scales (and the backward's search depths)
+    themselves: a size is symbolic (torch.compile's dynamic shapes, torch.export with Dims traced
+    the op), where float(size) or size.bit_length() on the host would pin it to its traced value
+    (a recompile per image size, or an export error). Eager calls keep the host's scalars."""
+    return FORCE_SCALE_IN_KERNEL or any(isinstance(s, torch.SymInt) for s in sizes)
+
+
+def nearest_scale_args(in_h, out_h, in_w, out_w) -> Tuple[float, float, bool]:
+    """(scale_h, scale_w, SCALE_IN_KERNEL) for a kernel launch: the host's scales, or placeholders
+    (0.0) and True when the kernel computes them (``scale_in_kernel``)."""
+    if scale_in_kernel(in_h, out_h, in_w, out_w):
+        return 0.0, 0.0, True
+    return nearest_scale(in_h, out_h), nearest_scale(in_w, out_w), False
+
+
+def tune_key(m, *unit_strides: bool) -> int:
+    """``K.tune_key`` of an M that may be symbolic. While torch.compile or torch.export traces the op
+    with a symbolic M (dynamic shapes), its power-of-two bucket would pin M (bit_length needs the
+    value), so the key then carries the layout bits only: inductor launches the recorded autotuner's
+    configs with its own tuning (it takes ``kernel.configs`` and ``kernel.fn``; the key is not read)."""
+    if isinstance(m, torch.SymInt):
+        return K.tune_key(1, *unit_strides) % 8
+    return K.tune_key(m, *unit_strides)
 
 
 _DEVICE_FACTS = {}   # CUDA device index -> (arch, multiprocessor count): queried once per device
@@ -274,18 +306,19 @@ def fwd_launch_args(inp: torch.Tensor, weight: torch.Tensor, bias, top, out: tor
     b_arg = bias if has_bias else weight      # dummies: never dereferenced (HAS_BIAS/HAS_TOP off)
     t_arg = top if has_top else inp
     t_strides = top.stride() if has_top else (0, 0, 0, 0)
+    scale_h, scale_w, in_kernel = nearest_scale_args(ht, h, wt, w)
     args = (inp, weight, b_arg, t_arg, out,
             n * h * w, h * w, w, cin, weight.shape[0], ht, wt,
-            nearest_scale(ht, h), nearest_scale(wt, w),
+            scale_h, scale_w,
             *inp.stride(),
             weight.stride(0), weight.stride(1),
             bias.stride(0) if has_bias else 0,
             *t_strides,
             *out.stride(),
-            K.tune_key(n * h * w, inp.stride(1) == 1, out.stride(1) == 1, weight.stride(1) == 1))
+            tune_key(n * h * w, inp.stride(1) == 1, out.stride(1) == 1, weight.stride(1) == 1))
     meta = dict(HAS_BIAS=has_bias, HAS_TOP=has_top, X_FLAT=pixels_flatten(inp), O_FLAT=pixels_flatten(out),
                 ALLOW_TF32=_allow_tf32(inp.dtype),
-                USE_INPUT_PRECISION=USE_INPUT_PRECISION)
+                USE_INPUT_PRECISION=USE_INPUT_PRECISION, SCALE_IN_KERNEL=in_kernel)
     return args, meta
 
 
@@ -310,7 +343,7 @@ def gemm_epilogue(inp: torch.Tensor, weight: torch.Tensor, bias, top, out: torch
 
         def grid(meta):   # one program per output tile; persistent configs: at most one per SM
             tiles = cdiv(m, meta["BLOCK_M"]) * cdiv(cout, meta["BLOCK_N"])
-            return (min(tiles, sms) if meta["PERSISTENT"] else tiles,)
+            return (torch.sym_min(tiles, sms) if meta["PERSISTENT"] else tiles,)
         key = (args[-1], cout, cin) + tuple(t.dtype for t in args[:5])   # (TUNE_KEY, COUT, CIN, dtypes)
         _run_on_device(inp, _launch_autotuned, kernel, grid, args, meta, key)
     return out
@@ -331,7 +364,9 @@ def _grad_weight_split(m: int, tiles: int, device: torch.device) -> Tuple[int, i
         rows = max(64, cdiv(cdiv(m, 3), 64) * 64)
     else:
         sms = _device_facts(device)[1]
-        split = max(1, min(cdiv(2 * sms, tiles), cdiv(m, 1024), MAX_GRAD_WEIGHT_SPLIT))
+        # sym_min / sym_max: plain min / max on ints; on a symbolic m they keep it symbolic
+        split = torch.sym_max(1, torch.sym_min(torch.sym_min(cdiv(2 * sms, tiles), cdiv(m, 1024)),
+                                               MAX_GRAD_WEIGHT_SPLIT))
         rows = cdiv(cdiv(m, split), 256) * 256
     return cdiv(m, rows), rows
 
@@ -350,7 +385,7 @@ def grad_weight(grad: torch.Tensor, x: torch.Tensor, out_dtype: torch.dtype) -> 
     split, rows = _grad_weight_split(m, tiles, x.device)
     part = torch.empty((split, cout, cin), dtype=torch.float32, device=x.device)
     args = (grad, x, part, m, h * w, w, cin, cout, rows, *grad.stride(), *x.stride(),
-            K.tune_key(m, grad.stride(1) == 1, x.stride(1) == 1))
+            tune_key(m, grad.stride(1) == 1, x.stride(1) == 1))
     meta = dict(D_FLAT=pixels_flatten(grad), X_FLAT=pixels_flatten(x), ALLOW_TF32=_allow_tf32(x.dtype),
                 USE_INPUT_PRECISION=USE_INPUT_PRECISION)
     if mode == "interpret":
@@ -390,11 +425,13 @@ def grad_bias_top(grad: torch.Tensor, top_h: int, top_w: int, need_top: bool):
     dbpart = torch.empty((rows, c), dtype=torch.float32, device=grad.device)
     t_arg = dtop if has_top else dbpart
     t_strides = dtop.stride() if has_top else (0, 0, 0, 0)
+    scale_h, scale_w, in_kernel = nearest_scale_args(ht, h, wt, w)
+    iter_h, iter_w = (0, 0) if in_kernel else (int(h).bit_length() + 1, int(w).bit_length() + 1)
     args = (grad, t_arg, dbpart,
             h, w, ht, wt, c, n_tw, rows,
-            nearest_scale(ht, h), nearest_scale(wt, w), int(h).bit_length() + 1, int(w).bit_length() + 1,
+            scale_h, scale_w, iter_h, iter_w,
             *grad.stride(), *t_strides)
-    meta = dict(HAS_TOP=has_top, **cfg)
+    meta = dict(HAS_TOP=has_top, SCALE_IN_KERNEL=in_kernel, **cfg)
     if not interpreting():
         meta.update(K.GRAD_BIAS_TOP_LAUNCH)
     _run_on_device(grad, _launch, K._lateral_grad_bias_top_kernel, (programs,), args, meta)

@@ -118,3 +118,44 @@ def gradient_penalty_grads(fn, inputs, weight_out=None):
         return first, [None] * len(used)
     return first, list(torch.autograd.grad(penalty, used, allow_unused=True))
 
+
+
+class SymbolicSizes:
+    """Fake tensors whose chosen dims are symbols (what torch.compile's dynamic shapes and
+    torch.export with Dims trace), and the check that tracing pinned none of them.
+
+    ``tensor(t, dynamic, other)`` makes the fake copy of t, dims ``dynamic`` symbolic (the strides of
+    a view that is not dense too), and notes the sizes and strides of a second case (``other``: a
+    tensor of another shape in the same layout). ``assert_none_pinned()``: no symbol was
+    replaced by a number, and every guard recorded while tracing holds at the second case's sizes
+    too, i.e. one graph would serve both (a guard Eq(s0*s1*s2, 880) from an int() of N*H*W pins
+    the product: it fails there). Pick the second case in the same regime as the first for the
+    guards that hold over ranges (conv's batch < 16, the dW split being 1 or not)."""
+
+    def __init__(self):
+        from torch._subclasses.fake_tensor import FakeTensorMode
+        from torch.fx.experimental.symbolic_shapes import ShapeEnv
+        self.env = ShapeEnv()
+        self.mode = FakeTensorMode(shape_env=self.env)
+        self.other_values = {}
+
+    def tensor(self, t: torch.Tensor, dynamic=(), other: Optional[torch.Tensor] = None):
+        from torch.fx.experimental.symbolic_shapes import DimDynamic, StatelessSymbolicContext
+        dims = [DimDynamic.DYNAMIC if d in dynamic else DimDynamic.STATIC for d in range(t.dim())]
+        fake = self.mode.from_tensor(t, symbolic_context=StatelessSymbolicContext(dynamic_sizes=dims))
+        for got, value in zip((*fake.shape, *fake.stride()), (*other.shape, *other.stride()) if dynamic else ()):
+            if isinstance(got, torch.SymInt) and got.node.expr.is_symbol:
+                self.other_values[got.node.expr] = value
+        return fake
+
+    def assert_none_pinned(self):
+        import sympy
+        pinned = {str(k): str(v) for k, v in self.env.replacements.items() if v.is_number}
+        assert pinned == {}, f"sizes pinned to their traced values: {pinned}"
+        values = {k: sympy.Integer(v) for k, v in self.other_values.items()}
+        failing = []
+        for guard in self.env.guards:
+            held = self.env.replace(guard.expr).xreplace(values)
+            if held is not sympy.true:
+                failing.append(f"{guard.expr} (at the other sizes: {held})")
+        assert not failing, "guards that pin the traced sizes:\n" + "\n".join(failing)

@@ -59,3 +59,28 @@ def test_two_dimensional_gather_matches_interpolate(backend, h, w, ht, wt):
     x = torch.zeros((1, 1, h, w))
     got = fused_fpn.lateral(x, torch.zeros((1, 1)), None, top, backend=backend)
     assert torch.equal(got, F.interpolate(top, size=(h, w), mode="nearest"))
+
+
+@pytest.mark.parametrize("backend", ["torch", "cpu", "triton"])
+@pytest.mark.parametrize("axis", ["h", "w"])
+def test_sources_past_2_24_round_the_size_to_float32_as_interpolate(backend, axis):
+    """A top of 2^24 + 3 rows (or columns) gathered onto 5: ATen casts the sizes to float32 before
+    dividing (2^24 + 3 becomes 2^24 + 4), so a scale from the exact integers picks another row
+    (3355443 instead of 3355444 at d = 1). Zero weight: the output is the gathered top; on the
+    CPU backends the top's gradient too (each source row counts its preimage). The Triton kernels
+    run under the interpreter here, forward only (a 2^24-column top is half a million programs)."""
+    if backend not in fused_fpn.available_backends("cpu"):
+        pytest.skip(f"backend {backend} does not run on CPU tensors here")
+    src, dst = 2**24 + 3, 5
+    x_shape, top_shape = ((1, 1, dst, 1), (1, 1, src, 1)) if axis == "h" else ((1, 1, 1, dst), (1, 1, 1, src))
+    top = torch.arange(src, dtype=torch.float32).view(top_shape)   # values < 2^24: exact in float32
+    top.requires_grad_(backend != "triton")
+    out = fused_fpn.lateral(torch.zeros(x_shape), torch.zeros(1, 1), None, top, backend=backend)
+    expected = F.interpolate(top.detach(), size=x_shape[2:], mode="nearest")
+    assert expected.flatten()[1].item() == 3355444
+    assert torch.equal(out.detach(), expected)
+    if backend != "triton":
+        out.backward(torch.ones_like(out))
+        leaf = top.detach().requires_grad_(True)
+        F.interpolate(leaf, size=x_shape[2:], mode="nearest").backward(torch.ones(x_shape))
+        assert torch.equal(top.grad, leaf.grad)

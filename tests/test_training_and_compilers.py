@@ -7,7 +7,7 @@ from torch import nn
 from torchvision.ops import feature_pyramid_network as tv_fpn
 
 import fused_fpn
-from fpn_testing import DEVICES, backend_device_params, rel_err
+from fpn_testing import DEVICES, SymbolicSizes, backend_device_params, rel_err
 from test_fpn_module import OUT, make_features, pair
 
 
@@ -110,14 +110,23 @@ def test_dynamo_sees_no_graph_break(device):
 
 
 @pytest.mark.parametrize("device", DEVICES)
-def test_compile_dynamic_shapes_match_eager(device):
+def test_compile_dynamic_shapes_match_eager(device, no_tf32):
+    """torch.compile(dynamic=True) of the FPN's forward ("auto": the cpu kernel on CPU, Triton on a
+    GPU): one graph serves every batch and image size (the ops keep the sizes symbolic; a
+    specialized size would recompile), and its outputs match eager's. Under no_grad: with autograd,
+    torch 2.14's compile of the backward specializes sizes on CPU for torchvision's own FPN too
+    (guards from _aot_stage2b_bw_compile), so a recompile there would not be the fused ops'."""
     torch._dynamo.reset()
     _, ours = pair(tv_fpn.LastLevelMaxPool(), fused_fpn.LastLevelMaxPool())
     ours = ours.to(device)
     compiled = torch.compile(ours, fullgraph=True, dynamic=True)
-    for hw in [(33, 47), (40, 29), (64, 64)]:
-        x = make_features(2, *hw, torch.float32, device, "nchw")
-        got, expected = compiled(x), ours(x)
+    # first sizes all different (dynamo gives equal sizes one symbol: "duck sizing"; a batch of 2 and
+    # a 2 x 2 C5 would then be one symbol, pinned by the max-pool extra block's 1 x 1 output)
+    for i, hw in enumerate([(200, 296), (168, 328), (256, 256)]):
+        x = make_features(2 + i, *hw, torch.float32, device, "nchw")
+        with torch.no_grad(), torch._dynamo.config.patch(error_on_recompile=i > 0):
+            got = compiled(x)
+            expected = ours(x)
         for k in expected:
             torch.testing.assert_close(got[k], expected[k], atol=1e-4, rtol=1e-4, msg=f"{hw} {k}")
 
@@ -150,6 +159,33 @@ def test_torch_export_runs_and_matches(device):
         torch.testing.assert_close(got[k], expected[k], atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.slow   # an AOTInductor build: about half a minute on 2 CPU cores
+@pytest.mark.parametrize("device", DEVICES)
+def test_aot_inductor_package_runs_the_fpn_with_dynamic_sizes(device, tmp_path, no_tf32):
+    """torch.export with dynamic batch and spatial sizes, then AOTInductor
+    (``torch._inductor.aoti_compile_and_package``): the package runs the fused FPN (on CPU the C++
+    op, called from the compiled code; on a GPU what "auto" traced, the Triton kernels) and matches
+    eager on sizes other than the traced ones."""
+    _, ours = pair(tv_fpn.LastLevelMaxPool(), fused_fpn.LastLevelMaxPool())
+    ours = ours.to(device).eval()
+    x = make_features(2, 200, 296, torch.float32, device, "nchw")
+    n = torch.export.Dim("n", min=1, max=8)
+    # min 3: the max-pool level of a 2-pixel C5 is 1 pixel, which torch's pooling treats apart
+    dims = {k: {0: n, 2: torch.export.Dim(f"{k}_h", min=3, max=256), 3: torch.export.Dim(f"{k}_w", min=3, max=256)}
+            for k in x}
+    exported = torch.export.export(ours, (x,), dynamic_shapes={"x": dims})
+    assert any("fused_fpn" in str(node.target) for node in exported.graph.nodes)
+    package = torch._inductor.aoti_compile_and_package(exported, package_path=str(tmp_path / "fpn.pt2"))
+    compiled = torch._inductor.aoti_load_package(package)
+    for batch, hw in [(2, (200, 296)), (3, (168, 328)), (1, (128, 96))]:   # C5 at least 3 x 3
+        x = make_features(batch, *hw, torch.float32, device, "nchw", seed=batch)
+        with torch.no_grad():
+            got, expected = compiled(x), ours(x)
+        assert list(got) == list(expected)
+        for k in expected:
+            torch.testing.assert_close(got[k], expected[k], atol=1e-4, rtol=1e-4, msg=f"{batch} {hw} {k}")
+
+
 class _Lateral(torch.nn.Module):
     def __init__(self, backend):
         super().__init__()
@@ -162,39 +198,80 @@ class _Lateral(torch.nn.Module):
         return fused_fpn.lateral(x, self.weight, self.bias, top, backend=self.backend)
 
 
-@pytest.mark.parametrize("backend", ["torch", "cpu"])
-def test_torch_export_with_dynamic_spatial_sizes(backend):
-    """H, W and the top's size symbolic: the "torch" backend's index rule once specialized them
-    (float(SymInt)); the exported program must give the reference's output on other sizes too."""
-    if backend not in fused_fpn.available_backends("cpu"):
-        pytest.skip(f"backend {backend} does not run on CPU tensors here")
-    model = _Lateral(backend)
+@pytest.mark.parametrize("device,backend", [("cpu", "torch"), ("cpu", "cpu")] + (
+    [("cuda", name) for name in ("auto", "triton", "cuda", "torch")] if torch.cuda.is_available() else []))
+def test_torch_export_with_dynamic_spatial_sizes(device, backend, no_tf32):
+    """N, H, W and the top's size symbolic: the "torch" backend's index rule once specialized them
+    (float(SymInt)), and so did the Triton launchers (the nearest scales, the autotune key's bucket),
+    which under export is an error; the exported program must give the reference's output on
+    other sizes too."""
+    if backend != "auto" and backend not in fused_fpn.available_backends(device):
+        pytest.skip(f"backend {backend} does not run on {device} tensors here")
+    model = _Lateral(backend).to(device)
+    n = torch.export.Dim("n", min=1, max=64)
     h, w = torch.export.Dim("h", min=2, max=512), torch.export.Dim("w", min=2, max=512)
     th, tw = torch.export.Dim("th", min=2, max=512), torch.export.Dim("tw", min=2, max=512)
     g = torch.Generator().manual_seed(1)
-    x, top = torch.randn(2, 4, 9, 11, generator=g), torch.randn(2, 6, 5, 6, generator=g)
-    exported = torch.export.export(model, (x, top), dynamic_shapes={"x": {2: h, 3: w}, "top": {2: th, 3: tw}})
-    for (hh, ww), (tth, ttw) in [((9, 11), (5, 6)), ((33, 47), (17, 24)), ((164, 7), (2, 9)), ((5, 5), (9, 11))]:
-        x, top = torch.randn(2, 4, hh, ww, generator=g), torch.randn(2, 6, tth, ttw, generator=g)
-        expected = fused_fpn.lateral_reference(x.double(), model.weight.double(), model.bias.double(), top.double())
-        torch.testing.assert_close(exported.module()(x, top).double(), expected, atol=1e-5, rtol=1e-5)
+    x, top = torch.randn(2, 4, 9, 11, generator=g).to(device), torch.randn(2, 6, 5, 6, generator=g).to(device)
+    exported = torch.export.export(model, (x, top),
+                                   dynamic_shapes={"x": {0: n, 2: h, 3: w}, "top": {0: n, 2: th, 3: tw}})
+    for b, (hh, ww), (tth, ttw) in [(2, (9, 11), (5, 6)), (3, (33, 47), (17, 24)), (1, (164, 7), (2, 9)),
+                                    (2, (5, 5), (9, 11))]:
+        x, top = torch.randn(b, 4, hh, ww, generator=g), torch.randn(b, 6, tth, ttw, generator=g)
+        expected = fused_fpn.lateral_reference(x.double(), model.weight.double().cpu(), model.bias.double().cpu(),
+                                               top.double())
+        got = exported.module()(x.to(device), top.to(device))
+        torch.testing.assert_close(got.double().cpu(), expected, atol=1e-4, rtol=1e-4)
 
 
-@pytest.mark.parametrize("device", DEVICES)
-def test_compiled_dynamic_shapes_gather_the_same_rows_as_eager(device):
-    """torch.compile(dynamic=True) of the "torch" backend: the index rule's scale is then computed
-    in the graph from symbolic sizes; a float32 division compiled for a GPU may be approximate, and
-    one ulp low would pick the row before for exact ratios (2 -> 6, 25 -> 50, ...). Zero weight:
-    the output is the gathered top, compared bit for bit with eager."""
+@pytest.mark.parametrize("dynamic", [False, True], ids=["static", "dynamic"])
+@pytest.mark.parametrize("device,backend", backend_device_params())
+def test_compiled_lateral_gathers_the_same_rows_as_eager(device, backend, dynamic):
+    """torch.compile of each backend's op, with static and with dynamic shapes, gathers bit for bit
+    the rows eager does (zero weight: the output is the gathered top) for exact ratios (2 -> 6,
+    25 -> 50, ...), where one ulp of the scale picks the row before:
+    - "torch" with dynamic shapes computes the index rule's scale in the graph from symbolic sizes: a
+      float32 division compiled for a GPU may be approximate;
+    - "triton" traced with symbolic sizes computes the scales in the kernel (must be div.rn), and
+      with static ones takes the host's scales as Python floats, which inductor passes to the kernel
+      as fp64 (the kernel casts them to fp32, else the rule's product runs in fp64 and picks other
+      rows, e.g. 2 -> 50 at row 25).
+    The GPU cases run where the suite runs on a GPU."""
+    torch._dynamo.reset()
     weight = torch.zeros(3, 2, device=device)
-    compiled = torch.compile(lambda x, top: fused_fpn.lateral(x, weight, None, top, backend="torch"), dynamic=True)
+    compiled = torch.compile(lambda x, top: fused_fpn.lateral(x, weight, None, top, backend=backend), dynamic=dynamic)
     g = torch.Generator().manual_seed(0)
     for (h, w), (th, tw) in [((6, 50), (2, 25)), ((21, 39), (7, 13)), ((200, 9), (100, 3)), ((5, 164), (9, 2)),
                              ((48, 60), (16, 12)), ((7, 7), (7, 7))]:
         x = torch.randn(1, 2, h, w, generator=g).to(device)
         top = torch.randn(1, 3, th, tw, generator=g).to(device)
-        expected = fused_fpn.lateral(x, weight, None, top, backend="torch")
+        expected = fused_fpn.lateral(x, weight, None, top, backend=backend)
         assert torch.equal(compiled(x, top), expected), ((h, w), (th, tw))
+
+
+@pytest.mark.parametrize("device,backend", backend_device_params())
+def test_forward_and_backward_keep_sizes_symbolic(device, backend):
+    """fused_fpn.lateral and its backward on fake tensors whose N, H, W and top sizes are symbols (what
+    torch.compile's dynamic shapes and torch.export with Dims trace), both layouts: no size is pinned
+    to its value (a pinned size means a recompile per image size, or a failed export with Dims).
+    On a GPU the "triton" case traces the registered triton_op's body, the launchers included (on
+    CPU the interpreter's custom ops have separate fake impls; tests/test_triton_interpret.py checks
+    the launchers there)."""
+    sym = SymbolicSizes()
+    for fmt in (torch.contiguous_format, torch.channels_last):
+        def case(shape, other_shape):
+            return (sym.tensor(torch.randn(shape, device=device).contiguous(memory_format=fmt), (0, 2, 3),
+                               torch.randn(other_shape, device=device).contiguous(memory_format=fmt))
+                    .requires_grad_())
+        x, top = case((2, 8, 40, 44), (3, 8, 37, 29)), case((2, 4, 20, 22), (3, 4, 19, 15))
+        weight = sym.tensor(torch.randn(4, 8, device=device)).requires_grad_()
+        bias = sym.tensor(torch.randn(4, device=device)).requires_grad_()
+        with sym.mode:
+            y = fused_fpn.lateral(x, weight, bias, top, backend=backend)
+            grads = torch.autograd.grad(y.sum(), [x, weight, bias, top])
+        assert [tuple(g.shape) for g in grads] == [tuple(x.shape), (4, 8), (4,), tuple(top.shape)]
+        assert all(isinstance(s, torch.SymInt) for s in (*x.shape[2:], *top.shape[2:]))
+    sym.assert_none_pinned()
 
 
 def test_jit_script_raises_a_clear_error():

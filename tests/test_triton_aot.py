@@ -170,6 +170,60 @@ def test_persistent_configs_are_compiled_with_the_flattened_loop(results):
     assert len(persistent) == want and all(r["arch"] == 90 for r in persistent)
 
 
+def test_nearest_scale_in_the_kernel_is_a_correctly_rounded_division(results):
+    """The SCALE_IN_KERNEL variant (what a trace with symbolic sizes launches) computes the scale
+    float32(in) / float32(out) in the kernel: it must compile to the IEEE division div.rn.f32. A
+    plain fp32 ``/`` compiles to an approximate division (div.full.f32) on NVIDIA GPUs, one ulp low
+    would gather the row before for exact ratios, and the interpreter (numpy, exact) would not show
+    it. The host-scale kernels (eager calls) and the forward as dx divide nothing in fp32."""
+    symbolic = [r for r in results if r["kernel"] in ("fwd_symbolic", "grad_bias_top_symbolic", "fwd_symbolic_i64",
+                                                      "grad_bias_top_symbolic_i64")]
+    assert symbolic and all(r["fp32_divisions"] == ["div.rn.f32"] for r in symbolic), \
+        sorted({(r["kernel"], tuple(r["fp32_divisions"] or ())) for r in symbolic})
+    ones = [r for r in results if r["kernel"].endswith("_ones")]   # 1 / 1 may fold to a constant
+    assert ones and all(set(r["fp32_divisions"]) <= {"div.rn.f32"} for r in ones)
+    host = [r for r in results if r["kernel"] in ("fwd", "fwd_dx", "grad_bias_top")]
+    assert host and all(r["fp32_divisions"] == [] for r in host)
+
+
+def test_symbolic_size_variants_compile_without_spills(results):
+    """The SCALE_IN_KERNEL variant of each default forward config (channels_last and NCHW, every
+    kind) and of the bias / top gradient, and both with every size 1 (a 1 x 1 top, a one-pixel-wide
+    map: sizes of 1 reach the kernels as constexprs, which the interpreter cannot show; the first
+    in-kernel scale failed to compile for them) and with int64 sizes and strides (inductor passes a
+    symbolic size it cannot bound below 2^31 as i64: the bias / top gradient's search did not
+    compile with them, the NCHW forward spilled 672-776 B), and the weight gradient with int64
+    sizes, compile, and spill nothing beyond KNOWN_SYMBOLIC_SPILLS."""
+    symbolic = [r for r in results if "symbolic" in r["kernel"] or r["kernel"].endswith("_i64")]
+    for arch in ARCHS:
+        for kind in K.KINDS:
+            want = {(tuple(sorted(c.kwargs.items())), c.num_warps, c.num_stages)
+                    for c in K.fwd_configs(f"sm{arch}", kind)}
+            got = {(tuple(sorted(r["meta"].items())), r["num_warps"], r["num_stages"]) for r in symbolic
+                   if r["kernel"] == "fwd_symbolic" and r["arch"] == arch and kind_of(r) == kind}
+            assert got == want, f"sm{arch} {kind}"
+    assert {(r["kernel"], r["arch"]) for r in symbolic if r["kernel"] != "fwd_symbolic"} == {
+        (k, a) for k in ("grad_bias_top_symbolic", "fwd_symbolic_ones", "grad_bias_top_symbolic_ones",
+                         "fwd_symbolic_i64", "grad_weight_i64", "grad_bias_top_symbolic_i64") for a in ARCHS}
+    known = KNOWN_SYMBOLIC_SPILLS.get(".".join(triton.__version__.split(".")[:2]), {})
+    bad = []
+    for r in symbolic:
+        m = r["meta"]
+        key = (r["arch"], r["dtype"], r["layout"], m.get("BLOCK_M"), m.get("BLOCK_N"), m.get("BLOCK_K"), r["num_warps"])
+        if not r["ok"] or r["stack"] is None or r["stack"] > known.get(key, 0):
+            bad.append(f"{_label(r)}: {r['error'] or str(r['stack']) + ' B stack'} (allowed {known.get(key, 0)})")
+    assert not bad, f"triton {triton.__version__}:\n" + "\n".join(bad)
+
+
+# Spills measured in the SCALE_IN_KERNEL variant (the division's registers in the epilogue), per
+# config and triton version: (arch, dtype, layout, BLOCK_M, BLOCK_N, BLOCK_K, num_warps) -> bytes.
+# The host-scale kernels of the same configs spill nothing (test_default_configs_do_not_spill).
+KNOWN_SYMBOLIC_SPILLS = {
+    "3.6": {(80, "fp32", "channels_last", 128, 64, 32, 8): 16},   # exact fp32 (the "ieee" list)
+    "3.8": {(80, "fp16", "nchw", 64, 256, 32, 4): 16},
+}
+
+
 def test_sm80_uses_tensor_cores(results):
     fwd = [r for r in results if r["kernel"] in ("fwd", "fwd_dx", "grad_weight") and r["arch"] == 80
            and r["dtype"] in ("fp16", "bf16")]

@@ -22,7 +22,8 @@ from fused_fpn import backends as fb
 from fused_fpn._layout import output_memory_format
 from fused_fpn.reference import lateral_grad_bias_top_reference, lateral_reference
 
-from fpn_testing import HAS_CUDA, TOLERANCES, assert_close_to_reference, gradient_penalty_grads, make_input
+from fpn_testing import (HAS_CUDA, TOLERANCES, SymbolicSizes, assert_close_to_reference, gradient_penalty_grads,
+                         make_input)
 
 _REASON = fb.unavailable_reason("triton")
 pytestmark = [pytest.mark.skipif(_REASON is not None, reason=f"triton backend unavailable: {_REASON}")]
@@ -180,10 +181,15 @@ def test_forward_mode_ad_matches_reference(case):
 INDEX_PAIRS = [((82, 2), (22, 26)), ((46, 14), (33, 39)), ((69, 21), (58, 30)), ((7, 9), (5, 3))]
 
 
+@pytest.mark.parametrize("scales", ["host", "in_kernel"])
 @pytest.mark.parametrize("pairs", INDEX_PAIRS, ids=lambda p: f"{p[0][0]}from{p[0][1]}x{p[1][0]}from{p[1][1]}")
-def test_nearest_indices_bit_identical_to_interpolate(pairs):
+def test_nearest_indices_bit_identical_to_interpolate(pairs, scales, monkeypatch):
     """With a zero weight the output IS the gathered top: it must equal F.interpolate exactly, and
-    the adjoint of ones must count each top pixel's preimage exactly (the kernels' inverse search)."""
+    the adjoint of ones must count each top pixel's preimage exactly (the kernels' inverse search).
+    "in_kernel": the kernels' SCALE_IN_KERNEL variant (scales and search depths computed in the
+    kernel, what a trace with symbolic sizes launches), forced on these concrete sizes."""
+    from fused_fpn.kernels import lateral_launch as L
+    monkeypatch.setattr(L, "FORCE_SCALE_IN_KERNEL", scales == "in_kernel")
     (h, ht), (w, wt) = pairs
     x = torch.randn((1, 1, h, w), device=DEVICE)
     weight = torch.zeros((2, 1), device=DEVICE)
@@ -200,18 +206,25 @@ def test_nearest_indices_bit_identical_to_interpolate(pairs):
 
 
 def _run_nearest_probe(dst_sizes, src_sizes, d, t):
-    from fused_fpn.kernels.lateral_launch import nearest_scale
     rows, cols = d.shape
     i32 = dict(dtype=torch.int32, device=DEVICE)
-    scales = torch.tensor([nearest_scale(s, n) for s, n in zip(src_sizes, dst_sizes)], dtype=torch.float32,
-                          device=DEVICE)
     src_out, first_out = torch.full((rows, cols), -7, **i32), torch.full((rows, cols), -7, **i32)
     from triton_probes import nearest_probe
     per_program = rows if DEVICE == "cpu" else min(rows, 4)   # the interpreter: one program; a GPU: small tiles
-    nearest_probe[(rows // per_program,)](torch.tensor(dst_sizes, **i32), torch.tensor(src_sizes, **i32), scales,
-                        d.to(**i32), t.to(**i32), src_out, first_out, max(dst_sizes).bit_length() + 1,
-                        ROWS=per_program, COLS=cols)
+    nearest_probe[(rows // per_program,)](torch.tensor(dst_sizes, **i32), torch.tensor(src_sizes, **i32),
+                                          d.to(**i32), t.to(**i32), src_out, first_out, max(dst_sizes),
+                                          ROWS=per_program, COLS=cols)
     return src_out.cpu().long(), first_out.cpu().long()
+
+
+def test_search_steps_is_bit_length_plus_one():
+    """The preimage search's depth, computed in the kernel from the size (bit_length(DST) + 1)."""
+    from triton_probes import search_steps_probe
+    sizes = [0, 1, 2, 3, 4, 7, 8, 255, 256, 257, 1216, 2**24 + 1, 2**30, 2**31 - 2**20]
+    dst = torch.tensor(sizes, dtype=torch.int32, device=DEVICE)
+    out = torch.full((len(sizes),), -7, dtype=torch.int32, device=DEVICE)
+    search_steps_probe[(len(sizes),)](dst, out)
+    assert out.cpu().tolist() == [s.bit_length() + 1 for s in sizes]
 
 
 def test_index_helpers_match_interpolate_for_all_pairs_up_to_512():
@@ -798,3 +811,46 @@ def test_experimental_configs_are_opt_in(monkeypatch):
     assert all(c.kwargs["PERSISTENT"] for c in extra)
     assert K.autotuned_fwd("sm80", "16bit").configs == K.FWD_CONFIGS[("sm80", "16bit")]   # sm90 only
     assert K.autotuned_fwd("sm90", "tf32").configs == K.FWD_CONFIGS[("sm90", "tf32")]     # fp16/bf16 only
+
+
+def test_launchers_keep_symbolic_sizes_symbolic(monkeypatch):
+    """While torch.compile (dynamic shapes) or torch.export (Dims) traces the triton ops, their bodies
+    see symbolic N, H, W and top sizes: what the launchers compute from them (kernel arguments,
+    grids, allocations, the dW split) must keep them symbolic. The nearest scales (float(H)), the
+    autotune key's bucket (bit_length of N*H*W) and the backward's search depths once pinned every
+    one of them to its traced value: a recompile per image size under torch.compile, an error under
+    torch.export with dynamic dims; the kernels now compute them (SCALE_IN_KERNEL). The launches are
+    recorded, not run (fake tensors), through the compiled-kernel branch (a GPU's) with a stand-in
+    SM count. (On a GPU, tests/test_training_and_compilers.py runs the registered ops this way.)"""
+    from fused_fpn.backends import triton as tb
+    from fused_fpn.kernels import lateral_launch as L
+    launches = []
+    monkeypatch.setattr(L, "interpreting", lambda: False)
+    monkeypatch.setattr(L, "_device_facts", lambda device: ("sm90", 132))
+    monkeypatch.setattr(L, "_launch", lambda kernel, grid, args, meta: launches.append((grid, args, meta)))
+    monkeypatch.setattr(L, "_launch_autotuned",
+                        lambda tuner, grid, args, meta, key: launches.append((grid, args, meta)))
+    sym = SymbolicSizes()
+    for layout in ["nchw", "channels_last", "noncontig"]:   # traced at the first shapes; the others: guards
+        x = sym.tensor(make_input((2, 8, 40, 44), torch.float32, DEVICE, layout), (0, 2, 3),
+                       make_input((3, 8, 37, 29), torch.float32, DEVICE, layout))
+        top = sym.tensor(make_input((2, 4, 20, 22), torch.float32, DEVICE, layout), (0, 2, 3),
+                         make_input((3, 4, 19, 15), torch.float32, DEVICE, layout))
+        weight, bias = sym.tensor(torch.randn(4, 8, device=DEVICE)), sym.tensor(torch.randn(4, device=DEVICE))
+        assert all(isinstance(s, torch.SymInt) for s in (x.shape[0], *x.shape[2:], *top.shape[2:]))
+        with sym.mode:
+            tb.check_forward_args(x, weight, bias, top)
+            out = L.lateral_forward(x, weight, bias, top)
+            grad = torch.empty_like(out)
+            tb.check_backward_args(grad, x, weight, top.shape[2], top.shape[3])
+            grads = L.lateral_backward(grad, x, weight, top.shape[2], top.shape[3], True, True, True, True)
+        assert tuple(out.shape) == (x.shape[0], 4, x.shape[2], x.shape[3])
+        assert tuple(grads[3].shape) == tuple(top.shape)
+    for grid, args, meta in launches:   # the grids too (inductor evaluates them per config)
+        if callable(grid):
+            for persistent in (False, True):
+                grid(dict(BLOCK_M=128, BLOCK_N=256, PERSISTENT=persistent))
+        if "SCALE_IN_KERNEL" in meta:   # forward, dx, db + dtop: the kernels compute the scales
+            assert meta["SCALE_IN_KERNEL"] and not any(isinstance(a, float) and a != 0.0 for a in args)
+    assert len(launches) == 3 * 4   # per layout: forward, dx, dW, db + dtop
+    sym.assert_none_pinned()
