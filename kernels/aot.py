@@ -16,10 +16,12 @@ The argument values mimic what the launcher passes for ResNet-50-FPN's P2 level 
 200x304, 256 -> 256 channels, top 100x152) so the specialization matches a real launch: ints equal
 to 1 become constexprs (triton's JIT specializes them), ints divisible by 16 and all pointers get
 the ``tt.divisibility`` 16 hint. The ``*_symbolic`` jobs compile the kernels' SCALE_IN_KERNEL variant
-(what a trace with symbolic sizes launches), the ``*_symbolic_ones`` ones with every size 1 (a
-1 x 1 top, a one-pixel-wide map: those arrive as constexprs), the ``*_i64`` ones with int64 sizes and
-strides (inductor's type for a symbolic size it cannot bound below 2^31). The ASTSource
-signature/attrs format changed across triton versions: 3.2 takes an ``AttrsDescriptor``; 3.3+ a dict {(arg index,): [["tt.divisibility", 16]]}.
+(what a trace with symbolic sizes launches), without the hint on the arguments a trace cannot
+prove multiples of 16; the ``*_symbolic_ones`` ones with every size 1 (a 1 x 1 top, a
+one-pixel-wide map: those arrive as constexprs), the ``*_i64`` ones with int64 sizes and non-unit
+strides (inductor's type for a symbolic integer it cannot bound below 2^31). The ASTSource
+signature/attrs format changed across triton versions: 3.2 takes an ``AttrsDescriptor``; 3.3+ a dict
+{(arg index,): [["tt.divisibility", 16]]}.
 """
 from __future__ import annotations
 
@@ -62,8 +64,10 @@ _TY = {"fp16": "*fp16", "bf16": "*bf16", "fp32": "*fp32"}
 USE_INPUT_PRECISION = K.USE_INPUT_PRECISION
 
 
-def _specialize(fn, args: Dict[str, object], constexprs: Dict[str, object]):
-    """(signature, constexprs, divisible-by-16 arg indices) the way triton's JIT specializes."""
+def _specialize(fn, args: Dict[str, object], constexprs: Dict[str, object], unhinted=()):
+    """(signature, constexprs, divisible-by-16 arg indices) the way triton's JIT specializes.
+    ``unhinted``: integer arguments that get no divisibility hint (symbolic sizes: inductor hints a
+    symbolic size only when it is statically a multiple of 16)."""
     sig, const, div16 = {}, dict(constexprs), []
     unspecialized = {fn.arg_names[a] if isinstance(a, int) else a for a in getattr(fn, "do_not_specialize", ())}
     for i, name in enumerate(fn.arg_names):
@@ -85,7 +89,7 @@ def _specialize(fn, args: Dict[str, object], constexprs: Dict[str, object]):
                 const[name] = 1
             else:
                 sig[name] = "i32" if -2**31 <= v < 2**31 else "i64"
-                if v % 16 == 0:
+                if v % 16 == 0 and name not in unhinted:
                     div16.append(i)
         elif isinstance(v, float):
             sig[name] = "fp32"
@@ -94,8 +98,8 @@ def _specialize(fn, args: Dict[str, object], constexprs: Dict[str, object]):
     return sig, const, div16
 
 
-def _source(fn, args, constexprs):
-    sig, const, div16 = _specialize(fn, args, constexprs)
+def _source(fn, args, constexprs, unhinted=()):
+    sig, const, div16 = _specialize(fn, args, constexprs, unhinted)
     if hasattr(_bc, "AttrsDescriptor"):  # triton 3.2
         attrs = _bc.AttrsDescriptor.from_dict({
             "arg_properties": {"tt.divisibility": div16,
@@ -192,10 +196,12 @@ def jobs(archs=(90, 80)) -> List[dict]:
                 if kind != "16bit":
                     add("fwd", arch, "fp32", "nchw", kind, cfg)
             # the variant a trace with symbolic sizes launches (scales computed in the kernel): the
-            # default configs, channels_last and NCHW
+            # default configs, channels_last (and NCHW for fp16), and as dx
             for dtype, layout in variants[::2]:
                 for cfg in K.fwd_configs(a, kind):
                     add("fwd_symbolic", arch, dtype, layout, kind, cfg)
+            for cfg in K.fwd_configs(a, kind):
+                add("fwd_dx_symbolic", arch, dx_dtype, dx_layout, kind, cfg)
         for dtype in ("fp16", "bf16", "fp32"):
             out.append(dict(kernel="grad_bias_top", arch=arch, dtype=dtype, layout="channels_last", tf32=False,
                             meta=dict(K.GRAD_BIAS_TOP_META), **K.GRAD_BIAS_TOP_LAUNCH))
@@ -215,13 +221,23 @@ def jobs(archs=(90, 80)) -> List[dict]:
     return out
 
 
-# size and stride arguments that a trace with symbolic sizes passes (the channel counts come from
-# the weights: static); the *_i64 jobs give them int64 values
+# Size and stride arguments that a trace with symbolic sizes passes (the channel counts come from
+# the weights: static; unit strides stay 1); the *_i64 jobs give them int64 values.
 _SYMBOLIC_ARGS = {
-    "fwd": ("M", "HW", "W_", "HT", "WT", "sxn", "sxh", "sxw", "stn", "sth", "stw", "son", "soh", "sow"),
-    "grad_weight": ("M", "HW", "W_", "ROWS_PER_SPLIT", "sdn", "sdh", "sdw", "sxn", "sxh", "sxw"),
-    "grad_bias_top": ("H", "W_", "HT", "WT", "N_TW_BLOCKS", "ROWS", "sdn", "sdh", "sdw", "stn", "sth", "stw"),
+    "fwd": ("M", "HW", "W_", "HT", "WT", "sxn", "sxc", "sxh", "sxw", "stn", "stc", "sth", "stw",
+            "son", "soc", "soh", "sow"),
+    "grad_weight": ("M", "HW", "W_", "ROWS_PER_SPLIT", "sdn", "sdc", "sdh", "sdw", "sxn", "sxc", "sxh", "sxw"),
+    "grad_bias_top": ("H", "W_", "HT", "WT", "N_TW_BLOCKS", "ROWS", "sdn", "sdc", "sdh", "sdw",
+                      "stn", "stc", "sth", "stw"),
 }
+# Of those, the ones that get no divisibility hint in a trace: inductor hints a symbolic integer only
+# when it is statically a multiple of 16. The sizes; and in NCHW the channel and row strides (H * W,
+# W), while the strides that carry a channel count of 256 (channels_last's, and the image stride)
+# are multiples of 16 whatever the sizes. ROWS_PER_SPLIT is a multiple of 256.
+_UNHINTED_SIZES = {"fwd": ("M", "HW", "W_", "HT", "WT"), "grad_weight": ("M", "HW", "W_"),
+                   "grad_bias_top": ("H", "W_", "HT", "WT", "N_TW_BLOCKS", "ROWS")}
+_UNHINTED_NCHW_STRIDES = {"fwd": ("sxc", "sxh", "stc", "sth", "soc", "soh"),
+                          "grad_weight": ("sdc", "sdh", "sxc", "sxh"), "grad_bias_top": ("sdc", "sdh", "stc", "sth")}
 
 
 def _as_int64(args: dict, names) -> None:
@@ -239,10 +255,10 @@ def compile_job(job: dict) -> dict:
     kernel, dtype, layout = job["kernel"], job["dtype"], job["layout"]
     in_kernel = "_symbolic" in kernel
     if kernel.startswith("fwd"):
-        epilogue = kernel != "fwd_dx"
+        epilogue = not kernel.startswith("fwd_dx")
         fn, args = K._lateral_fwd_kernel, (fwd_args if epilogue else dx_args)(dtype, layout)
-        if kernel.endswith("_ones"):   # x [2, 256, 1, 1], top [2, 256, 1, 1]
-            args.update(M=2, HW=1, W_=1, HT=1, WT=1, sxh=1, sxw=1, sth=1, stw=1, soh=1, sow=1)
+        if kernel.endswith("_ones"):   # x, top, out [2, 256, 1, 1] channels_last: strides (256, 1, 256, 256)
+            args.update(M=2, HW=1, W_=1, HT=1, WT=1, sxh=256, sxw=256, sth=256, stw=256, soh=256, sow=256)
         constexprs = dict(HAS_BIAS=epilogue, HAS_TOP=epilogue, X_FLAT=True, O_FLAT=True, ALLOW_TF32=job["tf32"],
                           USE_INPUT_PRECISION=USE_INPUT_PRECISION, SCALE_IN_KERNEL=in_kernel, **job["meta"])
         constexprs.update(job.get("flags", {}))
@@ -252,15 +268,19 @@ def compile_job(job: dict) -> dict:
                           **job["meta"])
     else:
         fn, args = K._lateral_grad_bias_top_kernel, grad_bias_top_args(dtype, layout)
-        if kernel.endswith("_ones"):   # dy [2, 256, 1, 1], top [2, 256, 1, 1]
-            args.update(H=1, W_=1, HT=1, WT=1, N_TW_BLOCKS=1, ROWS=2, sdh=1, sdw=1, sth=1, stw=1)
+        if kernel.endswith("_ones"):   # dy, top [2, 256, 1, 1] channels_last
+            args.update(H=1, W_=1, HT=1, WT=1, N_TW_BLOCKS=1, ROWS=2, sdh=256, sdw=256, sth=256, stw=256)
         constexprs = dict(HAS_TOP=True, SCALE_IN_KERNEL=in_kernel, **job["meta"])
+    base = "fwd" if kernel.startswith("fwd") else "grad_weight" if kernel.startswith("grad_weight") else "grad_bias_top"
+    unhinted = ()
+    if in_kernel or kernel.endswith("_i64"):   # what a trace with symbolic sizes compiles
+        unhinted = _UNHINTED_SIZES[base] + (_UNHINTED_NCHW_STRIDES[base] if layout == "nchw" else ())
     if kernel.endswith("_i64"):
-        _as_int64(args, _SYMBOLIC_ARGS[kernel.split("_symbolic")[0].replace("_i64", "")])
+        _as_int64(args, _SYMBOLIC_ARGS[base])
     result = dict(job)
     t0 = time.time()
     try:
-        compiled = triton.compile(_source(fn, args, constexprs), target=GPUTarget("cuda", job["arch"], 32),
+        compiled = triton.compile(_source(fn, args, constexprs, unhinted), target=GPUTarget("cuda", job["arch"], 32),
                                   options=dict(num_warps=job["num_warps"], num_stages=job["num_stages"]))
         meta = compiled.metadata
         shared = meta["shared"] if isinstance(meta, dict) else meta.shared

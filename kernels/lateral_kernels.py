@@ -172,12 +172,13 @@ def _fwd_epilogue_tile(acc, pid_n, mask_m, n64, rem, h_idx, w_idx, COUT,
     the K loop, instead of taken from scale_h, scale_w. Those are cast to fp32 (a no-op for the
     launcher's fp32 scalars): inductor passes a Python float to a kernel it compiles as fp64, and
     the rule's product float32(h) * scale would then run in fp64 and pick other rows."""
-    if SCALE_IN_KERNEL:
-        scale_h = _nearest_scale(HT, HW // W_)
-        scale_w = _nearest_scale(WT, W_)
-    else:
-        scale_h = tl.cast(scale_h, tl.float32)
-        scale_w = tl.cast(scale_w, tl.float32)
+    if HAS_TOP:   # (without a top, triton 3.6 kept the unused division of dx: 16 B of stack on sm_80)
+        if SCALE_IN_KERNEL:
+            scale_h = _nearest_scale(HT, HW // W_)
+            scale_w = _nearest_scale(WT, W_)
+        else:
+            scale_h = tl.cast(scale_h, tl.float32)
+            scale_w = tl.cast(scale_w, tl.float32)
     col0 = pid_n * BLOCK_N
     if BLOCK_N >= 128:
         lo, hi = _halves(acc, BLOCK_M, BLOCK_N)

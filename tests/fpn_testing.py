@@ -126,11 +126,13 @@ class SymbolicSizes:
 
     ``tensor(t, dynamic, other)`` makes the fake copy of t, dims ``dynamic`` symbolic (the strides of
     a view that is not dense too), and notes the sizes and strides of a second case (``other``: a
-    tensor of another shape in the same layout). ``assert_none_pinned()``: no symbol was
-    replaced by a number, and every guard recorded while tracing holds at the second case's sizes
-    too, i.e. one graph would serve both (a guard Eq(s0*s1*s2, 880) from an int() of N*H*W pins
-    the product: it fails there). Pick the second case in the same regime as the first for the
-    guards that hold over ranges (conv's batch < 16, the dW split being 1 or not)."""
+    tensor of another shape in the same layout). ``assert_none_pinned()``: every replacement the
+    trace made (a symbol set to a number, or to an expression of others: top's batch = x's) and
+    every guard it recorded hold at the second case's sizes too, i.e. one graph would serve both
+    (a guard Eq(s0*s1*s2, 880) from an int() of N*H*W pins the product, a replacement
+    H -> 2 * Ht a ratio: both fail there). Pick the second case in the same regime as the first for
+    the guards that hold over ranges (conv's batch < 16, the dW split being 1 or not), and with
+    other ratios between sizes than the traced one."""
 
     def __init__(self):
         from torch._subclasses.fake_tensor import FakeTensorMode
@@ -145,17 +147,20 @@ class SymbolicSizes:
         fake = self.mode.from_tensor(t, symbolic_context=StatelessSymbolicContext(dynamic_sizes=dims))
         for got, value in zip((*fake.shape, *fake.stride()), (*other.shape, *other.stride()) if dynamic else ()):
             if isinstance(got, torch.SymInt) and got.node.expr.is_symbol:
-                self.other_values[got.node.expr] = value
+                known = self.other_values.setdefault(got.node.expr, value)
+                assert known == value, f"{got.node.expr} stands for {known} and {value} in the second case"
         return fake
 
     def assert_none_pinned(self):
         import sympy
-        pinned = {str(k): str(v) for k, v in self.env.replacements.items() if v.is_number}
-        assert pinned == {}, f"sizes pinned to their traced values: {pinned}"
         values = {k: sympy.Integer(v) for k, v in self.other_values.items()}
         failing = []
-        for guard in self.env.guards:
-            held = self.env.replace(guard.expr).xreplace(values)
+        for symbol, value in self.env.replacements.items():
+            held = sympy.Eq(symbol, value).xreplace(values)
             if held is not sympy.true:
-                failing.append(f"{guard.expr} (at the other sizes: {held})")
-        assert not failing, "guards that pin the traced sizes:\n" + "\n".join(failing)
+                failing.append(f"replacement {symbol} -> {value} (at the other sizes: {held})")
+        for guard in self.env.guards:
+            held = guard.expr.xreplace(values)
+            if held is not sympy.true:
+                failing.append(f"guard {guard.expr} (at the other sizes: {held})")
+        assert not failing, "what the trace pinned to the traced sizes:\n" + "\n".join(failing)

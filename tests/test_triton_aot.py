@@ -182,13 +182,14 @@ def test_nearest_scale_in_the_kernel_is_a_correctly_rounded_division(results):
         sorted({(r["kernel"], tuple(r["fp32_divisions"] or ())) for r in symbolic})
     ones = [r for r in results if r["kernel"].endswith("_ones")]   # 1 / 1 may fold to a constant
     assert ones and all(set(r["fp32_divisions"]) <= {"div.rn.f32"} for r in ones)
-    host = [r for r in results if r["kernel"] in ("fwd", "fwd_dx", "grad_bias_top")]
+    host = [r for r in results if r["kernel"] in ("fwd", "fwd_dx", "grad_bias_top", "fwd_dx_symbolic")]
     assert host and all(r["fp32_divisions"] == [] for r in host)
 
 
 def test_symbolic_size_variants_compile_without_spills(results):
-    """The SCALE_IN_KERNEL variant of each default forward config (channels_last and NCHW, every
-    kind) and of the bias / top gradient, and both with every size 1 (a 1 x 1 top, a one-pixel-wide
+    """The SCALE_IN_KERNEL variant of each default forward config (channels_last in every kind, NCHW
+    for fp16, and as dx; compiled without the divisibility hints a trace cannot give symbolic sizes)
+    and of the bias / top gradient, and both with every size 1 (a 1 x 1 top, a one-pixel-wide
     map: sizes of 1 reach the kernels as constexprs, which the interpreter cannot show; the first
     in-kernel scale failed to compile for them) and with int64 sizes and strides (inductor passes a
     symbolic size it cannot bound below 2^31 as i64: the bias / top gradient's search did not
@@ -199,10 +200,11 @@ def test_symbolic_size_variants_compile_without_spills(results):
         for kind in K.KINDS:
             want = {(tuple(sorted(c.kwargs.items())), c.num_warps, c.num_stages)
                     for c in K.fwd_configs(f"sm{arch}", kind)}
-            got = {(tuple(sorted(r["meta"].items())), r["num_warps"], r["num_stages"]) for r in symbolic
-                   if r["kernel"] == "fwd_symbolic" and r["arch"] == arch and kind_of(r) == kind}
-            assert got == want, f"sm{arch} {kind}"
-    assert {(r["kernel"], r["arch"]) for r in symbolic if r["kernel"] != "fwd_symbolic"} == {
+            for kernel in ("fwd_symbolic", "fwd_dx_symbolic"):
+                got = {(tuple(sorted(r["meta"].items())), r["num_warps"], r["num_stages"]) for r in symbolic
+                       if r["kernel"] == kernel and r["arch"] == arch and kind_of(r) == kind}
+                assert got == want, f"{kernel} sm{arch} {kind}"
+    assert {(r["kernel"], r["arch"]) for r in symbolic if r["kernel"] not in ("fwd_symbolic", "fwd_dx_symbolic")} == {
         (k, a) for k in ("grad_bias_top_symbolic", "fwd_symbolic_ones", "grad_bias_top_symbolic_ones",
                          "fwd_symbolic_i64", "grad_weight_i64", "grad_bias_top_symbolic_i64") for a in ARCHS}
     known = KNOWN_SYMBOLIC_SPILLS.get(".".join(triton.__version__.split(".")[:2]), {})
@@ -215,12 +217,21 @@ def test_symbolic_size_variants_compile_without_spills(results):
     assert not bad, f"triton {triton.__version__}:\n" + "\n".join(bad)
 
 
-# Spills measured in the SCALE_IN_KERNEL variant (the division's registers in the epilogue), per
-# config and triton version: (arch, dtype, layout, BLOCK_M, BLOCK_N, BLOCK_K, num_warps) -> bytes.
-# The host-scale kernels of the same configs spill nothing (test_default_configs_do_not_spill).
+# Spills measured in the SCALE_IN_KERNEL variant, per config and triton version: (arch, dtype, layout,
+# BLOCK_M, BLOCK_N, BLOCK_K, num_warps) -> bytes of stack, the most over the config's stages and
+# its int64 job. The host-scale kernels of the same configs spill nothing
+# (test_default_configs_do_not_spill). The large ones are NCHW with triton 3.8.0: without the
+# divisibility hints of static sizes (a trace cannot prove H * W a multiple of 16), the x loads of
+# NCHW's channel-strided rows are not vectorized and their addresses take registers.
 KNOWN_SYMBOLIC_SPILLS = {
-    "3.6": {(80, "fp32", "channels_last", 128, 64, 32, 8): 16},   # exact fp32 (the "ieee" list)
-    "3.8": {(80, "fp16", "nchw", 64, 256, 32, 4): 16},
+    "3.6": {(90, "fp16", "nchw", 128, 128, 64, 4): 24, (90, "fp16", "nchw", 128, 256, 64, 8): 8,
+            (80, "fp16", "nchw", 64, 256, 32, 4): 40,
+            (80, "fp32", "channels_last", 128, 64, 32, 8): 16},   # exact fp32 (the "ieee" list)
+    "3.8": {(90, "fp16", "nchw", 128, 256, 64, 8): 1208, (90, "fp16", "nchw", 128, 256, 32, 8): 704,
+            (90, "fp16", "nchw", 64, 256, 64, 4): 1312, (90, "fp16", "nchw", 64, 256, 32, 4): 680,
+            (90, "fp16", "nchw", 128, 128, 64, 4): 752, (90, "fp16", "nchw", 64, 128, 128, 4): 200,
+            (80, "fp16", "nchw", 64, 256, 32, 4): 824,
+            (90, "fp32", "channels_last", 64, 64, 64, 4): 8},   # dx, exact fp32
 }
 
 
