@@ -16,9 +16,17 @@ import torch.nn.functional as F
 from ._layout import output_memory_format
 
 
-def _f32(value) -> float:
-    """``value`` rounded to the nearest float32, as a Python float."""
+def f32(value) -> float:
+    """``value`` rounded to the nearest float32 (returned as the Python float holding it exactly)."""
     return struct.unpack("f", struct.pack("f", float(value)))[0]
+
+
+def nearest_scale(in_size: int, out_size: int) -> float:
+    """ATen's scale for nearest, float32(in) / float32(out), correctly rounded to float32, for
+    concrete sizes: each size rounded to float32 first (as ATen's casts do: sizes past 2^24
+    change), then the double quotient of two float32 values, which rounds to the same float32 as
+    a float32 division (53 >= 2 * 24 + 2)."""
+    return f32(f32(in_size) / f32(out_size))
 
 
 def nearest_source_indices(in_size: int, out_size: int, device=None) -> torch.Tensor:
@@ -44,7 +52,7 @@ def nearest_source_indices(in_size: int, out_size: int, device=None) -> torch.Te
             return torch.full((), size, dtype=torch.float32, device=f64_device).to(torch.float64)
         scale = (as_f64(in_size) / as_f64(out_size)).to(torch.float32)
     else:
-        scale = _f32(float(_f32(in_size)) / float(_f32(out_size)))
+        scale = nearest_scale(in_size, out_size)
     dst = torch.arange(out_size, dtype=torch.float32, device=device)
     src = torch.floor(dst * scale).to(torch.int64)
     return torch.clamp(src, max=in_size - 1)
