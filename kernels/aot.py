@@ -4,6 +4,7 @@
 
 compiles each config of each kernel with ``triton.compile(ASTSource(fn, signature, constexprs),
 target=GPUTarget("cuda", arch, 32))`` and reports, per compile: kernel, arch, dtype, layout, config,
+sizes, trace, the PIX_ALIGN it was compiled with (``pix_align``; None for the bias / top gradient),
 shared memory (bytes, from the compiled metadata), whether the PTX uses wgmma, how many async
 global-to-shared copies the TTGIR has (``async_copies``: 0 means the software pipeliner left the
 loads synchronous), registers and stack bytes per thread (``regs``, ``stack``: cuobjdump's resource
@@ -12,16 +13,20 @@ usage of the cubin; stack is spill space), the fp32 divisions in the PTX (``fp32
 Run it in a process where TRITON_INTERPRET is NOT set (``@triton.jit`` then yields JITFunctions,
 which the compiler needs); tests/test_triton_aot.py does that in a subprocess.
 
-The argument values mimic what the launcher passes for ResNet-50-FPN's P2 level (batch 2,
-200x304, 256 -> 256 channels, top 100x152) so the specialization matches a real launch: ints equal
-to 1 become constexprs (triton's JIT specializes them), ints divisible by 16 and all pointers get
-the ``tt.divisibility`` 16 hint. The ``*_symbolic`` jobs compile the kernels' SCALE_IN_KERNEL variant
-(what a trace with symbolic sizes launches), without the hint on the arguments a trace cannot
-prove multiples of 16; the ``*_symbolic_ones`` ones with every size 1 (a 1 x 1 top, a
-one-pixel-wide map: those arrive as constexprs), the ``*_i64`` ones with int64 sizes and non-unit
-strides (inductor's type for a symbolic integer it cannot bound below 2^31). The ASTSource
-signature/attrs format changed across triton versions: 3.2 takes an ``AttrsDescriptor``; 3.3+ a dict
-{(arg index,): [["tt.divisibility", 16]]}.
+The argument values mimic what the launcher passes for ResNet-50-FPN's levels at 800 x 1216
+(batch 2; ``LEVELS``: P2 200 x 304 with 256 input channels, most jobs; P4 50 x 76 with 1024 and P5
+25 x 38 with 2048, whose H * W is not a multiple of 16), 256 output channels and a top of half the
+size, so the specialization matches a real launch: ints equal to 1 become constexprs (triton's JIT
+specializes them), ints divisible by 16 and all pointers get the ``tt.divisibility`` 16 hint, and
+PIX_ALIGN is the launcher's (``lateral_kernels.pixel_alignment``). Each job names its kernel
+(``fwd``, ``fwd_dx``: the forward kernel as the backward's dx, ``grad_weight``, ``grad_bias_top``),
+its ``sizes`` (a level of ``LEVELS``, or "ones": every size 1, a 1 x 1 top and one-pixel-wide maps,
+which arrive as constexprs) and its ``trace``: "eager" (concrete sizes, host scales), "symbolic"
+(what a trace with symbolic sizes compiles: the kernels' SCALE_IN_KERNEL variant, no divisibility
+hint on what a trace cannot prove a multiple of 16, PIX_ALIGN 1) or "symbolic_i64" (the same with
+int64 sizes and non-unit strides: inductor's type for a symbolic integer it cannot bound below
+2^31). The ASTSource signature/attrs format changed across triton versions: 3.2 takes an
+``AttrsDescriptor``; 3.3+ a dict {(arg index,): [["tt.divisibility", 16]]}.
 """
 from __future__ import annotations
 
@@ -61,6 +66,7 @@ def resource_usage(cubin: bytes):
 
 
 _TY = {"fp16": "*fp16", "bf16": "*bf16", "fp32": "*fp32"}
+_TY_SIZE = {"fp16": 2, "bf16": 2, "fp32": 4}
 USE_INPUT_PRECISION = K.USE_INPUT_PRECISION
 
 
@@ -116,8 +122,19 @@ def _strides(n, c, h, w, layout):
     return (c * h * w, h * w, w, 1)
 
 
-def fwd_args(dtype: str, layout: str):
-    n, cin, cout, h, w, ht, wt = 2, 256, 256, 200, 304, 100, 152
+# (N, Cin, H, W): ResNet-50-FPN's level sizes at 800 x 1216, batch 2 (every job has Cout = 256 and,
+# where there is one, a top of half the size)
+LEVELS = {"P2": (2, 256, 200, 304), "P4": (2, 1024, 50, 76), "P5": (2, 2048, 25, 38), "ones": (2, 256, 1, 1)}
+COUT = 256
+
+
+def _top_size(h, w):
+    return max(h // 2, 1), max(w // 2, 1)
+
+
+def fwd_args(dtype: str, layout: str, sizes: str = "P2"):
+    n, cin, h, w = LEVELS[sizes]
+    cout, (ht, wt) = COUT, _top_size(h, w)
     p = _TY[dtype]
     xs, ts, os_ = _strides(n, cin, h, w, layout), _strides(n, cout, ht, wt, layout), _strides(n, cout, h, w, layout)
     args = dict(x_ptr=p, w_ptr=p, b_ptr=p, top_ptr=p, out_ptr=p,
@@ -130,52 +147,66 @@ def fwd_args(dtype: str, layout: str):
     return args
 
 
-def dx_args(dtype: str, layout: str):
-    """The forward kernel as the backward's dx = dy . W: W^T through swapped strides, no epilogue."""
-    args = fwd_args(dtype, layout)
-    args.update(swn=1, swk=256, sb=0, HT=1, WT=1, stn=0, stc=0, sth=0, stw=0,
-                TUNE_KEY=K.tune_key(args["M"], args["sxc"] == 1, args["soc"] == 1, False))   # W^T: swk != 1
+def dx_args(dtype: str, layout: str, sizes: str = "P2"):
+    """The forward kernel as the backward's dx = dy . W: dy [N, Cout, H, W] in, dx [N, Cin, H, W]
+    out, W^T through swapped strides, no epilogue."""
+    n, cin, h, w = LEVELS[sizes]
+    args = fwd_args(dtype, layout, sizes)
+    dys, dxs = _strides(n, COUT, h, w, layout), _strides(n, cin, h, w, layout)
+    args.update(CIN=COUT, COUT=cin, swn=1, swk=cin, sb=0, HT=1, WT=1, stn=0, stc=0, sth=0, stw=0,
+                sxn=dys[0], sxc=dys[1], sxh=dys[2], sxw=dys[3], son=dxs[0], soc=dxs[1], soh=dxs[2], sow=dxs[3],
+                TUNE_KEY=K.tune_key(args["M"], dys[1] == 1, dxs[1] == 1, False))   # W^T: swk != 1
     return args
 
 
-def grad_weight_args(dtype: str, layout: str):
-    n, cin, cout, h, w = 2, 256, 256, 200, 304
-    p = _TY[dtype]
+def grad_weight_args(dtype: str, layout: str, sizes: str = "P2"):
+    n, cin, h, w = LEVELS[sizes]
+    cout, p = COUT, _TY[dtype]
     ds, xs = _strides(n, cout, h, w, layout), _strides(n, cin, h, w, layout)
     return dict(dy_ptr=p, x_ptr=p, part_ptr="*fp32", M=n * h * w, HW=h * w, W_=w, CIN=cin, COUT=cout,
                 ROWS_PER_SPLIT=3840, sdn=ds[0], sdc=ds[1], sdh=ds[2], sdw=ds[3],
                 sxn=xs[0], sxc=xs[1], sxh=xs[2], sxw=xs[3], TUNE_KEY=K.tune_key(n * h * w, ds[1] == 1, xs[1] == 1))
 
 
-def grad_bias_top_args(dtype: str, layout: str):
-    n, c, h, w, ht, wt = 2, 256, 200, 304, 100, 152
+def grad_bias_top_args(dtype: str, layout: str, sizes: str = "P2"):
+    n, _, h, w = LEVELS[sizes]
+    c, (ht, wt) = COUT, _top_size(h, w)
+    n_tw = -(-wt // K.GRAD_BIAS_TOP_META["BLOCK_TW"])
     p = _TY[dtype]
     ds, ts = _strides(n, c, h, w, layout), _strides(n, c, ht, wt, layout)
-    return dict(dy_ptr=p, dtop_ptr=p, dbpart_ptr="*fp32", H=h, W_=w, HT=ht, WT=wt, C=c, N_TW_BLOCKS=5, ROWS=n * ht * 5,
-                scale_h=0.5, scale_w=0.5, ITER_H=9, ITER_W=10,
+    return dict(dy_ptr=p, dtop_ptr=p, dbpart_ptr="*fp32", H=h, W_=w, HT=ht, WT=wt, C=c, N_TW_BLOCKS=n_tw,
+                ROWS=n * ht * n_tw, scale_h=0.5, scale_w=0.5, ITER_H=h.bit_length() + 1, ITER_W=w.bit_length() + 1,
                 sdn=ds[0], sdc=ds[1], sdh=ds[2], sdw=ds[3], stn=ts[0], stc=ts[1], sth=ts[2], stw=ts[3])
+
+
+# the launcher's PIX_ALIGN operands (``lateral_launch.fwd_launch_args``, ``grad_weight``)
+_PIX_ALIGN_ARGS = {"fwd": ("HW", "sxn", "sxc", "son", "soc"), "grad_weight": ("HW", "sdn", "sdc", "sxn", "sxc")}
 
 
 STRIDED_VIEWS = {"X_FLAT": False, "O_FLAT": False}
 
 
 def jobs(archs=(90, 80)) -> List[dict]:
-    """Every (kernel, arch, dtype, layout, config) to compile: each config of each (arch, kind) list
-    (the forward's experimental configs too, ``K.fwd_configs(..., experimental=True)``), in the
-    dtypes / layouts / precisions that take it. Forward: fp16/bf16 channels_last and fp16 NCHW
-    ("16bit"), fp32 with TF32 dot ("tf32") and with IEEE dot ("ieee"); the same kernel as the
-    backward's dx ("fwd_dx": W^T, no epilogue) in fp16 and in both fp32 kinds; weight gradient in
-    fp16/bf16 and both fp32 kinds; bias/top gradient (one fixed config) in every dtype. And each default
-    forward config once more with x and out strided (``flags``: X_FLAT = O_FLAT = False) and, for fp32,
-    in NCHW."""
+    """Every (kernel, arch, dtype, layout, config, sizes, trace) to compile: each config of each
+    (arch, kind) list (the forward's experimental configs too, ``K.fwd_configs(..., experimental=True)``),
+    in the dtypes / layouts / precisions that take it. At P2's sizes: the forward in fp16/bf16
+    channels_last and fp16 NCHW ("16bit"), fp32 with TF32 dot ("tf32") and with IEEE dot ("ieee");
+    the same kernel as the backward's dx (``fwd_dx``: W^T, no epilogue) in fp16 and in both fp32
+    kinds; the weight gradient in fp16/bf16 and both fp32 kinds; the bias / top gradient (one fixed
+    config) in every dtype; each default forward config once more with x and out strided (``flags``:
+    X_FLAT = O_FLAT = False) and, for fp32, in NCHW. fp16 NCHW at P4 and P5 (PIX_ALIGN 8 and 2):
+    the forward, dx and the weight gradient, default configs (and the weight gradient at P2). The
+    traces with symbolic sizes: ``_add_symbolic_jobs``."""
     kinds = {"16bit": [("fp16", "channels_last"), ("bf16", "channels_last"), ("fp16", "nchw")],
              "tf32": [("fp32", "channels_last")], "ieee": [("fp32", "channels_last")]}
     out = []
 
-    def add(kernel, arch, dtype, layout, kind, cfg, flags=None):
+    def add(kernel, arch, dtype, layout, kind, cfg, flags=None, sizes="P2", trace="eager"):
+        meta = dict(cfg.kwargs) if cfg is not None else dict(K.GRAD_BIAS_TOP_META)
+        launch = (dict(num_warps=cfg.num_warps, num_stages=cfg.num_stages) if cfg is not None
+                  else dict(K.GRAD_BIAS_TOP_LAUNCH))
         out.append(dict(kernel=kernel, arch=arch, dtype=dtype, layout=layout, tf32=kind != "ieee",
-                        meta=dict(cfg.kwargs), num_warps=cfg.num_warps, num_stages=cfg.num_stages,
-                        flags=dict(flags or {})))
+                        meta=meta, flags=dict(flags or {}), sizes=sizes, trace=trace, **launch))
 
     for arch in archs:
         a = f"sm{arch}"
@@ -195,34 +226,47 @@ def jobs(archs=(90, 80)) -> List[dict]:
                 add("fwd", arch, variants[0][0], variants[0][1], kind, cfg, STRIDED_VIEWS)
                 if kind != "16bit":
                     add("fwd", arch, "fp32", "nchw", kind, cfg)
-            # the variant a trace with symbolic sizes launches (scales computed in the kernel): the
-            # default configs, channels_last (and NCHW for fp16), and as dx
-            for dtype, layout in variants[::2]:
-                for cfg in K.fwd_configs(a, kind):
-                    add("fwd_symbolic", arch, dtype, layout, kind, cfg)
-            for cfg in K.fwd_configs(a, kind):
-                add("fwd_dx_symbolic", arch, dx_dtype, dx_layout, kind, cfg)
         for dtype in ("fp16", "bf16", "fp32"):
-            out.append(dict(kernel="grad_bias_top", arch=arch, dtype=dtype, layout="channels_last", tf32=False,
-                            meta=dict(K.GRAD_BIAS_TOP_META), **K.GRAD_BIAS_TOP_LAUNCH))
-        out.append(dict(kernel="grad_bias_top_symbolic", arch=arch, dtype="fp16", layout="channels_last", tf32=False,
-                        meta=dict(K.GRAD_BIAS_TOP_META), **K.GRAD_BIAS_TOP_LAUNCH))
-        # every size 1 (constexprs, triton's JIT specializes integers equal to 1), scales in the kernel;
-        # and every size and stride an int64 (inductor passes a symbolic size whose range it cannot
-        # bound below 2^31 as i64)
-        add("fwd_symbolic_ones", arch, "fp16", "channels_last", "16bit", K.fwd_configs(a, "16bit")[0])
-        out.append(dict(kernel="grad_bias_top_symbolic_ones", arch=arch, dtype="fp16", layout="channels_last",
-                        tf32=False, meta=dict(K.GRAD_BIAS_TOP_META), **K.GRAD_BIAS_TOP_LAUNCH))
-        for dtype, layout in (("fp16", "channels_last"), ("fp16", "nchw")):
-            add("fwd_symbolic_i64", arch, dtype, layout, "16bit", K.fwd_configs(a, "16bit")[0])
-        add("grad_weight_i64", arch, "fp16", "channels_last", "16bit", K.GRAD_WEIGHT_CONFIGS[(a, "16bit")][0])
-        out.append(dict(kernel="grad_bias_top_symbolic_i64", arch=arch, dtype="fp16", layout="channels_last",
-                        tf32=False, meta=dict(K.GRAD_BIAS_TOP_META), **K.GRAD_BIAS_TOP_LAUNCH))
+            add("grad_bias_top", arch, dtype, "channels_last", "ieee", None)   # (no dot: tf32 False)
+        # NCHW whose H * W is not a multiple of 16 (JIT hints none; PIX_ALIGN tells the kernels)
+        for sizes in ("P4", "P5"):
+            for kernel in ("fwd", "fwd_dx"):
+                for cfg in K.fwd_configs(a, "16bit"):
+                    add(kernel, arch, "fp16", "nchw", "16bit", cfg, sizes=sizes)
+        for sizes in ("P2", "P4", "P5"):
+            for cfg in K.GRAD_WEIGHT_CONFIGS[(a, "16bit")]:
+                add("grad_weight", arch, "fp16", "nchw", "16bit", cfg, sizes=sizes)
+        _add_symbolic_jobs(arch, add)
     return out
 
 
+def _add_symbolic_jobs(arch: int, add) -> None:
+    """What a trace with symbolic sizes compiles (trace "symbolic": the SCALE_IN_KERNEL variant, no
+    divisibility hint on the sizes): the forward's default configs, channels_last in every kind and
+    NCHW for fp16, and as dx; the bias / top gradient; the same with every size 1 (sizes "ones":
+    constexprs, which the interpreter cannot show), and with int64 sizes and strides (trace
+    "symbolic_i64"; the weight gradient too, which has no scales)."""
+    a = f"sm{arch}"
+    kinds = {"16bit": [("fp16", "channels_last"), ("fp16", "nchw")],
+             "tf32": [("fp32", "channels_last")], "ieee": [("fp32", "channels_last")]}
+    for kind, variants in kinds.items():
+        for dtype, layout in variants:
+            for cfg in K.fwd_configs(a, kind):
+                add("fwd", arch, dtype, layout, kind, cfg, trace="symbolic")
+        for cfg in K.fwd_configs(a, kind):
+            add("fwd_dx", arch, variants[0][0], variants[0][1], kind, cfg, trace="symbolic")
+    add("grad_bias_top", arch, "fp16", "channels_last", "ieee", None, trace="symbolic")
+    add("fwd", arch, "fp16", "channels_last", "16bit", K.fwd_configs(a, "16bit")[0], sizes="ones", trace="symbolic")
+    add("grad_bias_top", arch, "fp16", "channels_last", "ieee", None, sizes="ones", trace="symbolic")
+    for layout in ("channels_last", "nchw"):
+        add("fwd", arch, "fp16", layout, "16bit", K.fwd_configs(a, "16bit")[0], trace="symbolic_i64")
+    add("grad_weight", arch, "fp16", "channels_last", "16bit", K.GRAD_WEIGHT_CONFIGS[(a, "16bit")][0],
+        trace="symbolic_i64")
+    add("grad_bias_top", arch, "fp16", "channels_last", "ieee", None, trace="symbolic_i64")
+
+
 # Size and stride arguments that a trace with symbolic sizes passes (the channel counts come from
-# the weights: static; unit strides stay 1); the *_i64 jobs give them int64 values.
+# the weights: static; unit strides stay 1); the "symbolic_i64" jobs give them int64 values.
 _SYMBOLIC_ARGS = {
     "fwd": ("M", "HW", "W_", "HT", "WT", "sxn", "sxc", "sxh", "sxw", "stn", "stc", "sth", "stw",
             "son", "soc", "soh", "sow"),
@@ -252,32 +296,32 @@ def kind_of(job: dict) -> str:
 
 
 def compile_job(job: dict) -> dict:
-    kernel, dtype, layout = job["kernel"], job["dtype"], job["layout"]
-    in_kernel = "_symbolic" in kernel
-    if kernel.startswith("fwd"):
-        epilogue = not kernel.startswith("fwd_dx")
-        fn, args = K._lateral_fwd_kernel, (fwd_args if epilogue else dx_args)(dtype, layout)
-        if kernel.endswith("_ones"):   # x, top, out [2, 256, 1, 1] channels_last: strides (256, 1, 256, 256)
-            args.update(M=2, HW=1, W_=1, HT=1, WT=1, sxh=256, sxw=256, sth=256, stw=256, soh=256, sow=256)
+    kernel, dtype, layout, sizes = job["kernel"], job["dtype"], job["layout"], job["sizes"]
+    traced = job["trace"] != "eager"   # symbolic sizes: scales in the kernel, no hints, PIX_ALIGN 1
+    if kernel in ("fwd", "fwd_dx"):
+        epilogue = kernel == "fwd"
+        fn, args, base = K._lateral_fwd_kernel, (fwd_args if epilogue else dx_args)(dtype, layout, sizes), "fwd"
         constexprs = dict(HAS_BIAS=epilogue, HAS_TOP=epilogue, X_FLAT=True, O_FLAT=True, ALLOW_TF32=job["tf32"],
-                          USE_INPUT_PRECISION=USE_INPUT_PRECISION, SCALE_IN_KERNEL=in_kernel, **job["meta"])
-        constexprs.update(job.get("flags", {}))
-    elif kernel.startswith("grad_weight"):
-        fn, args = K._lateral_grad_weight_kernel, grad_weight_args(dtype, layout)
+                          USE_INPUT_PRECISION=USE_INPUT_PRECISION, SCALE_IN_KERNEL=traced, **job["meta"])
+        constexprs.update(job["flags"])
+    elif kernel == "grad_weight":
+        fn, args, base = K._lateral_grad_weight_kernel, grad_weight_args(dtype, layout, sizes), "grad_weight"
         constexprs = dict(D_FLAT=True, X_FLAT=True, ALLOW_TF32=job["tf32"], USE_INPUT_PRECISION=USE_INPUT_PRECISION,
                           **job["meta"])
     else:
-        fn, args = K._lateral_grad_bias_top_kernel, grad_bias_top_args(dtype, layout)
-        if kernel.endswith("_ones"):   # dy, top [2, 256, 1, 1] channels_last
-            args.update(H=1, W_=1, HT=1, WT=1, N_TW_BLOCKS=1, ROWS=2, sdh=256, sdw=256, sth=256, stw=256)
-        constexprs = dict(HAS_TOP=True, SCALE_IN_KERNEL=in_kernel, **job["meta"])
-    base = "fwd" if kernel.startswith("fwd") else "grad_weight" if kernel.startswith("grad_weight") else "grad_bias_top"
+        fn, args, base = K._lateral_grad_bias_top_kernel, grad_bias_top_args(dtype, layout, sizes), "grad_bias_top"
+        constexprs = dict(HAS_TOP=True, SCALE_IN_KERNEL=traced, **job["meta"])
+        if traced:   # the launcher passes no search depths then
+            args.update(ITER_H=0, ITER_W=0)
+    if base in _PIX_ALIGN_ARGS:
+        constexprs["PIX_ALIGN"] = 1 if traced else K.pixel_alignment(
+            _TY_SIZE[dtype], *(args[a] for a in _PIX_ALIGN_ARGS[base]), whole_vectors=base == "grad_weight")
     unhinted = ()
-    if in_kernel or kernel.endswith("_i64"):   # what a trace with symbolic sizes compiles
+    if traced:
         unhinted = _UNHINTED_SIZES[base] + (_UNHINTED_NCHW_STRIDES[base] if layout == "nchw" else ())
-    if kernel.endswith("_i64"):
+    if job["trace"] == "symbolic_i64":
         _as_int64(args, _SYMBOLIC_ARGS[base])
-    result = dict(job)
+    result = dict(job, pix_align=constexprs.get("PIX_ALIGN"))
     t0 = time.time()
     try:
         compiled = triton.compile(_source(fn, args, constexprs, unhinted), target=GPUTarget("cuda", job["arch"], 32),

@@ -54,6 +54,19 @@ def _tile_pids(tile, M, COUT, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROU
 
 
 @triton.jit
+def _pixel_aligned(v, PIX_ALIGN: tl.constexpr):
+    """v itself, written as (v // PIX_ALIGN) * PIX_ALIGN so the compiler knows it is a multiple of
+    PIX_ALIGN. The host sets PIX_ALIGN only where it holds (``pixel_alignment``): for NCHW the pixel
+    count H * W and the strides built from it. triton's JIT hints only multiples of 16, so NCHW maps
+    whose H * W is not (ResNet-50-FPN's P4 and P5 at 800 x 1216: 50 x 76 and 25 x 38) had their
+    pixel-contiguous x loads and out stores issued 2 bytes at a time, and with triton 3.8.0 the
+    forward's pipelined A tiles spilled 160-1256 B per thread on sm_90."""
+    if PIX_ALIGN > 1:
+        v = v // PIX_ALIGN * PIX_ALIGN
+    return v
+
+
+@triton.jit
 def _tile_rows(pid_m, M, HW, W_, sxn, sxh, sxw, X_FLAT: tl.constexpr, BLOCK_M: tl.constexpr):
     """The BLOCK_M pixels m = (n, h, w) of row tile pid_m: (offs_m, mask_m, n64, rem = h*W + w, h, w,
     x_row = int64 offset of pixel m in x). Masked rows past M are never dereferenced."""
@@ -212,7 +225,7 @@ def _lateral_fwd_kernel(
     HAS_BIAS: tl.constexpr, HAS_TOP: tl.constexpr, X_FLAT: tl.constexpr, O_FLAT: tl.constexpr,
     ALLOW_TF32: tl.constexpr, USE_INPUT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
-    PERSISTENT: tl.constexpr, SCALE_IN_KERNEL: tl.constexpr,
+    PERSISTENT: tl.constexpr, SCALE_IN_KERNEL: tl.constexpr, PIX_ALIGN: tl.constexpr,
 ):
     """out[m, co] = sum_k x[m, k] * W[co, k] (fp32 accumulation) + b[co] + top[n, co, sh(h), sw(w)].
 
@@ -236,6 +249,8 @@ def _lateral_fwd_kernel(
       USE_INPUT_PRECISION: tl.dot spells the choice ``input_precision`` (triton >= 3.0) or, on
         older triton, ``allow_tf32``; the host picks the one this triton understands.
       BLOCK_M/N/K, GROUP_M: tile shape and swizzle group (autotuned per problem shape).
+      PIX_ALIGN: HW and x's and out's batch and channel strides are multiples of it (``_pixel_aligned``;
+        1 for channels_last, where the channel stride is 1, and for symbolic sizes not known to be).
       PERSISTENT: the grid is smaller than the number of output tiles and each program walks tiles
         pid, pid + num_programs, ... (the host sizes the grid from the SM count) in one loop over its
         (tile, K step) pairs, so the software pipeliner can issue the next tile's loads during this
@@ -255,6 +270,11 @@ def _lateral_fwd_kernel(
         W_ = tl.cast(W_, tl.int32)
         HT = tl.cast(HT, tl.int32)
         WT = tl.cast(WT, tl.int32)
+    HW = _pixel_aligned(HW, PIX_ALIGN)
+    sxn = _pixel_aligned(sxn, PIX_ALIGN)
+    sxc = _pixel_aligned(sxc, PIX_ALIGN)
+    son = _pixel_aligned(son, PIX_ALIGN)
+    soc = _pixel_aligned(soc, PIX_ALIGN)
     if PERSISTENT:
         # One loop over this program's (tile, K step) pairs, flattened by hand: the software pipeliner
         # then issues the next tile's x / W loads while this tile's epilogue runs (triton 3.6 does
@@ -304,7 +324,7 @@ def _lateral_grad_weight_kernel(
     TUNE_KEY,
     D_FLAT: tl.constexpr, X_FLAT: tl.constexpr,
     ALLOW_TF32: tl.constexpr, USE_INPUT_PRECISION: tl.constexpr,
-    BLOCK_CO: tl.constexpr, BLOCK_CI: tl.constexpr, BLOCK_M: tl.constexpr,
+    BLOCK_CO: tl.constexpr, BLOCK_CI: tl.constexpr, BLOCK_M: tl.constexpr, PIX_ALIGN: tl.constexpr,
 ):
     """part[s, co, ci] = sum_{m in split s} dy[m, co] * x[m, ci]   (fp32, no atomics).
 
@@ -316,9 +336,15 @@ def _lateral_grad_weight_kernel(
 
     Constexpr flags: D_FLAT / X_FLAT: dy's / x's (h, w) dims flatten (contiguous pixel runs are
     visible to the compiler, as X_FLAT in ``_lateral_fwd_kernel``); ALLOW_TF32 / USE_INPUT_PRECISION
-    as there (TF32 or IEEE for fp32, and how this triton spells it); BLOCK_CO/CI/M: tile shape.
+    as there (TF32 or IEEE for fp32, and how this triton spells it); BLOCK_CO/CI/M: tile shape;
+    PIX_ALIGN: HW and dy's and x's batch and channel strides are multiples of it (``_pixel_aligned``).
     TUNE_KEY: the autotuner's key, not read by the kernel (``tune_key``).
     """
+    HW = _pixel_aligned(HW, PIX_ALIGN)
+    sdn = _pixel_aligned(sdn, PIX_ALIGN)
+    sdc = _pixel_aligned(sdc, PIX_ALIGN)
+    sxn = _pixel_aligned(sxn, PIX_ALIGN)
+    sxc = _pixel_aligned(sxc, PIX_ALIGN)
     pid_tile = tl.program_id(0)
     split = tl.program_id(1)
     n_ci = tl.cdiv(CIN, BLOCK_CI)
@@ -635,6 +661,24 @@ FWD_AUTOTUNE_KEY = ["TUNE_KEY", "COUT", "CIN"]
 GRAD_WEIGHT_AUTOTUNE_KEY = ["TUNE_KEY", "COUT", "CIN"]
 TUNE_WARMUP_MS = 5
 TUNE_REP_MS = 25
+
+
+def pixel_alignment(element_size: int, *values, multiple=None, whole_vectors: bool = False) -> int:
+    """The kernels' PIX_ALIGN: the largest power of two, at most 16 bytes' worth of elements, that
+    divides every value (the pixel count H * W and the batch / channel strides of the pixel-major
+    operands); ``multiple(v, a)`` decides a divisibility when given (symbolic sizes), else v % a == 0.
+    1 when every value is a multiple of 16: triton's JIT hints those itself, and the rewrite would
+    weaken its hint to PIX_ALIGN (at P2's sizes, fp16 NCHW forward configs then spilled 48-128 B
+    with triton 3.8.0). ``whole_vectors``: 1 unless PIX_ALIGN elements are 16 bytes (the weight
+    gradient's: at P5's 2 for fp16 its 4-warp configs spilled more than with none, 632 B against
+    384 B on sm_90 and 4536 B against 472 B on sm_80 with triton 3.8.0)."""
+    multiple = multiple or (lambda v, a: v % a == 0)
+    if all(multiple(v, 16) for v in values):
+        return 1
+    align = max(16 // element_size, 1)
+    while align > 1 and not all(multiple(v, align) for v in values):
+        align //= 2
+    return 1 if whole_vectors and align * element_size < 16 else align
 
 
 def tune_key(m: int, *unit_strides: bool) -> int:

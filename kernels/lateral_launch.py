@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import struct
 import threading
 from typing import List, Tuple
 
@@ -24,6 +23,7 @@ import torch
 
 from fused_fpn._layout import output_memory_format
 from fused_fpn._precision import conv_allows_tf32
+from fused_fpn.reference import nearest_scale
 
 from . import lateral_kernels as K
 from .limits import MAX_GRAD_WEIGHT_SPLIT, MAX_PROGRAMS
@@ -40,18 +40,6 @@ def cdiv(a: int, b: int) -> int:
     """ceil(a / b) for a >= 0, b > 0 (ints or SymInts). Host code uses this, not ``triton.cdiv``:
     in triton 3.8 that is a ``constexpr_function``, whose call from Python costs microseconds."""
     return (a + b - 1) // b
-
-
-def f32(value: float) -> float:
-    """``value`` rounded to the nearest float32 (returned as the Python float holding it exactly)."""
-    return struct.unpack("f", struct.pack("f", value))[0]
-
-
-def nearest_scale(in_size: int, out_size: int) -> float:
-    """ATen's scale for nearest, float32(in) / float32(out), correctly rounded to float32: each size
-    rounded to float32 first (as ATen's casts do: sizes past 2^24 change), then the double quotient
-    of two float32 values, which rounds to the same float32 as a float32 division."""
-    return f32(f32(float(in_size)) / f32(float(out_size)))
 
 
 # Tests set this to run the kernels' SCALE_IN_KERNEL variant on concrete sizes too (it is what a
@@ -73,6 +61,17 @@ def nearest_scale_args(in_h, out_h, in_w, out_w) -> Tuple[float, float, bool]:
     if scale_in_kernel(in_h, out_h, in_w, out_w):
         return 0.0, 0.0, True
     return nearest_scale(in_h, out_h), nearest_scale(in_w, out_w), False
+
+
+def pixel_alignment(element_size: int, *values, whole_vectors: bool = False) -> int:
+    """``K.pixel_alignment`` of sizes and strides that may be symbolic: a symbolic value counts as a
+    multiple only where the trace proves it without a guard (``statically_known_true``), so a trace
+    with dynamic shapes gets no divisibility guard (as inductor's own kernels: no hint)."""
+    if any(isinstance(v, torch.SymInt) for v in values):
+        from torch.fx.experimental.symbolic_shapes import statically_known_true
+        return K.pixel_alignment(element_size, *values, multiple=lambda v, a: statically_known_true(v % a == 0),
+                                 whole_vectors=whole_vectors)
+    return K.pixel_alignment(element_size, *values, whole_vectors=whole_vectors)
 
 
 def tune_key(m, *unit_strides: bool) -> int:
@@ -157,7 +156,7 @@ def _launch(kernel, grid, args, meta):
 # Set FAST_LAUNCH = False to go through Autotuner.run at every call (benchmarks/launch_overhead.py
 # times both).
 FAST_LAUNCH = True
-_CHOSEN = {}   # (autotuner, key) -> the chosen config's launch kwargs (BLOCK_*, num_warps, ...)
+_CHOSEN = {}   # (autotuner, key, constexpr flags) -> the chosen config's launch kwargs (BLOCK_*, num_warps, ...)
 # What was launched eagerly at least once (tuned, and its kernel loaded): (autotuner, key, variant)
 # or (kernel, variant), the variant being the launch's constexpr flags and the current device. A
 # launch not in it raises inside a CUDA-graph capture. Not covered: triton's own specialization of
@@ -210,7 +209,10 @@ def _launch_autotuned(tuner, grid, args, meta, key):
     with _LAUNCH_LOCK:
         from torch.library import wrap_triton
         launcher = wrap_triton(tuner)
-        chosen = _CHOSEN.get((tuner, key)) if FAST_LAUNCH and launcher is tuner else None
+        # the chosen config per key, launched directly only for constexpr flags launched before: a new
+        # flag set (HAS_TOP, PIX_ALIGN, ...) compiles a new binary, which inside a capture must raise
+        fast = (tuner, key, tuple(meta.items()))
+        chosen = _CHOSEN.get(fast) if FAST_LAUNCH and launcher is tuner else None
         if chosen is not None:
             tuner.fn.run(*args, grid=grid, warmup=False, **meta, **chosen)
             _note_choice(tuner, key, chosen)
@@ -224,7 +226,7 @@ def _launch_autotuned(tuner, grid, args, meta, key):
             config = tuner.best_config   # set by this call's Autotuner.run (we hold the lock)
             kwargs = config.all_kwargs()
             if config.pre_hook is None:
-                _CHOSEN[(tuner, key)] = kwargs
+                _CHOSEN[fast] = kwargs
             _note_choice(tuner, key, kwargs)
 
 
@@ -318,7 +320,9 @@ def fwd_launch_args(inp: torch.Tensor, weight: torch.Tensor, bias, top, out: tor
             tune_key(n * h * w, inp.stride(1) == 1, out.stride(1) == 1, weight.stride(1) == 1))
     meta = dict(HAS_BIAS=has_bias, HAS_TOP=has_top, X_FLAT=pixels_flatten(inp), O_FLAT=pixels_flatten(out),
                 ALLOW_TF32=_allow_tf32(inp.dtype),
-                USE_INPUT_PRECISION=USE_INPUT_PRECISION, SCALE_IN_KERNEL=in_kernel)
+                USE_INPUT_PRECISION=USE_INPUT_PRECISION, SCALE_IN_KERNEL=in_kernel,
+                PIX_ALIGN=pixel_alignment(inp.element_size(), h * w, inp.stride(0), inp.stride(1),
+                                          out.stride(0), out.stride(1)))
     return args, meta
 
 
@@ -387,7 +391,9 @@ def grad_weight(grad: torch.Tensor, x: torch.Tensor, out_dtype: torch.dtype) -> 
     args = (grad, x, part, m, h * w, w, cin, cout, rows, *grad.stride(), *x.stride(),
             tune_key(m, grad.stride(1) == 1, x.stride(1) == 1))
     meta = dict(D_FLAT=pixels_flatten(grad), X_FLAT=pixels_flatten(x), ALLOW_TF32=_allow_tf32(x.dtype),
-                USE_INPUT_PRECISION=USE_INPUT_PRECISION)
+                USE_INPUT_PRECISION=USE_INPUT_PRECISION,
+                PIX_ALIGN=pixel_alignment(x.element_size(), h * w, *grad.stride()[:2], *x.stride()[:2],
+                                          whole_vectors=True))
     if mode == "interpret":
         _launch(K._lateral_grad_weight_kernel, (tiles, split), args, dict(meta, **K.INTERPRET_GRAD_WEIGHT))
     else:

@@ -45,8 +45,13 @@ def results(tmp_path_factory):
 
 
 def _label(r):
-    return (f"{r['kernel']} sm_{r['arch']} {r['dtype']} {r['layout']} tf32={r['tf32']} {r['meta']} "
-            f"warps={r['num_warps']} stages={r['num_stages']}" + (f" {r['flags']}" if r.get("flags") else ""))
+    return (f"{r['kernel']} sm_{r['arch']} {r['dtype']} {r['layout']} {r['sizes']} {r['trace']} tf32={r['tf32']} "
+            f"{r['meta']} warps={r['num_warps']} stages={r['num_stages']}" + (f" {r['flags']}" if r["flags"] else ""))
+
+
+def _eager(r, sizes=("P2",)) -> bool:
+    """A job of concrete sizes (a call outside a trace) at one of ``sizes``."""
+    return r["trace"] == "eager" and r["sizes"] in sizes
 
 
 def test_every_config_of_every_kernel_is_compiled(results):
@@ -61,10 +66,10 @@ def test_every_config_of_every_kernel_is_compiled(results):
                                     ("grad_weight", K.GRAD_WEIGHT_CONFIGS[(a, kind)])):
                 want = {(tuple(sorted(c.kwargs.items())), c.num_warps, c.num_stages) for c in configs}
                 got = {(tuple(sorted(r["meta"].items())), r["num_warps"], r["num_stages"]) for r in results
-                       if r["kernel"] == kernel and r["arch"] == arch and kind_of(r) == kind}
+                       if r["kernel"] == kernel and r["arch"] == arch and kind_of(r) == kind and _eager(r)}
                 assert got == want, f"{kernel} {a} {kind} configs compiled {got} != listed {want}"
-        assert {r["dtype"] for r in results if r["kernel"] == "grad_bias_top" and r["arch"] == arch} == \
-            {"fp16", "bf16", "fp32"}
+        assert {r["dtype"] for r in results if r["kernel"] == "grad_bias_top" and r["arch"] == arch and _eager(r)} \
+            == {"fp16", "bf16", "fp32"}
 
 
 def test_all_compile(results):
@@ -95,8 +100,11 @@ def test_gemm_configs_are_software_pipelined(results):
     its TTGIR has async global-to-shared copies. A config the pipeliner gives up on still compiles
     and runs, only slower: triton 3.6.0 did that to the persistent forward when its tile loop and K
     loop were two loops merged by tl.range(flatten=True) (this test failed on 3.6.0 then); the kernel
-    now writes the persistent loop flattened by hand, which 3.6.0 and 3.8.0 both pipeline."""
-    gemm = [r for r in results if r["kernel"] in ("fwd", "fwd_dx", "grad_weight") and r["num_stages"] >= 2]
+    now writes the persistent loop flattened by hand, which 3.6.0 and 3.8.0 both pipeline. Not the
+    weight gradient at P5 in NCHW: with H * W = 950, dy's and x's pixel runs start 2-byte aligned,
+    and neither version pipelines 2- or 4-byte loads there (recorded: test_nchw_levels_...)."""
+    gemm = [r for r in results if r["kernel"] in ("fwd", "fwd_dx", "grad_weight") and r["num_stages"] >= 2
+            and not (r["kernel"] == "grad_weight" and r["sizes"] == "P5")]
     assert gemm
     unpipelined = [_label(r) for r in gemm if r["async_copies"] == 0]
     assert not unpipelined, f"triton {triton.__version__} left these loads synchronous:\n" + "\n".join(unpipelined)
@@ -114,16 +122,23 @@ def test_default_configs_do_not_spill(results):
     recorded in the AOT report: the experimental persistent configs (NCHW spills 40-120 B with
     triton 3.8.0). The forward's strided-view and fp32 NCHW variants: the next test."""
     hot = [r for r in results if r["kernel"] in ("fwd", "fwd_dx", "grad_weight") and not r["meta"].get("PERSISTENT")
-           and not _index_variant(r)]
+           and not _index_variant(r) and not _nchw_level(r) and _eager(r)]
     assert {(r["arch"], kind_of(r)) for r in hot} == {(a, k) for a in ARCHS for k in K.KINDS}
     assert all(r["regs"] is not None for r in hot), "cuobjdump (triton/backends/nvidia/bin) gave no resource usage"
     spilled = [f"{_label(r)}: {r['stack']} B stack, {r['regs']} registers" for r in hot if r["stack"]]
     assert not spilled, f"register spills with triton {triton.__version__}:\n" + "\n".join(spilled)
 
 
+def _nchw_level(r) -> bool:
+    """A job of test_nchw_levels_compile_with_their_pixel_alignment: fp16 NCHW at P4 or P5, or the
+    weight gradient in NCHW."""
+    return r["trace"] == "eager" and (r["sizes"] in ("P4", "P5") or (r["kernel"] == "grad_weight"
+                                                                      and r["layout"] == "nchw"))
+
+
 def _index_variant(r) -> bool:
     """A forward job of the other index paths: strided x / out (flags), or fp32 NCHW."""
-    return r["kernel"] == "fwd" and (bool(r.get("flags")) or (r["dtype"] == "fp32" and r["layout"] == "nchw"))
+    return r["kernel"] == "fwd" and _eager(r) and (bool(r["flags"]) or (r["dtype"] == "fp32" and r["layout"] == "nchw"))
 
 
 # Spills measured in the forward's other index paths with exact fp32 (the "ieee" lists: TF32 off), per
@@ -163,6 +178,65 @@ def test_forward_index_variants_are_compiled_and_do_not_spill(results):
     assert not bad, f"triton {triton.__version__}:\n" + "\n".join(bad)
 
 
+# Spills of the fp16 NCHW jobs of _nchw_level, per triton version: (arch, kernel, sizes, BLOCK_M or
+# BLOCK_CO, BLOCK_N or BLOCK_CI, BLOCK_K or BLOCK_M, num_warps) -> bytes of stack, the most over the
+# config's stages. The bound is what was measured: a spill that grows, or one anywhere else, fails.
+# P5 (PIX_ALIGN 2 for the forward: 4-byte accesses) and the weight gradient's 4-warp config spill with
+# either version; the weight gradient at P5 (PIX_ALIGN 1) spilled the same before PIX_ALIGN existed.
+KNOWN_NCHW_SPILLS = {
+    "3.6": {(80, "fwd", "P4", 128, 128, 64, 8): 8, (90, "fwd", "P5", 128, 128, 64, 4): 16,
+            (80, "grad_weight", "P2", 128, 128, 64, 4): 56, (80, "grad_weight", "P4", 128, 128, 64, 4): 56,
+            (80, "grad_weight", "P5", 128, 128, 64, 4): 776, (90, "grad_weight", "P5", 128, 128, 64, 4): 1032,
+            (90, "grad_weight", "P5", 128, 128, 128, 8): 448},
+    "3.8": {(80, "fwd", "P5", 64, 256, 32, 4): 8, (90, "fwd", "P5", 64, 256, 32, 4): 8,
+            (90, "fwd", "P5", 64, 256, 64, 4): 16, (90, "fwd", "P5", 128, 128, 64, 4): 48,
+            (90, "fwd", "P5", 128, 256, 32, 8): 112, (90, "fwd", "P5", 128, 256, 64, 8): 112,
+            (80, "grad_weight", "P5", 128, 128, 64, 4): 472, (80, "grad_weight", "P5", 128, 128, 64, 8): 40,
+            (90, "grad_weight", "P5", 128, 128, 64, 4): 384, (90, "grad_weight", "P5", 128, 128, 64, 8): 8},
+}
+
+
+def test_nchw_levels_compile_with_their_pixel_alignment(results):
+    """fp16 NCHW at ResNet-50-FPN's P4 and P5 (H * W = 3800 and 950: no multiple of 16, so triton's
+    JIT hints none of the pixel strides): the forward and dx get PIX_ALIGN 8 and 2, the weight
+    gradient 8 and 1 (whole 16-byte vectors only; at P2 it is 1: triton hints them). Without it, the
+    forward's P4 configs spilled 160-768 B per thread on sm_90 with triton 3.8.0 (7 of 10 default
+    configs) and 24 B with 3.6.0, P5's 168-1256 B with 3.8.0, and the weight gradient's P4 32-384 B;
+    now nothing spills at P4 but one config with 3.6.0 (8 B), and the rest is KNOWN_NCHW_SPILLS',
+    each at most its measured size. At P4 the forward's and the weight gradient's x tiles are
+    pipelined async copies as at P2 (without PIX_ALIGN the forward loaded them into registers, 2
+    bytes at a time). Left as measured: at P5 the forward pipelines W's tiles only, and the weight
+    gradient nothing (0 async copies, as before PIX_ALIGN)."""
+    jobs_ = [r for r in results if _nchw_level(r)]
+    want_align = {("fwd", "P4"): 8, ("fwd", "P5"): 2, ("fwd_dx", "P4"): 8, ("fwd_dx", "P5"): 2,
+                  ("grad_weight", "P2"): 1, ("grad_weight", "P4"): 8, ("grad_weight", "P5"): 1}
+    assert {(r["kernel"], r["sizes"], r["arch"]) for r in jobs_} == {k + (a,) for k in want_align for a in ARCHS}
+    assert all(r["dtype"] == "fp16" and r["layout"] == "nchw" for r in jobs_)
+    wrong = [f"{_label(r)}: PIX_ALIGN {r['pix_align']}" for r in jobs_
+             if r["pix_align"] != want_align[(r["kernel"], r["sizes"])]]
+    assert not wrong, "\n".join(wrong)
+    # at P4, as at P2 (where triton hints the strides), the software pipeliner copies x's tiles to
+    # shared memory asynchronously as well as W's (without PIX_ALIGN: W's only, x's by register loads)
+    p2 = {(r["arch"], r["kernel"], str(r["meta"]), r["num_warps"], r["num_stages"]): r["async_copies"]
+          for r in results if _eager(r) and r["layout"] == "nchw" and r["dtype"] == "fp16" and not r["flags"]}
+    fewer = [f"{_label(r)}: {r['async_copies']} async copies, at P2 {p2[key]}" for r in jobs_ if r["sizes"] == "P4"
+             for key in [(r["arch"], r["kernel"], str(r["meta"]), r["num_warps"], r["num_stages"])]
+             if key in p2 and r["async_copies"] != p2[key]]
+    assert not fewer and any(r["sizes"] == "P4" and r["kernel"] == "fwd" and (r["arch"], "fwd", str(r["meta"]),
+                                                                              r["num_warps"], r["num_stages"]) in p2
+                             for r in jobs_), "\n".join(fewer)
+    known = KNOWN_NCHW_SPILLS.get(".".join(triton.__version__.split(".")[:2]), {})
+    bad = []
+    for r in jobs_:
+        m = r["meta"]
+        tile = (m["BLOCK_CO"], m["BLOCK_CI"], m["BLOCK_M"]) if r["kernel"] == "grad_weight" else \
+            (m["BLOCK_M"], m["BLOCK_N"], m["BLOCK_K"])
+        key = (r["arch"], r["kernel"], r["sizes"], *tile, r["num_warps"])
+        if r["stack"] is None or r["stack"] > known.get(key, 0):
+            bad.append(f"{key}: {r['stack']} B stack (allowed {known.get(key, 0)}), {r['regs']} registers")
+    assert not bad, f"triton {triton.__version__}:\n" + "\n".join(bad)
+
+
 def test_persistent_configs_are_compiled_with_the_flattened_loop(results):
     """The experimental persistent forward configs (sm_90 fp16/bf16) are among the compiled ones."""
     persistent = [r for r in results if r["kernel"] in ("fwd", "fwd_dx") and r["meta"].get("PERSISTENT")]
@@ -176,13 +250,13 @@ def test_nearest_scale_in_the_kernel_is_a_correctly_rounded_division(results):
     plain fp32 ``/`` compiles to an approximate division (div.full.f32) on NVIDIA GPUs, one ulp low
     would gather the row before for exact ratios, and the interpreter (numpy, exact) would not show
     it. The host-scale kernels (eager calls) and the forward as dx divide nothing in fp32."""
-    symbolic = [r for r in results if r["kernel"] in ("fwd_symbolic", "grad_bias_top_symbolic", "fwd_symbolic_i64",
-                                                      "grad_bias_top_symbolic_i64")]
+    traced = [r for r in results if r["trace"] != "eager" and r["kernel"] in ("fwd", "grad_bias_top")]
+    symbolic = [r for r in traced if r["sizes"] != "ones"]
     assert symbolic and all(r["fp32_divisions"] == ["div.rn.f32"] for r in symbolic), \
-        sorted({(r["kernel"], tuple(r["fp32_divisions"] or ())) for r in symbolic})
-    ones = [r for r in results if r["kernel"].endswith("_ones")]   # 1 / 1 may fold to a constant
+        sorted({(r["kernel"], r["trace"], tuple(r["fp32_divisions"] or ())) for r in symbolic})
+    ones = [r for r in traced if r["sizes"] == "ones"]   # 1 / 1 may fold to a constant
     assert ones and all(set(r["fp32_divisions"]) <= {"div.rn.f32"} for r in ones)
-    host = [r for r in results if r["kernel"] in ("fwd", "fwd_dx", "grad_bias_top", "fwd_dx_symbolic")]
+    host = [r for r in results if r["kernel"] != "grad_weight" and (r["trace"] == "eager" or r["kernel"] == "fwd_dx")]
     assert host and all(r["fp32_divisions"] == [] for r in host)
 
 
@@ -195,18 +269,21 @@ def test_symbolic_size_variants_compile_without_spills(results):
     symbolic size it cannot bound below 2^31 as i64: the bias / top gradient's search did not
     compile with them, the NCHW forward spilled 672-776 B), and the weight gradient with int64
     sizes, compile, and spill nothing beyond KNOWN_SYMBOLIC_SPILLS."""
-    symbolic = [r for r in results if "symbolic" in r["kernel"] or r["kernel"].endswith("_i64")]
+    symbolic = [r for r in results if r["trace"] != "eager"]
+    main = [r for r in symbolic if r["kernel"] in ("fwd", "fwd_dx") and r["sizes"] == "P2" and r["trace"] == "symbolic"]
     for arch in ARCHS:
         for kind in K.KINDS:
             want = {(tuple(sorted(c.kwargs.items())), c.num_warps, c.num_stages)
                     for c in K.fwd_configs(f"sm{arch}", kind)}
-            for kernel in ("fwd_symbolic", "fwd_dx_symbolic"):
-                got = {(tuple(sorted(r["meta"].items())), r["num_warps"], r["num_stages"]) for r in symbolic
+            for kernel in ("fwd", "fwd_dx"):
+                got = {(tuple(sorted(r["meta"].items())), r["num_warps"], r["num_stages"]) for r in main
                        if r["kernel"] == kernel and r["arch"] == arch and kind_of(r) == kind}
-                assert got == want, f"{kernel} sm{arch} {kind}"
-    assert {(r["kernel"], r["arch"]) for r in symbolic if r["kernel"] not in ("fwd_symbolic", "fwd_dx_symbolic")} == {
-        (k, a) for k in ("grad_bias_top_symbolic", "fwd_symbolic_ones", "grad_bias_top_symbolic_ones",
-                         "fwd_symbolic_i64", "grad_weight_i64", "grad_bias_top_symbolic_i64") for a in ARCHS}
+                assert got == want, f"{kernel} symbolic sm{arch} {kind}"
+    assert {(r["kernel"], r["sizes"], r["trace"], r["arch"]) for r in symbolic if r not in main} == {
+        (k, s, t, a) for k, s, t in (("grad_bias_top", "P2", "symbolic"), ("fwd", "ones", "symbolic"),
+                                     ("grad_bias_top", "ones", "symbolic"), ("fwd", "P2", "symbolic_i64"),
+                                     ("grad_weight", "P2", "symbolic_i64"), ("grad_bias_top", "P2", "symbolic_i64"))
+        for a in ARCHS}
     known = KNOWN_SYMBOLIC_SPILLS.get(".".join(triton.__version__.split(".")[:2]), {})
     bad = []
     for r in symbolic:

@@ -23,7 +23,7 @@ from fused_fpn._layout import output_memory_format
 from fused_fpn.reference import lateral_grad_bias_top_reference, lateral_reference
 
 from fpn_testing import (HAS_CUDA, TOLERANCES, SymbolicSizes, assert_close_to_reference, gradient_penalty_grads,
-                         make_input)
+                         make_input, make_lateral_case, to64)
 
 _REASON = fb.unavailable_reason("triton")
 pytestmark = [pytest.mark.skipif(_REASON is not None, reason=f"triton backend unavailable: {_REASON}")]
@@ -585,9 +585,10 @@ def test_autotuned_launches_reuse_the_chosen_config_without_the_autotuner(monkey
     with L.as_in_the_op_body():   # before the capture: key40 tuned with no flags
         L._launch_autotuned(tuner, grid40, args40, {}, key)
     monkeypatch.setattr(L, "_capturing", lambda: True)
-    monkeypatch.setattr(L, "FAST_LAUNCH", False)
-    with L.as_in_the_op_body(), pytest.raises(RuntimeError, match="first call for this shape"):
-        L._launch_autotuned(tuner, grid40, (src, dst, 40, 2.0), {"EXTRA_FLAG": True}, key)
+    for fast_launch in (True, False):   # the fast path too: a chosen config per key and flag set
+        monkeypatch.setattr(L, "FAST_LAUNCH", fast_launch)
+        with L.as_in_the_op_body(), pytest.raises(RuntimeError, match="first call for this shape"):
+            L._launch_autotuned(tuner, grid40, (src, dst, 40, 2.0), {"EXTRA_FLAG": True}, key)
     monkeypatch.setattr(L, "FAST_LAUNCH", True)
     assert not dst.any()
     monkeypatch.setattr(L, "_capturing", lambda: False)
@@ -664,7 +665,7 @@ def test_the_gpu_launch_path_on_interpreted_kernels(arch, sms, dtype, layout, mo
         assert got[0].is_contiguous(memory_format=output_memory_format(x)), "dx follows x's layout"
     kind = L.config_kind(x)
     tuners = {K.autotuned_fwd(arch, kind), K.autotuned_grad_weight(arch, kind)}
-    assert {t for t, _ in L._CHOSEN} == tuners, "forward, dx and dW configs are remembered"
+    assert {t for t, *_ in L._CHOSEN} == tuners, "forward, dx and dW configs are remembered"
     assert len(L._CHOSEN) == 3
     # what the benchmarks record of each row: the same three choices through the autotuner and the
     # fast path, described in the layer's terms (M = 126 pixels: bucket 128)
@@ -713,7 +714,7 @@ def test_fp32_takes_the_config_lists_of_the_tf32_flag(monkeypatch):
         }
         recorded.setdefault(kind, chosen)
         assert chosen == recorded[kind]
-    assert {(t.fused_fpn_name, t.fused_fpn_kind) for t, _ in L._CHOSEN} == \
+    assert {(t.fused_fpn_name, t.fused_fpn_kind) for t, *_ in L._CHOSEN} == \
         {("fwd", "ieee"), ("dw", "ieee"), ("fwd", "tf32"), ("dw", "tf32")}
     assert K.FWD_CONFIGS[("sm90", "ieee")][0].all_kwargs() != K.FWD_CONFIGS[("sm90", "tf32")][0].all_kwargs()
 
@@ -852,5 +853,61 @@ def test_launchers_keep_symbolic_sizes_symbolic(monkeypatch):
                 grid(dict(BLOCK_M=128, BLOCK_N=256, PERSISTENT=persistent))
         if "SCALE_IN_KERNEL" in meta:   # forward, dx, db + dtop: the kernels compute the scales
             assert meta["SCALE_IN_KERNEL"] and not any(isinstance(a, float) and a != 0.0 for a in args)
+        # symbolic sizes are not known multiples (40 x 44 is one of 16; 37 x 29 is odd): no alignment, no guard
+        assert meta.get("PIX_ALIGN", 1) == 1
     assert len(launches) == 3 * 4   # per layout: forward, dx, dW, db + dtop
     sym.assert_none_pinned()
+
+
+def test_pixel_alignment_takes_the_largest_power_of_two_that_divides_every_operand():
+    """PIX_ALIGN (what the kernels may assume a multiple of: ``_pixel_aligned``) is the largest power
+    of two up to 16 bytes of elements dividing every value; symbolic values count only where the
+    trace proves it without a guard."""
+    from fused_fpn.kernels import lateral_kernels as K
+    from fused_fpn.kernels import lateral_launch as L
+    hw = 50 * 76   # ResNet-50-FPN's P4 at 800 x 1216: 3800 = 8 * 475, no multiple of 16
+    assert K.pixel_alignment(2, hw, 1024 * hw, hw, 256 * hw, hw) == 8
+    assert K.pixel_alignment(4, hw, 1024 * hw, hw, 256 * hw, hw) == 4   # 16 bytes of fp32
+    assert K.pixel_alignment(2, 25 * 38, 2048 * 950, 950) == 2          # P5: 950 = 2 * 475
+    assert K.pixel_alignment(2, 25 * 25, 625) == 1
+    assert K.pixel_alignment(2, hw, 1024 * hw, 1) == 1                  # channels_last: channel stride 1
+    assert K.pixel_alignment(2, hw, 0) == 8                             # a stride 0 (expanded) divides
+    assert K.pixel_alignment(2, 200 * 304, 256 * 200 * 304, 0) == 1     # P2: triton's own hint (16) is stronger
+    assert K.pixel_alignment(2, hw, 1024 * hw, whole_vectors=True) == 8  # the weight gradient's: 16 bytes or 1
+    assert K.pixel_alignment(2, 950, 2048 * 950, whole_vectors=True) == 1
+    sym = SymbolicSizes()   # traced at 64 x 48 (a multiple of 16); 37 x 29 is odd
+    x = sym.tensor(torch.empty(2, 256, 64, 48), (2, 3), torch.empty(2, 256, 37, 29))
+    h, w = x.shape[2:]
+    assert L.pixel_alignment(2, h * w, x.stride(0), x.stride(1)) == 1   # no guard on a size's divisibility
+    assert L.pixel_alignment(2, 8 * h, 256 * h * w) == 8                # provable without a guard
+    assert L.pixel_alignment(2, 16 * h, 256 * h * w) == 1               # ... and a multiple of 16: hinted
+    sym.assert_none_pinned()
+
+
+@pytest.mark.parametrize("layout", ["nchw", "channels_last"])
+@pytest.mark.parametrize("h, w", [(10, 76), (5, 38), (5, 5), (4, 6)])   # H * W = 760, 190, 25, 24
+def test_nchw_pixel_alignment_reaches_the_kernels_and_keeps_the_results(h, w, layout, monkeypatch):
+    """Forward, dx and dW of NCHW maps whose H * W is a multiple of 8, 2, 1 and 8 but not of 16 get
+    PIX_ALIGN 4 (16 bytes of fp32), 2 (dW: 1, whole 16-byte vectors only), 1, 4 (channels_last: 1)
+    and match the float64 reference: the kernels' (v // PIX_ALIGN) * PIX_ALIGN would change H * W or
+    a stride the host over-claimed (the interpreter crashed on such a run: tried)."""
+    from fused_fpn.kernels import lateral_launch as L
+    metas = []
+    for name in ("_launch", "_launch_autotuned"):
+        original = getattr(L, name)
+
+        def spy(kernel, grid, args, meta, *key, _original=original):
+            metas.append(meta)
+            return _original(kernel, grid, args, meta, *key)
+        monkeypatch.setattr(L, name, spy)
+    x, weight, bias, top = make_lateral_case(2, 5, 3, (h, w), (h // 2 + 1, w // 2), torch.float32, DEVICE, layout)
+    out = torch.full((2, 3, h, w), float("nan"), device=DEVICE).contiguous(memory_format=output_memory_format(x))
+    L.gemm_epilogue(x, weight, bias, top, out)
+    grad = make_input((2, 3, h, w), torch.float32, DEVICE, layout)
+    dx, dw, _, _ = L.lateral_backward(grad, x, weight, top.shape[2], top.shape[3], True, True, False, False)
+    x64, w64, b64, t64 = to64(x, weight, bias, top)
+    assert_close_to_reference(out, lateral_reference(x64, w64, b64, t64), torch.float32)
+    assert_close_to_reference(dx, torch.einsum("nchw,cd->ndhw", grad.double(), w64), torch.float32)
+    assert_close_to_reference(dw, torch.einsum("nchw,ndhw->cd", grad.double(), x64), torch.float32)
+    want = {760: 4, 190: 2, 25: 1, 24: 4}[h * w] if layout == "nchw" else 1
+    assert [m["PIX_ALIGN"] for m in metas] == [want, want, want if want == 4 else 1]   # forward, dx, dW
