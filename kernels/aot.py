@@ -123,8 +123,9 @@ def _strides(n, c, h, w, layout):
 
 
 # (N, Cin, H, W): ResNet-50-FPN's level sizes at 800 x 1216, batch 2 (every job has Cout = 256 and,
-# where there is one, a top of half the size)
+# but at P5, the coarsest level, a top of half the size for the forward's epilogue)
 LEVELS = {"P2": (2, 256, 200, 304), "P4": (2, 1024, 50, 76), "P5": (2, 2048, 25, 38), "ones": (2, 256, 1, 1)}
+NO_TOP = ("P5",)
 COUT = 256
 
 
@@ -137,6 +138,8 @@ def fwd_args(dtype: str, layout: str, sizes: str = "P2"):
     cout, (ht, wt) = COUT, _top_size(h, w)
     p = _TY[dtype]
     xs, ts, os_ = _strides(n, cin, h, w, layout), _strides(n, cout, ht, wt, layout), _strides(n, cout, h, w, layout)
+    if sizes in NO_TOP:   # as the launcher passes no top: 1 x 1, strides 0 (HAS_TOP off)
+        ht, wt, ts = 1, 1, (0, 0, 0, 0)
     args = dict(x_ptr=p, w_ptr=p, b_ptr=p, top_ptr=p, out_ptr=p,
                 M=n * h * w, HW=h * w, W_=w, CIN=cin, COUT=cout, HT=ht, WT=wt,
                 scale_h=0.5, scale_w=0.5,
@@ -183,6 +186,12 @@ def grad_bias_top_args(dtype: str, layout: str, sizes: str = "P2"):
 _PIX_ALIGN_ARGS = {"fwd": ("HW", "sxn", "sxc", "son", "soc"), "grad_weight": ("HW", "sdn", "sdc", "sxn", "sxc")}
 
 
+def pix_align(base: str, dtype: str, args: dict) -> int:
+    """The PIX_ALIGN the launcher passes with concrete sizes ``args`` (``base``: "fwd" or "grad_weight")."""
+    return K.pixel_alignment(_TY_SIZE[dtype], *(args[a] for a in _PIX_ALIGN_ARGS[base]),
+                             whole_vectors=base == "grad_weight")
+
+
 STRIDED_VIEWS = {"X_FLAT": False, "O_FLAT": False}
 
 
@@ -194,19 +203,20 @@ def jobs(archs=(90, 80)) -> List[dict]:
     the same kernel as the backward's dx (``fwd_dx``: W^T, no epilogue) in fp16 and in both fp32
     kinds; the weight gradient in fp16/bf16 and both fp32 kinds; the bias / top gradient (one fixed
     config) in every dtype; each default forward config once more with x and out strided (``flags``:
-    X_FLAT = O_FLAT = False) and, for fp32, in NCHW. fp16 NCHW at P4 and P5 (PIX_ALIGN 8 and 2):
-    the forward, dx and the weight gradient, default configs (and the weight gradient at P2). The
-    traces with symbolic sizes: ``_add_symbolic_jobs``."""
+    X_FLAT = O_FLAT = False) and, for fp32, in NCHW. fp16 NCHW at P4 and P5: the forward and dx
+    (PIX_ALIGN 8 and 2; P5's forward without a top, as the FPN runs it) and the weight gradient
+    (PIX_ALIGN 8 and 1), default configs (and the weight gradient at P2). The traces with symbolic
+    sizes: ``_add_symbolic_jobs``."""
     kinds = {"16bit": [("fp16", "channels_last"), ("bf16", "channels_last"), ("fp16", "nchw")],
              "tf32": [("fp32", "channels_last")], "ieee": [("fp32", "channels_last")]}
     out = []
 
-    def add(kernel, arch, dtype, layout, kind, cfg, flags=None, sizes="P2", trace="eager"):
+    def add(kernel, arch, dtype, layout, kind, cfg, flags=None, sizes="P2", trace="eager", **extra):
         meta = dict(cfg.kwargs) if cfg is not None else dict(K.GRAD_BIAS_TOP_META)
         launch = (dict(num_warps=cfg.num_warps, num_stages=cfg.num_stages) if cfg is not None
                   else dict(K.GRAD_BIAS_TOP_LAUNCH))
         out.append(dict(kernel=kernel, arch=arch, dtype=dtype, layout=layout, tf32=kind != "ieee",
-                        meta=meta, flags=dict(flags or {}), sizes=sizes, trace=trace, **launch))
+                        meta=meta, flags=dict(flags or {}), sizes=sizes, trace=trace, **launch, **extra))
 
     for arch in archs:
         a = f"sm{arch}"
@@ -245,7 +255,9 @@ def _add_symbolic_jobs(arch: int, add) -> None:
     divisibility hint on the sizes): the forward's default configs, channels_last in every kind and
     NCHW for fp16, and as dx; the bias / top gradient; the same with every size 1 (sizes "ones":
     constexprs, which the interpreter cannot show), and with int64 sizes and strides (trace
-    "symbolic_i64"; the weight gradient too, which has no scales)."""
+    "symbolic_i64"; the weight gradient too, which has no scales); and the forward at P4 with only H
+    symbolic (W = 76 static: H * W = 76 * s0 is provably a multiple of 4, so the launcher passes
+    PIX_ALIGN 4 with SCALE_IN_KERNEL)."""
     a = f"sm{arch}"
     kinds = {"16bit": [("fp16", "channels_last"), ("fp16", "nchw")],
              "tf32": [("fp32", "channels_last")], "ieee": [("fp32", "channels_last")]}
@@ -263,6 +275,8 @@ def _add_symbolic_jobs(arch: int, add) -> None:
     add("grad_weight", arch, "fp16", "channels_last", "16bit", K.GRAD_WEIGHT_CONFIGS[(a, "16bit")][0],
         trace="symbolic_i64")
     add("grad_bias_top", arch, "fp16", "channels_last", "ieee", None, trace="symbolic_i64")
+    add("fwd", arch, "fp16", "nchw", "16bit", K.fwd_configs(a, "16bit")[0], sizes="P4", trace="symbolic",
+        pix_align=4)
 
 
 # Size and stride arguments that a trace with symbolic sizes passes (the channel counts come from
@@ -301,7 +315,8 @@ def compile_job(job: dict) -> dict:
     if kernel in ("fwd", "fwd_dx"):
         epilogue = kernel == "fwd"
         fn, args, base = K._lateral_fwd_kernel, (fwd_args if epilogue else dx_args)(dtype, layout, sizes), "fwd"
-        constexprs = dict(HAS_BIAS=epilogue, HAS_TOP=epilogue, X_FLAT=True, O_FLAT=True, ALLOW_TF32=job["tf32"],
+        constexprs = dict(HAS_BIAS=epilogue, HAS_TOP=epilogue and sizes not in NO_TOP, X_FLAT=True, O_FLAT=True,
+                          ALLOW_TF32=job["tf32"],
                           USE_INPUT_PRECISION=USE_INPUT_PRECISION, SCALE_IN_KERNEL=traced, **job["meta"])
         constexprs.update(job["flags"])
     elif kernel == "grad_weight":
@@ -314,8 +329,7 @@ def compile_job(job: dict) -> dict:
         if traced:   # the launcher passes no search depths then
             args.update(ITER_H=0, ITER_W=0)
     if base in _PIX_ALIGN_ARGS:
-        constexprs["PIX_ALIGN"] = 1 if traced else K.pixel_alignment(
-            _TY_SIZE[dtype], *(args[a] for a in _PIX_ALIGN_ARGS[base]), whole_vectors=base == "grad_weight")
+        constexprs["PIX_ALIGN"] = job.get("pix_align") or (1 if traced else pix_align(base, dtype, args))
     unhinted = ()
     if traced:
         unhinted = _UNHINTED_SIZES[base] + (_UNHINTED_NCHW_STRIDES[base] if layout == "nchw" else ())

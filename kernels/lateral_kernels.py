@@ -60,7 +60,7 @@ def _pixel_aligned(v, PIX_ALIGN: tl.constexpr):
     count H * W and the strides built from it. triton's JIT hints only multiples of 16, so NCHW maps
     whose H * W is not (ResNet-50-FPN's P4 and P5 at 800 x 1216: 50 x 76 and 25 x 38) had their
     pixel-contiguous x loads and out stores issued 2 bytes at a time, and with triton 3.8.0 the
-    forward's pipelined A tiles spilled 160-1256 B per thread on sm_90."""
+    forward's pipelined A tiles spilled 160-768 B per thread at P4 and 200-640 B at P5 on sm_90."""
     if PIX_ALIGN > 1:
         v = v // PIX_ALIGN * PIX_ALIGN
     return v
@@ -512,8 +512,11 @@ def _lateral_grad_bias_top_kernel(
 # (BLOCK_M a multiple of 64, num_warps a multiple of 4). Shared memory per stage is
 # (BLOCK_M + BLOCK_N) * BLOCK_K * elem_bytes; every list stays under the arch's limit
 # (232448 B on sm_90, 166912 B on sm_80), and no config of a default list spills registers when
-# compiled by triton 3.6.0 or 3.8.0 (tests/test_triton_aot.py checks both on compiled kernels), but
-# for a few exact-fp32 (IEEE) ones on NCHW or strided x: KNOWN_VARIANT_SPILLS there, 8-248 B.
+# compiled by triton 3.6.0 or 3.8.0 for ResNet-50-FPN's P2 (tests/test_triton_aot.py checks both on
+# compiled kernels), but for a few exact-fp32 (IEEE) ones on NCHW or strided x (KNOWN_VARIANT_SPILLS
+# there, 8-248 B) and the sm_80 fp16 NCHW weight gradient's 4-warp one with 3.6.0 (56 B); fp16 NCHW at
+# P4 / P5, whose H * W is no multiple of 16, and traces with symbolic sizes: KNOWN_NCHW_SPILLS and
+# KNOWN_SYMBOLIC_SPILLS there.
 
 KINDS = ("16bit", "tf32", "ieee")
 
