@@ -11,7 +11,8 @@ among several sets, and the eager torchvision result) run by one *provider*:
                            (``fused_fpn.available_backends(device)``; "triton" is left out on CPU, where
                            it is only the interpreter)
     fused-triton-x         backend="triton" with FUSED_FPN_TRITON_EXPERIMENTAL=1 during its calls (the
-                           forward autotunes over the experimental configs too); GPU only, and only when
+                           forward autotunes over the experimental configs too, but for the narrow
+                           lists' launches); GPU only, and only when
                            --bench-providers names it exactly (e.g. "eager,fused-triton,fused-triton-x")
 
 The providers of one workload are measured together (``BenchRun``): parity first (each provider's

@@ -4,7 +4,8 @@
 
 compiles each config of each kernel with ``triton.compile(ASTSource(fn, signature, constexprs),
 target=GPUTarget("cuda", arch, 32))`` and reports, per compile: kernel, arch, dtype, layout, config,
-sizes, trace, the PIX_ALIGN it was compiled with (``pix_align``; None for the bias / top gradient),
+sizes, trace, whether the config comes from a NARROW_* list (``narrow``), the PIX_ALIGN it was
+compiled with (``pix_align``; None for the bias / top gradient),
 shared memory (bytes, from the compiled metadata), whether the PTX uses wgmma, how many async
 global-to-shared copies the TTGIR has (``async_copies``: 0 means the software pipeliner left the
 loads synchronous), registers and stack bytes per thread (``regs``, ``stack``: cuobjdump's resource
@@ -15,7 +16,8 @@ which the compiler needs); tests/test_triton_aot.py does that in a subprocess.
 
 The argument values mimic what the launcher passes for ResNet-50-FPN's levels at 800 x 1216
 (batch 2; ``LEVELS``: P2 200 x 304 with 256 input channels, most jobs; P4 50 x 76 with 1024 and P5
-25 x 38 with 2048, whose H * W is not a multiple of 16), 256 output channels and a top of half the
+25 x 38 with 2048, whose H * W is not a multiple of 16; P5sq 25 x 25, an 800 x 800 image's, whose H * W
+is odd), 256 output channels and a top of half the
 size, so the specialization matches a real launch: ints equal to 1 become constexprs (triton's JIT
 specializes them), ints divisible by 16 and all pointers get the ``tt.divisibility`` 16 hint, and
 PIX_ALIGN is the launcher's (``lateral_kernels.pixel_alignment``). Each job names its kernel
@@ -124,8 +126,10 @@ def _strides(n, c, h, w, layout):
 
 # (N, Cin, H, W): ResNet-50-FPN's level sizes at 800 x 1216, batch 2 (every job has Cout = 256 and,
 # but at P5, the coarsest level, a top of half the size for the forward's epilogue)
-LEVELS = {"P2": (2, 256, 200, 304), "P4": (2, 1024, 50, 76), "P5": (2, 2048, 25, 38), "ones": (2, 256, 1, 1)}
-NO_TOP = ("P5",)
+# "P5sq": P5 of an 800 x 800 image, whose H * W = 625 is odd (the forward loads NCHW pixels one at a time)
+LEVELS = {"P2": (2, 256, 200, 304), "P4": (2, 1024, 50, 76), "P5": (2, 2048, 25, 38), "P5sq": (2, 2048, 25, 25),
+          "ones": (2, 256, 1, 1)}
+NO_TOP = ("P5", "P5sq")
 COUT = 256
 
 
@@ -192,6 +196,18 @@ def pix_align(base: str, dtype: str, args: dict) -> int:
                              whole_vectors=base == "grad_weight")
 
 
+# the (H * W, batch, channel, w stride) of each operand a kernel loads by pixels: x (dy for dx); dy and x
+_LOADED = {"fwd": (("HW", "sxn", "sxc", "sxw"),),
+           "grad_weight": (("HW", "sdn", "sdc", "sdw"), ("HW", "sxn", "sxc", "sxw"))}
+
+
+def narrow(base: str, dtype: str, args: dict) -> bool:
+    """Whether the launcher takes the NARROW_* config lists for concrete sizes ``args``
+    (``lateral_launch.narrow_pixel_loads``: pixels loaded one element at a time)."""
+    align = pix_align(base, dtype, args)
+    return any(K.narrow_pixel_loads(align, *(args[a] for a in names)) for names in _LOADED[base])
+
+
 STRIDED_VIEWS = {"X_FLAT": False, "O_FLAT": False}
 
 
@@ -204,19 +220,23 @@ def jobs(archs=(90, 80)) -> List[dict]:
     kinds; the weight gradient in fp16/bf16 and both fp32 kinds; the bias / top gradient (one fixed
     config) in every dtype; each default forward config once more with x and out strided (``flags``:
     X_FLAT = O_FLAT = False) and, for fp32, in NCHW. fp16 NCHW at P4 and P5: the forward and dx
-    (PIX_ALIGN 8 and 2; P5's forward without a top, as the FPN runs it) and the weight gradient
-    (PIX_ALIGN 8 and 1), default configs (and the weight gradient at P2). The traces with symbolic
-    sizes: ``_add_symbolic_jobs``."""
+    (PIX_ALIGN 8 and 2; P5's forward without a top, as the FPN runs it) and the weight gradient at
+    P2 and P4 (PIX_ALIGN 1: hinted, and 8), default configs. The NARROW_* lists (``narrow``: field
+    ``narrow`` of a job) where the launcher takes them: the weight gradient at P5 (no 16-byte
+    vectors) in every kind, the forward at P5 of an 800 x 800 image (H * W = 625) in every kind, also
+    as a strided view, and dx there in fp16, and in the traces with symbolic sizes,
+    ``_add_symbolic_jobs``."""
     kinds = {"16bit": [("fp16", "channels_last"), ("bf16", "channels_last"), ("fp16", "nchw")],
              "tf32": [("fp32", "channels_last")], "ieee": [("fp32", "channels_last")]}
     out = []
 
-    def add(kernel, arch, dtype, layout, kind, cfg, flags=None, sizes="P2", trace="eager", **extra):
+    def add(kernel, arch, dtype, layout, kind, cfg, flags=None, sizes="P2", trace="eager", narrow=False, **extra):
         meta = dict(cfg.kwargs) if cfg is not None else dict(K.GRAD_BIAS_TOP_META)
         launch = (dict(num_warps=cfg.num_warps, num_stages=cfg.num_stages) if cfg is not None
                   else dict(K.GRAD_BIAS_TOP_LAUNCH))
         out.append(dict(kernel=kernel, arch=arch, dtype=dtype, layout=layout, tf32=kind != "ieee",
-                        meta=meta, flags=dict(flags or {}), sizes=sizes, trace=trace, **launch, **extra))
+                        meta=meta, flags=dict(flags or {}), sizes=sizes, trace=trace, narrow=narrow,
+                        **launch, **extra))
 
     for arch in archs:
         a = f"sm{arch}"
@@ -243,35 +263,49 @@ def jobs(archs=(90, 80)) -> List[dict]:
             for kernel in ("fwd", "fwd_dx"):
                 for cfg in K.fwd_configs(a, "16bit"):
                     add(kernel, arch, "fp16", "nchw", "16bit", cfg, sizes=sizes)
-        for sizes in ("P2", "P4", "P5"):
+        for sizes in ("P2", "P4"):
             for cfg in K.GRAD_WEIGHT_CONFIGS[(a, "16bit")]:
                 add("grad_weight", arch, "fp16", "nchw", "16bit", cfg, sizes=sizes)
+        # NCHW pixels loaded one element at a time: the NARROW_* lists
+        for kind, dtype in (("16bit", "fp16"), ("tf32", "fp32"), ("ieee", "fp32")):
+            for cfg in K.grad_weight_configs(a, kind, narrow=True):
+                add("grad_weight", arch, dtype, "nchw", kind, cfg, sizes="P5", narrow=True)
+        for kernel in ("fwd", "fwd_dx"):
+            for cfg in K.fwd_configs(a, "16bit", narrow=True):
+                add(kernel, arch, "fp16", "nchw", "16bit", cfg, sizes="P5sq", narrow=True)
+        for kind, dtype in (("16bit", "fp16"), ("tf32", "fp32"), ("ieee", "fp32")):
+            for cfg in K.fwd_configs(a, kind, narrow=True):
+                if kind != "16bit":
+                    add("fwd", arch, dtype, "nchw", kind, cfg, sizes="P5sq", narrow=True)
+                # views whose (h, w) do not flatten (X_FLAT = O_FLAT = False: per-pixel h, w offsets)
+                add("fwd", arch, dtype, "nchw", kind, cfg, STRIDED_VIEWS, sizes="P5sq", narrow=True)
         _add_symbolic_jobs(arch, add)
     return out
 
 
 def _add_symbolic_jobs(arch: int, add) -> None:
     """What a trace with symbolic sizes compiles (trace "symbolic": the SCALE_IN_KERNEL variant, no
-    divisibility hint on the sizes): the forward's default configs, channels_last in every kind and
-    NCHW for fp16, and as dx; the bias / top gradient; the same with every size 1 (sizes "ones":
-    constexprs, which the interpreter cannot show), and with int64 sizes and strides (trace
-    "symbolic_i64"; the weight gradient too, which has no scales); and the forward at P4 with only H
-    symbolic (W = 76 static: H * W = 76 * s0 is provably a multiple of 4, so the launcher passes
-    PIX_ALIGN 4 with SCALE_IN_KERNEL)."""
+    divisibility hint on the sizes): the forward and dx, channels_last with the default lists and
+    NCHW with the NARROW_* lists (the launcher's choice when no alignment is known), in every kind;
+    the weight gradient in NCHW (narrow, fp16); the bias / top gradient; the same with every size 1
+    (sizes "ones": constexprs, which the interpreter cannot show), and with int64 sizes and strides
+    (trace "symbolic_i64"; the weight gradient too, which has no scales); and the forward at P4 with
+    only H symbolic (W = 76 static: H * W = 76 * s0 is provably a multiple of 4, so the launcher
+    passes PIX_ALIGN 4 with SCALE_IN_KERNEL, and the default lists)."""
     a = f"sm{arch}"
-    kinds = {"16bit": [("fp16", "channels_last"), ("fp16", "nchw")],
-             "tf32": [("fp32", "channels_last")], "ieee": [("fp32", "channels_last")]}
-    for kind, variants in kinds.items():
-        for dtype, layout in variants:
-            for cfg in K.fwd_configs(a, kind):
-                add("fwd", arch, dtype, layout, kind, cfg, trace="symbolic")
-        for cfg in K.fwd_configs(a, kind):
-            add("fwd_dx", arch, variants[0][0], variants[0][1], kind, cfg, trace="symbolic")
+    for kind, dtype in (("16bit", "fp16"), ("tf32", "fp32"), ("ieee", "fp32")):
+        for layout in ("channels_last", "nchw"):
+            for kernel in ("fwd", "fwd_dx"):
+                for cfg in K.fwd_configs(a, kind, narrow=layout == "nchw"):
+                    add(kernel, arch, dtype, layout, kind, cfg, trace="symbolic", narrow=layout == "nchw")
+    for cfg in K.grad_weight_configs(a, "16bit", narrow=True):
+        add("grad_weight", arch, "fp16", "nchw", "16bit", cfg, trace="symbolic", narrow=True)
     add("grad_bias_top", arch, "fp16", "channels_last", "ieee", None, trace="symbolic")
     add("fwd", arch, "fp16", "channels_last", "16bit", K.fwd_configs(a, "16bit")[0], sizes="ones", trace="symbolic")
     add("grad_bias_top", arch, "fp16", "channels_last", "ieee", None, sizes="ones", trace="symbolic")
     for layout in ("channels_last", "nchw"):
-        add("fwd", arch, "fp16", layout, "16bit", K.fwd_configs(a, "16bit")[0], trace="symbolic_i64")
+        add("fwd", arch, "fp16", layout, "16bit", K.fwd_configs(a, "16bit", narrow=layout == "nchw")[0],
+            trace="symbolic_i64", narrow=layout == "nchw")
     add("grad_weight", arch, "fp16", "channels_last", "16bit", K.GRAD_WEIGHT_CONFIGS[(a, "16bit")][0],
         trace="symbolic_i64")
     add("grad_bias_top", arch, "fp16", "channels_last", "ieee", None, trace="symbolic_i64")
@@ -309,22 +343,31 @@ def kind_of(job: dict) -> str:
     return K.operand_kind(2 if job["dtype"] in ("fp16", "bf16") else 4, job["tf32"])
 
 
+def job_args(job: dict):
+    """(kernel function, base: "fwd" / "grad_weight" / "grad_bias_top", the arguments' values) of a job,
+    before a trace's changes (``compile_job``)."""
+    kernel, dtype, layout, sizes = job["kernel"], job["dtype"], job["layout"], job["sizes"]
+    if kernel in ("fwd", "fwd_dx"):
+        return K._lateral_fwd_kernel, "fwd", (fwd_args if kernel == "fwd" else dx_args)(dtype, layout, sizes)
+    if kernel == "grad_weight":
+        return K._lateral_grad_weight_kernel, "grad_weight", grad_weight_args(dtype, layout, sizes)
+    return K._lateral_grad_bias_top_kernel, "grad_bias_top", grad_bias_top_args(dtype, layout, sizes)
+
+
 def compile_job(job: dict) -> dict:
     kernel, dtype, layout, sizes = job["kernel"], job["dtype"], job["layout"], job["sizes"]
     traced = job["trace"] != "eager"   # symbolic sizes: scales in the kernel, no hints, PIX_ALIGN 1
-    if kernel in ("fwd", "fwd_dx"):
+    fn, base, args = job_args(job)
+    if base == "fwd":
         epilogue = kernel == "fwd"
-        fn, args, base = K._lateral_fwd_kernel, (fwd_args if epilogue else dx_args)(dtype, layout, sizes), "fwd"
         constexprs = dict(HAS_BIAS=epilogue, HAS_TOP=epilogue and sizes not in NO_TOP, X_FLAT=True, O_FLAT=True,
                           ALLOW_TF32=job["tf32"],
                           USE_INPUT_PRECISION=USE_INPUT_PRECISION, SCALE_IN_KERNEL=traced, **job["meta"])
         constexprs.update(job["flags"])
-    elif kernel == "grad_weight":
-        fn, args, base = K._lateral_grad_weight_kernel, grad_weight_args(dtype, layout, sizes), "grad_weight"
+    elif base == "grad_weight":
         constexprs = dict(D_FLAT=True, X_FLAT=True, ALLOW_TF32=job["tf32"], USE_INPUT_PRECISION=USE_INPUT_PRECISION,
                           **job["meta"])
     else:
-        fn, args, base = K._lateral_grad_bias_top_kernel, grad_bias_top_args(dtype, layout, sizes), "grad_bias_top"
         constexprs = dict(HAS_TOP=True, SCALE_IN_KERNEL=traced, **job["meta"])
         if traced:   # the launcher passes no search depths then
             args.update(ITER_H=0, ITER_W=0)

@@ -24,8 +24,10 @@ every result is bit-reproducible run to run.
 
 This module imports triton only (no torch), so the ahead-of-time compile test can import it in a
 process of its own. Config lists: ``*_CONFIGS[(arch, kind)]`` with arch "sm90" / "sm80" and kind
-"16bit" (fp16/bf16), "tf32" or "ieee" (fp32; ``operand_kind``); ``INTERPRET_*`` is the one small
-config for TRITON_INTERPRET=1 (the autotuner would benchmark every config under the interpreter).
+"16bit" (fp16/bf16), "tf32" or "ieee" (fp32; ``operand_kind``), and ``NARROW_*_CONFIGS`` of the same
+keys for launches that load NCHW pixels one element at a time (``narrow_pixel_loads``);
+``INTERPRET_*`` is the one small config for TRITON_INTERPRET=1 (the autotuner would benchmark every
+config under the interpreter).
 """
 import inspect
 import os
@@ -590,6 +592,44 @@ FWD_CONFIGS = {
         _cfg(128, 64, 32, 8, 4),
     ],
 }
+# Launches whose pixel-major x (NCHW) the kernel knows no alignment of: PIX_ALIGN 1 and no multiple
+# of 16 for triton to hint (``narrow_pixel_loads``: H * W odd, or symbolic sizes in a trace). x's tiles
+# then load one element at a time through registers, with a 64-bit address each, and the lists above
+# spill: compiled for sm_90 with triton 3.8.0 as a dynamic-shape trace compiles them, 200-1312 B per
+# thread in 7 of 10 fp16 configs, 600-640 B in the TF32 256-column ones, 24-48 B in every exact-fp32
+# one (3.6.0: fp16 8-40 B in 3 configs of sm_90 and sm_80). These lists keep the accumulator at 64 fp32 registers per
+# thread or fewer (at most 32 for exact fp32, whose FMA dot holds both operands in registers) and
+# spill nothing with either version, fp16 and fp32, at P2 as traced and at P5's sizes (as views whose
+# h, w do not flatten: 8-104 B in 3 configs, tests/test_triton_aot.py::KNOWN_NARROW_SPILLS).
+_NARROW_TF32 = [_cfg(128, 128, 32, 8, 4), _cfg(64, 128, 32, 4, 4), _cfg(64, 128, 32, 8, 3), _cfg(64, 64, 64, 4, 3)]
+NARROW_FWD_CONFIGS = {
+    ("sm90", "16bit"): [
+        _cfg(128, 128, 64, 8, 3),
+        _cfg(128, 128, 32, 8, 4),
+        _cfg(64, 128, 64, 4, 3),
+        _cfg(64, 128, 32, 4, 4),
+        _cfg(64, 64, 128, 4, 4),   # deep K, few pixels
+        _cfg(64, 64, 64, 4, 3),
+    ],
+    # sm_80: 128 x 64 at 4 warps spilled 352-592 B, 64 x 128 x 64 at 8 warps 8 B (3.8.0)
+    ("sm80", "16bit"): [
+        _cfg(128, 128, 32, 8, 4),
+        _cfg(64, 128, 32, 4, 4),
+        _cfg(64, 64, 64, 4, 4),
+    ],
+    ("sm90", "tf32"): _NARROW_TF32,
+    ("sm80", "tf32"): _NARROW_TF32,
+    # exact fp32: 64 x 64 x 32 at 4 warps spilled 24-240 B, 128 x 128 x 16 at 8 warps 8-16 B, and on
+    # sm_80 64 x 64 x 64 at 8 warps 96-3456 B (3.8.0)
+    ("sm90", "ieee"): [
+        _cfg(64, 128, 16, 8, 3),
+        _cfg(64, 64, 64, 8, 3),
+    ],
+    ("sm80", "ieee"): [
+        _cfg(64, 128, 16, 8, 3),
+        _cfg(128, 64, 16, 8, 4),
+    ],
+}
 INTERPRET_FWD = {"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 32, "GROUP_M": 4, "PERSISTENT": False}
 
 # Experimental forward configs, offered to the autotuner only with FUSED_FPN_TRITON_EXPERIMENTAL=1
@@ -624,8 +664,12 @@ def experimental_enabled() -> bool:
     return _env_flag(EXPERIMENTAL_ENV, default=False)
 
 
-def fwd_configs(arch: str, kind: str, experimental: bool = False):
-    """The forward's config list for (arch, kind), plus EXPERIMENTAL_FWD_CONFIGS when ``experimental``."""
+def fwd_configs(arch: str, kind: str, experimental: bool = False, narrow: bool = False):
+    """The forward's config list for (arch, kind): NARROW_FWD_CONFIGS' when ``narrow`` (x's pixel
+    loads one element wide, ``narrow_pixel_loads``), else FWD_CONFIGS' plus EXPERIMENTAL_FWD_CONFIGS'
+    when ``experimental``."""
+    if narrow:
+        return NARROW_FWD_CONFIGS[(arch, kind)]
     extra = EXPERIMENTAL_FWD_CONFIGS.get((arch, kind), []) if experimental else []
     return FWD_CONFIGS[(arch, kind)] + extra
 
@@ -645,6 +689,28 @@ GRAD_WEIGHT_CONFIGS = {
     # 32-pixel steps at 4 warps 536 B
     ("sm80", "ieee"): [_wcfg(32, 8, 3), _wcfg(16, 8, 4)],
 }
+# Weight gradients whose pixel-major dy or x the kernel cannot load in 16-byte vectors (PIX_ALIGN 1,
+# no hint: P5's H * W = 950 in NCHW, symbolic sizes): their pixel loads go through registers (fp16:
+# not even pipelined, cp.async takes 4 bytes or more), and the 4-warp configs above spilled 296-1032 B
+# (fp16 with triton 3.6.0 at 64 pixels: 1032 B on sm_90), 64-pixel steps at 8 warps 8-352 B but for
+# TF32 on sm_90. 8 warps, 16- or 32-pixel steps (and that one) spill nothing with either version
+# (sm_80 exact fp32: 16 pixels, 2 stages).
+NARROW_GRAD_WEIGHT_CONFIGS = {
+    ("sm90", "16bit"): [_wcfg(32, 8, 3), _wcfg(16, 8, 4)],
+    ("sm90", "tf32"): [_wcfg(32, 8, 4), _wcfg(64, 8, 3), _wcfg(16, 8, 4)],
+    ("sm90", "ieee"): [_wcfg(32, 8, 4), _wcfg(16, 8, 4)],
+    ("sm80", "16bit"): [_wcfg(32, 8, 3), _wcfg(16, 8, 4)],
+    ("sm80", "tf32"): [_wcfg(32, 8, 3), _wcfg(16, 8, 4)],
+    ("sm80", "ieee"): [_wcfg(16, 8, 2)],
+}
+
+
+def grad_weight_configs(arch: str, kind: str, narrow: bool = False):
+    """The weight gradient's config list for (arch, kind): NARROW_GRAD_WEIGHT_CONFIGS' when ``narrow``
+    (dy's or x's pixel loads narrower than 16 bytes, ``narrow_pixel_loads``), else GRAD_WEIGHT_CONFIGS'."""
+    return (NARROW_GRAD_WEIGHT_CONFIGS if narrow else GRAD_WEIGHT_CONFIGS)[(arch, kind)]
+
+
 # The weight-gradient tile is fixed per mode (the host sizes the split buffer from it).
 GRAD_WEIGHT_TILE = {"gpu": (128, 128), "interpret": (32, 32)}
 INTERPRET_GRAD_WEIGHT = {"BLOCK_CO": 32, "BLOCK_CI": 32, "BLOCK_M": 64}
@@ -684,6 +750,21 @@ def pixel_alignment(element_size: int, *values, multiple=None, whole_vectors: bo
     return 1 if whole_vectors and align * element_size < 16 else align
 
 
+def narrow_pixel_loads(pix_align: int, hw, sn, sc, sw, multiple=None) -> bool:
+    """True when the kernel loads an operand (x, or dy) of H * W = ``hw`` pixels and strides ``sn``,
+    ``sc`` (batch, channel) and ``sw`` (w) one element at a time, with an address each: its channels
+    are not contiguous (sc != 1: NCHW, or a view), and its pixels are not either (sw != 1) or the
+    kernel knows no alignment of their runs: neither triton's hint (hw, sn, sc all multiples of 16)
+    nor ``pix_align`` (the launch's PIX_ALIGN) > 1. Such a launch takes the NARROW_* config lists.
+    ``multiple(v, a)`` decides a divisibility when given (symbolic sizes), else v % a == 0."""
+    multiple = multiple or (lambda v, a: v % a == 0)
+    if sc == 1:
+        return False
+    if sw != 1:
+        return True
+    return pix_align == 1 and not all(multiple(v, 16) for v in (hw, sn, sc))
+
+
 def tune_key(m: int, *unit_strides: bool) -> int:
     """The TUNE_KEY argument: 8 * log2(bucket) + layout bits, where bucket is the smallest power of
     two >= M (at least 16) and bit i is ``unit_strides[i]`` (forward: x's channel stride == 1,
@@ -719,34 +800,35 @@ def autotune_enabled() -> bool:
 _autotuned = {}
 
 
-def _autotuner(name: str, kind: str, kernel, configs, key):
-    """triton.autotune(configs, key) of ``kernel``, built once per (name, kind, config list) and reused;
-    with autotuning off, a one-config autotuner (triton runs a single config without benchmarking).
-    One autotuner per kind: triton's key holds the tensors' dtypes but not ALLOW_TF32, so a config
-    tuned for TF32 must not be reused for an exact fp32 call (nor the other way round)."""
+def _autotuner(name: str, kind: str, narrow: bool, kernel, configs, key):
+    """triton.autotune(configs, key) of ``kernel``, built once per (name, kind, narrow, config list)
+    and reused; with autotuning off, a one-config autotuner (triton runs a single config without
+    benchmarking). One autotuner per kind: triton's key holds the tensors' dtypes but not ALLOW_TF32,
+    so a config tuned for TF32 must not be reused for an exact fp32 call (nor the other way round)."""
     if not autotune_enabled():
         configs = configs[:1]
-    cache_key = (name, kind, tuple(id(c) for c in configs))
+    cache_key = (name, kind, narrow, tuple(id(c) for c in configs))
     if cache_key not in _autotuned:   # setdefault: threads that race here all get the one stored autotuner
         tuner = triton.autotune(configs=configs, key=key, do_bench=_tuning_bench)(kernel)
         tuner.fused_fpn_name = name   # "fwd" or "dw": read by the launcher's descriptions of its choices
         tuner.fused_fpn_kind = kind
+        tuner.fused_fpn_narrow = narrow
         _autotuned.setdefault(cache_key, tuner)
     return _autotuned[cache_key]
 
 
-def autotuned_fwd(arch: str, kind: str):
+def autotuned_fwd(arch: str, kind: str, narrow: bool = False):
     """The forward kernel autotuned over ``fwd_configs`` (FWD_CONFIGS[(arch, kind)], plus the
-    experimental configs with FUSED_FPN_TRITON_EXPERIMENTAL=1), keyed on
-    (TUNE_KEY = M's bucket + layout of x and out + weight orientation, COUT, CIN); dtype is part of
-    the key too (triton's autotuner adds every tensor argument's dtype). The list's first config
-    alone when ``autotune_enabled()`` is False."""
-    return _autotuner("fwd", kind, _lateral_fwd_kernel, fwd_configs(arch, kind, experimental_enabled()),
-                      FWD_AUTOTUNE_KEY)
+    experimental configs with FUSED_FPN_TRITON_EXPERIMENTAL=1; NARROW_FWD_CONFIGS[(arch, kind)] when
+    ``narrow``), keyed on (TUNE_KEY = M's bucket + layout of x and out + weight orientation, COUT,
+    CIN); dtype is part of the key too (triton's autotuner adds every tensor argument's dtype). The
+    list's first config alone when ``autotune_enabled()`` is False."""
+    configs = fwd_configs(arch, kind, experimental=not narrow and experimental_enabled(), narrow=narrow)
+    return _autotuner("fwd", kind, narrow, _lateral_fwd_kernel, configs, FWD_AUTOTUNE_KEY)
 
 
-def autotuned_grad_weight(arch: str, kind: str):
-    """The weight-gradient kernel autotuned over GRAD_WEIGHT_CONFIGS[(arch, kind)] (as
+def autotuned_grad_weight(arch: str, kind: str, narrow: bool = False):
+    """The weight-gradient kernel autotuned over ``grad_weight_configs(arch, kind, narrow)`` (as
     ``autotuned_fwd``)."""
-    return _autotuner("dw", kind, _lateral_grad_weight_kernel, GRAD_WEIGHT_CONFIGS[(arch, kind)],
+    return _autotuner("dw", kind, narrow, _lateral_grad_weight_kernel, grad_weight_configs(arch, kind, narrow),
                       GRAD_WEIGHT_AUTOTUNE_KEY)

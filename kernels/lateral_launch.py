@@ -63,15 +63,31 @@ def nearest_scale_args(in_h, out_h, in_w, out_w) -> Tuple[float, float, bool]:
     return nearest_scale(in_h, out_h), nearest_scale(in_w, out_w), False
 
 
-def pixel_alignment(element_size: int, *values, whole_vectors: bool = False) -> int:
-    """``K.pixel_alignment`` of sizes and strides that may be symbolic: a symbolic value counts as a
-    multiple only where the trace proves it without a guard (``statically_known_true``), so a trace
-    with dynamic shapes gets no divisibility guard (as inductor's own kernels: no hint)."""
+def _divisibility(values):
+    """The divisibility test of ``K.pixel_alignment`` and ``K.narrow_pixel_loads`` for these values:
+    None (v % a == 0) for ints; with a symbolic value, a multiple only where the trace proves it
+    without a guard (``statically_known_true``), so a trace with dynamic shapes gets no divisibility
+    guard (as inductor's own kernels: no hint)."""
     if any(isinstance(v, torch.SymInt) for v in values):
         from torch.fx.experimental.symbolic_shapes import statically_known_true
-        return K.pixel_alignment(element_size, *values, multiple=lambda v, a: statically_known_true(v % a == 0),
-                                 whole_vectors=whole_vectors)
-    return K.pixel_alignment(element_size, *values, whole_vectors=whole_vectors)
+        return lambda v, a: statically_known_true(v % a == 0)
+    return None
+
+
+def pixel_alignment(element_size: int, *values, whole_vectors: bool = False) -> int:
+    """``K.pixel_alignment`` of sizes and strides that may be symbolic (``_divisibility``)."""
+    return K.pixel_alignment(element_size, *values, multiple=_divisibility(values), whole_vectors=whole_vectors)
+
+
+def narrow_pixel_loads(tensors, pix_align: int) -> bool:
+    """True when the kernel loads one of ``tensors`` (x, or dy) one element at a time
+    (``K.narrow_pixel_loads`` of its sizes and strides, which may be symbolic, and the launch's
+    PIX_ALIGN): the launch then tunes over the NARROW_* config lists."""
+    for t in tensors:
+        values = (t.shape[2] * t.shape[3], t.stride(0), t.stride(1), t.stride(3))
+        if K.narrow_pixel_loads(pix_align, *values, multiple=_divisibility(values)):
+            return True
+    return False
 
 
 def tune_key(m, *unit_strides: bool) -> int:
@@ -256,14 +272,17 @@ def describe_key(tuner, key) -> str:
     means: which GEMM ("fwd": y = x . W^T + ..., "dx": dy . W, "dW": dy^T x), the layer's Cout and
     Cin, M's power-of-two bucket, which operands have unit channel stride ("cl"; "nchw" otherwise)
     and the first tensor's dtype, followed for fp32 by the tuner's kind ("tf32" or "ieee": which
-    config list it tunes over). The key tells the forward from dx by the weight's Cin stride (as
-    ``tune_key`` does), so a forward given a weight whose Cin stride is not 1 reads as "dx"."""
+    config list it tunes over) and by "narrow" for the NARROW_* lists (``narrow_pixel_loads``). The key
+    tells the forward from dx by the weight's Cin stride (as ``tune_key`` does), so a forward given a
+    weight whose Cin stride is not 1 reads as "dx"."""
     tune, cout, cin = key[:3]
     bucket, bits = K.tune_key_parts(tune)
     dtype = str(key[3]).replace("torch.", "")
     kind = getattr(tuner, "fused_fpn_kind", "16bit")
     if kind != "16bit":
         dtype += f" {kind}"
+    if getattr(tuner, "fused_fpn_narrow", False):
+        dtype += " narrow"
     layout = lambda bit: "cl" if bits >> bit & 1 else "nchw"  # noqa: E731
     if getattr(tuner, "fused_fpn_name", "") == "dw":
         return f"dW Cout={cout} Cin={cin} M<={bucket} dy={layout(0)} x={layout(1)} {dtype}"
@@ -343,7 +362,7 @@ def gemm_epilogue(inp: torch.Tensor, weight: torch.Tensor, bias, top, out: torch
         _launch(K._lateral_fwd_kernel, grid, args, dict(meta, **cfg))
     else:
         arch, sms = _device_facts(inp.device)
-        kernel = K.autotuned_fwd(arch, config_kind(inp))
+        kernel = K.autotuned_fwd(arch, config_kind(inp), narrow_pixel_loads((inp,), meta["PIX_ALIGN"]))
 
         def grid(meta):   # one program per output tile; persistent configs: at most one per SM
             tiles = cdiv(m, meta["BLOCK_M"]) * cdiv(cout, meta["BLOCK_N"])
@@ -397,7 +416,8 @@ def grad_weight(grad: torch.Tensor, x: torch.Tensor, out_dtype: torch.dtype) -> 
     if mode == "interpret":
         _launch(K._lateral_grad_weight_kernel, (tiles, split), args, dict(meta, **K.INTERPRET_GRAD_WEIGHT))
     else:
-        kernel = K.autotuned_grad_weight(_arch(x.device), config_kind(x))
+        narrow = narrow_pixel_loads((grad, x), meta["PIX_ALIGN"])
+        kernel = K.autotuned_grad_weight(_arch(x.device), config_kind(x), narrow)
         key = (args[-1], cout, cin, grad.dtype, x.dtype, part.dtype)   # (TUNE_KEY, COUT, CIN, dtypes)
         _run_on_device(x, _launch_autotuned, kernel, (tiles, split), args, meta, key)
     if split == 1:   # one partial sum: no reduction launch (a cast, or nothing for fp32)

@@ -537,9 +537,10 @@ def test_triton_pixel_indices_stay_below_2_31_up_to_the_limit(sms, monkeypatch):
     monkeypatch.setattr(L, "interpreting", lambda: False)
     monkeypatch.setattr(L, "_device_facts", lambda device: ("sm90", sms))
     limit = 2**31 - 1
-    block_m = {c.kwargs["BLOCK_M"] for cfgs in K.FWD_CONFIGS.values() for c in cfgs}
-    block_m |= {c.kwargs["BLOCK_M"] for cfgs in K.EXPERIMENTAL_FWD_CONFIGS.values() for c in cfgs}
-    dw_block_m = {c.kwargs["BLOCK_M"] for cfgs in K.GRAD_WEIGHT_CONFIGS.values() for c in cfgs}
+    block_m = {c.kwargs["BLOCK_M"] for table in (K.FWD_CONFIGS, K.EXPERIMENTAL_FWD_CONFIGS, K.NARROW_FWD_CONFIGS)
+               for cfgs in table.values() for c in cfgs}
+    dw_block_m = {c.kwargs["BLOCK_M"] for table in (K.GRAD_WEIGHT_CONFIGS, K.NARROW_GRAD_WEIGHT_CONFIGS)
+                  for cfgs in table.values() for c in cfgs}
     assert max(block_m | dw_block_m) <= 256
     for m in (MAX_PIXELS, MAX_PIXELS - 1, MAX_PIXELS - 255, 2**31 - 2**21 + 77, 3 * 2**29 + 5, 2**30 + 1, 10**9):
         for bm in block_m:

@@ -178,39 +178,53 @@ _CONFIG_REL_ERR = {(torch.float16, "16bit"): 2e-3, (torch.bfloat16, "16bit"): 1.
                    (torch.float32, "tf32"): 2e-3, (torch.float32, "ieee"): 1e-5}
 
 
-def _config_case(dtype, layout):
-    """Inputs and float64 results for checking one config: odd sizes, and more output tiles than SMs
-    (M = 19594: 154 tiles of 128 rows), so a persistent config's programs each walk several tiles."""
+def _config_case(dtype, layout, narrow):
+    """Inputs and float64 results for checking one config: more output tiles than SMs (M = 19594 or
+    19600: 154 tiles of 128 rows), so a persistent config's programs each walk several tiles. For the
+    NARROW_* lists (``narrow``) 97 x 101 pixels in NCHW, whose odd H * W the kernels load one element
+    at a time (the narrow route); else 98 x 100, whose NCHW runs are 8 pixels aligned (PIX_ALIGN 8
+    for fp16, 4 for fp32: the default lists' route, as ResNet-50-FPN's P4 in NCHW)."""
     g = torch.Generator().manual_seed(3)
-    x = make_input((2, 72, 97, 101), dtype, "cuda", layout, g)
+    h, w_ = (97, 101) if narrow else (98, 100)
+    x = make_input((2, 72, h, w_), dtype, "cuda", layout, g)
     w = (torch.randn((40, 72), generator=g) / 8).to("cuda", dtype)
     b = torch.randn((40,), generator=g).to("cuda", dtype)
     top = make_input((2, 40, 49, 51), dtype, "cuda", layout, g)
-    grad = make_input((2, 40, 97, 101), dtype, "cuda", layout, g)
+    grad = make_input((2, 40, h, w_), dtype, "cuda", layout, g)
     f64 = [t.double() for t in (x, w, b, top, grad)]
     from fused_fpn.reference import lateral_backward_reference
     dx_ref, dw_ref, _, _ = lateral_backward_reference(f64[4], f64[0], f64[1], (49, 51), (True, True, False, False))
     return (x, w, b, top, grad), {"y": lateral_reference(*f64[:4]), "dx": dx_ref, "dW": dw_ref}
 
 
-def _check_config_alone(monkeypatch, lists, key, cfg, label, inputs, refs, dtype):
-    """Run ``cfg`` as the only config of ``lists[key]`` through the real launch path (forward with
-    bias + top and the backward's dx for the forward lists, dW for the weight-gradient list) and
+def _check_config_alone(monkeypatch, label, narrow, key, cfg, inputs, refs, dtype):
+    """Run ``cfg`` as the only config of the ``label`` kernel's list for ``key`` (the NARROW_* one when
+    ``narrow``) through the real launch path (forward with bias + top and the backward's dx for the
+    forward lists, dW for the weight-gradient lists), check that every launch took that list, and
     compare with the float64 results. False if the config does not fit this GPU's shared memory."""
     from fused_fpn.backends import triton as tb
+    from fused_fpn.kernels import lateral_kernels as K
+    from fused_fpn.kernels import lateral_launch as L
     from triton.runtime.errors import OutOfResources
     x, w, b, top, grad = inputs
     _, bwd = tb.ops()
-    monkeypatch.setitem(lists, key, [cfg])
+    if label == "forward":
+        monkeypatch.setitem(K.NARROW_FWD_CONFIGS if narrow else K.FWD_CONFIGS, key, [cfg])
+    else:
+        monkeypatch.setitem(K.NARROW_GRAD_WEIGHT_CONFIGS if narrow else K.GRAD_WEIGHT_CONFIGS, key, [cfg])
     try:
-        if label == "forward":
-            got = {"y": fused_fpn.lateral(x, w, b, top, backend="triton"),
-                   "dx": bwd(grad, x, w, 49, 51, True, False, False, False)[0]}
-        else:
-            got = {"dW": bwd(grad, x, w, 49, 51, False, True, False, False)[1]}
-        torch.cuda.synchronize()
+        with L.recording_autotune_choices() as chosen:
+            if label == "forward":
+                got = {"y": fused_fpn.lateral(x, w, b, top, backend="triton"),
+                       "dx": bwd(grad, x, w, 49, 51, True, False, False, False)[0]}
+            else:
+                got = {"dW": bwd(grad, x, w, 49, 51, False, True, False, False)[1]}
+            torch.cuda.synchronize()
     except OutOfResources:   # an sm80-list config on a part with less shared memory
         return False
+    routes = {what: what.endswith(" narrow") for what in chosen}
+    assert len(routes) == len(got) and all(r == narrow for r in routes.values()), \
+        f"{label} config {cfg} (narrow={narrow}) launched as {routes}"
     bound = _CONFIG_REL_ERR[(dtype, key[1])]
     for name, tensor in got.items():
         err = rel_err(tensor, refs[name])
@@ -218,15 +232,13 @@ def _check_config_alone(monkeypatch, lists, key, cfg, label, inputs, refs, dtype
     return True
 
 
-def _config_list(table, key):
-    """The configs a per-config test walks: the forward list, the weight-gradient list, or the
-    forward's experimental configs (those ``fwd_configs(..., experimental=True)`` adds)."""
+def _config_tables():
+    """table name -> {(arch, kind): configs} of the per-config test (the experimental table: those
+    ``fwd_configs(..., experimental=True)`` adds)."""
     from fused_fpn.kernels import lateral_kernels as K
-    if table == "forward":
-        return K.FWD_CONFIGS, K.FWD_CONFIGS.get(key, [])
-    if table == "weight gradient":
-        return K.GRAD_WEIGHT_CONFIGS, K.GRAD_WEIGHT_CONFIGS.get(key, [])
-    return K.FWD_CONFIGS, K.fwd_configs(*key, experimental=True)[len(K.FWD_CONFIGS[key]):]
+    return {"forward": K.FWD_CONFIGS, "narrow forward": K.NARROW_FWD_CONFIGS,
+            "weight gradient": K.GRAD_WEIGHT_CONFIGS, "narrow weight gradient": K.NARROW_GRAD_WEIGHT_CONFIGS,
+            "experimental": K.EXPERIMENTAL_FWD_CONFIGS}
 
 
 # the config lists each dtype runs through: fp32 takes the "tf32" list with TF32 on, "ieee" with it off
@@ -237,13 +249,12 @@ def _config_params():
     """(dtype, kind, table, index) for every config of every list, the longest of the two arches'
     lists for each kind (a GPU whose list is shorter skips the indices past its end)."""
     try:
-        from fused_fpn.kernels import lateral_kernels as K
+        tables = _config_tables()
     except ImportError:   # no triton: every test of this file skips anyway
         return []
     params = []
     for dtype, kind in _DTYPE_KINDS:
-        for table, configs in (("forward", K.FWD_CONFIGS), ("weight gradient", K.GRAD_WEIGHT_CONFIGS),
-                               ("experimental", K.EXPERIMENTAL_FWD_CONFIGS)):
+        for table, configs in tables.items():
             longest = max((len(configs.get((arch, kind), [])) for arch in ("sm90", "sm80")), default=0)
             name = str(dtype)[6:] + ("" if kind == "16bit" else f"_{kind}")
             params += [pytest.param(dtype, kind, table, i, id=f"{name}-{table.replace(' ', '_')}-{i}")
@@ -254,10 +265,12 @@ def _config_params():
 @pytest.mark.parametrize("layout", ["nchw", "channels_last"])
 @pytest.mark.parametrize("dtype,kind,table,index", _config_params())
 def test_every_autotune_config_matches_the_reference(dtype, kind, table, index, layout, monkeypatch, no_tf32):
-    """Each config of the forward list (forward with bias + top, and the backward's dx = dy . W^T), of
-    the weight-gradient list and of the forward's experimental (persistent) configs, run alone through
-    the real launch path against the float64 results: the autotuner may pick any of them, and the rest
-    of the suite runs with whichever it (or, with autotuning off, the list's first) picks. fp32 runs
+    """Each config of the forward lists (forward with bias + top, and the backward's dx = dy . W^T), of
+    the weight-gradient lists (the default ones in both layouts, the NARROW_* ones in NCHW of odd
+    H * W, each launch checked to take its list) and of the forward's experimental (persistent)
+    configs, run alone through the real launch path against the float64 results: the
+    autotuner may pick any of them, and the rest of the suite runs with whichever it (or, with
+    autotuning off, the list's first) picks. fp32 runs
     each config of the "tf32" lists with TF32 on and each of the "ieee" lists with it off (the launch
     takes the list of the flag's setting). One test per config, so that each test compiles one or two
     kernels (a flattened persistent loop compiles slowly: 16-32 s per NCHW config on the 2-core dev
@@ -266,15 +279,18 @@ def test_every_autotune_config_matches_the_reference(dtype, kind, table, index, 
     from fused_fpn.kernels import lateral_kernels as K
     from fused_fpn.kernels import lateral_launch as L
     key = (L._arch(torch.device("cuda")), kind)
-    lists, configs = _config_list(table, key)
+    configs = _config_tables()[table].get(key, [])
     if index >= len(configs):
         pytest.skip(f"{table} {key}: {len(configs)} configs")
     torch.backends.cudnn.allow_tf32 = kind == "tf32"   # no_tf32 restores the flags afterwards
     monkeypatch.delenv(K.EXPERIMENTAL_ENV, raising=False)   # the list patched is then the whole list
-    inputs, refs = _config_case(dtype, layout)
+    narrow = table.startswith("narrow")
+    if narrow and layout != "nchw":
+        pytest.skip("the narrow lists serve operands whose channels are not contiguous")
+    inputs, refs = _config_case(dtype, layout, narrow)
     cfg = configs[index]
-    label = "weight gradient" if table == "weight gradient" else "forward"
-    fits = _check_config_alone(monkeypatch, lists, key, cfg, label, inputs, refs, dtype)
+    label = "weight gradient" if table.endswith("weight gradient") else "forward"
+    fits = _check_config_alone(monkeypatch, label, narrow, key, cfg, inputs, refs, dtype)
     if not fits and key[0] == "sm80":   # an sm80-list config on a part with less shared memory
         pytest.skip(f"{cfg} does not fit this GPU's shared memory")
     assert fits, f"{table} config {cfg} does not fit this {key[0]} GPU's shared memory"

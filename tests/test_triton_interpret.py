@@ -475,17 +475,25 @@ def test_autotuning_can_be_switched_off(monkeypatch):
     from fused_fpn.kernels import lateral_kernels as K
     monkeypatch.delenv(K.AUTOTUNE_ENV, raising=False)
     assert K.autotune_enabled()
-    assert set(K.FWD_CONFIGS) == set(K.GRAD_WEIGHT_CONFIGS) == {(a, k) for a in ("sm90", "sm80") for k in K.KINDS}
+    keys = {(a, k) for a in ("sm90", "sm80") for k in K.KINDS}
+    assert set(K.FWD_CONFIGS) == set(K.GRAD_WEIGHT_CONFIGS) == keys
+    assert set(K.NARROW_FWD_CONFIGS) == set(K.NARROW_GRAD_WEIGHT_CONFIGS) == keys
     for arch, kind in K.FWD_CONFIGS:
         assert K.autotuned_fwd(arch, kind).configs == K.FWD_CONFIGS[(arch, kind)]
         assert K.autotuned_fwd(arch, kind) is K.autotuned_fwd(arch, kind)
         assert K.autotuned_grad_weight(arch, kind).configs == K.GRAD_WEIGHT_CONFIGS[(arch, kind)]
+        assert K.autotuned_fwd(arch, kind, narrow=True).configs == K.NARROW_FWD_CONFIGS[(arch, kind)]
+        assert K.autotuned_fwd(arch, kind, narrow=True) is K.autotuned_fwd(arch, kind, narrow=True)
+        assert K.autotuned_fwd(arch, kind, narrow=True) is not K.autotuned_fwd(arch, kind)
+        assert K.autotuned_grad_weight(arch, kind, narrow=True).configs == K.NARROW_GRAD_WEIGHT_CONFIGS[(arch, kind)]
     for off in ("0", "false", "OFF", " no "):
         monkeypatch.setenv(K.AUTOTUNE_ENV, off)
         assert not K.autotune_enabled()
         for arch, kind in K.FWD_CONFIGS:
             assert K.autotuned_fwd(arch, kind).configs == K.FWD_CONFIGS[(arch, kind)][:1]
             assert K.autotuned_grad_weight(arch, kind).configs == K.GRAD_WEIGHT_CONFIGS[(arch, kind)][:1]
+            assert K.autotuned_fwd(arch, kind, narrow=True).configs == K.NARROW_FWD_CONFIGS[(arch, kind)][:1]
+            assert K.autotuned_grad_weight(arch, kind, True).configs == K.NARROW_GRAD_WEIGHT_CONFIGS[(arch, kind)][:1]
     monkeypatch.setenv(K.AUTOTUNE_ENV, "1")
     assert len(K.autotuned_fwd("sm90", "16bit").configs) == len(K.FWD_CONFIGS[("sm90", "16bit")]) > 1
 
@@ -630,8 +638,9 @@ def _compiled_branch_on_the_interpreter(monkeypatch, sms, arch="sm90"):
 def test_the_gpu_launch_path_on_interpreted_kernels(arch, sms, dtype, layout, monkeypatch):
     """The launchers' compiled-kernel branch (autotuner lookup, its keys, the eager fast path, the
     GPU dW split, the db + dtop launch options) with the real kernels and the first config of each
-    list of the arch, run by the interpreter on CPU tensors, forward and all four gradients, twice (the
-    second time through the fast path), against the float64 reference."""
+    list of the arch (the NARROW_* lists in NCHW: H * W odd), run by the interpreter on CPU tensors,
+    forward and all four gradients, twice (the second time through the fast path), against the
+    float64 reference."""
     from fused_fpn.kernels import lateral_kernels as K
     from fused_fpn.kernels import lateral_launch as L
     from fused_fpn.reference import lateral_backward_reference
@@ -664,14 +673,16 @@ def test_the_gpu_launch_path_on_interpreted_kernels(arch, sms, dtype, layout, mo
                                        msg=lambda m, name=name: f"{attempt}: {name}: {m}")
         assert got[0].is_contiguous(memory_format=output_memory_format(x)), "dx follows x's layout"
     kind = L.config_kind(x)
-    tuners = {K.autotuned_fwd(arch, kind), K.autotuned_grad_weight(arch, kind)}
+    narrow = layout == "nchw"   # H * W = 63: NCHW pixels load one element at a time (the NARROW_* lists)
+    tuners = {K.autotuned_fwd(arch, kind, narrow), K.autotuned_grad_weight(arch, kind, narrow)}
     assert {t for t, *_ in L._CHOSEN} == tuners, "forward, dx and dW configs are remembered"
     assert len(L._CHOSEN) == 3
     # what the benchmarks record of each row: the same three choices through the autotuner and the
     # fast path, described in the layer's terms (M = 126 pixels: bucket 128)
     lay, dt = ("cl" if layout == "channels_last" else "nchw"), str(dtype).replace("torch.", "")
     dt += "" if kind == "16bit" else f" {kind}"   # fp32: this file runs with TF32 off (no_tf32): "ieee"
-    fwd, dw = K.fwd_configs(arch, kind)[0], K.GRAD_WEIGHT_CONFIGS[(arch, kind)][0]
+    dt += " narrow" if narrow else ""
+    fwd, dw = K.fwd_configs(arch, kind, narrow=narrow)[0], K.grad_weight_configs(arch, kind, narrow)[0]
     assert recorded[0] == recorded[1] == {
         f"fwd Cout=203 Cin=19 M<=128 x={lay} out={lay} {dt}": L.describe_config(fwd.all_kwargs()),
         f"dx Cout=203 Cin=19 M<=128 dy={lay} dx={lay} {dt}": L.describe_config(fwd.all_kwargs()),
@@ -704,12 +715,12 @@ def test_fp32_takes_the_config_lists_of_the_tf32_flag(monkeypatch):
         monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", tf32)
         with L.recording_autotune_choices() as chosen:
             assert_close_to_reference(L.lateral_forward(x, w, b, None), y_ref, torch.float32)
-            L.grad_weight(torch.ones((1, 20, 5, 6)), x, torch.float32)
+            L.grad_weight(torch.ones((1, 20, 5, 6)).to(memory_format=torch.channels_last), x, torch.float32)
         kind = "tf32" if tf32 else "ieee"
         assert chosen == {
             f"fwd Cout=20 Cin=12 M<=32 x=cl out=cl float32 {kind}":
                 L.describe_config(K.FWD_CONFIGS[("sm90", kind)][0].all_kwargs()),
-            f"dW Cout=20 Cin=12 M<=32 dy=nchw x=cl float32 {kind}":
+            f"dW Cout=20 Cin=12 M<=32 dy=cl x=cl float32 {kind}":
                 L.describe_config(K.GRAD_WEIGHT_CONFIGS[("sm90", kind)][0].all_kwargs()),
         }
         recorded.setdefault(kind, chosen)
@@ -775,6 +786,7 @@ def test_persistent_forward_walks_every_tile(layout, monkeypatch):
     small = K._cfg(16, 16, 16, 4, 2, group_m=2, persistent=True)
     _compiled_branch_on_the_interpreter(monkeypatch, sms=3)   # 3 "SMs": 3 programs
     monkeypatch.setitem(K.FWD_CONFIGS, ("sm90", "ieee"), [small])   # fp32 with TF32 off (no_tf32)
+    monkeypatch.setitem(K.NARROW_FWD_CONFIGS, ("sm90", "ieee"), [small])   # NCHW, H * W = 63: this list
     g = torch.Generator().manual_seed(9)
     x = make_input((2, 19, 7, 9), torch.float32, "cpu", layout, g)     # M = 126: 8 row tiles x 3 column tiles
     w = torch.randn((37, 19), generator=g) / 4
@@ -812,6 +824,8 @@ def test_experimental_configs_are_opt_in(monkeypatch):
     assert all(c.kwargs["PERSISTENT"] for c in extra)
     assert K.autotuned_fwd("sm80", "16bit").configs == K.FWD_CONFIGS[("sm80", "16bit")]   # sm90 only
     assert K.autotuned_fwd("sm90", "tf32").configs == K.FWD_CONFIGS[("sm90", "tf32")]     # fp16/bf16 only
+    # not for NCHW pixels loaded one at a time: the persistent tiles are 128 x 256 / 64 x 256 ones
+    assert K.autotuned_fwd("sm90", "16bit", narrow=True).configs == K.NARROW_FWD_CONFIGS[("sm90", "16bit")]
 
 
 def test_launchers_keep_symbolic_sizes_symbolic(monkeypatch):
@@ -825,12 +839,15 @@ def test_launchers_keep_symbolic_sizes_symbolic(monkeypatch):
     SM count. (On a GPU, tests/test_training_and_compilers.py runs the registered ops this way.)"""
     from fused_fpn.backends import triton as tb
     from fused_fpn.kernels import lateral_launch as L
-    launches = []
+    launches, tuners = [], []
     monkeypatch.setattr(L, "interpreting", lambda: False)
     monkeypatch.setattr(L, "_device_facts", lambda device: ("sm90", 132))
     monkeypatch.setattr(L, "_launch", lambda kernel, grid, args, meta: launches.append((grid, args, meta)))
-    monkeypatch.setattr(L, "_launch_autotuned",
-                        lambda tuner, grid, args, meta, key: launches.append((grid, args, meta)))
+
+    def autotuned(tuner, grid, args, meta, key):
+        launches.append((grid, args, meta))
+        tuners.append((layout, tuner.fused_fpn_name, tuner.fused_fpn_narrow))
+    monkeypatch.setattr(L, "_launch_autotuned", autotuned)
     sym = SymbolicSizes()
     for layout in ["nchw", "channels_last", "noncontig"]:   # traced at the first shapes; the others: guards
         x = sym.tensor(make_input((2, 8, 40, 44), torch.float32, DEVICE, layout), (0, 2, 3),
@@ -856,6 +873,10 @@ def test_launchers_keep_symbolic_sizes_symbolic(monkeypatch):
         # symbolic sizes are not known multiples (40 x 44 is one of 16; 37 x 29 is odd): no alignment, no guard
         assert meta.get("PIX_ALIGN", 1) == 1
     assert len(launches) == 3 * 4   # per layout: forward, dx, dW, db + dtop
+    # NCHW pixels of unknown alignment, and the noncontig view's (2 apart), load one element at a
+    # time: the narrow lists
+    assert tuners == [(layout, name, layout != "channels_last") for layout in ["nchw", "channels_last", "noncontig"]
+                      for name in ("fwd", "fwd", "dw")]
     sym.assert_none_pinned()
 
 
@@ -881,6 +902,53 @@ def test_pixel_alignment_takes_the_largest_power_of_two_that_divides_every_opera
     assert L.pixel_alignment(2, h * w, x.stride(0), x.stride(1)) == 1   # no guard on a size's divisibility
     assert L.pixel_alignment(2, 8 * h, 256 * h * w) == 8                # provable without a guard
     assert L.pixel_alignment(2, 16 * h, 256 * h * w) == 1               # ... and a multiple of 16: hinted
+    sym.assert_none_pinned()
+
+
+def test_pixels_loaded_one_at_a_time_take_the_narrow_config_lists():
+    """A launch takes the NARROW_* config lists when it loads an operand whose channels are not
+    contiguous (NCHW, views) one element at a time: its pixels are not contiguous, or the kernel
+    knows no alignment of their runs (neither triton's hint, H * W and the operand's batch and channel
+    strides all multiples of 16, nor PIX_ALIGN > 1: H * W odd, symbolic sizes, or the weight
+    gradient's runs short of 16 bytes, for which it takes no PIX_ALIGN). Those lists keep the
+    accumulators and the per-element addresses within the registers (tests/test_triton_aot.py: no
+    spills); channels_last operands never take them."""
+    from fused_fpn.kernels import lateral_kernels as K
+    from fused_fpn.kernels import lateral_launch as L
+
+    def meta(kind, a, b):   # the launch's constexprs: forward of x = a into out = b, or dW of dy = a, x = b
+        if kind == "fwd":
+            return L.fwd_launch_args(a, torch.empty((b.shape[1], a.shape[1]), dtype=a.dtype), None, None, b)[1]
+        n, cin, h, w = b.shape
+        return dict(PIX_ALIGN=L.pixel_alignment(b.element_size(), h * w, *a.stride()[:2], *b.stride()[:2],
+                                                whole_vectors=True))
+
+    def narrow(kind, a, b):
+        return L.narrow_pixel_loads((a,) if kind == "fwd" else (a, b), meta(kind, a, b)["PIX_ALIGN"])
+
+    def t(shape, layout, dtype=torch.float16):
+        return make_input(shape, dtype, "meta" if layout != "noncontig" else "cpu", layout)
+
+    p5, p2 = (25, 38), (200, 304)
+    assert not K.narrow_pixel_loads(2, 950, 2048 * 950, 950, 1)     # P5 forward: PIX_ALIGN 2
+    assert K.narrow_pixel_loads(1, 950, 256 * 950, 950, 1)          # P5 weight gradient: none
+    assert not K.narrow_pixel_loads(1, 60800, 256 * 60800, 60800, 1)   # P2: triton's hint
+    assert not K.narrow_pixel_loads(1, 63, 19 * 63, 1, 19)           # channels_last
+    assert K.narrow_pixel_loads(8, 63, 2 * 19 * 63, 2 * 63, 2)       # pixels 2 apart
+    for kind in ("fwd", "dw"):
+        for layout, want in (("nchw", True), ("channels_last", False), ("noncontig", True)):
+            a, b = t((2, 19, 7, 9), layout), t((2, 8, 7, 9), layout)   # H * W = 63
+            assert narrow(kind, a, b) == want, (kind, layout)
+        # ResNet-50-FPN's P5 at 800 x 1216 in NCHW: the forward's runs 2 fp16 apart (PIX_ALIGN 2), the
+        # weight gradient's not 16-byte aligned; P2: hinted
+        assert narrow(kind, t((2, 2048, *p5), "nchw"), t((2, 256, *p5), "nchw")) == (kind == "dw")
+        assert not narrow(kind, t((2, 256, *p2), "nchw"), t((2, 256, *p2), "nchw"))
+        # mixed layouts at P2: the NCHW operand is hinted, though PIX_ALIGN is 1 (a unit channel stride)
+        assert not narrow(kind, t((2, 256, *p2), "nchw"), t((2, 256, *p2), "channels_last"))
+        assert not narrow(kind, t((2, 256, *p2), "channels_last"), t((2, 256, *p2), "nchw"))
+    sym = SymbolicSizes()   # traced at 64 x 48 (a multiple of 16); 37 x 29 is odd
+    x = sym.tensor(torch.empty(2, 256, 64, 48), (2, 3), torch.empty(2, 256, 37, 29))
+    assert L.narrow_pixel_loads((x,), 1)   # nothing known: narrow, and no guard
     sym.assert_none_pinned()
 
 
