@@ -201,11 +201,14 @@ _LOADED = {"fwd": (("HW", "sxn", "sxc", "sxw"),),
            "grad_weight": (("HW", "sdn", "sdc", "sdw"), ("HW", "sxn", "sxc", "sxw"))}
 
 
-def narrow(base: str, dtype: str, args: dict) -> bool:
-    """Whether the launcher takes the NARROW_* config lists for concrete sizes ``args``
-    (``lateral_launch.narrow_pixel_loads``: pixels loaded one element at a time)."""
-    align = pix_align(base, dtype, args)
-    return any(K.narrow_pixel_loads(align, *(args[a] for a in names)) for names in _LOADED[base])
+def narrow(base: str, dtype: str, args: dict, flat: bool = True, unhinted=(), align=None) -> bool:
+    """Whether the launcher takes the NARROW_* config lists for sizes ``args``
+    (``lateral_launch.narrow_pixel_loads``: pixels loaded one element at a time): ``flat`` False for
+    views whose (h, w) do not flatten, ``unhinted`` the arguments a trace cannot prove multiples of
+    anything, ``align`` the PIX_ALIGN of the launch (default: the launcher's for concrete sizes)."""
+    align = pix_align(base, dtype, args) if align is None else align
+    value = lambda name: 17 if name in unhinted else args[name]   # noqa: E731  (17: no multiple of 2 or 16)
+    return any(K.narrow_pixel_loads(align, *(value(a) for a in names), flat=flat) for names in _LOADED[base])
 
 
 STRIDED_VIEWS = {"X_FLAT": False, "O_FLAT": False}
@@ -338,6 +341,14 @@ def _as_int64(args: dict, names) -> None:
             args[name] = 2**31 + 16 * (i + 1)
 
 
+def unhinted_args(job: dict):
+    """The arguments of a job that its trace gives no divisibility hint (none in eager jobs)."""
+    if job["trace"] == "eager":
+        return ()
+    base = job_args(job)[1]
+    return _UNHINTED_SIZES[base] + (_UNHINTED_NCHW_STRIDES[base] if job["layout"] == "nchw" else ())
+
+
 def kind_of(job: dict) -> str:
     """The kind of the (arch, kind) config list a GEMM job's config comes from."""
     return K.operand_kind(2 if job["dtype"] in ("fp16", "bf16") else 4, job["tf32"])
@@ -355,7 +366,7 @@ def job_args(job: dict):
 
 
 def compile_job(job: dict) -> dict:
-    kernel, dtype, layout, sizes = job["kernel"], job["dtype"], job["layout"], job["sizes"]
+    kernel, dtype, sizes = job["kernel"], job["dtype"], job["sizes"]
     traced = job["trace"] != "eager"   # symbolic sizes: scales in the kernel, no hints, PIX_ALIGN 1
     fn, base, args = job_args(job)
     if base == "fwd":
@@ -373,9 +384,7 @@ def compile_job(job: dict) -> dict:
             args.update(ITER_H=0, ITER_W=0)
     if base in _PIX_ALIGN_ARGS:
         constexprs["PIX_ALIGN"] = job.get("pix_align") or (1 if traced else pix_align(base, dtype, args))
-    unhinted = ()
-    if traced:
-        unhinted = _UNHINTED_SIZES[base] + (_UNHINTED_NCHW_STRIDES[base] if layout == "nchw" else ())
+    unhinted = unhinted_args(job)
     if job["trace"] == "symbolic_i64":
         _as_int64(args, _SYMBOLIC_ARGS[base])
     result = dict(job, pix_align=constexprs.get("PIX_ALIGN"))

@@ -689,12 +689,12 @@ GRAD_WEIGHT_CONFIGS = {
     # 32-pixel steps at 4 warps 536 B
     ("sm80", "ieee"): [_wcfg(32, 8, 3), _wcfg(16, 8, 4)],
 }
-# Weight gradients whose pixel-major dy or x the kernel cannot load in 16-byte vectors (PIX_ALIGN 1,
-# no hint: P5's H * W = 950 in NCHW, symbolic sizes): their pixel loads go through registers (fp16:
-# not even pipelined, cp.async takes 4 bytes or more), and the 4-warp configs above spilled 296-1032 B
-# (fp16 with triton 3.6.0 at 64 pixels: 1032 B on sm_90), 64-pixel steps at 8 warps 8-352 B but for
-# TF32 on sm_90. 8 warps, 16- or 32-pixel steps (and that one) spill nothing with either version
-# (sm_80 exact fp32: 16 pixels, 2 stages).
+# Weight gradients whose pixel-major dy or x the kernel cannot load in 16-byte vectors (PIX_ALIGN 1, no
+# hint: P5's H * W = 950 in NCHW, symbolic sizes): their pixel loads go through registers (fp16: not
+# even pipelined, cp.async takes 4 bytes or more), and the 4-warp configs above spilled 296-1032 B (fp16
+# with triton 3.6.0 at 64 pixels: 1032 B on sm_90), 64-pixel steps at 8 warps 8-352 B but for TF32 on
+# sm_90, 128-pixel ones 448 B (fp16, 3.6.0). 8 warps and 16- or 32-pixel steps (or TF32's 64 on sm_90)
+# spill nothing with either version (sm_80 exact fp32: 16 pixels, 2 stages).
 NARROW_GRAD_WEIGHT_CONFIGS = {
     ("sm90", "16bit"): [_wcfg(32, 8, 3), _wcfg(16, 8, 4)],
     ("sm90", "tf32"): [_wcfg(32, 8, 4), _wcfg(64, 8, 3), _wcfg(16, 8, 4)],
@@ -750,17 +750,18 @@ def pixel_alignment(element_size: int, *values, multiple=None, whole_vectors: bo
     return 1 if whole_vectors and align * element_size < 16 else align
 
 
-def narrow_pixel_loads(pix_align: int, hw, sn, sc, sw, multiple=None) -> bool:
+def narrow_pixel_loads(pix_align: int, hw, sn, sc, sw, flat: bool = True, multiple=None) -> bool:
     """True when the kernel loads an operand (x, or dy) of H * W = ``hw`` pixels and strides ``sn``,
     ``sc`` (batch, channel) and ``sw`` (w) one element at a time, with an address each: its channels
-    are not contiguous (sc != 1: NCHW, or a view), and its pixels are not either (sw != 1) or the
-    kernel knows no alignment of their runs: neither triton's hint (hw, sn, sc all multiples of 16)
-    nor ``pix_align`` (the launch's PIX_ALIGN) > 1. Such a launch takes the NARROW_* config lists.
+    are not contiguous (sc != 1: NCHW, or a view), and its pixels are not either (sw != 1, or its
+    (h, w) do not flatten, ``flat`` False: X_FLAT / D_FLAT off, per-pixel h, w offsets) or the kernel
+    knows no alignment of their runs: neither triton's hint (hw, sn, sc all multiples of 16) nor
+    ``pix_align`` (the launch's PIX_ALIGN) > 1. Such a launch takes the NARROW_* config lists.
     ``multiple(v, a)`` decides a divisibility when given (symbolic sizes), else v % a == 0."""
     multiple = multiple or (lambda v, a: v % a == 0)
     if sc == 1:
         return False
-    if sw != 1:
+    if sw != 1 or not flat:
         return True
     return pix_align == 1 and not all(multiple(v, 16) for v in (hw, sn, sc))
 

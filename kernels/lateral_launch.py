@@ -85,7 +85,7 @@ def narrow_pixel_loads(tensors, pix_align: int) -> bool:
     PIX_ALIGN): the launch then tunes over the NARROW_* config lists."""
     for t in tensors:
         values = (t.shape[2] * t.shape[3], t.stride(0), t.stride(1), t.stride(3))
-        if K.narrow_pixel_loads(pix_align, *values, multiple=_divisibility(values)):
+        if K.narrow_pixel_loads(pix_align, *values, flat=pixels_flatten(t), multiple=_divisibility(values)):
             return True
     return False
 

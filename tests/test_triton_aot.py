@@ -261,22 +261,23 @@ KNOWN_NARROW_SPILLS = {
 
 
 def test_narrow_lists_compile_where_the_launcher_takes_them_and_do_not_spill(results):
-    """The NARROW_* lists (NCHW pixels loaded one element at a time, ``narrow_pixel_loads``) are compiled
-    where the launcher takes them and only there: every eager NCHW job's list is the one
-    ``aot.narrow`` (the launcher's rule) gives its sizes, with PIX_ALIGN 1 for the narrow ones (P5's
-    weight gradient in every kind; the forward at P5 of an 800 x 800 image, H * W = 625, in every
-    kind, also as a strided view, and dx there in fp16), and the traces' NCHW forward, dx and weight
-    gradient are narrow but for the P4 job with only H symbolic (PIX_ALIGN 4). None spills beyond
-    KNOWN_NARROW_SPILLS (3 strided views, 8-104 B). With the default lists instead, those launches
-    spilled: as traced, the fp16 NCHW forward 200-1312 B per thread in 7 of 10 sm_90 configs with
-    triton 3.8.0 (3.6.0: 8-40 B in 3 of sm_90 and sm_80), the TF32 one 600-640 B in 2 of 5, exact
-    fp32 24-48 B in every config; the weight gradient at P5 up to 1032 B (fp16, 3.6.0, 4 warps),
-    296-568 B for TF32 and 16-352 B for exact fp32."""
+    """The NARROW_* lists (pixels loaded one element at a time, ``narrow_pixel_loads``) are compiled where
+    the launcher takes them and only there: every GEMM job's list is the one ``aot.narrow`` (the
+    launcher's rule, given the job's sizes, strided-view flags, what its trace leaves unhinted and
+    its PIX_ALIGN) gives it, and the narrow jobs are these: P5's weight gradient in every kind; the
+    forward at P5 of an 800 x 800 image, H * W = 625, in every kind, also as a strided view, and dx
+    there in fp16; the traces' NCHW forward, dx and weight gradient (but the P4 job with only H
+    symbolic, PIX_ALIGN 4), all with PIX_ALIGN 1. None spills beyond KNOWN_NARROW_SPILLS (3 strided
+    views, 8-104 B). With the default lists instead, those launches spilled: as traced, the fp16
+    NCHW forward 200-1312 B per thread in 7 of 10 sm_90 configs with triton 3.8.0 (3.6.0: 8-40 B in
+    3 of sm_90 and sm_80), the TF32 one 600-640 B in 2 of 5, exact fp32 24-48 B in every config; the
+    weight gradient at P5 up to 1032 B (fp16, 3.6.0, 4 warps), 296-568 B for TF32 and 16-352 B for
+    exact fp32."""
     from fused_fpn.kernels import aot
-    eager_nchw = [r for r in results if r["trace"] == "eager" and r["layout"] == "nchw"
-                  and r["kernel"] != "grad_bias_top" and not r["flags"]]
-    wrong = [_label(r) for r in eager_nchw
-             if r["narrow"] != aot.narrow(aot.job_args(r)[1], r["dtype"], aot.job_args(r)[2])]
+    gemm = [r for r in results if r["kernel"] != "grad_bias_top"]
+    wrong = [_label(r) for r in gemm if r["narrow"] != aot.narrow(
+        aot.job_args(r)[1], r["dtype"], aot.job_args(r)[2], flat=not r["flags"], unhinted=aot.unhinted_args(r),
+        align=r["pix_align"])]
     assert not wrong, "jobs compiled from the other list than the launcher's:\n" + "\n".join(wrong)
     narrow = [r for r in results if r["narrow"]]
     assert {(r["kernel"], r["sizes"], r["trace"]) for r in narrow} == {
@@ -284,8 +285,6 @@ def test_narrow_lists_compile_where_the_launcher_takes_them_and_do_not_spill(res
         ("fwd", "P2", "symbolic"), ("fwd_dx", "P2", "symbolic"), ("grad_weight", "P2", "symbolic"),
         ("fwd", "P2", "symbolic_i64")}
     assert all(r["layout"] == "nchw" and r["pix_align"] == 1 for r in narrow)
-    traced_nchw = [r for r in results if r["trace"] != "eager" and r["layout"] == "nchw"]
-    assert all(r["narrow"] == (r["sizes"] != "P4") for r in traced_nchw)
     known = KNOWN_NARROW_SPILLS.get(".".join(triton.__version__.split(".")[:2]), {})
     bad = []
     for r in narrow:

@@ -907,7 +907,8 @@ def test_pixel_alignment_takes_the_largest_power_of_two_that_divides_every_opera
 
 def test_pixels_loaded_one_at_a_time_take_the_narrow_config_lists():
     """A launch takes the NARROW_* config lists when it loads an operand whose channels are not
-    contiguous (NCHW, views) one element at a time: its pixels are not contiguous, or the kernel
+    contiguous (NCHW, views) one element at a time: its pixels are not contiguous (or its (h, w) do
+    not flatten: per-pixel h, w offsets), or the kernel
     knows no alignment of their runs (neither triton's hint, H * W and the operand's batch and channel
     strides all multiples of 16, nor PIX_ALIGN > 1: H * W odd, symbolic sizes, or the weight
     gradient's runs short of 16 bytes, for which it takes no PIX_ALIGN). Those lists keep the
@@ -943,6 +944,8 @@ def test_pixels_loaded_one_at_a_time_take_the_narrow_config_lists():
         # weight gradient's not 16-byte aligned; P2: hinted
         assert narrow(kind, t((2, 2048, *p5), "nchw"), t((2, 256, *p5), "nchw")) == (kind == "dw")
         assert not narrow(kind, t((2, 256, *p2), "nchw"), t((2, 256, *p2), "nchw"))
+        # a crop of NCHW (h, w do not flatten: per-pixel h, w offsets), though every size is hinted
+        assert narrow(kind, t((2, 256, 8, 48), "nchw")[..., :32], t((2, 256, 8, 32), "nchw"))
         # mixed layouts at P2: the NCHW operand is hinted, though PIX_ALIGN is 1 (a unit channel stride)
         assert not narrow(kind, t((2, 256, *p2), "nchw"), t((2, 256, *p2), "channels_last"))
         assert not narrow(kind, t((2, 256, *p2), "channels_last"), t((2, 256, *p2), "nchw"))
