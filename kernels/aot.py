@@ -212,6 +212,7 @@ def narrow(base: str, dtype: str, args: dict, flat: bool = True, unhinted=(), al
 
 
 STRIDED_VIEWS = {"X_FLAT": False, "O_FLAT": False}
+KIND_DTYPES = (("16bit", "fp16"), ("tf32", "fp32"), ("ieee", "fp32"))   # a dtype of each kind of config list
 
 
 def jobs(archs=(90, 80)) -> List[dict]:
@@ -270,18 +271,15 @@ def jobs(archs=(90, 80)) -> List[dict]:
             for cfg in K.GRAD_WEIGHT_CONFIGS[(a, "16bit")]:
                 add("grad_weight", arch, "fp16", "nchw", "16bit", cfg, sizes=sizes)
         # NCHW pixels loaded one element at a time: the NARROW_* lists
-        for kind, dtype in (("16bit", "fp16"), ("tf32", "fp32"), ("ieee", "fp32")):
+        for kind, dtype in KIND_DTYPES:
             for cfg in K.grad_weight_configs(a, kind, narrow=True):
                 add("grad_weight", arch, dtype, "nchw", kind, cfg, sizes="P5", narrow=True)
-        for kernel in ("fwd", "fwd_dx"):
-            for cfg in K.fwd_configs(a, "16bit", narrow=True):
-                add(kernel, arch, "fp16", "nchw", "16bit", cfg, sizes="P5sq", narrow=True)
-        for kind, dtype in (("16bit", "fp16"), ("tf32", "fp32"), ("ieee", "fp32")):
             for cfg in K.fwd_configs(a, kind, narrow=True):
-                if kind != "16bit":
-                    add("fwd", arch, dtype, "nchw", kind, cfg, sizes="P5sq", narrow=True)
+                add("fwd", arch, dtype, "nchw", kind, cfg, sizes="P5sq", narrow=True)
                 # views whose (h, w) do not flatten (X_FLAT = O_FLAT = False: per-pixel h, w offsets)
                 add("fwd", arch, dtype, "nchw", kind, cfg, STRIDED_VIEWS, sizes="P5sq", narrow=True)
+                if kind == "16bit":
+                    add("fwd_dx", arch, dtype, "nchw", kind, cfg, sizes="P5sq", narrow=True)
         _add_symbolic_jobs(arch, add)
     return out
 
@@ -296,7 +294,7 @@ def _add_symbolic_jobs(arch: int, add) -> None:
     only H symbolic (W = 76 static: H * W = 76 * s0 is provably a multiple of 4, so the launcher
     passes PIX_ALIGN 4 with SCALE_IN_KERNEL, and the default lists)."""
     a = f"sm{arch}"
-    for kind, dtype in (("16bit", "fp16"), ("tf32", "fp32"), ("ieee", "fp32")):
+    for kind, dtype in KIND_DTYPES:
         for layout in ("channels_last", "nchw"):
             for kernel in ("fwd", "fwd_dx"):
                 for cfg in K.fwd_configs(a, kind, narrow=layout == "nchw"):
@@ -345,7 +343,7 @@ def unhinted_args(job: dict):
     """The arguments of a job that its trace gives no divisibility hint (none in eager jobs)."""
     if job["trace"] == "eager":
         return ()
-    base = job_args(job)[1]
+    base = _BASE[job["kernel"]]
     return _UNHINTED_SIZES[base] + (_UNHINTED_NCHW_STRIDES[base] if job["layout"] == "nchw" else ())
 
 
@@ -354,15 +352,20 @@ def kind_of(job: dict) -> str:
     return K.operand_kind(2 if job["dtype"] in ("fp16", "bf16") else 4, job["tf32"])
 
 
+# a job's kernel -> its base: which kernel function, arguments and PIX_ALIGN rule it compiles
+_BASE = {"fwd": "fwd", "fwd_dx": "fwd", "grad_weight": "grad_weight", "grad_bias_top": "grad_bias_top"}
+
+
 def job_args(job: dict):
     """(kernel function, base: "fwd" / "grad_weight" / "grad_bias_top", the arguments' values) of a job,
     before a trace's changes (``compile_job``)."""
     kernel, dtype, layout, sizes = job["kernel"], job["dtype"], job["layout"], job["sizes"]
-    if kernel in ("fwd", "fwd_dx"):
-        return K._lateral_fwd_kernel, "fwd", (fwd_args if kernel == "fwd" else dx_args)(dtype, layout, sizes)
-    if kernel == "grad_weight":
-        return K._lateral_grad_weight_kernel, "grad_weight", grad_weight_args(dtype, layout, sizes)
-    return K._lateral_grad_bias_top_kernel, "grad_bias_top", grad_bias_top_args(dtype, layout, sizes)
+    base = _BASE[kernel]
+    if base == "fwd":
+        return K._lateral_fwd_kernel, base, (fwd_args if kernel == "fwd" else dx_args)(dtype, layout, sizes)
+    if base == "grad_weight":
+        return K._lateral_grad_weight_kernel, base, grad_weight_args(dtype, layout, sizes)
+    return K._lateral_grad_bias_top_kernel, base, grad_bias_top_args(dtype, layout, sizes)
 
 
 def compile_job(job: dict) -> dict:

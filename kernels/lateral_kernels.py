@@ -592,15 +592,15 @@ FWD_CONFIGS = {
         _cfg(128, 64, 32, 8, 4),
     ],
 }
-# Launches whose pixel-major x (NCHW) the kernel knows no alignment of: PIX_ALIGN 1 and no multiple
-# of 16 for triton to hint (``narrow_pixel_loads``: H * W odd, or symbolic sizes in a trace). x's tiles
-# then load one element at a time through registers, with a 64-bit address each, and the lists above
-# spill: compiled for sm_90 with triton 3.8.0 as a dynamic-shape trace compiles them, 200-1312 B per
-# thread in 7 of 10 fp16 configs, 600-640 B in the TF32 256-column ones, 24-48 B in every exact-fp32
-# one (3.6.0: fp16 8-40 B in 3 configs of sm_90 and sm_80). These lists keep the accumulator at 64 fp32 registers per
-# thread or fewer (at most 32 for exact fp32, whose FMA dot holds both operands in registers) and
-# spill nothing with either version, fp16 and fp32, at P2 as traced and at P5's sizes (as views whose
-# h, w do not flatten: 8-104 B in 3 configs, tests/test_triton_aot.py::KNOWN_NARROW_SPILLS).
+# Launches that load x's NCHW pixels one element at a time, an address each (``narrow_pixel_loads``:
+# H * W odd, symbolic sizes in a trace, or a view whose pixels are not contiguous or whose (h, w) do
+# not flatten): the lists above spill there. Compiled for sm_90 with triton 3.8.0 as a dynamic-shape
+# trace compiles them, 200-1312 B per thread in 7 of 10 fp16 configs, 600-640 B in the TF32 256-column
+# ones, 24-48 B in every exact-fp32 one (3.6.0: fp16 8-40 B in 3 configs of sm_90 and sm_80). These
+# lists keep the accumulator at 64 fp32 registers per thread or fewer (at most 32 for exact fp32,
+# whose FMA dot holds both operands in registers) and spill nothing with either version, fp16 and
+# fp32, at P2 as traced and at P5's sizes (as views whose h, w do not flatten: 8-104 B in 3 configs,
+# tests/test_triton_aot.py::KNOWN_NARROW_SPILLS).
 _NARROW_TF32 = [_cfg(128, 128, 32, 8, 4), _cfg(64, 128, 32, 4, 4), _cfg(64, 128, 32, 8, 3), _cfg(64, 64, 64, 4, 3)]
 NARROW_FWD_CONFIGS = {
     ("sm90", "16bit"): [
@@ -758,11 +758,11 @@ def narrow_pixel_loads(pix_align: int, hw, sn, sc, sw, flat: bool = True, multip
     knows no alignment of their runs: neither triton's hint (hw, sn, sc all multiples of 16) nor
     ``pix_align`` (the launch's PIX_ALIGN) > 1. Such a launch takes the NARROW_* config lists.
     ``multiple(v, a)`` decides a divisibility when given (symbolic sizes), else v % a == 0."""
-    multiple = multiple or (lambda v, a: v % a == 0)
     if sc == 1:
         return False
     if sw != 1 or not flat:
         return True
+    multiple = multiple or (lambda v, a: v % a == 0)
     return pix_align == 1 and not all(multiple(v, 16) for v in (hw, sn, sc))
 
 

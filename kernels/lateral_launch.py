@@ -84,6 +84,8 @@ def narrow_pixel_loads(tensors, pix_align: int) -> bool:
     (``K.narrow_pixel_loads`` of its sizes and strides, which may be symbolic, and the launch's
     PIX_ALIGN): the launch then tunes over the NARROW_* config lists."""
     for t in tensors:
+        if t.stride(1) == 1:   # K's first case (channels contiguous), taken here before the rest is read:
+            continue           # every channels_last launch, on the eager hot path
         values = (t.shape[2] * t.shape[3], t.stride(0), t.stride(1), t.stride(3))
         if K.narrow_pixel_loads(pix_align, *values, flat=pixels_flatten(t), multiple=_divisibility(values)):
             return True
