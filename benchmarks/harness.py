@@ -12,7 +12,7 @@ among several sets, and the eager torchvision result) run by one *provider*:
                            it is only the interpreter)
     fused-triton-x         backend="triton" with FUSED_FPN_TRITON_EXPERIMENTAL=1 during its calls (the
                            forward autotunes over the experimental configs too, but for the narrow
-                           lists' launches); GPU only, and only when
+                           lists' launches, and over the TMA ones on channels_last x); GPU only, and only when
                            --bench-providers names it exactly (e.g. "eager,fused-triton,fused-triton-x")
 
 The providers of one workload are measured together (``BenchRun``): parity first (each provider's

@@ -5,11 +5,12 @@
 compiles each config of each kernel with ``triton.compile(ASTSource(fn, signature, constexprs),
 target=GPUTarget("cuda", arch, 32))`` and reports, per compile: kernel, arch, dtype, layout, config,
 sizes, trace, whether the config comes from a NARROW_* list (``narrow``), the PIX_ALIGN it was
-compiled with (``pix_align``; None for the bias / top gradient),
-shared memory (bytes, from the compiled metadata), whether the PTX uses wgmma, how many async
-global-to-shared copies the TTGIR has (``async_copies``: 0 means the software pipeliner left the
-loads synchronous), registers and stack bytes per thread (``regs``, ``stack``: cuobjdump's resource
-usage of the cubin; stack is spill space), the fp32 divisions in the PTX (``fp32_divisions``, e.g.
+compiled with (``pix_align``; None for the bias / top gradient), shared memory (bytes, from the
+compiled metadata), whether the PTX uses wgmma, how many async global-to-shared copies the TTGIR has
+(``async_copies``: 0 means the software pipeliner left the loads synchronous), how many of the PTX's
+copies are the copy engine's (``tma_copies``: cp.async.bulk.tensor, the TMA configs' x and W tiles),
+registers and stack bytes per thread (``regs``, ``stack``: cuobjdump's resource usage of the cubin;
+stack is spill space), the fp32 divisions in the PTX (``fp32_divisions``, e.g.
 ["div.rn.f32"]: an in-kernel nearest scale must be the IEEE division), or the error.
 Run it in a process where TRITON_INTERPRET is NOT set (``@triton.jit`` then yields JITFunctions,
 which the compiler needs); tests/test_triton_aot.py does that in a subprocess.
@@ -211,14 +212,24 @@ def narrow(base: str, dtype: str, args: dict, flat: bool = True, unhinted=(), al
     return any(K.narrow_pixel_loads(align, *(value(a) for a in names), flat=flat) for names in _LOADED[base])
 
 
+def tma(dtype: str, args: dict) -> bool:
+    """Whether the launcher offers the TMA configs (``K.tma_loads``; with
+    FUSED_FPN_TRITON_EXPERIMENTAL=1 on sm_90) to a forward launch of arguments ``args``, whose
+    tensors' bases are aligned (as the launcher's fresh tensors are)."""
+    hw, w = args["HW"], args["W_"]
+    return K.tma_loads(_TY_SIZE[dtype], args["M"] // hw, hw // w, w, args["sxn"], args["sxc"], args["sxh"], args["sxw"],
+                       args["CIN"], args["COUT"], args["swn"], args["swk"], aligned_bases=True)
+
+
 STRIDED_VIEWS = {"X_FLAT": False, "O_FLAT": False}
 KIND_DTYPES = (("16bit", "fp16"), ("tf32", "fp32"), ("ieee", "fp32"))   # a dtype of each kind of config list
 
 
 def jobs(archs=(90, 80)) -> List[dict]:
     """Every (kernel, arch, dtype, layout, config, sizes, trace) to compile: each config of each
-    (arch, kind) list (the forward's experimental configs too, ``K.fwd_configs(..., experimental=True)``),
-    in the dtypes / layouts / precisions that take it. At P2's sizes: the forward in fp16/bf16
+    (arch, kind) list (the forward's experimental configs too, ``K.fwd_configs(..., experimental=True)``;
+    its TMA configs on channels_last x only, where the launcher offers them: ``tma``), in the dtypes /
+    layouts / precisions that take it. At P2's sizes: the forward in fp16/bf16
     channels_last and fp16 NCHW ("16bit"), fp32 with TF32 dot ("tf32") and with IEEE dot ("ieee");
     the same kernel as the backward's dx (``fwd_dx``: W^T, no epilogue) in fp16 and in both fp32
     kinds; the weight gradient in fp16/bf16 and both fp32 kinds; the bias / top gradient (one fixed
@@ -245,8 +256,8 @@ def jobs(archs=(90, 80)) -> List[dict]:
     for arch in archs:
         a = f"sm{arch}"
         for kind, variants in kinds.items():
-            for dtype, layout in variants:
-                for cfg in K.fwd_configs(a, kind, experimental=True):
+            for dtype, layout in variants:   # the TMA configs where the launcher offers them: channels_last x
+                for cfg in K.fwd_configs(a, kind, experimental=True, tma=layout == "channels_last"):
                     add("fwd", arch, dtype, layout, kind, cfg)
             dx_dtype, dx_layout = variants[0]
             for cfg in K.fwd_configs(a, kind, experimental=True):
@@ -312,6 +323,12 @@ def _add_symbolic_jobs(arch: int, add) -> None:
     add("grad_bias_top", arch, "fp16", "channels_last", "ieee", None, trace="symbolic_i64")
     add("fwd", arch, "fp16", "nchw", "16bit", K.fwd_configs(a, "16bit")[0], sizes="P4", trace="symbolic",
         pix_align=4)
+    # the TMA configs as a trace compiles them (descriptor shapes from symbolic sizes; int64 strides)
+    for kind, dtype in KIND_DTYPES:
+        for cfg in K.TMA_FWD_CONFIGS.get((a, kind), [])[:1]:
+            add("fwd", arch, dtype, "channels_last", kind, cfg, trace="symbolic")
+            if kind == "16bit":
+                add("fwd", arch, dtype, "channels_last", kind, cfg, trace="symbolic_i64")
 
 
 # Size and stride arguments that a trace with symbolic sizes passes (the channel counts come from
@@ -402,9 +419,11 @@ def compile_job(job: dict) -> dict:
         result.update(ok=True, shared=int(shared), wgmma="wgmma" in ptx, mma="mma." in ptx,
                       fp32_divisions=sorted(set(re.findall(r"\bdiv\.[a-z.]*f32\b", ptx))),
                       async_copies=ttgir.count("async_copy_global_to_local") + ttgir.count("async_tma_copy"),
+                      tma_copies=ptx.count("cp.async.bulk.tensor"),
                       regs=regs, stack=stack, has_cubin=bool(compiled.asm.get("cubin")), error=None)
     except Exception as exc:  # noqa: BLE001 - reported, the test fails on it
-        result.update(ok=False, shared=None, wgmma=False, mma=False, fp32_divisions=None, async_copies=0, regs=None,
+        result.update(ok=False, shared=None, wgmma=False, mma=False, fp32_divisions=None, async_copies=0, tma_copies=0,
+                      regs=None,
                       stack=None,
                       has_cubin=False,
                       error=f"{type(exc).__name__}: {exc}"[:2000])

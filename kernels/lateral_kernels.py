@@ -113,6 +113,30 @@ def _fwd_k_step(acc, k0, x_ptr, w_ptr, x_row, w_col, mask_m, mask_n, CIN, sxc, s
 
 
 @triton.jit
+def _fwd_tma_descriptors(x_ptr, w_ptr, M, CIN, COUT, sxw, swn,
+                         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """(x_desc, w_desc): TMA descriptors of x's pixel rows as a [M, CIN] matrix (row stride sxw: x is
+    channels_last with dense rows, ``tma_loads``) in [BLOCK_M, BLOCK_K] boxes, and of W [COUT, CIN]
+    (row stride swn, Cin contiguous) in [BLOCK_N, BLOCK_K] boxes. Built on the device (128 bytes of
+    global scratch each, 256 per program, from triton's allocator); the copy engine zero-fills a box's
+    rows past M and COUT and its columns past CIN, where ``_fwd_k_step`` masks its loads."""
+    x_desc = tl.make_tensor_descriptor(x_ptr, shape=[M, CIN], strides=[sxw, 1], block_shape=[BLOCK_M, BLOCK_K])
+    w_desc = tl.make_tensor_descriptor(w_ptr, shape=[COUT, CIN], strides=[swn, 1], block_shape=[BLOCK_N, BLOCK_K])
+    return x_desc, w_desc
+
+
+@triton.jit
+def _fwd_k_step_tma(acc, k0, x_desc, w_desc, m0, n0,
+                    ALLOW_TF32: tl.constexpr, USE_INPUT_PRECISION: tl.constexpr):
+    """``_fwd_k_step`` through the copy engine: acc += x[m0:m0+BLOCK_M, k0:k0+BLOCK_K] .
+    W[n0:n0+BLOCK_N, k0:k0+BLOCK_K]^T (both tiles K-contiguous, the layout wgmma reads for every
+    dtype, TF32 included)."""
+    a = x_desc.load([m0, k0])
+    b = w_desc.load([n0, k0])
+    return _dot(a, tl.trans(b), acc, ALLOW_TF32, USE_INPUT_PRECISION)
+
+
+@triton.jit
 def _nearest_scale(SRC, DST):
     """ATen's nearest scale float32(SRC) / float32(DST), correctly rounded (div_rn: IEEE division;
     a plain fp32 ``/`` compiles to an approximate division on NVIDIA GPUs, and one ulp low would
@@ -227,7 +251,7 @@ def _lateral_fwd_kernel(
     HAS_BIAS: tl.constexpr, HAS_TOP: tl.constexpr, X_FLAT: tl.constexpr, O_FLAT: tl.constexpr,
     ALLOW_TF32: tl.constexpr, USE_INPUT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
-    PERSISTENT: tl.constexpr, SCALE_IN_KERNEL: tl.constexpr, PIX_ALIGN: tl.constexpr,
+    PERSISTENT: tl.constexpr, SCALE_IN_KERNEL: tl.constexpr, PIX_ALIGN: tl.constexpr, TMA: tl.constexpr,
 ):
     """out[m, co] = sum_k x[m, k] * W[co, k] (fp32 accumulation) + b[co] + top[n, co, sh(h), sw(w)].
 
@@ -257,6 +281,10 @@ def _lateral_fwd_kernel(
         pid, pid + num_programs, ... (the host sizes the grid from the SM count) in one loop over its
         (tile, K step) pairs, so the software pipeliner can issue the next tile's loads during this
         tile's epilogue; otherwise one program per tile.
+      TMA: x and W tiles come through the copy engine (``_fwd_tma_descriptors``, ``_fwd_k_step_tma``)
+        instead of per-thread loads; only where the launcher's ``tma_loads`` holds (x channels_last
+        with dense rows, W Cin-contiguous, 16-byte aligned bases and row strides: the forward, not
+        dx). The epilogue is the same.
 
     TUNE_KEY is not read by the kernel: it is the autotuner's key (``tune_key``: the power-of-two
     bucket of M and the layout bits), so a new image size re-tunes only when it changes bucket.
@@ -277,6 +305,8 @@ def _lateral_fwd_kernel(
     sxc = _pixel_aligned(sxc, PIX_ALIGN)
     son = _pixel_aligned(son, PIX_ALIGN)
     soc = _pixel_aligned(soc, PIX_ALIGN)
+    if TMA:
+        x_desc, w_desc = _fwd_tma_descriptors(x_ptr, w_ptr, M, CIN, COUT, sxw, swn, BLOCK_M, BLOCK_N, BLOCK_K)
     if PERSISTENT:
         # One loop over this program's (tile, K step) pairs, flattened by hand: the software pipeliner
         # then issues the next tile's x / W loads while this tile's epilogue runs (triton 3.6 does
@@ -295,8 +325,12 @@ def _lateral_fwd_kernel(
                                                                        BLOCK_M)
             offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
             mask_n = offs_n < COUT
-            acc = _fwd_k_step(acc, ki * BLOCK_K, x_ptr, w_ptr, x_row, offs_n.to(tl.int64) * swn, mask_m, mask_n,
-                              CIN, sxc, swk, ALLOW_TF32, USE_INPUT_PRECISION, BLOCK_K)
+            if TMA:
+                acc = _fwd_k_step_tma(acc, ki * BLOCK_K, x_desc, w_desc, pid_m * BLOCK_M, pid_n * BLOCK_N,
+                                      ALLOW_TF32, USE_INPUT_PRECISION)
+            else:
+                acc = _fwd_k_step(acc, ki * BLOCK_K, x_ptr, w_ptr, x_row, offs_n.to(tl.int64) * swn, mask_m, mask_n,
+                                  CIN, sxc, swk, ALLOW_TF32, USE_INPUT_PRECISION, BLOCK_K)
             if ki == k_steps - 1:
                 _fwd_epilogue_tile(acc, pid_n, mask_m, n64, rem, h_idx, w_idx, COUT, b_ptr, top_ptr, out_ptr, HT, WT,
                                    HW, W_, scale_h, scale_w, sb, stn, stc, sth, stw, son, soc, soh, sow,
@@ -310,8 +344,12 @@ def _lateral_fwd_kernel(
         w_col = offs_n.to(tl.int64) * swn
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
         for k0 in range(0, CIN, BLOCK_K):
-            acc = _fwd_k_step(acc, k0, x_ptr, w_ptr, x_row, w_col, mask_m, mask_n, CIN, sxc, swk,
-                              ALLOW_TF32, USE_INPUT_PRECISION, BLOCK_K)
+            if TMA:
+                acc = _fwd_k_step_tma(acc, k0, x_desc, w_desc, pid_m * BLOCK_M, pid_n * BLOCK_N,
+                                      ALLOW_TF32, USE_INPUT_PRECISION)
+            else:
+                acc = _fwd_k_step(acc, k0, x_ptr, w_ptr, x_row, w_col, mask_m, mask_n, CIN, sxc, swk,
+                                  ALLOW_TF32, USE_INPUT_PRECISION, BLOCK_K)
         _fwd_epilogue_tile(acc, pid_n, mask_m, n64, rem, h_idx, w_idx, COUT, b_ptr, top_ptr, out_ptr, HT, WT,
                            HW, W_, scale_h, scale_w, sb, stn, stc, sth, stw, son, soc, soh, sow,
                            HAS_BIAS, HAS_TOP, O_FLAT, BLOCK_M, BLOCK_N, SCALE_IN_KERNEL)
@@ -531,9 +569,9 @@ def operand_kind(elem_bytes: int, allow_tf32: bool) -> str:
     return "tf32" if allow_tf32 else "ieee"
 
 
-def _cfg(bm, bn, bk, warps, stages, group_m=8, persistent=False):
+def _cfg(bm, bn, bk, warps, stages, group_m=8, persistent=False, tma=False):
     return triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": group_m,
-                          "PERSISTENT": persistent},
+                          "PERSISTENT": persistent, "TMA": tma},
                          num_warps=warps, num_stages=stages)
 
 
@@ -630,7 +668,7 @@ NARROW_FWD_CONFIGS = {
         _cfg(128, 64, 16, 8, 4),
     ],
 }
-INTERPRET_FWD = {"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 32, "GROUP_M": 4, "PERSISTENT": False}
+INTERPRET_FWD = {"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 32, "GROUP_M": 4, "PERSISTENT": False, "TMA": False}
 
 # Experimental forward configs, offered to the autotuner only with FUSED_FPN_TRITON_EXPERIMENTAL=1
 # (``experimental_enabled``): persistent programs (one per SM) that walk their tiles in one loop over
@@ -649,6 +687,28 @@ EXPERIMENTAL_FWD_CONFIGS = {
         _cfg(128, 128, 64, 4, 4, persistent=True),
     ],
 }
+# Experimental forward configs that take x and W through the copy engine (TMA, ``_fwd_tma_descriptors``),
+# offered with FUSED_FPN_TRITON_EXPERIMENTAL=1 to sm_90 launches where ``tma_loads`` holds (the forward
+# on channels_last x with dense rows; not dx, not NCHW). With TMA a tile's loads take one thread's
+# instruction instead of each thread's address arithmetic and 16-byte copies, and the tiles land in
+# shared memory in the swizzled layout wgmma reads. Whether that helps these short GEMMs (4 K steps
+# on P2) is for the benchmark to say (provider ``fused-triton-x``; the results' notes name the config
+# the autotuner chose on each level), as for the persistent configs above.
+TMA_FWD_CONFIGS = {
+    ("sm90", "16bit"): [
+        _cfg(128, 256, 64, 8, 3, tma=True),
+        _cfg(128, 256, 64, 8, 4, tma=True),
+        _cfg(64, 256, 64, 4, 4, tma=True),
+        _cfg(64, 64, 128, 4, 4, tma=True),     # deep K, few pixels (P4 / P5)
+        _cfg(128, 256, 64, 8, 3, persistent=True, tma=True),
+        _cfg(128, 128, 64, 4, 4, persistent=True, tma=True),
+    ],
+    ("sm90", "tf32"): [
+        _cfg(128, 256, 32, 8, 3, tma=True),
+        _cfg(64, 256, 32, 4, 3, tma=True),
+        _cfg(64, 64, 64, 4, 3, tma=True),      # deep K, few pixels
+    ],
+}
 EXPERIMENTAL_ENV = "FUSED_FPN_TRITON_EXPERIMENTAL"
 
 
@@ -664,13 +724,18 @@ def experimental_enabled() -> bool:
     return _env_flag(EXPERIMENTAL_ENV, default=False)
 
 
-def fwd_configs(arch: str, kind: str, experimental: bool = False, narrow: bool = False):
+def fwd_configs(arch: str, kind: str, experimental: bool = False, narrow: bool = False, tma: bool = False):
     """The forward's config list for (arch, kind): NARROW_FWD_CONFIGS' when ``narrow`` (x's pixel
-    loads one element wide, ``narrow_pixel_loads``), else FWD_CONFIGS' plus EXPERIMENTAL_FWD_CONFIGS'
-    when ``experimental``."""
+    loads one element wide, ``narrow_pixel_loads``), else FWD_CONFIGS' plus, when ``experimental``,
+    EXPERIMENTAL_FWD_CONFIGS' and, when ``tma`` too (the launch's operands allow it: ``tma_loads``),
+    TMA_FWD_CONFIGS'."""
     if narrow:
         return NARROW_FWD_CONFIGS[(arch, kind)]
-    extra = EXPERIMENTAL_FWD_CONFIGS.get((arch, kind), []) if experimental else []
+    extra = []
+    if experimental:
+        extra = EXPERIMENTAL_FWD_CONFIGS.get((arch, kind), [])
+        if tma:
+            extra = extra + TMA_FWD_CONFIGS.get((arch, kind), [])
     return FWD_CONFIGS[(arch, kind)] + extra
 
 
@@ -766,6 +831,25 @@ def narrow_pixel_loads(pix_align: int, hw, sn, sc, sw, flat: bool = True, multip
     return pix_align == 1 and not all(multiple(v, 16) for v in (hw, sn, sc))
 
 
+def tma_loads(element_size: int, n, h, w, sxn, sxc, sxh, sxw, cin, cout, swn, swk, aligned_bases: bool,
+              multiple=None) -> bool:
+    """True when the forward's x and W tiles can come through TMA descriptors (the TMA configs,
+    ``_fwd_tma_descriptors``): x [n, cin, h, w] has unit channel stride and dense pixel rows (pixel
+    m = (n, h, w) at m * sxw: sxh == w * sxw unless h == 1, sxn == h * w * sxw unless n == 1), rows
+    that do not overlap (sxw >= cin; cin > 0: a descriptor has no empty dimension), W [cout, cin] is
+    Cin-contiguous (swk == 1: the forward; dx's W^T is not) with swn >= cin unless cout == 1, both
+    row strides are multiples of 16 bytes (the copy engine's rule), and both base addresses are
+    16-byte aligned (``aligned_bases``, the caller's: data_ptr, or storage offset in a trace).
+    ``multiple(v, a)`` decides a divisibility when given (symbolic sizes), else v % a == 0."""
+    multiple = multiple or (lambda v, a: v % a == 0)
+    vec = max(16 // element_size, 1)
+    # each equality first: with symbolic sizes it holds by construction, and n == 1 or h == 1 would
+    # be evaluated (a guard) only where it does not
+    return (aligned_bases and cin > 0 and sxc == 1 and swk == 1 and sxw >= cin and (swn >= cin or cout == 1)
+            and (sxh == w * sxw or h == 1) and (sxn == h * w * sxw or n == 1)
+            and multiple(sxw, vec) and (multiple(swn, vec) or cout == 1))
+
+
 def tune_key(m: int, *unit_strides: bool) -> int:
     """The TUNE_KEY argument: 8 * log2(bucket) + layout bits, where bucket is the smallest power of
     two >= M (at least 16) and bit i is ``unit_strides[i]`` (forward: x's channel stride == 1,
@@ -801,31 +885,34 @@ def autotune_enabled() -> bool:
 _autotuned = {}
 
 
-def _autotuner(name: str, kind: str, narrow: bool, kernel, configs, key):
+def _autotuner(name: str, kind: str, narrow: bool, kernel, configs, key, tma: bool = False):
     """triton.autotune(configs, key) of ``kernel``, built once per (name, kind, narrow, config list)
     and reused; with autotuning off, a one-config autotuner (triton runs a single config without
     benchmarking). One autotuner per kind: triton's key holds the tensors' dtypes but not ALLOW_TF32,
     so a config tuned for TF32 must not be reused for an exact fp32 call (nor the other way round)."""
     if not autotune_enabled():
         configs = configs[:1]
-    cache_key = (name, kind, narrow, tuple(id(c) for c in configs))
+    cache_key = (name, kind, narrow, tma, tuple(id(c) for c in configs))
     if cache_key not in _autotuned:   # setdefault: threads that race here all get the one stored autotuner
         tuner = triton.autotune(configs=configs, key=key, do_bench=_tuning_bench)(kernel)
         tuner.fused_fpn_name = name   # "fwd" or "dw": read by the launcher's descriptions of its choices
         tuner.fused_fpn_kind = kind
         tuner.fused_fpn_narrow = narrow
+        tuner.fused_fpn_tma = tma and any(c.kwargs.get("TMA") for c in configs)
         _autotuned.setdefault(cache_key, tuner)
     return _autotuned[cache_key]
 
 
-def autotuned_fwd(arch: str, kind: str, narrow: bool = False):
+def autotuned_fwd(arch: str, kind: str, narrow: bool = False, tma: bool = False):
     """The forward kernel autotuned over ``fwd_configs`` (FWD_CONFIGS[(arch, kind)], plus the
-    experimental configs with FUSED_FPN_TRITON_EXPERIMENTAL=1; NARROW_FWD_CONFIGS[(arch, kind)] when
-    ``narrow``), keyed on (TUNE_KEY = M's bucket + layout of x and out + weight orientation, COUT,
-    CIN); dtype is part of the key too (triton's autotuner adds every tensor argument's dtype). The
-    list's first config alone when ``autotune_enabled()`` is False."""
-    configs = fwd_configs(arch, kind, experimental=not narrow and experimental_enabled(), narrow=narrow)
-    return _autotuner("fwd", kind, narrow, _lateral_fwd_kernel, configs, FWD_AUTOTUNE_KEY)
+    experimental configs with FUSED_FPN_TRITON_EXPERIMENTAL=1, the TMA ones among them when ``tma``:
+    the launch's operands allow it, ``tma_loads``; NARROW_FWD_CONFIGS[(arch, kind)] when ``narrow``),
+    keyed on (TUNE_KEY = M's bucket + layout of x and out + weight orientation, COUT, CIN); dtype is
+    part of the key too (triton's autotuner adds every tensor argument's dtype). The list's first
+    config alone when ``autotune_enabled()`` is False."""
+    experimental = not narrow and experimental_enabled()
+    configs = fwd_configs(arch, kind, experimental=experimental, narrow=narrow, tma=tma)
+    return _autotuner("fwd", kind, narrow, _lateral_fwd_kernel, configs, FWD_AUTOTUNE_KEY, tma=experimental and tma)
 
 
 def autotuned_grad_weight(arch: str, kind: str, narrow: bool = False):

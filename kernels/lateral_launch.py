@@ -92,6 +92,50 @@ def narrow_pixel_loads(tensors, pix_align: int) -> bool:
     return False
 
 
+def _base_aligned(t: torch.Tensor) -> bool:
+    """True when t's first element is 16-byte aligned: its address in eager; while a trace runs the
+    op (fake tensors have no address) its storage offset, where provable without a guard (inductor
+    allocates 16-byte aligned buffers and copies a graph input that is not aligned as traced)."""
+    from torch._subclasses.fake_tensor import is_fake
+    if not is_fake(t):
+        return t.data_ptr() % 16 == 0
+    offset = t.storage_offset() * t.element_size()
+    multiple = _divisibility((offset,))
+    return multiple(offset, 16) if multiple else offset % 16 == 0
+
+
+def tma_loads(inp: torch.Tensor, weight: torch.Tensor) -> bool:
+    """True when the forward's x and W tiles can come through TMA descriptors (``K.tma_loads`` of
+    their sizes and strides, which may be symbolic, and whether their bases are 16-byte aligned)."""
+    if inp.stride(1) != 1 or weight.stride(1) != 1:   # K's first cases, before the rest is read
+        return False
+    n, cin, h, w = inp.shape
+    values = (n, h, w, *inp.stride(), weight.stride(0))
+    return K.tma_loads(inp.element_size(), n, h, w, *inp.stride(), cin, weight.shape[0], *weight.stride(),
+                       aligned_bases=_base_aligned(inp) and _base_aligned(weight), multiple=_divisibility(values))
+
+
+def _torch_scratch(size: int, alignment: int, stream):
+    """triton's global-scratch allocator, through torch's caching allocator (blocks are 512-byte
+    aligned; the kernel runs on the current device and stream, as the allocation)."""
+    return torch.empty(size, dtype=torch.int8, device="cuda")
+
+
+def ensure_scratch_allocator() -> None:
+    """Give triton an allocator for the global scratch of kernels that build TMA descriptors on the
+    device (256 bytes per program for the forward's two), unless one is set already (the user's, or inductor's, which
+    sets one before it launches a compiled graph's kernels). triton keeps it in a context variable,
+    so a thread that has not set one has none: checked at every TMA launch."""
+    from triton.runtime import _allocation
+    try:
+        unset = isinstance(_allocation._allocator.get(), _allocation.NullAllocator)
+    except AttributeError:   # another triton layout: set ours
+        unset = True
+    if unset:
+        import triton
+        triton.set_allocator(_torch_scratch)
+
+
 def tune_key(m, *unit_strides: bool) -> int:
     """``K.tune_key`` of an M that may be symbolic. While torch.compile or torch.export traces the op
     with a symbolic M (dynamic shapes), its power-of-two bucket would pin M (bit_length needs the
@@ -258,14 +302,14 @@ def _note_choice(tuner, key, kwargs) -> None:
         recorder.setdefault(describe_key(tuner, key), describe_config(kwargs))
 
 
-_CONFIG_FIELDS = ("BLOCK_M", "BLOCK_N", "BLOCK_K", "BLOCK_CO", "BLOCK_CI", "GROUP_M", "PERSISTENT",
+_CONFIG_FIELDS = ("BLOCK_M", "BLOCK_N", "BLOCK_K", "BLOCK_CO", "BLOCK_CI", "GROUP_M", "PERSISTENT", "TMA",
                   "num_warps", "num_stages")
 
 
 def describe_config(kwargs: dict) -> str:
-    """A config's launch kwargs as one short string: its tile sizes, swizzle group, persistence,
-    warps and pipeline stages, e.g. "BLOCK_M=128 BLOCK_N=256 BLOCK_K=64 GROUP_M=8 PERSISTENT=False
-    num_warps=8 num_stages=3"."""
+    """A config's launch kwargs as one short string: its tile sizes, swizzle group, persistence, TMA
+    loads, warps and pipeline stages, e.g. "BLOCK_M=128 BLOCK_N=256 BLOCK_K=64 GROUP_M=8
+    PERSISTENT=False TMA=False num_warps=8 num_stages=3"."""
     return " ".join(f"{k}={kwargs[k]}" for k in _CONFIG_FIELDS if kwargs.get(k) is not None)
 
 
@@ -274,7 +318,8 @@ def describe_key(tuner, key) -> str:
     means: which GEMM ("fwd": y = x . W^T + ..., "dx": dy . W, "dW": dy^T x), the layer's Cout and
     Cin, M's power-of-two bucket, which operands have unit channel stride ("cl"; "nchw" otherwise)
     and the first tensor's dtype, followed for fp32 by the tuner's kind ("tf32" or "ieee": which
-    config list it tunes over) and by "narrow" for the NARROW_* lists (``narrow_pixel_loads``). The key
+    config list it tunes over), by "narrow" for the NARROW_* lists (``narrow_pixel_loads``) and by "tma"
+    for a list with the TMA configs (experimental, ``tma_loads``). The key
     tells the forward from dx by the weight's Cin stride (as ``tune_key`` does), so a forward given a
     weight whose Cin stride is not 1 reads as "dx"."""
     tune, cout, cin = key[:3]
@@ -285,6 +330,8 @@ def describe_key(tuner, key) -> str:
         dtype += f" {kind}"
     if getattr(tuner, "fused_fpn_narrow", False):
         dtype += " narrow"
+    if getattr(tuner, "fused_fpn_tma", False):
+        dtype += " tma"
     layout = lambda bit: "cl" if bits >> bit & 1 else "nchw"  # noqa: E731
     if getattr(tuner, "fused_fpn_name", "") == "dw":
         return f"dW Cout={cout} Cin={cin} M<={bucket} dy={layout(0)} x={layout(1)} {dtype}"
@@ -364,7 +411,11 @@ def gemm_epilogue(inp: torch.Tensor, weight: torch.Tensor, bias, top, out: torch
         _launch(K._lateral_fwd_kernel, grid, args, dict(meta, **cfg))
     else:
         arch, sms = _device_facts(inp.device)
-        kernel = K.autotuned_fwd(arch, config_kind(inp), narrow_pixel_loads((inp,), meta["PIX_ALIGN"]))
+        narrow = narrow_pixel_loads((inp,), meta["PIX_ALIGN"])
+        tma = not narrow and arch == "sm90" and K.experimental_enabled() and tma_loads(inp, weight)
+        kernel = K.autotuned_fwd(arch, config_kind(inp), narrow, tma)
+        if kernel.fused_fpn_tma:
+            ensure_scratch_allocator()
 
         def grid(meta):   # one program per output tile; persistent configs: at most one per SM
             tiles = cdiv(m, meta["BLOCK_M"]) * cdiv(cout, meta["BLOCK_N"])

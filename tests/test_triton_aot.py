@@ -56,12 +56,13 @@ def _eager(r, sizes=("P2",)) -> bool:
 
 def test_every_config_of_every_kernel_is_compiled(results):
     """The driver covered each (arch, kind) config list completely (nothing silently dropped): the
-    forward's (with the experimental configs) as the forward and as dx, the weight gradient's."""
+    forward's (with the experimental configs, and the TMA ones as the forward) as the forward and as
+    dx, the weight gradient's."""
     assert len(results) == len(jobs(ARCHS))
     for arch in ARCHS:
         a = f"sm{arch}"
         for kind in K.KINDS:
-            for kernel, configs in (("fwd", K.fwd_configs(a, kind, experimental=True)),
+            for kernel, configs in (("fwd", K.fwd_configs(a, kind, experimental=True, tma=True)),
                                     ("fwd_dx", K.fwd_configs(a, kind, experimental=True)),
                                     ("grad_weight", K.GRAD_WEIGHT_CONFIGS[(a, kind)])):
                 want = {(tuple(sorted(c.kwargs.items())), c.num_warps, c.num_stages) for c in configs}
@@ -340,9 +341,57 @@ def test_aot_jobs_pass_the_launchers_arguments(sizes, monkeypatch):
 
 def test_persistent_configs_are_compiled_with_the_flattened_loop(results):
     """The experimental persistent forward configs (sm_90 fp16/bf16) are among the compiled ones."""
-    persistent = [r for r in results if r["kernel"] in ("fwd", "fwd_dx") and r["meta"].get("PERSISTENT")]
+    persistent = [r for r in results if r["kernel"] in ("fwd", "fwd_dx") and r["meta"].get("PERSISTENT")
+                  and not r["meta"]["TMA"]]
     want = len(K.EXPERIMENTAL_FWD_CONFIGS[("sm90", "16bit")]) * 4   # fwd fp16 CL, bf16 CL, fp16 NCHW; dx fp16
     assert len(persistent) == want and all(r["arch"] == 90 for r in persistent)
+
+
+def test_tma_configs_use_the_copy_engine_where_the_launcher_offers_them(results):
+    """The experimental TMA forward configs (``K.TMA_FWD_CONFIGS``) are compiled for sm_90 where the
+    launcher offers them and only there: the forward on channels_last x (``aot.tma``, the launcher's
+    ``tma_loads`` on the job's arguments), eager at P2 in fp16, bf16 and TF32 (every config) and as a
+    trace compiles them. Each loads x and W with the copy engine (cp.async.bulk.tensor in the PTX, two
+    per pipeline stage: triton 3.6.0 and 3.8.0 both), multiplies with wgmma, and spills nothing;
+    no other job issues a TMA copy."""
+    from fused_fpn.kernels import aot
+    tma = [r for r in results if r["meta"].get("TMA")]
+    others = [r for r in results if not r["meta"].get("TMA")]
+    for arch in ARCHS:
+        for kind, dtypes in (("16bit", ("fp16", "bf16")), ("tf32", ("fp32",)), ("ieee", ("fp32",))):
+            want = {(dtype, tuple(sorted(c.kwargs.items())), c.num_warps, c.num_stages)
+                    for c in K.TMA_FWD_CONFIGS.get((f"sm{arch}", kind), []) for dtype in dtypes}
+            got = {(r["dtype"], tuple(sorted(r["meta"].items())), r["num_warps"], r["num_stages"]) for r in tma
+                   if r["arch"] == arch and kind_of(r) == kind and _eager(r)}
+            assert got == want, f"sm{arch} {kind}"
+    assert {(r["trace"], r["dtype"]) for r in tma if r["trace"] != "eager"} == {
+        ("symbolic", "fp16"), ("symbolic", "fp32"), ("symbolic_i64", "fp16")}
+    wrong = [_label(r) for r in tma if r["kernel"] != "fwd" or r["layout"] != "channels_last" or r["flags"]
+             or not aot.tma(r["dtype"], aot.job_args(r)[2])]
+    assert not wrong, "TMA configs compiled where the launcher does not offer them:\n" + "\n".join(wrong)
+    bad = [f"{_label(r)}: {r['error'] or ''} tma copies {r['tma_copies']}, wgmma {r['wgmma']}, stack {r['stack']}"
+           for r in tma if not (r["ok"] and r["wgmma"] and r["tma_copies"] == 2 * r["num_stages"] and r["stack"] == 0)]
+    assert not bad, f"triton {triton.__version__}:\n" + "\n".join(bad)
+    assert not [_label(r) for r in others if r["tma_copies"]], "only the TMA configs use the copy engine"
+
+
+@pytest.mark.parametrize("sizes", ["P2", "P4", "P5", "P5sq"])
+def test_the_tma_rule_of_the_aot_jobs_is_the_launchers(sizes):
+    """``aot.tma`` (what the AOT jobs take as the launcher's offer) equals ``lateral_launch.tma_loads``
+    on tensors of the job's sizes: the forward on channels_last x yes, in NCHW no, dx (W^T) no."""
+    import torch
+    from fused_fpn.kernels import aot
+    from fused_fpn.kernels import lateral_launch as L
+    n, cin, h, w = aot.LEVELS[sizes]
+    for dtype, name in ((torch.float16, "fp16"), (torch.float32, "fp32")):
+        weight = torch.empty((aot.COUT, cin), dtype=dtype)
+        for layout in ("channels_last", "nchw"):
+            fmt = torch.channels_last if layout == "channels_last" else torch.contiguous_format
+            x = torch.empty((n, cin, h, w), dtype=dtype).contiguous(memory_format=fmt)
+            dy = torch.empty((n, aot.COUT, h, w), dtype=dtype).contiguous(memory_format=fmt)
+            want = layout == "channels_last"
+            assert L.tma_loads(x, weight) == aot.tma(name, aot.fwd_args(name, layout, sizes)) == want
+            assert L.tma_loads(dy, weight.t()) == aot.tma(name, aot.dx_args(name, layout, sizes)) is False
 
 
 def test_nearest_scale_in_the_kernel_is_a_correctly_rounded_division(results):
@@ -370,8 +419,9 @@ def test_symbolic_size_variants_compile_without_spills(results):
     cannot show; the first in-kernel scale failed to compile for them) and with int64 sizes and
     strides (inductor passes a symbolic size it cannot bound below 2^31 as i64: the bias / top
     gradient's search did not compile with them, the NCHW forward spilled 672-776 B), and the weight
-    gradient with int64 sizes, compile, and spill nothing beyond KNOWN_SYMBOLIC_SPILLS."""
-    symbolic = [r for r in results if r["trace"] != "eager"]
+    gradient with int64 sizes, compile, and spill nothing beyond KNOWN_SYMBOLIC_SPILLS. (The TMA
+    configs' traced jobs: test_tma_configs_use_the_copy_engine_where_the_launcher_offers_them.)"""
+    symbolic = [r for r in results if r["trace"] != "eager" and not r["meta"].get("TMA")]
     main = [r for r in symbolic if r["kernel"] in ("fwd", "fwd_dx") and r["sizes"] == "P2" and r["trace"] == "symbolic"]
     for arch in ARCHS:
         for kind in K.KINDS:
@@ -419,3 +469,18 @@ def test_sm80_uses_tensor_cores(results):
     fwd = [r for r in results if r["kernel"] in ("fwd", "fwd_dx", "grad_weight") and r["arch"] == 80
            and r["dtype"] in ("fp16", "bf16")]
     assert fwd and all(r["mma"] and not r["wgmma"] for r in fwd)
+
+
+def test_torch_compile_takes_only_the_outputs_as_written():
+    """torch's analysis of each kernel launch's TTIR (what torch.compile runs on a user-defined Triton
+    kernel to find the tensors it writes; ``tests/written_arguments.py``, in a subprocess without
+    TRITON_INTERPRET) finds the outputs only: the forward's out (also with a TMA config, whose x and
+    W go through descriptors, and a persistent one), dx's out, dW's partial sums, db's partial sums
+    and dtop. An input taken as written would be copied before every compiled call."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    script = os.path.join(os.path.dirname(__file__), "written_arguments.py")
+    proc = subprocess.run([sys.executable, script], env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert json.loads(proc.stdout.strip().splitlines()[-1]) == {
+        "fwd": ["out_ptr"], "fwd tma": ["out_ptr"], "fwd persistent": ["out_ptr"], "dx": ["out_ptr"],
+        "dW": ["part_ptr"], "db_dtop": ["dbpart_ptr", "dtop_ptr"]}

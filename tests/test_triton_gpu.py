@@ -96,6 +96,57 @@ def test_cuda_graph_capture_and_replay(dtype):
     torch.testing.assert_close(grads_graph[2].double(), db_ref, atol=5e-1, rtol=2e-2)
 
 
+@pytest.mark.parametrize("persistent", [False, True], ids=["tiles", "persistent"])
+def test_tma_forward_in_eager_threads_compiled_code_and_cuda_graphs(persistent, monkeypatch):
+    """The forward with a TMA config (experimental; x and W through device-built descriptors, which
+    need triton's scratch allocator) as the only config of its list: eager in this thread and in a
+    new one (triton's allocator is per thread: the launcher sets one where none is), under
+    torch.compile(fullgraph=True) (inductor launches it with its own allocator), and captured into
+    a CUDA graph and replayed with new inputs, each against the float64 reference."""
+    import threading
+
+    from fused_fpn.kernels import lateral_kernels as K
+    from fused_fpn.kernels import lateral_launch as L
+    _require_backend()
+    if L._arch(torch.device("cuda")) != "sm90":
+        pytest.skip("the TMA configs are offered on sm_90 only")
+    cfg = [c for c in K.TMA_FWD_CONFIGS[("sm90", "16bit")] if c.kwargs["PERSISTENT"] == persistent][0]
+    monkeypatch.setenv(K.EXPERIMENTAL_ENV, "1")
+    monkeypatch.setitem(K.FWD_CONFIGS, ("sm90", "16bit"), [])
+    monkeypatch.setitem(K.EXPERIMENTAL_FWD_CONFIGS, ("sm90", "16bit"), [])
+    monkeypatch.setitem(K.TMA_FWD_CONFIGS, ("sm90", "16bit"), [cfg])
+    g = torch.Generator().manual_seed(4)
+    cl = dict(memory_format=torch.channels_last)
+    x = torch.randn((2, 96, 50, 38), generator=g).to("cuda", torch.float16).contiguous(**cl)
+    w = (torch.randn((80, 96), generator=g) / 8).to("cuda", torch.float16)
+    b = torch.randn((80,), generator=g).to("cuda", torch.float16)
+    top = torch.randn((2, 80, 25, 19), generator=g).to("cuda", torch.float16).contiguous(**cl)
+
+    def check(y, label):
+        err = rel_err(y, lateral_reference(x.double(), w.double(), b.double(), top.double()))
+        assert err < 2e-3, f"{label}: relative error {err:.3g}"
+
+    with L.recording_autotune_choices() as chosen:
+        check(fused_fpn.lateral(x, w, b, top, backend="triton"), "eager")
+    assert list(chosen.values()) == [L.describe_config(cfg.all_kwargs())] and list(chosen)[0].endswith(" tma")
+    in_thread = {}
+    thread = threading.Thread(target=lambda: in_thread.update(y=fused_fpn.lateral(x, w, b, top, backend="triton")))
+    thread.start()
+    thread.join()
+    check(in_thread["y"], "a new thread")
+    torch._dynamo.reset()
+    compiled = torch.compile(lambda *a: fused_fpn.lateral(*a, backend="triton"), fullgraph=True)
+    check(compiled(x, w, b, top), "torch.compile")
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        y_graph = fused_fpn.lateral(x, w, b, top, backend="triton")
+    x.copy_(torch.randn(x.shape, generator=g).to("cuda", torch.float16))
+    top.copy_(torch.randn(top.shape, generator=g).to("cuda", torch.float16))
+    graph.replay()
+    torch.cuda.synchronize()
+    check(y_graph, "CUDA graph replay")
+
+
 def test_first_call_of_a_shape_inside_a_capture_raises_a_clear_error():
     """A Triton call whose shape was never run before cannot be tuned or loaded inside a CUDA-graph
     capture: a RuntimeError says so before anything is launched, and the same call, warmed up
@@ -197,24 +248,33 @@ def _config_case(dtype, layout, narrow):
     return (x, w, b, top, grad), {"y": lateral_reference(*f64[:4]), "dx": dx_ref, "dW": dw_ref}
 
 
-def _check_config_alone(monkeypatch, label, narrow, key, cfg, inputs, refs, dtype):
+def _check_config_alone(monkeypatch, label, narrow, key, cfg, inputs, refs, dtype, tma=False):
     """Run ``cfg`` as the only config of the ``label`` kernel's list for ``key`` (the NARROW_* one when
-    ``narrow``) through the real launch path (forward with bias + top and the backward's dx for the
-    forward lists, dW for the weight-gradient lists), check that every launch took that list, and
-    compare with the float64 results. False if the config does not fit this GPU's shared memory."""
+    ``narrow``; with ``tma``, the forward's TMA list, FUSED_FPN_TRITON_EXPERIMENTAL=1 and the forward
+    alone: dx is never offered those) through the real launch path (forward with bias + top and the
+    backward's dx for the forward lists, dW for the weight-gradient lists), check that every launch
+    took that list, and compare with the float64 results. False if the config does not fit this
+    GPU's shared memory."""
     from fused_fpn.backends import triton as tb
     from fused_fpn.kernels import lateral_kernels as K
     from fused_fpn.kernels import lateral_launch as L
     from triton.runtime.errors import OutOfResources
     x, w, b, top, grad = inputs
     _, bwd = tb.ops()
-    if label == "forward":
+    if tma:
+        monkeypatch.setenv(K.EXPERIMENTAL_ENV, "1")
+        monkeypatch.setitem(K.FWD_CONFIGS, key, [])
+        monkeypatch.setitem(K.EXPERIMENTAL_FWD_CONFIGS, key, [])
+        monkeypatch.setitem(K.TMA_FWD_CONFIGS, key, [cfg])
+    elif label == "forward":
         monkeypatch.setitem(K.NARROW_FWD_CONFIGS if narrow else K.FWD_CONFIGS, key, [cfg])
     else:
         monkeypatch.setitem(K.NARROW_GRAD_WEIGHT_CONFIGS if narrow else K.GRAD_WEIGHT_CONFIGS, key, [cfg])
     try:
         with L.recording_autotune_choices() as chosen:
-            if label == "forward":
+            if tma:
+                got = {"y": fused_fpn.lateral(x, w, b, top, backend="triton")}
+            elif label == "forward":
                 got = {"y": fused_fpn.lateral(x, w, b, top, backend="triton"),
                        "dx": bwd(grad, x, w, 49, 51, True, False, False, False)[0]}
             else:
@@ -225,6 +285,8 @@ def _check_config_alone(monkeypatch, label, narrow, key, cfg, inputs, refs, dtyp
     routes = {what: what.endswith(" narrow") for what in chosen}
     assert len(routes) == len(got) and all(r == narrow for r in routes.values()), \
         f"{label} config {cfg} (narrow={narrow}) launched as {routes}"
+    assert all(what.endswith(" tma") == tma and ("TMA=True" in how) == tma for what, how in chosen.items()), \
+        f"{label} config {cfg} (tma={tma}) launched as {chosen}"
     bound = _CONFIG_REL_ERR[(dtype, key[1])]
     for name, tensor in got.items():
         err = rel_err(tensor, refs[name])
@@ -234,11 +296,11 @@ def _check_config_alone(monkeypatch, label, narrow, key, cfg, inputs, refs, dtyp
 
 def _config_tables():
     """table name -> {(arch, kind): configs} of the per-config test (the experimental table: those
-    ``fwd_configs(..., experimental=True)`` adds)."""
+    ``fwd_configs(..., experimental=True)`` adds; the TMA table: those it adds with ``tma`` too)."""
     from fused_fpn.kernels import lateral_kernels as K
     return {"forward": K.FWD_CONFIGS, "narrow forward": K.NARROW_FWD_CONFIGS,
             "weight gradient": K.GRAD_WEIGHT_CONFIGS, "narrow weight gradient": K.NARROW_GRAD_WEIGHT_CONFIGS,
-            "experimental": K.EXPERIMENTAL_FWD_CONFIGS}
+            "experimental": K.EXPERIMENTAL_FWD_CONFIGS, "tma": K.TMA_FWD_CONFIGS}
 
 
 # the config lists each dtype runs through: fp32 takes the "tf32" list with TF32 on, "ieee" with it off
@@ -267,11 +329,11 @@ def _config_params():
 def test_every_autotune_config_matches_the_reference(dtype, kind, table, index, layout, monkeypatch, no_tf32):
     """Each config of the forward lists (forward with bias + top, and the backward's dx = dy . W^T), of
     the weight-gradient lists (the default ones in both layouts, the NARROW_* ones in NCHW of odd
-    H * W, each launch checked to take its list) and of the forward's experimental (persistent)
-    configs, run alone through the real launch path against the float64 results: the
-    autotuner may pick any of them, and the rest of the suite runs with whichever it (or, with
-    autotuning off, the list's first) picks. fp32 runs
-    each config of the "tf32" lists with TF32 on and each of the "ieee" lists with it off (the launch
+    H * W, each launch checked to take its list) and of the forward's experimental (persistent, and
+    TMA: channels_last, the forward alone) configs, run alone through the real launch path against
+    the float64 results: the autotuner may pick any of them, and the rest of the suite runs with
+    whichever it (or, with autotuning off, the list's first) picks. fp32 runs each config of the
+    "tf32" lists with TF32 on and each of the "ieee" lists with it off (the launch
     takes the list of the flag's setting). One test per config, so that each test compiles one or two
     kernels (a flattened persistent loop compiles slowly: 16-32 s per NCHW config on the 2-core dev
     machine)."""
@@ -287,10 +349,12 @@ def test_every_autotune_config_matches_the_reference(dtype, kind, table, index, 
     narrow = table.startswith("narrow")
     if narrow and layout != "nchw":
         pytest.skip("the narrow lists serve operands whose channels are not contiguous")
+    if table == "tma" and layout != "channels_last":
+        pytest.skip("the TMA configs serve channels_last x only (tma_loads)")
     inputs, refs = _config_case(dtype, layout, narrow)
     cfg = configs[index]
     label = "weight gradient" if table.endswith("weight gradient") else "forward"
-    fits = _check_config_alone(monkeypatch, label, narrow, key, cfg, inputs, refs, dtype)
+    fits = _check_config_alone(monkeypatch, label, narrow, key, cfg, inputs, refs, dtype, tma=table == "tma")
     if not fits and key[0] == "sm80":   # an sm80-list config on a part with less shared memory
         pytest.skip(f"{cfg} does not fit this GPU's shared memory")
     assert fits, f"{table} config {cfg} does not fit this {key[0]} GPU's shared memory"

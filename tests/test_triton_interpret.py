@@ -810,7 +810,8 @@ def test_persistent_forward_walks_every_tile(layout, monkeypatch):
 
 def test_experimental_configs_are_opt_in(monkeypatch):
     """FUSED_FPN_TRITON_EXPERIMENTAL=1 adds the persistent forward configs to the autotuner's list
-    (sm_90, fp16/bf16); without it the list is FWD_CONFIGS alone."""
+    (sm_90, fp16/bf16), and the TMA ones (sm_90, fp16/bf16 and TF32) where the launch's operands
+    allow them; without it the list is FWD_CONFIGS alone."""
     from fused_fpn.kernels import lateral_kernels as K
     monkeypatch.delenv(K.EXPERIMENTAL_ENV, raising=False)
     monkeypatch.delenv(K.AUTOTUNE_ENV, raising=False)
@@ -826,6 +827,22 @@ def test_experimental_configs_are_opt_in(monkeypatch):
     assert K.autotuned_fwd("sm90", "tf32").configs == K.FWD_CONFIGS[("sm90", "tf32")]     # fp16/bf16 only
     # not for NCHW pixels loaded one at a time: the persistent tiles are 128 x 256 / 64 x 256 ones
     assert K.autotuned_fwd("sm90", "16bit", narrow=True).configs == K.NARROW_FWD_CONFIGS[("sm90", "16bit")]
+    # the TMA configs: only where the launch's operands allow them (tma), sm_90, fp16/bf16 and TF32
+    tma = K.TMA_FWD_CONFIGS[("sm90", "16bit")]
+    assert all(c.kwargs["TMA"] for c in tma) and not any(c.kwargs["TMA"] for c in extra)
+    tuner = K.autotuned_fwd("sm90", "16bit", tma=True)
+    assert tuner.configs == K.FWD_CONFIGS[("sm90", "16bit")] + extra + tma and tuner.fused_fpn_tma
+    assert not K.autotuned_fwd("sm90", "16bit").fused_fpn_tma
+    assert K.autotuned_fwd("sm90", "tf32", tma=True).configs == K.FWD_CONFIGS[("sm90", "tf32")] + \
+        K.TMA_FWD_CONFIGS[("sm90", "tf32")]
+    assert K.autotuned_fwd("sm90", "ieee", tma=True).configs == K.FWD_CONFIGS[("sm90", "ieee")]
+    assert K.autotuned_fwd("sm80", "16bit", tma=True).configs == K.FWD_CONFIGS[("sm80", "16bit")]
+    assert K.autotuned_fwd("sm90", "16bit", narrow=True, tma=True).configs == K.NARROW_FWD_CONFIGS[("sm90", "16bit")]
+    assert not any(c.kwargs["TMA"] for table in (K.FWD_CONFIGS, K.NARROW_FWD_CONFIGS)
+                   for configs in table.values() for c in configs)
+    monkeypatch.delenv(K.EXPERIMENTAL_ENV)
+    tuner = K.autotuned_fwd("sm90", "16bit", tma=True)
+    assert tuner.configs == K.FWD_CONFIGS[("sm90", "16bit")] and not tuner.fused_fpn_tma
 
 
 def test_launchers_keep_symbolic_sizes_symbolic(monkeypatch):
@@ -838,8 +855,12 @@ def test_launchers_keep_symbolic_sizes_symbolic(monkeypatch):
     recorded, not run (fake tensors), through the compiled-kernel branch (a GPU's) with a stand-in
     SM count. (On a GPU, tests/test_training_and_compilers.py runs the registered ops this way.)"""
     from fused_fpn.backends import triton as tb
+    from fused_fpn.kernels import lateral_kernels as K
     from fused_fpn.kernels import lateral_launch as L
     launches, tuners = [], []
+    monkeypatch.setenv(K.EXPERIMENTAL_ENV, "1")   # the TMA rule (``tma_loads``) reads the sizes too
+    tma_rule, tma = L.tma_loads, []
+    monkeypatch.setattr(L, "tma_loads", lambda inp, weight: tma.append(tma_rule(inp, weight)) or tma[-1])
     monkeypatch.setattr(L, "interpreting", lambda: False)
     monkeypatch.setattr(L, "_device_facts", lambda device: ("sm90", 132))
     monkeypatch.setattr(L, "_launch", lambda kernel, grid, args, meta: launches.append((grid, args, meta)))
@@ -877,6 +898,9 @@ def test_launchers_keep_symbolic_sizes_symbolic(monkeypatch):
     # time: the narrow lists
     assert tuners == [(layout, name, layout != "channels_last") for layout in ["nchw", "channels_last", "noncontig"]
                       for name in ("fwd", "fwd", "dw")]
+    # the TMA rule, asked where the lists are not narrow (channels_last): the forward's operands allow
+    # it (fake tensors: their storage offset, 0, tells the alignment), dx's W^T does not
+    assert tma == [True, False]
     sym.assert_none_pinned()
 
 
@@ -982,3 +1006,108 @@ def test_nchw_pixel_alignment_reaches_the_kernels_and_keeps_the_results(h, w, la
     assert_close_to_reference(dw, torch.einsum("nchw,ndhw->cd", grad.double(), x64), torch.float32)
     want = {760: 4, 190: 2, 25: 1, 24: 4}[h * w] if layout == "nchw" else 1
     assert [m["PIX_ALIGN"] for m in metas] == [want, want, want if want == 4 else 1]   # forward, dx, dW
+
+
+def test_tma_rule_takes_dense_channels_last_rows_and_aligned_bases():
+    """The forward's x and W tiles may come through TMA descriptors (the experimental TMA configs)
+    only where the copy engine reads them as [M, Cin] and [Cout, Cin] matrices: x channels_last with
+    its pixels one row stride apart across the batch, rows that do not overlap, W Cin-contiguous (not
+    dx's W^T), row strides that are multiples of 16 bytes and 16-byte aligned bases. Anything else
+    would read other elements or fault on a GPU, so the launcher keeps the per-thread loads."""
+    from fused_fpn.kernels import lateral_launch as L
+
+    def x_of(shape, dtype=torch.float16, layout="channels_last"):
+        return make_input(shape, dtype, "cpu", layout)
+
+    w = torch.empty(256, 256, dtype=torch.float16)
+    assert L.tma_loads(x_of((2, 256, 5, 7)), w)
+    assert not L.tma_loads(x_of((2, 256, 5, 7), layout="nchw"), w)
+    assert not L.tma_loads(x_of((2, 256, 5, 7)), w.t())                       # dx: W^T
+    assert L.tma_loads(x_of((2, 24, 5, 7)), torch.empty(8, 24, dtype=torch.float16))       # 48-byte rows
+    assert not L.tma_loads(x_of((2, 20, 5, 7)), torch.empty(8, 20, dtype=torch.float16))   # 40-byte rows
+    assert L.tma_loads(x_of((2, 20, 5, 7), torch.float32), torch.empty(8, 20))               # 80-byte rows
+    big = x_of((3, 256, 5, 7))
+    assert L.tma_loads(big[1:], w)                       # a batch slice: rows still one stride apart
+    assert L.tma_loads(x_of((2, 320, 5, 7))[:, :256], w)  # a channel slice: row stride 320 >= 256
+    assert not L.tma_loads(x_of((2, 256, 5, 9))[..., :7], w)   # a crop: rows not evenly spaced
+    assert not L.tma_loads(big[:, :, :, ::2], w)                # pixels 2 rows apart: not dense
+    flat = torch.empty(2 * 256 * 35 + 1, dtype=torch.float16)   # a base 2 bytes off 16-byte alignment
+    shifted = flat[1:].view(2, 5, 7, 256).permute(0, 3, 1, 2)
+    assert shifted.stride(1) == 1 and shifted.data_ptr() % 16 != 0
+    assert not L.tma_loads(shifted, w)
+    w_flat = torch.empty(256 * 256 + 8, dtype=torch.float16)   # W 16 bytes in: aligned; 8 bytes in: not
+    assert L.tma_loads(x_of((2, 256, 5, 7)), w_flat[8:].view(256, 256))
+    assert not L.tma_loads(x_of((2, 256, 5, 7)), w_flat[4:-4].view(256, 256))
+    assert not L.tma_loads(x_of((1, 256, 5, 7)).expand(2, 256, 5, 7), w)   # batch stride 0: rows repeat
+    assert L.tma_loads(x_of((1, 256, 1, 7)), w)                           # N = H = 1: any batch / row stride
+    assert not L.tma_loads(x_of((2, 256, 5, 7)), torch.empty(256, 1, dtype=torch.float16).expand(256, 256))
+
+
+@pytest.mark.skipif(HAS_CUDA, reason="on a GPU tests/test_triton_gpu.py runs every TMA config itself")
+@pytest.mark.parametrize("persistent", [False, True], ids=["tiles", "persistent"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
+def test_tma_forward_matches_the_reference(dtype, persistent, monkeypatch):
+    """The forward kernel's TMA path (x and W tiles through device-built descriptors, zero-filled past
+    M, Cin and Cout), through the launcher's compiled-kernel branch on the interpreter with
+    FUSED_FPN_TRITON_EXPERIMENTAL=1 and a small TMA config as the only one: odd M (126 pixels, 32-row
+    tiles), Cin = 40 (a 16-deep K tail), Cout = 37, with and without bias and top, on a batch slice
+    (a base one image in) and on a channel slice (row stride 48 > Cin), into NaN-poisoned outputs,
+    against the float64 reference."""
+    from fused_fpn.kernels import lateral_kernels as K
+    from fused_fpn.kernels import lateral_launch as L
+    _compiled_branch_on_the_interpreter(monkeypatch, sms=3)
+    monkeypatch.setenv(K.EXPERIMENTAL_ENV, "1")
+    allocator_calls = []
+    monkeypatch.setattr(L, "ensure_scratch_allocator", lambda: allocator_calls.append(1))
+    kind = L.config_kind(torch.empty(0, dtype=dtype))
+    small = K._cfg(32, 16, 16, 4, 2, group_m=2, persistent=persistent, tma=True)
+    monkeypatch.setitem(K.FWD_CONFIGS, ("sm90", kind), [])   # the TMA config alone (autotuning is off)
+    monkeypatch.setitem(K.EXPERIMENTAL_FWD_CONFIGS, ("sm90", kind), [])
+    monkeypatch.setitem(K.TMA_FWD_CONFIGS, ("sm90", kind), [small])
+    g = torch.Generator().manual_seed(13)
+    whole = make_input((3, 48, 7, 9), dtype, "cpu", "channels_last", g)
+    w = (torch.randn((37, 40), generator=g) / 4).to(dtype)
+    b = torch.randn((37,), generator=g).to(dtype)
+    top = make_input((2, 37, 4, 5), dtype, "cpu", "channels_last", g)
+    for x in (whole[1:, :40].contiguous(memory_format=torch.channels_last), whole[1:, :40]):
+        assert L.tma_loads(x, w)
+        for bias, t in ((b, top), (None, None)):
+            out = torch.full((2, 37, 7, 9), float("nan"), dtype=dtype).contiguous(memory_format=torch.channels_last)
+            with L.recording_autotune_choices() as chosen:
+                L.gemm_epilogue(x, w, bias, t, out)
+            assert_close_to_reference(out, lateral_reference(*to64(x, w, bias, t)), dtype)
+            (what, config), = chosen.items()
+            assert what.endswith(" tma") and "TMA=True" in config, chosen
+    assert allocator_calls, "a TMA launch makes sure triton has a scratch allocator"
+
+
+def test_the_scratch_allocator_is_set_once_and_never_replaces_one():
+    """``ensure_scratch_allocator``: in a thread whose triton has no allocator (the default, per
+    thread: a context variable) it sets one that allocates through torch; a thread's own allocator
+    (the user's, or inductor's) is kept."""
+    import threading
+
+    from triton.runtime import _allocation
+
+    from fused_fpn.kernels import lateral_launch as L
+    seen = {}
+
+    def fresh():
+        seen["before"] = _allocation._allocator.get()
+        L.ensure_scratch_allocator()
+        seen["after"] = _allocation._allocator.get()
+
+    def own():
+        mine = lambda size, alignment, stream: torch.empty(size, dtype=torch.int8)   # noqa: E731
+        triton_mod.set_allocator(mine)
+        L.ensure_scratch_allocator()
+        seen["own"] = (_allocation._allocator.get() is mine)
+
+    import triton as triton_mod
+    for target in (fresh, own):
+        thread = threading.Thread(target=target)
+        thread.start()
+        thread.join()
+    assert isinstance(seen["before"], _allocation.NullAllocator)
+    assert seen["after"] is L._torch_scratch
+    assert seen["own"]
