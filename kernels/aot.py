@@ -214,8 +214,8 @@ def narrow(base: str, dtype: str, args: dict, flat: bool = True, unhinted=(), al
 
 def tma(dtype: str, args: dict) -> bool:
     """Whether the launcher offers the TMA configs (``K.tma_loads``; with
-    FUSED_FPN_TRITON_EXPERIMENTAL=1 on sm_90) to a forward launch of arguments ``args``, whose
-    tensors' bases are aligned (as the launcher's fresh tensors are)."""
+    FUSED_FPN_TRITON_EXPERIMENTAL=1 on sm_90, eager calls only) to a forward launch of arguments
+    ``args``, whose tensors' bases are aligned (as the launcher's fresh tensors are)."""
     hw, w = args["HW"], args["W_"]
     return K.tma_loads(_TY_SIZE[dtype], args["M"] // hw, hw // w, w, args["sxn"], args["sxc"], args["sxh"], args["sxw"],
                        args["CIN"], args["COUT"], args["swn"], args["swk"], aligned_bases=True)
@@ -323,12 +323,6 @@ def _add_symbolic_jobs(arch: int, add) -> None:
     add("grad_bias_top", arch, "fp16", "channels_last", "ieee", None, trace="symbolic_i64")
     add("fwd", arch, "fp16", "nchw", "16bit", K.fwd_configs(a, "16bit")[0], sizes="P4", trace="symbolic",
         pix_align=4)
-    # the TMA configs as a trace compiles them (descriptor shapes from symbolic sizes; int64 strides)
-    for kind, dtype in KIND_DTYPES:
-        for cfg in K.TMA_FWD_CONFIGS.get((a, kind), [])[:1]:
-            add("fwd", arch, dtype, "channels_last", kind, cfg, trace="symbolic")
-            if kind == "16bit":
-                add("fwd", arch, dtype, "channels_last", kind, cfg, trace="symbolic_i64")
 
 
 # Size and stride arguments that a trace with symbolic sizes passes (the channel counts come from

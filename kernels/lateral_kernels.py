@@ -831,23 +831,19 @@ def narrow_pixel_loads(pix_align: int, hw, sn, sc, sw, flat: bool = True, multip
     return pix_align == 1 and not all(multiple(v, 16) for v in (hw, sn, sc))
 
 
-def tma_loads(element_size: int, n, h, w, sxn, sxc, sxh, sxw, cin, cout, swn, swk, aligned_bases: bool,
-              multiple=None) -> bool:
+def tma_loads(element_size: int, n, h, w, sxn, sxc, sxh, sxw, cin, cout, swn, swk, aligned_bases: bool) -> bool:
     """True when the forward's x and W tiles can come through TMA descriptors (the TMA configs,
     ``_fwd_tma_descriptors``): x [n, cin, h, w] has unit channel stride and dense pixel rows (pixel
     m = (n, h, w) at m * sxw: sxh == w * sxw unless h == 1, sxn == h * w * sxw unless n == 1), rows
     that do not overlap (sxw >= cin; cin > 0: a descriptor has no empty dimension), W [cout, cin] is
-    Cin-contiguous (swk == 1: the forward; dx's W^T is not) with swn >= cin unless cout == 1, both
-    row strides are multiples of 16 bytes (the copy engine's rule), and both base addresses are
-    16-byte aligned (``aligned_bases``, the caller's: data_ptr, or storage offset in a trace).
-    ``multiple(v, a)`` decides a divisibility when given (symbolic sizes), else v % a == 0."""
-    multiple = multiple or (lambda v, a: v % a == 0)
+    Cin-contiguous (swk == 1: the forward; dx's W^T is not, but for Cin == 1, where its row stride
+    fails the next rule) with swn >= cin, both row strides (which the descriptors take whatever n, h
+    and cout) are multiples of 16 bytes (the copy engine's rule), and both base addresses are
+    16-byte aligned (``aligned_bases``: the caller's data_ptr). Plain ints (eager calls only)."""
     vec = max(16 // element_size, 1)
-    # each equality first: with symbolic sizes it holds by construction, and n == 1 or h == 1 would
-    # be evaluated (a guard) only where it does not
-    return (aligned_bases and cin > 0 and sxc == 1 and swk == 1 and sxw >= cin and (swn >= cin or cout == 1)
-            and (sxh == w * sxw or h == 1) and (sxn == h * w * sxw or n == 1)
-            and multiple(sxw, vec) and (multiple(swn, vec) or cout == 1))
+    return bool(aligned_bases and cin > 0 and sxc == 1 and swk == 1 and sxw >= cin and swn >= cin
+                and (h == 1 or sxh == w * sxw) and (n == 1 or sxn == h * w * sxw)
+                and sxw % vec == 0 and swn % vec == 0)
 
 
 def tune_key(m: int, *unit_strides: bool) -> int:
@@ -885,20 +881,20 @@ def autotune_enabled() -> bool:
 _autotuned = {}
 
 
-def _autotuner(name: str, kind: str, narrow: bool, kernel, configs, key, tma: bool = False):
+def _autotuner(name: str, kind: str, narrow: bool, kernel, configs, key):
     """triton.autotune(configs, key) of ``kernel``, built once per (name, kind, narrow, config list)
     and reused; with autotuning off, a one-config autotuner (triton runs a single config without
     benchmarking). One autotuner per kind: triton's key holds the tensors' dtypes but not ALLOW_TF32,
     so a config tuned for TF32 must not be reused for an exact fp32 call (nor the other way round)."""
     if not autotune_enabled():
         configs = configs[:1]
-    cache_key = (name, kind, narrow, tma, tuple(id(c) for c in configs))
+    cache_key = (name, kind, narrow, tuple(id(c) for c in configs))
     if cache_key not in _autotuned:   # setdefault: threads that race here all get the one stored autotuner
         tuner = triton.autotune(configs=configs, key=key, do_bench=_tuning_bench)(kernel)
         tuner.fused_fpn_name = name   # "fwd" or "dw": read by the launcher's descriptions of its choices
         tuner.fused_fpn_kind = kind
         tuner.fused_fpn_narrow = narrow
-        tuner.fused_fpn_tma = tma and any(c.kwargs.get("TMA") for c in configs)
+        tuner.fused_fpn_tma = any(c.kwargs.get("TMA") for c in configs)   # a TMA list: the launcher's allocator
         _autotuned.setdefault(cache_key, tuner)
     return _autotuned[cache_key]
 
@@ -912,7 +908,7 @@ def autotuned_fwd(arch: str, kind: str, narrow: bool = False, tma: bool = False)
     config alone when ``autotune_enabled()`` is False."""
     experimental = not narrow and experimental_enabled()
     configs = fwd_configs(arch, kind, experimental=experimental, narrow=narrow, tma=tma)
-    return _autotuner("fwd", kind, narrow, _lateral_fwd_kernel, configs, FWD_AUTOTUNE_KEY, tma=experimental and tma)
+    return _autotuner("fwd", kind, narrow, _lateral_fwd_kernel, configs, FWD_AUTOTUNE_KEY)
 
 
 def autotuned_grad_weight(arch: str, kind: str, narrow: bool = False):

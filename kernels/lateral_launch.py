@@ -92,27 +92,28 @@ def narrow_pixel_loads(tensors, pix_align: int) -> bool:
     return False
 
 
-def _base_aligned(t: torch.Tensor) -> bool:
-    """True when t's first element is 16-byte aligned: its address in eager; while a trace runs the
-    op (fake tensors have no address) its storage offset, where provable without a guard (inductor
-    allocates 16-byte aligned buffers and copies a graph input that is not aligned as traced)."""
+def _traced(t: torch.Tensor) -> bool:
+    """True for the fake (or functional-wrapped fake) tensors a trace runs the op with; a plain tensor
+    is answered without the check (~5 us a call), a Parameter or another subclass with it."""
+    if type(t) is torch.Tensor:
+        return False
     from torch._subclasses.fake_tensor import is_fake
-    if not is_fake(t):
-        return t.data_ptr() % 16 == 0
-    offset = t.storage_offset() * t.element_size()
-    multiple = _divisibility((offset,))
-    return multiple(offset, 16) if multiple else offset % 16 == 0
+    return is_fake(t)
 
 
 def tma_loads(inp: torch.Tensor, weight: torch.Tensor) -> bool:
-    """True when the forward's x and W tiles can come through TMA descriptors (``K.tma_loads`` of
-    their sizes and strides, which may be symbolic, and whether their bases are 16-byte aligned)."""
+    """True when the forward's x and W tiles can come through TMA descriptors: an eager call whose
+    sizes and strides pass ``K.tma_loads`` and whose bases are 16-byte aligned. Never while a trace
+    runs the op (fake tensors): the trace's autotuner would later run on whatever tensors the
+    compiled code gets, whose alignment it cannot know (inductor copies a misaligned graph input,
+    but other backends and replays of the graph do not)."""
+    if _traced(inp) or _traced(weight):
+        return False
     if inp.stride(1) != 1 or weight.stride(1) != 1:   # K's first cases, before the rest is read
         return False
     n, cin, h, w = inp.shape
-    values = (n, h, w, *inp.stride(), weight.stride(0))
     return K.tma_loads(inp.element_size(), n, h, w, *inp.stride(), cin, weight.shape[0], *weight.stride(),
-                       aligned_bases=_base_aligned(inp) and _base_aligned(weight), multiple=_divisibility(values))
+                       aligned_bases=inp.data_ptr() % 16 == 0 and weight.data_ptr() % 16 == 0)
 
 
 def _torch_scratch(size: int, alignment: int, stream):
@@ -123,9 +124,9 @@ def _torch_scratch(size: int, alignment: int, stream):
 
 def ensure_scratch_allocator() -> None:
     """Give triton an allocator for the global scratch of kernels that build TMA descriptors on the
-    device (256 bytes per program for the forward's two), unless one is set already (the user's, or inductor's, which
-    sets one before it launches a compiled graph's kernels). triton keeps it in a context variable,
-    so a thread that has not set one has none: checked at every TMA launch."""
+    device (256 bytes per program for the forward's two), unless one is set already (the user's).
+    triton keeps it in a context variable, so a thread that has not set one has none: checked at
+    every TMA launch (eager only: ``tma_loads``)."""
     from triton.runtime import _allocation
     try:
         unset = isinstance(_allocation._allocator.get(), _allocation.NullAllocator)

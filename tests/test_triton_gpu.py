@@ -97,12 +97,12 @@ def test_cuda_graph_capture_and_replay(dtype):
 
 
 @pytest.mark.parametrize("persistent", [False, True], ids=["tiles", "persistent"])
-def test_tma_forward_in_eager_threads_compiled_code_and_cuda_graphs(persistent, monkeypatch):
+def test_tma_forward_in_threads_and_cuda_graphs(persistent, monkeypatch):
     """The forward with a TMA config (experimental; x and W through device-built descriptors, which
     need triton's scratch allocator) as the only config of its list: eager in this thread and in a
-    new one (triton's allocator is per thread: the launcher sets one where none is), under
-    torch.compile(fullgraph=True) (inductor launches it with its own allocator), and captured into
-    a CUDA graph and replayed with new inputs, each against the float64 reference."""
+    new one (triton's allocator is per thread: the launcher sets one where none is), and captured
+    into a CUDA graph and replayed with new inputs (the scratch comes from the graph's pool), each
+    against the float64 reference. (Traces are never offered the TMA configs: ``tma_loads``.)"""
     import threading
 
     from fused_fpn.kernels import lateral_kernels as K
@@ -134,9 +134,6 @@ def test_tma_forward_in_eager_threads_compiled_code_and_cuda_graphs(persistent, 
     thread.start()
     thread.join()
     check(in_thread["y"], "a new thread")
-    torch._dynamo.reset()
-    compiled = torch.compile(lambda *a: fused_fpn.lateral(*a, backend="triton"), fullgraph=True)
-    check(compiled(x, w, b, top), "torch.compile")
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
         y_graph = fused_fpn.lateral(x, w, b, top, backend="triton")

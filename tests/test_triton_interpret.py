@@ -898,9 +898,9 @@ def test_launchers_keep_symbolic_sizes_symbolic(monkeypatch):
     # time: the narrow lists
     assert tuners == [(layout, name, layout != "channels_last") for layout in ["nchw", "channels_last", "noncontig"]
                       for name in ("fwd", "fwd", "dw")]
-    # the TMA rule, asked where the lists are not narrow (channels_last): the forward's operands allow
-    # it (fake tensors: their storage offset, 0, tells the alignment), dx's W^T does not
-    assert tma == [True, False]
+    # the TMA rule, asked where the lists are not narrow (channels_last): never in a trace (the
+    # compiled code's tensors may be aligned otherwise), so no size is read and nothing guarded
+    assert tma == [False, False]
     sym.assert_none_pinned()
 
 
@@ -1021,6 +1021,7 @@ def test_tma_rule_takes_dense_channels_last_rows_and_aligned_bases():
 
     w = torch.empty(256, 256, dtype=torch.float16)
     assert L.tma_loads(x_of((2, 256, 5, 7)), w)
+    assert L.tma_loads(x_of((2, 256, 5, 7)), torch.nn.Parameter(w))   # a layer's weight as it is
     assert not L.tma_loads(x_of((2, 256, 5, 7), layout="nchw"), w)
     assert not L.tma_loads(x_of((2, 256, 5, 7)), w.t())                       # dx: W^T
     assert L.tma_loads(x_of((2, 24, 5, 7)), torch.empty(8, 24, dtype=torch.float16))       # 48-byte rows
@@ -1039,8 +1040,19 @@ def test_tma_rule_takes_dense_channels_last_rows_and_aligned_bases():
     assert L.tma_loads(x_of((2, 256, 5, 7)), w_flat[8:].view(256, 256))
     assert not L.tma_loads(x_of((2, 256, 5, 7)), w_flat[4:-4].view(256, 256))
     assert not L.tma_loads(x_of((1, 256, 5, 7)).expand(2, 256, 5, 7), w)   # batch stride 0: rows repeat
-    assert L.tma_loads(x_of((1, 256, 1, 7)), w)                           # N = H = 1: any batch / row stride
+    odd = torch.empty(4096, dtype=torch.float16).as_strided((1, 256, 1, 7), (3, 1, 5, 256))
+    assert L.tma_loads(odd, w)          # N = H = 1: their strides (3, 5) never reach the descriptor
     assert not L.tma_loads(x_of((2, 256, 5, 7)), torch.empty(256, 1, dtype=torch.float16).expand(256, 256))
+    # Cout == 1 still needs a 16-byte row stride in W's descriptor (fp16 [1, 20]: 40 bytes), and dx of a
+    # layer with Cin == 1 (W^T [1, Cout], strides (1, 1)) is not offered the list
+    x20 = x_of((2, 24, 5, 7))[:, :20]
+    assert not L.tma_loads(x20, torch.empty(1, 20, dtype=torch.float16))
+    assert L.tma_loads(x20, torch.empty(1, 24, dtype=torch.float16)[:, :20])   # row stride 24: 48 bytes
+    assert not L.tma_loads(x_of((2, 64, 5, 7)), torch.empty(64, 1, dtype=torch.float16).t())
+    # a trace (fake tensors) is never offered it: its tensors' alignment at run time is unknown
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    with FakeTensorMode() as mode:
+        assert not L.tma_loads(mode.from_tensor(x_of((2, 256, 5, 7))), mode.from_tensor(w))
 
 
 @pytest.mark.skipif(HAS_CUDA, reason="on a GPU tests/test_triton_gpu.py runs every TMA config itself")
@@ -1079,6 +1091,14 @@ def test_tma_forward_matches_the_reference(dtype, persistent, monkeypatch):
             (what, config), = chosen.items()
             assert what.endswith(" tma") and "TMA=True" in config, chosen
     assert allocator_calls, "a TMA launch makes sure triton has a scratch allocator"
+    # the descriptors' K step is what ran: without its products the result is bias + top alone (the
+    # interpreter looks the kernel's helpers up in their module at each launch)
+    from triton_probes import k_step_that_adds_nothing
+    monkeypatch.setattr(K, "_fwd_k_step_tma", k_step_that_adds_nothing)
+    out = torch.full((2, 37, 7, 9), float("nan"), dtype=dtype).contiguous(memory_format=torch.channels_last)
+    L.gemm_epilogue(whole[1:, :40], w, b, top, out)
+    zero = torch.zeros_like(whole[1:, :40])
+    torch.testing.assert_close(out.double(), lateral_reference(*to64(zero, w, b, top)), atol=1e-2, rtol=1e-2)
 
 
 def test_the_scratch_allocator_is_set_once_and_never_replaces_one():

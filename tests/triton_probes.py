@@ -29,3 +29,11 @@ def search_steps_probe(dst_ptr, out_ptr):
     """out[p] = _search_steps(dst[p]) (one scalar per program)."""
     p = tl.program_id(0)
     tl.store(out_ptr + p, _search_steps(tl.load(dst_ptr + p)))
+
+
+@triton.jit
+def k_step_that_adds_nothing(acc, k0, x_desc, w_desc, m0, n0, ALLOW_TF32: tl.constexpr,
+                             USE_INPUT_PRECISION: tl.constexpr):
+    """A stand-in for ``_fwd_k_step_tma`` that returns the accumulator unchanged: with it, a launch that
+    runs the TMA path computes bias + top alone."""
+    return acc

@@ -1,9 +1,9 @@
 """Which arguments torch.compile takes each Triton kernel launch to write: torch's own analysis of the
 kernel's TTIR (``torch._higher_order_ops.triton_kernel_wrap``: ``identify_accessed_tensors`` in
 torch 2.14, ``identify_mutated_tensors`` in 2.11), run on the launches the launchers make for a small
-channels_last problem (forward, dx, dW, db + dtop, and the forward with a TMA config and a persistent
-one), for sm_90 without a GPU (a stand-in driver gives the target). An input taken as written would
-be copied by functionalization before every compiled call: a hidden copy.
+channels_last problem (forward, dx, dW, db + dtop, and the forward with a persistent config), for
+sm_90 without a GPU (a stand-in driver gives the target). An input taken as written would be copied
+by functionalization before every compiled call: a hidden copy.
 
     python tests/written_arguments.py    # prints JSON {launch: [written argument names]}
 
@@ -59,12 +59,12 @@ def main() -> int:
         fn = kernel.fn if tuned else kernel
         configs = [kernel.configs[0]] if tuned else [None]
         if name == "fwd":
-            configs += [K.TMA_FWD_CONFIGS[("sm90", "16bit")][0], K.EXPERIMENTAL_FWD_CONFIGS[("sm90", "16bit")][0]]
+            configs.append(K.EXPERIMENTAL_FWD_CONFIGS[("sm90", "16bit")][0])
         for i, cfg in enumerate(configs):
             kwargs = dict(zip(fn.arg_names, args), **{k: v for k, v in meta.items() if k in fn.arg_names})
             if cfg is not None:
                 kwargs.update(cfg.kwargs)
-            label = name + ("", " tma", " persistent")[i]
+            label = name + ("", " persistent")[i]
             written[label] = _writes(fn, kwargs)
     print(json.dumps(written))
     return 0
