@@ -899,15 +899,17 @@ def _autotuner(name: str, kind: str, narrow: bool, kernel, configs, key):
     return _autotuned[cache_key]
 
 
-def autotuned_fwd(arch: str, kind: str, narrow: bool = False, tma: bool = False):
+def autotuned_fwd(arch: str, kind: str, narrow: bool = False, tma: bool = False, experimental=None):
     """The forward kernel autotuned over ``fwd_configs`` (FWD_CONFIGS[(arch, kind)], plus the
     experimental configs with FUSED_FPN_TRITON_EXPERIMENTAL=1, the TMA ones among them when ``tma``:
     the launch's operands allow it, ``tma_loads``; NARROW_FWD_CONFIGS[(arch, kind)] when ``narrow``),
     keyed on (TUNE_KEY = M's bucket + layout of x and out + weight orientation, COUT, CIN); dtype is
     part of the key too (triton's autotuner adds every tensor argument's dtype). The list's first
-    config alone when ``autotune_enabled()`` is False."""
-    experimental = not narrow and experimental_enabled()
-    configs = fwd_configs(arch, kind, experimental=experimental, narrow=narrow, tma=tma)
+    config alone when ``autotune_enabled()`` is False. ``experimental``: the switch as the caller
+    read it for this launch (``experimental_enabled()``, read here when None)."""
+    if experimental is None:
+        experimental = experimental_enabled()
+    configs = fwd_configs(arch, kind, experimental=experimental and not narrow, narrow=narrow, tma=tma)
     return _autotuner("fwd", kind, narrow, _lateral_fwd_kernel, configs, FWD_AUTOTUNE_KEY)
 
 

@@ -164,3 +164,15 @@ class SymbolicSizes:
             if held is not sympy.true:
                 failing.append(f"guard {guard.expr} (at the other sizes: {held})")
         assert not failing, "what the trace pinned to the traced sizes:\n" + "\n".join(failing)
+
+
+def only_tma_config(monkeypatch, key, cfg) -> None:
+    """Make ``cfg`` the whole forward list of the Triton launches of ``key`` = (arch, kind) that are
+    offered the TMA configs: FUSED_FPN_TRITON_EXPERIMENTAL=1, the default and experimental lists of
+    ``key`` empty, and TMA_FWD_CONFIGS[key] = [cfg] (a launch that is not offered them then has no
+    config at all)."""
+    from fused_fpn.kernels import lateral_kernels as K
+    monkeypatch.setenv(K.EXPERIMENTAL_ENV, "1")
+    monkeypatch.setitem(K.FWD_CONFIGS, key, [])
+    monkeypatch.setitem(K.EXPERIMENTAL_FWD_CONFIGS, key, [])
+    monkeypatch.setitem(K.TMA_FWD_CONFIGS, key, [cfg])

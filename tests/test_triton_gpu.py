@@ -16,7 +16,7 @@ import fused_fpn
 from fused_fpn import backends as fb
 from fused_fpn.reference import lateral_grad_bias_top_reference, lateral_reference
 
-from fpn_testing import HAS_CUDA, make_input, rel_err
+from fpn_testing import HAS_CUDA, make_input, only_tma_config, rel_err
 
 pytestmark = [
     pytest.mark.gpu,
@@ -111,10 +111,7 @@ def test_tma_forward_in_threads_and_cuda_graphs(persistent, monkeypatch):
     if L._arch(torch.device("cuda")) != "sm90":
         pytest.skip("the TMA configs are offered on sm_90 only")
     cfg = [c for c in K.TMA_FWD_CONFIGS[("sm90", "16bit")] if c.kwargs["PERSISTENT"] == persistent][0]
-    monkeypatch.setenv(K.EXPERIMENTAL_ENV, "1")
-    monkeypatch.setitem(K.FWD_CONFIGS, ("sm90", "16bit"), [])
-    monkeypatch.setitem(K.EXPERIMENTAL_FWD_CONFIGS, ("sm90", "16bit"), [])
-    monkeypatch.setitem(K.TMA_FWD_CONFIGS, ("sm90", "16bit"), [cfg])
+    only_tma_config(monkeypatch, ("sm90", "16bit"), cfg)
     g = torch.Generator().manual_seed(4)
     cl = dict(memory_format=torch.channels_last)
     x = torch.randn((2, 96, 50, 38), generator=g).to("cuda", torch.float16).contiguous(**cl)
@@ -259,10 +256,7 @@ def _check_config_alone(monkeypatch, label, narrow, key, cfg, inputs, refs, dtyp
     x, w, b, top, grad = inputs
     _, bwd = tb.ops()
     if tma:
-        monkeypatch.setenv(K.EXPERIMENTAL_ENV, "1")
-        monkeypatch.setitem(K.FWD_CONFIGS, key, [])
-        monkeypatch.setitem(K.EXPERIMENTAL_FWD_CONFIGS, key, [])
-        monkeypatch.setitem(K.TMA_FWD_CONFIGS, key, [cfg])
+        only_tma_config(monkeypatch, key, cfg)
     elif label == "forward":
         monkeypatch.setitem(K.NARROW_FWD_CONFIGS if narrow else K.FWD_CONFIGS, key, [cfg])
     else:

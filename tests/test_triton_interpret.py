@@ -23,7 +23,7 @@ from fused_fpn._layout import output_memory_format
 from fused_fpn.reference import lateral_grad_bias_top_reference, lateral_reference
 
 from fpn_testing import (HAS_CUDA, TOLERANCES, SymbolicSizes, assert_close_to_reference, gradient_penalty_grads,
-                         make_input, make_lateral_case, to64)
+                         make_input, make_lateral_case, only_tma_config, to64)
 
 _REASON = fb.unavailable_reason("triton")
 pytestmark = [pytest.mark.skipif(_REASON is not None, reason=f"triton backend unavailable: {_REASON}")]
@@ -859,6 +859,8 @@ def test_launchers_keep_symbolic_sizes_symbolic(monkeypatch):
     from fused_fpn.kernels import lateral_launch as L
     launches, tuners = [], []
     monkeypatch.setenv(K.EXPERIMENTAL_ENV, "1")   # the TMA rule (``tma_loads``) reads the sizes too
+    # fp32 with TF32 off ("ieee") has no TMA list, so the launcher would not ask the rule: give it one
+    monkeypatch.setitem(K.TMA_FWD_CONFIGS, ("sm90", "ieee"), K.TMA_FWD_CONFIGS[("sm90", "tf32")])
     tma_rule, tma = L.tma_loads, []
     monkeypatch.setattr(L, "tma_loads", lambda inp, weight: tma.append(tma_rule(inp, weight)) or tma[-1])
     monkeypatch.setattr(L, "interpreting", lambda: False)
@@ -1068,14 +1070,11 @@ def test_tma_forward_matches_the_reference(dtype, persistent, monkeypatch):
     from fused_fpn.kernels import lateral_kernels as K
     from fused_fpn.kernels import lateral_launch as L
     _compiled_branch_on_the_interpreter(monkeypatch, sms=3)
-    monkeypatch.setenv(K.EXPERIMENTAL_ENV, "1")
     allocator_calls = []
     monkeypatch.setattr(L, "ensure_scratch_allocator", lambda: allocator_calls.append(1))
     kind = L.config_kind(torch.empty(0, dtype=dtype))
     small = K._cfg(32, 16, 16, 4, 2, group_m=2, persistent=persistent, tma=True)
-    monkeypatch.setitem(K.FWD_CONFIGS, ("sm90", kind), [])   # the TMA config alone (autotuning is off)
-    monkeypatch.setitem(K.EXPERIMENTAL_FWD_CONFIGS, ("sm90", kind), [])
-    monkeypatch.setitem(K.TMA_FWD_CONFIGS, ("sm90", kind), [small])
+    only_tma_config(monkeypatch, ("sm90", kind), small)   # the TMA config alone (autotuning is off)
     g = torch.Generator().manual_seed(13)
     whole = make_input((3, 48, 7, 9), dtype, "cpu", "channels_last", g)
     w = (torch.randn((37, 40), generator=g) / 4).to(dtype)
