@@ -5,9 +5,22 @@ exception (TypeError / ValueError) instead of a crash, a hang or a wrong answer.
 """
 from __future__ import annotations
 
+import warnings
 from typing import Optional
 
 import torch
+
+
+def run_check(check, *args):
+    """``check(*args)``. Under ``torch.jit.trace`` (which the TorchScript ONNX exporter,
+    ``torch.onnx.export(..., dynamo=False)``, runs) sizes are traced values, and each comparison of
+    them warns that the trace takes it as a constant; a check only raises, and the traced graph does
+    not depend on it, so there its TracerWarnings are silenced."""
+    if not torch.jit.is_tracing():
+        return check(*args)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", torch.jit.TracerWarning)
+        return check(*args)
 
 
 def _desc(t: torch.Tensor) -> str:

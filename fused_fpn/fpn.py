@@ -12,6 +12,8 @@ weight and bias (no extra pass). Any other norm (GroupNorm, training-mode BatchN
 block whose call would do more than conv (+ norm) (hooks, as pruning, legacy weight_norm and
 quantization observers register; a conv or norm subclass with its own forward, as QAT's), takes the
 unfused path: ``block(x) + F.interpolate(top, size, mode="nearest")``, exactly as torchvision.
+So does every level while ``torch.onnx.export`` runs (``fused_fpn._onnx``): the ONNX file gets
+torchvision's graph.
 """
 from __future__ import annotations
 
@@ -25,8 +27,9 @@ from torch.nn.modules import module as _nn_module
 from torchvision.ops import FeaturePyramidNetwork
 from torchvision.ops.misc import FrozenBatchNorm2d
 
+from . import _onnx
 from . import backends as _backends
-from ._checks import check_float_tensor
+from ._checks import check_float_tensor, run_check
 from .functional import autocast_dtype, autocast_result_dtype, autocast_tensor
 
 
@@ -207,9 +210,10 @@ class FPN(FeaturePyramidNetwork):
     @staticmethod
     def _lateral(block: nn.Module, x: Tensor, top: Optional[Tensor], impl, cast: Optional[torch.dtype]) -> Tensor:
         """One level's lateral ``block`` + nearest(top): the fused op of backend module ``impl`` (x, top
-        already in the autocast dtype ``cast`` if any), or the unfused torchvision computation."""
-        params = lateral_params(block)
-        if params is None:  # unfused path (GroupNorm, training-mode BatchNorm, custom blocks)
+        already in the autocast dtype ``cast`` if any), or the unfused torchvision computation (also
+        the graph an ONNX export gets: ``impl`` is then ``fused_fpn._onnx``)."""
+        params = None if impl is _onnx else lateral_params(block)
+        if params is None:  # unfused path (GroupNorm, training-mode BatchNorm, custom blocks, ONNX export)
             y = block(x)
             return y if top is None else y + F.interpolate(top, size=y.shape[-2:], mode="nearest")
         weight, bias = params
@@ -233,7 +237,7 @@ class FPN(FeaturePyramidNetwork):
 
     def forward(self, x: Dict[str, Tensor]) -> Dict[str, Tensor]:
         inner_blocks, layer_blocks = list(self.inner_blocks), list(self.layer_blocks)
-        names, feats, cast = self._check_features(x, inner_blocks)
+        names, feats, cast = run_check(self._check_features, x, inner_blocks)
         originals = feats   # what torchvision hands the extra blocks
         if cast is not None:   # as eager conv2d under autocast (the lateral convs would cast them)
             feats = [autocast_tensor(f, cast) for f in feats]

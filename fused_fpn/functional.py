@@ -6,7 +6,7 @@ from typing import Optional
 import torch
 
 from . import backends as _backends
-from ._checks import check_lateral_args
+from ._checks import check_lateral_args, run_check
 
 
 def autocast_dtype(device_type: str) -> Optional[torch.dtype]:
@@ -47,6 +47,6 @@ def lateral(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] 
         cast = autocast_dtype(x.device.type)
         if cast is not None:   # autocast casts float32/16 inputs of conv2d (never float64)
             x, weight, bias, top = (autocast_tensor(t, cast) for t in (x, weight, bias, top))
-    weight = check_lateral_args(x, weight, bias, top)
+    weight = run_check(check_lateral_args, x, weight, bias, top)
     impl = _backends.select(backend, x)
     return impl.lateral(x, weight, bias, top)

@@ -17,6 +17,8 @@ from typing import Dict, List, Optional
 
 import torch
 
+from .. import _onnx
+
 # name -> module (imported lazily: the triton module imports triton only when asked)
 _MODULES: Dict[str, str] = {
     "torch": "fused_fpn.backends.torch_ref",
@@ -121,7 +123,11 @@ def why_not(name: str, x: torch.Tensor) -> Optional[str]:
 
 
 def select(backend: str, x: torch.Tensor):
-    """The backend module to run on ``x``; ValueError (listing what can run) if there is none."""
+    """The backend module to run on ``x``; ValueError (listing what can run) if there is none.
+    While ``torch.onnx.export`` runs: ``fused_fpn._onnx`` (torchvision's unfused ops, which ONNX
+    has) for every backend name."""
+    if _onnx.exporting() and (backend == "auto" or backend in _MODULES):
+        return _onnx
     grad_transform = _functorch_grad_active()
     if backend == "auto":
         order = auto_order(x.device.type)
