@@ -1,5 +1,6 @@
-"""DDP on CPU (gloo, loopback only): a converted model trained in 2 processes stays identical across
-ranks and equals a single-process run on the same global batch."""
+"""DDP and FSDP2 on CPU (gloo, loopback only): a converted model trained in 2 processes stays identical
+across ranks and equals a single-process run on the same global batch (DDP), or torchvision's model
+trained the same way (FSDP2, fully_shard: the FPN's parameters sharded across the ranks)."""
 import os
 import socket
 
@@ -72,5 +73,43 @@ def test_ddp_two_processes_match_single_process(tmp_path):
     for k, v in single.state_dict().items():
         assert torch.equal(rank0[k], rank1[k]), f"ranks diverged on {k}"
         torch.testing.assert_close(rank0[k], v, atol=1e-6, rtol=1e-5, msg=k)
+        if k.endswith("weight"):
+            assert not torch.equal(v, initial[k]), f"{k} did not train"
+
+
+def fsdp2_worker(rank, world, port, out_dir, fused):
+    """Model (converted with fused_fpn when ``fused``) with fully_shard on its FPN and on the whole,
+    trained on this rank's half of each global batch; rank 0 saves the gathered state_dict."""
+    from torch.distributed.fsdp import fully_shard
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    try:
+        model = fused_fpn.convert(Model()) if fused else Model()
+        assert isinstance(model.fpn, fused_fpn.FPN) == fused
+        fully_shard(model.fpn)
+        fully_shard(model)
+        assert any(type(p).__name__ == "DTensor" for p in model.fpn.parameters())   # sharded between steps
+        train(model, rank, world)
+        state = {k: v.full_tensor().detach() for k, v in model.state_dict().items()}
+        if rank == 0:
+            torch.save(state, os.path.join(out_dir, f"fsdp2_{'fused' if fused else 'torchvision'}.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(), reason="gloo not available")
+def test_fsdp2_training_matches_torchvision(tmp_path):
+    """FSDP2 (fully_shard) all-gathers the FPN's parameters before its forward and reduce-scatters the
+    gradients after its backward; the fused op reads the gathered weights. Trained so, the converted
+    model ends where torchvision's does."""
+    for fused in (False, True):
+        mp.start_processes(fsdp2_worker, args=(2, free_port(), str(tmp_path), fused), nprocs=2, join=True,
+                           start_method="spawn")
+    ours, theirs = torch.load(tmp_path / "fsdp2_fused.pt"), torch.load(tmp_path / "fsdp2_torchvision.pt")
+    initial = Model().state_dict()
+    assert list(ours) == list(theirs) == list(initial)
+    for k, v in theirs.items():
+        torch.testing.assert_close(ours[k], v, atol=1e-6, rtol=1e-5, msg=k)
         if k.endswith("weight"):
             assert not torch.equal(v, initial[k]), f"{k} did not train"
