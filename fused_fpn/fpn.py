@@ -13,7 +13,7 @@ block whose call would do more than conv (+ norm) (hooks, as pruning, legacy wei
 quantization observers register; a conv or norm subclass with its own forward, as QAT's), takes the
 unfused path: ``block(x) + F.interpolate(top, size, mode="nearest")``, exactly as torchvision.
 So does every level while ``torch.onnx.export`` runs (``fused_fpn._onnx``): the ONNX file gets
-torchvision's graph.
+torchvision's graph; and ``torch.fx.symbolic_trace`` records torchvision's forward (``_symbolic``).
 """
 from __future__ import annotations
 
@@ -98,6 +98,15 @@ def lateral_params(block: nn.Module) -> Optional[Tuple[Tensor, Optional[Tensor]]
     weight = conv.weight * scale.to(conv.weight.dtype)[:, None, None, None]
     bias = shift if conv.bias is None else conv.bias * scale + shift
     return weight, bias.to(conv.weight.dtype)
+
+
+def _symbolic(x) -> bool:
+    """True when ``x`` (the FPN's input dict) or one of its maps is a ``torch.fx.Proxy``: the module is
+    being traced by ``torch.fx.symbolic_trace`` (FX graph mode quantization, FX graph surgery), which
+    records Python-level calls on proxies and cannot run the fused op's checks and backend choice."""
+    if isinstance(x, torch.fx.Proxy):
+        return True
+    return isinstance(x, dict) and any(isinstance(v, torch.fx.Proxy) for v in x.values())
 
 
 def convertible(fpn: nn.Module) -> bool:
@@ -236,6 +245,8 @@ class FPN(FeaturePyramidNetwork):
         return impl.lateral(x, weight.flatten(1), bias, top)
 
     def forward(self, x: Dict[str, Tensor]) -> Dict[str, Tensor]:
+        if _symbolic(x):   # torch.fx.symbolic_trace records torchvision's graph: its modules, interpolate, add
+            return FeaturePyramidNetwork.forward(self, x)
         inner_blocks, layer_blocks = list(self.inner_blocks), list(self.layer_blocks)
         names, feats, cast = run_check(self._check_features, x, inner_blocks)
         originals = feats   # what torchvision hands the extra blocks

@@ -42,7 +42,12 @@ def lateral(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] 
 
     Returns [N, Cout, H, W] in x's memory format and dtype. Differentiable in all inputs.
     Under torch.autocast the inputs are cast to the autocast dtype, as eager conv2d does.
+    Under torch.fx.symbolic_trace (proxies for tensors) the call is recorded as one call_function
+    node of this function, which runs when the traced module does.
     """
+    proxy = next((t for t in (x, weight, bias, top) if isinstance(t, torch.fx.Proxy)), None)
+    if proxy is not None:
+        return proxy.tracer.create_proxy("call_function", lateral, (x, weight, bias, top), {"backend": backend})
     if isinstance(x, torch.Tensor):
         cast = autocast_dtype(x.device.type)
         if cast is not None:   # autocast casts float32/16 inputs of conv2d (never float64)

@@ -279,3 +279,58 @@ def test_jit_script_raises_a_clear_error():
     _, ours = pair()
     with pytest.raises(RuntimeError, match=r"fused_fpn\.FPN does not support torch\.jit\.script.*torch\.compile"):
         torch.jit.script(ours)
+
+
+def _traced_nodes(gm):
+    return [(n.op, n.target if isinstance(n.target, str) else getattr(n.target, "__name__", str(n.target)))
+            for n in gm.graph.nodes]
+
+
+@pytest.mark.parametrize("norm", [None, nn.BatchNorm2d], ids=["plain", "batchnorm"])
+def test_fx_symbolic_trace_records_torchvisions_graph(norm):
+    """torch.fx.symbolic_trace (FX graph mode quantization, graph surgery, feature extraction inside
+    the FPN) of a fused FPN records torchvision's forward: the same nodes as tracing torchvision's FPN
+    (its inner / layer block modules, interpolate, add), and the traced module gives torchvision's
+    outputs bit for bit. (The proxies used to fail the fused path's checks: "must be a torch.Tensor,
+    got Proxy".)"""
+    tv, ours = pair(tv_fpn.LastLevelMaxPool(), fused_fpn.LastLevelMaxPool(), norm_layer=norm)
+    tv, ours = tv.eval(), ours.eval()
+    x = make_features(2, 33, 47, torch.float32, "cpu", "nchw")
+
+    class Positional(nn.Module):
+        def __init__(self, fpn):
+            super().__init__()
+            self.fpn = fpn
+
+        def forward(self, c2, c3, c4, c5):
+            return self.fpn({"c2": c2, "c3": c3, "c4": c4, "c5": c5})
+
+    traced_tv, traced_ours = torch.fx.symbolic_trace(Positional(tv)), torch.fx.symbolic_trace(Positional(ours))
+    assert _traced_nodes(traced_ours) == _traced_nodes(traced_tv)
+    convs = [t for op, t in _traced_nodes(traced_ours) if op == "call_module" and t.startswith("fpn.inner_blocks")]
+    assert [t for t in convs if t.endswith(".0")] == [f"fpn.inner_blocks.{i}.0" for i in (3, 2, 1, 0)]
+    with torch.no_grad():
+        got, expected = traced_ours(*x.values()), tv(x)
+    assert list(got) == list(expected) and all(torch.equal(got[k], expected[k]) for k in expected)
+
+
+def test_fx_symbolic_trace_of_lateral_is_one_node_of_it():
+    """fused_fpn.lateral called on proxies is recorded as one call_function node of itself (backend
+    argument kept), which runs the fused op when the traced module runs."""
+    g = torch.Generator().manual_seed(0)
+
+    class M(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.weight = nn.Parameter(torch.randn(6, 5, generator=g))
+            self.bias = nn.Parameter(torch.randn(6, generator=g))
+
+        def forward(self, x, top):
+            return fused_fpn.lateral(x, self.weight, self.bias, top, backend="torch").relu()
+
+    traced = torch.fx.symbolic_trace(M())
+    calls = [n for n in traced.graph.nodes if n.op == "call_function"]
+    assert [n.target for n in calls] == [fused_fpn.lateral] and calls[0].kwargs == {"backend": "torch"}
+    x, top = torch.randn(2, 5, 7, 9, generator=g), torch.randn(2, 6, 4, 5, generator=g)
+    expected = fused_fpn.lateral(x, traced.weight, traced.bias, top).relu()
+    torch.testing.assert_close(traced(x, top), expected, atol=1e-6, rtol=1e-6)
