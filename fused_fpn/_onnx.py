@@ -14,6 +14,10 @@ ONNX runtime gives the same numbers, as the unconverted one. ``backends.select``
 torchvision does (so a norm layer is exported as it is, not folded into the weights).
 
 Outside ONNX export nothing changes (``torch.export.export`` and ``torch.compile`` keep the fused op).
+The exporters' flags are process-wide (as ``torch.onnx.is_in_onnx_export``): a forward run by another
+thread while one thread exports runs unfused too. A module traced before the export
+(``torch.jit.trace``, ``torch.export.export``) holds the fused op already: export the module itself, or
+pass ``translation_table()`` to the dynamo exporter with the ``torch.export`` program.
 """
 from __future__ import annotations
 
@@ -27,7 +31,8 @@ NAME = "onnx-export"
 try:   # the exporters' own flags: two attribute reads (torch.onnx.is_in_onnx_export imports both, ~2 us)
     from torch.onnx._internal.exporter import _flags as _dynamo_exporter_flags
     from torch.onnx._internal.torchscript_exporter._globals import GLOBALS as _torchscript_exporter_globals
-except ImportError:   # another torch layout: the public function
+    _dynamo_exporter_flags._is_onnx_exporting, _torchscript_exporter_globals.in_onnx_export   # what is read
+except (ImportError, AttributeError):   # another torch layout: the public function
     _dynamo_exporter_flags = _torchscript_exporter_globals = None
 
 
