@@ -344,3 +344,30 @@ def test_converted_detector_backbone_exports_as_torchvisions(dynamo, tmp_path):
         expected = list(tv(image).values())
     assert_same_as_torchvision(ours_model, tv_model, run(tmp_path / "ours.onnx", [image]),
                                run(tmp_path / "tv.onnx", [image]), expected)
+
+
+@pytest.mark.slow   # two detector exports: about 8 s on 2 CPU cores
+def test_converted_detector_exports_torchvisions_graph(tmp_path):
+    """A whole converted detector, fasterrcnn_mobilenet_v3_large_320_fpn, exported with the TorchScript
+    exporter (torchvision's own ONNX path for its detectors; the dynamo exporter fails on the
+    unconverted detector as well): the same 1500-odd nodes as the unconverted detector's export, and
+    bit-identical ONNX Runtime detections (score threshold 0, so that random weights give 100 boxes)."""
+    import torchvision
+
+    def detector():
+        torch.manual_seed(0)
+        return torchvision.models.detection.fasterrcnn_mobilenet_v3_large_320_fpn(
+            weights=None, weights_backbone=None, box_score_thresh=0.0).eval()
+
+    tv, ours = detector(), fused_fpn.convert(detector())
+    assert isinstance(ours.backbone.fpn, fused_fpn.FPN)
+    image = [torch.rand(3, 300, 400, generator=torch.Generator().manual_seed(1))]
+    outputs, nodes = {}, {}
+    for name, model in (("tv", tv), ("ours", ours)):
+        path = tmp_path / f"{name}.onnx"
+        torch.onnx.export(model, (image,), str(path), dynamo=False, opset_version=17)
+        nodes[name] = [t for _, t in op_types(onnx.load(str(path)))]
+        outputs[name] = run(path, image)
+    assert nodes["ours"] == nodes["tv"] and nodes["ours"].count("Resize") >= 2
+    assert outputs["ours"][0].shape == (100, 4)
+    assert all(torch.equal(a, b) for a, b in zip(outputs["ours"], outputs["tv"]))
