@@ -11,7 +11,8 @@ which the exporters translate to ONNX Conv, Resize (nearest, asymmetric, floor) 
 for ``torchvision.ops.FeaturePyramidNetwork``: a converted model exports the same graph, and an
 ONNX runtime gives the same numbers, as the unconverted one. ``backends.select`` returns this module
 (for every backend name) while exporting; ``FPN`` then calls each lateral block itself, as
-torchvision does (so a norm layer is exported as it is, not folded into the weights).
+torchvision does (so a norm layer is exported as torchvision's is: the fused path's BatchNorm folding
+is not used; the exporters fold an eval-mode BatchNorm into the Conv themselves, for both).
 
 Outside ONNX export nothing changes (``torch.export.export`` and ``torch.compile`` keep the fused op).
 The exporters' flags are process-wide (as ``torch.onnx.is_in_onnx_export``): a forward run by another
