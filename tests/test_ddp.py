@@ -1,6 +1,7 @@
 """DDP and FSDP2 on CPU (gloo, loopback only): a converted model trained in 2 processes stays identical
 across ranks and equals a single-process run on the same global batch (DDP), or torchvision's model
 trained the same way (FSDP2, fully_shard: the FPN's parameters sharded across the ranks)."""
+import contextlib
 import os
 import socket
 
@@ -43,17 +44,34 @@ def train(model, rank, world):
         opt.step()
 
 
-def worker(rank, world, port, out_dir):
+@contextlib.contextmanager
+def process_group(rank, world, port):
+    """This spawned process as ``rank`` of a gloo group of ``world`` on loopback, one CPU thread."""
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
     try:
+        yield
+    finally:
+        dist.destroy_process_group()
+
+
+def assert_trained_alike(got, want):
+    """State dict ``got`` equals ``want`` (1e-6), and every weight of ``want`` moved from Model()'s."""
+    initial = Model().state_dict()
+    assert list(got) == list(want) == list(initial)
+    for k, v in want.items():
+        torch.testing.assert_close(got[k], v, atol=1e-6, rtol=1e-5, msg=k)
+        if k.endswith("weight"):
+            assert not torch.equal(v, initial[k]), f"{k} did not train"
+
+
+def worker(rank, world, port, out_dir):
+    with process_group(rank, world, port):
         model = fused_fpn.convert(Model())
         assert isinstance(model.fpn, fused_fpn.FPN)
         ddp = nn.parallel.DistributedDataParallel(model)
         train(ddp, rank, world)
         torch.save({k: v.detach() for k, v in model.state_dict().items()}, os.path.join(out_dir, f"rank{rank}.pt"))
-    finally:
-        dist.destroy_process_group()
 
 
 def free_port():
@@ -69,12 +87,9 @@ def test_ddp_two_processes_match_single_process(tmp_path):
     rank1 = torch.load(tmp_path / "rank1.pt")
     single = fused_fpn.convert(Model())
     train(single, 0, 1)
-    initial = Model().state_dict()
-    for k, v in single.state_dict().items():
+    for k in single.state_dict():
         assert torch.equal(rank0[k], rank1[k]), f"ranks diverged on {k}"
-        torch.testing.assert_close(rank0[k], v, atol=1e-6, rtol=1e-5, msg=k)
-        if k.endswith("weight"):
-            assert not torch.equal(v, initial[k]), f"{k} did not train"
+    assert_trained_alike(rank0, single.state_dict())
 
 
 def fsdp2_worker(rank, world, port, out_dir, fused):
@@ -82,9 +97,7 @@ def fsdp2_worker(rank, world, port, out_dir, fused):
     trained on this rank's half of each global batch; rank 0 saves the gathered state_dict."""
     from torch.distributed.fsdp import fully_shard
 
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
-    try:
+    with process_group(rank, world, port):
         model = fused_fpn.convert(Model()) if fused else Model()
         assert isinstance(model.fpn, fused_fpn.FPN) == fused
         fully_shard(model.fpn)
@@ -94,8 +107,6 @@ def fsdp2_worker(rank, world, port, out_dir, fused):
         state = {k: v.full_tensor().detach() for k, v in model.state_dict().items()}
         if rank == 0:
             torch.save(state, os.path.join(out_dir, f"fsdp2_{'fused' if fused else 'torchvision'}.pt"))
-    finally:
-        dist.destroy_process_group()
 
 
 @pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(), reason="gloo not available")
@@ -106,10 +117,4 @@ def test_fsdp2_training_matches_torchvision(tmp_path):
     for fused in (False, True):
         mp.start_processes(fsdp2_worker, args=(2, free_port(), str(tmp_path), fused), nprocs=2, join=True,
                            start_method="spawn")
-    ours, theirs = torch.load(tmp_path / "fsdp2_fused.pt"), torch.load(tmp_path / "fsdp2_torchvision.pt")
-    initial = Model().state_dict()
-    assert list(ours) == list(theirs) == list(initial)
-    for k, v in theirs.items():
-        torch.testing.assert_close(ours[k], v, atol=1e-6, rtol=1e-5, msg=k)
-        if k.endswith("weight"):
-            assert not torch.equal(v, initial[k]), f"{k} did not train"
+    assert_trained_alike(torch.load(tmp_path / "fsdp2_fused.pt"), torch.load(tmp_path / "fsdp2_torchvision.pt"))

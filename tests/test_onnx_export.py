@@ -20,6 +20,7 @@ from torchvision.ops import feature_pyramid_network as tv_fpn
 import fused_fpn
 from fused_fpn import _onnx
 from fused_fpn import backends as fb
+from fpn_testing import eager_lateral
 from test_fpn_module import feature_sizes, make_features, pair
 
 
@@ -177,13 +178,7 @@ class TorchvisionLateral(nn.Module):
         self.weight, self.bias = lateral.weight, lateral.bias
 
     def forward(self, x, top=None):
-        return torchvision_lateral(self, x, top)
-
-
-def torchvision_lateral(m, x, top=None):
-    """torchvision's computation of what ``m`` computes: conv2d + nearest interpolate + add."""
-    y = torch.nn.functional.conv2d(x, m.weight, m.bias)
-    return y if top is None else y + torch.nn.functional.interpolate(top, size=y.shape[-2:], mode="nearest")
+        return eager_lateral(x, self.weight, self.bias, top)
 
 
 @pytest.mark.parametrize("dynamo", EXPORTERS)
@@ -203,7 +198,7 @@ def test_lateral_function_exports_as_conv_resize_add(dynamo, case, tmp_path):
     assert kinds.count("Conv") == 1 and kinds.count("Resize") == kinds.count("Add") == (top is not None)
     tv_model = export(TorchvisionLateral(module).eval(), args, tmp_path / "tv.onnx", dynamo)
     with torch.no_grad():
-        expected = torchvision_lateral(module, *args)
+        expected = eager_lateral(args[0], module.weight, module.bias, *args[1:])
         torch.testing.assert_close(module(*args), expected, atol=1e-5, rtol=1e-5)
     assert_same_as_torchvision(model, tv_model, run(tmp_path / "lateral.onnx", args), run(tmp_path / "tv.onnx", args),
                                [expected])
@@ -255,7 +250,7 @@ def test_translation_table_takes_the_triton_op_too(tmp_path):
     assert table[torch.ops.fused_fpn.triton_lateral.default] is _onnx._lateral_translation
     torch.onnx.export(program, dynamo=True, custom_translation_table=table).save(str(tmp_path / "triton.onnx"))
     with torch.no_grad():
-        expected = torchvision_lateral(module, x, top)
+        expected = eager_lateral(x, module.weight, module.bias, top)
     (got,) = run(tmp_path / "triton.onnx", [x, top])
     torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
 
