@@ -360,8 +360,7 @@ def test_converted_detector_exports_torchvisions_graph(tmp_path):
     outputs, nodes = {}, {}
     for name, model in (("tv", tv), ("ours", ours)):
         path = tmp_path / f"{name}.onnx"
-        torch.onnx.export(model, (image,), str(path), dynamo=False, opset_version=17)
-        nodes[name] = [t for _, t in op_types(onnx.load(str(path)))]
+        nodes[name] = [t for _, t in op_types(export(model, [image], path, dynamo=False, opset_version=17))]
         outputs[name] = run(path, image)
     assert nodes["ours"] == nodes["tv"] and nodes["ours"].count("Resize") >= 2
     assert outputs["ours"][0].shape == (100, 4)
