@@ -85,30 +85,45 @@ def without_fast_launch(fn: Callable[[], object]) -> object:
 
 
 def stubbed_launcher_rows(dtype: torch.dtype) -> Dict[str, Callable[[], object]]:
-    """CPU only, with the Triton interpreter active: the Triton launchers' own host time on this
+    """CPU only, with the Triton interpreter active: the triton backend's own host time on this
     machine, with triton's JIT launch itself stubbed out (``JITFunction.run`` returns at once) and the
     launcher on its compiled-kernel branch (sm90 config lists, autotuning off). What is left is the
-    Python around the launch: arguments, allocation, the autotuner lookup, and either Autotuner.run
-    (rebuilding its key from the ~30 arguments) or the eager fast path. The launch skipped here took
-    ~37 us on the H200 machine's host (row "triton: JIT kernel, fixed config", 2026-11-30)."""
+    Python around the launch: arguments (the launch plan, ``lateral_launch.launch_plan``), allocation,
+    the autotuner lookup, and either Autotuner.run (rebuilding its key from the ~30 arguments) or the
+    eager fast path; then the same through the registered op (a ``custom_op`` under the interpreter,
+    where a GPU has a ``triton_op``), the public function, its autograd, and a forward + backward
+    (dx, dW, db + dtop launches stubbed too). The launch skipped here took ~37 us on the H200
+    machine's host (row "triton: JIT kernel, fixed config", 2026-11-30)."""
     import os
+    from fused_fpn.backends import triton as tb
     from fused_fpn.kernels import lateral_kernels as K
     from fused_fpn.kernels import lateral_launch as L
     x, w, b, top = tiny_lateral_case("cpu", dtype)
+    xg = x.clone().requires_grad_()
     out = torch.empty((1, 8, 4, 4), dtype=dtype)
     grad = torch.ones_like(out)
     L.interpreting = lambda: False
     L._device_facts = lambda device: ("sm90", 132)
     os.environ[K.AUTOTUNE_ENV] = "0"
-    for tuner in (K.autotuned_fwd("sm90", L.config_kind(x)), K.autotuned_grad_weight("sm90", L.config_kind(x))):
-        tuner.fn.run = lambda *args, **kwargs: None
+    for kernel in (K._lateral_fwd_kernel, K._lateral_grad_weight_kernel, K._lateral_grad_bias_top_kernel):
+        kernel.run = lambda *args, **kwargs: None   # the autotuners' .fn, and kernel[grid](...) calls .run
     fwd = lambda: no_hop(lambda: L.gemm_epilogue(x, w, b, top, out))       # noqa: E731  (as in the op)
     dw = lambda: no_hop(lambda: L.grad_weight(grad, x, w.dtype))           # noqa: E731
+    op = tb.ops()[0]
     return {
         "triton launcher, JIT stubbed: forward": fwd,
         "triton launcher, JIT stubbed: forward, Autotuner.run": lambda: without_fast_launch(fwd),
         "triton launcher, JIT stubbed: dW": dw,
         "triton launcher, JIT stubbed: dW, Autotuner.run": lambda: without_fast_launch(dw),
+        # no_hop around the op too: a triton_op's eager body turns wrap_triton's higher-order op off, the
+        # interpreter's custom_op does not (torch 2.11's wrap_triton then refuses an interpreted kernel)
+        "triton, JIT stubbed: registered op": lambda: no_hop(lambda: op(x, w, b, top)),
+        "triton, JIT stubbed: fused_fpn.lateral":
+            lambda: no_hop(lambda: fused_fpn.lateral(x, w, b, top, backend="triton")),
+        "triton, JIT stubbed: ..., requires_grad":
+            lambda: no_hop(lambda: fused_fpn.lateral(xg, w, b, top, backend="triton")),
+        "triton, JIT stubbed: forward + backward":
+            lambda: no_hop(lambda: fused_fpn.lateral(xg, w, b, top, backend="triton").sum().backward()),
     }
 
 

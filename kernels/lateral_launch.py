@@ -9,15 +9,16 @@ capture raises a RuntimeError instead of tuning there). On a GPU every launch as
 ``torch.library.wrap_triton`` first: while torch.compile traces the op it returns a wrapper that
 records the launch (so torch.compile sees the kernels); in eager it returns the kernel, and an
 autotuned kernel whose key was tuned before is launched with the chosen config directly
-(``_launch_autotuned``). Under TRITON_INTERPRET=1 (CPU tensors) the kernels run directly with one
-small fixed config.
+(``_launch_autotuned``), and what a launch derives from its tensors' sizes, strides and dtypes is
+computed once per such signature (``launch_plan``). Under TRITON_INTERPRET=1 (CPU tensors) the
+kernels run directly with one small fixed config.
 """
 from __future__ import annotations
 
 import contextlib
 import os
 import threading
-from typing import List, Tuple
+from typing import List, NamedTuple, Optional, Tuple
 
 import torch
 
@@ -368,6 +369,46 @@ def _run_on_device(t: torch.Tensor, fn, *args) -> None:
             fn(*args)
 
 
+class LaunchPlan(NamedTuple):
+    """What a compiled launch derives from its tensors' sizes, strides, dtypes and device facts: the
+    kernel's scalar arguments after the tensors (``scalars``), its constexpr flags (``meta``), the
+    config kind (``config_kind``), whether it takes the narrow config lists (``narrow``), its grid
+    (a tuple, or a function of the config for autotuned kernels) and the autotuner's key."""
+    scalars: tuple
+    meta: dict
+    kind: Optional[str]
+    narrow: bool
+    grid: object
+    key: Optional[tuple]
+
+
+# Eager launch plans, per signature: (launch name, each tensor's (shape, stride, dtype) or None, the
+# facts the caller names). Building a plan cost ~15 us of Python per launch on the dev machine (two
+# dozen stride reads, the nearest scales, the alignment and narrow-load rules); a known signature is
+# one dict lookup. Only for plain tensors and Parameters: a trace's fake or functional tensors may have
+# symbolic sizes, and their launches are recorded once per trace anyway. Bounded: cleared when full.
+# A plan is shared by every launch of its signature (and threads): nothing may modify its meta dict.
+_PLANS: dict = {}
+_PLANS_MAX = 4096
+_PLAIN = (torch.Tensor, torch.nn.Parameter)
+
+
+def launch_plan(name: str, tensors, facts: tuple, build) -> LaunchPlan:
+    """``build()``, or the plan it built before for the same ``name``, tensor geometry and ``facts``
+    (everything else the plan reads: device facts, TF32 mode, test switches). The plan must be a pure
+    function of those (no data pointers: alignment rules that read them stay outside)."""
+    if not all(t is None or type(t) in _PLAIN for t in tensors):
+        return build()
+    key = (name, facts) + tuple(None if t is None else (t.shape, t.stride(), t.dtype) for t in tensors)
+    plan = _PLANS.get(key)
+    if plan is None:
+        plan = build()
+        if len(_PLANS) >= _PLANS_MAX:
+            _PLANS.clear()
+        _PLANS[key] = plan
+    return plan
+
+
 def fwd_launch_args(inp: torch.Tensor, weight: torch.Tensor, bias, top, out: torch.Tensor):
     """(args, meta): the positional arguments and constexpr flags of ``_lateral_fwd_kernel`` for
     out = inp . weight^T + bias + nearest(top) (the config keys BLOCK_M/N/K, GROUP_M come on top)."""
@@ -405,27 +446,39 @@ def gemm_epilogue(inp: torch.Tensor, weight: torch.Tensor, bias, top, out: torch
     m = n * h * w
     if m == 0 or cout == 0:
         return out
-    args, meta = fwd_launch_args(inp, weight, bias, top, out)
     if interpreting():
+        args, meta = fwd_launch_args(inp, weight, bias, top, out)
         cfg = K.INTERPRET_FWD
         grid = (cdiv(m, cfg["BLOCK_M"]) * cdiv(cout, cfg["BLOCK_N"]),)
         _launch(K._lateral_fwd_kernel, grid, args, dict(meta, **cfg))
-    else:
-        arch, sms = _device_facts(inp.device)
-        kind, narrow = config_kind(inp), narrow_pixel_loads((inp,), meta["PIX_ALIGN"])
-        # the switch read once per launch (~1.7 us); the operands checked only where a TMA list exists
-        experimental = not narrow and K.experimental_enabled()
-        tma = experimental and (arch, kind) in K.TMA_FWD_CONFIGS and tma_loads(inp, weight)
-        kernel = K.autotuned_fwd(arch, kind, narrow, tma, experimental)
-        if kernel.fused_fpn_tma:
-            ensure_scratch_allocator()
-
-        def grid(meta):   # one program per output tile; persistent configs: at most one per SM
-            tiles = cdiv(m, meta["BLOCK_M"]) * cdiv(cout, meta["BLOCK_N"])
-            return (torch.sym_min(tiles, sms) if meta["PERSISTENT"] else tiles,)
-        key = (args[-1], cout, cin) + tuple(t.dtype for t in args[:5])   # (TUNE_KEY, COUT, CIN, dtypes)
-        _run_on_device(inp, _launch_autotuned, kernel, grid, args, meta, key)
+        return out
+    arch, sms = _device_facts(inp.device)
+    tensors = (inp, weight, bias, top, out)
+    plan = launch_plan("fwd", tensors, (arch, sms, _allow_tf32(inp.dtype), FORCE_SCALE_IN_KERNEL),
+                       lambda: _fwd_plan(inp, weight, bias, top, out, sms))
+    args = (inp, weight, weight if bias is None else bias, inp if top is None else top, out) + plan.scalars
+    # the switch read once per launch (~1.7 us); the operands checked only where a TMA list exists
+    experimental = not plan.narrow and K.experimental_enabled()
+    tma = experimental and (arch, plan.kind) in K.TMA_FWD_CONFIGS and tma_loads(inp, weight)
+    kernel = K.autotuned_fwd(arch, plan.kind, plan.narrow, tma, experimental)
+    if kernel.fused_fpn_tma:
+        ensure_scratch_allocator()
+    _run_on_device(inp, _launch_autotuned, kernel, plan.grid, args, plan.meta, plan.key)
     return out
+
+
+def _fwd_plan(inp, weight, bias, top, out, sms: int) -> "LaunchPlan":
+    """The forward's ``LaunchPlan`` (compiled kernels): ``fwd_launch_args``' scalars and flags, the
+    config kind, whether x's pixel loads are narrow, the grid (one program per output tile; persistent
+    configs: at most one per SM) and the autotuner's key (TUNE_KEY, COUT, CIN, the five tensors' dtypes)."""
+    args, meta = fwd_launch_args(inp, weight, bias, top, out)
+    m, cin, cout = args[5], args[8], args[9]
+
+    def grid(meta):
+        tiles = cdiv(m, meta["BLOCK_M"]) * cdiv(cout, meta["BLOCK_N"])
+        return (torch.sym_min(tiles, sms) if meta["PERSISTENT"] else tiles,)
+    key = (args[-1], cout, cin) + tuple(t.dtype for t in args[:5])
+    return LaunchPlan(args[5:], meta, config_kind(inp), narrow_pixel_loads((inp,), meta["PIX_ALIGN"]), grid, key)
 
 
 def lateral_forward(x: torch.Tensor, weight: torch.Tensor, bias, top) -> torch.Tensor:
@@ -458,27 +511,48 @@ def grad_weight(grad: torch.Tensor, x: torch.Tensor, out_dtype: torch.dtype) -> 
     m = n * h * w
     if m == 0 or cin == 0 or cout == 0:
         return torch.zeros((cout, cin), dtype=out_dtype, device=x.device)
-    mode = "interpret" if interpreting() else "gpu"
+    if interpreting():
+        plan = _grad_weight_plan(grad, x, "interpret")
+    else:
+        arch, sms = _device_facts(x.device)
+        plan = launch_plan("dw", (grad, x), (arch, sms, _allow_tf32(x.dtype)),
+                           lambda: _grad_weight_plan(grad, x, arch))
+    split = plan.grid[1]
+    part = torch.empty((split, cout, cin), dtype=torch.float32, device=x.device)
+    args = (grad, x, part) + plan.scalars
+    if plan.kind is None:
+        _launch(K._lateral_grad_weight_kernel, plan.grid, args, dict(plan.meta, **K.INTERPRET_GRAD_WEIGHT))
+    else:
+        kernel = K.autotuned_grad_weight(arch, plan.kind, plan.narrow)
+        _run_on_device(x, _launch_autotuned, kernel, plan.grid, args, plan.meta, plan.key)
+    if split == 1:   # one partial sum: no reduction launch (a cast, or nothing for fp32)
+        return part[0].to(out_dtype)
+    return part.sum(dim=0).to(out_dtype)
+
+
+def _grad_weight_plan(grad, x, arch: str) -> "LaunchPlan":
+    """The weight gradient's ``LaunchPlan`` on ``arch`` ("interpret": the interpreter's tile, kind
+    None): the kernel's scalars after (grad, x, part), its flags, the grid (tiles, split: the number
+    of fp32 partial sums, ``_grad_weight_split``) and, compiled, the config kind, whether dy's or x's
+    pixel loads are narrow and the autotuner's key (TUNE_KEY, COUT, CIN, the dtypes of grad, x, part)."""
+    n, cin, h, w = x.shape
+    cout = grad.shape[1]
+    m = n * h * w
+    mode = "interpret" if arch == "interpret" else "gpu"
     bco, bci = K.GRAD_WEIGHT_TILE[mode]
     tiles = cdiv(cout, bco) * cdiv(cin, bci)
     split, rows = _grad_weight_split(m, tiles, x.device)
-    part = torch.empty((split, cout, cin), dtype=torch.float32, device=x.device)
-    args = (grad, x, part, m, h * w, w, cin, cout, rows, *grad.stride(), *x.stride(),
-            tune_key(m, grad.stride(1) == 1, x.stride(1) == 1))
+    scalars = (m, h * w, w, cin, cout, rows, *grad.stride(), *x.stride(),
+               tune_key(m, grad.stride(1) == 1, x.stride(1) == 1))
     meta = dict(D_FLAT=pixels_flatten(grad), X_FLAT=pixels_flatten(x), ALLOW_TF32=_allow_tf32(x.dtype),
                 USE_INPUT_PRECISION=USE_INPUT_PRECISION,
                 PIX_ALIGN=pixel_alignment(x.element_size(), h * w, *grad.stride()[:2], *x.stride()[:2],
                                           whole_vectors=True))
     if mode == "interpret":
-        _launch(K._lateral_grad_weight_kernel, (tiles, split), args, dict(meta, **K.INTERPRET_GRAD_WEIGHT))
-    else:
-        narrow = narrow_pixel_loads((grad, x), meta["PIX_ALIGN"])
-        kernel = K.autotuned_grad_weight(_arch(x.device), config_kind(x), narrow)
-        key = (args[-1], cout, cin, grad.dtype, x.dtype, part.dtype)   # (TUNE_KEY, COUT, CIN, dtypes)
-        _run_on_device(x, _launch_autotuned, kernel, (tiles, split), args, meta, key)
-    if split == 1:   # one partial sum: no reduction launch (a cast, or nothing for fp32)
-        return part[0].to(out_dtype)
-    return part.sum(dim=0).to(out_dtype)
+        return LaunchPlan(scalars, meta, None, False, (tiles, split), None)
+    key = (scalars[-1], cout, cin, grad.dtype, x.dtype, torch.float32)
+    return LaunchPlan(scalars, meta, config_kind(x), narrow_pixel_loads((grad, x), meta["PIX_ALIGN"]),
+                      (tiles, split), key)
 
 
 def grad_bias_top(grad: torch.Tensor, top_h: int, top_w: int, need_top: bool):

@@ -435,7 +435,8 @@ def test_launch_overhead_diagnostic_runs_on_cpu(tmp_path):
 @pytest.mark.skipif("triton" not in fused_fpn.available_backends("cpu"), reason="Triton interpreter not active")
 def test_launch_overhead_times_the_triton_launchers_with_the_jit_launch_stubbed(tmp_path):
     """``launch_overhead.py --device cpu --stub-triton-launch`` (in its own process: it patches the
-    launcher for good) adds the Triton launchers' rows, fast path and Autotuner.run, forward and dW."""
+    launcher for good) adds the Triton launchers' rows, fast path and Autotuner.run, forward and dW, and
+    the layers above them (registered op, public function, autograd, forward + backward), each without error."""
     out = tmp_path / "overhead.json"
     env = dict(os.environ, TRITON_INTERPRET="1")
     cmd = [sys.executable, "benchmarks/launch_overhead.py", "--device", "cpu", "--calls", "20",
@@ -445,6 +446,8 @@ def test_launch_overhead_times_the_triton_launchers_with_the_jit_launch_stubbed(
     rows = {r["row"]: r for r in json.loads(out.read_text())["rows"]}
     stubbed = {f"triton launcher, JIT stubbed: {what}{how}" for what in ("forward", "dW")
                for how in ("", ", Autotuner.run")}
+    stubbed |= {f"triton, JIT stubbed: {what}" for what in ("registered op", "fused_fpn.lateral", "..., requires_grad",
+                                                            "forward + backward")}
     assert stubbed <= set(rows), sorted(rows)
     assert all(rows[name]["us_per_call"] > 0 for name in stubbed)
     off = subprocess.run(cmd[:-2], cwd=ROOT, env=dict(env, TRITON_INTERPRET="0"), capture_output=True, text=True,

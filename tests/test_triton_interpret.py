@@ -694,6 +694,59 @@ def test_the_gpu_launch_path_on_interpreted_kernels(arch, sms, dtype, layout, mo
     assert not L._RECORDERS, "a recording block leaves nothing behind"
 
 
+@pytest.mark.skipif(HAS_CUDA, reason="on a GPU the whole suite runs this launch path for real")
+def test_launch_plans_are_kept_per_tensor_geometry_and_device_facts(monkeypatch):
+    """The compiled branch keeps what a launch derives from its tensors' sizes, strides and dtypes
+    (the kernels' scalars and flags, grid, tuning key, narrow loads: ``lateral_launch.launch_plan``)
+    per signature. Calls that differ only in a stride, a dtype, bias or top presence, the top's size,
+    a weight's orientation, the TF32 switch or the device's facts each get a plan of their own and the
+    float64 reference's numbers (NaN-poisoned outputs); the same calls again reuse their plans and
+    give the same bits."""
+    from fused_fpn.kernels import lateral_launch as L
+    _compiled_branch_on_the_interpreter(monkeypatch, sms=132)
+    monkeypatch.setattr(L, "_PLANS", {})
+    g = torch.Generator().manual_seed(11)
+    w = (torch.randn((6, 9), generator=g) / 4)
+    wt = w.t().contiguous().t()   # the same [6, 9] values, Cin stride 6 (as dx passes W^T)
+    b = torch.randn((6,), generator=g)
+    top = make_input((2, 6, 3, 4), torch.float32, "cpu", "nchw", g)
+    x = {layout: make_input((2, 9, 5, 7), torch.float32, "cpu", layout, g) for layout in LAYOUTS}
+    cases = {   # label -> (facts, tf32, x, w, b, top)
+        "nchw": (None, False, x["nchw"], w, b, top),
+        "channels_last": (None, False, x["channels_last"], w, b, top),
+        "noncontig": (None, False, x["noncontig"], w, b, top),
+        "no bias": (None, False, x["nchw"], w, None, top),
+        "no top": (None, False, x["nchw"], w, b, None),
+        "top 5x7": (None, False, x["nchw"], w, b, make_input((2, 6, 5, 7), torch.float32, "cpu", "nchw", g)),
+        "W Cin stride 6": (None, False, x["nchw"], wt, b, top),
+        "fp16": (None, False, x["nchw"].half(), w.half(), b.half(), top.half()),
+        "tf32": (None, True, x["nchw"], w, b, top),
+        "sm80": (("sm80", 108), False, x["nchw"], w, b, top),
+    }
+    first = {}
+    for attempt in ("new", "again"):
+        for label, (facts, tf32, xi, wi, bi, ti) in cases.items():
+            monkeypatch.setattr(L, "_device_facts", lambda device, f=facts or ("sm90", 132): f)
+            monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", tf32)
+            out = torch.full((2, 6, 5, 7), float("nan"), dtype=xi.dtype)
+            L.gemm_epilogue(xi, wi, bi, ti, out)
+            ref = lateral_reference(*(None if t is None else t.double() for t in (xi, wi, bi, ti)))
+            assert_close_to_reference(out, ref, xi.dtype if not tf32 else torch.float16)   # TF32: 10-bit mantissa
+            if attempt == "new":
+                first[label] = out
+            else:
+                assert torch.equal(out, first[label]), f"{label}: another result through the kept plan"
+        assert len(L._PLANS) == len(cases), f"{attempt}: one plan per signature"
+    # the weight gradient's plans: per geometry too
+    grad = make_input((2, 6, 5, 7), torch.float32, "cpu", "nchw", g)
+    monkeypatch.setattr(L, "_device_facts", lambda device: ("sm90", 132))
+    for layout in LAYOUTS * 2:
+        dw = L.grad_weight(grad, x[layout], torch.float32)
+        ref = torch.einsum("nohw,nihw->oi", grad.double(), x[layout].double())
+        assert_close_to_reference(dw, ref, torch.float32)
+    assert len(L._PLANS) == len(cases) + len(LAYOUTS)
+
+
 @pytest.mark.skipif(HAS_CUDA, reason="on a GPU tests/test_triton_gpu.py runs each list with its TF32 setting")
 def test_fp32_takes_the_config_lists_of_the_tf32_flag(monkeypatch):
     """fp32 launches tune over the "tf32" lists when torch.backends.cudnn.allow_tf32 is on and over the
@@ -871,6 +924,7 @@ def test_launchers_keep_symbolic_sizes_symbolic(monkeypatch):
         launches.append((grid, args, meta))
         tuners.append((layout, tuner.fused_fpn_name, tuner.fused_fpn_narrow))
     monkeypatch.setattr(L, "_launch_autotuned", autotuned)
+    monkeypatch.setattr(L, "_PLANS", {})
     sym = SymbolicSizes()
     for layout in ["nchw", "channels_last", "noncontig"]:   # traced at the first shapes; the others: guards
         x = sym.tensor(make_input((2, 8, 40, 44), torch.float32, DEVICE, layout), (0, 2, 3),
@@ -903,6 +957,7 @@ def test_launchers_keep_symbolic_sizes_symbolic(monkeypatch):
     # the TMA rule, asked where the lists are not narrow (channels_last): never in a trace (the
     # compiled code's tensors may be aligned otherwise), so no size is read and nothing guarded
     assert tma == [False, False]
+    assert not L._PLANS, "a trace's tensors (symbolic sizes) never enter the eager launch plans"
     sym.assert_none_pinned()
 
 
