@@ -25,7 +25,9 @@ subtracting two rows gives the cost of one layer. Rows, from the bottom of the s
                                           no grad, and forward + backward
 
 With ``--device cpu --stub-triton-launch`` under TRITON_INTERPRET=1, rows "triton launcher, JIT
-stubbed: ..." time the Triton launchers' own Python on this machine (``stubbed_launcher_rows``).
+stubbed: ..." time the Triton launchers' own Python on this machine, and rows "triton, JIT stubbed:
+..." the layers above them (registered op, fused_fpn.lateral, its autograd, forward + backward), with
+every Triton launch stubbed out (``stubbed_launcher_rows``).
 
 It is a diagnostic, not a benchmark of the kernels (``pytest benchmarks`` is that): run it on the
 GPU machine to see which layer to cut. On CPU tensors the Triton rows are skipped (the interpreter).

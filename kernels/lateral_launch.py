@@ -382,8 +382,8 @@ class LaunchPlan(NamedTuple):
     key: Optional[tuple]
 
 
-# Eager launch plans, per signature: (launch name, each tensor's (shape, stride, dtype) or None, the
-# facts the caller names). Building a plan cost ~15 us of Python per launch on the dev machine (two
+# Eager launch plans, per signature: (launch name, the facts the caller names, each tensor's (shape,
+# stride, dtype) or None). Building a plan cost ~15 us of Python per launch on the dev machine (two
 # dozen stride reads, the nearest scales, the alignment and narrow-load rules); a known signature is
 # one dict lookup. Only for plain tensors and Parameters: a trace's fake or functional tensors may have
 # symbolic sizes, and their launches are recorded once per trace anyway. Bounded: cleared when full.
@@ -395,8 +395,10 @@ _PLAIN = (torch.Tensor, torch.nn.Parameter)
 
 def launch_plan(name: str, tensors, facts: tuple, build) -> LaunchPlan:
     """``build()``, or the plan it built before for the same ``name``, tensor geometry and ``facts``
-    (everything else the plan reads: device facts, TF32 mode, test switches). The plan must be a pure
-    function of those (no data pointers: alignment rules that read them stay outside)."""
+    (everything else the plan reads that can change: device facts, TF32 mode, test switches; module
+    constants aside). The plan must be a pure function of those (no data pointers: alignment rules
+    that read them stay outside; no environment switch: those are read per launch). Compiled launches
+    only: the interpreter's are not kept."""
     if not all(t is None or type(t) in _PLAIN for t in tensors):
         return build()
     key = (name, facts) + tuple(None if t is None else (t.shape, t.stride(), t.dtype) for t in tensors)

@@ -711,8 +711,13 @@ def test_launch_plans_are_kept_per_tensor_geometry_and_device_facts(monkeypatch)
     b = torch.randn((6,), generator=g)
     top = make_input((2, 6, 3, 4), torch.float32, "cpu", "nchw", g)
     x = {layout: make_input((2, 9, 5, 7), torch.float32, "cpu", layout, g) for layout in LAYOUTS}
-    cases = {   # label -> (facts, tf32, x, w, b, top)
+    top_cl = top.contiguous(memory_format=torch.channels_last)
+    cases = {   # label -> (facts, tf32, x, w, b, top[, out's layout, FORCE_SCALE_IN_KERNEL])
         "nchw": (None, False, x["nchw"], w, b, top),
+        "out channels_last": (None, False, x["nchw"], w, b, top, "channels_last"),
+        "top channels_last": (None, False, x["nchw"], w, b, top_cl),
+        "scales in kernel": (None, False, x["nchw"], w, b, top, "nchw", True),
+        "114 SMs": (("sm90", 114), False, x["nchw"], w, b, top),
         "channels_last": (None, False, x["channels_last"], w, b, top),
         "noncontig": (None, False, x["noncontig"], w, b, top),
         "no bias": (None, False, x["nchw"], w, None, top),
@@ -725,10 +730,12 @@ def test_launch_plans_are_kept_per_tensor_geometry_and_device_facts(monkeypatch)
     }
     first = {}
     for attempt in ("new", "again"):
-        for label, (facts, tf32, xi, wi, bi, ti) in cases.items():
+        for label, (facts, tf32, xi, wi, bi, ti, *more) in cases.items():
+            out_layout, in_kernel = more + ["nchw", False][len(more):]
             monkeypatch.setattr(L, "_device_facts", lambda device, f=facts or ("sm90", 132): f)
             monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", tf32)
-            out = torch.full((2, 6, 5, 7), float("nan"), dtype=xi.dtype)
+            monkeypatch.setattr(L, "FORCE_SCALE_IN_KERNEL", in_kernel)
+            out = make_input((2, 6, 5, 7), xi.dtype, "cpu", out_layout).fill_(float("nan"))
             L.gemm_epilogue(xi, wi, bi, ti, out)
             ref = lateral_reference(*(None if t is None else t.double() for t in (xi, wi, bi, ti)))
             assert_close_to_reference(out, ref, xi.dtype if not tf32 else torch.float16)   # TF32: 10-bit mantissa
@@ -737,14 +744,21 @@ def test_launch_plans_are_kept_per_tensor_geometry_and_device_facts(monkeypatch)
             else:
                 assert torch.equal(out, first[label]), f"{label}: another result through the kept plan"
         assert len(L._PLANS) == len(cases), f"{attempt}: one plan per signature"
-    # the weight gradient's plans: per geometry too
+        assert sum(plan.meta["SCALE_IN_KERNEL"] for plan in L._PLANS.values()) == 1   # "scales in kernel"'s
+    # the weight gradient's plans: per geometry, dtype, TF32 switch and device facts too
     grad = make_input((2, 6, 5, 7), torch.float32, "cpu", "nchw", g)
-    monkeypatch.setattr(L, "_device_facts", lambda device: ("sm90", 132))
-    for layout in LAYOUTS * 2:
-        dw = L.grad_weight(grad, x[layout], torch.float32)
-        ref = torch.einsum("nohw,nihw->oi", grad.double(), x[layout].double())
-        assert_close_to_reference(dw, ref, torch.float32)
-    assert len(L._PLANS) == len(cases) + len(LAYOUTS)
+    monkeypatch.setattr(L, "FORCE_SCALE_IN_KERNEL", False)
+    dw_cases = [(layout, torch.float32, False, ("sm90", 132)) for layout in LAYOUTS]
+    dw_cases += [("nchw", torch.float16, False, ("sm90", 132)), ("nchw", torch.float32, True, ("sm90", 132)),
+                 ("nchw", torch.float32, False, ("sm90", 8)), ("nchw", torch.float32, False, ("sm80", 108))]
+    for layout, dtype, tf32, facts in dw_cases * 2:
+        monkeypatch.setattr(L, "_device_facts", lambda device, f=facts: f)
+        monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", tf32)
+        xi, gi = x[layout].to(dtype), grad.to(dtype)
+        dw = L.grad_weight(gi, xi, dtype)
+        ref = torch.einsum("nohw,nihw->oi", gi.double(), xi.double())
+        assert_close_to_reference(dw, ref, dtype if not tf32 else torch.float16)
+    assert len(L._PLANS) == len(cases) + len(dw_cases)
 
 
 @pytest.mark.skipif(HAS_CUDA, reason="on a GPU tests/test_triton_gpu.py runs each list with its TF32 setting")
