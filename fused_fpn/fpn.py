@@ -17,6 +17,7 @@ torchvision's graph; and ``torch.fx.symbolic_trace`` records torchvision's forwa
 """
 from __future__ import annotations
 
+import warnings
 from collections import OrderedDict
 from typing import Dict, List, Optional, Tuple
 
@@ -115,6 +116,30 @@ def convertible(fpn: nn.Module) -> bool:
     return isinstance(fpn, FPN) or type(fpn) is FeaturePyramidNetwork
 
 
+# Module containers that from_torchvision gives the fused module its own copy of (setattr / del on one
+# module must not change the other); everything else in ``__dict__`` (the hook dicts) is shared.
+_OWN_CONTAINERS = ("_modules", "_parameters", "_buffers", "_non_persistent_buffers_set")
+
+
+def _compiled_again(compiled, call):
+    """``call`` compiled as ``compiled`` (what ``Module.compile(*args, **kwargs)`` stored) was: with the
+    same dynamo context, so the same backend, mode and options. torch keeps the options only in that
+    context, the compiled function's closure; where it is not found (another torch), ``torch.compile``'s
+    defaults, with a warning."""
+    try:
+        from torch._dynamo.eval_frame import _TorchDynamoContext
+    except ImportError:
+        _TorchDynamoContext = ()
+    for cell in getattr(compiled, "__closure__", None) or ():
+        context = cell.cell_contents
+        if isinstance(context, _TorchDynamoContext):
+            return context(call)
+    warnings.warn("fused_fpn: the torchvision FPN was compiled with Module.compile(...), whose options this "
+                  "torch does not let fused_fpn read; the fused FPN is compiled with torch.compile's defaults: "
+                  "call .compile(...) on it to choose others", UserWarning, stacklevel=4)
+    return torch.compile(call)
+
+
 def _in_channels(block: nn.Module) -> Optional[int]:
     first = block[0] if isinstance(block, nn.Sequential) and len(block) > 0 else block
     return getattr(first, "in_channels", None)
@@ -131,8 +156,7 @@ class FPN(FeaturePyramidNetwork):
 
     def __init__(self, in_channels_list: List[int], out_channels: int, extra_blocks=None,
                  norm_layer=None, *, backend: str = "auto"):
-        if backend != "auto" and backend not in _backends.BACKEND_NAMES:
-            raise ValueError(f"backend must be 'auto' or one of {list(_backends.BACKEND_NAMES)}, got {backend!r}")
+        _backends.check_name(backend)
         super().__init__(list(in_channels_list), out_channels, extra_blocks=extra_blocks, norm_layer=norm_layer)
         self.backend = backend
 
@@ -143,8 +167,10 @@ class FPN(FeaturePyramidNetwork):
     def from_torchvision(cls, fpn: FeaturePyramidNetwork, *, backend: str = "auto") -> "FPN":
         """A fused FPN that shares ``fpn``'s submodules, parameters and buffers (no copies).
 
-        Extra blocks, norm layers, train/eval mode, device, dtype, memory format, hooks and the
-        parameter order are those of ``fpn``. A fused_fpn.FPN is returned as it is (backend updated).
+        Extra blocks, norm layers, train/eval mode, device, dtype, memory format and the parameter
+        order are those of ``fpn``; its hooks are shared (a handle taken on ``fpn`` still removes its
+        hook). An ``fpn`` compiled with ``fpn.compile(...)`` gives a fused module compiled with the
+        same options (``_compiled_again``). A fused_fpn.FPN is returned as it is (backend updated).
         """
         if not isinstance(fpn, FeaturePyramidNetwork):
             raise TypeError(f"from_torchvision expects a torchvision.ops.FeaturePyramidNetwork, got {type(fpn).__name__}")
@@ -154,18 +180,23 @@ class FPN(FeaturePyramidNetwork):
                 f"{type(fpn).__qualname__}: a fused_fpn.FPN in its place would drop the subclass's own methods "
                 f"(forward included). Derive {type(fpn).__qualname__} from fused_fpn.FPN instead (same constructor "
                 f"and state_dict keys) to fuse it.")
-        if backend != "auto" and backend not in _backends.BACKEND_NAMES:
-            raise ValueError(f"backend must be 'auto' or one of {list(_backends.BACKEND_NAMES)}, got {backend!r}")
+        _backends.check_name(backend)
         if isinstance(fpn, FPN):
             fpn.backend = backend
             return fpn
         new = cls.__new__(cls)
         state = dict(fpn.__dict__)
-        for key, value in state.items():   # fresh containers, the very same modules/tensors inside
-            if isinstance(value, (dict, OrderedDict)):
-                state[key] = type(value)(value)
+        for key in _OWN_CONTAINERS:   # fresh containers, the very same modules/tensors inside
+            if key in state:
+                state[key] = type(state[key])(state[key])
+        # The hook dicts stay shared: a RemovableHandle taken on fpn holds a weak reference to them,
+        # so handle.remove() keeps working on the fused module. A compiled call (fpn.compile()) runs
+        # fpn's own call, never this module's forward nor its new hooks: compiled again, for this module.
+        compiled = state.pop("_compiled_call_impl", None)
         new.__dict__.update(state)
         new.backend = backend
+        if compiled is not None:
+            new._compiled_call_impl = _compiled_again(compiled, new._call_impl)
         return new
 
     def __prepare_scriptable__(self):
@@ -173,6 +204,11 @@ class FPN(FeaturePyramidNetwork):
             "fused_fpn.FPN does not support torch.jit.script (its fused ops are torch.library custom ops "
             "called from Python). Use torch.compile(model) or torch.export.export(model, ...) instead, "
             "or script the model before fused_fpn.convert().")
+
+    def _overrides_inner_blocks(self) -> bool:
+        """Whether a subclass overrides torchvision's ``get_result_from_inner_blocks`` (the lateral
+        block's call, which the fused op replaces): its forward is then torchvision's, unfused."""
+        return type(self).get_result_from_inner_blocks is not FeaturePyramidNetwork.get_result_from_inner_blocks
 
     def _check_features(self, x, inner_blocks: List[nn.Module]
                         ) -> Tuple[List[str], List[Tensor], Optional[torch.dtype]]:
@@ -245,7 +281,9 @@ class FPN(FeaturePyramidNetwork):
         return impl.lateral(x, weight.flatten(1), bias, top)
 
     def forward(self, x: Dict[str, Tensor]) -> Dict[str, Tensor]:
-        if _symbolic(x):   # torch.fx.symbolic_trace records torchvision's graph: its modules, interpolate, add
+        if _symbolic(x) or self._overrides_inner_blocks():
+            # torch.fx.symbolic_trace records torchvision's graph (its modules, interpolate, add); a
+            # subclass's own get_result_from_inner_blocks is a lateral computation the fused op cannot run
             return FeaturePyramidNetwork.forward(self, x)
         inner_blocks, layer_blocks = list(self.inner_blocks), list(self.layer_blocks)
         names, feats, cast = run_check(self._check_features, x, inner_blocks)
@@ -253,11 +291,16 @@ class FPN(FeaturePyramidNetwork):
         if cast is not None:   # as eager conv2d under autocast (the lateral convs would cast them)
             feats = [autocast_tensor(f, cast) for f in feats]
         impl = _backends.select(self.backend, feats[0])   # every level has its device and dtype
+        if type(self).get_result_from_layer_blocks is not FeaturePyramidNetwork.get_result_from_layer_blocks:
+            layer = self.get_result_from_layer_blocks   # a subclass's own (idx as torchvision passes it)
+        else:
+            def layer(t: Tensor, idx: int) -> Tensor:
+                return layer_blocks[idx](t)
         last_inner = self._lateral(inner_blocks[-1], feats[-1], None, impl, cast)
-        results = [layer_blocks[-1](last_inner)]
+        results = [layer(last_inner, -1)]
         for idx in range(len(feats) - 2, -1, -1):
             last_inner = self._lateral(inner_blocks[idx], feats[idx], last_inner, impl, cast)
-            results.insert(0, layer_blocks[idx](last_inner))
+            results.insert(0, layer(last_inner, idx))
         if self.extra_blocks is not None:
             results, names = self.extra_blocks(results, originals, names)
         return OrderedDict([(k, v) for k, v in zip(names, results)])

@@ -453,3 +453,120 @@ def test_convert_leaves_subclasses_of_torchvision_fpn_alone_with_a_warning():
     x = make_features(2, 33, 47, torch.float32, "cpu", "nchw")
     assert_outputs_match(fused(x), model.sub(x), torch.float32)
     assert min(v.min().item() for v in fused(x).values()) == 0.0
+
+
+def _hooked_model():
+    model = nn.Module()
+    model.fpn = randomize_(FeaturePyramidNetwork(IN_CHANNELS, OUT))
+    return model
+
+
+def test_hook_handles_taken_before_convert_still_remove_their_hooks():
+    """from_torchvision once copied every dict of the module, hook dicts included: a handle taken on the
+    torchvision FPN then removed its hook from the old dict only, and the fused FPN kept calling it."""
+    model = _hooked_model()
+    tv, calls = model.fpn, []
+    handles = [tv.register_forward_pre_hook(lambda m, args: calls.append("pre")),
+               tv.register_forward_hook(lambda m, args, out: calls.append("forward")),
+               tv.register_state_dict_post_hook(lambda m, sd, prefix, meta: calls.append("state_dict"))]
+    fused_fpn.convert(model)
+    assert type(model.fpn) is fused_fpn.FPN
+    x = make_features(1, 29, 31, torch.float32, "cpu", "nchw")
+    model.fpn(x)
+    model.state_dict()
+    assert calls == ["pre", "forward", "state_dict"]
+    for handle in handles:
+        handle.remove()
+    calls.clear()
+    model.fpn(x)
+    model.state_dict()
+    assert calls == []
+    model.fpn.extra = nn.ReLU()   # the module tree is the fused module's own
+    assert "extra" not in tv._modules
+
+
+def test_a_compiled_fpn_is_compiled_fused_with_its_options_after_convert():
+    """fpn.compile(...) stores a compiled call of the torchvision module; copied as it was, it ran
+    torchvision's forward (never fused) and never the fused module's own hooks."""
+    graphs = []
+
+    def recording_backend(gm, example_inputs):
+        graphs.append(gm)
+        return gm.forward
+
+    model = _hooked_model()
+    eager = copy.deepcopy(model.fpn)
+    model.fpn.compile(backend=recording_backend)
+    fused_fpn.convert(model, backend="cpu")
+    calls = []
+    model.fpn.register_forward_hook(lambda m, args, out: calls.append("forward"))
+    x = make_features(2, 29, 31, torch.float32, "cpu", "nchw")
+    torch._dynamo.reset()
+    try:
+        got = model.fpn(x)
+    finally:
+        torch._dynamo.reset()
+    assert calls == ["forward"]
+    targets = [str(node.target) for gm in graphs for node in gm.graph.nodes if node.op == "call_function"]
+    assert sum("fused_fpn.lateral" in t for t in targets) == len(IN_CHANNELS), targets
+    assert_outputs_match(got, eager(x), torch.float32)
+
+
+def test_a_compiled_call_of_no_known_shape_is_compiled_with_defaults_and_a_warning(monkeypatch):
+    """Where the compiled call holds no dynamo context (another torch), the fused FPN is compiled
+    with torch.compile's defaults, and the warning says to pass the options again."""
+    model = _hooked_model()
+    model.fpn._compiled_call_impl = lambda *args, **kwargs: None   # stored, never called
+    compiled = []
+    monkeypatch.setattr(torch, "compile", lambda fn, *args, **kwargs: compiled.append((fn, args, kwargs)) or fn)
+    with pytest.warns(UserWarning, match=r"compiled with torch.compile's defaults: call .compile\(...\) on it"):
+        fused_fpn.convert(model)
+    assert compiled == [(model.fpn._call_impl, (), {})]
+    assert model.fpn._compiled_call_impl == model.fpn._call_impl
+
+
+class _DoubledInner(FeaturePyramidNetwork):
+    def get_result_from_inner_blocks(self, x, idx):
+        return 2.0 * super().get_result_from_inner_blocks(x, idx)
+
+
+class _ShiftedLayer(FeaturePyramidNetwork):
+    def get_result_from_layer_blocks(self, x, idx):
+        return super().get_result_from_layer_blocks(x, idx) + float(idx % 3)
+
+
+class _FusedDoubledInner(fused_fpn.FPN, _DoubledInner):
+    pass
+
+
+class _FusedShiftedLayer(fused_fpn.FPN, _ShiftedLayer):
+    pass
+
+
+@pytest.mark.parametrize("tv_cls,fused_cls,fused_laterals", [
+    (_DoubledInner, _FusedDoubledInner, 0),      # its own lateral computation: torchvision's forward
+    (_ShiftedLayer, _FusedShiftedLayer, len(IN_CHANNELS)),   # laterals fused, its layer step called
+], ids=["inner", "layer"])
+def test_a_subclass_overriding_torchvision_hooks_gets_its_methods_called(tv_cls, fused_cls, fused_laterals,
+                                                                         monkeypatch):
+    """A fused_fpn.FPN subclass overriding get_result_from_inner_blocks / get_result_from_layer_blocks
+    (torchvision's extension points, called with idx -1 then L-2 .. 0) once had them ignored."""
+    tv = randomize_(tv_cls(IN_CHANNELS, OUT))
+    ours = fused_cls(IN_CHANNELS, OUT, backend="cpu")
+    ours.load_state_dict(tv.state_dict())
+    cpu, count = fused_fpn.backends.get_backend("cpu"), []
+    lateral = cpu.lateral
+    monkeypatch.setattr(cpu, "lateral", lambda *args: count.append(1) or lateral(*args))
+    x = make_features(2, 29, 31, torch.float32, "cpu", "nchw")
+    assert_outputs_match(ours(x), tv(x), torch.float32)
+    assert len(count) == fused_laterals
+
+
+def test_an_fpn_held_in_two_places_stays_one_module_after_convert():
+    model = nn.Module()
+    model.a = randomize_(FeaturePyramidNetwork(IN_CHANNELS, OUT))
+    model.b = nn.Sequential(model.a)
+    n_params = len(list(model.parameters()))
+    fused_fpn.convert(model)
+    assert type(model.a) is fused_fpn.FPN and model.b[0] is model.a
+    assert len(list(model.parameters())) == n_params
