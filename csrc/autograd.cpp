@@ -291,6 +291,15 @@ std::tuple<at::Tensor, at::Tensor> conv1x1_backward_op(const at::Tensor& grad, c
   TORCH_CHECK(grad.dim() == 4 && x.dim() == 4 && weight.dim() == 2,
               "fused_fpn::conv1x1_backward: grad [N, Cout, H, W], x [N, Cin, H, W] and weight [Cout, Cin] expected, "
               "got shapes ", grad.sizes(), ", ", x.sizes(), " and ", weight.sizes());
+  TORCH_CHECK(at::isFloatingType(x.scalar_type()),
+              "fused_fpn::conv1x1_backward: x must have a floating-point dtype (float16, bfloat16, float32, float64), "
+              "got ", x.scalar_type());
+  TORCH_CHECK(grad.scalar_type() == x.scalar_type() && weight.scalar_type() == x.scalar_type(),
+              "fused_fpn::conv1x1_backward: grad and weight must have x's dtype ", x.scalar_type(), ", got grad ",
+              grad.scalar_type(), " and weight ", weight.scalar_type());
+  TORCH_CHECK(grad.device() == x.device() && weight.device() == x.device(),
+              "fused_fpn::conv1x1_backward: grad and weight must be on x's device ", x.device(), ", got grad on ",
+              grad.device(), " and weight on ", weight.device());
   return conv1x1_backward(grad, x, weight, need_x, need_weight, use_gemm);
 }
 

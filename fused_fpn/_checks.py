@@ -45,8 +45,10 @@ def check_top_size(op: str, grad: torch.Tensor, top_h, top_w) -> None:
                          f"when the gradient is empty), got {top_h} and {top_w}")
 
 
-def check_lateral_args(x, weight, bias: Optional[torch.Tensor], top: Optional[torch.Tensor]) -> torch.Tensor:
-    """Validate ``lateral``'s arguments; returns weight as [Cout, Cin] (a view, never a copy)."""
+def check_lateral_args(x, weight, bias: Optional[torch.Tensor], top: Optional[torch.Tensor],
+                       top_any_dtype: bool = False) -> torch.Tensor:
+    """Validate ``lateral``'s arguments; returns weight as [Cout, Cin] (a view, never a copy).
+    ``top_any_dtype``: top may have another floating dtype than x (autocast: eager adds it promoted)."""
     check_float_tensor("x", x)
     if x.dim() != 4:
         raise ValueError(f"x must be 4-D [N, Cin, H, W], got {_desc(x)}")
@@ -76,6 +78,6 @@ def check_lateral_args(x, weight, bias: Optional[torch.Tensor], top: Optional[to
     for name, t in tensors:
         if t.device != x.device:
             raise ValueError(f"{name} must be on the same device as x ({x.device}), got {_desc(t)}")
-        if t.dtype != x.dtype:
+        if t.dtype != x.dtype and not (top_any_dtype and name == "top"):
             raise TypeError(f"{name} must have the same dtype as x ({x.dtype}), got {_desc(t)}")
     return weight

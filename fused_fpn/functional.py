@@ -41,17 +41,27 @@ def lateral(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] 
         backend: "auto" (fastest available for x's device), "torch", "cpu", "triton" or "cuda".
 
     Returns [N, Cout, H, W] in x's memory format and dtype. Differentiable in all inputs.
-    Under torch.autocast the inputs are cast to the autocast dtype, as eager conv2d does.
+    Under torch.autocast x, weight and bias are cast to the autocast dtype, as eager conv2d does; top
+    keeps its dtype, as in eager's interpolate + add: a top in the autocast dtype (an FPN's, always)
+    is fused, a top in another dtype (float32, say) is added after the fused conv, in the promoted
+    dtype, as eager does (unfused: an extra pass).
     Under torch.fx.symbolic_trace (proxies for tensors) the call is recorded as one call_function
     node of this function, which runs when the traced module does.
     """
     proxy = next((t for t in (x, weight, bias, top) if isinstance(t, torch.fx.Proxy)), None)
     if proxy is not None:
         return proxy.tracer.create_proxy("call_function", lateral, (x, weight, bias, top), {"backend": backend})
-    if isinstance(x, torch.Tensor):
-        cast = autocast_dtype(x.device.type)
-        if cast is not None:   # autocast casts float32/16 inputs of conv2d (never float64)
-            x, weight, bias, top = (autocast_tensor(t, cast) for t in (x, weight, bias, top))
-    weight = run_check(check_lateral_args, x, weight, bias, top)
+    cast = autocast_dtype(x.device.type) if isinstance(x, torch.Tensor) else None
+    if cast is None:
+        weight = run_check(check_lateral_args, x, weight, bias, top)
+        return _backends.select(backend, x).lateral(x, weight, bias, top)
+    # autocast casts float32/16 inputs of conv2d (never float64); eager's F.interpolate and add are not
+    # autocast ops, so top keeps its dtype and the sum is promoted (a float32 top gives a float32 sum)
+    x, weight, bias = (autocast_tensor(t, cast) for t in (x, weight, bias))
+    weight = run_check(check_lateral_args, x, weight, bias, top, True)
     impl = _backends.select(backend, x)
-    return impl.lateral(x, weight, bias, top)
+    if top is None or top.dtype == x.dtype:
+        return impl.lateral(x, weight, bias, top)
+    # top in another dtype than the conv's output: eager's two roundings and promotion, unfused
+    y = impl.lateral(x, weight, bias, None)
+    return y + torch.nn.functional.interpolate(top, size=y.shape[-2:], mode="nearest")

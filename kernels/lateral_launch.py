@@ -32,9 +32,15 @@ from .limits import MAX_GRAD_WEIGHT_SPLIT, MAX_PROGRAMS
 USE_INPUT_PRECISION = K.USE_INPUT_PRECISION
 
 
+# Read once, when the kernels are defined (lateral_kernels, imported above): triton makes @triton.jit
+# functions interpreted or compiled then, so a later change of the variable cannot take effect.
+_INTERPRETING = os.environ.get("TRITON_INTERPRET", "0").strip().lower() in ("1", "true", "yes", "on", "y")
+
+
 def interpreting() -> bool:
-    """True when triton runs kernels through its CPU interpreter (TRITON_INTERPRET=1)."""
-    return os.environ.get("TRITON_INTERPRET", "0").strip().lower() in ("1", "true", "yes", "on", "y")
+    """True when triton runs these kernels through its CPU interpreter (TRITON_INTERPRET=1 when they
+    were defined)."""
+    return _INTERPRETING
 
 
 def cdiv(a: int, b: int) -> int:

@@ -6,6 +6,7 @@ from collections import OrderedDict
 
 import pytest
 import torch
+import torchvision
 
 import fused_fpn
 from fused_fpn import backends
@@ -48,6 +49,26 @@ def test_backend_that_cannot_run_lists_the_ones_that_can():
         fused_fpn.lateral(x, torch.randn(2, 3), backend="cuda")
     with pytest.raises(ValueError, match="unknown fused_fpn backend 'fast'"):
         fused_fpn.lateral(x, torch.randn(2, 3), backend="fast")
+
+
+@pytest.mark.parametrize("backend,exc,pattern", [
+    (["cpu"], TypeError, r"backend must be a string, 'auto' or one of \[.*\], got list \['cpu'\]"),
+    (None, TypeError, r"backend must be a string, 'auto' or one of \[.*\], got NoneType None"),
+    ("CPU", ValueError, r"backend must be 'auto' or one of \['torch', 'cpu', 'triton', 'cuda'\], got 'CPU'"),
+])
+def test_a_backend_that_is_no_backend_name_is_named_everywhere(backend, exc, pattern):
+    """A list once raised "unhashable type" from the lateral op, and convert took any backend on a model
+    without an FPN (the error came, if ever, at the first forward of an FPN added later)."""
+    x = torch.randn(1, 3, 4, 4)
+    lateral_pattern = pattern if exc is TypeError else r"unknown fused_fpn backend 'CPU'"
+    with pytest.raises(exc, match=lateral_pattern):
+        fused_fpn.lateral(x, torch.randn(2, 3), backend=backend)
+    with pytest.raises(exc, match=pattern):
+        fused_fpn.FPN([3], 2, backend=backend)
+    with pytest.raises(exc, match=pattern):
+        fused_fpn.convert(torch.nn.Sequential(torch.nn.ReLU()), backend=backend)
+    with pytest.raises(exc, match=pattern):
+        fused_fpn.FPN.from_torchvision(torchvision.ops.FeaturePyramidNetwork([3], 2), backend=backend)
 
 
 def test_import_without_native_extension_leaves_only_torch_backend():
@@ -171,6 +192,23 @@ def test_conv1x1_backward_op_checks_its_shapes(use_gemm):
         op(torch.ones(2, 4, 4, 1), x, w, True, True, use_gemm)
     with pytest.raises(RuntimeError, match=r"x must be 4-D \[N, Cin, H, W\] and weight 2-D \[Cout, Cin\]"):
         op(torch.ones(1, 4, 4, 1), x, torch.randn(4, 2), True, True, use_gemm)
+
+
+@pytest.mark.skipif(not fused_fpn.extension_loaded(), reason="fused_fpn._C not built")
+@pytest.mark.parametrize("use_gemm", [False, True], ids=["convolution_backward", "gemm"])
+def test_conv1x1_backward_op_checks_dtypes_and_devices(use_gemm):
+    """The op once took a meta grad with CPU x and weight (and returned tensors of no meaning), mixed
+    dtypes with an error naming no argument, and int64 on the GEMM path."""
+    op = torch.ops.fused_fpn.conv1x1_backward
+    grad, x, w = torch.ones(1, 4, 4, 1), torch.randn(1, 3, 4, 1), torch.randn(4, 3)
+    with pytest.raises(RuntimeError, match=r"grad and weight must have x's dtype Float, got grad Float and weight Double"):
+        op(grad, x, w.double(), True, True, use_gemm)
+    with pytest.raises(RuntimeError, match=r"grad and weight must have x's dtype Float, got grad Half"):
+        op(grad.half(), x, w, True, True, use_gemm)
+    with pytest.raises(RuntimeError, match=r"grad and weight must be on x's device cpu, got grad on meta"):
+        op(grad.to("meta"), x, w, True, True, use_gemm)
+    with pytest.raises(RuntimeError, match=r"x must have a floating-point dtype .* got Long"):
+        op(grad.long(), x.long(), w.long(), True, True, use_gemm)
 
 
 @pytest.mark.skipif(not fused_fpn.extension_loaded(), reason="fused_fpn._C not built")

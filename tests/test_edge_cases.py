@@ -276,6 +276,31 @@ def test_nan_and_inf_propagate_exactly_as_the_reference(device, backend, top_hw,
         assert not torch.isnan(out[1, 0]).any(), "a top pixel that is never read leaked into the output"
 
 
+# Where the sum is rounded to fp16: once (triton, cuda: fp32 accumulator + bias + top, then fp16) or
+# twice (the conv output first, as eager's conv2d + add: torch, and cpu, whose GEMM is ATen's conv).
+ROUNDS_ONCE = {"triton", "cuda"}
+
+
+@pytest.mark.parametrize("device,backend", BACKENDS)
+@pytest.mark.parametrize("layout", ["nchw", "channels_last"])
+def test_fp16_sum_past_the_fp16_range_before_the_top_is_added(device, backend, layout):
+    """conv = 70000 (past fp16's 65504), top = -20000: eager's conv2d output is inf, and so is the sum;
+    a backend that rounds once gives fp16(50000) = 49984, the float64 truth rounded (README, Numerics)."""
+    if backend_supports(backend, device, torch.float16) is not None:
+        pytest.skip(f"{backend} does not take fp16 on {device}")
+    x = torch.full((2, 2, 5, 7), 200.0, dtype=torch.float16, device=device)
+    if layout == "channels_last":
+        x = x.contiguous(memory_format=torch.channels_last)
+    w = torch.full((3, 2), 175.0, dtype=torch.float16, device=device)
+    top = torch.full((2, 3, 3, 4), -20000.0, dtype=torch.float16, device=device)
+    out = fused_fpn.lateral(x, w, None, top, backend=backend)
+    if backend in ROUNDS_ONCE:
+        assert torch.equal(out, torch.full_like(out, 49984.0))
+    else:
+        eager = torch.nn.functional.conv2d(x, w[:, :, None, None]) + torch.nn.functional.interpolate(top, size=(5, 7))
+        assert torch.isposinf(eager).all() and torch.equal(out, eager)
+
+
 @pytest.mark.parametrize("device,backend", BACKENDS)
 @pytest.mark.parametrize("top_hw", [(3, 4), (9, 11)], ids=["upsample", "downsample"])
 def test_nan_and_inf_in_the_incoming_gradient_propagate_as_in_the_reference(device, backend, top_hw):

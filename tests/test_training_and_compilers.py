@@ -67,6 +67,27 @@ def test_op_called_directly_under_autocast_computes_in_x_dtype(device_type, dtyp
     torch.testing.assert_close(out, plain, atol=0, rtol=0)
 
 
+@pytest.mark.parametrize("backend", ["torch", "cpu"])
+@pytest.mark.parametrize("top_dtype", [None, torch.bfloat16, torch.float16, torch.float32, torch.float64],
+                         ids=["no_top", "top_bf16", "top_fp16", "top_fp32", "top_fp64"])
+def test_lateral_under_autocast_keeps_tops_dtype_as_eager(backend, top_dtype):
+    """Eager's interpolate and add are no autocast ops: a float32 top gives a float32 sum. lateral once
+    cast top too (a bfloat16 output) and raised on a float64 top."""
+    if backend not in fused_fpn.available_backends("cpu"):
+        pytest.skip(f"the {backend} backend is not available here")
+    g = torch.Generator().manual_seed(5)
+    x, w, b = torch.randn(2, 16, 7, 9, generator=g), torch.randn(8, 16, generator=g), torch.randn(8, generator=g)
+    top = None if top_dtype is None else torch.randn(2, 8, 4, 5, generator=g).to(top_dtype)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        expected = torch.nn.functional.conv2d(x, w[:, :, None, None], b)
+        if top is not None:
+            expected = expected + torch.nn.functional.interpolate(top, size=expected.shape[-2:], mode="nearest")
+        got = fused_fpn.lateral(x, w, b, top, backend=backend)
+    assert got.dtype == expected.dtype
+    tol = 1e-2 if expected.dtype in (torch.bfloat16, torch.float16) else 1e-6
+    torch.testing.assert_close(got, expected, atol=tol, rtol=tol)
+
+
 class TinyDetectorHead(nn.Module):
     """FPN + a shared 1x1 head: enough to train the FPN end to end."""
 

@@ -392,23 +392,45 @@ def test_fpn_matches_torchvision(dtype):
         torch.testing.assert_close(got.double(), want, atol=atol * scale, rtol=rtol, msg=lambda m, n=name: f"{n}: {m}")
 
 
-def test_import_is_lazy():
-    """Without a GPU and without TRITON_INTERPRET the backend reports why it is unavailable and
-    never imports the kernels (nor triton through them)."""
+def _no_gpu_no_interpreter_run(before: str, after: str):
+    """The lines a fresh process without TRITON_INTERPRET prints: it imports fused_fpn (and its
+    backends as fb), runs ``before``, prints ``fused_fpn.available_backends()`` and
+    ``fb.unavailable_reason('triton')``, then runs ``after``."""
     if HAS_CUDA:
         pytest.skip("checks the no-GPU path")
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    code = ("import sys, fused_fpn\n"
+    code = ("import os, sys, torch, fused_fpn\n"
             "from fused_fpn import backends as fb\n"
-            "print(fused_fpn.available_backends())\n"
+            + before
+            + "print(fused_fpn.available_backends())\n"
             "print(fb.unavailable_reason('triton'))\n"
-            "print('fused_fpn.kernels.lateral_kernels' in sys.modules)\n")
+            + after)
     res = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
     assert res.returncode == 0, res.stderr
-    lines = res.stdout.strip().splitlines()
+    return res.stdout.strip().splitlines()
+
+
+def test_import_is_lazy():
+    """Without a GPU and without TRITON_INTERPRET the backend reports why it is unavailable and
+    never imports the kernels (nor triton through them)."""
+    lines = _no_gpu_no_interpreter_run("", "print('fused_fpn.kernels.lateral_kernels' in sys.modules)\n")
     assert "triton" not in lines[0]
     assert "no CUDA device" in lines[1] and "TRITON_INTERPRET" in lines[1]
     assert lines[2] == "False"
+
+
+def test_interpreter_switched_on_after_import_is_named_not_taken():
+    """triton reads TRITON_INTERPRET when it is imported: set later, the interpreter cannot run the
+    kernels, so the backend stays unavailable, with a reason that says so, and a call names it."""
+    lines = _no_gpu_no_interpreter_run(
+        "os.environ['TRITON_INTERPRET'] = '1'\n",
+        "try:\n"
+        "    fused_fpn.lateral(torch.ones(1, 2, 3, 3), torch.ones(4, 2), backend='triton')\n"
+        "except ValueError as exc:\n"
+        "    print('ValueError', exc)\n")
+    assert "triton" not in lines[0]
+    assert "TRITON_INTERPRET=1 was set after fused_fpn was imported" in lines[1]
+    assert lines[2].startswith("ValueError fused_fpn backend 'triton' cannot run") and "was set after" in lines[2]
 
 
 def test_registered_ops_reject_bad_input():
@@ -433,6 +455,8 @@ def test_registered_ops_reject_bad_input():
         bwd(grad[:, :5], x, weight, 4, 5, True, True, True, True)
     with pytest.raises(ValueError, match="top_h"):
         bwd(grad, x, weight, 4, 0, True, True, True, True)
+    with pytest.raises(TypeError, match=r"grad must be a dense \(torch.strided\) tensor, got layout torch.sparse_coo"):
+        bwd(grad.to_sparse(), x, weight, 4, 5, True, True, True, True)
 
 
 def test_bias_top_gradient_past_one_launch_is_a_clear_error():

@@ -72,6 +72,15 @@ _loaded: Dict[str, object] = {}
 _import_errors: Dict[str, str] = {}
 
 
+def check_name(backend) -> None:
+    """ValueError (TypeError for a non-string) naming ``backend`` unless it is "auto" or a known name."""
+    if not isinstance(backend, str):
+        raise TypeError(f"backend must be a string, 'auto' or one of {list(BACKEND_NAMES)}, got "
+                        f"{type(backend).__name__} {backend!r}")
+    if backend != "auto" and backend not in _MODULES:
+        raise ValueError(f"backend must be 'auto' or one of {list(BACKEND_NAMES)}, got {backend!r}")
+
+
 def get_backend(name: str):
     """The backend module for ``name``, or None if it cannot even be imported."""
     if name in _loaded:
@@ -126,6 +135,8 @@ def select(backend: str, x: torch.Tensor):
     """The backend module to run on ``x``; ValueError (listing what can run) if there is none.
     While ``torch.onnx.export`` runs: ``fused_fpn._onnx`` (torchvision's unfused ops, which ONNX
     has) for every backend name."""
+    if not isinstance(backend, str):
+        check_name(backend)
     if _onnx.exporting() and (backend == "auto" or backend in _MODULES):
         return _onnx
     grad_transform = _functorch_grad_active()

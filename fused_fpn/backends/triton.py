@@ -18,7 +18,7 @@ the registered ops: called directly on dual tensors they would drop the tangents
 
 triton is imported, and the ops registered, when this module is imported and the backend can run (a
 CUDA device is present or TRITON_INTERPRET=1 is set); without either, triton is never imported by
-this module.
+this module. TRITON_INTERPRET is read once, at import (``interpreting``).
 """
 from __future__ import annotations
 
@@ -28,7 +28,7 @@ from typing import Optional, Tuple
 import torch
 import torch.autograd.forward_ad as fwAD
 
-from .._checks import check_lateral_args, check_top_size
+from .._checks import check_float_tensor, check_lateral_args, check_top_size
 from .._layout import output_memory_format
 from ..kernels.limits import MAX_PIXELS
 from ..reference import lateral_backward_reference
@@ -43,9 +43,19 @@ _triton_error: Optional[str] = None
 _triton_checked = False
 
 
-def interpreting() -> bool:
-    """True when TRITON_INTERPRET is set (triton then runs kernels on CPU tensors)."""
+def _interpret_env() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0").strip().lower() in ("1", "true", "yes", "on", "y")
+
+
+# Read once, at import: triton takes the variable when it is imported and when kernels are defined, so
+# setting it later cannot make the interpreter run them (the launch fails inside triton).
+_INTERPRET_AT_IMPORT = _interpret_env()
+
+
+def interpreting() -> bool:
+    """True when TRITON_INTERPRET was set when fused_fpn was imported (triton then runs kernels on CPU
+    tensors)."""
+    return _INTERPRET_AT_IMPORT
 
 
 def _triton_import_error() -> Optional[str]:
@@ -61,6 +71,9 @@ def _triton_import_error() -> Optional[str]:
 
 def unavailable_reason() -> Optional[str]:
     if not (interpreting() or torch.cuda.is_available()):
+        if _interpret_env():
+            return ("no CUDA device is available, and TRITON_INTERPRET=1 was set after fused_fpn was imported: "
+                    "triton reads it when it is imported, so set it before importing fused_fpn (and triton)")
         return "no CUDA device is available (and TRITON_INTERPRET=1 is not set for the CPU interpreter)"
     return _triton_import_error()
 
@@ -103,6 +116,7 @@ def check_forward_args(x, weight, bias, top) -> None:
 
 def check_backward_args(grad, x, weight, top_h, top_w) -> None:
     check_forward_args(x, weight, None, None)
+    check_float_tensor("grad", grad)   # a dense floating tensor (a sparse one has no strides to launch with)
     if not isinstance(grad, torch.Tensor) or grad.dim() != 4 or tuple(grad.shape) != (
             x.shape[0], weight.shape[0], x.shape[2], x.shape[3]):
         raise ValueError(f"grad must be [N, Cout, H, W] = {(x.shape[0], weight.shape[0], x.shape[2], x.shape[3])}, "
