@@ -17,6 +17,7 @@ torchvision's graph; and ``torch.fx.symbolic_trace`` records torchvision's forwa
 """
 from __future__ import annotations
 
+import operator
 import warnings
 from collections import OrderedDict
 from typing import Dict, List, Optional, Tuple
@@ -140,6 +141,17 @@ def _compiled_again(compiled, call):
     return torch.compile(call)
 
 
+def _check_out_channels(out_channels) -> None:
+    """out_channels >= 1: torchvision's FPN takes 0 and then fails in its first forward, in ATen's
+    conv2d, with a message that names no argument."""
+    try:
+        count = operator.index(out_channels)
+    except TypeError:
+        raise TypeError(f"out_channels must be an int, got {type(out_channels).__name__}") from None
+    if count < 1:
+        raise ValueError(f"out_channels must be >= 1 (the channels of every output level), got {count}")
+
+
 def _in_channels(block: nn.Module) -> Optional[int]:
     first = block[0] if isinstance(block, nn.Sequential) and len(block) > 0 else block
     return getattr(first, "in_channels", None)
@@ -157,6 +169,7 @@ class FPN(FeaturePyramidNetwork):
     def __init__(self, in_channels_list: List[int], out_channels: int, extra_blocks=None,
                  norm_layer=None, *, backend: str = "auto"):
         _backends.check_name(backend)
+        _check_out_channels(out_channels)
         super().__init__(list(in_channels_list), out_channels, extra_blocks=extra_blocks, norm_layer=norm_layer)
         self.backend = backend
 

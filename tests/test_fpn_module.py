@@ -83,6 +83,11 @@ def test_constructor_keys_init_and_repr_match_torchvision():
     assert isinstance(ours, FeaturePyramidNetwork)
     with pytest.raises(ValueError, match="in_channels=0"):
         fused_fpn.FPN([8, 0], OUT)
+    for bad in (0, -3):   # torchvision's takes 0, then fails in its first forward, in ATen's conv2d
+        with pytest.raises(ValueError, match=rf"out_channels must be >= 1 \(the channels of every output level\), got {bad}"):
+            fused_fpn.FPN([8], bad)
+    with pytest.raises(TypeError, match="out_channels must be an int, got float"):
+        fused_fpn.FPN([8], 16.0)
     with pytest.raises(TypeError, match="extra_blocks"):
         fused_fpn.FPN([8], OUT, extra_blocks=nn.ReLU())
     with pytest.raises(ValueError, match="backend"):
