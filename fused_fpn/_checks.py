@@ -23,6 +23,9 @@ def run_check(check, *args):
         return check(*args)
 
 
+FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
 def _desc(t: torch.Tensor) -> str:
     return f"shape {tuple(t.shape)}, dtype {t.dtype}, device {t.device}"
 
@@ -33,7 +36,7 @@ def check_float_tensor(name: str, t) -> None:
     if t.is_nested or t.layout != torch.strided:
         kind = "a nested tensor" if t.is_nested else f"layout {t.layout}"
         raise TypeError(f"{name} must be a dense (torch.strided) tensor, got {kind}")
-    if not t.dtype.is_floating_point:
+    if t.dtype not in FLOAT_DTYPES:   # float8 and other floating dtypes have no conv2d to match
         raise TypeError(f"{name} must have a floating-point dtype (float16, bfloat16, float32, float64), got {t.dtype}")
 
 

@@ -1,11 +1,13 @@
 """``fused_fpn.FPN``: drop-in ``torchvision.ops.FeaturePyramidNetwork`` with a fused top-down pathway.
 
-It subclasses torchvision's module, so the constructor checks, the init (kaiming_uniform_(a=1),
-bias 0), the submodules and state_dict keys (``inner_blocks.{i}.0.weight`` ...), the version-2
-state_dict loading and ``isinstance(m, FeaturePyramidNetwork)`` are torchvision's own. Only
-``forward`` differs: each level's lateral 1x1 conv + nearest upsample + add is one
-fused op (the backend's ``lateral``: one kernel launch on triton and cuda; on cpu, ATen's GEMM
-and a parallel epilogue per cache-sized tile).
+It subclasses torchvision's module, so the constructor checks (plus ``backend`` and
+``out_channels >= 1``), the init (kaiming_uniform_(a=1), bias 0), the submodules and state_dict keys
+(``inner_blocks.{i}.0.weight`` ...), the state_dict loading (version-1 dicts upgraded) and
+``isinstance(m, FeaturePyramidNetwork)`` are torchvision's own. Only ``forward`` differs: each
+level's lateral 1x1 conv + nearest upsample + add is one fused op (the backend's ``lateral``: one
+kernel launch on triton, and on cuda but for its split-K GEMM + epilogue pair; on cpu, ATen's
+GEMM and a parallel epilogue per cache-sized tile). A level without a top map (the coarsest) has
+nothing to gather: on cpu, and on cuda for a dense x, it is ATen's conv2d.
 
 Norm layers: a frozen or eval-mode BatchNorm after the 1x1 conv is folded into the fused op's
 weight and bias (no extra pass). Any other norm (GroupNorm, training-mode BatchNorm, ...), and a

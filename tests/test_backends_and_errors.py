@@ -96,6 +96,9 @@ def test_import_without_native_extension_leaves_only_torch_backend():
     (lambda: (torch.randn(3, 4, 4), torch.randn(2, 3), None, None), ValueError, r"x must be 4-D"),
     (lambda: (torch.randint(0, 3, (1, 3, 4, 4)), torch.randn(2, 3), None, None), TypeError, "x must have a floating"),
     (lambda: (torch.randn(1, 3, 4, 4, dtype=torch.complex64), torch.randn(2, 3), None, None), TypeError, "floating"),
+    # float8 is a floating dtype with no conv2d: it once reached ATen ("slow_conv2d_cpu" not implemented)
+    (lambda: (torch.randn(1, 3, 4, 4).to(torch.float8_e4m3fn), torch.randn(2, 3).to(torch.float8_e4m3fn), None, None),
+     TypeError, r"x must have a floating-point dtype \(float16, bfloat16, float32, float64\), got torch.float8_e4m3fn"),
     (lambda: (torch.randn(1, 3, 4, 4), torch.randn(2, 4), None, None), ValueError, r"weight must be \[Cout, Cin\]"),
     (lambda: (torch.randn(1, 3, 4, 4), torch.randn(2, 3, 3, 3), None, None), ValueError, "weight must be"),
     (lambda: (torch.randn(1, 3, 4, 4), torch.randn(2, 3), torch.randn(3), None), ValueError, r"bias must be 1-D \[Cout\]"),

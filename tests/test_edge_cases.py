@@ -299,6 +299,11 @@ def test_fp16_sum_past_the_fp16_range_before_the_top_is_added(device, backend, l
     else:
         eager = torch.nn.functional.conv2d(x, w[:, :, None, None]) + torch.nn.functional.interpolate(top, size=(5, 7))
         assert torch.isposinf(eager).all() and torch.equal(out, eager)
+    # conv = 70000 with a bias of -6000 is in range once the bias is in (64000), for every backend and
+    # eager; the cpu kernel once added the bias in its epilogue, after rounding the conv to inf
+    bias = torch.full((3,), -6000.0, dtype=torch.float16, device=device)
+    out = fused_fpn.lateral(x, w, bias, torch.zeros_like(top), backend=backend)
+    assert torch.equal(out, torch.full_like(out, 64000.0))
 
 
 @pytest.mark.parametrize("device,backend", BACKENDS)

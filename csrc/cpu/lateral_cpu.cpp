@@ -4,8 +4,9 @@
 // fused by tiles: each image's output rows are cut into tiles of whole rows (Cout x rows x W
 // elements, about 2 MiB: in the cores' L2 / L3 slice, see tile_rows). For each tile ATen's own 1x1
 // convolution (oneDNN where ATen has it, else BLAS: the fastest GEMM ATen has for this op, never
-// a hand-rolled one) computes the lateral product of that tile alone, and the epilogue adds the
-// bias and the nearest-gathered top while the tile is hot, writing each output element once.
+// a hand-rolled one) computes the lateral product and bias of that tile alone (rounded to the output
+// dtype, as eager's conv2d rounds it), and the epilogue adds the nearest-gathered top while the tile
+// is hot (in fp32, one more rounding: eager's add), writing each output element once.
 // The lateral map and the upsampled map never exist in memory. Tiles run one after the other:
 // ATen's GEMM uses every thread on a tile, then at::parallel_for splits the tile's epilogue (by
 // rows for channels_last, by channels for NCHW). A level without a top map is ATen's conv2d with
@@ -66,8 +67,11 @@ void lateral_cpu_impl(const at::Tensor& x, const at::Tensor& w4, const c10::opti
   const int64_t rows = tile_rows(H, W, Cout, x.element_size());
   const int64_t tiles_per_image = (H + rows - 1) / rows;
 
+  // The bias goes into the tile's conv2d, as in eager's conv2d(x, W, b) + top: the conv output with
+  // its bias is rounded to the output dtype before top is added, so reduced precisions round as eager
+  // does. With Cin == 0 there is no conv (the product is an empty sum): the epilogue adds the bias.
   at::Tensor b_contig = bias.has_value() ? bias->contiguous() : at::Tensor();
-  const scalar_t* bptr = bias.has_value() ? b_contig.const_data_ptr<scalar_t>() : nullptr;
+  const scalar_t* bptr = bias.has_value() && Cin == 0 ? b_contig.const_data_ptr<scalar_t>() : nullptr;
   const bool has_top = top.has_value();
   const scalar_t* tptr = has_top ? top->const_data_ptr<scalar_t>() : nullptr;
   int64_t st0 = 0, st1 = 0;
@@ -81,7 +85,7 @@ void lateral_cpu_impl(const at::Tensor& x, const at::Tensor& w4, const c10::opti
   scalar_t* optr = out.mutable_data_ptr<scalar_t>();
 
   // Epilogue of one tile, for output channels [c0, c1) (NCHW) or tile rows [r0, r1) (channels_last):
-  // out = yt + bias + top[nearest], each output element written once, while yt is in cache.
+  // out = yt + top[nearest] (+ bias when Cin == 0), each output element written once, while yt is in cache.
   auto epilogue = [&](int64_t n, int64_t h0, const at::Tensor& yt, int64_t lo, int64_t hi) {
     const scalar_t* yp = yt.const_data_ptr<scalar_t>();
     const int64_t sy1 = yt.stride(1), sy2 = yt.stride(2), sy3 = yt.stride(3);
@@ -121,11 +125,11 @@ void lateral_cpu_impl(const at::Tensor& x, const at::Tensor& w4, const c10::opti
       }
     }
   };
-  // The tile's GEMM: ATen's own 1x1 convolution (oneDNN / BLAS) on a view of rows [h0, h0+nrows).
+  // The tile's GEMM + bias: ATen's own 1x1 convolution (oneDNN / BLAS) on a view of rows [h0, h0+nrows).
   // (Cin == 0: the product is an empty sum, which conv2d does not take.)
   auto tile_gemm = [&](int64_t n, int64_t h0, int64_t nrows) {
     const at::Tensor xt = x.narrow(0, n, 1).narrow(2, h0, nrows);
-    return Cin == 0 ? at::zeros({1, Cout, nrows, W}, x.options()) : at::conv2d(xt, w4);
+    return Cin == 0 ? at::zeros({1, Cout, nrows, W}, x.options()) : at::conv2d(xt, w4, b_contig);
   };
   // Tiles run one after the other; ATen's GEMM uses every thread on a tile (oneDNN runs its
   // fastest kernels multi-threaded), then the epilogue splits the tile across the threads.

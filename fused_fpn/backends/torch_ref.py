@@ -1,8 +1,10 @@
-"""The "torch" backend: the pure-PyTorch reference (unfused; runs everywhere, every float dtype)."""
+"""The "torch" backend: the pure-PyTorch reference (unfused; runs everywhere; float16, bfloat16,
+float32, float64)."""
 from typing import Optional
 
 import torch
 
+from .._checks import FLOAT_DTYPES
 from ..reference import lateral_reference
 
 NAME = "torch"
@@ -13,8 +15,8 @@ def unavailable_reason() -> Optional[str]:
 
 
 def unsupported_reason(x: torch.Tensor) -> Optional[str]:
-    if not x.dtype.is_floating_point:
-        return f"dtype {x.dtype} is not a floating-point dtype"
+    if x.dtype not in FLOAT_DTYPES:
+        return f"dtype {x.dtype} is not one of {[str(d) for d in FLOAT_DTYPES]}"
     return None
 
 
