@@ -35,6 +35,15 @@ inline at::Tensor lateral_as_convolution(const at::Tensor& x, const at::Tensor& 
   return at::conv2d(x, w4, bias).contiguous(output_memory_format(x));
 }
 
+// Whether a level runs as lateral_as_convolution: no top map (nothing to gather) and x dense in NCHW
+// or channels_last, which conv2d reads in place. Other strides (conv2d would copy the whole of x
+// first) and Cin == 0 (which conv2d does not take) go to the backend's own kernel, which reads x
+// through its strides.
+inline bool runs_as_convolution(const at::Tensor& x, const c10::optional<at::Tensor>& top) {
+  return !top.has_value() && x.size(1) > 0 &&
+         (x.is_contiguous() || x.is_contiguous(at::MemoryFormat::ChannelsLast));
+}
+
 // Shapes, dtypes and devices of lateral's arguments (x's own device and dtype are the backend's to check).
 inline void check_lateral_inputs(const at::Tensor& x, const at::Tensor& weight, const c10::optional<at::Tensor>& bias,
                                  const c10::optional<at::Tensor>& top) {

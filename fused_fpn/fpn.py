@@ -7,7 +7,7 @@ It subclasses torchvision's module, so the constructor checks (plus ``backend`` 
 level's lateral 1x1 conv + nearest upsample + add is one fused op (the backend's ``lateral``: one
 kernel launch on triton, and on cuda but for its split-K GEMM + epilogue pair; on cpu, ATen's
 GEMM and a parallel epilogue per cache-sized tile). A level without a top map (the coarsest) has
-nothing to gather: on cpu, and on cuda for a dense x, it is ATen's conv2d.
+nothing to gather: on cpu and cuda, for a dense x, it is ATen's conv2d.
 
 Norm layers: a frozen or eval-mode BatchNorm after the 1x1 conv is folded into the fused op's
 weight and bias (no extra pass). Any other norm (GroupNorm, training-mode BatchNorm, ...), and a

@@ -31,14 +31,13 @@ def autocast_tensor(t, dtype):
 def lateral(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None,
             top: Optional[torch.Tensor] = None, *, backend: str = "auto") -> torch.Tensor:
     """y = conv1x1(x; weight, bias) + upsample_nearest(top, size=x.shape[-2:]), fused: one kernel
-    launch per call with a top on triton and cuda (cuda's split-K: a GEMM and an epilogue kernel),
-    cache-sized tiles of ATen's GEMM and an epilogue on cpu. Without a top, on cpu and on cuda
-    (dense x), it is ATen's conv2d (nothing to gather).
+    launch per call on triton and cuda (cuda's split-K: a GEMM and an epilogue kernel), cache-sized
+    tiles of ATen's GEMM and an epilogue on cpu. Without a top and with x dense (NCHW or
+    channels_last), cpu and cuda run ATen's conv2d (nothing to gather).
 
     Args:
-        x:      [N, Cin, H, W], NCHW or channels_last (any strides; with a top never copied as a whole:
-                see README for the cpu backend's NCHW tiles; without one, on cpu, ATen's conv2d
-                copies a non-dense view, as eager's does).
+        x:      [N, Cin, H, W], NCHW or channels_last (any strides; never copied as a whole: see README
+                for the cpu backend's NCHW tiles).
         weight: [Cout, Cin] or [Cout, Cin, 1, 1].
         bias:   [Cout] or None.
         top:    [N, Cout, Ht, Wt] or None; any Ht, Wt (nearest up- or down-sampling, ATen's index rule).

@@ -59,6 +59,23 @@ def test_cpu_fp16_bf16_are_eagers_bit_for_bit_on_one_tile(dtype, layout, shape):
     assert torch.equal(fused_fpn.lateral(x, w, b, top, backend="cpu"), eager_lateral(x, w, b, top))
 
 
+@pytest.mark.skipif("cpu" not in fused_fpn.available_backends("cpu"), reason="fused_fpn._C not built")
+@pytest.mark.parametrize("with_top", [False, True], ids=["no_top", "top"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_cpu_never_copies_a_strided_x_whole(with_top, dtype):
+    """A strided view of x (neither NCHW- nor channels_last-dense) is read tile by tile: no copy of the
+    whole of x, with or without a top (a level without one once went to ATen's conv2d, which copies
+    such a view first), and the numbers are the reference's."""
+    x, w, b, top = make_lateral_case(2, 24, 16, (33, 40), (17, 20), dtype, "cpu", "noncontig", with_top=with_top)
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], record_shapes=True) as prof:
+        out = fused_fpn.lateral(x, w, b, top, backend="cpu")
+    copies = [e for e in prof.events() if e.name in ("aten::copy_", "aten::clone", "aten::contiguous")]
+    assert copies, "the profiler saw no copy at all: the tiles' own packing copies should show"
+    assert not [e.input_shapes for e in copies if e.input_shapes and list(e.input_shapes[0]) == list(x.shape)]
+    ref = fused_fpn.lateral_reference(*to64(x, w, b, top))
+    assert_close_to_reference(out, ref, dtype, eager_lateral(x, w, b, top) if dtype != torch.float32 else None)
+
+
 @pytest.mark.parametrize("device,backend", backend_device_params())
 @pytest.mark.parametrize("with_bias,with_top", [(False, False), (True, False), (False, True)])
 @pytest.mark.parametrize("layout", ["nchw", "channels_last"])

@@ -9,8 +9,9 @@
 // is hot (in fp32, one more rounding: eager's add), writing each output element once.
 // The lateral map and the upsampled map never exist in memory. Tiles run one after the other:
 // ATen's GEMM uses every thread on a tile, then at::parallel_for splits the tile's epilogue (by
-// rows for channels_last, by channels for NCHW). A level without a top map is ATen's conv2d with
-// the bias: nothing to gather.
+// rows for channels_last, by channels for NCHW). A level without a top map and x dense is ATen's
+// conv2d with the bias: nothing to gather (a strided view without a top takes the tiles, whose
+// epilogue then only stores).
 //
 // Layouts: x is never copied as a whole: the tile is a view (rows [h0, h0+rows) of one image)
 // in x's own strides. A channels_last tile is dense and goes to the convolution as it is; an NCHW
@@ -155,7 +156,8 @@ at::Tensor lateral_cpu(const at::Tensor& x, const at::Tensor& weight, const c10:
   if (std::find(out_sizes.begin(), out_sizes.end(), 0) != out_sizes.end()) {
     return at::empty(out_sizes, x.options().memory_format(fmt));
   }
-  if (!top.has_value() && x.size(1) > 0) return lateral_as_convolution(x, weight, bias);  // nothing to gather
+  // nothing to gather: ATen's conv2d, for x dense (a strided view takes the tiles: no copy of all of x)
+  if (runs_as_convolution(x, top)) return lateral_as_convolution(x, weight, bias);
   const at::Tensor w4 = weight.contiguous().view({weight.size(0), weight.size(1), 1, 1});
   at::Tensor out = at::empty(out_sizes, x.options().memory_format(fmt));
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, dtype, "fused_fpn_lateral_cpu",

@@ -57,18 +57,6 @@ bool conv_allows_tf32() {
 #endif
 }
 
-// A level without a top map (P5 of an FPN) is a 1x1 convolution plus bias: there is nothing to
-// gather, so ATen's convolution (cuDNN) runs it, exactly as eager conv2d does (same algorithms, fp32
-// accumulation, TF32 iff cudnn.allow_tf32). On the H200 (benchmarks/results/
-// nvidia-h200_2026-11-30_cudagraphs_subset.md, lateral_P5) that was 2.3x faster than this backend's
-// split-K GEMM and needed no fp32 workspace. Only for x dense in NCHW or channels_last, which cuDNN
-// reads in place; other strides (and Cin == 0, which conv2d does not take) go to the kernel, which
-// reads them without a copy.
-bool runs_as_convolution(const at::Tensor& x, const c10::optional<at::Tensor>& top) {
-  return !top.has_value() && x.size(1) > 0 &&
-         (x.is_contiguous() || x.is_contiguous(at::MemoryFormat::ChannelsLast));
-}
-
 void check_supported_dtype(const at::Tensor& t, const char* op, const char* name) {
   const auto dt = t.scalar_type();
   TORCH_CHECK(dt == at::kHalf || dt == at::kBFloat16 || dt == at::kFloat, op, " (CUDA kernel): ", name,
@@ -88,6 +76,12 @@ at::Tensor lateral_cuda(const at::Tensor& x, const at::Tensor& weight, const c10
   TORCH_CHECK(Cin < (int64_t{1} << 24) && Cout < (int64_t{1} << 24),
               "fused_fpn::lateral (CUDA kernel): x.size(1) (Cin) and weight.size(0) (Cout) must be < 2^24, got ", Cin,
               " and ", Cout);
+  // A level without a top map (P5 of an FPN) is a 1x1 convolution plus bias: there is nothing to
+  // gather, so ATen's convolution (cuDNN) runs it, exactly as eager conv2d does (same algorithms,
+  // fp32 accumulation, TF32 iff cudnn.allow_tf32). On the H200 (benchmarks/results/
+  // nvidia-h200_2026-11-30_cudagraphs_subset.md, lateral_P5) that was 2.3x faster than this
+  // backend's split-K GEMM and needed no fp32 workspace. Only for x dense in NCHW or channels_last
+  // (runs_as_convolution, lateral_common.h); other strides go to the kernel, which reads them in place.
   if (N * Cout * H * W > 0 && runs_as_convolution(x, top)) {
     return lateral_as_convolution(x, weight, bias);
   }
