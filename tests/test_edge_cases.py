@@ -22,7 +22,7 @@ import torch
 
 import fused_fpn
 from fused_fpn._layout import output_memory_format
-from fpn_testing import DEVICES, TOLERANCES, backend_supports, gradient_penalty_grads, to64
+from fpn_testing import DEVICES, TOLERANCES, backend_supports, eager_lateral, gradient_penalty_grads, to64
 
 GRAD_NAMES = ("x", "weight", "bias", "top")
 
@@ -277,7 +277,8 @@ def test_nan_and_inf_propagate_exactly_as_the_reference(device, backend, top_hw,
 
 
 # Where the sum is rounded to fp16: once (triton, cuda: fp32 accumulator + bias + top, then fp16) or
-# twice (the conv output first, as eager's conv2d + add: torch, and cpu, whose GEMM is ATen's conv).
+# twice (conv + bias first, as eager's conv2d + add: torch, and cpu, whose tile GEMM is ATen's conv2d
+# with the bias).
 ROUNDS_ONCE = {"triton", "cuda"}
 
 
@@ -297,7 +298,7 @@ def test_fp16_sum_past_the_fp16_range_before_the_top_is_added(device, backend, l
     if backend in ROUNDS_ONCE:
         assert torch.equal(out, torch.full_like(out, 49984.0))
     else:
-        eager = torch.nn.functional.conv2d(x, w[:, :, None, None]) + torch.nn.functional.interpolate(top, size=(5, 7))
+        eager = eager_lateral(x, w, None, top)
         assert torch.isposinf(eager).all() and torch.equal(out, eager)
     # conv = 70000 with a bias of -6000 is in range once the bias is in (64000), for every backend and
     # eager; the cpu kernel once added the bias in its epilogue, after rounding the conv to inf

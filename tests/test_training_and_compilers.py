@@ -7,7 +7,7 @@ from torch import nn
 from torchvision.ops import feature_pyramid_network as tv_fpn
 
 import fused_fpn
-from fpn_testing import DEVICES, SymbolicSizes, backend_device_params, rel_err
+from fpn_testing import DEVICES, SymbolicSizes, backend_device_params, eager_lateral, rel_err
 from test_fpn_module import OUT, make_features, pair
 
 
@@ -79,9 +79,7 @@ def test_lateral_under_autocast_keeps_tops_dtype_as_eager(backend, top_dtype):
     x, w, b = torch.randn(2, 16, 7, 9, generator=g), torch.randn(8, 16, generator=g), torch.randn(8, generator=g)
     top = None if top_dtype is None else torch.randn(2, 8, 4, 5, generator=g).to(top_dtype)
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        expected = torch.nn.functional.conv2d(x, w[:, :, None, None], b)
-        if top is not None:
-            expected = expected + torch.nn.functional.interpolate(top, size=expected.shape[-2:], mode="nearest")
+        expected = eager_lateral(x, w, b, top)
         got = fused_fpn.lateral(x, w, b, top, backend=backend)
     assert got.dtype == expected.dtype
     tol = 1e-2 if expected.dtype in (torch.bfloat16, torch.float16) else 1e-6
