@@ -8,8 +8,10 @@
 #   env    nvidia-smi, versions                                   -> OUT_DIR/logs/env.txt
 #   build  pip install --no-build-isolation --no-deps -e . with the CUDA kernels forced
 #          (FUSED_FPN_FORCE_CUDA=1, FUSED_FPN_CUDA_ARCHS="80;90", MAX_JOBS=16)  -> OUT_DIR/logs/build.log
-#   tests  python3 -m pytest tests (the whole suite, on the GPU)  -> OUT_DIR/logs/tests.log, and every
-#          test's outcome in OUT_DIR/logs/tests.xml (JUnit XML: which tests ran when time ran out)
+#   tests  python3 -m pytest tests -v (the whole suite, on the GPU)  -> OUT_DIR/logs/tests.log (a line per
+#          test as it ends), every test's outcome in OUT_DIR/logs/tests.xml (JUnit XML: which tests ran
+#          when time ran out; not written when the run is killed), and the failed ones, read off the
+#          per-test lines, in OUT_DIR/logs/tests_failed.txt and the summary
 #   bench  python3 -m pytest benchmarks (GPU shapes)              -> OUT_DIR/logs/bench.log
 #          + the results benchmarks/results/<device>_<date>.{json,png,md} copied to OUT_DIR
 #   overhead  python3 benchmarks/launch_overhead.py: host time per call, layer by layer, and of
@@ -138,10 +140,14 @@ if want tests; then
     select=()
     if [ -n "${GPU_RUN_TEST_SELECT:-}" ]; then select=(-k "$GPU_RUN_TEST_SELECT"); fi
     FUSED_FPN_TRITON_AUTOTUNE=${GPU_RUN_TEST_AUTOTUNE:-0} \
-        timeout -s INT -k 20 "$TEST_TIMEOUT" "$PY" -m pytest tests -q -rfEs -p no:cacheprovider --durations=15 \
+        timeout -s INT -k 20 "$TEST_TIMEOUT" "$PY" -m pytest tests -v -rfEs -p no:cacheprovider --durations=15 \
         --junitxml "$OUT/logs/tests.xml" "${select[@]}" ${GPU_RUN_PYTEST_ARGS:-} > "$OUT/logs/tests.log" 2>&1
     rc=$?
     tail -5 "$OUT/logs/tests.log"
+    # -v logs each test's outcome as it ends, so the failures are named even when the run is killed
+    # before pytest's own summary and the JUnit XML are written
+    grep -aoE "(FAILED|ERROR) tests/[^ ]+|tests/[^ ]+ (FAILED|ERROR)" "$OUT/logs/tests.log" \
+        | sed -E 's/^(FAILED|ERROR) (.*)$/\2 \1/' | sort -u > "$OUT/logs/tests_failed.txt"
     record tests $rc
 fi
 
@@ -211,7 +217,11 @@ fi
 {
     echo "gpu_run.sh summary ($(($(date +%s) - T0)) s in all)"
     for line in "${status_lines[@]}"; do echo "  $line"; done
-    if [ -f "$OUT/logs/tests.log" ]; then echo "tests: $(tail -1 "$OUT/logs/tests.log")"; fi
+    if [ -f "$OUT/logs/tests.log" ]; then
+        echo "tests: $(tail -1 "$OUT/logs/tests.log")"
+        echo "tests that failed or errored ($(wc -l < "$OUT/logs/tests_failed.txt"), from the per-test lines):"
+        sed 's/^/  /' "$OUT/logs/tests_failed.txt"
+    fi
     if [ -f "$OUT/overhead.tmp" ]; then echo; cat "$OUT/overhead.tmp"; fi
     if [ -f "$OUT/breakdown.txt" ]; then echo; cat "$OUT/breakdown.txt"; fi
     if [ -f "$OUT/ncu.txt" ]; then echo; cat "$OUT/ncu.txt"; fi

@@ -19,8 +19,10 @@ struct NoAutocastInside {
 };
 
 // channels_last iff the channel stride is smaller than the width stride; must stay identical to
-// fused_fpn/_layout.py::is_channels_last_like (lateral's output and grad_top follow it).
-inline bool is_channels_last_like(const at::Tensor& t) { return t.stride(1) < t.stride(3); }
+// fused_fpn/_layout.py::is_channels_last_like (lateral's output and grad_top follow it). Read as
+// SymInts: conv1x1_backward runs in traces, where a plain stride() would pin every stride (and so N,
+// H and W) to the traced sizes.
+inline bool is_channels_last_like(const at::Tensor& t) { return t.sym_stride(1) < t.sym_stride(3); }
 
 inline at::MemoryFormat output_memory_format(const at::Tensor& t) {
   return is_channels_last_like(t) ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous;

@@ -373,23 +373,51 @@ def test_opcheck_grad_bias_top(device, layout, top_hw):
 @pytest.mark.parametrize("need", [(True, True), (True, False), (False, True)], ids=["dx-dw", "dx", "dw"])
 @pytest.mark.parametrize("use_gemm", [False, True], ids=["default", "gemm"])
 def test_opcheck_conv1x1_backward(device, need, use_gemm):
-    """opcheck of ``fused_fpn::conv1x1_backward``, every check. The default path differentiates
-    through aten's convolution_backward; where aten's own op fails opcheck's dynamic-shape AOT check
+    """opcheck of ``fused_fpn::conv1x1_backward``, every check. The default path on CPU
+    differentiates through aten's convolution_backward (on other devices the default is the GEMMs of
+    use_gemm, csrc/autograd.cpp); where aten's own op fails opcheck's dynamic-shape AOT check
     (torch 2.11: its double backward calls numel() on symbolic sizes), ours must fail it with aten's
-    error and pass every other check; where aten's passes, ours must pass it too."""
+    error and pass every other check; where aten's passes, and on the GEMM path, ours must pass it."""
     from fpn_testing import make_input
     x = make_input((2, 6, 5, 7), torch.float32, device, "channels_last").requires_grad_()
     grad = make_input((2, 4, 5, 7), torch.float32, device, "channels_last")
     w = torch.randn((4, 6), generator=torch.Generator().manual_seed(1)).to(device).requires_grad_()
     op, args = torch.ops.fused_fpn.conv1x1_backward.default, (grad, x, w, *need, use_gemm)
     checks = ("test_schema", "test_autograd_registration", "test_faketensor", "test_aot_dispatch_dynamic")
-    aten_error = None if use_gemm else _aten_conv_backward_dynamic_aot_error(device)
+    runs_convolution_backward = device == "cpu" and not use_gemm
+    aten_error = _aten_conv_backward_dynamic_aot_error(device) if runs_convolution_backward else None
     if aten_error is not None:
         with pytest.raises(Exception) as failed:
             torch.library.opcheck(op, args, test_utils=("test_aot_dispatch_dynamic",))
         assert aten_error in str(failed.value), f"not aten's failure ({aten_error!r}): {failed.value}"
         checks = checks[:-1]
     torch.library.opcheck(op, args, test_utils=checks)
+
+
+
+@needs_ext
+@pytest.mark.parametrize("layout", ["nchw", "channels_last"])
+@pytest.mark.parametrize("use_gemm", [False, True], ids=["default", "gemm"])
+def test_conv1x1_backward_keeps_sizes_symbolic(layout, use_gemm):
+    """``fused_fpn::conv1x1_backward`` traced on fake tensors whose N, H and W are symbols pins none of
+    them, on both paths: the GEMMs (use_gemm here; every CUDA backward of the cuda backend) and
+    convolution_backward. The GEMM path once read x's strides as plain ints to pick the memory format,
+    which pinned N*Cin*H*W, H*W and W to the traced sizes (seen on an H200, 2026-12-04, in
+    test_forward_and_backward_keep_sizes_symbolic[cuda-cuda])."""
+    from fpn_testing import SymbolicSizes
+    fmt = torch.channels_last if layout == "channels_last" else torch.contiguous_format
+    sym = SymbolicSizes()
+
+    def case(shape, other_shape):
+        return sym.tensor(torch.randn(shape).contiguous(memory_format=fmt), (0, 2, 3),
+                          torch.randn(other_shape).contiguous(memory_format=fmt))
+    x, grad = case((2, 8, 40, 44), (3, 8, 37, 29)), case((2, 4, 40, 44), (3, 4, 37, 29))
+    w = sym.tensor(torch.randn(4, 8))
+    with sym.mode:
+        dx, dw = torch.ops.fused_fpn.conv1x1_backward(grad, x, w, True, True, use_gemm)
+    assert tuple(dx.shape) == tuple(x.shape) and tuple(dw.shape) == (4, 8)
+    assert dx.is_contiguous(memory_format=fmt)
+    sym.assert_none_pinned()
 
 
 _ATEN_CONV_BACKWARD_ERRORS = {}

@@ -90,9 +90,13 @@ def test_tests_and_bench_steps_log_and_copy_their_results(tmp_path):
     summary = (out / "summary.txt").read_text()
     assert "tests: rc=0" in summary and "bench: rc=0" in summary, summary
     assert "1 passed" in summary, summary            # the tests line: the selected test ran
+    assert "tests that failed or errored (0, from the per-test lines):" in summary, summary
     assert "lateral_P5" in summary and "fused-torch" in summary
     copied = sorted(p.name for p in out.iterdir() if p.suffix in (".json", ".png", ".md"))
     assert copied == sorted(p.name for p in results.iterdir()) and len(copied) == 3, (copied, summary)
     with tarfile.open(out / "logs.tar.gz") as tar:
         names = set(tar.getnames())
-    assert {"logs/tests.log", "logs/tests.xml", "logs/bench.log", "logs/env.txt"} <= names
+    assert {"logs/tests.log", "logs/tests.xml", "logs/tests_failed.txt", "logs/bench.log", "logs/env.txt"} <= names
+    with tarfile.open(out / "logs.tar.gz") as tar:   # -v: the test's own line, as it ended
+        log = tar.extractfile("logs/tests.log").read().decode()
+    assert "test_host_cdiv_is_tritons PASSED" in log, log[-2000:]

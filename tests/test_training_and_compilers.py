@@ -99,7 +99,10 @@ class TinyDetectorHead(nn.Module):
 
 
 @pytest.mark.parametrize("device,backend", backend_device_params())
-def test_sgd_steps_track_torchvision(device, backend):
+def test_sgd_steps_track_torchvision(device, backend, no_tf32):
+    """Four SGD steps with momentum keep every parameter within fp32 rounding of torchvision's. IEEE
+    fp32 on both sides (no_tf32): on CUDA torchvision's convs and their backward run on TF32 by default,
+    which is rounding of another size (TF32 parity of the forward is tested with the lateral op)."""
     tv, ours = pair(tv_fpn.LastLevelMaxPool(), fused_fpn.LastLevelMaxPool(), backend=backend)
     torch.manual_seed(0)
     model_tv = TinyDetectorHead(tv).to(device)
@@ -167,7 +170,9 @@ def test_converted_detector_has_no_graph_break_from_fused_fpn():
 
 
 @pytest.mark.parametrize("device", DEVICES)
-def test_torch_export_runs_and_matches(device):
+def test_torch_export_runs_and_matches(device, no_tf32):
+    """The exported program holds the fused op and gives eager's numbers. On CUDA "auto" traces the
+    triton backend and runs cuda eagerly: two kernels, compared in IEEE fp32 (no_tf32)."""
     _, ours = pair(tv_fpn.LastLevelMaxPool(), fused_fpn.LastLevelMaxPool())
     ours = ours.to(device).eval()
     x = make_features(2, 33, 47, torch.float32, device, "nchw")
