@@ -5,7 +5,8 @@
 #     bash benchmarks/gpu_run.sh OUT_DIR
 #
 # Steps, each logged to OUT_DIR (a step that fails does not stop the next ones):
-#   env    nvidia-smi, versions                                   -> OUT_DIR/logs/env.txt
+#   env    nvidia-smi, versions (and, as the bench step starts, the load average and the busiest
+#          processes)                                              -> OUT_DIR/logs/env.txt
 #   build  pip install --no-build-isolation --no-deps -e . with the CUDA kernels forced
 #          (FUSED_FPN_FORCE_CUDA=1, FUSED_FPN_CUDA_ARCHS="80;90", MAX_JOBS=16)  -> OUT_DIR/logs/build.log
 #   tests  python3 -m pytest tests -v (the whole suite, on the GPU)  -> OUT_DIR/logs/tests.log (a line per
@@ -154,6 +155,9 @@ fi
 # ---- bench
 if want bench; then
     note "bench: pytest benchmarks (budget ${BENCH_BUDGET}s + ${BENCH_GRACE}s), log in logs/bench.log"
+    # what else is running as the timing starts (a noisy run is then told from a slow one)
+    { echo "before bench ($(date -u +%H:%M:%SZ)): load average $(cat /proc/loadavg 2>/dev/null)"
+      ps -eo pid,pcpu,etime,args --sort=-pcpu 2>/dev/null | head -8 | cut -c1-160; } >> "$OUT/logs/env.txt"
     FUSED_FPN_BENCH_BUDGET_S=$BENCH_BUDGET timeout -s INT -k 30 $((BENCH_BUDGET + BENCH_GRACE)) \
         "$PY" -m pytest benchmarks -p no:cacheprovider -rfEs --durations=10 ${GPU_RUN_BENCH_ARGS:-} \
         > "$OUT/logs/bench.log" 2>&1

@@ -397,12 +397,14 @@ def test_opcheck_conv1x1_backward(device, need, use_gemm):
 
 @needs_ext
 @pytest.mark.parametrize("layout", ["nchw", "channels_last"])
-@pytest.mark.parametrize("use_gemm", [False, True], ids=["default", "gemm"])
-def test_conv1x1_backward_keeps_sizes_symbolic(layout, use_gemm):
+@pytest.mark.parametrize("device,use_gemm", [("cpu", False), ("cpu", True), ("cuda", False)],
+                         ids=["cpu-default", "cpu-gemm", "fake_cuda-default"])
+def test_conv1x1_backward_keeps_sizes_symbolic(layout, device, use_gemm):
     """``fused_fpn::conv1x1_backward`` traced on fake tensors whose N, H and W are symbols pins none of
-    them, on both paths: the GEMMs (use_gemm here; every CUDA backward of the cuda backend) and
-    convolution_backward. The GEMM path once read x's strides as plain ints to pick the memory format,
-    which pinned N*Cin*H*W, H*W and W to the traced sizes (seen on an H200, 2026-12-04, in
+    them, on every path: convolution_backward (CPU), the GEMMs (use_gemm on CPU, and the default on
+    fake CUDA tensors, no GPU needed: what every backward of the cuda backend runs). The GEMM path
+    once read x's strides as plain ints to pick the memory format, which pinned N*Cin*H*W, H*W and W
+    to the traced sizes (seen on an H200, 2026-12-04, in
     test_forward_and_backward_keep_sizes_symbolic[cuda-cuda])."""
     from fpn_testing import SymbolicSizes
     fmt = torch.channels_last if layout == "channels_last" else torch.contiguous_format
@@ -414,9 +416,10 @@ def test_conv1x1_backward_keeps_sizes_symbolic(layout, use_gemm):
     x, grad = case((2, 8, 40, 44), (3, 8, 37, 29)), case((2, 4, 40, 44), (3, 4, 37, 29))
     w = sym.tensor(torch.randn(4, 8))
     with sym.mode:
+        x, grad, w = (t.to(device) for t in (x, grad, w))
         dx, dw = torch.ops.fused_fpn.conv1x1_backward(grad, x, w, True, True, use_gemm)
     assert tuple(dx.shape) == tuple(x.shape) and tuple(dw.shape) == (4, 8)
-    assert dx.is_contiguous(memory_format=fmt)
+    assert dx.device.type == device and dx.is_contiguous(memory_format=fmt)
     sym.assert_none_pinned()
 
 

@@ -96,7 +96,8 @@ def test_tests_and_bench_steps_log_and_copy_their_results(tmp_path):
     assert copied == sorted(p.name for p in results.iterdir()) and len(copied) == 3, (copied, summary)
     with tarfile.open(out / "logs.tar.gz") as tar:
         names = set(tar.getnames())
-    assert {"logs/tests.log", "logs/tests.xml", "logs/tests_failed.txt", "logs/bench.log", "logs/env.txt"} <= names
-    with tarfile.open(out / "logs.tar.gz") as tar:   # -v: the test's own line, as it ended
         log = tar.extractfile("logs/tests.log").read().decode()
-    assert "test_host_cdiv_is_tritons PASSED" in log, log[-2000:]
+        env_txt = tar.extractfile("logs/env.txt").read().decode()
+    assert {"logs/tests.log", "logs/tests.xml", "logs/tests_failed.txt", "logs/bench.log", "logs/env.txt"} <= names
+    assert "test_host_cdiv_is_tritons PASSED" in log, log[-2000:]   # -v: the test's own line, as it ended
+    assert "before bench" in env_txt and "load average" in env_txt, env_txt[-2000:]   # what ran beside
