@@ -62,17 +62,28 @@ c10::optional<c10::TypedOperatorHandle<MatmulOutDtype>> find_out_dtype_op(const 
   return op->typed<MatmulOutDtype>();
 }
 
-// a @ b (2-D, or batched 3-D) accumulated and returned in float32 for CUDA fp16 / bf16 (the
-// out_dtype overloads of mm / bmm), so that dW's long reduction over pixels is neither rounded nor
-// split-K reduced in half precision; other inputs (or a torch without those overloads) are
-// multiplied as they are.
-at::Tensor matmul_fp32_accumulate(const at::Tensor& a, const at::Tensor& b) {
+// The out_dtype overloads of mm (batched: bmm), or nullopt on a torch without them.
+const c10::optional<c10::TypedOperatorHandle<MatmulOutDtype>>& out_dtype_op(bool batched) {
   static const auto mm_out_dtype = find_out_dtype_op("aten::mm");
   static const auto bmm_out_dtype = find_out_dtype_op("aten::bmm");
+  return batched ? bmm_out_dtype : mm_out_dtype;
+}
+
+// Whether matmul_fp32_accumulate multiplies a through an out_dtype overload: CUDA fp16 / bf16.
+bool accumulates_through_out_dtype(const at::Tensor& a, bool batched) {
   const bool half = a.scalar_type() == at::kHalf || a.scalar_type() == at::kBFloat16;
-  const auto& op = a.dim() == 3 ? bmm_out_dtype : mm_out_dtype;
-  if (half && a.is_cuda() && op.has_value()) return op->call(a, b, at::kFloat);
-  return at::matmul(a, b);
+  return half && a.is_cuda() && out_dtype_op(batched).has_value();
+}
+
+// a @ b (mm for 2-D, bmm for batched 3-D) accumulated and returned in float32 for CUDA fp16 / bf16
+// (the out_dtype overloads of mm / bmm), so that dW's long reduction over pixels is neither rounded
+// nor split-K reduced in half precision; other inputs (or a torch without those overloads) are
+// multiplied as they are. mm / bmm, never at::matmul: torch 2.11's matmul reads the sizes to decide
+// whether to fold a batch into one mm, which pins N and H*W in traces with symbolic sizes.
+at::Tensor matmul_fp32_accumulate(const at::Tensor& a, const at::Tensor& b) {
+  const bool batched = a.dim() == 3;
+  if (accumulates_through_out_dtype(a, batched)) return out_dtype_op(batched)->call(a, b, at::kFloat);
+  return batched ? at::bmm(a, b) : at::mm(a, b);
 }
 
 // (dx, dW) of y = conv1x1(x, weight [Cout, Cin]) as GEMMs: no atomics, so the same bits run to run
@@ -95,12 +106,20 @@ std::tuple<at::Tensor, at::Tensor> conv1x1_backward_gemm(const at::Tensor& grad_
     if (need_x) dx = at::mm(g2, weight).view_symint({n, h, w, cin}).permute({0, 3, 1, 2});
     if (need_weight) dw = matmul_fp32_accumulate(g2.t(), x2);
   } else {
-    const at::Tensor g3 = grad.view_symint({n, cout, h * w});
-    const at::Tensor x3 = x.view_symint({n, cin, h * w});
-    if (need_x) dx = at::matmul(weight.t(), g3).view_symint({n, cin, h, w});
+    // bmm.dtype's fake implementation reads the batch size as an int: in a trace with symbolic sizes
+    // torch 2.14 pins N there and 2.11 fails. On that path (dW of CUDA fp16 / bf16) N is made
+    // concrete here, the one guard the trace then holds (H and W stay symbolic); eager sizes are
+    // concrete anyway.
+    const c10::SymInt batch = need_weight && n.is_symbolic() && accumulates_through_out_dtype(grad, true)
+                                  ? c10::SymInt(n.guard_int(__FILE__, __LINE__))
+                                  : n;
+    const at::Tensor g3 = grad.view_symint({batch, cout, h * w});
+    const at::Tensor x3 = x.view_symint({batch, cin, h * w});
+    // W^T broadcast over the batch as a stride-0 view (what at::matmul would do, without its size checks)
+    if (need_x) dx = at::bmm(weight.t().expand_symint({batch, cin, cout}), g3).view_symint({batch, cin, h, w});
     if (need_weight) {
       const at::Tensor per_image = matmul_fp32_accumulate(g3, x3.transpose(1, 2));  // [N, Cout, Cin]
-      dw = n == 1 ? per_image.select(0, 0) : per_image.sum(0, false, per_image.scalar_type());
+      dw = per_image.sum(0, false, per_image.scalar_type());  // no branch on N: a branch would guard on it
     }
   }
   if (dw.defined()) dw = dw.to(weight.scalar_type());

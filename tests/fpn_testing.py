@@ -140,20 +140,28 @@ class SymbolicSizes:
         self.env = ShapeEnv()
         self.mode = FakeTensorMode(shape_env=self.env)
         self.other_values = {}
+        self.traced_values = {}
 
     def tensor(self, t: torch.Tensor, dynamic=(), other: Optional[torch.Tensor] = None):
         from torch.fx.experimental.symbolic_shapes import DimDynamic, StatelessSymbolicContext
         dims = [DimDynamic.DYNAMIC if d in dynamic else DimDynamic.STATIC for d in range(t.dim())]
         fake = self.mode.from_tensor(t, symbolic_context=StatelessSymbolicContext(dynamic_sizes=dims))
-        for got, value in zip((*fake.shape, *fake.stride()), (*other.shape, *other.stride()) if dynamic else ()):
+        traced = (*t.shape, *t.stride())
+        for got, value, hint in zip((*fake.shape, *fake.stride()), (*other.shape, *other.stride()) if dynamic else (),
+                                    traced):
             if isinstance(got, torch.SymInt) and got.node.expr.is_symbol:
                 known = self.other_values.setdefault(got.node.expr, value)
                 assert known == value, f"{got.node.expr} stands for {known} and {value} in the second case"
+                self.traced_values[got.node.expr] = hint
         return fake
 
-    def assert_none_pinned(self):
+    def assert_none_pinned(self, pinned_ok=()):
+        """``pinned_ok``: symbols (``size.node.expr`` of the fake tensors' sizes, read before the trace)
+        that the trace may pin; they are read at their traced values, the rest at the second case's."""
         import sympy
         values = {k: sympy.Integer(v) for k, v in self.other_values.items()}
+        for symbol in pinned_ok:
+            values[symbol] = sympy.Integer(self.traced_values[symbol])
         failing = []
         for symbol, value in self.env.replacements.items():
             held = sympy.Eq(symbol, value).xreplace(values)

@@ -397,30 +397,40 @@ def test_opcheck_conv1x1_backward(device, need, use_gemm):
 
 @needs_ext
 @pytest.mark.parametrize("layout", ["nchw", "channels_last"])
-@pytest.mark.parametrize("device,use_gemm", [("cpu", False), ("cpu", True), ("cuda", False)],
-                         ids=["cpu-default", "cpu-gemm", "fake_cuda-default"])
-def test_conv1x1_backward_keeps_sizes_symbolic(layout, device, use_gemm):
+@pytest.mark.parametrize("device,use_gemm,dtype", [("cpu", False, torch.float32), ("cpu", True, torch.float32),
+                                                   ("cuda", False, torch.float32), ("cuda", False, torch.float16)],
+                         ids=["cpu-default", "cpu-gemm", "fake_cuda-default", "fake_cuda-default-fp16"])
+def test_conv1x1_backward_keeps_sizes_symbolic(layout, device, use_gemm, dtype):
     """``fused_fpn::conv1x1_backward`` traced on fake tensors whose N, H and W are symbols pins none of
     them, on every path: convolution_backward (CPU), the GEMMs (use_gemm on CPU, and the default on
     fake CUDA tensors, no GPU needed: what every backward of the cuda backend runs). The GEMM path
     once read x's strides as plain ints to pick the memory format, which pinned N*Cin*H*W, H*W and W
     to the traced sizes (seen on an H200, 2026-12-04, in
-    test_forward_and_backward_keep_sizes_symbolic[cuda-cuda])."""
+    test_forward_and_backward_keep_sizes_symbolic[cuda-cuda]); with torch 2.11, at::matmul pinned N
+    and H*W in the NCHW path (CI's test-compat). One pin is allowed, and only where it is made on
+    purpose: N on the NCHW fp16 / bf16 CUDA path, whose dW goes through bmm.dtype (fp32 accumulation),
+    whose fake implementation reads the batch as an int (torch 2.14 pins it, 2.11 failed)."""
+    from torch.fx.experimental.symbolic_shapes import statically_known_true, sym_eq
     from fpn_testing import SymbolicSizes
     fmt = torch.channels_last if layout == "channels_last" else torch.contiguous_format
     sym = SymbolicSizes()
 
     def case(shape, other_shape):
-        return sym.tensor(torch.randn(shape).contiguous(memory_format=fmt), (0, 2, 3),
+        return sym.tensor(torch.randn(shape).to(dtype).contiguous(memory_format=fmt), (0, 2, 3),
                           torch.randn(other_shape).contiguous(memory_format=fmt))
     x, grad = case((2, 8, 40, 44), (3, 8, 37, 29)), case((2, 4, 40, 44), (3, 4, 37, 29))
-    w = sym.tensor(torch.randn(4, 8))
+    w = sym.tensor(torch.randn(4, 8).to(dtype))
+    batch_symbols = (x.shape[0].node.expr, grad.shape[0].node.expr)
     with sym.mode:
         x, grad, w = (t.to(device) for t in (x, grad, w))
         dx, dw = torch.ops.fused_fpn.conv1x1_backward(grad, x, w, True, True, use_gemm)
     assert tuple(dx.shape) == tuple(x.shape) and tuple(dw.shape) == (4, 8)
-    assert dx.device.type == device and dx.is_contiguous(memory_format=fmt)
-    sym.assert_none_pinned()
+    assert (dx.device.type, dx.dtype, dw.dtype) == (device, dtype, dtype)
+    # x's own (dense, fmt) strides, compared as expressions: torch 2.11's is_contiguous(channels_last)
+    # is False for convolution_backward's symbolic output although its strides are channels_last
+    assert statically_known_true(sym_eq(dx.stride(), x.stride())), f"dx strides {dx.stride()}, x's {x.stride()}"
+    half_cuda_nchw = device == "cuda" and dtype != torch.float32 and layout == "nchw"
+    sym.assert_none_pinned(pinned_ok=batch_symbols if half_cuda_nchw else ())
 
 
 _ATEN_CONV_BACKWARD_ERRORS = {}
