@@ -37,7 +37,8 @@
 # Time (it must fit well under 10 minutes): the tests get GPU_RUN_TEST_TIMEOUT s (default 150;
 # on the H200, 2026-11-30, the build took 49 s for sm_90 alone and the rows that need the GPU,
 # GPU_RUN_TEST_SELECT="(cuda or gpu) and not emulated" with GPU_RUN_PYTEST_ARGS="-n 12", got
-# three quarters through in 150 s: the first triton call of each new shape compiles every config);
+# three quarters through in 150 s: the first triton call of each new shape compiles every config;
+# since 2026-12-05 on threads, FUSED_FPN_TRITON_COMPILE_THREADS, default one per CPU);
 # the benchmarks get GPU_RUN_BENCH_BUDGET s (default 150: rows not started by then are reported
 # NOT-RUN, most important first: fp16 NCHW, fp16 channels_last, then bf16/fp32) and are interrupted
 # (SIGINT: the table and files are still written) GPU_RUN_BENCH_GRACE s later (default 90).

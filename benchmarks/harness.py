@@ -1157,6 +1157,9 @@ class Record:
     # fused Triton rows on a GPU: which config the autotuner chose for each kernel launch of the row
     # (``lateral_launch.describe_key`` -> ``describe_config``), e.g. whether a persistent config won
     triton_configs: Optional[Dict[str, str]] = None
+    # seconds of the row's first (parity) call, synchronized: what a new shape costs before the timed
+    # calls (Triton: compiling and autotuning every config; torch.compile: tracing and code generation)
+    first_call_s: Optional[float] = None
 
     @property
     def key(self):
@@ -1273,8 +1276,11 @@ class BenchRun:
                     fn = with_experimental_configs(w.provider_fn("fused-triton"))
                 else:
                     fn = w.provider_fn(p)
+                start = time.perf_counter()
                 with recording_triton_choices() as chosen:
                     outs = self._outputs(w, fn, w.input_sets[0])   # the first call also compiles (and autotunes)
+                _sync(self.cfg.device)
+                rec.first_call_s = time.perf_counter() - start
                 rec.triton_configs = dict(chosen) or None
             except Exception as exc:  # noqa: BLE001 - reported in the row, failed by the caller
                 rec.status, rec.message = ERROR, f"{type(exc).__name__}: {exc}"
@@ -1534,6 +1540,7 @@ def format_table(report: Dict[str, object], markdown: bool = False) -> str:
         notes.append(f"target {chk['check']}: {ratio} (target >= {chk['target']:.2f}x: "
                      f"{'MET' if chk['met'] else 'NOT MET'})")
     notes += triton_config_notes(report["results"])
+    notes += first_call_notes(report["results"])
     for n in notes:
         lines.append(("- " if markdown else "* ") + n)
     return "\n".join(lines)
@@ -1562,6 +1569,19 @@ def triton_config_notes(results: Sequence[Dict[str, object]], max_rows: int = 4)
         more = f" and {len(names) - max_rows} more" if len(names) > max_rows else ""
         notes.append(f"triton autotune: {launch}: {config} ({', '.join(names[:max_rows])}{more})")
     return notes
+
+
+def first_call_notes(results: Sequence[Dict[str, object]], min_s: float = 1.0) -> List[str]:
+    """One note per workload (case, dtype, layout) whose first call took at least ``min_s`` seconds for
+    some provider: every provider's first-call seconds (compile and autotune cost; not a timing of
+    the op)."""
+    rows: Dict[Tuple[str, str, str], List[Tuple[str, float]]] = OrderedDict()
+    for r in results:
+        if r.get("first_call_s") is not None:
+            rows.setdefault((r["case"], r["dtype"], r["layout"]), []).append((r["provider"], r["first_call_s"]))
+    return [f"first call (compiles, autotunes), s: {case} {dtype} {layout}: "
+            + ", ".join(f"{p} {t:.1f}" for p, t in firsts)
+            for (case, dtype, layout), firsts in rows.items() if max(t for _, t in firsts) >= min_s]
 
 
 def result_paths(cfg: BenchConfig, report: Dict[str, object]) -> Dict[str, str]:

@@ -18,6 +18,7 @@ from __future__ import annotations
 import contextlib
 import os
 import threading
+import warnings
 from typing import List, NamedTuple, Optional, Tuple
 
 import torch
@@ -290,6 +291,8 @@ def _launch_autotuned(tuner, grid, args, meta, key):
         seen = (tuner, key, _launch_variant(meta))
         if launcher is tuner:
             _refuse_first_launch_in_capture(seen, lambda: describe_key(tuner, key))
+            if seen not in _TUNED:
+                compile_configs_in_parallel(tuner, grid, args, meta)
         launcher[grid](*args, **meta)
         if launcher is tuner:
             _TUNED.add(seen)
@@ -298,6 +301,66 @@ def _launch_autotuned(tuner, grid, args, meta, key):
             if config.pre_hook is None:
                 _CHOSEN[fast] = kwargs
             _note_choice(tuner, key, kwargs)
+
+
+# Parallel compilation of a new key's configs. triton's Autotuner.run compiles each config as it comes
+# to benchmark it, one after another, and compiling is most of a new shape's first call (the H200
+# bench of 2026-12-04: 96 s for one workload's two Triton providers). triton's AsyncCompileMode
+# (3.6 and later) lets the JIT hand each compile to an executor; on threads they overlap, since
+# MLIR's and LLVM's passes run without the GIL and ptxas is a subprocess. So before the autotuner's
+# first run of a key, ``Autotuner.warmup`` compiles every config of the key's specialization on
+# threads, and the autotuner's benchmarks then find each binary in the JIT's cache.
+COMPILE_THREADS_ENV = "FUSED_FPN_TRITON_COMPILE_THREADS"
+
+
+def compile_threads(configs: int) -> int:
+    """How many threads compile a new key's ``configs``: FUSED_FPN_TRITON_COMPILE_THREADS if set (a
+    whole number; 0 or 1 compiles in the autotuner, one config after another), else the CPUs this
+    process may run on; never more than ``configs``. ValueError naming the variable otherwise."""
+    value = os.environ.get(COMPILE_THREADS_ENV, "").strip()
+    if value:
+        if not value.isdigit():
+            raise ValueError(f"{COMPILE_THREADS_ENV} must be a whole number of threads (0 or 1: compile one "
+                             f"config after another), got {value!r}")
+        threads = int(value)
+    else:
+        threads = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return min(threads, configs)
+
+
+def compile_configs_in_parallel(tuner, grid, args, meta) -> bool:
+    """Compile each config of autotuner ``tuner`` for the launch ``tuner[grid](*args, **meta)`` (the
+    same specialization: argument dtypes, divisibility, constexprs) on ``compile_threads`` threads,
+    without launching anything. True when it did; False, leaving the compiles to the autotuner, for
+    fewer than 2 threads or configs, an interpreted kernel, a triton without ``AsyncCompileMode``, or
+    one already active. A config that fails to compile raises nothing here: at the autotuner's launch
+    of that config the JIT re-raises the error (triton 3.8 keeps the failed compile; 3.6 keeps none and
+    compiles it again), and the autotuner handles it as before (out of resources, ptxas errors: the
+    config is skipped). Anything else that fails here warns (RuntimeWarning) and returns False."""
+    try:
+        from triton.runtime import JITFunction
+        from triton.runtime._async_compile import AsyncCompileMode, active_mode
+    except ImportError:
+        return False
+    configs = getattr(tuner, "configs", ())
+    threads = compile_threads(len(configs))
+    if threads < 2 or not isinstance(tuner.fn, JITFunction) or active_mode.get() is not None:
+        return False
+    from concurrent.futures import ThreadPoolExecutor
+    with ThreadPoolExecutor(threads, thread_name_prefix="fused_fpn-triton-compile") as pool:
+        mode = AsyncCompileMode(pool, ignore_errors=True)
+        try:
+            with mode:
+                tuner.warmup(*args, grid=grid, **meta)
+        except Exception as error:   # e.g. another triton's API: the autotuner compiles as before
+            warnings.warn(f"fused_fpn: compiling the Triton configs of a new shape on {threads} threads failed "
+                          f"({type(error).__name__}: {error}); the autotuner compiles them one after another "
+                          f"(set {COMPILE_THREADS_ENV}=1 to skip this step)", RuntimeWarning, stacklevel=2)
+            return False
+        finally:
+            if active_mode.get() is mode:   # triton 3.6 resets it only after every compile finalized
+                active_mode.set(None)
+    return True
 
 
 # What the autotuner chose, for the benchmarks' results (which config ran on which level is what

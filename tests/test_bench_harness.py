@@ -8,6 +8,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -332,6 +333,45 @@ def test_registered_providers_of_a_workload_are_measured_together(tmp_path):
     for r in (rec, rec2):
         assert r.tflops == pytest.approx(harness.lateral_flops(1, 128, 2, 2, 32) / (r.median_ms / 1e3) / 1e12)
     run.close()
+
+
+def test_rows_record_their_first_call_and_the_notes_list_slow_ones(monkeypatch, tmp_path):
+    """Each row keeps the seconds of its provider's first call (the parity call, synchronized: where a
+    new shape compiles and autotunes), and the table's notes list, per workload where some provider's
+    first call took at least a second, every provider's first-call seconds."""
+    real = harness.LateralLevelWorkload.provider_fn
+    first = []
+
+    def provider_fn(self, provider):
+        fn = real(self, provider)
+        if provider != "fused-torch":
+            return fn
+
+        def slow_first_call(*args):   # as a first call that compiles would be
+            if not first:
+                first.append(True)
+                time.sleep(1.2)
+            return fn(*args)
+        return slow_first_call
+    monkeypatch.setattr(harness.LateralLevelWorkload, "provider_fn", provider_fn)
+    run = harness.BenchRun(_quick_cfg(tmp_path))
+    specs = [harness.RowSpec("lateral_P5", "fp32", "nchw", p) for p in ("eager", "fused-torch")]
+    run.register(specs)
+    eager, fused = run.run(specs[0])[0], run.run(specs[1])[0]
+    assert fused.status == eager.status == harness.OK
+    assert fused.first_call_s >= 1.2 and 0 < eager.first_call_s < fused.first_call_s
+    report = json.loads(json.dumps(harness.build_report(run, run.cfg, None)))
+    assert [r["first_call_s"] for r in report["results"]] == [eager.first_call_s, fused.first_call_s]
+    notes = [line for line in harness.format_table(report, markdown=True).splitlines() if "first call" in line]
+    assert notes == [f"- first call (compiles, autotunes), s: lateral_P5 fp32 nchw: eager {eager.first_call_s:.1f}, "
+                     f"fused-torch {fused.first_call_s:.1f}"]
+    run.close()
+    fast = [dict(case="lateral_P2", dtype="fp16", layout="nchw", provider="eager", first_call_s=0.2),
+            dict(case="lateral_P2", dtype="fp16", layout="nchw", provider="compile", first_call_s=0.9),
+            dict(case="lateral_P3", dtype="fp16", layout="nchw", provider="eager", first_call_s=None)]
+    assert harness.first_call_notes(fast) == []
+    assert harness.first_call_notes(fast, min_s=0.5) == [
+        "first call (compiles, autotunes), s: lateral_P2 fp16 nchw: eager 0.2, compile 0.9"]
 
 
 def test_rows_record_the_triton_configs_their_launches_chose(monkeypatch, tmp_path):

@@ -482,3 +482,35 @@ def test_torch_compile_takes_only_the_outputs_as_written():
     assert json.loads(proc.stdout.strip().splitlines()[-1]) == {
         "fwd": ["out_ptr"], "fwd persistent": ["out_ptr"], "dx": ["out_ptr"],
         "dW": ["part_ptr"], "db_dtop": ["dbpart_ptr", "dtop_ptr"]}
+
+
+@pytest.mark.parametrize("threads", [2, 1])
+def test_a_new_keys_configs_compile_on_threads_before_the_autotuner_runs(tmp_path, threads):
+    """``lateral_launch.compile_configs_in_parallel`` (the launcher calls it before the autotuner's
+    first run of a key) compiles each config of the forward's autotuner for the launch's own
+    specialization on FUSED_FPN_TRITON_COMPILE_THREADS threads (``tests/parallel_compile.py``: the JIT
+    with a stand-in sm_90 driver, in a subprocess without TRITON_INTERPRET and with an empty cache).
+    With 2 threads: every config's binary is in the JIT's cache, compiled on the pool's threads, two at
+    once, and the autotuner's own compiles of the same launch then find all of them (none compiled
+    again). With 1: nothing is compiled there (the autotuner compiles as before). Either way a config
+    whose compile fails raises nothing there, and its launch gets the error, which the autotuner
+    handles as before."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["TRITON_CACHE_DIR"] = str(tmp_path / "cache")
+    script = os.path.join(os.path.dirname(__file__), "parallel_compile.py")
+    proc = subprocess.run([sys.executable, script, str(threads)], env=env, capture_output=True, text=True,
+                          timeout=600)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert len(out["configs"]) == 3
+    assert out["failed"] == ["compiled", "raises CompilationError", "compiled"]
+    if threads == 1:
+        assert not out["parallel"] and out["compiled"] == [] and out["recompiled"] == 3
+        assert out["threads"] == [] and out["finished_with_one_failing"] == 0
+        return
+    assert out["parallel"] and out["recompiled"] == 0
+    key = lambda c: (c["num_warps"], c["num_stages"])  # noqa: E731
+    assert sorted(map(key, out["compiled"])) == sorted(map(key, out["configs"]))
+    assert all(c["finished"] for c in out["compiled"]), "each a CompiledKernel with a cubin"
+    assert out["threads"] == ["fused_fpn-triton-compile"] and out["overlap"] == 2
+    assert out["finished_with_one_failing"] == 2

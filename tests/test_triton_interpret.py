@@ -550,7 +550,7 @@ def test_autotuned_launches_reuse_the_chosen_config_without_the_autotuner(monkey
 
     tuner = triton.autotune(configs=[triton.Config({"BLOCK": 16}), triton.Config({"BLOCK": 32}, num_warps=2)],
                             key=["n"], do_bench=do_bench)(_scale)
-    calls = {"autotuner": 0, "jit": []}
+    calls = {"autotuner": 0, "jit": [], "precompile": 0}
     autotuner_run, jit_run = tuner.run, tuner.fn.run
 
     def spy_autotuner(*args, **kwargs):
@@ -567,10 +567,20 @@ def test_autotuned_launches_reuse_the_chosen_config_without_the_autotuner(monkey
     monkeypatch.setattr(L, "_CHOSEN", {})
     monkeypatch.setattr(L, "_TUNED", set())
 
-    def launch(n, expect_autotuner):
+    compile_in_parallel = L.compile_configs_in_parallel
+
+    def spy_precompile(*args):   # here it compiles nothing (interpreted kernels): it returns False
+        calls["precompile"] += 1
+        return compile_in_parallel(*args)
+
+    monkeypatch.setattr(L, "compile_configs_in_parallel", spy_precompile)
+
+    def launch(n, expect_autotuner, expect_precompile=None):
+        """Launch; the autotuner runs iff ``expect_autotuner``, and the configs are compiled on threads
+        before it iff ``expect_precompile`` (default: as the autotuner; only a key's first launch)."""
         nonlocal timings
         timings = iter([2.0, 1.0])
-        before, calls["jit"] = calls["autotuner"], []
+        before, calls["jit"], precompiled = calls["autotuner"], [], calls["precompile"]
         src = torch.arange(n, dtype=torch.float32, device=DEVICE)
         dst = torch.full((n,), float("nan"), device=DEVICE)
         # as the op's body launches (outside it wrap_triton wraps the autotuner, with torch 2.11 and 2.14
@@ -579,6 +589,8 @@ def test_autotuned_launches_reuse_the_chosen_config_without_the_autotuner(monkey
             L._launch_autotuned(tuner, lambda meta: (triton.cdiv(n, meta["BLOCK"]),), (src, dst, n, 2.0), {}, (n,))
         assert torch.equal(dst, 2.0 * src)
         assert calls["autotuner"] - before == int(expect_autotuner)
+        expect = expect_autotuner if expect_precompile is None else expect_precompile
+        assert calls["precompile"] - precompiled == int(expect)
         return calls["jit"][-1]   # the kwargs of the launch that wrote dst
 
     winner = {"BLOCK": 32, "num_warps": 2}
@@ -589,7 +601,7 @@ def test_autotuned_launches_reuse_the_chosen_config_without_the_autotuner(monkey
     launch(100, expect_autotuner=True)                    # a new key tunes
     launch(100, expect_autotuner=False)
     monkeypatch.setattr(L, "FAST_LAUNCH", False)
-    launch(40, expect_autotuner=True)                     # switched off: Autotuner.run every call
+    launch(40, expect_autotuner=True, expect_precompile=False)   # switched off: Autotuner.run every call
     monkeypatch.setattr(L, "FAST_LAUNCH", True)
 
     # inside a CUDA-graph capture: a key launched before runs as before (fast path, or the autotuner's
@@ -597,15 +609,16 @@ def test_autotuned_launches_reuse_the_chosen_config_without_the_autotuner(monkey
     monkeypatch.setattr(L, "_capturing", lambda: True)
     launch(40, expect_autotuner=False)
     monkeypatch.setattr(L, "FAST_LAUNCH", False)
-    launch(40, expect_autotuner=True)
+    launch(40, expect_autotuner=True, expect_precompile=False)
     monkeypatch.setattr(L, "FAST_LAUNCH", True)
-    before, calls["jit"] = calls["autotuner"], []
+    before, calls["jit"], precompiled = calls["autotuner"], [], calls["precompile"]
     src, dst = torch.arange(70, dtype=torch.float32, device=DEVICE), torch.zeros(70, device=DEVICE)
     key = (K.tune_key(70, True, True, True), 8, 4, torch.float32)
     message = r"first call for this shape \(fwd Cout=8 Cin=4 M<=128 x=cl out=cl float32\) is inside a CUDA-graph"
     with L.as_in_the_op_body(), pytest.raises(RuntimeError, match=message):
         L._launch_autotuned(tuner, lambda meta: (triton.cdiv(70, meta["BLOCK"]),), (src, dst, 70, 2.0), {}, key)
     assert calls["autotuner"] == before and calls["jit"] == [] and not dst.any(), "nothing tuned or launched"
+    assert calls["precompile"] == precompiled, "nothing compiled"
     # the same for a fixed-config kernel, and for a launch of a tuned key with other constexpr flags
     with monkeypatch.context() as m, pytest.raises(RuntimeError, match=r"first call for this shape \(_scale\)"):
         # wrap_triton as in the op's body on a GPU (torch 2.11 refuses an interpreted plain kernel)
@@ -636,8 +649,34 @@ def test_autotuned_launches_reuse_the_chosen_config_without_the_autotuner(monkey
             return self.kernel[grid]
 
     monkeypatch.setattr(torch.library, "wrap_triton", TracingWrapper)
-    launch(40, expect_autotuner=True)                     # a known key, but traced: the autotuner
+    launch(40, expect_autotuner=True, expect_precompile=False)   # a known key, but traced: the autotuner
     assert wrapped == [tuner]
+
+
+def test_compile_threads_follow_the_variable(monkeypatch):
+    """How many threads compile a new key's configs (``lateral_launch.compile_threads``): the CPUs this
+    process may use, or FUSED_FPN_TRITON_COMPILE_THREADS, never more than the configs; anything but a
+    whole number is a ValueError naming the variable. ``compile_configs_in_parallel`` leaves an
+    interpreted kernel to the autotuner (False; nothing to compile). The compiles themselves:
+    tests/test_triton_aot.py."""
+    import triton
+
+    from fused_fpn.kernels import lateral_kernels as K
+    from fused_fpn.kernels import lateral_launch as L
+    monkeypatch.delenv(L.COMPILE_THREADS_ENV, raising=False)
+    cpus = len(os.sched_getaffinity(0))
+    assert L.compile_threads(100) == cpus and L.compile_threads(1) == 1
+    for value, threads in (("4", 4), (" 3 ", 3), ("0", 0), ("1", 1), ("64", 10)):
+        monkeypatch.setenv(L.COMPILE_THREADS_ENV, value)
+        assert L.compile_threads(10) == threads
+    for value in ("-1", "2.5", "many"):
+        monkeypatch.setenv(L.COMPILE_THREADS_ENV, value)
+        with pytest.raises(ValueError, match=f"{L.COMPILE_THREADS_ENV} must be a whole number of threads"):
+            L.compile_threads(10)
+    if L.interpreting():   # on a GPU the kernels are compiled ones (test_autotuned_launches_reuse_... compiles)
+        monkeypatch.setenv(L.COMPILE_THREADS_ENV, "4")
+        tuner = triton.autotune(configs=K.fwd_configs("sm90", "16bit"), key=K.FWD_AUTOTUNE_KEY)(K._lateral_fwd_kernel)
+        assert L.compile_configs_in_parallel(tuner, (1,), (), {}) is False
 
 
 def _compiled_branch_on_the_interpreter(monkeypatch, sms, arch="sm90"):
