@@ -657,7 +657,8 @@ def test_compile_threads_follow_the_variable(monkeypatch):
     """How many threads compile a new key's configs (``lateral_launch.compile_threads``): the CPUs this
     process may use, or FUSED_FPN_TRITON_COMPILE_THREADS, never more than the configs; anything but a
     whole number is a ValueError naming the variable. ``compile_configs_in_parallel`` leaves an
-    interpreted kernel to the autotuner (False; nothing to compile). The compiles themselves:
+    interpreted kernel to the autotuner (False; nothing to compile), and so it does, with a
+    RuntimeWarning naming the error, when its step fails otherwise. The compiles themselves:
     tests/test_triton_aot.py."""
     import triton
 
@@ -673,10 +674,30 @@ def test_compile_threads_follow_the_variable(monkeypatch):
         monkeypatch.setenv(L.COMPILE_THREADS_ENV, value)
         with pytest.raises(ValueError, match=f"{L.COMPILE_THREADS_ENV} must be a whole number of threads"):
             L.compile_threads(10)
+    monkeypatch.setenv(L.COMPILE_THREADS_ENV, "4")
     if L.interpreting():   # on a GPU the kernels are compiled ones (test_autotuned_launches_reuse_... compiles)
-        monkeypatch.setenv(L.COMPILE_THREADS_ENV, "4")
         tuner = triton.autotune(configs=K.fwd_configs("sm90", "16bit"), key=K.FWD_AUTOTUNE_KEY)(K._lateral_fwd_kernel)
         assert L.compile_configs_in_parallel(tuner, (1,), (), {}) is False
+
+    # a compile step that fails for another reason (say, another triton's API) warns and leaves the
+    # compiles to the autotuner, with no async-compile mode left active
+    from triton.runtime import JITFunction
+    from triton.runtime._async_compile import active_mode
+
+    def kernel(x):
+        pass
+
+    class DriftedTuner:
+        configs = [triton.Config({}), triton.Config({}, num_warps=8)]
+        fn = JITFunction(kernel)
+
+        def warmup(self, *args, **kwargs):
+            raise TypeError("warmup() got an unexpected keyword argument 'grid'")
+
+    with pytest.warns(RuntimeWarning, match="compiling the Triton configs of a new shape on 2 threads failed "
+                                            r"\(TypeError: warmup\(\) got an unexpected keyword"):
+        assert L.compile_configs_in_parallel(DriftedTuner(), (1,), (), {}) is False
+    assert active_mode.get() is None
 
 
 def _compiled_branch_on_the_interpreter(monkeypatch, sms, arch="sm90"):
