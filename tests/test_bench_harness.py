@@ -335,29 +335,36 @@ def test_registered_providers_of_a_workload_are_measured_together(tmp_path):
     run.close()
 
 
-def test_rows_record_their_first_call_and_the_notes_list_slow_ones(monkeypatch, tmp_path):
-    """Each row keeps the seconds of its provider's first call (the parity call, synchronized: where a
-    new shape compiles and autotunes), and the table's notes list, per workload where some provider's
-    first call took at least a second, every provider's first-call seconds."""
+def _eager_and_fused_torch_rows(monkeypatch, tmp_path, wrap):
+    """(run, eager record, fused-torch record) of lateral_P5 fp32 nchw in a quick run, with fused-torch's
+    provider function ``fn`` replaced by ``wrap(fn)`` (standing in for what a GPU provider does on its
+    calls: compile on the first, report the autotuner's choice)."""
     real = harness.LateralLevelWorkload.provider_fn
-    first = []
 
     def provider_fn(self, provider):
         fn = real(self, provider)
-        if provider != "fused-torch":
-            return fn
-
-        def slow_first_call(*args):   # as a first call that compiles would be
-            if not first:
-                first.append(True)
-                time.sleep(1.2)
-            return fn(*args)
-        return slow_first_call
+        return wrap(fn) if provider == "fused-torch" else fn
     monkeypatch.setattr(harness.LateralLevelWorkload, "provider_fn", provider_fn)
     run = harness.BenchRun(_quick_cfg(tmp_path))
     specs = [harness.RowSpec("lateral_P5", "fp32", "nchw", p) for p in ("eager", "fused-torch")]
     run.register(specs)
-    eager, fused = run.run(specs[0])[0], run.run(specs[1])[0]
+    return run, run.run(specs[0])[0], run.run(specs[1])[0]
+
+
+def test_rows_record_their_first_call_and_the_notes_list_slow_ones(monkeypatch, tmp_path):
+    """Each row keeps the seconds of its provider's first call (the parity call, synchronized: where a
+    new shape compiles and autotunes), and the table's notes list, per workload where some provider's
+    first call took at least a second, every provider's first-call seconds."""
+    first = []
+
+    def slow_first_call(fn):
+        def call(*args):   # as a first call that compiles would be
+            if not first:
+                first.append(True)
+                time.sleep(1.2)
+            return fn(*args)
+        return call
+    run, eager, fused = _eager_and_fused_torch_rows(monkeypatch, tmp_path, slow_first_call)
     assert fused.status == eager.status == harness.OK
     assert fused.first_call_s >= 1.2 and 0 < eager.first_call_s < fused.first_call_s
     report = json.loads(json.dumps(harness.build_report(run, run.cfg, None)))
@@ -386,22 +393,13 @@ def test_rows_record_the_triton_configs_their_launches_chose(monkeypatch, tmp_pa
     config = {"BLOCK_M": 128, "BLOCK_N": 256, "BLOCK_K": 64, "GROUP_M": 8, "PERSISTENT": True,
               "num_warps": 8, "num_stages": 3, "maxnreg": None}
     key = (K.tune_key(126, True, True, True), 256, 2048, torch.float16)
-    real = harness.LateralLevelWorkload.provider_fn
 
-    def provider_fn(self, provider):
-        fn = real(self, provider)
-        if provider != "fused-torch":
-            return fn
-
-        def reporting(*args):
+    def reporting(fn):
+        def call(*args):
             L._note_choice(Tuner(), key, config)
             return fn(*args)
-        return reporting
-    monkeypatch.setattr(harness.LateralLevelWorkload, "provider_fn", provider_fn)
-    run = harness.BenchRun(_quick_cfg(tmp_path))
-    specs = [harness.RowSpec("lateral_P5", "fp32", "nchw", p) for p in ("eager", "fused-torch")]
-    run.register(specs)
-    eager, fused = run.run(specs[0])[0], run.run(specs[1])[0]
+        return call
+    run, eager, fused = _eager_and_fused_torch_rows(monkeypatch, tmp_path, reporting)
     launch = "fwd Cout=256 Cin=2048 M<=128 x=cl out=cl float16"
     described = "BLOCK_M=128 BLOCK_N=256 BLOCK_K=64 GROUP_M=8 PERSISTENT=True num_warps=8 num_stages=3"
     assert fused.status == harness.OK and fused.triton_configs == {launch: described}

@@ -22,10 +22,17 @@ from fused_fpn.kernels import lateral_launch as L
 
 
 class _Sm90Driver:
-    """Just enough of a triton driver for TTIR generation: the target."""
+    """Just enough of a triton driver for TTIR generation (the target) and for the JIT to specialize
+    and compile without launching (device 0, a null stream; tests/parallel_compile.py)."""
 
     def get_current_target(self):
         return GPUTarget("cuda", 90, 32)
+
+    def get_current_device(self):
+        return 0
+
+    def get_current_stream(self, device=None):
+        return 0
 
 
 def _writes(kernel, kwargs):
