@@ -9,8 +9,9 @@ compiled with (``pix_align``; None for the bias / top gradient), shared memory (
 compiled metadata), whether the PTX uses wgmma, how many async global-to-shared copies the TTGIR has
 (``async_copies``: 0 means the software pipeliner left the loads synchronous), how many of the PTX's
 copies are the copy engine's (``tma_copies``: cp.async.bulk.tensor, the TMA configs' x and W tiles),
-registers and stack bytes per thread (``regs``, ``stack``: cuobjdump's resource usage of the cubin;
-stack is spill space), the fp32 divisions in the PTX (``fp32_divisions``, e.g.
+the tensors it keeps in shared memory for its whole loop (``kept_in_shared``: the weight-stationary
+forward's weight tile), registers and stack bytes per thread (``regs``, ``stack``: cuobjdump's
+resource usage of the cubin; stack is spill space), the fp32 divisions in the PTX (``fp32_divisions``, e.g.
 ["div.rn.f32"]: an in-kernel nearest scale must be the IEEE division), or the error.
 Run it in a process where TRITON_INTERPRET is NOT set (``@triton.jit`` then yields JITFunctions,
 which the compiler needs); tests/test_triton_aot.py does that in a subprocess.
@@ -228,7 +229,8 @@ KIND_DTYPES = (("16bit", "fp16"), ("tf32", "fp32"), ("ieee", "fp32"))   # a dtyp
 def jobs(archs=(90, 80)) -> List[dict]:
     """Every (kernel, arch, dtype, layout, config, sizes, trace) to compile: each config of each
     (arch, kind) list (the forward's experimental configs too, ``K.fwd_configs(..., experimental=True)``;
-    its TMA configs on channels_last x only, where the launcher offers them: ``tma``), in the dtypes /
+    its TMA configs on channels_last x only, where the launcher offers them: ``tma``; its
+    weight-stationary ones, ``K.RESIDENT_FWD_CONFIGS``, on channels_last x and dy only), in the dtypes /
     layouts / precisions that take it. At P2's sizes: the forward in fp16/bf16
     channels_last and fp16 NCHW ("16bit"), fp32 with TF32 dot ("tf32") and with IEEE dot ("ieee");
     the same kernel as the backward's dx (``fwd_dx``: W^T, no epilogue) in fp16 and in both fp32
@@ -256,11 +258,15 @@ def jobs(archs=(90, 80)) -> List[dict]:
     for arch in archs:
         a = f"sm{arch}"
         for kind, variants in kinds.items():
-            for dtype, layout in variants:   # the TMA configs where the launcher offers them: channels_last x
-                for cfg in K.fwd_configs(a, kind, experimental=True, tma=layout == "channels_last"):
+            # the TMA and weight-stationary configs where the launcher offers them: channels_last x
+            # (every BLOCK_K of the weight-stationary list, at P2's Cin 256: the compile does not read it)
+            for dtype, layout in variants:
+                resident = K.RESIDENT_FWD_CONFIGS.get((a, kind), []) if layout == "channels_last" else []
+                for cfg in K.fwd_configs(a, kind, experimental=True, tma=layout == "channels_last") + resident:
                     add("fwd", arch, dtype, layout, kind, cfg)
             dx_dtype, dx_layout = variants[0]
-            for cfg in K.fwd_configs(a, kind, experimental=True):
+            resident = K.RESIDENT_FWD_CONFIGS.get((a, kind), []) if dx_layout == "channels_last" else []
+            for cfg in K.fwd_configs(a, kind, experimental=True) + resident:
                 add("fwd_dx", arch, dx_dtype, dx_layout, kind, cfg)
             for dtype, layout in variants[:2]:
                 for cfg in K.GRAD_WEIGHT_CONFIGS[(a, kind)]:
@@ -379,6 +385,15 @@ def job_args(job: dict):
     return K._lateral_grad_bias_top_kernel, base, grad_bias_top_args(dtype, layout, sizes)
 
 
+def kept_in_shared(ttgir: str) -> List[str]:
+    """The tensors a kernel copies into shared memory before its first loop, e.g. ["256x256xf16"]: a
+    ``ttg.local_alloc`` of a value there is kept for the whole loop (the weight-stationary forward's
+    weight tile; the other kernels' loop operands go through the pipeliner's own buffers)."""
+    body = ttgir[ttgir.find("tt.func public"):]
+    loop = body.find("scf.for")
+    return re.findall(r"ttg\.local_alloc %\S+ : \(tensor<([0-9x]+x[a-z0-9]+)", body[:loop if loop >= 0 else len(body)])
+
+
 def compile_job(job: dict) -> dict:
     kernel, dtype, sizes = job["kernel"], job["dtype"], job["sizes"]
     traced = job["trace"] != "eager"   # symbolic sizes: scales in the kernel, no hints, PIX_ALIGN 1
@@ -411,12 +426,14 @@ def compile_job(job: dict) -> dict:
         ptx, ttgir = compiled.asm.get("ptx", ""), compiled.asm.get("ttgir", "")
         regs, stack = resource_usage(compiled.asm["cubin"]) if compiled.asm.get("cubin") else (None, None)
         result.update(ok=True, shared=int(shared), wgmma="wgmma" in ptx, mma="mma." in ptx,
+                      kept_in_shared=kept_in_shared(ttgir),
                       fp32_divisions=sorted(set(re.findall(r"\bdiv\.[a-z.]*f32\b", ptx))),
                       async_copies=ttgir.count("async_copy_global_to_local") + ttgir.count("async_tma_copy"),
                       tma_copies=ptx.count("cp.async.bulk.tensor"),
                       regs=regs, stack=stack, has_cubin=bool(compiled.asm.get("cubin")), error=None)
     except Exception as exc:  # noqa: BLE001 - reported, the test fails on it
-        result.update(ok=False, shared=None, wgmma=False, mma=False, fp32_divisions=None, async_copies=0, tma_copies=0,
+        result.update(ok=False, shared=None, wgmma=False, mma=False, kept_in_shared=None, fp32_divisions=None,
+                      async_copies=0, tma_copies=0,
                       regs=None,
                       stack=None,
                       has_cubin=False,

@@ -237,6 +237,39 @@ def _fwd_epilogue_tile(acc, pid_n, mask_m, n64, rem, h_idx, w_idx, COUT,
                       scale_h, scale_w, sb, stn, stc, sth, stw, son, soc, soh, sow, HAS_BIAS, HAS_TOP, O_FLAT)
 
 
+@triton.jit
+def _fwd_resident_weight(x_ptr, w_ptr, b_ptr, top_ptr, out_ptr, M, HW, W_, CIN, COUT, HT, WT, scale_h, scale_w,
+                         sxn, sxc, sxh, sxw, swn, swk, sb, stn, stc, sth, stw, son, soc, soh, sow,
+                         HAS_BIAS: tl.constexpr, HAS_TOP: tl.constexpr, X_FLAT: tl.constexpr, O_FLAT: tl.constexpr,
+                         ALLOW_TF32: tl.constexpr, USE_INPUT_PRECISION: tl.constexpr,
+                         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                         SCALE_IN_KERNEL: tl.constexpr):
+    """The forward, weight-stationary (RESIDENT_W; CIN <= BLOCK_K): out[rows, cols] = x[rows, :] . Wt + b + top
+    for column tile pid_n = pid % n_tiles and row tiles pid // n_tiles, + nprog // n_tiles, ... with
+    Wt = W^T[:, cols] ([BLOCK_K, BLOCK_N], rows past CIN zero) loaded once per program. The loop body
+    is one x load, one dot and the epilogue, so the software pipeliner keeps the weight in shared
+    memory for the whole loop and issues the next row tile's x load before this tile's dot: the
+    weight is read from L2 once per program instead of once per tile (per tile of 128 x 256 at P2,
+    Cin 256, twice the bytes of the x tile), and x streams during the epilogues."""
+    pid = tl.program_id(0)
+    n_tiles = tl.cdiv(COUT, BLOCK_N)
+    pid_n = pid % n_tiles
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask_n = offs_n < COUT
+    kk = tl.arange(0, BLOCK_K)
+    mask_k = kk < CIN
+    kk64 = kk.to(tl.int64)
+    wt = tl.load(w_ptr + ((kk64 * swk)[:, None] + (offs_n.to(tl.int64) * swn)[None, :]),
+                 mask=mask_k[:, None] & mask_n[None, :], other=0.0)
+    for pid_m in range(pid // n_tiles, tl.cdiv(M, BLOCK_M), tl.num_programs(0) // n_tiles):
+        offs_m, mask_m, n64, rem, h_idx, w_idx, x_row = _tile_rows(pid_m, M, HW, W_, sxn, sxh, sxw, X_FLAT, BLOCK_M)
+        a = tl.load(x_ptr + (x_row[:, None] + (kk64 * sxc)[None, :]), mask=mask_m[:, None] & mask_k[None, :], other=0.0)
+        acc = _dot(a, wt, tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32), ALLOW_TF32, USE_INPUT_PRECISION)
+        _fwd_epilogue_tile(acc, pid_n, mask_m, n64, rem, h_idx, w_idx, COUT, b_ptr, top_ptr, out_ptr, HT, WT,
+                           HW, W_, scale_h, scale_w, sb, stn, stc, sth, stw, son, soc, soh, sow,
+                           HAS_BIAS, HAS_TOP, O_FLAT, BLOCK_M, BLOCK_N, SCALE_IN_KERNEL)
+
+
 @triton.jit(do_not_specialize=["TUNE_KEY"])
 def _lateral_fwd_kernel(
     x_ptr, w_ptr, b_ptr, top_ptr, out_ptr,
@@ -252,6 +285,7 @@ def _lateral_fwd_kernel(
     ALLOW_TF32: tl.constexpr, USE_INPUT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
     PERSISTENT: tl.constexpr, SCALE_IN_KERNEL: tl.constexpr, PIX_ALIGN: tl.constexpr, TMA: tl.constexpr,
+    RESIDENT_W: tl.constexpr,
 ):
     """out[m, co] = sum_k x[m, k] * W[co, k] (fp32 accumulation) + b[co] + top[n, co, sh(h), sw(w)].
 
@@ -285,6 +319,11 @@ def _lateral_fwd_kernel(
         instead of per-thread loads; only where the launcher's ``tma_loads`` holds (x channels_last
         with dense rows, W Cin-contiguous, 16-byte aligned bases and row strides: the forward, not
         dx). The epilogue is the same.
+      RESIDENT_W: weight-stationary (``_fwd_resident_weight``): the whole reduction fits one K block
+        (CIN <= BLOCK_K, ``resident_fwd_configs``), each program loads its [BLOCK_K, BLOCK_N] weight
+        tile once and keeps it in shared memory while it walks row tiles pid_m = pid // n_tiles,
+        + nprog // n_tiles, ... of one column tile (the host's grid is a multiple of the column
+        tiles, ``resident_grid``); x's next row tile loads during this tile's product and epilogue.
 
     TUNE_KEY is not read by the kernel: it is the autotuner's key (``tune_key``: the power-of-two
     bucket of M and the layout bits), so a new image size re-tunes only when it changes bucket.
@@ -307,7 +346,12 @@ def _lateral_fwd_kernel(
     soc = _pixel_aligned(soc, PIX_ALIGN)
     if TMA:
         x_desc, w_desc = _fwd_tma_descriptors(x_ptr, w_ptr, M, CIN, COUT, sxw, swn, BLOCK_M, BLOCK_N, BLOCK_K)
-    if PERSISTENT:
+    if RESIDENT_W:
+        _fwd_resident_weight(x_ptr, w_ptr, b_ptr, top_ptr, out_ptr, M, HW, W_, CIN, COUT, HT, WT, scale_h, scale_w,
+                             sxn, sxc, sxh, sxw, swn, swk, sb, stn, stc, sth, stw, son, soc, soh, sow,
+                             HAS_BIAS, HAS_TOP, X_FLAT, O_FLAT, ALLOW_TF32, USE_INPUT_PRECISION,
+                             BLOCK_M, BLOCK_N, BLOCK_K, SCALE_IN_KERNEL)
+    elif PERSISTENT:
         # One loop over this program's (tile, K step) pairs, flattened by hand: the software pipeliner
         # then issues the next tile's x / W loads while this tile's epilogue runs (triton 3.6 does
         # not pipeline the loop that tl.range(flatten=True) makes of two nested loops; this one it does).
@@ -569,9 +613,9 @@ def operand_kind(elem_bytes: int, allow_tf32: bool) -> str:
     return "tf32" if allow_tf32 else "ieee"
 
 
-def _cfg(bm, bn, bk, warps, stages, group_m=8, persistent=False, tma=False):
+def _cfg(bm, bn, bk, warps, stages, group_m=8, persistent=False, tma=False, resident=False):
     return triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": group_m,
-                          "PERSISTENT": persistent, "TMA": tma},
+                          "PERSISTENT": persistent, "TMA": tma, "RESIDENT_W": resident},
                          num_warps=warps, num_stages=stages)
 
 
@@ -668,7 +712,8 @@ NARROW_FWD_CONFIGS = {
         _cfg(128, 64, 16, 8, 4),
     ],
 }
-INTERPRET_FWD = {"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 32, "GROUP_M": 4, "PERSISTENT": False, "TMA": False}
+INTERPRET_FWD = {"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 32, "GROUP_M": 4, "PERSISTENT": False, "TMA": False,
+                 "RESIDENT_W": False}
 
 # Experimental forward configs, offered to the autotuner only with FUSED_FPN_TRITON_EXPERIMENTAL=1
 # (``experimental_enabled``): persistent programs (one per SM) that walk their tiles in one loop over
@@ -709,6 +754,24 @@ TMA_FWD_CONFIGS = {
         _cfg(64, 64, 64, 4, 3, tma=True),      # deep K, few pixels
     ],
 }
+# Experimental weight-stationary forward configs (RESIDENT_W, ``_fwd_resident_weight``), offered with
+# FUSED_FPN_TRITON_EXPERIMENTAL=1 to sm_90 fp16/bf16 eager launches on x with unit channel stride
+# (channels_last; in NCHW the 4-warp config spilled 288-352 B and the 8-warp one needs 256 KiB of shared
+# memory) whose reduction fits one K block: ``resident_fwd_configs`` gives those of the smallest BLOCK_K
+# >= K. Each program keeps its weight tile in shared memory for all its row tiles. The default configs
+# read the weight tile from L2 once per output tile: at P2 (Cin 256, 950 tiles of 128 x 256) 124 MB
+# of weight reads beside the 62 MB of x, the 62 MB of top gathers and the 62 MB of out stores that pass
+# through L2, more L2 traffic than the bytes DRAM must move. Compiled for sm_90 at P2's sizes
+# (triton 3.6.0 and 3.8.0): no spills, wgmma, x pipelined (2 or 3 async stages).
+RESIDENT_FWD_CONFIGS = {
+    ("sm90", "16bit"): [
+        _cfg(64, 256, 256, 8, 2, resident=True),    # W 128 KiB + 2 x 32 KiB of x (212992 B)
+        _cfg(64, 256, 256, 4, 2, resident=True),    # one warpgroup: 248-254 registers
+        _cfg(128, 128, 256, 8, 2, resident=True),   # W 64 KiB + 2 x 64 KiB; two column tiles
+        _cfg(128, 256, 128, 8, 3, resident=True),   # Cin <= 128
+        _cfg(64, 256, 128, 4, 3, resident=True),
+    ],
+}
 EXPERIMENTAL_ENV = "FUSED_FPN_TRITON_EXPERIMENTAL"
 
 
@@ -724,11 +787,31 @@ def experimental_enabled() -> bool:
     return _env_flag(EXPERIMENTAL_ENV, default=False)
 
 
-def fwd_configs(arch: str, kind: str, experimental: bool = False, narrow: bool = False, tma: bool = False):
+def resident_fwd_configs(arch: str, kind: str, k: int):
+    """The weight-stationary configs for a reduction over k channels: those of
+    RESIDENT_FWD_CONFIGS[(arch, kind)] whose BLOCK_K is the smallest one >= k ([] when none is, or
+    k < 1). One BLOCK_K per list, so a launch's autotuner is the same object for every k it serves."""
+    configs = RESIDENT_FWD_CONFIGS.get((arch, kind), [])
+    fits = [c.kwargs["BLOCK_K"] for c in configs if c.kwargs["BLOCK_K"] >= k]
+    if k < 1 or not fits:
+        return []
+    return [c for c in configs if c.kwargs["BLOCK_K"] == min(fits)]
+
+
+def resident_grid(tiles: int, column_tiles: int, sms: int) -> int:
+    """Programs of a RESIDENT_W launch: one per SM, rounded down to a multiple of the column tiles
+    (each program serves one column tile, ``_fwd_resident_weight``), at least one per column tile and
+    at most one per output tile (``tiles`` is a multiple of ``column_tiles``)."""
+    return min(tiles, max(column_tiles, sms // column_tiles * column_tiles))
+
+
+def fwd_configs(arch: str, kind: str, experimental: bool = False, narrow: bool = False, tma: bool = False,
+                resident_k: int = 0):
     """The forward's config list for (arch, kind): NARROW_FWD_CONFIGS' when ``narrow`` (x's pixel
     loads one element wide, ``narrow_pixel_loads``), else FWD_CONFIGS' plus, when ``experimental``,
-    EXPERIMENTAL_FWD_CONFIGS' and, when ``tma`` too (the launch's operands allow it: ``tma_loads``),
-    TMA_FWD_CONFIGS'."""
+    EXPERIMENTAL_FWD_CONFIGS', TMA_FWD_CONFIGS' when ``tma`` too (the launch's operands allow it:
+    ``tma_loads``) and, when ``resident_k`` (the launch's reduction size, where the launcher offers
+    them: ``lateral_launch.resident_reduction``), ``resident_fwd_configs(arch, kind, resident_k)``."""
     if narrow:
         return NARROW_FWD_CONFIGS[(arch, kind)]
     extra = []
@@ -736,6 +819,8 @@ def fwd_configs(arch: str, kind: str, experimental: bool = False, narrow: bool =
         extra = EXPERIMENTAL_FWD_CONFIGS.get((arch, kind), [])
         if tma:
             extra = extra + TMA_FWD_CONFIGS.get((arch, kind), [])
+        if resident_k:
+            extra = extra + resident_fwd_configs(arch, kind, resident_k)
     return FWD_CONFIGS[(arch, kind)] + extra
 
 
@@ -899,17 +984,20 @@ def _autotuner(name: str, kind: str, narrow: bool, kernel, configs, key):
     return _autotuned[cache_key]
 
 
-def autotuned_fwd(arch: str, kind: str, narrow: bool = False, tma: bool = False, experimental=None):
+def autotuned_fwd(arch: str, kind: str, narrow: bool = False, tma: bool = False, experimental=None,
+                  resident_k: int = 0):
     """The forward kernel autotuned over ``fwd_configs`` (FWD_CONFIGS[(arch, kind)], plus the
     experimental configs with FUSED_FPN_TRITON_EXPERIMENTAL=1, the TMA ones among them when ``tma``:
-    the launch's operands allow it, ``tma_loads``; NARROW_FWD_CONFIGS[(arch, kind)] when ``narrow``),
+    the launch's operands allow it, ``tma_loads``, and the weight-stationary ones for a reduction of
+    ``resident_k`` channels when it is not 0; NARROW_FWD_CONFIGS[(arch, kind)] when ``narrow``),
     keyed on (TUNE_KEY = M's bucket + layout of x and out + weight orientation, COUT, CIN); dtype is
     part of the key too (triton's autotuner adds every tensor argument's dtype). The list's first
     config alone when ``autotune_enabled()`` is False. ``experimental``: the switch as the caller
     read it for this launch (``experimental_enabled()``, read here when None)."""
     if experimental is None:
         experimental = experimental_enabled()
-    configs = fwd_configs(arch, kind, experimental=experimental and not narrow, narrow=narrow, tma=tma)
+    configs = fwd_configs(arch, kind, experimental=experimental and not narrow, narrow=narrow, tma=tma,
+                          resident_k=resident_k)
     return _autotuner("fwd", kind, narrow, _lateral_fwd_kernel, configs, FWD_AUTOTUNE_KEY)
 
 

@@ -124,6 +124,16 @@ def tma_loads(inp: torch.Tensor, weight: torch.Tensor) -> bool:
                        aligned_bases=inp.data_ptr() % 16 == 0 and weight.data_ptr() % 16 == 0)
 
 
+def resident_reduction(inp: torch.Tensor) -> int:
+    """The reduction size (inp's channels) for which an eager launch is offered the weight-stationary
+    configs (``K.resident_fwd_configs``), or 0: x (the forward's, or dx's dy) must have unit channel
+    stride (each pixel's channels one contiguous run: channels_last). Never in a trace, whose
+    compiled variants (symbolic sizes, no divisibility hints) have not been compiled ahead of time."""
+    if _traced(inp) or inp.stride(1) != 1:
+        return 0
+    return inp.shape[1]
+
+
 def _torch_scratch(size: int, alignment: int, stream):
     """triton's global-scratch allocator, through torch's caching allocator (blocks are 512-byte
     aligned; the kernel runs on the current device and stream, as the allocation)."""
@@ -374,13 +384,13 @@ def _note_choice(tuner, key, kwargs) -> None:
 
 
 _CONFIG_FIELDS = ("BLOCK_M", "BLOCK_N", "BLOCK_K", "BLOCK_CO", "BLOCK_CI", "GROUP_M", "PERSISTENT", "TMA",
-                  "num_warps", "num_stages")
+                  "RESIDENT_W", "num_warps", "num_stages")
 
 
 def describe_config(kwargs: dict) -> str:
     """A config's launch kwargs as one short string: its tile sizes, swizzle group, persistence, TMA
-    loads, warps and pipeline stages, e.g. "BLOCK_M=128 BLOCK_N=256 BLOCK_K=64 GROUP_M=8
-    PERSISTENT=False TMA=False num_warps=8 num_stages=3"."""
+    loads, resident weight, warps and pipeline stages, e.g. "BLOCK_M=128 BLOCK_N=256 BLOCK_K=64 GROUP_M=8
+    PERSISTENT=False TMA=False RESIDENT_W=False num_warps=8 num_stages=3"."""
     return " ".join(f"{k}={kwargs[k]}" for k in _CONFIG_FIELDS if kwargs.get(k) is not None)
 
 
@@ -531,7 +541,8 @@ def gemm_epilogue(inp: torch.Tensor, weight: torch.Tensor, bias, top, out: torch
     # the switch read once per launch (~1.7 us); the operands checked only where a TMA list exists
     experimental = not plan.narrow and K.experimental_enabled()
     tma = experimental and (arch, plan.kind) in K.TMA_FWD_CONFIGS and tma_loads(inp, weight)
-    kernel = K.autotuned_fwd(arch, plan.kind, plan.narrow, tma, experimental)
+    resident_k = resident_reduction(inp) if experimental and (arch, plan.kind) in K.RESIDENT_FWD_CONFIGS else 0
+    kernel = K.autotuned_fwd(arch, plan.kind, plan.narrow, tma, experimental, resident_k)
     if kernel.fused_fpn_tma:
         ensure_scratch_allocator()
     _run_on_device(inp, _launch_autotuned, kernel, plan.grid, args, plan.meta, plan.key)
@@ -547,6 +558,10 @@ def _fwd_plan(inp, weight, bias, top, out, sms: int) -> "LaunchPlan":
 
     def grid(meta):
         tiles = cdiv(m, meta["BLOCK_M"]) * cdiv(cout, meta["BLOCK_N"])
+        if meta.get("RESIDENT_W"):
+            if cin > meta["BLOCK_K"]:   # the kernel would leave out channels past BLOCK_K: refuse it
+                raise ValueError(f"a RESIDENT_W config needs Cin <= BLOCK_K, got Cin {cin} and {describe_config(meta)}")
+            return (K.resident_grid(tiles, cdiv(cout, meta["BLOCK_N"]), sms),)
         return (torch.sym_min(tiles, sms) if meta["PERSISTENT"] else tiles,)
     key = (args[-1], cout, cin) + tuple(t.dtype for t in args[:5])
     return LaunchPlan(args[5:], meta, config_kind(inp), narrow_pixel_loads((inp,), meta["PIX_ALIGN"]), grid, key)

@@ -56,14 +56,15 @@ def _eager(r, sizes=("P2",)) -> bool:
 
 def test_every_config_of_every_kernel_is_compiled(results):
     """The driver covered each (arch, kind) config list completely (nothing silently dropped): the
-    forward's (with the experimental configs, and the TMA ones as the forward) as the forward and as
-    dx, the weight gradient's."""
+    forward's (with the experimental configs, the TMA ones as the forward, and every weight-stationary
+    one) as the forward and as dx, the weight gradient's."""
     assert len(results) == len(jobs(ARCHS))
     for arch in ARCHS:
         a = f"sm{arch}"
         for kind in K.KINDS:
-            for kernel, configs in (("fwd", K.fwd_configs(a, kind, experimental=True, tma=True)),
-                                    ("fwd_dx", K.fwd_configs(a, kind, experimental=True)),
+            resident = K.RESIDENT_FWD_CONFIGS.get((a, kind), [])
+            for kernel, configs in (("fwd", K.fwd_configs(a, kind, experimental=True, tma=True) + resident),
+                                    ("fwd_dx", K.fwd_configs(a, kind, experimental=True) + resident),
                                     ("grad_weight", K.GRAD_WEIGHT_CONFIGS[(a, kind)])):
                 want = {(tuple(sorted(c.kwargs.items())), c.num_warps, c.num_stages) for c in configs}
                 got = {(tuple(sorted(r["meta"].items())), r["num_warps"], r["num_stages"]) for r in results
@@ -372,6 +373,39 @@ def test_tma_configs_use_the_copy_engine_where_the_launcher_offers_them(results)
            for r in tma if not (r["ok"] and r["wgmma"] and r["tma_copies"] == 2 * r["num_stages"] and r["stack"] == 0)]
     assert not bad, f"triton {triton.__version__}:\n" + "\n".join(bad)
     assert not [_label(r) for r in others if r["tma_copies"]], "only the TMA configs use the copy engine"
+
+
+def test_resident_weight_configs_keep_the_weight_in_shared_memory(results):
+    """The experimental weight-stationary forward configs (``K.RESIDENT_FWD_CONFIGS``) are compiled for
+    sm_90 where the launcher offers them (``resident_reduction``: x, or dx's dy, with unit channel
+    stride): the forward in fp16 and bf16 channels_last and dx in fp16 channels_last, each config of
+    the list. Each keeps its [BLOCK_K, BLOCK_N] weight tile in shared memory for the whole tile loop
+    (a ``local_alloc`` of the loaded tile before the loop, in the TTGIR), loads x through the software
+    pipeliner (async copies), multiplies with wgmma, fits the shared memory and spills nothing (triton
+    3.6.0 and 3.8.0). No other job keeps a tensor in shared memory across its loop."""
+    resident = [r for r in results if r["meta"].get("RESIDENT_W")]
+    for arch in ARCHS:
+        for kind, dtypes in (("16bit", ("fp16", "bf16")), ("tf32", ("fp32",)), ("ieee", ("fp32",))):
+            configs = K.RESIDENT_FWD_CONFIGS.get((f"sm{arch}", kind), [])
+            want = {(kernel, dtype, tuple(sorted(c.kwargs.items())), c.num_warps, c.num_stages)
+                    for c in configs for kernel, dtype in [("fwd", d) for d in dtypes] + [("fwd_dx", dtypes[0])]}
+            got = {(r["kernel"], r["dtype"], tuple(sorted(r["meta"].items())), r["num_warps"], r["num_stages"])
+                   for r in resident if r["arch"] == arch and kind_of(r) == kind}
+            assert got == want, f"sm{arch} {kind}"
+    assert resident and all(r["layout"] == "channels_last" and _eager(r) and not r["flags"] for r in resident)
+    dtype_name = {"fp16": "f16", "bf16": "bf16"}
+
+    def weight_tile(r):
+        return f"{r['meta']['BLOCK_K']}x{r['meta']['BLOCK_N']}x{dtype_name[r['dtype']]}"
+    bad = [f"{_label(r)}: {r['error'] or ''} kept {r['kept_in_shared']}, async copies {r['async_copies']}, "
+           f"wgmma {r['wgmma']}, stack {r['stack']}, shared {r['shared']}" for r in resident
+           if not (r["ok"] and r["kept_in_shared"] == [weight_tile(r)]
+                   and r["async_copies"] >= 2 and r["wgmma"] and r["stack"] == 0
+                   and r["shared"] <= SHARED_LIMIT[r["arch"]])]
+    assert not bad, f"triton {triton.__version__}:\n" + "\n".join(bad)
+    kept = [_label(r) for r in results if r["ok"] and r["kept_in_shared"] and not r["meta"].get("RESIDENT_W")]
+    assert not kept, "only the weight-stationary configs keep a tile in shared memory across their loop:\n" + \
+        "\n".join(kept)
 
 
 @pytest.mark.parametrize("sizes", ["P2", "P4", "P5", "P5sq"])

@@ -96,6 +96,40 @@ def test_cuda_graph_capture_and_replay(dtype):
     torch.testing.assert_close(grads_graph[2].double(), db_ref, atol=5e-1, rtol=2e-2)
 
 
+class _Fp16ChannelsLastCase:
+    """A channels_last fp16 lateral call on the GPU (x [2, cin, h, w], Cout 80, a top of half the
+    size) for the tests that run one experimental config: ``check`` compares an output with the
+    float64 reference; ``graph_replay`` captures the call into a CUDA graph, gives x and top new
+    values and replays it."""
+
+    def __init__(self, seed, cin, h, w):
+        self.g = torch.Generator().manual_seed(seed)
+        cl = dict(memory_format=torch.channels_last)
+        self.x = torch.randn((2, cin, h, w), generator=self.g).to("cuda", torch.float16).contiguous(**cl)
+        self.w = (torch.randn((80, cin), generator=self.g) / 8).to("cuda", torch.float16)
+        self.b = torch.randn((80,), generator=self.g).to("cuda", torch.float16)
+        self.top = torch.randn((2, 80, (h + 1) // 2, (w + 1) // 2), generator=self.g).to("cuda", torch.float16)
+        self.top = self.top.contiguous(**cl)
+
+    def run(self):
+        return fused_fpn.lateral(self.x, self.w, self.b, self.top, backend="triton")
+
+    def check(self, y, label):
+        ref = lateral_reference(*(t.double() for t in (self.x, self.w, self.b, self.top)))
+        err = rel_err(y, ref)
+        assert err < 2e-3, f"{label}: relative error {err:.3g}"
+
+    def graph_replay(self):
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            y_graph = self.run()
+        for t in (self.x, self.top):
+            t.copy_(torch.randn(t.shape, generator=self.g).to("cuda", torch.float16))
+        graph.replay()
+        torch.cuda.synchronize()
+        return y_graph
+
+
 @pytest.mark.parametrize("persistent", [False, True], ids=["tiles", "persistent"])
 def test_tma_forward_in_threads_and_cuda_graphs(persistent, monkeypatch):
     """The forward with a TMA config (experimental; x and W through device-built descriptors, which
@@ -112,33 +146,41 @@ def test_tma_forward_in_threads_and_cuda_graphs(persistent, monkeypatch):
         pytest.skip("the TMA configs are offered on sm_90 only")
     cfg = [c for c in K.TMA_FWD_CONFIGS[("sm90", "16bit")] if c.kwargs["PERSISTENT"] == persistent][0]
     only_tma_config(monkeypatch, ("sm90", "16bit"), cfg)
-    g = torch.Generator().manual_seed(4)
-    cl = dict(memory_format=torch.channels_last)
-    x = torch.randn((2, 96, 50, 38), generator=g).to("cuda", torch.float16).contiguous(**cl)
-    w = (torch.randn((80, 96), generator=g) / 8).to("cuda", torch.float16)
-    b = torch.randn((80,), generator=g).to("cuda", torch.float16)
-    top = torch.randn((2, 80, 25, 19), generator=g).to("cuda", torch.float16).contiguous(**cl)
-
-    def check(y, label):
-        err = rel_err(y, lateral_reference(x.double(), w.double(), b.double(), top.double()))
-        assert err < 2e-3, f"{label}: relative error {err:.3g}"
-
+    case = _Fp16ChannelsLastCase(4, 96, 50, 38)
     with L.recording_autotune_choices() as chosen:
-        check(fused_fpn.lateral(x, w, b, top, backend="triton"), "eager")
+        case.check(case.run(), "eager")
     assert list(chosen.values()) == [L.describe_config(cfg.all_kwargs())] and list(chosen)[0].endswith(" tma")
     in_thread = {}
-    thread = threading.Thread(target=lambda: in_thread.update(y=fused_fpn.lateral(x, w, b, top, backend="triton")))
+    thread = threading.Thread(target=lambda: in_thread.update(y=case.run()))
     thread.start()
     thread.join()
-    check(in_thread["y"], "a new thread")
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        y_graph = fused_fpn.lateral(x, w, b, top, backend="triton")
-    x.copy_(torch.randn(x.shape, generator=g).to("cuda", torch.float16))
-    top.copy_(torch.randn(top.shape, generator=g).to("cuda", torch.float16))
-    graph.replay()
-    torch.cuda.synchronize()
-    check(y_graph, "CUDA graph replay")
+    case.check(in_thread["y"], "a new thread")
+    case.check(case.graph_replay(), "CUDA graph replay")
+
+
+@pytest.mark.parametrize("block_k", [128, 256])
+def test_resident_weight_forward_is_offered_and_captured(block_k, monkeypatch):
+    """The forward with a weight-stationary config (experimental, RESIDENT_W) as the only config the
+    launcher offers: the launch of a channels_last x with 96 (200) channels takes the list of the
+    smallest BLOCK_K >= 96 (200) from a table that also holds a BLOCK_K 512 config, eager and
+    captured into a CUDA graph and replayed with new inputs, against the float64 reference; 64 x 48
+    x 2 pixels: 96 row tiles of 64 for the SMs' programs to walk."""
+    from fused_fpn.kernels import lateral_kernels as K
+    from fused_fpn.kernels import lateral_launch as L
+    _require_backend()
+    key = (L._arch(torch.device("cuda")), "16bit")
+    if key[0] != "sm90":
+        pytest.skip("the weight-stationary configs are offered on sm_90 only")
+    cfg = [c for c in K.RESIDENT_FWD_CONFIGS[key] if c.kwargs["BLOCK_K"] == block_k][0]
+    monkeypatch.setenv(K.EXPERIMENTAL_ENV, "1")
+    for table in (K.FWD_CONFIGS, K.EXPERIMENTAL_FWD_CONFIGS, K.TMA_FWD_CONFIGS):
+        monkeypatch.setitem(table, key, [])
+    monkeypatch.setitem(K.RESIDENT_FWD_CONFIGS, key, [K._cfg(64, 256, 512, 4, 1, resident=True), cfg])
+    case = _Fp16ChannelsLastCase(6, 96 if block_k == 128 else 200, 64, 48)
+    with L.recording_autotune_choices() as chosen:
+        case.check(case.run(), "eager")
+    assert list(chosen.values()) == [L.describe_config(cfg.all_kwargs())]
+    case.check(case.graph_replay(), "CUDA graph replay")
 
 
 def test_first_call_of_a_shape_inside_a_capture_raises_a_clear_error():
@@ -278,6 +320,9 @@ def _check_config_alone(monkeypatch, label, narrow, key, cfg, inputs, refs, dtyp
         f"{label} config {cfg} (narrow={narrow}) launched as {routes}"
     assert all(what.endswith(" tma") == tma and ("TMA=True" in how) == tma for what, how in chosen.items()), \
         f"{label} config {cfg} (tma={tma}) launched as {chosen}"
+    resident = bool(cfg.kwargs.get("RESIDENT_W"))
+    assert all(("RESIDENT_W=True" in how) == resident for how in chosen.values()), \
+        f"{label} config {cfg} launched as {chosen}"
     bound = _CONFIG_REL_ERR[(dtype, key[1])]
     for name, tensor in got.items():
         err = rel_err(tensor, refs[name])
@@ -287,11 +332,13 @@ def _check_config_alone(monkeypatch, label, narrow, key, cfg, inputs, refs, dtyp
 
 def _config_tables():
     """table name -> {(arch, kind): configs} of the per-config test (the experimental table: those
-    ``fwd_configs(..., experimental=True)`` adds; the TMA table: those it adds with ``tma`` too)."""
+    ``fwd_configs(..., experimental=True)`` adds; the TMA table: those it adds with ``tma`` too; the
+    resident table: the weight-stationary ones it adds for a reduction that fits their BLOCK_K, here
+    Cin 72 and dx's 40, which every one of them fits)."""
     from fused_fpn.kernels import lateral_kernels as K
     return {"forward": K.FWD_CONFIGS, "narrow forward": K.NARROW_FWD_CONFIGS,
             "weight gradient": K.GRAD_WEIGHT_CONFIGS, "narrow weight gradient": K.NARROW_GRAD_WEIGHT_CONFIGS,
-            "experimental": K.EXPERIMENTAL_FWD_CONFIGS, "tma": K.TMA_FWD_CONFIGS}
+            "experimental": K.EXPERIMENTAL_FWD_CONFIGS, "tma": K.TMA_FWD_CONFIGS, "resident": K.RESIDENT_FWD_CONFIGS}
 
 
 # the config lists each dtype runs through: fp32 takes the "tf32" list with TF32 on, "ieee" with it off
@@ -320,12 +367,12 @@ def _config_params():
 def test_every_autotune_config_matches_the_reference(dtype, kind, table, index, layout, monkeypatch, no_tf32):
     """Each config of the forward lists (forward with bias + top, and the backward's dx = dy . W^T), of
     the weight-gradient lists (the default ones in both layouts, the NARROW_* ones in NCHW of odd
-    H * W, each launch checked to take its list) and of the forward's experimental (persistent, and
-    TMA: channels_last, the forward alone) configs, run alone through the real launch path against
-    the float64 results: the autotuner may pick any of them, and the rest of the suite runs with
-    whichever it (or, with autotuning off, the list's first) picks. fp32 runs each config of the
-    "tf32" lists with TF32 on and each of the "ieee" lists with it off (the launch
-    takes the list of the flag's setting). One test per config, so that each test compiles one or two
+    H * W, each launch checked to take its list) and of the forward's experimental (persistent; TMA:
+    channels_last, the forward alone; weight-stationary: channels_last) configs, run alone through
+    the real launch path against the float64 results: the autotuner may pick any of them, and the
+    rest of the suite runs with whichever it (or, with autotuning off, the list's first) picks. fp32
+    runs each config of the "tf32" lists with TF32 on and each of the "ieee" lists with it off (the
+    launch takes the list of the flag's setting). One test per config, so that each test compiles one or two
     kernels (a flattened persistent loop compiles slowly: 16-32 s per NCHW config on the 2-core dev
     machine)."""
     _require_backend()
@@ -342,6 +389,8 @@ def test_every_autotune_config_matches_the_reference(dtype, kind, table, index, 
         pytest.skip("the narrow lists serve operands whose channels are not contiguous")
     if table == "tma" and layout != "channels_last":
         pytest.skip("the TMA configs serve channels_last x only (tma_loads)")
+    if table == "resident" and layout != "channels_last":
+        pytest.skip("the weight-stationary configs serve x with unit channel stride only (resident_reduction)")
     inputs, refs = _config_case(dtype, layout, narrow)
     cfg = configs[index]
     label = "weight gradient" if table.endswith("weight gradient") else "forward"

@@ -959,10 +959,73 @@ def test_persistent_forward_walks_every_tile(layout, monkeypatch):
     assert_close_to_reference(out, lateral_reference(x0.double(), w0.double(), f64[2], f64[3]), torch.float32)
 
 
+@pytest.mark.skipif(HAS_CUDA, reason="on a GPU tests/test_triton_gpu.py runs every weight-stationary config itself")
+@pytest.mark.parametrize("view", ["dense", "sliced"])
+def test_resident_weight_forward_walks_every_row_tile(view, monkeypatch):
+    """The forward kernel's RESIDENT_W path (experimental weight-stationary configs): 6 programs, two
+    per column tile (Cout 37 in tiles of 16), each keeping its weight tile and walking every other
+    row tile, through the launcher's compiled-kernel branch on the interpreter, which offers a
+    channels_last x the list of the smallest BLOCK_K >= its channels (the forward's Cin 19: 32; dx's
+    reduction over dy's 37 channels: 64). Forward with bias and top into a NaN-poisoned output (x
+    dense, and a sliced view whose pixels do not flatten), and dx = dy . W^T, against the reference."""
+    from fused_fpn.kernels import lateral_kernels as K
+    from fused_fpn.kernels import lateral_launch as L
+    from fused_fpn.reference import lateral_backward_reference
+    small = [K._cfg(16, 16, bk, 4, 2, resident=True) for bk in (16, 32, 64)]
+    _compiled_branch_on_the_interpreter(monkeypatch, sms=7)   # 7 "SMs": 6 programs (a multiple of 3)
+    monkeypatch.setenv(K.EXPERIMENTAL_ENV, "1")
+    monkeypatch.setitem(K.FWD_CONFIGS, ("sm90", "ieee"), [])   # fp32 with TF32 off (no_tf32): this list
+    monkeypatch.setitem(K.RESIDENT_FWD_CONFIGS, ("sm90", "ieee"), small)
+    g = torch.Generator().manual_seed(11)
+    x = make_input((2, 19, 7, 9 if view == "dense" else 12), torch.float32, "cpu", "channels_last", g)
+    if view == "sliced":
+        x = x[..., 1:10]
+        assert not L.pixels_flatten(x)
+    w = torch.randn((37, 19), generator=g) / 4
+    b = torch.randn((37,), generator=g)
+    top = make_input((2, 37, 4, 5), torch.float32, "cpu", "channels_last", g)
+    grad = make_input((2, 37, 7, 9), torch.float32, "cpu", "channels_last", g)
+    f64 = [t.double() for t in (x, w, b, top, grad)]
+    assert L.resident_reduction(x) == 19 and L.resident_reduction(x.contiguous()) == 0   # NCHW: none
+    for _ in range(2):   # the autotuner's launch, then the fast path
+        out = torch.full((2, 37, 7, 9), float("nan")).contiguous(memory_format=torch.channels_last)
+        assert_close_to_reference(L.gemm_epilogue(x, w, b, top, out), lateral_reference(*f64[:4]), torch.float32)
+        dx = L.lateral_backward(grad, x, w, 4, 5, True, False, False, False)[0]
+        dx_ref = lateral_backward_reference(f64[4], f64[0], f64[1], (4, 5), (True, False, False, False))[0]
+        assert_close_to_reference(dx, dx_ref, torch.float32)
+    assert sorted(kw["BLOCK_K"] for kw in L._CHOSEN.values()) == [32, 64]
+    assert all(kw["RESIDENT_W"] for kw in L._CHOSEN.values())
+    # a resident config given a reduction past its BLOCK_K is refused, never run on part of the channels
+    plan = L._fwd_plan(x, w, b, top, out, 7)
+    with pytest.raises(ValueError, match="RESIDENT_W config needs Cin <= BLOCK_K, got Cin 19"):
+        plan.grid(dict(small[0].kwargs))
+    assert plan.grid(dict(small[1].kwargs)) == (6,)
+
+
+def test_resident_weight_lists_and_grid():
+    """``resident_fwd_configs`` gives the configs of the smallest BLOCK_K >= K (none past the largest,
+    none for K = 0); ``resident_grid`` gives one program per SM rounded down to a multiple of the
+    column tiles, at least one per column tile, at most one per tile. The sm_90 fp16/bf16 list has
+    BLOCK_K 128 and 256 (ResNet-50-FPN's P2: Cin 256), and no other list has such configs."""
+    from fused_fpn.kernels import lateral_kernels as K
+    table = K.RESIDENT_FWD_CONFIGS[("sm90", "16bit")]
+    assert all(c.kwargs["RESIDENT_W"] and not c.kwargs["PERSISTENT"] and not c.kwargs["TMA"] for c in table)
+    assert set(K.RESIDENT_FWD_CONFIGS) == {("sm90", "16bit")}
+    by_k = {k: K.resident_fwd_configs("sm90", "16bit", k) for k in (0, 1, 72, 128, 129, 256, 257, 2048)}
+    assert by_k[0] == [] and by_k[257] == [] and by_k[2048] == []
+    assert by_k[1] == by_k[72] == by_k[128] == [c for c in table if c.kwargs["BLOCK_K"] == 128] != []
+    assert by_k[129] == by_k[256] == [c for c in table if c.kwargs["BLOCK_K"] == 256] != []
+    assert K.resident_fwd_configs("sm80", "16bit", 256) == K.resident_fwd_configs("sm90", "tf32", 256) == []
+    assert K.resident_grid(24, 3, 7) == 6 and K.resident_grid(3, 3, 132) == 3 and K.resident_grid(3, 3, 2) == 3
+    assert K.resident_grid(950, 1, 132) == 132 and K.resident_grid(1900, 2, 132) == 132
+    assert K.resident_grid(238, 2, 133) == 132 and K.resident_grid(60, 2, 132) == 60
+
+
 def test_experimental_configs_are_opt_in(monkeypatch):
     """FUSED_FPN_TRITON_EXPERIMENTAL=1 adds the persistent forward configs to the autotuner's list
-    (sm_90, fp16/bf16), and the TMA ones (sm_90, fp16/bf16 and TF32) where the launch's operands
-    allow them; without it the list is FWD_CONFIGS alone."""
+    (sm_90, fp16/bf16), the TMA ones (sm_90, fp16/bf16 and TF32) where the launch's operands allow
+    them, and the weight-stationary ones (sm_90, fp16/bf16) for a reduction that fits one of their
+    K blocks; without it the list is FWD_CONFIGS alone."""
     from fused_fpn.kernels import lateral_kernels as K
     monkeypatch.delenv(K.EXPERIMENTAL_ENV, raising=False)
     monkeypatch.delenv(K.AUTOTUNE_ENV, raising=False)
@@ -991,9 +1054,21 @@ def test_experimental_configs_are_opt_in(monkeypatch):
     assert K.autotuned_fwd("sm90", "16bit", narrow=True, tma=True).configs == K.NARROW_FWD_CONFIGS[("sm90", "16bit")]
     assert not any(c.kwargs["TMA"] for table in (K.FWD_CONFIGS, K.NARROW_FWD_CONFIGS)
                    for configs in table.values() for c in configs)
+    # the weight-stationary configs: for the launch's reduction size, where the launcher offers them
+    resident = K.resident_fwd_configs("sm90", "16bit", 256)
+    assert resident and all(c.kwargs["RESIDENT_W"] for c in resident)
+    default = K.FWD_CONFIGS[("sm90", "16bit")]
+    assert K.autotuned_fwd("sm90", "16bit", resident_k=256).configs == default + extra + resident
+    assert K.autotuned_fwd("sm90", "16bit", tma=True, resident_k=256).configs == default + extra + tma + resident
+    assert K.autotuned_fwd("sm90", "16bit", resident_k=512).configs == default + extra
+    assert K.autotuned_fwd("sm90", "16bit", narrow=True, resident_k=256).configs == \
+        K.NARROW_FWD_CONFIGS[("sm90", "16bit")]
+    others = (K.FWD_CONFIGS, K.NARROW_FWD_CONFIGS, K.EXPERIMENTAL_FWD_CONFIGS, K.TMA_FWD_CONFIGS)
+    assert not any(c.kwargs["RESIDENT_W"] for table in others for configs in table.values() for c in configs)
     monkeypatch.delenv(K.EXPERIMENTAL_ENV)
     tuner = K.autotuned_fwd("sm90", "16bit", tma=True)
     assert tuner.configs == K.FWD_CONFIGS[("sm90", "16bit")] and not tuner.fused_fpn_tma
+    assert K.autotuned_fwd("sm90", "16bit", resident_k=256).configs == default
 
 
 def test_launchers_keep_symbolic_sizes_symbolic(monkeypatch):
