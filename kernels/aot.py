@@ -260,13 +260,13 @@ def jobs(archs=(90, 80)) -> List[dict]:
         for kind, variants in kinds.items():
             # the TMA and weight-stationary configs where the launcher offers them: channels_last x
             # (every BLOCK_K of the weight-stationary list, at P2's Cin 256: the compile does not read it)
+            def resident(layout):
+                return K.RESIDENT_FWD_CONFIGS.get((a, kind), []) if layout == "channels_last" else []
             for dtype, layout in variants:
-                resident = K.RESIDENT_FWD_CONFIGS.get((a, kind), []) if layout == "channels_last" else []
-                for cfg in K.fwd_configs(a, kind, experimental=True, tma=layout == "channels_last") + resident:
+                for cfg in K.fwd_configs(a, kind, experimental=True, tma=layout == "channels_last") + resident(layout):
                     add("fwd", arch, dtype, layout, kind, cfg)
             dx_dtype, dx_layout = variants[0]
-            resident = K.RESIDENT_FWD_CONFIGS.get((a, kind), []) if dx_layout == "channels_last" else []
-            for cfg in K.fwd_configs(a, kind, experimental=True) + resident:
+            for cfg in K.fwd_configs(a, kind, experimental=True) + resident(dx_layout):
                 add("fwd_dx", arch, dx_dtype, dx_layout, kind, cfg)
             for dtype, layout in variants[:2]:
                 for cfg in K.GRAD_WEIGHT_CONFIGS[(a, kind)]:
