@@ -271,7 +271,12 @@ _GPU_PLAN = [
     (("bf16", "channels_last"), ("lateral_path", "fpn_forward")),
     (("fp32", "channels_last"), ("lateral_path", "fpn_forward")),
 ]
-_CPU_PLAN = [(("fp32", "nchw"), CASES)]
+# Default CPU plan: every case in fp32 NCHW; the lateral path, each level and the FPN forward in fp32
+# channels_last too (the fused CPU epilogue has a separate route per layout).
+_CPU_PLAN = [
+    (("fp32", "nchw"), CASES),
+    (("fp32", "channels_last"), ("lateral_path", "fpn_forward") + LEVEL_CASES),
+]
 
 
 def fused_backends(device: str) -> List[str]:

@@ -171,6 +171,7 @@ def test_parity_gate_refuses_to_time_a_wrong_provider(monkeypatch, tmp_path):
 
 def test_plan_on_cpu_lists_eager_compile_and_fused_backends():
     cfg = _quick_cfg()
+    cfg.layouts = ["nchw"]
     rows = harness.plan(cfg, ("lateral_path",))
     provs = [r.provider for r in rows]
     expected_fused = [f"fused-{b}" for b in fused_fpn.available_backends("cpu") if b != "triton"]
@@ -178,8 +179,21 @@ def test_plan_on_cpu_lists_eager_compile_and_fused_backends():
     assert "fused-triton" not in provs and "compile-max-autotune" not in provs
     cfg.providers = ["fused-*"]
     assert [r.provider for r in harness.plan(cfg, ("lateral_path",))] == ["eager"] + expected_fused
+    cfg.layouts = None
     cfg.providers, cfg.cases = None, ["lateral_P*"]
     assert {r.case for r in harness.plan(cfg)} == set(harness.LEVEL_CASES)
+
+
+def test_cpu_plan_covers_both_layouts():
+    """The default CPU plan: every case in fp32 NCHW first, then the lateral path, each level and the
+    FPN forward in fp32 channels_last (the CPU epilogue's other route); nothing in fp16/bf16."""
+    rows = harness.plan(_quick_cfg())
+    groups = list(dict.fromkeys((r.dtype, r.layout) for r in rows))
+    assert groups == [("fp32", "nchw"), ("fp32", "channels_last")]
+    assert {r.case for r in rows if r.layout == "nchw"} == set(harness.CASES)
+    assert {r.case for r in rows if r.layout == "channels_last"} == \
+        {"lateral_path", "fpn_forward", *harness.LEVEL_CASES}
+    assert rows == sorted(rows, key=lambda r: r.priority)
 
 
 def test_config_rejects_bad_values():

@@ -76,6 +76,44 @@ def test_cpu_never_copies_a_strided_x_whole(with_top, dtype):
     assert_close_to_reference(out, ref, dtype, eager_lateral(x, w, b, top) if dtype != torch.float32 else None)
 
 
+# The cpu kernel's epilogue routes (csrc/cpu/lateral_cpu.cpp), each on an image of 3 tiles (a tile is
+# ~2 MiB of output rows: 64 rows of 64 channels x 128 columns in fp32, 128 in bf16): (x layout,
+# top's size, how top is laid out) -> the route it takes.
+_EPILOGUE_ROUTES = {
+    "cl_channels_contiguous": ("channels_last", (65, 64), "same"),       # add_rows over a pixel's channels
+    "cl_channels_gathered": ("channels_last", (65, 64), "nchw"),         # top NCHW: channels gathered first
+    "nchw_columns_doubled": ("nchw", (65, 64), "same"),                  # add_rows_doubled, 2x columns
+    "nchw_row_gathered_3x": ("nchw", (44, 43), "same"),                  # 3x: the row gathered, then added
+    "nchw_strided_top_columns": ("nchw", (65, 64), "every_other_column"),  # top's column stride 2
+    "nchw_downsampled": ("nchw", (260, 256), "same"),                    # top larger than x
+}
+
+
+@pytest.mark.skipif("cpu" not in fused_fpn.available_backends("cpu"), reason="fused_fpn._C not built")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("route", list(_EPILOGUE_ROUTES))
+def test_cpu_epilogue_routes_over_several_tiles(route, dtype):
+    """Each route of the cpu kernel's epilogue (vectorized rows where out and the tile have unit
+    stride along the inner loop; the top row or pixel read in place, doubled, or gathered first),
+    over an image of several tiles, against the float64 reference and eager's conv2d + interpolate +
+    add; a Cin == 0 level (bias added in the epilogue) takes the element-wise loops."""
+    layout, top_hw, top_kind = _EPILOGUE_ROUTES[route]
+    x, w, b, top = make_lateral_case(2, 24, 64, (130, 128), top_hw if top_kind != "every_other_column"
+                                     else (top_hw[0], 2 * top_hw[1]), dtype, "cpu", layout)
+    if top_kind == "nchw":
+        top = top.contiguous()
+    elif top_kind == "every_other_column":
+        top = top[..., ::2]
+    assert top.shape[-2:] == top_hw
+    out = fused_fpn.lateral(x, w, b, top, backend="cpu")
+    ref = fused_fpn.lateral_reference(*to64(x, w, b, top))
+    assert_close_to_reference(out, ref, dtype, eager_lateral(x, w, b, top))
+    if dtype == torch.float32:   # Cin == 0: out = bias + top, by the element-wise loops
+        x0, w0 = x[:, :0], w[:, :0]
+        torch.testing.assert_close(fused_fpn.lateral(x0, w0, b, top, backend="cpu"),
+                                   fused_fpn.lateral_reference(*to64(x0, w0, b, top)).float(), atol=0, rtol=0)
+
+
 @pytest.mark.parametrize("device,backend", backend_device_params())
 @pytest.mark.parametrize("with_bias,with_top", [(False, False), (True, False), (False, True)])
 @pytest.mark.parametrize("layout", ["nchw", "channels_last"])
