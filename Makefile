@@ -59,4 +59,4 @@ bench: $(PKG)
 	$(PY) -m pytest benchmarks $(BENCH_ARGS)
 
 clean:
-	rm -rf build *.egg-info fused_fpn/_C*.so
+	rm -rf build *.egg-info fused_fpn/_C*.so $(PKG)

@@ -29,7 +29,7 @@
 #          (GPU_RUN_NCU_ARGS, default --backward; empty: forward only), on GPU_RUN_NCU_LEVELS (default
 #          P2,P5), clocks left alone -> OUT_DIR/ncu.txt and the summary, raw CSV in the logs;
 #          GPU_RUN_NCU_TIMEOUT s per run (default 300). ncu reads counters on the Firecracker machines
-#          only (the device notes, KINDS.md); elsewhere the step fails and says so in logs/ncu.log
+#          only (per the lending service's notes); elsewhere the step fails and says so in logs/ncu.log
 # then OUT_DIR/summary.txt (step statuses, the overhead rows, the results table), printed last, and
 # OUT_DIR/logs.tar.gz (the logs folder, packed so that OUT_DIR holds 5 files: the device tool
 # returns at most 8).

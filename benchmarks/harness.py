@@ -1447,7 +1447,8 @@ def build_report(run_or_records, cfg: BenchConfig, ceiling: Optional[Ceiling]) -
             "detector": asdict(cfg.detector),
             "timing": asdict(cfg.timing),
             "memory_measure": MEMORY_MEASURE[cfg.device],
-            "gbps_definition": "bytes_min (the fused op's minimum bytes, DESIGN.md section 5) / median time, "
+            "gbps_definition": "bytes_min (the fused op's minimum bytes: read x, W, bias and top once, write y once; "
+                               "benchmarks/harness.py lateral_bytes) / median time, "
                                "for every provider; bytes_provider is what that provider's own algorithm moves",
             "parity_tolerances": {DTYPE_NAMES[d]: list(parity_tolerance(d, cfg.device)) for d in PARITY_TOL},
             "cudnn_allow_tf32": conv_allows_tf32(),

@@ -90,8 +90,7 @@ def translation_table() -> dict:
     of a ``torch.export`` program that already holds fused ops (``fused_fpn::lateral``, and
     ``fused_fpn::triton_lateral`` where the triton backend is registered). Exporting the module itself
     needs no table (see above). The translations are written with onnxscript, which the dynamo
-    exporter needs anyway."""
-    table = {torch.ops.fused_fpn.lateral.default: _lateral_translation}
-    if hasattr(torch.ops.fused_fpn, "triton_lateral"):
-        table[torch.ops.fused_fpn.triton_lateral.default] = _lateral_translation
-    return table
+    exporter needs anyway. Only the ops registered in this process are keys (``fused_fpn::lateral``
+    needs the native extension ``fused_fpn._C``; without it the table may be empty)."""
+    return {getattr(torch.ops.fused_fpn, name).default: _lateral_translation
+            for name in ("lateral", "triton_lateral") if hasattr(torch.ops.fused_fpn, name)}

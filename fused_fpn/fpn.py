@@ -147,11 +147,29 @@ def _check_out_channels(out_channels) -> None:
     """out_channels >= 1: torchvision's FPN takes 0 and then fails in its first forward, in ATen's
     conv2d, with a message that names no argument."""
     try:
+        if isinstance(out_channels, bool):
+            raise TypeError
         count = operator.index(out_channels)
     except TypeError:
         raise TypeError(f"out_channels must be an int, got {type(out_channels).__name__}") from None
     if count < 1:
         raise ValueError(f"out_channels must be >= 1 (the channels of every output level), got {count}")
+
+
+def _check_in_channels_list(in_channels_list) -> List[int]:
+    """in_channels_list as a list of ints >= 1 (0 gets torchvision's own error): torchvision's FPN
+    fails on a negative, float, bool or string entry inside ATen or str.format, with a message that
+    names no argument."""
+    if isinstance(in_channels_list, (str, bytes)) or not hasattr(in_channels_list, "__iter__"):
+        raise TypeError(f"in_channels_list must be a list of ints (the channels of each input level, finest "
+                        f"first), got {type(in_channels_list).__name__}")
+    counts = list(in_channels_list)
+    for i, count in enumerate(counts):
+        if isinstance(count, bool) or not hasattr(count, "__index__"):
+            raise TypeError(f"in_channels_list[{i}] must be an int, got {type(count).__name__} {count!r}")
+        if operator.index(count) < 0:
+            raise ValueError(f"in_channels_list[{i}] must be >= 1, got {count}")
+    return counts
 
 
 def _in_channels(block: nn.Module) -> Optional[int]:
@@ -172,7 +190,7 @@ class FPN(FeaturePyramidNetwork):
                  norm_layer=None, *, backend: str = "auto"):
         _backends.check_name(backend)
         _check_out_channels(out_channels)
-        super().__init__(list(in_channels_list), out_channels, extra_blocks=extra_blocks, norm_layer=norm_layer)
+        super().__init__(_check_in_channels_list(in_channels_list), out_channels, extra_blocks=extra_blocks, norm_layer=norm_layer)
         self.backend = backend
 
     def extra_repr(self) -> str:
@@ -277,9 +295,15 @@ class FPN(FeaturePyramidNetwork):
             y = block(x)
             return y if top is None else y + F.interpolate(top, size=y.shape[-2:], mode="nearest")
         weight, bias = params
-        if weight.device != x.device:   # the op's own check would name "weight", which the caller never passed
-            raise ValueError(f"the FPN's weights are on {weight.device}, the feature maps on {x.device}: move the "
-                             f"module or the inputs to one device")
+        # the op's own checks would name "weight" or "bias", which the caller never passed (and the
+        # unfused conv2d takes a bias on the meta device next to CPU tensors, and reads garbage)
+        for what, param in (("weights", weight), ("biases", bias)):
+            if param is not None and param.device != x.device:
+                raise ValueError(f"the FPN's {what} are on {param.device}, the feature maps on {x.device}: move the "
+                                 f"module or the inputs to one device")
+        if bias is not None and bias.dtype != weight.dtype:
+            raise TypeError(f"the FPN's lateral bias has dtype {bias.dtype}, its weight {weight.dtype}: convert the "
+                            f"module to one dtype")
         if cast is not None:
             weight, bias = autocast_tensor(weight, cast), autocast_tensor(bias, cast)
             if x.dtype != weight.dtype:   # one side float64, which autocast leaves as it is

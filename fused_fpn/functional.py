@@ -28,6 +28,18 @@ def autocast_tensor(t, dtype):
     return t
 
 
+def _check_autocast_float64(cast: torch.dtype, x, **params) -> None:
+    """TypeError when autocast left one of x, weight, bias in float64 (it never casts float64) and
+    cast the others to ``cast``: eager's conv2d fails there too, and the generic dtype check would
+    name a dtype (``cast``) the caller never passed."""
+    for name, t in params.items():
+        if isinstance(t, torch.Tensor) and isinstance(x, torch.Tensor) and t.dtype != x.dtype and \
+                torch.float64 in (t.dtype, x.dtype):
+            kept, other = ("x", name) if x.dtype == torch.float64 else (name, "x")
+            raise TypeError(f"{kept} is float64, which autocast leaves as it is, while it casts {other} to {cast} "
+                            f"(eager's conv2d fails the same way): run float64 outside autocast")
+
+
 def lateral(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None,
             top: Optional[torch.Tensor] = None, *, backend: str = "auto") -> torch.Tensor:
     """y = conv1x1(x; weight, bias) + upsample_nearest(top, size=x.shape[-2:]), fused: one kernel
@@ -61,6 +73,7 @@ def lateral(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] 
     # autocast casts float32/16 inputs of conv2d (never float64); eager's F.interpolate and add are not
     # autocast ops, so top keeps its dtype and the sum is promoted (a float32 top gives a float32 sum)
     x, weight, bias = (autocast_tensor(t, cast) for t in (x, weight, bias))
+    _check_autocast_float64(cast, x, weight=weight, bias=bias)
     weight = run_check(check_lateral_args, x, weight, bias, top, True)
     impl = _backends.select(backend, x)
     if top is None or top.dtype == x.dtype:

@@ -58,8 +58,11 @@ def nearest_source_indices(in_size: int, out_size: int, device=None) -> torch.Te
     return torch.clamp(src, max=in_size - 1)
 
 
-def upsample_nearest_reference(top: torch.Tensor, size) -> torch.Tensor:
-    """top [N, C, Ht, Wt] -> [N, C, H, W] gathered with the float32 nearest rule (any dtype)."""
+def upsample_nearest_reference(top: torch.Tensor, size,
+                               memory_format: torch.memory_format = torch.contiguous_format) -> torch.Tensor:
+    """top [N, C, Ht, Wt] -> [N, C, H, W] gathered with the float32 nearest rule (any dtype), in
+    ``memory_format`` (contiguous or channels_last: the gather then runs on top's [N, Ht, Wt, C] view,
+    so that adding it to a channels_last map is a dense add, not one at mismatched strides)."""
     if top.shape[-2] == 0 or top.shape[-1] == 0:   # no source pixel: only an empty output can be gathered
         if top.shape[0] * top.shape[1] * size[0] * size[1] > 0:
             raise ValueError(f"top of shape {tuple(top.shape)} has no pixels to gather {tuple(size)} from")
@@ -67,6 +70,8 @@ def upsample_nearest_reference(top: torch.Tensor, size) -> torch.Tensor:
         return top.sum(dim=(-2, -1), keepdim=True).expand(*top.shape[:2], *size)
     ih = nearest_source_indices(top.shape[-2], size[0], top.device)
     iw = nearest_source_indices(top.shape[-1], size[1], top.device)
+    if memory_format == torch.channels_last:
+        return top.permute(0, 2, 3, 1)[:, ih[:, None], iw[None, :]].permute(0, 3, 1, 2)
     return top[:, :, ih[:, None], iw[None, :]]
 
 
@@ -87,7 +92,7 @@ def lateral_reference(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torc
     else:
         y = F.conv2d(x, w4, bias)
     if top is not None:
-        y = y + upsample_nearest_reference(top, x.shape[-2:])
+        y = y + upsample_nearest_reference(top, x.shape[-2:], output_memory_format(x))
     return y.contiguous(memory_format=output_memory_format(x))
 
 

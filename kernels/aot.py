@@ -50,6 +50,7 @@ from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
 from . import lateral_kernels as K
+from .lateral_launch import interpreting
 
 SHARED_LIMIT = {90: 232448, 80: 166912}
 # cuobjdump ships in triton's wheel (triton/backends/nvidia/bin); it reads registers and stack per kernel
@@ -447,7 +448,7 @@ def main(argv=None) -> int:
     parser.add_argument("--arch", type=int, action="append", choices=sorted(SHARED_LIMIT))
     parser.add_argument("--json", help="write the results here (default: stdout)")
     args = parser.parse_args(argv)
-    if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
+    if interpreting():   # the package's (and triton's) reading of TRITON_INTERPRET
         print("unset TRITON_INTERPRET: the interpreter replaces @triton.jit kernels", file=sys.stderr)
         return 2
     results = [compile_job(j) for j in jobs(tuple(args.arch or (90, 80)))]

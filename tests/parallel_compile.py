@@ -62,7 +62,7 @@ def main() -> int:
     that warmup's wall time, "finished_with_one_failing":
     the CompiledKernels in the cache after a parallel compile in which the second config's compile
     raised, "failed": per config, what a launch of it then gets ("compiled" or "raises <error>")}."""
-    if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
+    if L.interpreting():   # the package's (and triton's) reading of TRITON_INTERPRET
         print("unset TRITON_INTERPRET", file=sys.stderr)
         return 2
     threads = sys.argv[1] if len(sys.argv) > 1 else "2"

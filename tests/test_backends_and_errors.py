@@ -12,6 +12,16 @@ import fused_fpn
 from fused_fpn import backends
 
 
+def test_the_native_extension_is_loaded():
+    """The suite's cpu (and, on a GPU, cuda) rows are drawn from available_backends(): without
+    fused_fpn._C they would drop out of every matrix, so a missing build fails here, loudly (set
+    FUSED_FPN_ALLOW_NO_EXTENSION=1 to run the suite on the torch / triton backends alone)."""
+    if os.environ.get("FUSED_FPN_ALLOW_NO_EXTENSION") == "1":
+        pytest.skip("FUSED_FPN_ALLOW_NO_EXTENSION=1")
+    assert fused_fpn.extension_loaded(), f"fused_fpn._C did not load: {fused_fpn.extension_error()}"
+    assert "cpu" in fused_fpn.available_backends("cpu")
+
+
 def test_available_backends_here():
     names = fused_fpn.available_backends()
     assert "torch" in names and names == sorted(names)
@@ -85,6 +95,7 @@ def test_import_without_native_extension_leaves_only_torch_backend():
             "    assert 'not built' in str(e), e\n"
             "else:\n"
             "    raise SystemExit('expected ValueError')\n"
+            "assert fused_fpn.onnx_translation_table() == {}, 'no fused op is registered'\n"
             "print('ok')\n")
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}   # no interpreter backend either
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
@@ -178,6 +189,67 @@ def test_fpn_bad_input_raises_clear_error(make_x, exc, pattern):
     fpn = fused_fpn.FPN([4, 8], 6)
     with pytest.raises(exc, match=pattern):
         fpn(make_x())
+
+
+def _set_lateral_bias(fpn, bias):
+    fpn.inner_blocks[0][0].bias = torch.nn.Parameter(bias)
+
+
+@pytest.mark.parametrize("backend", ["auto", "torch", "cpu", "triton"])
+@pytest.mark.parametrize("mutate,exc,pattern", [
+    # conv2d takes a meta bias beside CPU tensors and returns garbage (torchvision's FPN does): never here
+    (lambda fpn: _set_lateral_bias(fpn, torch.zeros(6, device="meta")), ValueError,
+     "the FPN's biases are on meta, the feature maps on cpu"),
+    (lambda fpn: fpn.inner_blocks[1][0].to("meta"), ValueError, "the FPN's weights are on meta"),
+    (lambda fpn: _set_lateral_bias(fpn, torch.zeros(6, dtype=torch.float64)), TypeError,
+     "the FPN's lateral bias has dtype torch.float64, its weight torch.float32"),
+])
+def test_fpn_parameters_off_the_inputs_device_or_dtype_raise_clear_error(mutate, exc, pattern, backend):
+    """A lateral weight or bias on another device or in another dtype than the feature maps: one
+    message naming the module's parameters, on every backend (the op's checks would name "bias")."""
+    if backend not in ("auto", "torch") and backend not in fused_fpn.available_backends("cpu"):
+        pytest.skip(f"backend {backend} does not run on CPU tensors here")
+    fpn = fused_fpn.FPN([4, 8], 6, backend=backend)
+    mutate(fpn)
+    x = _feats((1, 4, 8, 8), (1, 8, 4, 4))
+    snapshot = [t.clone() for t in x.values()]
+    with pytest.raises(exc, match=pattern):
+        fpn(x)
+    assert all(torch.equal(a, b) for a, b in zip(snapshot, x.values()))
+
+
+@pytest.mark.parametrize("in_channels_list,out_channels,exc,pattern", [
+    ([4, "8"], 6, TypeError, r"in_channels_list\[1\] must be an int, got str '8'"),
+    ([4, 8.0], 6, TypeError, r"in_channels_list\[1\] must be an int, got float 8.0"),
+    ([True, 8], 6, TypeError, r"in_channels_list\[0\] must be an int, got bool"),
+    ([4, -1], 6, ValueError, r"in_channels_list\[1\] must be >= 1, got -1"),
+    ([4, 0], 6, ValueError, "in_channels=0 is currently not supported"),   # torchvision's own message
+    (4, 6, TypeError, "in_channels_list must be a list of ints .* got int"),
+    ("48", 6, TypeError, "in_channels_list must be a list of ints .* got str"),
+    ([4, 8], True, TypeError, "out_channels must be an int, got bool"),
+])
+def test_fpn_constructor_names_the_bad_argument(in_channels_list, out_channels, exc, pattern):
+    """torchvision's constructor fails on these inside ATen or str.format, naming no argument."""
+    with pytest.raises(exc, match=pattern):
+        fused_fpn.FPN(in_channels_list, out_channels)
+
+
+def test_fpn_constructor_takes_any_iterable_of_ints():
+    fpn = fused_fpn.FPN((c for c in (4, 8)), 6)
+    assert [b[0].in_channels for b in fpn.inner_blocks] == [4, 8]
+
+
+@pytest.mark.parametrize("which", ["x", "weight", "bias"])
+def test_lateral_under_autocast_names_the_float64_argument(which):
+    """autocast never casts float64: x, weight or bias left in float64 beside the others cast to
+    bfloat16 is eager conv2d's failure too; the message names that argument and autocast."""
+    args = {"x": torch.randn(1, 3, 4, 4), "weight": torch.randn(2, 3), "bias": torch.randn(2)}
+    args[which] = args[which].double()
+    other = "weight" if which == "x" else "x"
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        with pytest.raises(TypeError, match=rf"{which} is float64, which autocast leaves as it is, while it casts "
+                                            rf"{other} to torch.bfloat16"):
+            fused_fpn.lateral(args["x"], args["weight"], args["bias"])
 
 
 @pytest.mark.skipif(not fused_fpn.extension_loaded(), reason="fused_fpn._C not built")

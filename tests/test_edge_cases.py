@@ -4,13 +4,14 @@ that runs here (the Triton backend on CPU tensors too, under the interpreter, wi
 Complements test_lateral_parity.py / test_autograd_and_ops.py / test_backends_and_errors.py (which
 cover: forward parity over dtypes x layouts x a few shapes, batch-expanded x and top, one NaN/Inf
 case, batch size 0 forward, requires_grad on top only, bad-input errors for "auto"/"torch"). Here:
-1x1 / 1xW / Hx1 spatial sizes with gradients; Cin, Cout in {3, 17, 129}; stride-0 (expanded) weight,
-bias, top and x along every dim, with gradients; torch.no_grad and torch.inference_mode; requires_grad
-on every subset of the inputs; NaN/Inf propagation (forward and backward) identical to the reference's
-masks, including a NaN in a top pixel nearest down-sampling never reads; batch size 0 with gradients;
-inputs (values and version counters) unchanged and no state left after a failed call, per backend;
-element offsets past 2^31 (huge-stride views over a lazily allocated 4 GiB storage, so only a few
-pages are ever touched) and the Triton launcher's guard on N*H*W >= 2^31.
+1x1 / 1xW / Hx1 spatial sizes with gradients; Cin, Cout in {3, 17, 129} in NCHW, channels_last and a
+strided view; stride-0 (expanded) weight, bias, top and x along every dim, with gradients;
+torch.no_grad and torch.inference_mode; requires_grad on every subset of the inputs; NaN/Inf
+propagation (forward and backward) identical to the reference's masks, including a NaN in a top pixel
+nearest down-sampling never reads; batch size 0 with gradients; inputs (values and version counters)
+unchanged and no state left after a failed call, per backend; element offsets past 2^31 (huge-stride
+views over a lazily allocated 4 GiB storage, so only a few pages are ever touched) and the Triton
+launcher's guard on N*H*W >= 2^31.
 """
 from __future__ import annotations
 
@@ -22,7 +23,8 @@ import torch
 
 import fused_fpn
 from fused_fpn._layout import output_memory_format
-from fpn_testing import DEVICES, TOLERANCES, backend_supports, eager_lateral, gradient_penalty_grads, to64
+from fpn_testing import (DEVICES, TOLERANCES, backend_supports, eager_lateral, gradient_penalty_grads, make_input,
+                         to64)
 
 GRAD_NAMES = ("x", "weight", "bias", "top")
 
@@ -51,20 +53,21 @@ def _gen(seed=0):
 
 
 def _case(n, cin, cout, hw, top_hw, device, dtype=torch.float32, layout="nchw", bias=True, seed=0):
-    """(x, weight [Cout, Cin], bias, top): unit-scale outputs. top_hw None: no top."""
+    """(x, weight [Cout, Cin], bias, top): unit-scale outputs, x and top in ``layout`` (make_input's:
+    "nchw", "channels_last" or "noncontig"). top_hw None: no top."""
     g = _gen(seed)
-    x = torch.randn((n, cin, *hw), generator=g).to(device, dtype)
+    x = make_input((n, cin, *hw), dtype, device, layout, generator=g)
     w = (torch.randn((cout, cin), generator=g) / max(cin, 1) ** 0.5).to(device, dtype)
     b = torch.randn((cout,), generator=g).to(device, dtype) if bias else None
-    top = torch.randn((n, cout, *top_hw), generator=g).to(device, dtype) if top_hw is not None else None
-    if layout == "channels_last":
-        x = x.contiguous(memory_format=torch.channels_last)
-        top = top.contiguous(memory_format=torch.channels_last) if top is not None else None
+    top = make_input((n, cout, *top_hw), dtype, device, layout, generator=g) if top_hw is not None else None
     return x, w, b, top
 
 
 def _leaves(*ts, requires=(True, True, True, True)):
-    return [None if t is None else t.detach().clone().requires_grad_(r) for t, r in zip(ts, requires)]
+    """Leaf copies with the inputs' strides (clone() would make a strided view contiguous)."""
+    return [None if t is None else
+            torch.empty_strided(t.shape, t.stride(), dtype=t.dtype, device=t.device).copy_(t).requires_grad_(r)
+            for t, r in zip(ts, requires)]
 
 
 def _check_fwd_bwd(backend, inputs, dtype=torch.float32, dy_seed=5):
@@ -107,9 +110,11 @@ def test_degenerate_spatial_sizes(device, backend, hw, top_hw, layout):
 
 @pytest.mark.parametrize("device,backend", BACKENDS)
 @pytest.mark.parametrize("cin,cout", list(itertools.product((3, 17, 129), repeat=2)), ids=lambda c: str(c))
-def test_channel_counts_off_the_tile_sizes(device, backend, cin, cout):
-    layout = "channels_last" if (cin + cout) % 2 else "nchw"
+@pytest.mark.parametrize("layout", ["nchw", "channels_last", "noncontig"])
+def test_channel_counts_off_the_tile_sizes(device, backend, cin, cout, layout):
     ins = _leaves(*_case(2, cin, cout, (5, 7), (3, 4), device, layout=layout, seed=cin * 1000 + cout))
+    if layout == "noncontig":   # the leaves keep the view's strides
+        assert not any(t.is_contiguous() or t.is_contiguous(memory_format=torch.channels_last) for t in ins[::3])
     _check_fwd_bwd(backend, ins)
 
 

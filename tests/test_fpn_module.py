@@ -66,6 +66,29 @@ def assert_outputs_match(got, expected, dtype, ref64=None):
             assert rel_err(got[k], ref64[k]) <= 2 * rel_err(expected[k], ref64[k]) + 1e-3, k
 
 
+def fusable_levels(fpn):
+    """How many of ``fpn``'s lateral levels run as the fused op (the others run unfused)."""
+    return sum(fused_fpn.lateral_params(block) is not None for block in fpn.inner_blocks)
+
+
+@pytest.fixture
+def fused_calls(monkeypatch):
+    """fused_calls(backend, like=None) -> a list that grows by one per call of that backend's fused op
+    (``lateral`` of the module FPN.forward selects, wrapped: the real op still runs). "auto" is
+    resolved for feature maps like ``like``, as FPN.forward does. Eager only."""
+    def watch(backend, like=None):
+        module = (fused_fpn.backends.select(backend, like) if backend == "auto"
+                  else fused_fpn.backends.get_backend(backend))
+        calls, real = [], module.lateral
+
+        def counted(*args, **kwargs):
+            calls.append(1)
+            return real(*args, **kwargs)
+        monkeypatch.setattr(module, "lateral", counted)
+        return calls
+    return watch
+
+
 pytestmark = pytest.mark.usefixtures("no_tf32")   # IEEE fp32 on GPUs (conftest)
 
 
@@ -109,38 +132,42 @@ def test_loads_version1_state_dict():
 @pytest.mark.parametrize("device,backend", backend_device_params())
 @pytest.mark.parametrize("layout", ["nchw", "channels_last", "noncontig"])
 @pytest.mark.parametrize("image_hw", [(33, 47), (64, 64), (29, 18)])
-def test_forward_parity_fp32(device, backend, layout, image_hw):
+def test_forward_parity_fp32(device, backend, layout, image_hw, fused_calls):
     tv, ours = pair(tv_fpn.LastLevelMaxPool(), fused_fpn.LastLevelMaxPool(), backend=backend)
     tv, ours = tv.to(device), ours.to(device)
     x = make_features(2, *image_hw, torch.float32, device, layout)
+    calls = fused_calls(backend)
     assert_outputs_match(ours(x), tv(x), torch.float32)
+    assert len(calls) == fusable_levels(ours) == len(IN_CHANNELS)
 
 
 @pytest.mark.parametrize("device,backend", backend_device_params())
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
 @pytest.mark.parametrize("layout", ["nchw", "channels_last"])
-def test_forward_parity_low_precision(device, backend, dtype, layout):
+def test_forward_parity_low_precision(device, backend, dtype, layout, fused_calls):
     if backend_supports(backend, device, dtype) is not None:
         pytest.skip(f"{backend} does not take {dtype} on {device}")
-    if device == "cpu" and dtype == torch.float16:
-        pytest.skip("torchvision's eager fp16 conv on CPU is not the reference we compare with")
     tv, ours = pair(tv_fpn.LastLevelMaxPool(), fused_fpn.LastLevelMaxPool(), backend=backend)
     x = make_features(2, 33, 47, torch.float32, device, layout)
     ref64 = copy.deepcopy(tv).double().to(device)({k: v.double() for k, v in x.items()})
     tv, ours = tv.to(device, dtype), ours.to(device, dtype)
     xl = OrderedDict((k, v.to(dtype)) for k, v in x.items())
+    calls = fused_calls(backend)
     assert_outputs_match(ours(xl), tv(xl), dtype, ref64)
+    assert len(calls) == fusable_levels(ours) == len(IN_CHANNELS)
 
 
 @pytest.mark.parametrize("device,backend", backend_device_params())
 @pytest.mark.parametrize("in_ch", [OUT, 32], ids=["P6P7-from-P5", "P6P7-from-C5"])
-def test_extra_block_p6p7_both_cases(device, backend, in_ch):
+def test_extra_block_p6p7_both_cases(device, backend, in_ch, fused_calls):
     tv_extra, our_extra = tv_fpn.LastLevelP6P7(in_ch, OUT), fused_fpn.LastLevelP6P7(in_ch, OUT)
     assert tv_extra.use_P5 == our_extra.use_P5 == (in_ch == OUT)
     tv, ours = pair(tv_extra, our_extra, backend=backend)
     tv, ours = tv.to(device), ours.to(device)
     x = make_features(1, 41, 37, torch.float32, device, "channels_last")
+    calls = fused_calls(backend)
     got, expected = ours(x), tv(x)
+    assert len(calls) == fusable_levels(ours) == len(IN_CHANNELS)
     assert list(got) == ["c2", "c3", "c4", "c5", "p6", "p7"]
     assert_outputs_match(got, expected, torch.float32)
 
@@ -163,7 +190,7 @@ def test_torchvision_extra_block_instances_are_accepted():
 
 @pytest.mark.parametrize("device,backend", backend_device_params())
 @pytest.mark.parametrize("norm", ["bn-eval", "bn-train", "frozen-bn", "gn"])
-def test_norm_layers(device, backend, norm):
+def test_norm_layers(device, backend, norm, fused_calls):
     norm_layer = {"bn-eval": nn.BatchNorm2d, "bn-train": nn.BatchNorm2d,
                   "frozen-bn": fused_fpn_frozen_bn(), "gn": partial(nn.GroupNorm, 4)}[norm]
     tv, ours = pair(norm_layer=norm_layer, backend=backend)
@@ -175,7 +202,9 @@ def test_norm_layers(device, backend, norm):
     fused = [fused_fpn.lateral_params(b) is not None for b in ours.inner_blocks]
     assert all(fused) == (norm in ("bn-eval", "frozen-bn")), fused   # folded BN runs the fused op
     x = make_features(2, 33, 47, torch.float32, device, "nchw")
+    calls = fused_calls(backend)
     got, expected = ours(x), tv(x)
+    assert len(calls) == fusable_levels(ours)
     assert_outputs_match(got, expected, torch.float32)
     if norm == "bn-train":       # running statistics were updated identically
         for (k, a), (_, b) in zip(ours.state_dict().items(), tv.state_dict().items()):
@@ -188,24 +217,28 @@ def fused_fpn_frozen_bn():
 
 
 @pytest.mark.parametrize("device,backend", backend_device_params())
-def test_batch_size_zero(device, backend):
+def test_batch_size_zero(device, backend, fused_calls):
     tv, ours = pair(tv_fpn.LastLevelMaxPool(), fused_fpn.LastLevelMaxPool(), backend=backend)
     tv, ours = tv.to(device), ours.to(device)
     x = make_features(0, 33, 47, torch.float32, device, "nchw")
+    calls = fused_calls(backend)
     got, expected = ours(x), tv(x)
+    assert len(calls) == fusable_levels(ours) == len(IN_CHANNELS)
     assert [v.shape for v in got.values()] == [v.shape for v in expected.values()]
 
 
 @pytest.mark.parametrize("device,backend", backend_device_params())
 @pytest.mark.parametrize("layout", ["nchw", "channels_last"])
-def test_backward_parity_whole_fpn(device, backend, layout):
+def test_backward_parity_whole_fpn(device, backend, layout, fused_calls):
     tv, ours = pair(tv_fpn.LastLevelP6P7(OUT, OUT), fused_fpn.LastLevelP6P7(OUT, OUT), backend=backend)
     tv, ours = tv.to(device), ours.to(device)
     x = make_features(2, 33, 47, torch.float32, device, layout)
     x_tv = OrderedDict((k, v.clone().requires_grad_()) for k, v in x.items())
     x_ours = OrderedDict((k, v.clone().requires_grad_()) for k, v in x.items())
     g = torch.Generator().manual_seed(5)
+    calls = fused_calls(backend)
     out_tv, out_ours = tv(x_tv), ours(x_ours)
+    assert len(calls) == fusable_levels(ours) == len(IN_CHANNELS)
     loss_w = {k: torch.randn(v.shape, generator=g).to(device) for k, v in out_tv.items()}
     sum((out_tv[k] * loss_w[k]).sum() for k in out_tv).backward()
     sum((out_ours[k] * loss_w[k]).sum() for k in out_ours).backward()
@@ -216,16 +249,18 @@ def test_backward_parity_whole_fpn(device, backend, layout):
 
 
 @pytest.mark.parametrize("device,backend", backend_device_params())
-def test_gradient_penalty_through_the_whole_fpn_matches_torchvision(device, backend):
+def test_gradient_penalty_through_the_whole_fpn_matches_torchvision(device, backend, fused_calls):
     """Double backward through the FPN (create_graph=True, e.g. a gradient penalty on the inputs):
     the penalty's gradients of every parameter match torchvision's."""
     tv, ours = pair(tv_fpn.LastLevelMaxPool(), fused_fpn.LastLevelMaxPool(), backend=backend)
     tv, ours = tv.to(device), ours.to(device)
     x = make_features(2, 33, 47, torch.float32, device, "channels_last")
+    calls = fused_calls(backend)
     grads = []
     for model in (tv, ours):
         inputs = OrderedDict((k, v.clone().requires_grad_()) for k, v in x.items())
         out = model(inputs)
+        assert len(calls) == (fusable_levels(ours) if model is ours else 0)   # forward calls only
         loss = sum((out[k] * out[k]).mean() for k in out)
         first = torch.autograd.grad(loss, list(inputs.values()), create_graph=True)
         penalty = sum((d * d).sum() for d in first)
@@ -236,13 +271,15 @@ def test_gradient_penalty_through_the_whole_fpn_matches_torchvision(device, back
 
 
 @pytest.mark.parametrize("device,backend", backend_device_params())
-def test_forward_mode_jvp_through_the_whole_fpn_matches_torchvision(device, backend):
+def test_forward_mode_jvp_through_the_whole_fpn_matches_torchvision(device, backend, fused_calls):
     tv, ours = pair(tv_fpn.LastLevelP6P7(OUT, OUT), fused_fpn.LastLevelP6P7(OUT, OUT), backend=backend)
     tv, ours = tv.to(device), ours.to(device)
     x = make_features(2, 29, 18, torch.float32, device, "nchw")
     tangent = make_features(2, 29, 18, torch.float32, device, "nchw", seed=1)
+    calls = fused_calls(backend)
     _, t_tv = torch.func.jvp(lambda d: tv(d), (x,), (tangent,))
     _, t_ours = torch.func.jvp(lambda d: ours(d), (x,), (tangent,))
+    assert len(calls) == fusable_levels(ours) == len(IN_CHANNELS)
     for k in t_tv:
         torch.testing.assert_close(t_ours[k], t_tv[k], atol=2e-4, rtol=2e-4, msg=k)
 
@@ -345,7 +382,7 @@ ALTERATIONS = ["forward-hook", "forward-pre-hook", "block-hook", "legacy-weight-
 
 @pytest.mark.parametrize("device,backend", backend_device_params())
 @pytest.mark.parametrize("how", ALTERATIONS)
-def test_lateral_blocks_that_do_more_than_conv_run_as_torchvision(device, backend, how):
+def test_lateral_blocks_that_do_more_than_conv_run_as_torchvision(device, backend, how, fused_calls):
     """Hooks (pruning, legacy weight_norm and quantization observers register them too) and conv /
     norm subclasses with their own forward: the fused op would skip them and silently give another
     answer; such a block runs unfused (block(x) + nearest(top)), and its neighbours stay fused."""
@@ -355,28 +392,33 @@ def test_lateral_blocks_that_do_more_than_conv_run_as_torchvision(device, backen
     ours = fused_fpn.FPN.from_torchvision(tv, backend=backend)   # the same blocks (some cannot be deep-copied)
     assert [fused_fpn.lateral_params(b) is not None for b in ours.inner_blocks] == [True, False, True, True]
     x = make_features(2, 33, 47, torch.float32, device, "nchw")
+    calls = fused_calls(backend)
     assert_outputs_match(ours(x), tv(x), torch.float32)
+    assert len(calls) == fusable_levels(ours) == len(IN_CHANNELS) - 1
 
 
 @pytest.mark.parametrize("device,backend", backend_device_params())
-def test_a_global_module_hook_sees_every_lateral_block_as_in_torchvision(device, backend):
+def test_a_global_module_hook_sees_every_lateral_block_as_in_torchvision(device, backend, fused_calls):
     tv = randomize_(FeaturePyramidNetwork(IN_CHANNELS, OUT)).eval().to(device)
     ours = fused_fpn.convert(copy.deepcopy(tv), backend=backend)
     x = make_features(2, 33, 47, torch.float32, device, "nchw")
     seen = []
     handle = torch.nn.modules.module.register_module_forward_hook(
         lambda m, i, o: seen.append(type(m).__name__) or (o * 0.5 if isinstance(m, nn.Conv2d) else None))
+    calls = fused_calls(backend)
     try:
         expected, n_tv = tv(x), len(seen)
+        fused_under_hook = fusable_levels(ours)
         got = ours(x)
     finally:
         handle.remove()
+    assert len(calls) == fused_under_hook == 0   # a global hook sees every block: all run unfused
     assert seen[n_tv:-1] == seen[:n_tv - 1] and seen[-1] == "FPN" and seen.count("Conv2d") == 4 * len(IN_CHANNELS)
     assert_outputs_match(got, expected, torch.float32)
     assert all(fused_fpn.lateral_params(b) is not None for b in ours.inner_blocks)   # the hook is gone
 
 
-def test_pruned_fpn_trains_as_torchvision():
+def test_pruned_fpn_trains_as_torchvision(fused_calls):
     """Pruning recomputes weight = weight_orig * mask in a forward pre-hook: a fused op reading the
     stale weight reused its freed graph ('backward through the graph a second time') at step 2."""
     def pruned():
@@ -386,6 +428,7 @@ def test_pruned_fpn_trains_as_torchvision():
         return fpn
     tv, ours = pruned(), fused_fpn.convert(pruned(), backend="auto")   # a pruned FPN cannot be deep-copied
     x = make_features(2, 17, 23, torch.float32, "cpu", "nchw")
+    calls = fused_calls("auto", x["c2"])
     for model in (tv, ours):
         opt = torch.optim.SGD(model.parameters(), lr=0.1)
         for _ in range(3):
@@ -393,13 +436,14 @@ def test_pruned_fpn_trains_as_torchvision():
             opt.zero_grad()
             loss.backward()
             opt.step()
+    assert len(calls) == 3 * fusable_levels(ours) == 3 * (len(IN_CHANNELS) - 1)   # the pruned level unfused
     for (k, a), (_, b) in zip(ours.state_dict().items(), tv.state_dict().items()):
         torch.testing.assert_close(a, b, msg=k)
 
 
 # ---- autocast: the features as the convs see them ---------------------------------------------
 
-def test_mixed_feature_dtypes_under_autocast_run_as_torchvision():
+def test_mixed_feature_dtypes_under_autocast_run_as_torchvision(fused_calls):
     """Under autocast the lateral convs cast float32 / float16 / bfloat16 maps to the autocast dtype,
     so torchvision accepts a mix; the extra blocks get the maps as passed, not cast copies."""
     tv, ours = pair(tv_fpn.LastLevelP6P7(IN_CHANNELS[-1], OUT), fused_fpn.LastLevelP6P7(IN_CHANNELS[-1], OUT))
@@ -408,8 +452,10 @@ def test_mixed_feature_dtypes_under_autocast_run_as_torchvision():
     seen = []
     for model in (tv, ours):
         model.extra_blocks.register_forward_pre_hook(lambda m, args: seen.append(args[1]))
+    calls = fused_calls("auto", x["c2"])
     with torch.autocast("cpu", dtype=torch.bfloat16):
         expected, got = tv(x), ours(x)
+    assert len(calls) == fusable_levels(ours) == len(IN_CHANNELS)
     assert_outputs_match(got, expected, torch.bfloat16)
     assert all(a is b for a, b in zip(seen[1], list(x.values()))), "the extra blocks got cast copies"
     with torch.autocast("cpu", dtype=torch.bfloat16):
@@ -439,7 +485,7 @@ class _FusedReluFPN(fused_fpn.FPN):      # the same, derived from the fused modu
         return OrderedDict((k, torch.relu(v)) for k, v in super().forward(x).items())
 
 
-def test_convert_leaves_subclasses_of_torchvision_fpn_alone_with_a_warning():
+def test_convert_leaves_subclasses_of_torchvision_fpn_alone_with_a_warning(fused_calls):
     """A fused_fpn.FPN in a subclass's place would drop its methods (here a forward with a ReLU):
     convert leaves it, with a warning naming it, and from_torchvision refuses it; deriving the
     subclass from fused_fpn.FPN fuses it with the same numbers."""
@@ -456,7 +502,9 @@ def test_convert_leaves_subclasses_of_torchvision_fpn_alone_with_a_warning():
     fused.load_state_dict(model.sub.state_dict())
     assert fused_fpn.convert(fused) is fused   # already fused: returned as it is
     x = make_features(2, 33, 47, torch.float32, "cpu", "nchw")
+    calls = fused_calls("auto", x["c2"])
     assert_outputs_match(fused(x), model.sub(x), torch.float32)
+    assert len(calls) == fusable_levels(fused) == len(IN_CHANNELS)
     assert min(v.min().item() for v in fused(x).values()) == 0.0
 
 
@@ -553,18 +601,16 @@ class _FusedShiftedLayer(fused_fpn.FPN, _ShiftedLayer):
     (_ShiftedLayer, _FusedShiftedLayer, len(IN_CHANNELS)),   # laterals fused, its layer step called
 ], ids=["inner", "layer"])
 def test_a_subclass_overriding_torchvision_hooks_gets_its_methods_called(tv_cls, fused_cls, fused_laterals,
-                                                                         monkeypatch):
+                                                                         fused_calls):
     """A fused_fpn.FPN subclass overriding get_result_from_inner_blocks / get_result_from_layer_blocks
     (torchvision's extension points, called with idx -1 then L-2 .. 0) once had them ignored."""
     tv = randomize_(tv_cls(IN_CHANNELS, OUT))
     ours = fused_cls(IN_CHANNELS, OUT, backend="cpu")
     ours.load_state_dict(tv.state_dict())
-    cpu, count = fused_fpn.backends.get_backend("cpu"), []
-    lateral = cpu.lateral
-    monkeypatch.setattr(cpu, "lateral", lambda *args: count.append(1) or lateral(*args))
+    calls = fused_calls("cpu")
     x = make_features(2, 29, 31, torch.float32, "cpu", "nchw")
     assert_outputs_match(ours(x), tv(x), torch.float32)
-    assert len(count) == fused_laterals
+    assert len(calls) == fused_laterals
 
 
 def test_an_fpn_held_in_two_places_stays_one_module_after_convert():

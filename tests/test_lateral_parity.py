@@ -34,15 +34,18 @@ def _skip_unsupported(backend, device, dtype):
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("layout", LAYOUTS)
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, [s[0], s[1], s[2], *s[3], *s[4]])))
-def test_forward_matches_reference_and_eager(device, backend, dtype, layout, shape):
+@pytest.mark.parametrize("with_top", [True, False], ids=["top", "no_top"])
+def test_forward_matches_reference_and_eager(device, backend, dtype, layout, shape, with_top):
+    """Every row also checks the float64 reference against eager (F.conv2d + F.interpolate + add at
+    ``dtype``), so the "torch" backend, which is the reference, is not only compared with itself.
+    Without top the cpu backend runs a dense x through ATen's conv2d, a strided view through its tiles."""
     _skip_unsupported(backend, device, dtype)
     n, cin, cout, hw, top_hw = shape
-    x, w, b, top = make_lateral_case(n, cin, cout, hw, top_hw, dtype, device, layout)
+    x, w, b, top = make_lateral_case(n, cin, cout, hw, top_hw, dtype, device, layout, with_top=with_top)
     out = fused_fpn.lateral(x, w, b, top, backend=backend)
     assert out.shape == (n, cout, *hw) and out.dtype == dtype and out.device == x.device
     ref = fused_fpn.lateral_reference(*to64(x, w, b, top))
-    eager = eager_lateral(x, w, b, top) if dtype != torch.float64 else None
-    assert_close_to_reference(out, ref, dtype, eager)
+    assert_close_to_reference(out, ref, dtype, eager_lateral(x, w, b, top))
 
 
 @pytest.mark.skipif("cpu" not in fused_fpn.available_backends("cpu"), reason="fused_fpn._C not built")
@@ -73,7 +76,7 @@ def test_cpu_never_copies_a_strided_x_whole(with_top, dtype):
     assert copies, "the profiler saw no copy at all: the tiles' own packing copies should show"
     assert not [e.input_shapes for e in copies if e.input_shapes and list(e.input_shapes[0]) == list(x.shape)]
     ref = fused_fpn.lateral_reference(*to64(x, w, b, top))
-    assert_close_to_reference(out, ref, dtype, eager_lateral(x, w, b, top) if dtype != torch.float32 else None)
+    assert_close_to_reference(out, ref, dtype, eager_lateral(x, w, b, top))
 
 
 # The cpu kernel's epilogue routes (csrc/cpu/lateral_cpu.cpp), each on an image of 3 tiles (a tile is
@@ -90,7 +93,7 @@ _EPILOGUE_ROUTES = {
 
 
 @pytest.mark.skipif("cpu" not in fused_fpn.available_backends("cpu"), reason="fused_fpn._C not built")
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64], ids=str)
 @pytest.mark.parametrize("route", list(_EPILOGUE_ROUTES))
 def test_cpu_epilogue_routes_over_several_tiles(route, dtype):
     """Each route of the cpu kernel's epilogue (vectorized rows where out and the tile have unit
@@ -121,7 +124,8 @@ def test_bias_and_top_optional(device, backend, with_bias, with_top, layout):
     x, w, b, top = make_lateral_case(2, 19, 11, (6, 10), (3, 5), torch.float32, device, layout,
                                      with_bias=with_bias, with_top=with_top)
     out = fused_fpn.lateral(x, w, b, top, backend=backend)
-    assert_close_to_reference(out, fused_fpn.lateral_reference(*to64(x, w, b, top)), torch.float32)
+    assert_close_to_reference(out, fused_fpn.lateral_reference(*to64(x, w, b, top)), torch.float32,
+                              eager_lateral(x, w, b, top))
 
 
 @pytest.mark.parametrize("device,backend", backend_device_params())

@@ -5,7 +5,7 @@ import torch
 import torch.nn.functional as F
 
 import fused_fpn
-from fused_fpn.reference import nearest_source_indices
+from fused_fpn.reference import nearest_source_indices, upsample_nearest_reference
 
 MAX_SIZE = 512
 
@@ -59,6 +59,24 @@ def test_two_dimensional_gather_matches_interpolate(backend, h, w, ht, wt):
     x = torch.zeros((1, 1, h, w))
     got = fused_fpn.lateral(x, torch.zeros((1, 1)), None, top, backend=backend)
     assert torch.equal(got, F.interpolate(top, size=(h, w), mode="nearest"))
+
+
+@pytest.mark.parametrize("memory_format", [torch.contiguous_format, torch.channels_last])
+@pytest.mark.parametrize("top_format", [torch.contiguous_format, torch.channels_last])
+def test_reference_gather_in_either_memory_format_is_interpolate(memory_format, top_format):
+    """The reference gathers in the output's memory format (channels_last: on top's [N, Ht, Wt, C]
+    view): the same values and gradient as F.interpolate, with the requested strides, whatever
+    top's own layout."""
+    top = torch.randn(2, 5, 7, 9).contiguous(memory_format=top_format).requires_grad_(True)
+    got = upsample_nearest_reference(top, (17, 13), memory_format)
+    assert got.is_contiguous(memory_format=memory_format)
+    leaf = top.detach().clone().requires_grad_(True)
+    expected = F.interpolate(leaf, size=(17, 13), mode="nearest")
+    assert torch.equal(got, expected)
+    grad = torch.randint(-8, 9, (2, 5, 17, 13)).float()   # small integers: exact sums in any order
+    got.backward(grad)
+    expected.backward(grad)
+    assert torch.equal(top.grad, leaf.grad)
 
 
 @pytest.mark.parametrize("backend", ["torch", "cpu", "triton"])

@@ -11,8 +11,9 @@ Profiles (hypothesis settings, applied to the tests of this file):
             ``FUSED_FPN_HYPOTHESIS_PROFILE=long pytest tests/test_properties.py``.
 A failing example is printed with ``@reproduce_failure`` (print_blob) so it can be replayed.
 
-What is drawn: N 0..3, Cin and Cout 1..40, H and W 1..17, the top's Ht and Wt 1..20 (so smaller than,
-equal to and larger than x: nearest up- and down-sampling), x's and top's layout (nchw, channels_last,
+What is drawn: N 1..3 (batch 0 has its own tests in test_edge_cases.py), Cin and Cout 1..40, H and W
+1..17, the top's Ht and Wt 1..20 (so smaller than, equal to and larger than x: nearest up- and
+down-sampling), x's and top's layout (nchw, channels_last,
 noncontig), the weight's form ([Cout, Cin], [Cout, Cin, 1, 1], or a transposed view), bias and top
 present or absent, and the dtype among those the backend takes on that device (float64 / float32 /
 float16 / bfloat16 on the CPU backends; under the Triton interpreter only float32 / float16 and tiny
@@ -159,7 +160,7 @@ class Case:
 @st.composite
 def cases(draw, dtypes, max_n=3, max_c=40, max_hw=17, max_top=20):
     dtype = draw(st.sampled_from(dtypes))
-    n = draw(st.integers(0, max_n))
+    n = draw(st.integers(1, max_n))   # batch 0: its own tests (test_edge_cases.py)
     cin, cout = draw(st.integers(1, max_c)), draw(st.integers(1, max_c))
     hw = (draw(st.integers(1, max_hw)), draw(st.integers(1, max_hw)))
     top_hw = (draw(st.integers(1, max_top)), draw(st.integers(1, max_top))) if draw(st.booleans()) else None

@@ -96,8 +96,9 @@ def get_backend(name: str):
     return module
 
 
-# Import every backend module now (none imports triton or touches a device at import time): a
-# first import inside a torch.compile'd region would be a graph break.
+# Import every backend module now (none imports triton or touches a device at import time unless the
+# triton backend can run here, see backends/triton.py): a first import inside a torch.compile'd region
+# would be a graph break.
 for _name in BACKEND_NAMES:
     get_backend(_name)
 
