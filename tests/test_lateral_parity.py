@@ -191,3 +191,5 @@ def test_tf32_follows_cudnn_flag(backend):
     err_tf32 = ((tf32.double() - ref).norm() / ref.norm()).item()
     assert err_ieee < 1e-5, err_ieee
     assert err_tf32 < 3e-3, err_tf32
+    # and TF32 really ran when allowed (a 10-bit mantissa over Cin = 256: about 1e-4, against IEEE's 1e-7)
+    assert err_tf32 > 10 * err_ieee, (err_tf32, err_ieee)
