@@ -34,7 +34,7 @@ from torchvision.ops.misc import FrozenBatchNorm2d
 from . import _onnx
 from . import backends as _backends
 from ._checks import check_float_tensor, run_check
-from .functional import autocast_dtype, autocast_result_dtype, autocast_tensor
+from .functional import autocast_dtype, autocast_float64_error, autocast_result_dtype, autocast_tensor
 
 
 def _has_hooks(module: nn.Module) -> bool:
@@ -143,15 +143,17 @@ def _compiled_again(compiled, call):
     return torch.compile(call)
 
 
+def _int_argument(value, name: str) -> int:
+    """``value`` as an int (anything with ``__index__`` but a bool), else a TypeError naming ``name``."""
+    if isinstance(value, bool) or not hasattr(value, "__index__"):
+        raise TypeError(f"{name} must be an int, got {type(value).__name__} {value!r}")
+    return operator.index(value)
+
+
 def _check_out_channels(out_channels) -> None:
     """out_channels >= 1: torchvision's FPN takes 0 and then fails in its first forward, in ATen's
     conv2d, with a message that names no argument."""
-    try:
-        if isinstance(out_channels, bool):
-            raise TypeError
-        count = operator.index(out_channels)
-    except TypeError:
-        raise TypeError(f"out_channels must be an int, got {type(out_channels).__name__}") from None
+    count = _int_argument(out_channels, "out_channels")
     if count < 1:
         raise ValueError(f"out_channels must be >= 1 (the channels of every output level), got {count}")
 
@@ -165,9 +167,7 @@ def _check_in_channels_list(in_channels_list) -> List[int]:
                         f"first), got {type(in_channels_list).__name__}")
     counts = list(in_channels_list)
     for i, count in enumerate(counts):
-        if isinstance(count, bool) or not hasattr(count, "__index__"):
-            raise TypeError(f"in_channels_list[{i}] must be an int, got {type(count).__name__} {count!r}")
-        if operator.index(count) < 0:
+        if _int_argument(count, f"in_channels_list[{i}]") < 0:
             raise ValueError(f"in_channels_list[{i}] must be >= 1, got {count}")
     return counts
 
@@ -309,8 +309,7 @@ class FPN(FeaturePyramidNetwork):
             if x.dtype != weight.dtype:   # one side float64, which autocast leaves as it is
                 side, other = ("feature maps", "FPN's weights") if x.dtype == torch.float64 else \
                     ("FPN's weights", "feature maps")
-                raise TypeError(f"the {side} are float64, which autocast leaves as it is, while it casts the {other} "
-                                f"to {cast} (torchvision's conv2d fails the same way): run float64 outside autocast")
+                raise autocast_float64_error(f"the {side} are", f"the {other}", cast)
         elif weight.dtype != x.dtype:
             raise TypeError(f"the FPN's weights have dtype {weight.dtype}, the feature maps {x.dtype}: convert the "
                             f"module or the inputs to one dtype (or run under torch.autocast)")

@@ -28,16 +28,21 @@ def autocast_tensor(t, dtype):
     return t
 
 
-def _check_autocast_float64(cast: torch.dtype, x, **params) -> None:
-    """TypeError when autocast left one of x, weight, bias in float64 (it never casts float64) and
-    cast the others to ``cast``: eager's conv2d fails there too, and the generic dtype check would
-    name a dtype (``cast``) the caller never passed."""
+def autocast_float64_error(kept: str, other: str, cast: torch.dtype) -> TypeError:
+    """The error for float64 beside autocast, which never casts float64 but casts the rest to ``cast``
+    (eager's conv2d fails there too; a generic dtype check would name ``cast``, a dtype the caller
+    never passed). ``kept``: what stayed float64, with its verb ("x is"); ``other``: what was cast."""
+    return TypeError(f"{kept} float64, which autocast leaves as it is, while it casts {other} to {cast} "
+                     f"(eager's conv2d fails the same way): run float64 outside autocast")
+
+
+def _check_autocast_float64(cast: torch.dtype, x: torch.Tensor, **params) -> None:
+    """autocast_float64_error when autocast left x or one of ``params`` (weight, bias) in float64
+    and cast the other."""
     for name, t in params.items():
-        if isinstance(t, torch.Tensor) and isinstance(x, torch.Tensor) and t.dtype != x.dtype and \
-                torch.float64 in (t.dtype, x.dtype):
+        if isinstance(t, torch.Tensor) and t.dtype != x.dtype and torch.float64 in (t.dtype, x.dtype):
             kept, other = ("x", name) if x.dtype == torch.float64 else (name, "x")
-            raise TypeError(f"{kept} is float64, which autocast leaves as it is, while it casts {other} to {cast} "
-                            f"(eager's conv2d fails the same way): run float64 outside autocast")
+            raise autocast_float64_error(f"{kept} is", other, cast)
 
 
 def lateral(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None,

@@ -91,9 +91,10 @@ def lateral_reference(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torc
             y = y + bias[None, :, None, None]
     else:
         y = F.conv2d(x, w4, bias)
+    fmt = output_memory_format(x)
     if top is not None:
-        y = y + upsample_nearest_reference(top, x.shape[-2:], output_memory_format(x))
-    return y.contiguous(memory_format=output_memory_format(x))
+        y = y + upsample_nearest_reference(top, x.shape[-2:], fmt)
+    return y.contiguous(memory_format=fmt)
 
 
 def lateral_grad_bias_top_reference(grad_out: torch.Tensor, top_h: int, top_w: int

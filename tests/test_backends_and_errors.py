@@ -103,6 +103,12 @@ def test_import_without_native_extension_leaves_only_torch_backend():
     assert res.returncode == 0 and res.stdout.strip().endswith("ok"), res.stderr
 
 
+def skip_unless_it_runs_on_cpu(backend):
+    """Skip a row whose backend cannot run on CPU tensors here ("auto" and "torch" always can)."""
+    if backend not in ("auto", "torch") and backend not in fused_fpn.available_backends("cpu"):
+        pytest.skip(f"backend {backend} does not run on CPU tensors here")
+
+
 @pytest.mark.parametrize("args,exc,pattern", [
     (lambda: (torch.randn(3, 4, 4), torch.randn(2, 3), None, None), ValueError, r"x must be 4-D"),
     (lambda: (torch.randint(0, 3, (1, 3, 4, 4)), torch.randn(2, 3), None, None), TypeError, "x must have a floating"),
@@ -142,8 +148,7 @@ def test_import_without_native_extension_leaves_only_torch_backend():
 def test_lateral_bad_input_raises_clear_error(args, exc, pattern, backend):
     """Every backend that runs on CPU tensors here (the Triton one under the interpreter) checks the
     arguments before it runs: the same exception and message for each."""
-    if backend not in ("auto", "torch") and backend not in fused_fpn.available_backends("cpu"):
-        pytest.skip(f"backend {backend} does not run on CPU tensors here")
+    skip_unless_it_runs_on_cpu(backend)
     x, w, b, top = args()
 
     def comparable(t):   # a dense tensor with data (torch.equal takes no meta, sparse or nested ones)
@@ -207,8 +212,7 @@ def _set_lateral_bias(fpn, bias):
 def test_fpn_parameters_off_the_inputs_device_or_dtype_raise_clear_error(mutate, exc, pattern, backend):
     """A lateral weight or bias on another device or in another dtype than the feature maps: one
     message naming the module's parameters, on every backend (the op's checks would name "bias")."""
-    if backend not in ("auto", "torch") and backend not in fused_fpn.available_backends("cpu"):
-        pytest.skip(f"backend {backend} does not run on CPU tensors here")
+    skip_unless_it_runs_on_cpu(backend)
     fpn = fused_fpn.FPN([4, 8], 6, backend=backend)
     mutate(fpn)
     x = _feats((1, 4, 8, 8), (1, 8, 4, 4))

@@ -28,14 +28,13 @@ from typing import Optional, Tuple
 
 import pytest
 import torch
-import torch.nn.functional as F
 from hypothesis import HealthCheck, event, settings
 from hypothesis import strategies as st
 from hypothesis import given
 
 import fused_fpn
 from fused_fpn._layout import output_memory_format
-from fpn_testing import DEVICES, TOLERANCES, backend_supports
+from fpn_testing import DEVICES, TOLERANCES, assert_reference_matches_eager, backend_supports, eager_lateral
 
 # ---- hypothesis profiles ---------------------------------------------------------------------------
 
@@ -220,11 +219,8 @@ def _check_against_reference(device, backend, data):
     ref = fused_fpn.lateral_reference(*refs)
     # the reference against eager torchvision's computation (so the "torch" backend in float64, which
     # is the reference, is not compared with itself alone): conv2d, then F.interpolate's nearest + add
-    w4 = refs[1] if refs[1].dim() == 4 else refs[1][:, :, None, None]
-    eager = F.conv2d(refs[0].detach(), w4.detach(), None if refs[2] is None else refs[2].detach())
-    if refs[3] is not None:
-        eager = eager + F.interpolate(refs[3].detach(), size=case.hw, mode="nearest")
-    torch.testing.assert_close(ref.detach(), eager, atol=1e-12, rtol=1e-12)
+    eager = eager_lateral(*(None if t is None else t.detach() for t in refs))
+    assert_reference_matches_eager(ref.detach(), eager, torch.float64)
     assert not torch.isnan(out).any(), "output has NaN: an element was not written"
     atol, rtol = TOLERANCES[case.dtype]
     torch.testing.assert_close(out.detach().double(), ref.detach(), atol=atol, rtol=rtol)
