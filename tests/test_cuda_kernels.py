@@ -17,7 +17,7 @@ from fused_fpn import backends as fb
 from fused_fpn._layout import output_memory_format
 from fused_fpn.reference import lateral_grad_bias_top_reference, lateral_reference
 
-from fpn_testing import TOLERANCES, assert_close_to_reference, make_input, rel_err
+from fpn_testing import TOLERANCES, assert_close_to_reference, eager_lateral, make_input, rel_err
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
@@ -112,7 +112,7 @@ def _check_against_reference(out, x, weight, bias, top, dtype, use_tf32):
         assert not torch.isnan(out).any(), "output has NaN: an element was not written"
         torch.testing.assert_close(out.double().cpu(), ref, atol=TF32_TOL[0], rtol=TF32_TOL[1])
     else:
-        eager = lateral_reference(x, weight, bias, top) if dtype != torch.float32 else None
+        eager = eager_lateral(x, weight, bias, top) if dtype != torch.float32 else None
         assert_close_to_reference(out.cpu(), ref, dtype, None if eager is None else eager.cpu())
 
 
@@ -154,7 +154,7 @@ def test_lateral_random_shapes(seed, tf32):
     x, weight, bias, top = _case(size, dtype, layout, has_bias, has_top, seed=seed)
     out = fused_fpn.lateral(x, weight, bias, top, backend="cuda")
     assert out.is_contiguous(memory_format=output_memory_format(x))
-    eager = lateral_reference(x, weight, bias, top).cpu() if dtype != torch.float32 else None
+    eager = eager_lateral(x, weight, bias, top).cpu() if dtype != torch.float32 else None
     assert_close_to_reference(out.cpu(), _ref64(x, weight, bias, top), dtype, eager)
 
 
@@ -172,7 +172,7 @@ def test_lateral_top_in_other_layouts(layout, top_layout):
                                  top_layout=top_layout)
     out = fused_fpn.lateral(x, weight, bias, top, backend="cuda")
     assert_close_to_reference(out.cpu(), _ref64(x, weight, bias, top), torch.float16,
-                              lateral_reference(x, weight, bias, top).cpu())
+                              eager_lateral(x, weight, bias, top).cpu())
 
 
 def test_fp32_tf32_switch_selects_the_math(tf32):
@@ -194,7 +194,7 @@ def test_large_level_fp16_channels_last():
     """A ResNet-50-FPN P3-like level (many CTAs, vectorized paths) against float64."""
     x, weight, bias, top = _case((2, 512, 256, 100, 152, 50, 76), torch.float16, "channels_last", True, True, seed=7)
     out = fused_fpn.lateral(x, weight, bias, top, backend="cuda")
-    eager = lateral_reference(x, weight, bias, top)
+    eager = eager_lateral(x, weight, bias, top)
     assert_close_to_reference(out.cpu(), _ref64(x, weight, bias, top), torch.float16, eager.cpu())
 
 
@@ -205,7 +205,7 @@ def test_split_k_p5_level():
         x, weight, bias, top = _case((2, 2048, 256, 25, 38, 13, 19), torch.float16, layout, True, True, seed=8)
         out = fused_fpn.lateral(x, weight, bias, top, backend="cuda")
         assert out.is_contiguous(memory_format=output_memory_format(x))
-        eager = lateral_reference(x, weight, bias, top)
+        eager = eager_lateral(x, weight, bias, top)
         assert_close_to_reference(out.cpu(), _ref64(x, weight, bias, top), torch.float16, eager.cpu())
 
 

@@ -324,14 +324,29 @@ def test_a_coarse_level_without_pixels_under_a_finer_one_raises_a_clear_error(de
 
 @pytest.mark.parametrize("device", DEVICES)
 def test_compile_fullgraph_fpn_matches_eager(device):
+    """torch.compile(fullgraph=True) with inductor matches eager, and the graph dynamo hands inductor
+    holds one fused op per level ("auto": fused_fpn.lateral, the C++ op, on CPU; Triton's
+    fused_fpn.triton_lateral on a GPU) and no upsample: the compiled FPN is the fused one."""
+    from torch._inductor.compile_fx import compile_fx
     torch._dynamo.reset()
     _, ours = pair(tv_fpn.LastLevelMaxPool(), fused_fpn.LastLevelMaxPool())
     ours = ours.to(device)
     x = make_features(2, 33, 47, torch.float32, device, "channels_last")
-    compiled = torch.compile(ours, fullgraph=True)
+    graphs = []
+
+    def inductor_recording_graphs(gm, example_inputs):
+        graphs.append(gm)
+        return compile_fx(gm, example_inputs)
+    compiled = torch.compile(ours, fullgraph=True, backend=inductor_recording_graphs)
     got, expected = compiled(x), ours(x)
     for k in expected:
         torch.testing.assert_close(got[k], expected[k], atol=1e-4, rtol=1e-4, msg=k)
+    assert len(graphs) == 1
+    targets = [n.target for n in graphs[0].graph.nodes if n.op == "call_function"]
+    fused = [t for t in targets if str(t).removesuffix(".default") in ("fused_fpn.lateral", "fused_fpn.triton_lateral")]
+    targets = [str(getattr(t, "__name__", t)) for t in targets]
+    assert len(fused) == len(IN_CHANNELS), targets
+    assert not any("interpolate" in t or "upsample" in t for t in targets), targets
 
 
 # ---- lateral blocks whose call does more than conv (+ norm): the unfused path, as torchvision ----

@@ -22,8 +22,8 @@ from fused_fpn import backends as fb
 from fused_fpn._layout import output_memory_format
 from fused_fpn.reference import lateral_grad_bias_top_reference, lateral_reference
 
-from fpn_testing import (HAS_CUDA, TOLERANCES, SymbolicSizes, assert_close_to_reference, gradient_penalty_grads,
-                         make_input, make_lateral_case, only_tma_config, to64)
+from fpn_testing import (HAS_CUDA, TOLERANCES, SymbolicSizes, assert_close_to_reference, eager_lateral,
+                         gradient_penalty_grads, make_input, make_lateral_case, only_tma_config, to64)
 
 _REASON = fb.unavailable_reason("triton")
 pytestmark = [pytest.mark.skipif(_REASON is not None, reason=f"triton backend unavailable: {_REASON}")]
@@ -87,7 +87,7 @@ def test_forward_matches_reference(case, dtype, layout):
     fmt = output_memory_format(x)
     assert out.is_contiguous(memory_format=fmt), f"output should follow x's memory format {fmt}"
     ref64 = lateral_reference(x.double(), weight.double(), _f64(bias), _f64(top)).detach()
-    eager = lateral_reference(x, weight, bias, top)
+    eager = eager_lateral(x, weight, bias, top)
     assert_close_to_reference(out, ref64, dtype, eager)
 
 
