@@ -7,6 +7,7 @@
   once per session (fixture ``cuda_emu``; about 30 s on 2 cores).
 * ``check_emulated_forward(emu, x, w, bias, top)``: its forward against the float64 reference
   (without a top: the host's route and the kernel, forced).
+* ``one_element_off(t)``: t stored one element past a 16-byte boundary (strides unchanged).
 """
 from __future__ import annotations
 
@@ -44,6 +45,17 @@ def build_cuda_emu(build_dir: str):
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module.build(build_dir)
+
+
+def one_element_off(t: torch.Tensor) -> torch.Tensor:
+    """t's values with t's sizes and strides, stored one element past a 16-byte boundary: the strides
+    allow 16-byte accesses, the pointer does not."""
+    extent = 1 + sum((n - 1) * s for n, s in zip(t.shape, t.stride()))
+    storage = torch.empty(extent + 1, dtype=t.dtype)
+    assert storage.data_ptr() % 16 == 0
+    out = storage.as_strided(t.shape, t.stride(), 1)
+    out.copy_(t)
+    return out
 
 
 def check_emulated_forward(emu, x, weight, bias, top, sm_count: int = 132, tf32: bool = False) -> torch.Tensor:

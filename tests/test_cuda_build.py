@@ -10,7 +10,11 @@ Runs on every CI machine (no GPU, nvcc + a CUDA torch present):
 
 * the kernels' logic (tiling, tails, layouts, 16-byte paths, the cp.async pipeline's waits and
   barriers, split-K, the db/dtop kernels) and the real host code of lateral_cuda.cpp run on the
-  CPU through csrc/cuda/emu (a thread-per-CUDA-thread emulation) against fused_fpn.reference.
+  CPU through csrc/cuda/emu (a thread-per-CUDA-thread emulation) against fused_fpn.reference;
+  every 16-byte access, ldmatrix row and WMMA tile the emulation runs is checked for the alignment
+  the hardware requires and for staying inside the launch's shared memory and tensors (a GPU faults
+  on the first: "misaligned address"), and a compact matrix runs again under AddressSanitizer,
+  which checks the element accesses too against each tensor's allocation.
 
 Skipped (with the reason) only where the CUDA kernels cannot be built: no nvcc, a CPU-only torch,
 or a build that was explicitly told to skip them (FUSED_FPN_SKIP_CUDA_BUILD=1).
@@ -31,7 +35,7 @@ import torch
 
 import fused_fpn
 from fused_fpn import _extension
-from cuda_emu_testing import check_emulated_forward, cuda_build_skip_reason, nvcc_home
+from cuda_emu_testing import check_emulated_forward, cuda_build_skip_reason, nvcc_home, one_element_off
 
 REPO = Path(__file__).resolve().parents[1]
 OPS = ("fused_fpn::lateral", "fused_fpn::lateral_grad_bias_top")
@@ -450,3 +454,99 @@ def test_emulated_grad_bias_top(emu, size, dtype, layout):
     atol, rtol = TOLERANCES[dtype]
     torch.testing.assert_close(db.double(), rdb, atol=atol, rtol=rtol)
     torch.testing.assert_close(dtop.double(), rdtop, atol=atol, rtol=rtol)
+
+
+# The emulation checks every 16-byte access, ldmatrix row and WMMA tile (emu_cuda.h, emu::access_ok):
+# aligned as the hardware requires, and inside the launch's shared memory or one of its tensors. So
+# every emulated test above also shows the kernels make no access a GPU faults on ("misaligned
+# address") or that touches memory outside the tensors. These two show the checks can fail.
+PROBES = [  # kind, a valid byte offset, a misaligned one, one outside, the message of "outside"
+    ("cp.async source", 16, 8, 256, "not inside any tensor of the launch"),
+    ("cp.async destination", 1008, 8, 1024, "outside the launch's 1024 bytes of shared memory"),
+    ("16-byte store", 240, 4, 256, "not inside any tensor of the launch"),
+    ("ldmatrix row", 496, 2, 1024, "outside the launch's 1024 bytes of shared memory"),
+    ("wmma load", 512, 16, 768, "outside the launch's 1024 bytes of shared memory"),
+]
+
+
+@pytest.mark.parametrize("kind,valid,misaligned,outside,outside_msg", PROBES, ids=[p[0] for p in PROBES])
+def test_emulator_faults_misaligned_and_out_of_range_accesses(emu, kind, valid, misaligned, outside, outside_msg):
+    """One access by an emulated warp at a byte offset of a 256-byte tensor (global kinds) or of 1 KiB
+    of shared memory: allowed where the hardware allows it, a RuntimeError naming the access otherwise."""
+    t = torch.zeros(64, dtype=torch.float32)
+    assert t.data_ptr() % 16 == 0
+    emu.probe(kind, t, valid)
+    with pytest.raises(RuntimeError, match=rf"emulated CUDA kernel: {re.escape(kind.replace('wmma load', 'wmma::load_matrix_sync'))}: misaligned address"):
+        emu.probe(kind, t, misaligned)
+    with pytest.raises(RuntimeError, match=re.escape(outside_msg)):
+        emu.probe(kind, t, outside)
+    emu.probe(kind, t, valid)  # a fault does not stick to later launches
+
+
+@pytest.mark.parametrize("dtype", EMU_DTYPES, ids=["fp16", "bf16", "fp32"])
+def test_emulated_16_byte_paths_the_host_refuses_would_fault(emu, dtype):
+    """The host code turns a 16-byte path on only where the pointer and strides allow it
+    (lateral_cuda.cpp). With its decisions overridden to "on" (force_vectors), inputs it refuses them
+    for make the emulated kernel fault, naming the access: x, the weight or top one element off a
+    16-byte boundary (strides that allow 16-byte accesses), Cin odd (x's pixels and the weight's
+    rows), Cout odd (channels_last output and top rows). With the host's own decisions the same
+    inputs run and match the reference; where it allows every path, the override changes nothing,
+    bit for bit."""
+    size = (2, 40, 24, 6, 8, 3, 4)
+    x, weight, bias, top = _emu_case(size, dtype, "channels_last", True, True)
+    assert torch.equal(emu.lateral(x, weight, bias, top, 132, False, force_vectors=True),
+                       emu.lateral(x, weight, bias, top, 132, False))
+    nchw = _emu_case(size, dtype, "nchw", True, True)
+    cases = [("x off 16 bytes", (one_element_off(x), weight, bias, top), "cp.async source"),
+             ("NCHW x off 16 bytes", (one_element_off(nchw[0]),) + nchw[1:], "cp.async source"),
+             ("weight off 16 bytes", (x, one_element_off(weight), bias, top), "cp.async source"),
+             ("top off 16 bytes", (x, weight, bias, one_element_off(top)), "16-byte top load"),
+             ("Cin odd", _emu_case((2, 41, 24, 6, 8, 3, 4), dtype, "channels_last", True, True), "cp.async source"),
+             ("Cout odd", _emu_case((2, 40, 17, 6, 8, 3, 4), dtype, "channels_last", True, True), "16-byte")]
+    for case, args, access in cases:
+        check_emulated_forward(emu, *args)  # the host's own decisions: no fault
+        with pytest.raises(RuntimeError, match=rf"emulated CUDA kernel: {access}.*misaligned address"):
+            emu.lateral(*args, 132, False, force_vectors=True)
+
+
+# AddressSanitizer over the emulated kernels: the element (scalar) accesses, which emu::access_ok does
+# not see, checked against the bounds of every tensor's allocation (tests/cuda_asan_run.py).
+@pytest.fixture(scope="module")
+def asan_run(tmp_path_factory):
+    """Runs tests/cuda_asan_run.py in a python with the ASan runtime preloaded (one build, reused)."""
+    sys.path.insert(0, str(REPO / "csrc" / "cuda" / "emu"))
+    import emulate
+
+    preload = emulate.asan_preload()
+    if preload is None:
+        pytest.skip("gcc has no AddressSanitizer runtime (gcc -print-file-name=libasan.so)")
+    build_dir = str(tmp_path_factory.mktemp("cuda_emu_asan"))
+    env = dict(os.environ, LD_PRELOAD=" ".join(preload + [os.environ.get("LD_PRELOAD", "")]).strip(),
+               ASAN_OPTIONS="detect_leaks=0")  # python keeps its objects at exit: not a kernel's leak
+
+    def run(mode: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, str(REPO / "tests" / "cuda_asan_run.py"), build_dir, mode], env=env,
+                              capture_output=True, text=True, timeout=1800)
+    return run
+
+
+def test_address_sanitizer_catches_an_element_read_past_a_tensor(asan_run):
+    """The canary: in the sanitized emulator an unchecked byte read at the last byte of a tensor runs,
+    one byte further aborts with ASan's report (so the run below would catch a kernel doing it)."""
+    proc = asan_run("canary")
+    assert "last byte read" in proc.stdout, proc.stderr[-4000:]
+    assert "not caught" not in proc.stdout, "the emulator was not built with AddressSanitizer"
+    assert proc.returncode != 0 and "ERROR: AddressSanitizer: heap-buffer-overflow" in proc.stderr, proc.stderr[-4000:]
+
+
+def test_emulated_kernels_stay_inside_their_tensors_under_address_sanitizer(asan_run):
+    """Every forward route (element and 16-byte paths, strided and misaligned views, up- and
+    downsampling, split-K with its workspace, all four maths) and the db + dtop kernels in every
+    layout, under ASan: no access outside a tensor's allocation, and the values match the reference."""
+    import cuda_asan_run
+
+    proc = asan_run("cases")
+    assert proc.returncode == 0 and "AddressSanitizer" not in proc.stderr, proc.stderr[-6000:]
+    ran = re.search(r"^ran (\d+) cases$", proc.stdout, re.M)
+    assert ran and int(ran.group(1)) == len(cuda_asan_run.forward_cases()) + len(cuda_asan_run.grad_cases()), \
+        proc.stdout[-2000:]

@@ -6,14 +6,24 @@ buffer, the cp.async helpers replaced by emulated ones, the ``<<<...>>>`` launch
 "// Host launcher of one instantiation" marker on) replaced by emu_main.cpp's mirrors. The host
 code of lateral_cuda.cpp runs as written apart from the device guard, the stream, the SM count,
 the TF32 flag and the conv2d route of top-less levels (parameters, so the split-K, math and route
-decisions can be exercised, and the kernel run where the host would hand the level to conv2d).
+decisions can be exercised, and the kernel run where the host would hand the level to conv2d), and
+a switch that turns every 16-byte path on regardless of the host's decision (``force_vectors``: a
+stand-in for a wrong decision, which the access checks of emu_cuda.h must then catch). Every
+16-byte access of the generated copies goes through ``emu::access_ok`` (alignment, and inside the
+launch's shared memory or tensors); ``generate`` refuses a source with one it does not map.
 Used by tests/test_cuda_build.py on machines without a GPU.
 
     module = build(build_dir)        # about 30 s on 2 cores
-    module.lateral(x, w, bias, top, sm_count, tf32, topless_conv=True) -> y
-                                     (CPU tensors, CUDA kernel logic; topless_conv=False: never conv2d)
+    module.lateral(x, w, bias, top, sm_count, tf32, topless_conv=True, force_vectors=False) -> y
+                                     (CPU tensors, CUDA kernel logic; topless_conv=False: never conv2d;
+                                     a checked access that fails raises RuntimeError "emulated CUDA kernel: ...")
     module.launches() -> int         emulated kernel launches so far
     module.grad(dy, top_h, top_w) -> (db, dtop)
+    module.probe(kind, t, offset)    one emulated access of `kind` ("cp.async source", "cp.async
+                                     destination", "16-byte store", "ldmatrix row", "wmma load", or
+                                     "element read": a byte read that only AddressSanitizer checks) at
+                                     byte `offset` of tensor t (global) or of a 1 KiB shared memory
+    build(build_dir, sanitize=True)  the same under AddressSanitizer (asan_preload() in LD_PRELOAD)
 """
 from __future__ import annotations
 
@@ -40,6 +50,8 @@ inline void emu_do(const EmuCopy& c) {
   }
 }
 inline void cp_async_16(void* smem, const void* gmem, bool valid) {
+  if (!emu::access_ok(smem, 16, 16, emu::Space::Shared, "cp.async destination")) return;
+  if (valid && !emu::access_ok(gmem, 16, 16, emu::Space::Global, "cp.async source")) return;
 #if EMU_DEFER
   emu_pending.push_back({smem, gmem, valid});
 #else
@@ -73,9 +85,11 @@ inline int emu_publish() {  // the exchange set of this call; flips for the next
   return p;
 }
 inline void emu_ldmatrix_x4(uint32_t (&r)[4], const void* smem_row, bool trans) {
+  static const unsigned char zero_row[16] = {};  // what a lane whose row address is refused publishes
   emu::WarpShare& w = *emu::warp_share;
   const int p = emu_publish(), l = emu::lane_id, g = l / 4, q = l % 4;
-  w.addr[p][l] = static_cast<const unsigned char*>(smem_row);
+  w.addr[p][l] = emu::access_ok(smem_row, 16, 16, emu::Space::Shared, "ldmatrix row")
+                     ? static_cast<const unsigned char*>(smem_row) : zero_row;
   emu::warp_bar->arrive_and_wait();
   for (int i = 0; i < 4; ++i) {
     if (trans) {  // rows 2q and 2q + 1 of matrix i, column g
@@ -139,6 +153,14 @@ inline void mma_tf32_1688(float (&d)[4], const uint32_t (&a)[4], const uint32_t 
 """
 
 
+def _checked_copy16(dst: str, src: str, what: str, space: str = "Any") -> str:
+    """A 16-byte copy from src to dst, done only if emu::access_ok allows the device-memory side
+    (src for a load, dst for a store: the one that is not the register pack)."""
+    mem = src if dst.startswith("&") else dst
+    return (f"if (emu::access_ok({mem}, 16, 16, emu::Space::{space}, \"{what}\")) "
+            f"std::memcpy({dst}, {src}, 16);")
+
+
 def _read(*parts: str) -> str:
     with open(os.path.join(SRC, *parts)) as f:
         return f.read()
@@ -169,12 +191,16 @@ def generate(out: str) -> None:
     i = u.index("// 16-byte global -> shared asynchronous copy")
     j = u.index("}  // namespace cuda")
     u = u[:i] + _DEVICE_PRIMITIVES_EMU + u[j:]
+    u = _replace(u, "pack.raw = *reinterpret_cast<const uint4*>(ptr);", _checked_copy16("&pack.raw", "ptr", "16-byte load"))
+    u = _replace(u, "*reinterpret_cast<uint4*>(ptr) = pack.raw;", _checked_copy16("ptr", "&pack.raw", "16-byte store"))
     files["cuda_utils.cuh"] = _replace(u, "#include <cuda_runtime.h>", '#include "emu_cuda.h"')
 
     f = _cut(_read("lateral_fwd.cuh"), "// Host launcher of one instantiation")
     f = _drop_includes(f, "c10/cuda/CUDAException.h", "c10/util/Exception.h", "mma.h")
     f = _replace(f, '#include "../nearest.h"', '#include "nearest.h"')
     f = _replace(f, "extern __shared__ __align__(128) unsigned char smem[];", "unsigned char* smem = emu::smem_ptr;")
+    f = _replace(f, "tops[u].raw = *reinterpret_cast<const uint4*>(tp);",
+                 _checked_copy16("&tops[u].raw", "tp", "16-byte top load", "Global"))
     files["lateral_fwd.cuh"] = f + "\n}  // namespace cuda\n}  // namespace fused_fpn\n"
 
     b = _cut(_read("lateral_bwd.cu"), "template <typename T, typename Layout, bool kHasTop>\nvoid launch_grad_bias_top")
@@ -197,6 +223,9 @@ def generate(out: str) -> None:
     h = _replace(h, "multiprocessor_count(x.get_device())", "emu::sm_count")
     h = _replace(h, "if (conv_allows_tf32()) {", "if (emu::tf32) {")
     h = _replace(h, "&& runs_as_convolution(x, top)) {", "&& emu::topless_conv && runs_as_convolution(x, top)) {")
+    h = _replace(h, "\n  // Split-K when the output tiles",  # after the host's 16-byte path decisions
+                 "\n  if (emu::force_vectors) p.vec_x = p.vec_w = p.vec_out = p.vec_top = true;"
+                 "\n  // Split-K when the output tiles")
     i = h.index("int multiprocessor_count(int device) {")
     j = h.index("// Whether fp32 convolutions may use TF32")
     h = h[:i] + h[j:]
@@ -210,17 +239,51 @@ def generate(out: str) -> None:
     with open(os.path.join(HERE, "emu_cuda.h")) as fh:
         files["emu_cuda.h"] = fh.read()
     for name, text in files.items():
-        with open(os.path.join(out, name), "w") as fh:
+        # every 16-byte access goes through emu::access_ok: a new one must be mapped above
+        assert not re.search(r"reinterpret_cast<(const )?u?int4\s*\*>", text), \
+            f"emulation: {name} has a 16-byte access the emulation does not check; map it in emulate.py"
+        path = os.path.join(out, name)
+        if os.path.exists(path):
+            with open(path) as fh:
+                if fh.read() == text:
+                    continue  # unchanged: keep its time stamp, so a build in the same folder is reused
+        with open(path, "w") as fh:
             fh.write(text)
 
 
-def build(build_dir: str):
-    """Generates the sources into ``build_dir`` and builds / loads the emulator module."""
+def asan_preload():
+    """The libraries to LD_PRELOAD into a python that loads a ``build(..., sanitize=True)`` module:
+    gcc's AddressSanitizer runtime (it must come first), then libstdc++ (python does not link it, and
+    without it ASan's interceptor of C++ throws finds no real __cxa_throw and aborts at torch's first
+    exception). None when gcc has no ASan runtime."""
+    import subprocess
+
+    paths = []
+    for compiler, lib in (("gcc", "libasan.so"), ("g++", "libstdc++.so")):
+        try:
+            path = subprocess.run([compiler, f"-print-file-name={lib}"], capture_output=True, text=True,
+                                  check=True).stdout.strip()
+        except (OSError, subprocess.CalledProcessError):
+            return None
+        path = os.path.realpath(path)
+        if not (os.path.isabs(path) and os.path.exists(path)):
+            return None
+        paths.append(path)
+    return paths
+
+
+def build(build_dir: str, sanitize: bool = False):
+    """Generates the sources into ``build_dir`` and builds / loads the emulator module. sanitize:
+    built with AddressSanitizer (-fsanitize=address), so every access of the emulated kernels, the
+    element ones too, is checked against the bounds of its allocation; the module then loads only
+    into a process started with ``asan_preload()`` in LD_PRELOAD."""
     from torch.utils.cpp_extension import load
 
     gen = os.path.join(build_dir, "gen")
     generate(gen)
     cuda_home = os.environ.get("CUDA_HOME") or "/usr/local/cuda"
-    return load("fused_fpn_cuda_emu", sources=[os.path.join(HERE, "emu_main.cpp")], build_directory=build_dir,
-                extra_include_paths=[gen, os.path.join(cuda_home, "include")],
-                extra_cflags=["-O2", "-std=c++20", "-w", "-DEMU_DEFER=1"], verbose=False)
+    asan = ["-fsanitize=address", "-fno-omit-frame-pointer"] if sanitize else []
+    return load("fused_fpn_cuda_emu" + ("_asan" if sanitize else ""), sources=[os.path.join(HERE, "emu_main.cpp")],
+                build_directory=build_dir, extra_include_paths=[gen, os.path.join(cuda_home, "include")],
+                extra_cflags=["-O1" if sanitize else "-O2", "-std=c++20", "-w", "-DEMU_DEFER=1"] + asan,
+                extra_ldflags=asan, verbose=False)
