@@ -20,31 +20,16 @@ import sys
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from cuda_emu_testing import REPO, check_emulated_forward, one_element_off  # noqa: E402
-
-sys.path.insert(0, str(REPO / "csrc" / "cuda" / "emu"))
-import emulate  # noqa: E402
+from cuda_emu_testing import build_cuda_emu, check_emulated_forward, emu_input  # noqa: E402
 
 MATHS = [(torch.float16, False), (torch.bfloat16, False), (torch.float32, False), (torch.float32, True)]
 # (N, Cin, Cout, H, W, Ht, Wt): element paths (odd channels), 16-byte paths, downsampling
 SIZES = [(2, 3, 17, 7, 9, 4, 5), (1, 40, 24, 6, 8, 3, 4), (1, 16, 8, 3, 10, 5, 13)]
 SPLIT_K = (1, 256, 24, 5, 7, 3, 4)  # with 1000 SMs the host picks split-K: the fp32 workspace
-LAYOUTS = ["nchw", "channels_last", "strided", "one_element_off"]
+LAYOUTS = ["nchw", "channels_last", "noncontig", "one_element_off"]  # cuda_emu_testing.emu_input
 GRAD_SIZES = [(2, 5, 7, 9, 4, 5), (1, 3, 5, 6, 10, 13), (1, 3, 4, 5, 0, 0)]  # (N, C, H, W, Ht, Wt)
 # Small, and NCHW dy in one dtype only: ASan makes each of the emulation's threads (one per CUDA
 # thread) costly to start, and the NCHW backward runs a block per (row group, channel, image).
-
-
-def _tensor(shape, dtype, layout, gen):
-    n, c, h, w = shape
-    if layout == "strided":  # every other column of a wider map, channels sliced: element loads
-        return torch.randn((n, c + 1, h, 2 * w), generator=gen).to(dtype)[:, 1:, :, ::2]
-    t = torch.randn(shape, generator=gen).to(dtype)
-    if layout == "nchw":
-        return t
-    t = t.contiguous(memory_format=torch.channels_last)
-    # one_element_off: 16-byte-friendly strides, the pointer one element past a boundary
-    return one_element_off(t) if layout == "one_element_off" else t
 
 
 def forward_cases():
@@ -58,7 +43,7 @@ def grad_cases():
     """(dy's shape, top's size, dtype, layout) of every db + dtop the run checks."""
     return [((n, c, h, w), (th, tw), dtype, layout)
             for dtype in (torch.float16, torch.bfloat16, torch.float32) for n, c, h, w, th, tw in GRAD_SIZES
-            for layout in (("nchw", "channels_last", "strided") if dtype == torch.float32 else ("channels_last",))]
+            for layout in (("nchw", "channels_last", "noncontig") if dtype == torch.float32 else ("channels_last",))]
 
 
 def run_cases(emu) -> int:
@@ -70,14 +55,14 @@ def run_cases(emu) -> int:
     ran = 0
     gen = torch.Generator().manual_seed(0)
     for (n, cin, cout, h, w, th, tw), dtype, tf32, layout, extras, sms in forward_cases():
-        x = _tensor((n, cin, h, w), dtype, layout, gen)
+        x = emu_input((n, cin, h, w), dtype, layout, gen)
         weight = (torch.randn((cout, cin), generator=gen) / cin ** 0.5).to(dtype)
         bias = torch.randn((cout,), generator=gen).to(dtype) if extras else None
-        top = _tensor((n, cout, th, tw), dtype, layout, gen) if extras else None
+        top = emu_input((n, cout, th, tw), dtype, layout, gen) if extras else None
         check_emulated_forward(emu, x, weight, bias, top, sm_count=sms, tf32=tf32)
         ran += 1
     for shape, (th, tw), dtype, layout in grad_cases():
-        dy = _tensor(shape, dtype, layout, gen)
+        dy = emu_input(shape, dtype, layout, gen)
         db, dtop = emu.grad(dy, th, tw)
         rdb, rdtop = lateral_grad_bias_top_reference(dy.double(), th, tw)
         atol, rtol = TOLERANCES[dtype]
@@ -89,7 +74,7 @@ def run_cases(emu) -> int:
 
 
 def main(build_dir: str, mode: str) -> None:
-    emu = emulate.build(build_dir, sanitize=True)
+    emu = build_cuda_emu(build_dir, sanitize=True)
     if mode == "canary":
         t = torch.zeros(10, dtype=torch.float32)
         emu.probe("element read", t, t.nbytes - 1)  # the last byte: allowed

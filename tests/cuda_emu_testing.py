@@ -1,13 +1,15 @@
 """Shared set-up of the tests that check the CUDA backend without a GPU.
 
 * ``cuda_build_skip_reason()``: why the CUDA kernels cannot be built here (None when they can).
-* ``build_cuda_emu(build_dir)``: the CPU emulation of the CUDA kernels (csrc/cuda/emu), whose
+* ``build_cuda_emu(build_dir, sanitize=False)``: the CPU emulation of the CUDA kernels (csrc/cuda/emu), whose
   ``lateral(x, w, bias, top, sm_count, tf32)`` and ``grad(dy, top_h, top_w)`` run the real host
   code of csrc/cuda/lateral_cuda.cpp and the kernels' logic on CPU tensors. conftest.py builds it
   once per session (fixture ``cuda_emu``; about 30 s on 2 cores).
 * ``check_emulated_forward(emu, x, w, bias, top)``: its forward against the float64 reference
   (without a top: the host's route and the kernel, forced).
-* ``one_element_off(t)``: t stored one element past a 16-byte boundary (strides unchanged).
+* ``one_element_off(t)``: t stored one element past a 16-byte boundary (strides unchanged);
+  ``emu_input(shape, dtype, layout, gen)``: a random input in one of the matrices' layouts.
+* ``emulate_module()``: csrc/cuda/emu/emulate.py itself (``asan_preload()``).
 """
 from __future__ import annotations
 
@@ -40,11 +42,39 @@ def cuda_build_skip_reason() -> Optional[str]:
     return None
 
 
-def build_cuda_emu(build_dir: str):
-    spec = importlib.util.spec_from_file_location("fused_fpn_emulate", REPO / "csrc" / "cuda" / "emu" / "emulate.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.build(build_dir)
+def emulate_module():
+    """csrc/cuda/emu/emulate.py, loaded once (its build() and asan_preload())."""
+    global _EMULATE
+    if _EMULATE is None:
+        spec = importlib.util.spec_from_file_location("fused_fpn_emulate", REPO / "csrc" / "cuda" / "emu" / "emulate.py")
+        _EMULATE = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(_EMULATE)
+    return _EMULATE
+
+
+_EMULATE = None
+
+
+def build_cuda_emu(build_dir: str, sanitize: bool = False):
+    return emulate_module().build(build_dir, sanitize=sanitize)
+
+
+def emu_input(shape, dtype, layout: str, gen: torch.Generator) -> torch.Tensor:
+    """A random [N, C, H, W] tensor in one of the emulated matrices' layouts: "nchw", "channels_last",
+    "noncontig" (channels sliced, every other column), "cl_misaligned" (a channels_last view whose
+    channel slice defeats 16-byte vectors by its strides and pointer) or "one_element_off"
+    (channels_last, ``one_element_off``)."""
+    n, c, h, w = shape
+    if layout == "noncontig":
+        return torch.randn((n, c + 3, h, 2 * w + 1), generator=gen).to(dtype)[:, 1:c + 1, :, 1::2]
+    if layout == "cl_misaligned":
+        wide = torch.randn((n, c + 1, h, w), generator=gen).to(dtype).contiguous(memory_format=torch.channels_last)
+        return wide[:, 1:]
+    t = torch.randn(shape, generator=gen).to(dtype)
+    if layout == "nchw":
+        return t
+    t = t.contiguous(memory_format=torch.channels_last)
+    return one_element_off(t) if layout == "one_element_off" else t
 
 
 def one_element_off(t: torch.Tensor) -> torch.Tensor:

@@ -35,7 +35,8 @@ import torch
 
 import fused_fpn
 from fused_fpn import _extension
-from cuda_emu_testing import check_emulated_forward, cuda_build_skip_reason, nvcc_home, one_element_off
+from cuda_emu_testing import (check_emulated_forward, cuda_build_skip_reason, emu_input, emulate_module, nvcc_home,
+                              one_element_off)
 
 REPO = Path(__file__).resolve().parents[1]
 OPS = ("fused_fpn::lateral", "fused_fpn::lateral_grad_bias_top")
@@ -315,24 +316,13 @@ def emu(cuda_emu):
     return cuda_emu
 
 
-def _emu_input(shape, dtype, layout, gen):
-    n, c, h, w = shape
-    if layout == "noncontig":
-        return torch.randn((n, c + 3, h, 2 * w + 1), generator=gen).to(dtype)[:, 1:c + 1, :, 1::2]
-    if layout == "cl_misaligned":  # channels_last view whose pointer defeats 16-byte vectors
-        wide = torch.randn((n, c + 1, h, w), generator=gen).to(dtype).contiguous(memory_format=torch.channels_last)
-        return wide[:, 1:]
-    t = torch.randn(shape, generator=gen).to(dtype)
-    return t.contiguous(memory_format=torch.channels_last) if layout == "channels_last" else t
-
-
 def _emu_case(size, dtype, layout, has_bias, has_top, top_layout=None, seed=0):
     n, cin, cout, h, w, th, tw = size
     gen = torch.Generator().manual_seed(seed)
-    x = _emu_input((n, cin, h, w), dtype, layout, gen)
+    x = emu_input((n, cin, h, w), dtype, layout, gen)
     weight = (torch.randn((cout, cin), generator=gen) / cin ** 0.5).to(dtype)
     bias = torch.randn((cout,), generator=gen).to(dtype) if has_bias else None
-    top = _emu_input((n, cout, th, tw), dtype, top_layout or layout, gen) if has_top else None
+    top = emu_input((n, cout, th, tw), dtype, top_layout or layout, gen) if has_top else None
     return x, weight, bias, top
 
 
@@ -409,7 +399,7 @@ def test_emulated_topless_level_route(emu, dtype):
                 assert torch.equal(out, eager), (layout, has_bias)
             else:
                 check_emulated_forward(emu, x, weight, bias, top)
-    x = _emu_input((2, 40, 5, 14), dtype, "channels_last", torch.Generator().manual_seed(1))[..., ::2]
+    x = emu_input((2, 40, 5, 14), dtype, "channels_last", torch.Generator().manual_seed(1))[..., ::2]
     assert x.stride(1) == 1 and not x.is_contiguous(memory_format=torch.channels_last)  # the kernel's 16-byte path
     weight, bias = _emu_case(size, dtype, "nchw", True, False)[1:3]
     before = emu.launches()
@@ -446,7 +436,7 @@ def test_emulated_grad_bias_top(emu, size, dtype, layout):
     from fpn_testing import TOLERANCES
 
     n, c, h, w, th, tw = size
-    dy = _emu_input((n, c, h, w), dtype, layout, torch.Generator().manual_seed(5))
+    dy = emu_input((n, c, h, w), dtype, layout, torch.Generator().manual_seed(5))
     db, dtop = emu.grad(dy, th, tw)
     rdb, rdtop = lateral_grad_bias_top_reference(dy.double(), th, tw)
     assert dtop.shape == (n, c, th, tw) and dtop.is_contiguous(memory_format=output_memory_format(dy))
@@ -514,10 +504,7 @@ def test_emulated_16_byte_paths_the_host_refuses_would_fault(emu, dtype):
 @pytest.fixture(scope="module")
 def asan_run(tmp_path_factory):
     """Runs tests/cuda_asan_run.py in a python with the ASan runtime preloaded (one build, reused)."""
-    sys.path.insert(0, str(REPO / "csrc" / "cuda" / "emu"))
-    import emulate
-
-    preload = emulate.asan_preload()
+    preload = emulate_module().asan_preload()
     if preload is None:
         pytest.skip("gcc has no AddressSanitizer runtime (gcc -print-file-name=libasan.so)")
     build_dir = str(tmp_path_factory.mktemp("cuda_emu_asan"))

@@ -159,14 +159,15 @@ inline void launch(unsigned gx, unsigned gy, unsigned gz, unsigned bx, unsigned 
   const unsigned nt = bx * by;
   // the dynamic shared memory, 128-byte aligned (the kernels' __align__(128)), then room for the
   // static __shared__ arrays the emulation points at its start (emulate.py)
-  std::vector<unsigned char> smem_raw(smem_bytes + 64 * 1024 + 128);
+  constexpr size_t kStaticRoom = 64 * 1024;
+  std::vector<unsigned char> smem_raw(smem_bytes + kStaticRoom + 128);
   unsigned char* smem_base = smem_raw.data() + (128 - reinterpret_cast<std::uintptr_t>(smem_raw.data()) % 128) % 128;
   smem_size = smem_bytes;
   fault.clear();
   for (unsigned z = 0; z < gz && fault.empty(); ++z)
     for (unsigned y = 0; y < gy && fault.empty(); ++y)
       for (unsigned x = 0; x < gx && fault.empty(); ++x) {
-        std::memset(smem_base, 0xFF, smem_bytes + 64 * 1024);  // NaN everywhere: unwritten smem reads show up
+        std::memset(smem_base, 0xFF, smem_bytes + kStaticRoom);  // NaN everywhere: unwritten smem reads show up
         std::barrier<> b(nt);
         bar = &b;
         const unsigned nw = (nt + 31) / 32;

@@ -104,9 +104,6 @@ at::Tensor emu_lateral(const at::Tensor& x, const at::Tensor& w, const c10::opti
   emu::tf32 = tf32;
   emu::topless_conv = topless_conv;
   emu::force_vectors = force_vectors;
-  struct Reset {
-    ~Reset() { emu::force_vectors = false; }
-  } reset;
   return fused_fpn::lateral_cuda(x, w, b, t);
 }
 
