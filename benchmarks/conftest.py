@@ -1,6 +1,7 @@
 """pytest glue of the benchmark suite: options, parametrization, the per-row fixture, the final table.
 
-Options (each also settable through the environment variable named in benchmarks/harness.py):
+Options (each also settable through the environment variable named here, read in benchmarks/harness.py
+or, for FUSED_FPN_BENCH_THREADS, below):
   --quick                  tiny shapes and 3 timed calls per row (smoke runs)   FUSED_FPN_BENCH_QUICK=1
   --bench-device cpu|cuda  default: cuda when available                         FUSED_FPN_BENCH_DEVICE
   --bench-results-dir DIR  default: benchmarks/results                          FUSED_FPN_BENCH_RESULTS_DIR

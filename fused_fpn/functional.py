@@ -53,8 +53,8 @@ def lateral(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] 
     channels_last), cpu and cuda run ATen's conv2d (nothing to gather).
 
     Args:
-        x:      [N, Cin, H, W], NCHW or channels_last (any strides; never copied as a whole: see README
-                for the cpu backend's NCHW tiles).
+        x:      [N, Cin, H, W], NCHW or channels_last (any strides; the fused backends never copy it as a
+                whole: see README for the cpu backend's NCHW tiles; "torch" is ATen's conv2d).
         weight: [Cout, Cin] or [Cout, Cin, 1, 1].
         bias:   [Cout] or None.
         top:    [N, Cout, Ht, Wt] or None; any Ht, Wt (nearest up- or down-sampling, ATen's index rule).
