@@ -223,7 +223,9 @@ def _launch(kernel, grid, args, meta):
             launcher = wrap_triton(kernel)
             seen = (kernel, _launch_variant(meta))
             if launcher is kernel:
-                _refuse_first_launch_in_capture(seen, lambda: getattr(kernel, "__name__", "kernel"))
+                what = lambda: getattr(kernel, "__name__", "kernel")   # noqa: E731
+                _refuse_first_launch_in_capture(seen, what)
+                _refuse_unloaded_binary_in_capture(kernel, args, meta, what)
             launcher[grid](*args, **meta)
             if launcher is kernel:
                 _TUNED.add(seen)
@@ -237,12 +239,15 @@ def _launch(kernel, grid, args, meta):
 # Set FAST_LAUNCH = False to go through Autotuner.run at every call (benchmarks/launch_overhead.py
 # times both).
 FAST_LAUNCH = True
-_CHOSEN = {}   # (autotuner, key, constexpr flags) -> the chosen config's launch kwargs (BLOCK_*, num_warps, ...)
 # What was launched eagerly at least once (tuned, and its kernel loaded): (autotuner, key, variant)
 # or (kernel, variant), the variant being the launch's constexpr flags and the current device. A
-# launch not in it raises inside a CUDA-graph capture. Not covered: triton's own specialization of
-# the integer and pointer arguments (divisibility by 16), which may still compile a new binary.
+# launch not in it raises inside a CUDA-graph capture; so does one whose binary, specialized by
+# triton on its integer and pointer arguments, is not loaded (_refuse_unloaded_binary_in_capture).
 _TUNED = set()
+_CHOSEN = {}   # (autotuner, key, variant) of _TUNED -> the chosen config's launch kwargs (BLOCK_*, num_warps, ...)
+# (autotuner, key) pairs the autotuner has chosen a config for: it does not benchmark them again (its
+# cache ignores the constexpr flags and the device), so their configs are not all compiled again.
+_TUNED_KEYS = set()
 
 
 def _capturing() -> bool:
@@ -250,11 +255,16 @@ def _capturing() -> bool:
     return torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
 
 
+def _device_index() -> int:
+    """The current CUDA device's index (the launch's: the launchers run on their tensors' device),
+    or -1 without CUDA."""
+    return torch.cuda.current_device() if torch.cuda.is_available() else -1
+
+
 def _launch_variant(meta: dict):
     """The constexpr flags of a launch (HAS_BIAS, X_FLAT, ...) and the current device: what, with the
-    autotune key, selects a compiled binary."""
-    index = torch.cuda.current_device() if torch.cuda.is_available() else -1
-    return tuple(sorted(meta.items())), index
+    autotune key, selects a compiled binary, loaded on that device."""
+    return tuple(meta.items()), _device_index()   # (each launcher builds its meta in one order)
 
 
 def _refuse_first_launch_in_capture(seen, what) -> None:
@@ -265,6 +275,25 @@ def _refuse_first_launch_in_capture(seen, what) -> None:
             f"fused_fpn triton backend: the first call for this shape ({what()}) is inside a CUDA-graph capture, "
             f"where its kernel can be neither autotuned (timing synchronizes) nor loaded. Run the same call "
             f"once before the capture (the usual warm-up), or capture backend='cuda'.")
+
+
+def _refuse_unloaded_binary_in_capture(fn, args, meta, what) -> None:
+    """While the current stream is capturing: RuntimeError, naming ``what()``, when the binary that
+    ``fn[grid](*args, **meta)`` would launch (``fn`` a JIT function) is not loaded on this device. triton
+    specializes a binary on its integer and pointer arguments too (a size or stride of 1 or a multiple
+    of 16, a 16-byte aligned pointer), so a captured call whose tensors differ in these from the
+    warm-up's needs its own binary: compiling it is host work (done here, and kept for the next call),
+    loading it is not allowed in a capture (CUDA's "operation not permitted when stream is capturing")."""
+    if not _capturing():
+        return
+    kernel = fn.run(*args, grid=None, warmup=True, **meta)
+    if getattr(kernel, "module", True) is None:   # triton loads a compiled binary at its first launch
+        raise RuntimeError(
+            f"fused_fpn triton backend: this call ({what()}) is inside a CUDA-graph capture and needs a kernel "
+            f"binary that no call before the capture loaded: its tensors' sizes, strides or data pointers differ "
+            f"from the warm-up's where triton specializes (a size or stride of 1 or a multiple of 16, a 16-byte "
+            f"aligned pointer). Warm up with tensors of the captured call's sizes, strides and alignment, or "
+            f"capture backend='cuda'.")
 
 
 @contextlib.contextmanager
@@ -290,26 +319,29 @@ def _launch_autotuned(tuner, grid, args, meta, key):
     with _LAUNCH_LOCK:
         from torch.library import wrap_triton
         launcher = wrap_triton(tuner)
-        # the chosen config per key, launched directly only for constexpr flags launched before: a new
-        # flag set (HAS_TOP, PIX_ALIGN, ...) compiles a new binary, which inside a capture must raise
-        fast = (tuner, key, tuple(meta.items()))
-        chosen = _CHOSEN.get(fast) if FAST_LAUNCH and launcher is tuner else None
-        if chosen is not None:
-            tuner.fn.run(*args, grid=grid, warmup=False, **meta, **chosen)
-            _note_choice(tuner, key, chosen)
-            return
+        # the chosen config per key, launched directly only for constexpr flags launched before on this
+        # device: a new flag set (HAS_TOP, PIX_ALIGN, ...) compiles a new binary, and a new device loads
+        # one, which inside a capture must raise
         seen = (tuner, key, _launch_variant(meta))
+        chosen = _CHOSEN.get(seen) if launcher is tuner else None
+        if chosen is not None:   # (the autotuner would launch the same config)
+            _refuse_unloaded_binary_in_capture(tuner.fn, args, {**meta, **chosen}, lambda: describe_key(tuner, key))
+            if FAST_LAUNCH:
+                tuner.fn.run(*args, grid=grid, warmup=False, **meta, **chosen)
+                _note_choice(tuner, key, chosen)
+                return
         if launcher is tuner:
             _refuse_first_launch_in_capture(seen, lambda: describe_key(tuner, key))
-            if seen not in _TUNED:
+            if (tuner, key) not in _TUNED_KEYS:   # the autotuner will benchmark every config
                 compile_configs_in_parallel(tuner, grid, args, meta)
         launcher[grid](*args, **meta)
         if launcher is tuner:
             _TUNED.add(seen)
+            _TUNED_KEYS.add((tuner, key))
             config = tuner.best_config   # set by this call's Autotuner.run (we hold the lock)
             kwargs = config.all_kwargs()
             if config.pre_hook is None:
-                _CHOSEN[fast] = kwargs
+                _CHOSEN[seen] = kwargs
             _note_choice(tuner, key, kwargs)
 
 

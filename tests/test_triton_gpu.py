@@ -208,6 +208,39 @@ def test_first_call_of_a_shape_inside_a_capture_raises_a_clear_error():
     assert torch.equal(y, fwd(x, w, None, None))
 
 
+def test_a_capture_needing_a_binary_the_warm_up_did_not_load_raises_a_clear_error():
+    """triton specializes a binary on its pointers' 16-byte alignment too. Warmed up with an aligned x,
+    a capture of the same call with x one element off 16 bytes (same shape, strides and tuning key)
+    needs a binary that no call loaded: a RuntimeError says so before anything is launched (not
+    CUDA's "operation not permitted when stream is capturing"), and after an eager call with such an
+    x the capture replays."""
+    _require_backend()
+    fwd, _ = fb.get_backend("triton").ops()
+    g = torch.Generator().manual_seed(4)
+    # Cout 56 / Cin 40, channels_last: a key no other test of this module tunes
+    x = torch.randn((1, 40, 13, 11), generator=g).to("cuda", torch.float16).contiguous(memory_format=torch.channels_last)
+    w = (torch.randn((56, 40), generator=g) / 8).to("cuda", torch.float16)
+    buf = torch.empty(x.numel() + 1, device="cuda", dtype=torch.float16)
+    x_off = buf[1:].view(1, 13, 11, 40).permute(0, 3, 1, 2)   # channels_last, 2 bytes past 16-byte alignment
+    x_off.copy_(x)
+    assert x_off.stride() == x.stride() and x_off.data_ptr() % 16 == 2
+    want = fwd(x, w, None, None)   # the warm-up, aligned
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with pytest.raises(RuntimeError, match="needs a kernel binary that no call before the capture loaded"):
+        with torch.cuda.graph(graph):
+            fwd(x_off, w, None, None)
+    assert torch.equal(fwd(x_off, w, None, None), want)   # eager: compiles and loads that binary
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        y = fwd(x_off, w, None, None)
+    x_off.copy_(torch.randn(x.shape, generator=g).to("cuda", torch.float16))
+    graph.replay()
+    torch.cuda.synchronize()
+    assert torch.equal(y, fwd(x_off, w, None, None))
+
+
 def test_more_than_2_to_31_elements():
     """x and out have 2^31 + 2^24 elements: every offset into them must be 64-bit."""
     _require_backend()

@@ -12,6 +12,7 @@ import os
 import subprocess
 import sys
 from collections import OrderedDict
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -527,8 +528,11 @@ def test_autotuned_launches_reuse_the_chosen_config_without_the_autotuner(monkey
     through triton's Autotuner.run, which tunes; later launches of that key run the JIT function
     itself with the config the autotuner chose (same kwargs, same result). A new key goes through the
     autotuner again, and so does every call with FAST_LAUNCH off or while torch.compile traces the
-    op (wrap_triton returns a wrapper, which must get the autotuner). Runs the compiled-kernel branch:
-    on an interpreted kernel here, on a compiled one on a GPU."""
+    op (wrap_triton returns a wrapper, which must get the autotuner). A tuned key launched with new
+    constexpr flags, or on another device, goes through the autotuner (a new binary, or one not loaded
+    there) but does not compile all its configs again (the autotuner does not benchmark a key it has
+    tuned); inside a CUDA-graph capture it raises. Runs the compiled-kernel branch: on an interpreted
+    kernel here, on a compiled one on a GPU."""
     import triton
     import triton.language as tl
 
@@ -536,10 +540,10 @@ def test_autotuned_launches_reuse_the_chosen_config_without_the_autotuner(monkey
     from fused_fpn.kernels import lateral_launch as L
 
     @triton.jit
-    def _scale(src, dst, n, factor, BLOCK: tl.constexpr):
+    def _scale(src, dst, n, factor, BLOCK: tl.constexpr, SHIFT: tl.constexpr = 0):
         offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
         mask = offs < n
-        tl.store(dst + offs, tl.load(src + offs, mask=mask) * factor, mask=mask)
+        tl.store(dst + offs, tl.load(src + offs, mask=mask) * factor + SHIFT, mask=mask)
 
     timings = iter([])
 
@@ -550,14 +554,19 @@ def test_autotuned_launches_reuse_the_chosen_config_without_the_autotuner(monkey
 
     tuner = triton.autotune(configs=[triton.Config({"BLOCK": 16}), triton.Config({"BLOCK": 32}, num_warps=2)],
                             key=["n"], do_bench=do_bench)(_scale)
-    calls = {"autotuner": 0, "jit": [], "precompile": 0}
+    calls = {"autotuner": 0, "jit": [], "precompile": 0, "warmups": 0}
     autotuner_run, jit_run = tuner.run, tuner.fn.run
 
     def spy_autotuner(*args, **kwargs):
         calls["autotuner"] += 1
         return autotuner_run(*args, **kwargs)
 
+    loaded = {"binary": True}   # what a compile-only run (warmup=True) finds: a loaded binary or not
+
     def spy_jit(*args, **kwargs):
+        if kwargs.get("warmup"):   # (the interpreter compiles nothing: a GPU's JIT returns the binary)
+            calls["warmups"] += 1
+            return SimpleNamespace(module=object() if loaded["binary"] else None)
         calls["jit"].append({k: v for k, v in kwargs.items() if k not in ("grid", "warmup")})
         return jit_run(*args, **kwargs)
 
@@ -566,6 +575,9 @@ def test_autotuned_launches_reuse_the_chosen_config_without_the_autotuner(monkey
     monkeypatch.setattr(L, "interpreting", lambda: False)   # the compiled-kernel branch
     monkeypatch.setattr(L, "_CHOSEN", {})
     monkeypatch.setattr(L, "_TUNED", set())
+    monkeypatch.setattr(L, "_TUNED_KEYS", set())
+    device = {"index": -1}
+    monkeypatch.setattr(L, "_device_index", lambda: device["index"])
 
     compile_in_parallel = L.compile_configs_in_parallel
 
@@ -575,19 +587,21 @@ def test_autotuned_launches_reuse_the_chosen_config_without_the_autotuner(monkey
 
     monkeypatch.setattr(L, "compile_configs_in_parallel", spy_precompile)
 
-    def launch(n, expect_autotuner, expect_precompile=None):
-        """Launch; the autotuner runs iff ``expect_autotuner``, and the configs are compiled on threads
-        before it iff ``expect_precompile`` (default: as the autotuner; only a key's first launch)."""
+    def launch(n, expect_autotuner, expect_precompile=None, shift=0, key=None):
+        """Launch (SHIFT=shift if given); the autotuner runs iff ``expect_autotuner``, and the configs are
+        compiled on threads before it iff ``expect_precompile`` (default: as the autotuner)."""
         nonlocal timings
         timings = iter([2.0, 1.0])
         before, calls["jit"], precompiled = calls["autotuner"], [], calls["precompile"]
         src = torch.arange(n, dtype=torch.float32, device=DEVICE)
         dst = torch.full((n,), float("nan"), device=DEVICE)
+        meta = {"SHIFT": shift} if shift else {}
         # as the op's body launches (outside it wrap_triton wraps the autotuner, with torch 2.11 and 2.14
         # alike, and the fast path never runs; torch 2.11 even fails on an autotuner of interpreted kernels)
         with L.as_in_the_op_body():
-            L._launch_autotuned(tuner, lambda meta: (triton.cdiv(n, meta["BLOCK"]),), (src, dst, n, 2.0), {}, (n,))
-        assert torch.equal(dst, 2.0 * src)
+            L._launch_autotuned(tuner, lambda meta: (triton.cdiv(n, meta["BLOCK"]),), (src, dst, n, 2.0), meta,
+                                key or (n,))
+        assert torch.equal(dst, 2.0 * src + shift)
         assert calls["autotuner"] - before == int(expect_autotuner)
         expect = expect_autotuner if expect_precompile is None else expect_precompile
         assert calls["precompile"] - precompiled == int(expect)
@@ -603,6 +617,28 @@ def test_autotuned_launches_reuse_the_chosen_config_without_the_autotuner(monkey
     monkeypatch.setattr(L, "FAST_LAUNCH", False)
     launch(40, expect_autotuner=True, expect_precompile=False)   # switched off: Autotuner.run every call
     monkeypatch.setattr(L, "FAST_LAUNCH", True)
+    # new constexpr flags for a tuned key: the autotuner launches its choice (a new binary), no tuning
+    # and no compiling of every config; then the fast path for those flags too
+    shifted = launch(40, expect_autotuner=True, expect_precompile=False, shift=3)
+    assert {k: shifted[k] for k in winner} == winner
+    launch(40, expect_autotuner=False, shift=3)
+    # a second GPU: a key launched on device 0 (here -1) is not loaded on device 1, so the first call
+    # there goes through the autotuner (its cached choice: nothing tuned or compiled again) and inside
+    # a capture raises; later calls there take the fast path
+    key30 = (K.tune_key(30, True, True, True), 8, 4, torch.float32)
+    launch(30, expect_autotuner=True, key=key30)
+    device["index"] = 1
+    monkeypatch.setattr(L, "_capturing", lambda: True)
+    for fast_launch in (True, False):
+        monkeypatch.setattr(L, "FAST_LAUNCH", fast_launch)
+        with L.as_in_the_op_body(), pytest.raises(RuntimeError, match="first call for this shape"):
+            L._launch_autotuned(tuner, lambda meta: (3,), (torch.zeros(30), torch.zeros(30), 30, 2.0), {}, key30)
+    monkeypatch.setattr(L, "FAST_LAUNCH", True)
+    monkeypatch.setattr(L, "_capturing", lambda: False)
+    on_device_1 = launch(30, expect_autotuner=True, expect_precompile=False, key=key30)
+    assert {k: on_device_1[k] for k in winner} == winner
+    launch(30, expect_autotuner=False, key=key30)
+    device["index"] = -1
 
     # inside a CUDA-graph capture: a key launched before runs as before (fast path, or the autotuner's
     # cached choice with FAST_LAUNCH off); a new key raises before anything is tuned or launched
@@ -636,6 +672,32 @@ def test_autotuned_launches_reuse_the_chosen_config_without_the_autotuner(monkey
             L._launch_autotuned(tuner, grid40, (src, dst, 40, 2.0), {"EXTRA_FLAG": True}, key)
     monkeypatch.setattr(L, "FAST_LAUNCH", True)
     assert not dst.any()
+    # a launch made before whose binary is not loaded (triton specializes on sizes, strides and pointer
+    # alignment): raises inside a capture, autotuned (fast path or not) and fixed-config alike
+    loaded["binary"] = False
+    unloaded = "needs a kernel binary that no call before the capture loaded"
+    for fast_launch in (True, False):
+        monkeypatch.setattr(L, "FAST_LAUNCH", fast_launch)
+        warmups = calls["warmups"]
+        with L.as_in_the_op_body(), pytest.raises(RuntimeError, match=unloaded):
+            L._launch_autotuned(tuner, grid40, (src, dst, 40, 2.0), {}, key)
+        assert calls["warmups"] == warmups + 1
+    monkeypatch.setattr(L, "FAST_LAUNCH", True)
+    with monkeypatch.context() as m:
+        m.setattr(torch.library, "wrap_triton", lambda kernel: kernel)
+        m.setattr(L, "_capturing", lambda: False)
+        L._launch(_scale, (5,), (src, dst, 70, 2.0), {"BLOCK": 16})   # before the capture
+        dst.zero_()
+        with pytest.raises(RuntimeError, match=r"this call \(_scale\) is inside a CUDA-graph capture and " + unloaded):
+            m.setattr(L, "_capturing", lambda: True)
+            L._launch(_scale, (5,), (src, dst, 70, 2.0), {"BLOCK": 16})
+        loaded["binary"] = True   # loaded: the captured calls run
+        L._launch(_scale, (5,), (src, dst, 70, 2.0), {"BLOCK": 16})
+        assert torch.equal(dst, 2.0 * src)
+    dst.zero_()
+    with L.as_in_the_op_body():
+        L._launch_autotuned(tuner, grid40, (src, dst, 40, 2.0), {}, key)
+    assert torch.equal(dst[:40], 2.0 * src[:40]) and not dst[40:].any()
     monkeypatch.setattr(L, "_capturing", lambda: False)
 
     wrapped = []

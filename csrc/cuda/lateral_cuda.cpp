@@ -37,11 +37,12 @@ bool aligned16(const void* ptr) { return reinterpret_cast<std::uintptr_t>(ptr) %
 bool divisible(int64_t v, int64_t by) { return v % by == 0; }
 
 int multiprocessor_count(int device) {
-  static std::atomic<int> cache[64];  // zero-initialized (static storage): 0 = not queried yet
-  int v = cache[device & 63].load(std::memory_order_relaxed);
+  constexpr int kCached = 64;         // devices 0..63 are cached; a higher index is queried each call
+  static std::atomic<int> cache[kCached];  // zero-initialized (static storage): 0 = not queried yet
+  int v = device < kCached ? cache[device].load(std::memory_order_relaxed) : 0;
   if (v == 0) {
     C10_CUDA_CHECK(cudaDeviceGetAttribute(&v, cudaDevAttrMultiProcessorCount, device));
-    cache[device & 63].store(v, std::memory_order_relaxed);
+    if (device < kCached) cache[device].store(v, std::memory_order_relaxed);
   }
   return v;
 }

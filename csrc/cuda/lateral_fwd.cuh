@@ -692,11 +692,12 @@ template <typename T, typename Math, typename Layout, bool kHasBias, bool kHasTo
 void launch_lateral_fwd(const LateralFwdParams& p, cudaStream_t stream) {
   using Cfg = FwdTile<T, Math, Layout>;
   auto kernel = lateral_fwd_kernel<T, Math, Layout, kHasBias, kHasTop>;
-  // Dynamic shared memory above 48 KiB needs an opt-in, once per device and instantiation.
+  // Dynamic shared memory above 48 KiB needs an opt-in, once per device and instantiation (one bit
+  // per device 0..63; a device of a higher index opts in on every launch, which is also correct).
   static std::atomic<uint64_t> configured{0};
   int device = 0;
   C10_CUDA_CHECK(cudaGetDevice(&device));
-  const uint64_t bit = uint64_t{1} << (device & 63);
+  const uint64_t bit = device < 64 ? uint64_t{1} << device : 0;
   if (!(configured.load(std::memory_order_relaxed) & bit)) {
     C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, Cfg::kSmemBytes));
     configured.fetch_or(bit, std::memory_order_relaxed);
