@@ -110,6 +110,24 @@ def eager_lateral(x, weight, bias=None, top=None):
     return y
 
 
+def eager_lateral_any_size(x, weight, bias=None, top=None):
+    """eager_lateral, independent of the reference, also where ATen's conv2d does not take the sizes
+    (Cin, Cout, H or W == 0: it returns a wrong shape or raises): there the closed form, bias +
+    F.interpolate(top) (a sum over no input channels), with every input in the autograd graph (its
+    gradients zero where the output does not depend on it)."""
+    import torch.nn.functional as F
+    n, cin, h, w = x.shape
+    cout = weight.shape[0]
+    if min(cin, cout, h, w) > 0:
+        return eager_lateral(x, weight, bias, top)
+    y = x.new_zeros((n, cout, h, w)) + 0 * (x.sum() + weight.sum())
+    if bias is not None:
+        y = y + bias.view(1, -1, 1, 1)
+    if top is not None:
+        y = y + (F.interpolate(top, size=(h, w), mode="nearest") if y.numel() else 0 * top.sum())
+    return y
+
+
 def make_lateral_case(n, cin, cout, hw, top_hw, dtype, device, layout, with_bias=True, with_top=True, seed=0):
     """(x, weight [Cout, Cin], bias, top) with unit-scale outputs (weight ~ 1/sqrt(Cin))."""
     g = torch.Generator().manual_seed(seed)

@@ -18,6 +18,7 @@ the launcher's GPU code path with an interpreted kernel.
 from __future__ import annotations
 
 import threading
+import time
 
 import pytest
 import torch
@@ -178,10 +179,13 @@ def test_threads_running_fpn_modules_at_once(device):
 @pytest.mark.skipif("triton" not in fused_fpn.available_backends("cpu"), reason="Triton interpreter not active")
 def test_triton_interpreter_threads():
     """Interpreted Triton launches from 3 threads at once (serialized by the launcher's lock) give the
-    single-threaded results bit for bit, forward and backward."""
+    single-threaded results bit for bit, forward and backward, over several rounds whose calls are in
+    flight at the same time (asserted: without the lock the interpreter's module-wide patching breaks
+    the launches of the other threads)."""
     g = torch.Generator().manual_seed(11)
     cases = [(torch.randn(1, 5, 6, 7, generator=g), torch.randn(4, 5, generator=g), torch.randn(4, generator=g),
               torch.randn(1, 4, 3, 4, generator=g)) for _ in range(3)]
+    rounds = 4
 
     def run(case):
         x, w, b, t = [v.clone().requires_grad_() for v in case]
@@ -189,16 +193,21 @@ def test_triton_interpreter_threads():
         y.sum().backward()
         return [y.detach()] + [v.grad for v in (x, w, b, t)]
 
-    results = [None] * len(cases)
+    results = [[None] * rounds for _ in cases]
+    spans = [[None] * rounds for _ in cases]   # (start, end) of each call
     errors = []
     barrier = threading.Barrier(len(cases))
 
     def worker(i):
         try:
-            barrier.wait()
-            results[i] = run(cases[i])
+            for r in range(rounds):
+                barrier.wait()
+                start = time.perf_counter()
+                results[i][r] = run(cases[i])
+                spans[i][r] = (start, time.perf_counter())
         except Exception as exc:  # noqa: BLE001 - reported below
             errors.append(repr(exc))
+            barrier.abort()
 
     threads = [threading.Thread(target=worker, args=(i,)) for i in range(len(cases))]
     for th in threads:
@@ -206,9 +215,14 @@ def test_triton_interpreter_threads():
     for th in threads:
         th.join(JOIN_TIMEOUT_S)
     assert not errors, errors
+    overlapping = [r for r in range(rounds)
+                   if max(spans[i][r][0] for i in range(len(cases))) < min(spans[i][r][1] for i in range(len(cases)))]
+    assert overlapping, f"no round had the threads' calls in flight at once: {spans}"
     for i, case in enumerate(cases):
-        for got, expected in zip(results[i], run(case)):
-            assert torch.equal(got, expected)
+        expected = run(case)
+        for r in range(rounds):
+            for got, want in zip(results[i][r], expected):
+                assert torch.equal(got, want), f"thread {i} round {r} differs"
 
 
 @pytest.mark.skipif("triton" not in fused_fpn.available_backends("cpu"), reason="Triton interpreter not active")

@@ -23,8 +23,8 @@ import torch
 
 import fused_fpn
 from fused_fpn._layout import output_memory_format
-from fpn_testing import (DEVICES, TOLERANCES, backend_supports, eager_lateral, gradient_penalty_grads, make_input,
-                         to64)
+from fpn_testing import (DEVICES, TOLERANCES, backend_supports, eager_lateral, eager_lateral_any_size,
+                         gradient_penalty_grads, make_input, to64)
 
 GRAD_NAMES = ("x", "weight", "bias", "top")
 
@@ -72,24 +72,31 @@ def _leaves(*ts, requires=(True, True, True, True)):
 
 def _check_fwd_bwd(backend, inputs, dtype=torch.float32, dy_seed=5):
     """lateral(*inputs) and its gradients (of the inputs that require grad) against the float64
-    reference autograd on the same inputs; returns the output."""
+    reference autograd on the same inputs, the reference itself checked against eager's float64
+    computation (eager_lateral_any_size: the "torch" backend is the reference); returns the output."""
     out = fused_fpn.lateral(*inputs, backend=backend)
     refs = [None if t is None else t.detach().double().requires_grad_(t.requires_grad) for t in inputs]
     ref = fused_fpn.lateral_reference(*refs)
+    eagers = [None if t is None else t.detach().double().requires_grad_(t.requires_grad) for t in inputs]
+    eager = eager_lateral_any_size(*eagers)
     atol, rtol = TOLERANCES[dtype]
-    assert out.shape == ref.shape and out.dtype == dtype
+    assert out.shape == ref.shape == eager.shape and out.dtype == dtype
     assert not torch.isnan(out).any(), "output has NaN: an element was not written"
+    torch.testing.assert_close(ref.detach(), eager.detach(), atol=1e-12, rtol=1e-12, msg=lambda m: f"reference vs eager: {m}")
     torch.testing.assert_close(out.detach().double(), ref.detach(), atol=atol, rtol=rtol)
     if not out.requires_grad:
         return out
     dy = torch.randn(out.shape, generator=_gen(dy_seed)).to(out.device, dtype)
     out.backward(dy)
     ref.backward(dy.double())
-    for name, t, r in zip(GRAD_NAMES, inputs, refs):
+    eager.backward(dy.double())
+    for name, t, r, e in zip(GRAD_NAMES, inputs, refs, eagers):
         if t is None or not t.requires_grad:
             continue
         assert t.grad is not None, f"grad of {name} missing"
         assert t.grad.shape == t.shape, f"grad of {name}: shape {tuple(t.grad.shape)}"
+        torch.testing.assert_close(r.grad, e.grad, atol=1e-12, rtol=1e-12,
+                                   msg=lambda m, name=name: f"grad of {name}, reference vs eager: {m}")
         scale = max(1.0, r.grad.abs().max().item()) if r.grad.numel() else 1.0
         torch.testing.assert_close(t.grad.double(), r.grad, atol=atol * scale, rtol=rtol,
                                    msg=lambda m, name=name: f"grad of {name}: {m}")
@@ -400,7 +407,13 @@ def test_forward_mode_and_double_backward_on_degenerate_sizes(device, backend, w
 
     got = tangent_and_penalty_grads(lambda *a: fused_fpn.lateral(*a, backend=backend), primals, tangents)
     want = tangent_and_penalty_grads(fused_fpn.lateral_reference, to64(*primals), to64(*tangents))
+    eager = tangent_and_penalty_grads(eager_lateral_any_size, to64(*primals), to64(*tangents))
     names = ["tangent"] + [f"d{g}" for g in GRAD_NAMES] + [f"d2{g}" for g in GRAD_NAMES]
+    for name, r, e in zip(names, want, eager):   # the reference ("torch" backend) checked on its own
+        if r is None or e is None or not r.abs().sum() or not e.abs().sum():
+            assert (r is None or not r.abs().sum()) and (e is None or not e.abs().sum()), f"{name}: reference vs eager"
+            continue
+        torch.testing.assert_close(r, e, atol=1e-12, rtol=1e-12, msg=lambda m, name=name: f"{name}, reference vs eager: {m}")
     for name, a, r in zip(names, got, want):
         if r is None or r.numel() == 0 or not r.abs().sum():   # absent or zero: ours must be too
             assert a is None or not a.abs().sum(), name
