@@ -8,7 +8,8 @@
 #   env    nvidia-smi, versions (and, as the bench step starts, the load average and the busiest
 #          processes)                                              -> OUT_DIR/logs/env.txt
 #   build  pip install --no-build-isolation --no-deps -e . with the CUDA kernels forced
-#          (FUSED_FPN_FORCE_CUDA=1, FUSED_FPN_CUDA_ARCHS="80;90", MAX_JOBS=16)  -> OUT_DIR/logs/build.log
+#          (FUSED_FPN_FORCE_CUDA=1, FUSED_FPN_CUDA_ARCHS="80;90", MAX_JOBS=16), at most
+#          GPU_RUN_BUILD_TIMEOUT s (default 300)                  -> OUT_DIR/logs/build.log
 #   tests  python3 -m pytest tests -v (the whole suite, on the GPU)  -> OUT_DIR/logs/tests.log (a line per
 #          test as it ends), every test's outcome in OUT_DIR/logs/tests.xml (JUnit XML: which tests ran
 #          when time ran out; not written when the run is killed), and the failed ones, read off the
@@ -30,11 +31,13 @@
 #          P2,P5), clocks left alone -> OUT_DIR/ncu.txt and the summary, raw CSV in the logs;
 #          GPU_RUN_NCU_TIMEOUT s per run (default 300). ncu reads counters on the Firecracker machines
 #          only (per the lending service's notes); elsewhere the step fails and says so in logs/ncu.log
-# then OUT_DIR/summary.txt (step statuses, the overhead rows, the results table), printed last, and
-# OUT_DIR/logs.tar.gz (the logs folder, packed so that OUT_DIR holds 5 files: the device tool
-# returns at most 8).
+# then OUT_DIR/summary.txt (step statuses, the overhead rows, the results table; rewritten after
+# every step, so a run killed from outside leaves the summary of the steps it finished, beside the
+# unpacked logs/), printed last, and OUT_DIR/logs.tar.gz (the logs folder, packed so that OUT_DIR
+# holds 5 files: the device tool returns at most 8).
 #
-# Time (it must fit well under 10 minutes): the tests get GPU_RUN_TEST_TIMEOUT s (default 150;
+# Time (it must fit well under 10 minutes, a device call's limit; the defaults below add up to more
+# with the overhead step, so size them for the call): the tests get GPU_RUN_TEST_TIMEOUT s (default 150;
 # on the H200, 2026-11-30, the build took 49 s for sm_90 alone and the rows that need the GPU,
 # GPU_RUN_TEST_SELECT="(cuda or gpu) and not emulated" with GPU_RUN_PYTEST_ARGS="-n 12", got
 # three quarters through in 150 s: the first triton call of each new shape compiles every config;
@@ -42,7 +45,7 @@
 # the benchmarks get GPU_RUN_BENCH_BUDGET s (default 150: rows not started by then are reported
 # NOT-RUN, most important first: fp16 NCHW, fp16 channels_last, then bf16/fp32) and are interrupted
 # (SIGINT: the table and files are still written) GPU_RUN_BENCH_GRACE s later (default 90).
-# torch.compile(mode="max-autotune") runs on the fp16 NCHW lateral path only
+# torch.compile(mode="max-autotune-no-cudagraphs") runs on the fp16 NCHW lateral path only
 # (FUSED_FPN_BENCH_MAX_AUTOTUNE=lateral: every lateral case; =0: none).
 # GPU_RUN_BENCH_ARGS adds pytest arguments to the bench step (e.g. --bench-cases 'lateral_*').
 # GPU_RUN_PYTEST_ARGS adds pytest arguments to the test step (e.g. "-n 8", --ignore=FILE; split on
@@ -82,11 +85,32 @@ status_lines=()
 worst=0
 
 note() { echo "[gpu_run $(($(date +%s) - T0))s] $*"; }
+# summary.txt: step statuses, the failed tests, the diagnostics and the table (printed last). Written
+# after every step, so a run killed from outside (a device call's time limit) still leaves one.
+write_summary() {
+    {
+        echo "gpu_run.sh summary ($(($(date +%s) - T0)) s in all)"
+        for line in "${status_lines[@]}"; do echo "  $line"; done
+        if [ -f "$OUT/logs/tests.log" ]; then
+            echo "tests: $(tail -1 "$OUT/logs/tests.log")"
+            echo "tests that failed or errored ($(wc -l < "$OUT/logs/tests_failed.txt"), from the per-test lines):"
+            sed 's/^/  /' "$OUT/logs/tests_failed.txt"
+        fi
+        if [ -f "$OUT/overhead.tmp" ]; then echo; cat "$OUT/overhead.tmp"; fi
+        if [ -f "$OUT/breakdown.txt" ]; then echo; cat "$OUT/breakdown.txt"; fi
+        if [ -f "$OUT/ncu.txt" ]; then echo; cat "$OUT/ncu.txt"; fi
+        if [ -f "$OUT/logs/bench.log" ]; then
+            echo
+            sed -n '/fused_fpn benchmark results/,$p' "$OUT/logs/bench.log"
+        fi
+    } > "$SUMMARY"
+}
 record() {  # record STEP RC
     local msg="$1: rc=$2 after $(($(date +%s) - T0)) s"
     status_lines+=("$msg")
     note "$msg"
     if [ "$2" -ne 0 ]; then worst=1; fi
+    write_summary
 }
 want() { [[ ",$STEPS," == *",$1,"* ]]; }
 
@@ -121,7 +145,7 @@ if want build; then
         note "build: no csrc/cuda/*.cu in this tree: building without FUSED_FPN_FORCE_CUDA"
     fi
     note "build: pip install -e . (FUSED_FPN_FORCE_CUDA=$force, archs $FUSED_FPN_CUDA_ARCHS), log in logs/build.log"
-    FUSED_FPN_FORCE_CUDA=$force MAX_JOBS=${MAX_JOBS:-16} \
+    FUSED_FPN_FORCE_CUDA=$force MAX_JOBS=${MAX_JOBS:-16} timeout -k 10 "${GPU_RUN_BUILD_TIMEOUT:-300}" \
         "$PY" -m pip install --no-build-isolation --no-deps -v -e . > "$OUT/logs/build.log" 2>&1
     rc=$?
     "$PY" - >> "$OUT/logs/build.log" 2>&1 <<'EOF' || rc=1
@@ -219,22 +243,7 @@ if want ncu; then
 fi
 
 # ---- summary: statuses, then the table (printed last)
-{
-    echo "gpu_run.sh summary ($(($(date +%s) - T0)) s in all)"
-    for line in "${status_lines[@]}"; do echo "  $line"; done
-    if [ -f "$OUT/logs/tests.log" ]; then
-        echo "tests: $(tail -1 "$OUT/logs/tests.log")"
-        echo "tests that failed or errored ($(wc -l < "$OUT/logs/tests_failed.txt"), from the per-test lines):"
-        sed 's/^/  /' "$OUT/logs/tests_failed.txt"
-    fi
-    if [ -f "$OUT/overhead.tmp" ]; then echo; cat "$OUT/overhead.tmp"; fi
-    if [ -f "$OUT/breakdown.txt" ]; then echo; cat "$OUT/breakdown.txt"; fi
-    if [ -f "$OUT/ncu.txt" ]; then echo; cat "$OUT/ncu.txt"; fi
-    if [ -f "$OUT/logs/bench.log" ]; then
-        echo
-        sed -n '/fused_fpn benchmark results/,$p' "$OUT/logs/bench.log"
-    fi
-} > "$SUMMARY"
+write_summary
 rm -f "$OUT/overhead.tmp"
 tar czf "$OUT/logs.tar.gz" -C "$OUT" logs && rm -rf "$OUT/logs"
 cat "$SUMMARY"

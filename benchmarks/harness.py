@@ -6,7 +6,9 @@ among several sets, and the eager torchvision result) run by one *provider*:
     eager                  torchvision's own code (the reference): ``FeaturePyramidNetwork``, or for
                            the lateral op conv1x1 + F.interpolate(nearest, size) + add
     compile                torch.compile of the same torchvision code (default mode)
-    compile-max-autotune   torch.compile(mode="max-autotune") (GPU only; see MAX_AUTOTUNE_ENV)
+    compile-max-autotune   torch.compile(mode="max-autotune-no-cudagraphs") (GPU only; see MAX_AUTOTUNE_ENV):
+                           max-autotune's kernels without its CUDA graphs, whose replays copy every
+                           input into the graph's buffers (a copy of the inputs per call)
     fused-<backend>        fused_fpn with backend=<backend>, for every backend that runs on the device
                            (``fused_fpn.available_backends(device)``; "triton" is left out on CPU, where
                            it is only the interpreter)
@@ -41,6 +43,7 @@ import json
 import math
 import os
 import platform
+import random
 import re
 import statistics
 import time
@@ -528,6 +531,19 @@ def _sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
+def round_orders(names: Sequence[str], reps: int, seed: int = 0) -> List[List[str]]:
+    """The providers' call order in each of ``reps`` rounds: a fresh shuffle per round (seeded, so a
+    run is repeatable). A fixed cyclic order would put the same provider before each one in most rounds,
+    and what a call leaves behind (a busy GPU, the cache's contents) would then bias its successor."""
+    rng = random.Random(seed)
+    orders = []
+    for _ in range(reps):
+        order = list(names)
+        rng.shuffle(order)
+        orders.append(order)
+    return orders
+
+
 def _reps_for(one_call_s: float, t: TimingConfig) -> int:
     if t.target_s <= 0 or one_call_s <= 0:
         return t.min_reps
@@ -538,11 +554,13 @@ def time_interleaved(fns: Dict[str, Callable], input_sets: Sequence[tuple], devi
                      t: TimingConfig, graphs: Optional[bool] = None) -> Dict[str, Timing]:
     """Time several providers of one workload, interleaved call by call.
 
-    Each provider is warmed up, then every round calls each provider once (the order rotates from
-    round to round), so a slow drift of the machine (other processes on a shared CPU, GPU clocks)
-    hits every provider alike instead of whichever ran last. Inputs rotate among the k sets by a
+    Each provider is warmed up, then every round calls each provider once (in a shuffled order each
+    round: ``round_orders``), so a slow drift of the machine (other processes on a shared CPU, GPU
+    clocks) hits every provider alike instead of whichever ran last. Inputs rotate among the k sets by a
     global call counter, so no call reads the inputs the previous call just pulled into the cache.
-    GPU: a pair of CUDA events around each call, one synchronize at the end; CPU: perf_counter.
+    GPU: a synchronize, then a pair of CUDA events around the call (its time from an idle GPU, the
+    host's launch overhead included: without the synchronize a call issued while the previous one's
+    kernels still run would hide its own launch); CPU: perf_counter.
     The number of rounds is set from one timed call per provider (the median of them) and ``t``.
     ``graphs``: time CUDA-graph replays (default: ``cuda_graph_timing()``, the environment's choice).
     """
@@ -566,31 +584,30 @@ def time_interleaved(fns: Dict[str, Callable], input_sets: Sequence[tuple], devi
         events = {n: [] for n in names}
         pool = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True))
                 for _ in range(reps * len(names))]
-        for r in range(reps):
-            for j in range(len(names)):
-                name = names[(r + j) % len(names)]
+        for order in round_orders(names, reps):
+            for name in order:
                 args = input_sets[calls % k]
                 start, end = pool[calls]
                 calls += 1
+                torch.cuda.synchronize()
                 start.record()
                 fns[name](*args)
                 end.record()
                 events[name].append((start, end))
         torch.cuda.synchronize()
         samples = {n: [s.elapsed_time(e) * 1e-3 for s, e in events[n]] for n in names}
-        method = "CUDA events per call"
+        method = "CUDA events per call from an idle GPU"
     else:
         samples = {n: [] for n in names}
-        for r in range(reps):
-            for j in range(len(names)):
-                name = names[(r + j) % len(names)]
+        for order in round_orders(names, reps):
+            for name in order:
                 args = input_sets[calls % k]
                 calls += 1
                 t0 = time.perf_counter()
                 fns[name](*args)
                 samples[name].append(time.perf_counter() - t0)
         method = "time.perf_counter per call"
-    how = f"{method}, providers interleaved, inputs rotated" if len(names) > 1 else f"{method}, inputs rotated"
+    how = f"{method}, providers interleaved (shuffled), inputs rotated" if len(names) > 1 else f"{method}, inputs rotated"
     return {n: summarize(samples[n], how) for n in names}
 
 
@@ -598,6 +615,9 @@ def cuda_graph_timing() -> bool:
     """FUSED_FPN_BENCH_CUDA_GRAPHS=1: time CUDA-graph replays of each call (kernel time without the
     host's launch overhead) instead of eager calls."""
     return os.environ.get("FUSED_FPN_BENCH_CUDA_GRAPHS", "0").strip().lower() in ("1", "true", "yes", "on")
+
+
+GRAPH_REPLAY_METHOD = "CUDA-graph replay per call"   # how a graph-replay row's timing_method begins
 
 
 def _time_graph_replays(fns: Dict[str, Callable], input_sets: Sequence[tuple], reps: int) -> Dict[str, Timing]:
@@ -626,12 +646,13 @@ def _time_graph_replays(fns: Dict[str, Callable], input_sets: Sequence[tuple], r
             graphs.pop(name, None)
     events = {n: [] for n in names}
     calls = 0
-    for r in range(reps):
-        for j in range(len(names)):
-            name = names[(r + j) % len(names)]
+    for order in round_orders(names, reps):
+        for name in order:
             start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
             idx = calls % k
             calls += 1
+            if name not in graphs:   # timed as in time_interleaved: from an idle GPU
+                torch.cuda.synchronize()
             start.record()
             if name in graphs:
                 graphs[name][idx][0].replay()
@@ -642,8 +663,9 @@ def _time_graph_replays(fns: Dict[str, Callable], input_sets: Sequence[tuple], r
     torch.cuda.synchronize()
     out = {}
     for n in names:
-        how = ("CUDA-graph replay per call, CUDA events" if n in graphs
-               else "CUDA events per eager call (graph capture failed)") + ", providers interleaved, inputs rotated"
+        how = (GRAPH_REPLAY_METHOD + ", CUDA events" if n in graphs
+               else "CUDA events per eager call from an idle GPU (graph capture failed)") + \
+            ", providers interleaved (shuffled), inputs rotated"
         out[n] = summarize([s.elapsed_time(e) * 1e-3 for s, e in events[n]], how)
     return out
 
@@ -826,7 +848,7 @@ class FusedLateralPath(nn.Module):
 
 
 def _compile(obj, provider: str):
-    mode = "max-autotune" if provider == "compile-max-autotune" else None
+    mode = "max-autotune-no-cudagraphs" if provider == "compile-max-autotune" else None
     return torch.compile(obj, mode=mode, dynamic=False)
 
 
@@ -1192,6 +1214,7 @@ class BenchRun:
         self._workload: Optional[Workload] = None
         self._workload_key = None
         self._reference: Optional[List[torch.Tensor]] = None
+        self._reference_first_call_s: Optional[float] = None
         self._ceiling: Optional[Ceiling] = None
 
     # ---- session-level pieces
@@ -1237,8 +1260,13 @@ class BenchRun:
         return [o.detach() for o in outs]
 
     def reference(self, w: Workload) -> List[torch.Tensor]:
+        """Eager's outputs on the first input set: its first call on the workload, timed
+        (``_reference_first_call_s``: eager's first_call_s, as the other providers' first calls are)."""
         if self._reference is None:
+            start = time.perf_counter()
             self._reference = self._outputs(w, w.provider_fn("eager"), w.input_sets[0])
+            _sync(self.cfg.device)
+            self._reference_first_call_s = time.perf_counter() - start
         return self._reference
 
     # ---- rows
@@ -1287,7 +1315,8 @@ class BenchRun:
                 with recording_triton_choices() as chosen:
                     outs = self._outputs(w, fn, w.input_sets[0])   # the first call also compiles (and autotunes)
                 _sync(self.cfg.device)
-                rec.first_call_s = time.perf_counter() - start
+                # eager's first call on this workload was the reference's; this one found it warm
+                rec.first_call_s = self._reference_first_call_s if p == "eager" else time.perf_counter() - start
                 rec.triton_configs = dict(chosen) or None
             except Exception as exc:  # noqa: BLE001 - reported in the row, failed by the caller
                 rec.status, rec.message = ERROR, f"{type(exc).__name__}: {exc}"
@@ -1347,21 +1376,38 @@ class BenchRun:
 # Results: speedups, table, JSON, PNG
 # --------------------------------------------------------------------------------------------
 
+MIXED_TIMING_NOTE = "timed as eager calls (graph capture failed): no ratio against graph-replayed rows"
+
+
+def _graph_replayed(r: Record) -> bool:
+    return r.timing_method.startswith(GRAPH_REPLAY_METHOD)
+
+
 def finalize(records: Sequence[Record]) -> None:
-    """Fill speedup_vs_eager / speedup_vs_compile of every timed row (same case, dtype, layout)."""
+    """Fill speedup_vs_eager / speedup_vs_compile of every timed row (same case, dtype, layout), from
+    rows timed the same way: in a graph-replay run a provider whose capture failed was timed as eager
+    calls (launch overhead included), so no ratio is given between it and a replayed row (a note says
+    why)."""
     by_key: Dict[tuple, Dict[str, Record]] = {}
     for r in records:
         by_key.setdefault(r.key, {})[r.provider] = r
+    mixed = MIXED_TIMING_NOTE
     for r in records:
         r.speedup_vs_eager = r.speedup_vs_compile = None
         if r.status != OK or r.median_ms is None:
             continue
-        eager = by_key[r.key].get("eager")
-        comp = by_key[r.key].get("compile")
-        if eager is not None and eager.status == OK and eager.median_ms:
-            r.speedup_vs_eager = eager.median_ms / r.median_ms
-        if comp is not None and comp.status == OK and comp.median_ms:
-            r.speedup_vs_compile = comp.median_ms / r.median_ms
+        if r.note == mixed:
+            r.note = ""
+        for base, field in (("eager", "speedup_vs_eager"), ("compile", "speedup_vs_compile")):
+            other = by_key[r.key].get(base)
+            if other is None or other.status != OK or not other.median_ms:
+                continue
+            if _graph_replayed(other) != _graph_replayed(r):
+                failed = other if _graph_replayed(r) else r
+                if not failed.note:
+                    failed.note = mixed
+                continue
+            setattr(r, field, other.median_ms / r.median_ms)
 
 
 def target_checks(records: Sequence[Record], device: str, quick: bool = False) -> List[Dict[str, object]]:
@@ -1547,6 +1593,8 @@ def format_table(report: Dict[str, object], markdown: bool = False) -> str:
         ratio = "n/a" if chk["ratio"] is None else f"{chk['ratio']:.2f}x"
         notes.append(f"target {chk['check']}: {ratio} (target >= {chk['target']:.2f}x: "
                      f"{'MET' if chk['met'] else 'NOT MET'})")
+    notes += [f"{r['case']} {r['dtype']} {r['layout']} {r['provider']}: {MIXED_TIMING_NOTE}"
+              for r in report["results"] if r.get("note") == MIXED_TIMING_NOTE]
     notes += triton_config_notes(report["results"])
     notes += first_call_notes(report["results"])
     for n in notes:

@@ -317,20 +317,49 @@ def test_benchmark_suite_smoke_pass(tmp_path):
             assert r["bytes_min"] > 0 and r["roofline_pct"] > 0
 
 
-def test_interleaved_timing_rotates_inputs_and_provider_order():
+def test_interleaved_timing_shuffles_provider_order_and_rotates_inputs():
     """Call order only (no time is asserted): every provider gets warm-up + the same number of timed
-    calls, the order within a round rotates, and consecutive calls never reuse one input set."""
+    calls, each round calls every provider once in the round's shuffled order (``round_orders``,
+    repeatable), each provider follows more than one other provider (a fixed cyclic order gave each
+    the same predecessor in most rounds), and consecutive calls never reuse one input set."""
     calls = []
-    fns = {name: (lambda i, name=name: calls.append((name, i))) for name in ("a", "b", "c")}
+    names = ("a", "b", "c", "d")
+    fns = {name: (lambda i, name=name: calls.append((name, i))) for name in names}
     sets = [(0,), (1,)]
-    t = harness.TimingConfig(warmup=2, min_reps=4, max_reps=4, target_s=0.0, set_bytes_cap=0, max_sets=2)
+    reps = 12
+    t = harness.TimingConfig(warmup=2, min_reps=reps, max_reps=reps, target_s=0.0, set_bytes_cap=0, max_sets=2)
     out = harness.time_interleaved(fns, sets, "cpu", t)
-    assert set(out) == {"a", "b", "c"} and all(v.n == 4 for v in out.values())
+    assert set(out) == set(names) and all(v.n == reps for v in out.values())
     assert "interleaved" in out["a"].method
-    timed = calls[3 * 2:]
-    assert [n for n, _ in timed[:3]] == ["a", "b", "c"] and [n for n, _ in timed[3:6]] == ["b", "c", "a"]
+    timed = calls[len(names) * 2:]
+    rounds = [[n for n, _ in timed[r * len(names):(r + 1) * len(names)]] for r in range(reps)]
+    assert rounds == harness.round_orders(names, reps) == harness.round_orders(names, reps)
+    assert all(sorted(order) == list(names) for order in rounds)
+    before = {n: {timed[j - 1][0] for j in range(1, len(timed)) if timed[j][0] == n} for n in names}
+    assert all(len(prev) >= 2 for prev in before.values()), before
     assert all(timed[j][1] != timed[j + 1][1] for j in range(len(timed) - 1))
-    assert sorted(n for n, _ in timed) == ["a"] * 4 + ["b"] * 4 + ["c"] * 4
+
+
+def test_speedups_only_between_rows_timed_the_same_way():
+    """In a graph-replay run a provider whose capture failed was timed as eager calls: no ratio is
+    given between it and a replayed row, and the table names it; rows timed alike get their ratios."""
+    replay = harness.GRAPH_REPLAY_METHOD + ", CUDA events, providers interleaved (shuffled), inputs rotated"
+    eager_calls = "CUDA events per eager call from an idle GPU (graph capture failed), providers interleaved"
+
+    def rec(provider, ms, method):
+        r = harness.Record("lateral_P2", "fp16", "channels_last", provider, "cuda")
+        r.median_ms, r.timing_method = ms, method
+        return r
+
+    rows = [rec("eager", 2.0, replay), rec("compile", 1.0, eager_calls), rec("fused-cuda", 0.5, replay)]
+    harness.finalize(rows)
+    eager, comp, fused = rows
+    assert fused.speedup_vs_eager == 4.0 and fused.speedup_vs_compile is None
+    assert comp.speedup_vs_eager is None and comp.speedup_vs_compile == 1.0
+    assert comp.note == harness.MIXED_TIMING_NOTE and not fused.note and not eager.note
+    comp.timing_method = replay   # timed alike: the ratios are back, the note gone
+    harness.finalize(rows)
+    assert fused.speedup_vs_compile == 2.0 and comp.speedup_vs_eager == 2.0 and not comp.note
 
 
 def test_registered_providers_of_a_workload_are_measured_together(tmp_path):
@@ -339,6 +368,8 @@ def test_registered_providers_of_a_workload_are_measured_together(tmp_path):
     run.register(specs)
     rec, once, args = run.run(specs[0])
     assert rec.status == harness.OK and "fused-torch" in run._pending  # measured in the same pass
+    # eager's first call on the workload is the reference's (the parity call after it finds it warm)
+    assert rec.first_call_s is not None and rec.first_call_s == run._reference_first_call_s
     assert "interleaved" in rec.timing_method and once is not None
     rec2, _, _ = run.run(specs[1])
     assert rec2.status == harness.OK and rec2.timing_method == rec.timing_method
