@@ -1391,12 +1391,11 @@ def finalize(records: Sequence[Record]) -> None:
     by_key: Dict[tuple, Dict[str, Record]] = {}
     for r in records:
         by_key.setdefault(r.key, {})[r.provider] = r
-    mixed = MIXED_TIMING_NOTE
     for r in records:
         r.speedup_vs_eager = r.speedup_vs_compile = None
         if r.status != OK or r.median_ms is None:
             continue
-        if r.note == mixed:
+        if r.note == MIXED_TIMING_NOTE:
             r.note = ""
         for base, field in (("eager", "speedup_vs_eager"), ("compile", "speedup_vs_compile")):
             other = by_key[r.key].get(base)
@@ -1405,7 +1404,7 @@ def finalize(records: Sequence[Record]) -> None:
             if _graph_replayed(other) != _graph_replayed(r):
                 failed = other if _graph_replayed(r) else r
                 if not failed.note:
-                    failed.note = mixed
+                    failed.note = MIXED_TIMING_NOTE
                 continue
             setattr(r, field, other.median_ms / r.median_ms)
 

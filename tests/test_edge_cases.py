@@ -75,9 +75,12 @@ def _check_fwd_bwd(backend, inputs, dtype=torch.float32, dy_seed=5):
     reference autograd on the same inputs, the reference itself checked against eager's float64
     computation (eager_lateral_any_size: the "torch" backend is the reference); returns the output."""
     out = fused_fpn.lateral(*inputs, backend=backend)
-    refs = [None if t is None else t.detach().double().requires_grad_(t.requires_grad) for t in inputs]
+
+    def leaves64():   # float64 leaves of the inputs, a fresh set per computation (their own grads)
+        return [None if t is None else t.detach().double().requires_grad_(t.requires_grad) for t in inputs]
+
+    refs, eagers = leaves64(), leaves64()
     ref = fused_fpn.lateral_reference(*refs)
-    eagers = [None if t is None else t.detach().double().requires_grad_(t.requires_grad) for t in inputs]
     eager = eager_lateral_any_size(*eagers)
     atol, rtol = TOLERANCES[dtype]
     assert out.shape == ref.shape == eager.shape and out.dtype == dtype

@@ -183,6 +183,19 @@ def test_resident_weight_forward_is_offered_and_captured(block_k, monkeypatch):
     case.check(case.graph_replay(), "CUDA graph replay")
 
 
+def _assert_warmed_up_call_captures_and_replays(fwd, x, w, g):
+    """fwd(x, w) (fp16, no bias or top) captured in a CUDA graph, x refilled, replayed: the replay
+    equals an eager call on the new x."""
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        y = fwd(x, w, None, None)
+    x.copy_(torch.randn(x.shape, generator=g).to("cuda", torch.float16))
+    graph.replay()
+    torch.cuda.synchronize()
+    assert torch.equal(y, fwd(x, w, None, None))
+
+
 def test_first_call_of_a_shape_inside_a_capture_raises_a_clear_error():
     """A Triton call whose shape was never run before cannot be tuned or loaded inside a CUDA-graph
     capture: a RuntimeError says so before anything is launched, and the same call, warmed up
@@ -198,14 +211,7 @@ def test_first_call_of_a_shape_inside_a_capture_raises_a_clear_error():
         with torch.cuda.graph(graph):
             fwd(x, w, None, None)
     fwd(x, w, None, None)   # warm-up outside the capture
-    torch.cuda.synchronize()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        y = fwd(x, w, None, None)
-    x.copy_(torch.randn(x.shape, generator=g).to("cuda", torch.float16))
-    graph.replay()
-    torch.cuda.synchronize()
-    assert torch.equal(y, fwd(x, w, None, None))
+    _assert_warmed_up_call_captures_and_replays(fwd, x, w, g)
 
 
 def test_a_capture_needing_a_binary_the_warm_up_did_not_load_raises_a_clear_error():
@@ -231,14 +237,7 @@ def test_a_capture_needing_a_binary_the_warm_up_did_not_load_raises_a_clear_erro
         with torch.cuda.graph(graph):
             fwd(x_off, w, None, None)
     assert torch.equal(fwd(x_off, w, None, None), want)   # eager: compiles and loads that binary
-    torch.cuda.synchronize()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        y = fwd(x_off, w, None, None)
-    x_off.copy_(torch.randn(x.shape, generator=g).to("cuda", torch.float16))
-    graph.replay()
-    torch.cuda.synchronize()
-    assert torch.equal(y, fwd(x_off, w, None, None))
+    _assert_warmed_up_call_captures_and_replays(fwd, x_off, w, g)
 
 
 def test_more_than_2_to_31_elements():
