@@ -15,7 +15,8 @@ or, for FUSED_FPN_BENCH_THREADS, below):
 
 Each test is one row (case x dtype x layout x provider). A provider whose output differs from eager
 fails its test as FAILED-PARITY and gets no timing; a provider that raises fails as ERROR. The table,
-JSON, PNG and markdown are written at the end of the session (pytest_terminal_summary).
+JSON, PNG and markdown are written at the end of the session (pytest_terminal_summary), also when it
+ends early (interrupted, -x): the rows it did not time are then NOT-RUN (``BenchRun.close``).
 """
 from __future__ import annotations
 
@@ -143,9 +144,11 @@ def bench_row(bench_run, benchmark):
 @pytest.hookimpl(trylast=True)
 def pytest_terminal_summary(terminalreporter, exitstatus, config):
     run = getattr(config, _KEY, None)
-    if run is None or not run.records:
+    if run is None:
         return
-    run.close()
+    run.close()   # rows the session did not hand to pytest (interrupted, -x) join the records here
+    if not run.records:
+        return
     report = harness.build_report(run, run.cfg, run._ceiling)
     tr = terminalreporter
     tr.section("fused_fpn benchmark results")

@@ -1150,6 +1150,9 @@ def make_workload(case: str, dtype: str, layout: str, cfg: BenchConfig) -> Workl
 # --------------------------------------------------------------------------------------------
 
 OK, FAILED_PARITY, ERROR, NOT_RUN = "ok", "FAILED-PARITY", "ERROR", "NOT-RUN"
+# why a row is NOT-RUN when the session ended early (the third reason is the time budget)
+INTERRUPTED_BEFORE_TIMING = "the session ended while its workload was measured, before it was timed"
+NOT_REACHED = "the session ended before this row was measured (interrupted, or stopped by -x)"
 
 
 @dataclass
@@ -1209,6 +1212,7 @@ class BenchRun:
         self.started = time.monotonic()
         self.load_start = load_average()
         self._groups: Dict[tuple, List[str]] = {}
+        self._planned: List[RowSpec] = []   # the registered rows, in order (``close`` reports those never reached)
         self._pending: Dict[str, Tuple[Record, Optional[Callable], Optional[tuple]]] = {}
         self._pending_key = None
         self._workload: Optional[Workload] = None
@@ -1223,6 +1227,7 @@ class BenchRun:
             group = self._groups.setdefault(spec.key, [])
             if spec.provider not in group:
                 group.append(spec.provider)
+                self._planned.append(spec)
 
     def ceiling(self) -> Ceiling:
         if self._ceiling is None:
@@ -1278,7 +1283,8 @@ class BenchRun:
             if spec.provider not in group or self._pending_key == spec.key:
                 group = [spec.provider]  # asked again, or outside the registered group: measure it alone
             if self._pending_key != spec.key:
-                self._pending, self._pending_key = {}, spec.key
+                self._flush_pending()
+                self._pending_key = spec.key
             self._measure(spec, group)
         rec, once, args = self._pending.pop(spec.provider)
         self.records.append(rec)
@@ -1356,6 +1362,15 @@ class BenchRun:
                 rec.tflops = w.lateral_flops / timing.median_s / 1e12
             self._pending[p] = (rec, self._once(fn, w.needs_grad), w.input_sets[0])
 
+    def _flush_pending(self) -> None:
+        """Rows of the current workload that pytest has not asked for join ``records``: as measured, or
+        NOT-RUN if the measuring was interrupted before their timing."""
+        for rec, _, _ in self._pending.values():
+            if rec.status == OK and rec.median_ms is None:
+                rec.status, rec.message = NOT_RUN, INTERRUPTED_BEFORE_TIMING
+            self.records.append(rec)
+        self._pending, self._pending_key = {}, None
+
     def _once(self, fn: Callable, needs_grad: bool) -> Callable:
         device = self.cfg.device
 
@@ -1366,10 +1381,21 @@ class BenchRun:
         return once
 
     def close(self) -> None:
+        """End the session (idempotent). Rows that pytest never got because the session ended early
+        (interrupted, a timeout's SIGINT, ``-x``) still join ``records``: one measured with its workload
+        but not yet handed to pytest as it was measured; one whose workload was interrupted before
+        it was timed as NOT-RUN (with its first call and parity, if it got that far); a registered row
+        never reached as NOT-RUN. Then the workload is dropped."""
+        self._flush_pending()
+        seen = {(r.key, r.provider) for r in self.records}
+        for spec in self._planned:
+            if (spec.key, spec.provider) not in seen:
+                self.records.append(Record(spec.case, spec.dtype, spec.layout, spec.provider, self.cfg.device,
+                                           status=NOT_RUN, message=NOT_REACHED))
+        self._planned = []
         self._workload = None
         self._workload_key = None
         self._reference = None
-        self._pending, self._pending_key = {}, None
 
 
 # --------------------------------------------------------------------------------------------
@@ -1640,13 +1666,16 @@ def first_call_notes(results: Sequence[Dict[str, object]], min_s: float = 1.0) -
 
 
 def result_paths(cfg: BenchConfig, report: Dict[str, object]) -> Dict[str, str]:
-    """<device-slug>_<date>[_cudagraphs][_quick][_subset].{json,png,md}: a run filtered by case,
-    provider, dtype or layout is marked _subset, and a GPU run that timed CUDA-graph replays
-    (FUSED_FPN_BENCH_CUDA_GRAPHS=1) _cudagraphs, so that neither overwrites the day's full eager-call run."""
+    """<device-slug>_<date>[_cudagraphs][_quick][_subset][_partial].{json,png,md}: a run filtered by
+    case, provider, dtype or layout is marked _subset, one with NOT-RUN rows (the time budget ran out,
+    or the session ended early) _partial, and a GPU run that timed CUDA-graph replays
+    (FUSED_FPN_BENCH_CUDA_GRAPHS=1) _cudagraphs, so that none of them overwrites the day's full
+    eager-call run."""
     subset = any(f is not None for f in (cfg.cases, cfg.providers, cfg.dtypes, cfg.layouts))
+    partial = any(r["status"] == NOT_RUN for r in report["results"])
     graphs = report["device"].get("type") == "cuda" and cuda_graph_timing()
     stem = (f"{report['device']['slug']}_{report['date']}" + ("_cudagraphs" if graphs else "")
-            + ("_quick" if cfg.quick else "") + ("_subset" if subset else ""))
+            + ("_quick" if cfg.quick else "") + ("_subset" if subset else "") + ("_partial" if partial else ""))
     return {ext: os.path.join(cfg.results_dir, f"{stem}.{ext}") for ext in ("json", "png", "md")}
 
 

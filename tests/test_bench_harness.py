@@ -245,7 +245,7 @@ def test_write_results_json_schema_png_and_markdown(tmp_path, monkeypatch):
     report = harness.build_report(_records(), cfg, ceiling)
     paths = harness.write_results(report, cfg)
     slug = report["device"]["slug"]
-    assert paths["json"] == str(tmp_path / f"{slug}_{report['date']}.json")
+    assert paths["json"] == str(tmp_path / f"{slug}_{report['date']}_partial.json")   # a NOT-RUN row: _partial
     data = json.loads(Path(paths["json"]).read_text())
     harness.validate_report(data)
     assert data["schema"] == harness.SCHEMA and data["command"] == cfg.command
@@ -262,7 +262,7 @@ def test_write_results_json_schema_png_and_markdown(tmp_path, monkeypatch):
     assert "| case | dtype |" in md and "FAILED-PARITY: differs" in md and cfg.command in md
     text = harness.format_table(data)
     assert "target lateral_path fused-cpu vs eager: 5.00x" in text and "NOT MET" in text
-    quick = harness.build_report(_records(), _quick_cfg(tmp_path), ceiling)
+    quick = harness.build_report([r for r in _records() if r.status != harness.NOT_RUN], _quick_cfg(tmp_path), ceiling)
     assert quick["targets"] == []  # the targets are for the default CPU shapes, not --quick ones
     assert harness.result_paths(_quick_cfg(tmp_path), quick)["json"].endswith("_quick.json")
     filtered = _quick_cfg(tmp_path)
@@ -378,6 +378,99 @@ def test_registered_providers_of_a_workload_are_measured_together(tmp_path):
     for r in (rec, rec2):
         assert r.tflops == pytest.approx(harness.lateral_flops(1, 128, 2, 2, 32) / (r.median_ms / 1e3) / 1e12)
     run.close()
+
+
+def test_rows_the_session_did_not_hand_to_pytest_are_reported(monkeypatch, tmp_path):
+    """A session that ends early (a timeout's SIGINT, ``-x``) loses no row it measured and names every
+    row it did not: a row measured with its workload but not yet asked for keeps its timing; a row whose
+    workload was interrupted while timing is NOT-RUN with its first call and parity; a registered row
+    never reached is NOT-RUN; and the result files are marked _partial."""
+    run = harness.BenchRun(_quick_cfg(tmp_path))
+    p5, p4, p3 = ([harness.RowSpec(case, "fp32", "nchw", p) for p in ("eager", "fused-torch")]
+                  for case in ("lateral_P5", "lateral_P4", "lateral_P3"))
+    run.register(p5 + p4 + p3)
+    run.run(p5[0])                                     # fused-torch of P5 measured, not yet asked for
+    real = harness.time_interleaved
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(harness, "time_interleaved", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        run.run(p4[0])                                 # P4: parity done, interrupted while timing
+    monkeypatch.setattr(harness, "time_interleaved", real)
+    run.close()
+    rows = {(r.case, r.provider): r for r in run.records}
+    assert [(r.case, r.provider) for r in run.records] == [(s.case, s.provider) for s in p5 + p4 + p3]
+    assert rows["lateral_P5", "fused-torch"].status == harness.OK and rows["lateral_P5", "fused-torch"].median_ms > 0
+    for p in ("eager", "fused-torch"):
+        r = rows["lateral_P4", p]
+        assert (r.status, r.message) == (harness.NOT_RUN, harness.INTERRUPTED_BEFORE_TIMING)
+        assert r.first_call_s is not None and r.parity_worst is not None and r.median_ms is None
+        r = rows["lateral_P3", p]
+        assert (r.status, r.message) == (harness.NOT_RUN, harness.NOT_REACHED) and r.first_call_s is None
+    report = harness.build_report(run, run.cfg, None)
+    harness.validate_report(report)
+    assert rows["lateral_P5", "fused-torch"].speedup_vs_eager is not None
+    assert os.path.basename(harness.result_paths(run.cfg, report)["json"]).endswith("_partial.json")
+    run.close()                                        # idempotent: nothing added twice
+    assert len(run.records) == 6
+    done = harness.BenchRun(_quick_cfg(tmp_path))      # a complete run: no _partial
+    done.register(p5)
+    for spec in p5:
+        done.run(spec)
+    done.close()
+    report = harness.build_report(done, done.cfg, None)
+    assert [r.status for r in done.records] == [harness.OK, harness.OK]
+    assert not harness.result_paths(done.cfg, report)["json"].endswith("_partial.json")
+
+
+INTERRUPT_PLUGIN = """
+import os
+
+from benchmarks import harness
+real, calls = harness.time_interleaved, []
+
+
+def interrupt_timing(fns, *args, **kwargs):   # as a timeout's SIGINT while the Nth workload is timed
+    if "eager" in fns:   # a workload's providers (not the copy ceiling's timing)
+        calls.append(1)
+        if len(calls) == int(os.environ["INTERRUPT_WORKLOAD"]):
+            raise KeyboardInterrupt
+    return real(fns, *args, **kwargs)
+
+
+harness.time_interleaved = interrupt_timing
+"""
+
+
+@pytest.mark.parametrize("interrupted", [1, 2])
+def test_an_interrupted_benchmark_session_still_writes_every_row(tmp_path, interrupted):
+    """``pytest benchmarks`` interrupted while timing its first or second workload (SIGINT, as
+    gpu_run.sh's timeout sends) still prints the table and writes _partial files: the rows it timed,
+    the interrupted workload's NOT-RUN with their first calls, and the rest NOT-RUN."""
+    (tmp_path / "interrupt_plugin.py").write_text(INTERRUPT_PLUGIN)
+    out = tmp_path / "results"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("FUSED_FPN_BENCH_")}
+    env.update(FUSED_FPN_BENCH_DEVICE="cpu", OMP_NUM_THREADS="1", INTERRUPT_WORKLOAD=str(interrupted),
+               PYTHONPATH=os.pathsep.join([str(tmp_path), str(ROOT)] + [env.get("PYTHONPATH", "")]))
+    cmd = [sys.executable, "-m", "pytest", "benchmarks", "-q", "-p", "no:cacheprovider", "-p", "interrupt_plugin",
+           "--quick", "--bench-cases", "lateral_P5,lateral_P4,lateral_P3", "--bench-dtypes", "fp32",
+           "--bench-layouts", "nchw", "--bench-providers", "eager,fused-torch", "--bench-results-dir", str(out)]
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 2 and "KeyboardInterrupt" in proc.stdout, proc.stdout[-4000:] + proc.stderr[-4000:]
+    assert "fused_fpn benchmark results" in proc.stdout
+    jsons = [f for f in os.listdir(out) if f.endswith(".json")]
+    assert len(jsons) == 1 and jsons[0].endswith("_quick_subset_partial.json"), jsons
+    data = json.loads((out / jsons[0]).read_text())
+    harness.validate_report(data)
+    got = [(r["case"], r["provider"], r["status"], r["message"]) for r in data["results"]]
+    cases = list(dict.fromkeys(case for case, *_ in got))   # in the order they ran
+    assert sorted(cases) == ["lateral_P3", "lateral_P4", "lateral_P5"]
+    outcome = [(harness.OK, "")] * (interrupted - 1) + [(harness.NOT_RUN, harness.INTERRUPTED_BEFORE_TIMING)] + \
+        [(harness.NOT_RUN, harness.NOT_REACHED)] * (3 - interrupted)
+    assert got == [(case, p, *result) for case, result in zip(cases, outcome) for p in ("eager", "fused-torch")]
+    ran = data["results"][:2 * interrupted]   # the interrupted workload's parity (first) calls ran
+    assert all(r["first_call_s"] is not None and r["parity_worst"] is not None for r in ran)
 
 
 def _eager_and_fused_torch_rows(monkeypatch, tmp_path, wrap):
