@@ -31,6 +31,14 @@
 #          P2,P5), clocks left alone -> OUT_DIR/ncu.txt and the summary, raw CSV in the logs;
 #          GPU_RUN_NCU_TIMEOUT s per run (default 300). ncu reads counters on the Firecracker machines
 #          only (per the lending service's notes); elsewhere the step fails and says so in logs/ncu.log
+#   sanitize (not in the default steps) tests/gpu_sanitizer_cases.py (small odd forward and backward
+#          cases of each backend, every layout, the split-K shape) once plainly, then under NVIDIA's
+#          compute-sanitizer, one run per tool of GPU_RUN_SANITIZE_TOOLS (default
+#          memcheck,racecheck,synccheck; memcheck checks the cuda and triton backends, racecheck and
+#          synccheck the cuda backend's kernels), with PYTORCH_NO_CUDA_MEMORY_CACHING=1 (every tensor
+#          its own allocation, whose bounds memcheck knows) -> OUT_DIR/sanitize.txt (each run's rc,
+#          case count and the tool's summary line) and the summary, logs/sanitize_*.log;
+#          GPU_RUN_SANITIZE_TIMEOUT s per run (default 240), GPU_RUN_SANITIZE_ARGS added to each
 # then OUT_DIR/summary.txt (step statuses, the overhead rows, the results table; rewritten after
 # every step, so a run killed from outside leaves the summary of the steps it finished, beside the
 # unpacked logs/), printed last, and OUT_DIR/logs.tar.gz (the logs folder, packed so that OUT_DIR
@@ -99,6 +107,7 @@ write_summary() {
         if [ -f "$OUT/overhead.tmp" ]; then echo; cat "$OUT/overhead.tmp"; fi
         if [ -f "$OUT/breakdown.txt" ]; then echo; cat "$OUT/breakdown.txt"; fi
         if [ -f "$OUT/ncu.txt" ]; then echo; cat "$OUT/ncu.txt"; fi
+        if [ -f "$OUT/sanitize.txt" ]; then echo; cat "$OUT/sanitize.txt"; fi
         if [ -f "$OUT/logs/bench.log" ]; then
             echo
             sed -n '/fused_fpn benchmark results/,$p' "$OUT/logs/bench.log"
@@ -240,6 +249,53 @@ if want ncu; then
     fi
     if [ "$rc" -ne 0 ]; then tail -20 "$OUT/logs/ncu.log" "$OUT/logs/ncu_plan.txt" 2>/dev/null; fi
     record ncu $rc
+fi
+
+# ---- sanitize: the fused kernels under compute-sanitizer (opt-in: GPU_RUN_STEPS=...,sanitize)
+if want sanitize; then
+    SANITIZER=${COMPUTE_SANITIZER:-$(command -v compute-sanitizer || ls -d "$CUDA_HOME"/bin/compute-sanitizer \
+        /usr/local/cuda*/bin/compute-sanitizer 2>/dev/null | head -1)}
+    san_timeout=${GPU_RUN_SANITIZE_TIMEOUT:-240}
+    note "sanitize: tests/gpu_sanitizer_cases.py under ${SANITIZER:-compute-sanitizer (not found)} -> $OUT/sanitize.txt"
+    # run NAME BACKENDS [SANITIZER ARGS...]: one run of the cases, logged to logs/sanitize_NAME.log,
+    # its line (rc, cases run, the tool's summary) appended to sanitize.txt
+    sanitize_run() {
+        local name=$1 backends=$2 log="$OUT/logs/sanitize_$1.log"
+        shift 2
+        PYTORCH_NO_CUDA_MEMORY_CACHING=1 timeout -s INT -k 10 "$san_timeout" "$@" "$PY" tests/gpu_sanitizer_cases.py \
+            --backends "$backends" ${GPU_RUN_SANITIZE_ARGS:-} > "$log" 2>&1
+        local run_rc=$?
+        local ran tool_summary
+        ran=$(grep -aE "^ran [0-9]+ cases" "$log" | tail -1)
+        tool_summary=$(grep -aE "(ERROR|RACECHECK|SYNCCHECK) SUMMARY" "$log" | tail -1 | sed 's/^=* *//')
+        echo "  $name ($backends): rc=$run_rc, ${ran:-stopped after $(grep -ac '^case ' "$log") cases started}${tool_summary:+, $tool_summary}" \
+            >> "$OUT/sanitize.txt"
+        if [ "$run_rc" -ne 0 ]; then
+            { echo "    last lines of logs/sanitize_$name.log:"; tail -15 "$log" | cut -c1-200 | sed 's/^/      /'; } \
+                >> "$OUT/sanitize.txt"
+        fi
+        return "$run_rc"
+    }
+    echo "compute-sanitizer runs of tests/gpu_sanitizer_cases.py (${SANITIZER:-compute-sanitizer not found}):" \
+        > "$OUT/sanitize.txt"
+    rc=0
+    # plainly first: the values, and Triton's compiles (into its cache) outside the slow tool runs
+    sanitize_run plain cuda,triton || rc=1
+    if [ -z "$SANITIZER" ]; then
+        echo "  compute-sanitizer not found (PATH, \$CUDA_HOME/bin, /usr/local/cuda*/bin); COMPUTE_SANITIZER=... names it" \
+            >> "$OUT/sanitize.txt"
+        rc=1
+    else
+        IFS=, read -ra san_tools <<< "${GPU_RUN_SANITIZE_TOOLS:-memcheck,racecheck,synccheck}"
+        for tool in "${san_tools[@]}"; do
+            backends=cuda
+            if [ "$tool" = memcheck ]; then backends=cuda,triton; fi
+            sanitize_run "$tool" "$backends" "$SANITIZER" --tool "$tool" --error-exitcode 86 --print-limit 20 \
+                --report-api-errors no || rc=1
+        done
+    fi
+    cat "$OUT/sanitize.txt"
+    record sanitize $rc
 fi
 
 # ---- summary: statuses, then the table (printed last)

@@ -59,18 +59,18 @@ def build_cuda_emu(build_dir: str, sanitize: bool = False):
     return emulate_module().build(build_dir, sanitize=sanitize)
 
 
-def emu_input(shape, dtype, layout: str, gen: torch.Generator) -> torch.Tensor:
+def emu_input(shape, dtype, layout: str, gen: torch.Generator, device="cpu") -> torch.Tensor:
     """A random [N, C, H, W] tensor in one of the emulated matrices' layouts: "nchw", "channels_last",
     "noncontig" (channels sliced, every other column), "cl_misaligned" (a channels_last view whose
     channel slice defeats 16-byte vectors by its strides and pointer) or "one_element_off"
-    (channels_last, ``one_element_off``)."""
+    (channels_last, ``one_element_off``); drawn on the CPU, made on ``device`` (the same values)."""
     n, c, h, w = shape
     if layout == "noncontig":
-        return torch.randn((n, c + 3, h, 2 * w + 1), generator=gen).to(dtype)[:, 1:c + 1, :, 1::2]
+        return torch.randn((n, c + 3, h, 2 * w + 1), generator=gen).to(device, dtype)[:, 1:c + 1, :, 1::2]
     if layout == "cl_misaligned":
-        wide = torch.randn((n, c + 1, h, w), generator=gen).to(dtype).contiguous(memory_format=torch.channels_last)
-        return wide[:, 1:]
-    t = torch.randn(shape, generator=gen).to(dtype)
+        wide = torch.randn((n, c + 1, h, w), generator=gen).to(device, dtype)
+        return wide.contiguous(memory_format=torch.channels_last)[:, 1:]
+    t = torch.randn(shape, generator=gen).to(device, dtype)
     if layout == "nchw":
         return t
     t = t.contiguous(memory_format=torch.channels_last)
@@ -81,7 +81,7 @@ def one_element_off(t: torch.Tensor) -> torch.Tensor:
     """t's values with t's sizes and strides, stored one element past a 16-byte boundary: the strides
     allow 16-byte accesses, the pointer does not."""
     extent = 1 + sum((n - 1) * s for n, s in zip(t.shape, t.stride()))
-    storage = torch.empty(extent + 1, dtype=t.dtype)
+    storage = torch.empty(extent + 1, dtype=t.dtype, device=t.device)
     assert storage.data_ptr() % 16 == 0
     out = storage.as_strided(t.shape, t.stride(), 1)
     out.copy_(t)

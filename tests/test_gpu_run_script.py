@@ -1,6 +1,7 @@
 """benchmarks/gpu_run.sh's plumbing, without a GPU: its ncu step run with stand-ins for the two things
-that need one (kernel_profile.py's profiled runs, and ncu itself), so that a broken pipe, redirection
-or file name in the script shows here rather than in a scarce GPU call. What the step computes from
+that need one (kernel_profile.py's profiled runs, and ncu itself), its sanitize step with a stand-in
+for compute-sanitizer and tests/gpu_sanitizer_cases.py's cases on CPU tensors, so that a broken pipe,
+redirection or file name in the script shows here rather than in a scarce GPU call. What the step computes from
 ncu's CSV is tests/test_kernel_profile.py's."""
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ import tarfile
 from pathlib import Path
 
 import pytest
+import torch
 
 from test_kernel_profile import ROWS, UNITS, _csv
 
@@ -101,3 +103,81 @@ def test_tests_and_bench_steps_log_and_copy_their_results(tmp_path):
     assert {"logs/tests.log", "logs/tests.xml", "logs/tests_failed.txt", "logs/bench.log", "logs/env.txt"} <= names
     assert "test_host_cdiv_is_tritons PASSED" in log, log[-2000:]   # -v: the test's own line, as it ended
     assert "before bench" in env_txt and "load average" in env_txt, env_txt[-2000:]   # what ran beside
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="bash, timeout and tar of a Linux machine")
+def test_sanitize_step_runs_the_cases_plainly_then_under_each_tool(tmp_path):
+    """The sanitize step with a compute-sanitizer stand-in (it runs the application, then prints the
+    tool's summary line; racecheck reports a hazard and exits with the error exit code), the cases on
+    this CPU: each run's rc, case count and summary line reach sanitize.txt and the summary, the runs see
+    PYTORCH_NO_CUDA_MEMORY_CACHING=1 and the tool's flags, and the failed run fails the step."""
+    calls = tmp_path / "calls.txt"
+    sanitizer = _script(tmp_path / "compute-sanitizer", f"""#!/usr/bin/env bash
+echo "$* NO_CACHING=$PYTORCH_NO_CUDA_MEMORY_CACHING" >> {calls}
+tool=memcheck
+while [ $# -gt 0 ] && [ "$1" != {sys.executable} ]; do
+    if [ "$1" = --tool ]; then tool=$2; fi
+    shift
+done
+"$@" || exit $?
+if [ "$tool" = racecheck ]; then
+    echo "========= Error: Race reported between Write access at lateral_fwd_kernel and Read access"
+    echo "========= RACECHECK SUMMARY: 1 hazard displayed (1 error, 0 warnings)"
+    exit 86
+fi
+echo "========= ERROR SUMMARY: 0 errors"
+""")
+    out = tmp_path / "out"
+    env = dict(os.environ, GPU_RUN_STEPS="sanitize", PYTHON=sys.executable, COMPUTE_SANITIZER=sanitizer,
+               GPU_RUN_SANITIZE_ARGS="--device cpu --backends cpu", GPU_RUN_SANITIZE_TIMEOUT="120")
+    proc = subprocess.run(["bash", str(ROOT / "benchmarks" / "gpu_run.sh"), str(out)], cwd=tmp_path, env=env,
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 1, proc.stdout[-3000:] + proc.stderr[-3000:]   # racecheck's hazard fails the run
+    summary = (out / "summary.txt").read_text()
+    assert "sanitize: rc=1" in summary, summary
+    lines = [line.strip() for line in (out / "sanitize.txt").read_text().splitlines()]
+    ran = [line for line in lines if "): rc=" in line]   # one per run
+    assert [line.split(" (")[0] for line in ran] == ["plain", "memcheck", "racecheck", "synccheck"], lines
+    count = ran[0].split("rc=0, ran ")[1].split(" cases")[0]
+    assert int(count) > 50, ran
+    assert ran[1] == f"memcheck (cuda,triton): rc=0, ran {count} cases, ERROR SUMMARY: 0 errors"
+    assert ran[2] == (f"racecheck (cuda): rc=86, ran {count} cases, "
+                      f"RACECHECK SUMMARY: 1 hazard displayed (1 error, 0 warnings)")
+    assert ran[3] == f"synccheck (cuda): rc=0, ran {count} cases, ERROR SUMMARY: 0 errors"
+    assert "last lines of logs/sanitize_racecheck.log:" in lines and "RACECHECK SUMMARY" in summary
+    tools = calls.read_text().splitlines()
+    assert len(tools) == 3 and all(t.endswith("NO_CACHING=1") for t in tools), tools
+    for tool, line in zip(("memcheck", "racecheck", "synccheck"), tools):
+        assert line.startswith(f"--tool {tool} --error-exitcode 86 --print-limit 20 --report-api-errors no "), line
+    with tarfile.open(out / "logs.tar.gz") as tar:
+        names = set(tar.getnames())
+    assert {f"logs/sanitize_{n}.log" for n in ("plain", "memcheck", "racecheck", "synccheck")} <= names
+
+
+def test_sanitizer_cases_check_the_values_they_run(monkeypatch):
+    """tests/gpu_sanitizer_cases.py on this CPU: every case passes, and a backend that drops its bias in
+    one layout fails the run (the cases check values, not only that the kernels ran)."""
+    import gpu_sanitizer_cases
+    import fused_fpn
+
+    monkeypatch.setenv("FUSED_FPN_TRITON_AUTOTUNE", "0")   # main() sets it by default: not for later tests
+    assert gpu_sanitizer_cases.main(["--device", "cpu", "--backends", "cpu,torch"]) == 0
+    real = fused_fpn.lateral
+
+    def drops_bias_in_channels_last(x, weight, bias=None, top=None, *, backend="auto"):
+        cl = x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
+        return real(x, weight, None if cl else bias, top, backend=backend)
+    monkeypatch.setattr(fused_fpn, "lateral", drops_bias_in_channels_last)
+    with pytest.raises(AssertionError):
+        gpu_sanitizer_cases.main(["--device", "cpu", "--backends", "cpu"])
+
+
+def test_sanitizer_cases_run_the_triton_backend_under_the_interpreter():
+    """The Triton rows of tests/gpu_sanitizer_cases.py (fp16 on a CPU: TF32 needs a GPU), forward and
+    backward, under TRITON_INTERPRET=1 in a fresh process (triton reads it at import)."""
+    pytest.importorskip("triton")
+    env = dict(os.environ, TRITON_INTERPRET="1")
+    proc = subprocess.run([sys.executable, str(ROOT / "tests" / "gpu_sanitizer_cases.py"), "--device", "cpu",
+                           "--backends", "triton"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "ran 28 cases" in proc.stdout and "triton float16 noncontig" in proc.stdout, proc.stdout[-2000:]
