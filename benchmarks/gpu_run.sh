@@ -32,13 +32,15 @@
 #          GPU_RUN_NCU_TIMEOUT s per run (default 300). ncu reads counters on the Firecracker machines
 #          only (per the lending service's notes); elsewhere the step fails and says so in logs/ncu.log
 #   sanitize (not in the default steps) tests/gpu_sanitizer_cases.py (small odd forward and backward
-#          cases of each backend, every layout, the split-K shape) once plainly, then under NVIDIA's
+#          cases of each backend, every layout, the split-K shape) once plainly in
+#          GPU_RUN_SANITIZE_SHARDS processes at once (default 8: Triton's compiles), then under NVIDIA's
 #          compute-sanitizer, one run per tool of GPU_RUN_SANITIZE_TOOLS (default
-#          memcheck,racecheck,synccheck; memcheck checks the cuda and triton backends, racecheck and
-#          synccheck the cuda backend's kernels), with PYTORCH_NO_CUDA_MEMORY_CACHING=1 (every tensor
-#          its own allocation, whose bounds memcheck knows) -> OUT_DIR/sanitize.txt (each run's rc,
-#          case count and the tool's summary line) and the summary, logs/sanitize_*.log;
-#          GPU_RUN_SANITIZE_TIMEOUT s per run (default 240), GPU_RUN_SANITIZE_ARGS added to each
+#          memcheck,racecheck,synccheck; memcheck checks the cuda and triton backends and every kernel,
+#          racecheck and synccheck the cuda backend's own kernels), with PYTORCH_NO_CUDA_MEMORY_CACHING=1
+#          (every tensor its own allocation, whose bounds memcheck knows) -> OUT_DIR/sanitize.txt (each
+#          run's case and failure counts, rc and the tool's summary line) and the summary,
+#          logs/sanitize_*.log; GPU_RUN_SANITIZE_TIMEOUT s per run (default 240) within
+#          GPU_RUN_SANITIZE_BUDGET s for the step (default 420), GPU_RUN_SANITIZE_ARGS added to each run
 # then OUT_DIR/summary.txt (step statuses, the overhead rows, the results table; rewritten after
 # every step, so a run killed from outside leaves the summary of the steps it finished, beside the
 # unpacked logs/), printed last, and OUT_DIR/logs.tar.gz (the logs folder, packed so that OUT_DIR
@@ -256,45 +258,81 @@ if want sanitize; then
     SANITIZER=${COMPUTE_SANITIZER:-$(command -v compute-sanitizer || ls -d "$CUDA_HOME"/bin/compute-sanitizer \
         /usr/local/cuda*/bin/compute-sanitizer 2>/dev/null | head -1)}
     san_timeout=${GPU_RUN_SANITIZE_TIMEOUT:-240}
-    note "sanitize: tests/gpu_sanitizer_cases.py under ${SANITIZER:-compute-sanitizer (not found)} -> $OUT/sanitize.txt"
-    # run NAME BACKENDS [SANITIZER ARGS...]: one run of the cases, logged to logs/sanitize_NAME.log,
-    # its line (rc, cases run, the tool's summary) appended to sanitize.txt
-    sanitize_run() {
-        local name=$1 backends=$2 log="$OUT/logs/sanitize_$1.log"
-        shift 2
-        PYTORCH_NO_CUDA_MEMORY_CACHING=1 timeout -s INT -k 10 "$san_timeout" "$@" "$PY" tests/gpu_sanitizer_cases.py \
-            --backends "$backends" ${GPU_RUN_SANITIZE_ARGS:-} > "$log" 2>&1
-        local run_rc=$?
-        local ran tool_summary
-        ran=$(grep -aE "^ran [0-9]+ cases" "$log" | tail -1)
-        tool_summary=$(grep -aE "(ERROR|RACECHECK|SYNCCHECK) SUMMARY" "$log" | tail -1 | sed 's/^=* *//')
-        echo "  $name ($backends): rc=$run_rc, ${ran:-stopped after $(grep -ac '^case ' "$log") cases started}${tool_summary:+, $tool_summary}" \
-            >> "$OUT/sanitize.txt"
-        if [ "$run_rc" -ne 0 ]; then
-            { echo "    last lines of logs/sanitize_$name.log:"; tail -15 "$log" | cut -c1-200 | sed 's/^/      /'; } \
-                >> "$OUT/sanitize.txt"
-        fi
-        return "$run_rc"
+    san_end=$(( $(date +%s) + ${GPU_RUN_SANITIZE_BUDGET:-420} ))
+    san_shards=${GPU_RUN_SANITIZE_SHARDS:-8}
+    SAN="$OUT/sanitize.txt"
+    note "sanitize: tests/gpu_sanitizer_cases.py under ${SANITIZER:-compute-sanitizer (not found)} -> $SAN"
+    # seconds the next run may take: GPU_RUN_SANITIZE_TIMEOUT, or what is left of GPU_RUN_SANITIZE_BUDGET
+    san_limit() {   # (at least 1: timeout takes 0 as no limit)
+        local left=$(( san_end - $(date +%s) ))
+        left=$(( left < san_timeout ? left : san_timeout ))
+        echo $(( left < 1 ? 1 : left ))
     }
-    echo "compute-sanitizer runs of tests/gpu_sanitizer_cases.py (${SANITIZER:-compute-sanitizer not found}):" \
-        > "$OUT/sanitize.txt"
+    # san_exec LOG SECONDS BACKENDS SHARD [TOOL COMMAND ...]: one run of the cases (each tensor its own
+    # cudaMalloc, whose bounds memcheck knows)
+    san_exec() {
+        local log=$1 secs=$2 backends=$3 shard=$4
+        shift 4
+        PYTORCH_NO_CUDA_MEMORY_CACHING=1 timeout -s INT -k 10 "$secs" "$@" "$PY" tests/gpu_sanitizer_cases.py \
+            --backends "$backends" --shard "$shard" ${GPU_RUN_SANITIZE_ARGS:-} > "$log" 2>&1
+    }
+    # san_tail LOG [TOOL_FAILED]: a log's FAILED lines, the tool's first reports and its last lines, into
+    # sanitize.txt, unless it ended in "ran N cases, 0 failed" and the tool found nothing
+    san_tail() {
+        if [ -z "${2:-}" ] && grep -qaE "^ran [0-9]+ cases, 0 failed" "$1"; then return 0; fi
+        { echo "    from logs/${1##*/}:"
+          { grep -a "^FAILED" "$1" | head -5; grep -a "^========= [A-Z]" "$1" | head -6; tail -8 "$1"; } \
+              | cut -c1-240 | sed 's/^/      /'; } >> "$SAN"
+        return 1
+    }
+    echo "compute-sanitizer runs of tests/gpu_sanitizer_cases.py (${SANITIZER:-compute-sanitizer not found}):" > "$SAN"
     rc=0
-    # plainly first: the values, and Triton's compiles (into its cache) outside the slow tool runs
-    sanitize_run plain cuda,triton || rc=1
+    # plainly first, in GPU_RUN_SANITIZE_SHARDS processes at once: the values, and Triton's compiles (into
+    # its cache) outside the slow tool runs
+    secs=$(san_limit)
+    pids=()
+    for ((k = 0; k < san_shards; k++)); do
+        san_exec "$OUT/logs/sanitize_plain_$k.log" "$secs" cuda,triton "$k/$san_shards" &
+        pids+=($!)
+    done
+    for pid in "${pids[@]}"; do wait "$pid" || rc=1; done
+    awk -v shards="$san_shards" '/^ran [0-9]+ cases, [0-9]+ failed/ {n += $2; f += $4; done++}
+        END {printf "  plain (cuda,triton): ran %d cases, %d failed, %d of %d processes finished\n", n, f, done, shards}' \
+        "$OUT"/logs/sanitize_plain_*.log >> "$SAN"
+    for ((k = 0; k < san_shards; k++)); do san_tail "$OUT/logs/sanitize_plain_$k.log" || rc=1; done
+    write_summary
     if [ -z "$SANITIZER" ]; then
-        echo "  compute-sanitizer not found (PATH, \$CUDA_HOME/bin, /usr/local/cuda*/bin); COMPUTE_SANITIZER=... names it" \
-            >> "$OUT/sanitize.txt"
+        echo "  compute-sanitizer not found (PATH, \$CUDA_HOME/bin, /usr/local/cuda*/bin); COMPUTE_SANITIZER=... names it" >> "$SAN"
         rc=1
     else
         IFS=, read -ra san_tools <<< "${GPU_RUN_SANITIZE_TOOLS:-memcheck,racecheck,synccheck}"
         for tool in "${san_tools[@]}"; do
-            backends=cuda
-            if [ "$tool" = memcheck ]; then backends=cuda,triton; fi
-            sanitize_run "$tool" "$backends" "$SANITIZER" --tool "$tool" --error-exitcode 86 --print-limit 20 \
-                --report-api-errors no || rc=1
+            # memcheck: every kernel (a bad argument of ours can fault in a library's); racecheck and
+            # synccheck: our CUDA kernels only (cuBLAS's and ATen's own are reported racy under them)
+            backends=cuda filter=(--kernel-name kns=fused_fpn)
+            if [ "$tool" = memcheck ]; then backends=cuda,triton filter=(); fi
+            log="$OUT/logs/sanitize_$tool.log"
+            secs=$(san_limit)
+            if [ "$secs" -lt 30 ]; then
+                echo "  $tool ($backends): NOT-RUN, GPU_RUN_SANITIZE_BUDGET used up" >> "$SAN"
+                rc=1
+                continue
+            fi
+            san_exec "$log" "$secs" "$backends" 0/1 "$SANITIZER" --tool "$tool" --error-exitcode 86 --print-limit 20 \
+                --report-api-errors no --check-exit-code no --target-processes application-only \
+                --destroy-on-device-error kernel "${filter[@]}"
+            run_rc=$?
+            ran=$(grep -aE "^ran [0-9]+ cases" "$log" | tail -1)
+            tool_summary=$(grep -aE "(ERROR|RACECHECK) SUMMARY" "$log" | tail -1 | sed 's/^=* *//')
+            echo "  $tool ($backends): rc=$run_rc, ${ran:-stopped after $(grep -ac '^case ' "$log") cases started}${tool_summary:+, $tool_summary}" \
+                >> "$SAN"
+            tool_failed=""
+            if [ "$run_rc" -ne 0 ]; then rc=1 tool_failed=1; fi
+            san_tail "$log" "$tool_failed" || rc=1
+            write_summary
         done
     fi
-    cat "$OUT/sanitize.txt"
+    cat "$SAN"
     record sanitize $rc
 fi
 

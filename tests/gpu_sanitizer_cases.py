@@ -13,7 +13,11 @@ kernels' emulation under AddressSanitizer on a CPU): odd channel counts, 16-byte
 downsampling, a shape that takes the CUDA kernel's split-K workspace on a GPU, and x and top in NCHW,
 channels_last, strided (``noncontig``) and one element off 16 bytes, made on the device. Each output and
 gradient is checked against the float64 reference (NaN is an element never written). Each case prints
-a line before it runs, so a report in the sanitizer's log is read against the case above it.
+a line before it runs, so a report in the sanitizer's log is read against the case above it; a case
+that fails prints FAILED and the run goes on (the last line is "ran N cases, F failed", exit status 1
+if F > 0), except after a CUDA error, which leaves the context unusable: the run stops there.
+``--shard K/S`` runs every S-th case from the K-th (the plain run is S processes at once: Triton
+compiles each new specialization on the main thread, about 90 of them here).
 Triton runs the 2- and 4-byte paths (fp16, and fp32 with TF32): bf16 and exact fp32 load and store
 alike and would only add compiles; the CUDA kernels, compiled ahead, run all four. Triton takes each
 list's first config (FUSED_FPN_TRITON_AUTOTUNE=0 unless set: autotuning would time every config under
@@ -108,35 +112,61 @@ def run_case(case: Case, backend: str, device: str, gen: torch.Generator) -> Non
                                    msg=lambda m, name=name: f"d{name}: {m}")
 
 
-def run_grad_cases(backend: str, device: str, gen: torch.Generator) -> int:
-    """fused_fpn::lateral_grad_bias_top (the db + dtop kernel) alone on dy views the forward's gradients do
-    not make (tests/cuda_asan_run.py's GRAD_SIZES: a top larger than dy, an empty top); returns how many ran."""
-    from fused_fpn.reference import lateral_grad_bias_top_reference
-    if backend not in ("cuda", "cpu"):   # the op's kernels; triton's db + dtop runs in the backward cases
-        return 0
-    ran = 0
+class GradCase(NamedTuple):
+    """fused_fpn::lateral_grad_bias_top (the db + dtop kernel) alone, on a dy the forward's gradients do
+    not make (tests/cuda_asan_run.py's GRAD_SIZES: a top larger than dy, an empty top)."""
+    size: Tuple[int, ...]   # (N, C, H, W, Ht, Wt)
+    dtype: torch.dtype
+    layout: str
+
+    def describe(self, backend: str) -> str:
+        return f"grad {backend} {str(self.dtype).replace('torch.', '')} {self.layout} {self.size}"
+
+
+def grad_cases(backend: str, device: str) -> Iterator[GradCase]:
+    """The op's own db + dtop kernels (cuda, cpu); triton's runs in the backward cases."""
+    if backend not in ("cuda", "cpu"):
+        return
     for dtype in (torch.float16, torch.bfloat16, torch.float32):
-        if backend_supports(backend, device, dtype) is not None:
-            continue
-        for nn, c, h, w, th, tw in GRAD_SIZES:
-            for layout in ("nchw", "channels_last", "noncontig"):
-                print(f"case grad {backend} {str(dtype).replace('torch.', '')} {layout} {(nn, c, h, w, th, tw)}",
-                      flush=True)
-                dy = emu_input((nn, c, h, w), dtype, layout, gen, device)
-                db, dtop = torch.ops.fused_fpn.lateral_grad_bias_top(dy, th, tw)
-                rdb, rdtop = lateral_grad_bias_top_reference(dy.double(), th, tw)
-                atol, rtol = TOLERANCES[dtype]
-                assert dtop.shape == rdtop.shape and not torch.isnan(dtop).any() and not torch.isnan(db).any()
-                torch.testing.assert_close(db.double(), rdb, atol=atol * _scale(rdb), rtol=rtol)
-                torch.testing.assert_close(dtop.double(), rdtop, atol=atol * _scale(rdtop), rtol=rtol)
-                ran += 1
-    return ran
+        if backend_supports(backend, device, dtype) is None:
+            for size in GRAD_SIZES:
+                for layout in ("nchw", "channels_last", "noncontig"):
+                    yield GradCase(size, dtype, layout)
+
+
+def run_grad_case(case: GradCase, device: str, gen: torch.Generator) -> None:
+    from fused_fpn.reference import lateral_grad_bias_top_reference
+    n, c, h, w, th, tw = case.size
+    dy = emu_input((n, c, h, w), case.dtype, case.layout, gen, device)
+    db, dtop = torch.ops.fused_fpn.lateral_grad_bias_top(dy, th, tw)
+    rdb, rdtop = lateral_grad_bias_top_reference(dy.double(), th, tw)
+    atol, rtol = TOLERANCES[case.dtype]
+    assert dtop.shape == rdtop.shape and not torch.isnan(dtop).any() and not torch.isnan(db).any()
+    torch.testing.assert_close(db.double(), rdb, atol=atol * _scale(rdb), rtol=rtol)
+    torch.testing.assert_close(dtop.double(), rdtop, atol=atol * _scale(rdtop), rtol=rtol)
+
+
+def _shard(text: str) -> Tuple[int, int]:
+    k, _, s = text.partition("/")
+    try:
+        k, s = int(k), int(s)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--shard must be K/S with integers 0 <= K < S, got {text!r}") from None
+    if not 0 <= k < s:
+        raise argparse.ArgumentTypeError(f"--shard must be K/S with integers 0 <= K < S, got {text!r}")
+    return k, s
+
+
+# A CUDA error leaves the context unusable (every later call fails the same way): the run stops there.
+STICKY_CUDA_ERRORS = ("CUDA error", "illegal memory access", "misaligned address", "unspecified launch failure",
+                      "an illegal instruction")
 
 
 def main(argv: Optional[list] = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--device", default="cuda")
     parser.add_argument("--backends", default="cuda,triton", help="comma list (default: cuda,triton)")
+    parser.add_argument("--shard", type=_shard, default=(0, 1), help="K/S: every S-th case from the K-th")
     args = parser.parse_args(argv)
     os.environ.setdefault("FUSED_FPN_TRITON_AUTOTUNE", "0")   # read at each launch
     if args.device == "cuda" and not torch.cuda.is_available():
@@ -145,22 +175,38 @@ def main(argv: Optional[list] = None) -> int:
     if args.device == "cuda" and os.environ.get("PYTORCH_NO_CUDA_MEMORY_CACHING") != "1":
         print("warning: PYTORCH_NO_CUDA_MEMORY_CACHING is not 1: memcheck cannot see overruns inside the "
               "caching allocator's blocks", flush=True)
-    gen = torch.Generator().manual_seed(0)
-    ran = 0
-    for backend in [b.strip() for b in args.backends.split(",") if b.strip()]:
+    backends = [b.strip() for b in args.backends.split(",") if b.strip()]
+    for backend in backends:
         if backend not in fused_fpn.available_backends(args.device):
             print(f"backend {backend} cannot run on {args.device} here: "
                   f"{fused_fpn.available_backends(args.device)}", flush=True)
             return 1
-        for case in cases(backend, args.device):
+    shard, shards = args.shard
+    work = [(backend, case) for backend in backends
+            for case in [*cases(backend, args.device), *grad_cases(backend, args.device)]]
+    ran = failed = 0
+    for i, (backend, case) in enumerate(work):
+        if i % shards != shard:
+            continue
+        gen = torch.Generator().manual_seed(i)   # the same inputs whatever the sharding
+        try:
             print(f"case {case.describe(backend)}", flush=True)
-            run_case(case, backend, args.device, gen)
+            if isinstance(case, GradCase):
+                run_grad_case(case, args.device, gen)
+            else:
+                run_case(case, backend, args.device, gen)
+            if args.device == "cuda":
+                torch.cuda.synchronize()   # a fault is the case's, not the next one's
             ran += 1
-        ran += run_grad_cases(backend, args.device, gen)
-    if args.device == "cuda":
-        torch.cuda.synchronize()
-    print(f"ran {ran} cases", flush=True)
-    return 0
+        except Exception as exc:  # noqa: BLE001 - reported, and the run goes on
+            failed += 1
+            print(f"FAILED {case.describe(backend)}: "
+                  f"{type(exc).__name__}: {str(exc)[:600]}", flush=True)
+            if any(s in str(exc) for s in STICKY_CUDA_ERRORS):
+                print("a CUDA error: the context is unusable, stopping", flush=True)
+                break
+    print(f"ran {ran} cases, {failed} failed", flush=True)
+    return 1 if failed else 0
 
 
 if __name__ == "__main__":

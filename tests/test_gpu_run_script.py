@@ -105,58 +105,84 @@ def test_tests_and_bench_steps_log_and_copy_their_results(tmp_path):
     assert "before bench" in env_txt and "load average" in env_txt, env_txt[-2000:]   # what ran beside
 
 
-@pytest.mark.skipif(sys.platform != "linux", reason="bash, timeout and tar of a Linux machine")
-def test_sanitize_step_runs_the_cases_plainly_then_under_each_tool(tmp_path):
-    """The sanitize step with a compute-sanitizer stand-in (it runs the application, then prints the
-    tool's summary line; racecheck reports a hazard and exits with the error exit code), the cases on
-    this CPU: each run's rc, case count and summary line reach sanitize.txt and the summary, the runs see
-    PYTORCH_NO_CUDA_MEMORY_CACHING=1 and the tool's flags, and the failed run fails the step."""
-    calls = tmp_path / "calls.txt"
-    sanitizer = _script(tmp_path / "compute-sanitizer", f"""#!/usr/bin/env bash
+SANITIZER_STAND_IN = """#!/usr/bin/env bash
 echo "$* NO_CACHING=$PYTORCH_NO_CUDA_MEMORY_CACHING" >> {calls}
 tool=memcheck
-while [ $# -gt 0 ] && [ "$1" != {sys.executable} ]; do
+while [ $# -gt 0 ] && [ "$1" != {python} ]; do
     if [ "$1" = --tool ]; then tool=$2; fi
     shift
 done
-"$@" || exit $?
+"$@"
 if [ "$tool" = racecheck ]; then
     echo "========= Error: Race reported between Write access at lateral_fwd_kernel and Read access"
     echo "========= RACECHECK SUMMARY: 1 hazard displayed (1 error, 0 warnings)"
     exit 86
 fi
 echo "========= ERROR SUMMARY: 0 errors"
-""")
+"""
+
+
+def _sanitize_step(tmp_path, **env_vars):
+    """gpu_run.sh's sanitize step with the compute-sanitizer stand-in, the cases on this CPU's cpu backend."""
+    calls = tmp_path / "calls.txt"
+    sanitizer = _script(tmp_path / "compute-sanitizer", SANITIZER_STAND_IN.format(calls=calls, python=sys.executable))
     out = tmp_path / "out"
     env = dict(os.environ, GPU_RUN_STEPS="sanitize", PYTHON=sys.executable, COMPUTE_SANITIZER=sanitizer,
-               GPU_RUN_SANITIZE_ARGS="--device cpu --backends cpu", GPU_RUN_SANITIZE_TIMEOUT="120")
+               GPU_RUN_SANITIZE_ARGS="--device cpu --backends cpu", GPU_RUN_SANITIZE_SHARDS="3", **env_vars)
     proc = subprocess.run(["bash", str(ROOT / "benchmarks" / "gpu_run.sh"), str(out)], cwd=tmp_path, env=env,
                           capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 1, proc.stdout[-3000:] + proc.stderr[-3000:]   # racecheck's hazard fails the run
-    summary = (out / "summary.txt").read_text()
-    assert "sanitize: rc=1" in summary, summary
     lines = [line.strip() for line in (out / "sanitize.txt").read_text().splitlines()]
-    ran = [line for line in lines if "): rc=" in line]   # one per run
-    assert [line.split(" (")[0] for line in ran] == ["plain", "memcheck", "racecheck", "synccheck"], lines
-    count = ran[0].split("rc=0, ran ")[1].split(" cases")[0]
-    assert int(count) > 50, ran
-    assert ran[1] == f"memcheck (cuda,triton): rc=0, ran {count} cases, ERROR SUMMARY: 0 errors"
-    assert ran[2] == (f"racecheck (cuda): rc=86, ran {count} cases, "
-                      f"RACECHECK SUMMARY: 1 hazard displayed (1 error, 0 warnings)")
-    assert ran[3] == f"synccheck (cuda): rc=0, ran {count} cases, ERROR SUMMARY: 0 errors"
-    assert "last lines of logs/sanitize_racecheck.log:" in lines and "RACECHECK SUMMARY" in summary
-    tools = calls.read_text().splitlines()
+    tools = calls.read_text().splitlines() if calls.exists() else []
+    return proc, (out / "summary.txt").read_text(), lines, tools, out
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="bash, timeout and tar of a Linux machine")
+def test_sanitize_step_runs_the_cases_plainly_then_under_each_tool(tmp_path):
+    """The sanitize step with a compute-sanitizer stand-in (it runs the application, then prints the
+    tool's summary line; racecheck reports a hazard and exits with the error exit code), the cases on
+    this CPU: the plain run in shards, then one run per tool; each run's counts, rc and summary line reach
+    sanitize.txt and the summary, the runs see PYTORCH_NO_CUDA_MEMORY_CACHING=1 and the tool's flags
+    (racecheck and synccheck only our kernels), and the failed run fails the step."""
+    proc, summary, lines, tools, out = _sanitize_step(tmp_path, GPU_RUN_SANITIZE_TIMEOUT="120")
+    assert proc.returncode == 1, proc.stdout[-3000:] + proc.stderr[-3000:]   # racecheck's hazard fails the run
+    assert "sanitize: rc=1" in summary, summary
+    runs = [line for line in lines if line.startswith(("plain (", "memcheck (", "racecheck (", "synccheck ("))]
+    assert runs[0].startswith("plain (cuda,triton): ran ") and runs[0].endswith(", 0 failed, 3 of 3 processes finished")
+    count = int(runs[0].split("ran ")[1].split(" cases")[0])
+    assert count > 50, runs
+    assert runs[1:] == [f"memcheck (cuda,triton): rc=0, ran {count} cases, 0 failed, ERROR SUMMARY: 0 errors",
+                        f"racecheck (cuda): rc=86, ran {count} cases, 0 failed, "
+                        f"RACECHECK SUMMARY: 1 hazard displayed (1 error, 0 warnings)",
+                        f"synccheck (cuda): rc=0, ran {count} cases, 0 failed, ERROR SUMMARY: 0 errors"], lines
+    assert "RACECHECK SUMMARY" in summary and "from logs/sanitize_racecheck.log:" in lines
     assert len(tools) == 3 and all(t.endswith("NO_CACHING=1") for t in tools), tools
+    common = ("--error-exitcode 86 --print-limit 20 --report-api-errors no --check-exit-code no "
+              "--target-processes application-only --destroy-on-device-error kernel ")
     for tool, line in zip(("memcheck", "racecheck", "synccheck"), tools):
-        assert line.startswith(f"--tool {tool} --error-exitcode 86 --print-limit 20 --report-api-errors no "), line
+        ours = "--kernel-name kns=fused_fpn " if tool != "memcheck" else ""
+        assert line.startswith(f"--tool {tool} {common}{ours}{sys.executable} "), line
     with tarfile.open(out / "logs.tar.gz") as tar:
         names = set(tar.getnames())
-    assert {f"logs/sanitize_{n}.log" for n in ("plain", "memcheck", "racecheck", "synccheck")} <= names
+    assert {f"logs/sanitize_{n}.log" for n in ("plain_0", "plain_2", "memcheck", "racecheck", "synccheck")} <= names
 
 
-def test_sanitizer_cases_check_the_values_they_run(monkeypatch):
+@pytest.mark.skipif(sys.platform != "linux", reason="bash, timeout and tar of a Linux machine")
+def test_sanitize_step_stops_at_its_budget(tmp_path):
+    """A step budget too small for the plain run: its processes are stopped, each log's last lines are
+    shown, no tool runs (NOT-RUN), and the step fails."""
+    proc, summary, lines, tools, _ = _sanitize_step(tmp_path, GPU_RUN_SANITIZE_BUDGET="1")
+    assert proc.returncode == 1 and "sanitize: rc=1" in summary, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "plain (cuda,triton): ran 0 cases, 0 failed, 0 of 3 processes finished" in lines, lines
+    assert [line for line in lines if "NOT-RUN" in line] == [
+        f"{tool} ({backends}): NOT-RUN, GPU_RUN_SANITIZE_BUDGET used up"
+        for tool, backends in (("memcheck", "cuda,triton"), ("racecheck", "cuda"), ("synccheck", "cuda"))]
+    assert tools == [] and "from logs/sanitize_plain_0.log:" in lines
+
+
+def test_sanitizer_cases_check_the_values_they_run(monkeypatch, capsys):
     """tests/gpu_sanitizer_cases.py on this CPU: every case passes, and a backend that drops its bias in
-    one layout fails the run (the cases check values, not only that the kernels ran)."""
+    one layout fails those cases, and the run goes on and fails at its end (the cases check values, not
+    only that the kernels ran)."""
     import gpu_sanitizer_cases
     import fused_fpn
 
@@ -168,8 +194,14 @@ def test_sanitizer_cases_check_the_values_they_run(monkeypatch):
         cl = x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
         return real(x, weight, None if cl else bias, top, backend=backend)
     monkeypatch.setattr(fused_fpn, "lateral", drops_bias_in_channels_last)
-    with pytest.raises(AssertionError):
-        gpu_sanitizer_cases.main(["--device", "cpu", "--backends", "cpu"])
+    capsys.readouterr()
+    assert gpu_sanitizer_cases.main(["--device", "cpu", "--backends", "cpu"]) == 1
+    printed = capsys.readouterr().out.splitlines()
+    failed = [line for line in printed if line.startswith("FAILED ")]
+    assert failed and all((" channels_last " in line or " one_element_off " in line) and "bias+top" in line
+                          for line in failed), failed   # one_element_off: channels_last too
+    ran = int(printed[-1].split()[1])
+    assert printed[-1] == f"ran {ran} cases, {len(failed)} failed" and ran > len(failed)   # it went on
 
 
 def test_sanitizer_cases_run_the_triton_backend_under_the_interpreter():
@@ -180,4 +212,4 @@ def test_sanitizer_cases_run_the_triton_backend_under_the_interpreter():
     proc = subprocess.run([sys.executable, str(ROOT / "tests" / "gpu_sanitizer_cases.py"), "--device", "cpu",
                            "--backends", "triton"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    assert "ran 28 cases" in proc.stdout and "triton float16 noncontig" in proc.stdout, proc.stdout[-2000:]
+    assert "ran 28 cases, 0 failed" in proc.stdout and "triton float16 noncontig" in proc.stdout, proc.stdout[-2000:]
