@@ -15,7 +15,8 @@
 #          when time ran out; not written when the run is killed), and the failed ones, read off the
 #          per-test lines, in OUT_DIR/logs/tests_failed.txt and the summary
 #   bench  python3 -m pytest benchmarks (GPU shapes)              -> OUT_DIR/logs/bench.log
-#          + the results benchmarks/results/<device>_<date>.{json,png,md} copied to OUT_DIR
+#          + the results benchmarks/results/<device>_<date>[_cudagraphs][_subset][_partial].{json,png,md}
+#          copied to OUT_DIR
 #   overhead  python3 benchmarks/launch_overhead.py: host time per call, layer by layer, and of
 #          the whole FPN on tiny maps -> appended to OUT_DIR/logs/bench.log and the summary; its first
 #          triton calls compile and autotune every config (more than 2 minutes on the H200 host,
@@ -285,21 +286,29 @@ if want sanitize; then
               | cut -c1-240 | sed 's/^/      /'; } >> "$SAN"
         return 1
     }
+    # the backends a run's log says it ran (GPU_RUN_SANITIZE_ARGS may name others than asked), else $2
+    san_label() { local b; b=$(grep -am1 "^backends: " "$1" | sed 's/^backends: //; s/ on .*//'); echo "${b:-$2}"; }
     echo "compute-sanitizer runs of tests/gpu_sanitizer_cases.py (${SANITIZER:-compute-sanitizer not found}):" > "$SAN"
     rc=0
+    if ! [[ "$san_shards" =~ ^[1-9][0-9]*$ ]]; then
+        echo "  GPU_RUN_SANITIZE_SHARDS must be a positive integer, got '$san_shards'" >> "$SAN"
+        san_shards=1 rc=1
+    fi
     # plainly first, in GPU_RUN_SANITIZE_SHARDS processes at once: the values, and Triton's compiles (into
     # its cache) outside the slow tool runs
     secs=$(san_limit)
-    pids=()
+    pids=() plain_logs=()
     for ((k = 0; k < san_shards; k++)); do
-        san_exec "$OUT/logs/sanitize_plain_$k.log" "$secs" cuda,triton "$k/$san_shards" &
+        plain_logs+=("$OUT/logs/sanitize_plain_$k.log")
+        san_exec "${plain_logs[$k]}" "$secs" cuda,triton "$k/$san_shards" &
         pids+=($!)
     done
     for pid in "${pids[@]}"; do wait "$pid" || rc=1; done
-    awk -v shards="$san_shards" '/^ran [0-9]+ cases, [0-9]+ failed/ {n += $2; f += $4; done++}
-        END {printf "  plain (cuda,triton): ran %d cases, %d failed, %d of %d processes finished\n", n, f, done, shards}' \
-        "$OUT"/logs/sanitize_plain_*.log >> "$SAN"
-    for ((k = 0; k < san_shards; k++)); do san_tail "$OUT/logs/sanitize_plain_$k.log" || rc=1; done
+    awk -v shards="$san_shards" -v label="$(san_label "${plain_logs[0]}" cuda,triton)" \
+        '/^ran [0-9]+ cases, [0-9]+ failed/ {n += $2; f += $4; done++}
+         END {printf "  plain (%s): ran %d cases, %d failed, %d of %d processes finished\n", label, n, f, done, shards}' \
+        "${plain_logs[@]}" >> "$SAN"
+    for log in "${plain_logs[@]}"; do san_tail "$log" || rc=1; done
     write_summary
     if [ -z "$SANITIZER" ]; then
         echo "  compute-sanitizer not found (PATH, \$CUDA_HOME/bin, /usr/local/cuda*/bin); COMPUTE_SANITIZER=... names it" >> "$SAN"
@@ -312,19 +321,18 @@ if want sanitize; then
             backends=cuda filter=(--kernel-name kns=fused_fpn)
             if [ "$tool" = memcheck ]; then backends=cuda,triton filter=(); fi
             log="$OUT/logs/sanitize_$tool.log"
-            secs=$(san_limit)
-            if [ "$secs" -lt 30 ]; then
+            if [ $(( san_end - $(date +%s) )) -lt 30 ]; then
                 echo "  $tool ($backends): NOT-RUN, GPU_RUN_SANITIZE_BUDGET used up" >> "$SAN"
                 rc=1
                 continue
             fi
-            san_exec "$log" "$secs" "$backends" 0/1 "$SANITIZER" --tool "$tool" --error-exitcode 86 --print-limit 20 \
+            san_exec "$log" "$(san_limit)" "$backends" 0/1 "$SANITIZER" --tool "$tool" --error-exitcode 86 --print-limit 20 \
                 --report-api-errors no --check-exit-code no --target-processes application-only \
                 --destroy-on-device-error kernel "${filter[@]}"
             run_rc=$?
             ran=$(grep -aE "^ran [0-9]+ cases" "$log" | tail -1)
             tool_summary=$(grep -aE "(ERROR|RACECHECK) SUMMARY" "$log" | tail -1 | sed 's/^=* *//')
-            echo "  $tool ($backends): rc=$run_rc, ${ran:-stopped after $(grep -ac '^case ' "$log") cases started}${tool_summary:+, $tool_summary}" \
+            echo "  $tool ($(san_label "$log" "$backends")): rc=$run_rc, ${ran:-stopped after $(grep -ac '^case ' "$log") cases started}${tool_summary:+, $tool_summary}" \
                 >> "$SAN"
             tool_failed=""
             if [ "$run_rc" -ne 0 ]; then rc=1 tool_failed=1; fi

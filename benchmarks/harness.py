@@ -1213,6 +1213,10 @@ class BenchRun:
         self.load_start = load_average()
         self._groups: Dict[tuple, List[str]] = {}
         self._planned: List[RowSpec] = []   # the registered rows, in order (``close`` reports those never reached)
+        self._asked = False                  # whether any row was asked for (a --collect-only session: none)
+        # measured rows that pytest had not asked for when their workload was left, by (key, provider):
+        # reported by ``close`` unless asked for (and measured again) later
+        self._unclaimed: Dict[tuple, Record] = {}
         self._pending: Dict[str, Tuple[Record, Optional[Callable], Optional[tuple]]] = {}
         self._pending_key = None
         self._workload: Optional[Workload] = None
@@ -1278,6 +1282,7 @@ class BenchRun:
     def run(self, spec: RowSpec) -> Tuple[Record, Optional[Callable], Optional[tuple]]:
         """The measured row of ``spec``: (record, once, args), where once(*args) is one synchronized call
         to hand to pytest-benchmark (None when the row was not timed). The record joins ``records``."""
+        self._asked = True
         if self._pending_key != spec.key or spec.provider not in self._pending:
             group = self._groups.get(spec.key) or [spec.provider]
             if spec.provider not in group or self._pending_key == spec.key:
@@ -1287,6 +1292,7 @@ class BenchRun:
                 self._pending_key = spec.key
             self._measure(spec, group)
         rec, once, args = self._pending.pop(spec.provider)
+        self._unclaimed.pop((spec.key, spec.provider), None)
         self.records.append(rec)
         return rec, once, args
 
@@ -1363,12 +1369,12 @@ class BenchRun:
             self._pending[p] = (rec, self._once(fn, w.needs_grad), w.input_sets[0])
 
     def _flush_pending(self) -> None:
-        """Rows of the current workload that pytest has not asked for join ``records``: as measured, or
+        """Rows of the current workload that pytest has not asked for become unclaimed: as measured, or
         NOT-RUN if the measuring was interrupted before their timing."""
         for rec, _, _ in self._pending.values():
             if rec.status == OK and rec.median_ms is None:
                 rec.status, rec.message = NOT_RUN, INTERRUPTED_BEFORE_TIMING
-            self.records.append(rec)
+            self._unclaimed[(rec.key, rec.provider)] = rec
         self._pending, self._pending_key = {}, None
 
     def _once(self, fn: Callable, needs_grad: bool) -> Callable:
@@ -1385,14 +1391,19 @@ class BenchRun:
         (interrupted, a timeout's SIGINT, ``-x``) still join ``records``: one measured with its workload
         but not yet handed to pytest as it was measured; one whose workload was interrupted before
         it was timed as NOT-RUN (with its first call and parity, if it got that far); a registered row
-        never reached as NOT-RUN. Then the workload is dropped."""
+        never reached as NOT-RUN (none if no row was asked for: a --collect-only or --benchmark-skip
+        session). A row is reported once, as pytest got it if it did. Then the workload is dropped."""
         self._flush_pending()
         seen = {(r.key, r.provider) for r in self.records}
-        for spec in self._planned:
+        for k, rec in self._unclaimed.items():
+            if k not in seen:
+                self.records.append(rec)
+                seen.add(k)
+        for spec in self._planned if self._asked else []:
             if (spec.key, spec.provider) not in seen:
                 self.records.append(Record(spec.case, spec.dtype, spec.layout, spec.provider, self.cfg.device,
                                            status=NOT_RUN, message=NOT_REACHED))
-        self._planned = []
+        self._planned, self._unclaimed = [], {}
         self._workload = None
         self._workload_key = None
         self._reference = None

@@ -12,10 +12,13 @@ neighbour unseen. The cases are the emulated matrices' (tests/cuda_asan_run.py, 
 kernels' emulation under AddressSanitizer on a CPU): odd channel counts, 16-byte paths, nearest
 downsampling, a shape that takes the CUDA kernel's split-K workspace on a GPU, and x and top in NCHW,
 channels_last, strided (``noncontig``) and one element off 16 bytes, made on the device. Each output and
-gradient is checked against the float64 reference (NaN is an element never written). Each case prints
-a line before it runs, so a report in the sanitizer's log is read against the case above it; a case
-that fails prints FAILED and the run goes on (the last line is "ran N cases, F failed", exit status 1
-if F > 0), except after a CUDA error, which leaves the context unusable: the run stops there.
+gradient is checked against the float64 reference, with new memory filled with NaN
+(``torch.utils.deterministic.fill_uninitialized_memory``, as the test suite's ``nan_poison``: on a GPU
+as on the CPU), so that an element never written fails. The first line names the backends and device;
+each case prints a line before it runs, so a report in the sanitizer's log is read against the case
+above it; a case that fails prints FAILED and the run goes on (the last line is "ran N cases, F failed",
+F of the N; exit status 1 if F > 0), except after a CUDA error, which leaves the context unusable: the
+run stops there.
 ``--shard K/S`` runs every S-th case from the K-th (the plain run is S processes at once: Triton
 compiles each new specialization on the main thread, about 90 of them here).
 Triton runs the 2- and 4-byte paths (fp16, and fp32 with TF32): bf16 and exact fp32 load and store
@@ -29,6 +32,7 @@ On a CPU (``--device cpu --backends cpu,torch``) the same cases check this scrip
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import sys
 from typing import Iterator, NamedTuple, Optional, Tuple
@@ -181,32 +185,47 @@ def main(argv: Optional[list] = None) -> int:
             print(f"backend {backend} cannot run on {args.device} here: "
                   f"{fused_fpn.available_backends(args.device)}", flush=True)
             return 1
+    print(f"backends: {','.join(backends)} on {args.device}", flush=True)
     shard, shards = args.shard
     work = [(backend, case) for backend in backends
             for case in [*cases(backend, args.device), *grad_cases(backend, args.device)]]
     ran = failed = 0
-    for i, (backend, case) in enumerate(work):
-        if i % shards != shard:
-            continue
-        gen = torch.Generator().manual_seed(i)   # the same inputs whatever the sharding
-        try:
-            print(f"case {case.describe(backend)}", flush=True)
-            if isinstance(case, GradCase):
-                run_grad_case(case, args.device, gen)
-            else:
-                run_case(case, backend, args.device, gen)
-            if args.device == "cuda":
-                torch.cuda.synchronize()   # a fault is the case's, not the next one's
+    with _nan_poison():
+        for i, (backend, case) in enumerate(work):
+            if i % shards != shard:
+                continue
             ran += 1
-        except Exception as exc:  # noqa: BLE001 - reported, and the run goes on
-            failed += 1
-            print(f"FAILED {case.describe(backend)}: "
-                  f"{type(exc).__name__}: {str(exc)[:600]}", flush=True)
-            if any(s in str(exc) for s in STICKY_CUDA_ERRORS):
-                print("a CUDA error: the context is unusable, stopping", flush=True)
-                break
+            try:
+                print(f"case {case.describe(backend)}", flush=True)
+                gen = torch.Generator().manual_seed(i)   # the same inputs whatever the sharding
+                if isinstance(case, GradCase):
+                    run_grad_case(case, args.device, gen)
+                else:
+                    run_case(case, backend, args.device, gen)
+                if args.device == "cuda":
+                    torch.cuda.synchronize()   # a fault is the case's, not the next one's
+            except Exception as exc:  # noqa: BLE001 - reported, and the run goes on
+                failed += 1
+                print(f"FAILED {case.describe(backend)}: {type(exc).__name__}: {str(exc)[:600]}", flush=True)
+                if any(s in str(exc) for s in STICKY_CUDA_ERRORS):
+                    print("a CUDA error: the context is unusable, stopping", flush=True)
+                    break
     print(f"ran {ran} cases, {failed} failed", flush=True)
     return 1 if failed else 0
+
+
+@contextlib.contextmanager
+def _nan_poison():
+    """New memory filled with NaN (deterministic algorithms, warn only), as tests/conftest.py's nan_poison."""
+    old = (torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled(),
+           torch.utils.deterministic.fill_uninitialized_memory)
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    torch.utils.deterministic.fill_uninitialized_memory = True
+    try:
+        yield
+    finally:
+        torch.utils.deterministic.fill_uninitialized_memory = old[2]
+        torch.use_deterministic_algorithms(old[0], warn_only=old[1])
 
 
 if __name__ == "__main__":

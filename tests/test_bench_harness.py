@@ -424,6 +424,24 @@ def test_rows_the_session_did_not_hand_to_pytest_are_reported(monkeypatch, tmp_p
     assert not harness.result_paths(done.cfg, report)["json"].endswith("_partial.json")
 
 
+def test_rows_asked_for_out_of_order_are_reported_once(tmp_path):
+    """A workload's rows asked for apart (pytest's --ff / --nf, a random-order plugin) are reported once
+    each, as pytest got them; a session that asks for no row (--collect-only) reports none."""
+    run = harness.BenchRun(_quick_cfg(tmp_path))
+    p5 = [harness.RowSpec("lateral_P5", "fp32", "nchw", p) for p in ("eager", "fused-torch")]
+    p4 = harness.RowSpec("lateral_P4", "fp32", "nchw", "eager")
+    run.register(p5 + [p4])
+    asked = [run.run(spec)[0] for spec in (p5[0], p4, p5[1])]   # P5's fused-torch after P4's row
+    run.close()
+    assert run.records == asked and all(r.status == harness.OK for r in asked)
+    assert [(r.case, r.provider) for r in run.records] == [("lateral_P5", "eager"), ("lateral_P4", "eager"),
+                                                           ("lateral_P5", "fused-torch")]
+    collected = harness.BenchRun(_quick_cfg(tmp_path))
+    collected.register(p5 + [p4])
+    collected.close()
+    assert collected.records == []
+
+
 INTERRUPT_PLUGIN = """
 import os
 

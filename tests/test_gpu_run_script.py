@@ -113,7 +113,7 @@ while [ $# -gt 0 ] && [ "$1" != {python} ]; do
     shift
 done
 "$@"
-if [ "$tool" = racecheck ]; then
+if [ "$tool" = racecheck ] && [ "${{STAND_IN_RACE:-}}" = 1 ]; then
     echo "========= Error: Race reported between Write access at lateral_fwd_kernel and Read access"
     echo "========= RACECHECK SUMMARY: 1 hazard displayed (1 error, 0 warnings)"
     exit 86
@@ -122,12 +122,13 @@ echo "========= ERROR SUMMARY: 0 errors"
 """
 
 
-def _sanitize_step(tmp_path, **env_vars):
-    """gpu_run.sh's sanitize step with the compute-sanitizer stand-in, the cases on this CPU's cpu backend."""
+def _sanitize_step(tmp_path, python=sys.executable, **env_vars):
+    """gpu_run.sh's sanitize step with the compute-sanitizer stand-in (racecheck reports a hazard with
+    STAND_IN_RACE=1), the cases on this CPU's cpu backend."""
     calls = tmp_path / "calls.txt"
-    sanitizer = _script(tmp_path / "compute-sanitizer", SANITIZER_STAND_IN.format(calls=calls, python=sys.executable))
+    sanitizer = _script(tmp_path / "compute-sanitizer", SANITIZER_STAND_IN.format(calls=calls, python=python))
     out = tmp_path / "out"
-    env = dict(os.environ, GPU_RUN_STEPS="sanitize", PYTHON=sys.executable, COMPUTE_SANITIZER=sanitizer,
+    env = dict(os.environ, GPU_RUN_STEPS="sanitize", PYTHON=python, COMPUTE_SANITIZER=sanitizer,
                GPU_RUN_SANITIZE_ARGS="--device cpu --backends cpu", GPU_RUN_SANITIZE_SHARDS="3", **env_vars)
     proc = subprocess.run(["bash", str(ROOT / "benchmarks" / "gpu_run.sh"), str(out)], cwd=tmp_path, env=env,
                           capture_output=True, text=True, timeout=600)
@@ -143,17 +144,18 @@ def test_sanitize_step_runs_the_cases_plainly_then_under_each_tool(tmp_path):
     this CPU: the plain run in shards, then one run per tool; each run's counts, rc and summary line reach
     sanitize.txt and the summary, the runs see PYTORCH_NO_CUDA_MEMORY_CACHING=1 and the tool's flags
     (racecheck and synccheck only our kernels), and the failed run fails the step."""
-    proc, summary, lines, tools, out = _sanitize_step(tmp_path, GPU_RUN_SANITIZE_TIMEOUT="120")
+    proc, summary, lines, tools, out = _sanitize_step(tmp_path, GPU_RUN_SANITIZE_TIMEOUT="120", STAND_IN_RACE="1")
     assert proc.returncode == 1, proc.stdout[-3000:] + proc.stderr[-3000:]   # racecheck's hazard fails the run
     assert "sanitize: rc=1" in summary, summary
     runs = [line for line in lines if line.startswith(("plain (", "memcheck (", "racecheck (", "synccheck ("))]
-    assert runs[0].startswith("plain (cuda,triton): ran ") and runs[0].endswith(", 0 failed, 3 of 3 processes finished")
+    assert runs[0].startswith("plain (cpu): ran ") and runs[0].endswith(", 0 failed, 3 of 3 processes finished")
     count = int(runs[0].split("ran ")[1].split(" cases")[0])
     assert count > 50, runs
-    assert runs[1:] == [f"memcheck (cuda,triton): rc=0, ran {count} cases, 0 failed, ERROR SUMMARY: 0 errors",
-                        f"racecheck (cuda): rc=86, ran {count} cases, 0 failed, "
+    # (labelled with the backends each run reports: GPU_RUN_SANITIZE_ARGS's cpu)
+    assert runs[1:] == [f"memcheck (cpu): rc=0, ran {count} cases, 0 failed, ERROR SUMMARY: 0 errors",
+                        f"racecheck (cpu): rc=86, ran {count} cases, 0 failed, "
                         f"RACECHECK SUMMARY: 1 hazard displayed (1 error, 0 warnings)",
-                        f"synccheck (cuda): rc=0, ran {count} cases, 0 failed, ERROR SUMMARY: 0 errors"], lines
+                        f"synccheck (cpu): rc=0, ran {count} cases, 0 failed, ERROR SUMMARY: 0 errors"], lines
     assert "RACECHECK SUMMARY" in summary and "from logs/sanitize_racecheck.log:" in lines
     assert len(tools) == 3 and all(t.endswith("NO_CACHING=1") for t in tools), tools
     common = ("--error-exitcode 86 --print-limit 20 --report-api-errors no --check-exit-code no "
@@ -168,15 +170,36 @@ def test_sanitize_step_runs_the_cases_plainly_then_under_each_tool(tmp_path):
 
 @pytest.mark.skipif(sys.platform != "linux", reason="bash, timeout and tar of a Linux machine")
 def test_sanitize_step_stops_at_its_budget(tmp_path):
-    """A step budget too small for the plain run: its processes are stopped, each log's last lines are
-    shown, no tool runs (NOT-RUN), and the step fails."""
+    """A step budget too small for the plain run: its processes get 1 s (a process that misses the
+    SIGINT, as one importing torch now and then does, is killed 10 s later, by which time a CPU run may
+    have finished), no tool runs (NOT-RUN), and the step fails."""
     proc, summary, lines, tools, _ = _sanitize_step(tmp_path, GPU_RUN_SANITIZE_BUDGET="1")
     assert proc.returncode == 1 and "sanitize: rc=1" in summary, proc.stdout[-3000:] + proc.stderr[-3000:]
-    assert "plain (cuda,triton): ran 0 cases, 0 failed, 0 of 3 processes finished" in lines, lines
+    assert any(line.startswith("plain (") and line.endswith(" of 3 processes finished") for line in lines), lines
     assert [line for line in lines if "NOT-RUN" in line] == [
         f"{tool} ({backends}): NOT-RUN, GPU_RUN_SANITIZE_BUDGET used up"
         for tool, backends in (("memcheck", "cuda,triton"), ("racecheck", "cuda"), ("synccheck", "cuda"))]
-    assert tools == [] and "from logs/sanitize_plain_0.log:" in lines
+    assert tools == []
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="bash, timeout and tar of a Linux machine")
+def test_sanitize_step_fails_when_a_plain_shard_fails(tmp_path):
+    """One of the plain run's processes fails (a stand-in python for shard 1/3) while every tool run
+    passes: the step fails, and sanitize.txt counts the failure and shows that shard's lines."""
+    python = _script(tmp_path / "python", f"""#!/usr/bin/env bash
+if [[ " $* " == *" --shard 1/3 "* ]]; then
+    echo "backends: cpu on cpu"; echo "case cpu float32 nchw stand-in"; echo "FAILED cpu float32 nchw stand-in: boom"
+    echo "ran 1 cases, 1 failed"; exit 1
+fi
+exec {sys.executable} "$@"
+""")
+    proc, summary, lines, tools, _ = _sanitize_step(tmp_path, python=python)
+    assert proc.returncode == 1 and "sanitize: rc=1" in summary, proc.stdout[-3000:] + proc.stderr[-3000:]
+    plain = next(line for line in lines if line.startswith("plain ("))
+    assert plain.endswith(" 1 failed, 3 of 3 processes finished"), lines
+    assert "from logs/sanitize_plain_1.log:" in lines and "FAILED cpu float32 nchw stand-in: boom" in lines
+    assert [line.split(":")[1].split(",")[0] for line in lines if line.startswith(("memcheck", "racecheck", "synccheck"))] \
+        == [" rc=0"] * 3, lines
 
 
 def test_sanitizer_cases_check_the_values_they_run(monkeypatch, capsys):
@@ -202,6 +225,46 @@ def test_sanitizer_cases_check_the_values_they_run(monkeypatch, capsys):
                           for line in failed), failed   # one_element_off: channels_last too
     ran = int(printed[-1].split()[1])
     assert printed[-1] == f"ran {ran} cases, {len(failed)} failed" and ran > len(failed)   # it went on
+
+
+def test_sanitizer_cases_shard_into_a_partition_with_the_same_inputs(monkeypatch, capsys):
+    """``--shard K/S`` runs every case exactly once across the S shards, each with the inputs (the
+    generator's seed) it has in a run of all of them."""
+    import gpu_sanitizer_cases
+
+    monkeypatch.setenv("FUSED_FPN_TRITON_AUTOTUNE", "0")
+    seeds = {}
+
+    def record(case, backend, device, gen):
+        seeds.setdefault(case.describe(backend), []).append(gen.initial_seed())
+    monkeypatch.setattr(gpu_sanitizer_cases, "run_case", lambda case, backend, device, gen: record(case, backend, device, gen))
+    monkeypatch.setattr(gpu_sanitizer_cases, "run_grad_case", lambda case, device, gen: record(case, "cpu", device, gen))
+    assert gpu_sanitizer_cases.main(["--device", "cpu", "--backends", "cpu,torch"]) == 0
+    whole = {k: v[0] for k, v in seeds.items()}
+    assert len(whole) > 150 and all(len(v) == 1 for v in seeds.values())
+    seeds.clear()
+    for k in range(3):
+        assert gpu_sanitizer_cases.main(["--device", "cpu", "--backends", "cpu,torch", "--shard", f"{k}/3"]) == 0
+    assert all(len(v) == 1 for v in seeds.values()) and {k: v[0] for k, v in seeds.items()} == whole
+
+
+def test_sanitizer_cases_stop_at_a_cuda_error(monkeypatch, capsys):
+    """A case failing with a CUDA error (the context is then unusable) ends the run there: the cases after
+    it are not started, and the run fails."""
+    import gpu_sanitizer_cases
+
+    monkeypatch.setenv("FUSED_FPN_TRITON_AUTOTUNE", "0")
+    calls = []
+
+    def third_faults(case, backend, device, gen):
+        calls.append(case)
+        if len(calls) == 3:
+            raise RuntimeError("CUDA error: an illegal memory access was encountered")
+    monkeypatch.setattr(gpu_sanitizer_cases, "run_case", third_faults)
+    assert gpu_sanitizer_cases.main(["--device", "cpu", "--backends", "cpu"]) == 1
+    out = capsys.readouterr().out.splitlines()
+    assert len(calls) == 3 and out[-2:] == ["a CUDA error: the context is unusable, stopping", "ran 3 cases, 1 failed"]
+    assert sum(line.startswith("case ") for line in out) == 3 and out[-3].startswith("FAILED cpu ")
 
 
 def test_sanitizer_cases_run_the_triton_backend_under_the_interpreter():
