@@ -1212,7 +1212,6 @@ class BenchRun:
         self.started = time.monotonic()
         self.load_start = load_average()
         self._groups: Dict[tuple, List[str]] = {}
-        self._planned: List[RowSpec] = []   # the registered rows, in order (``close`` reports those never reached)
         self._asked = False                  # whether any row was asked for (a --collect-only session: none)
         # measured rows that pytest had not asked for when their workload was left, by (key, provider):
         # reported by ``close`` unless asked for (and measured again) later
@@ -1231,7 +1230,6 @@ class BenchRun:
             group = self._groups.setdefault(spec.key, [])
             if spec.provider not in group:
                 group.append(spec.provider)
-                self._planned.append(spec)
 
     def ceiling(self) -> Ceiling:
         if self._ceiling is None:
@@ -1399,11 +1397,11 @@ class BenchRun:
             if k not in seen:
                 self.records.append(rec)
                 seen.add(k)
-        for spec in self._planned if self._asked else []:
-            if (spec.key, spec.provider) not in seen:
-                self.records.append(Record(spec.case, spec.dtype, spec.layout, spec.provider, self.cfg.device,
-                                           status=NOT_RUN, message=NOT_REACHED))
-        self._planned, self._unclaimed = [], {}
+        for key, providers in self._groups.items() if self._asked else ():
+            for provider in providers:
+                if (key, provider) not in seen:
+                    self.records.append(Record(*key, provider, self.cfg.device, status=NOT_RUN, message=NOT_REACHED))
+        self._unclaimed = {}
         self._workload = None
         self._workload_key = None
         self._reference = None

@@ -18,16 +18,9 @@ import pytest  # noqa: E402
 
 @pytest.fixture(autouse=True)
 def nan_poison():
-    old_det = torch.are_deterministic_algorithms_enabled()
-    old_warn = torch.is_deterministic_algorithms_warn_only_enabled()
-    old_fill = torch.utils.deterministic.fill_uninitialized_memory
-    torch.use_deterministic_algorithms(True, warn_only=True)
-    torch.utils.deterministic.fill_uninitialized_memory = True
-    try:
+    from fpn_testing import nan_poisoned
+    with nan_poisoned():
         yield
-    finally:
-        torch.utils.deterministic.fill_uninitialized_memory = old_fill
-        torch.use_deterministic_algorithms(old_det, warn_only=old_warn)
 
 
 @pytest.fixture

@@ -1,6 +1,7 @@
 """Helpers shared by the tests: tolerance table, devices and backends, input makers, comparisons."""
 from __future__ import annotations
 
+import contextlib
 from typing import List, Optional
 
 import pytest
@@ -21,6 +22,23 @@ TOLERANCES = {
 
 HAS_CUDA = torch.cuda.is_available()
 DEVICES = ["cpu"] + (["cuda"] if HAS_CUDA else [])
+
+
+@contextlib.contextmanager
+def nan_poisoned():
+    """Deterministic algorithms on (warn only) and ``fill_uninitialized_memory``: ATen fills every new
+    float tensor (our kernels' outputs included) with NaN, on a GPU as on the CPU, so an element a
+    kernel forgets to write is NaN. The previous settings are restored on exit."""
+    old_det = torch.are_deterministic_algorithms_enabled()
+    old_warn = torch.is_deterministic_algorithms_warn_only_enabled()
+    old_fill = torch.utils.deterministic.fill_uninitialized_memory
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    torch.utils.deterministic.fill_uninitialized_memory = True
+    try:
+        yield
+    finally:
+        torch.utils.deterministic.fill_uninitialized_memory = old_fill
+        torch.use_deterministic_algorithms(old_det, warn_only=old_warn)
 
 
 def backends_for(device: str) -> List[str]:

@@ -13,8 +13,7 @@ kernels' emulation under AddressSanitizer on a CPU): odd channel counts, 16-byte
 downsampling, a shape that takes the CUDA kernel's split-K workspace on a GPU, and x and top in NCHW,
 channels_last, strided (``noncontig``) and one element off 16 bytes, made on the device. Each output and
 gradient is checked against the float64 reference, with new memory filled with NaN
-(``torch.utils.deterministic.fill_uninitialized_memory``, as the test suite's ``nan_poison``: on a GPU
-as on the CPU), so that an element never written fails. The first line names the backends and device;
+(``fpn_testing.nan_poisoned``, as the test suite's ``nan_poison``: on a GPU as on the CPU), so that an element never written fails. The first line names the backends and device;
 each case prints a line before it runs, so a report in the sanitizer's log is read against the case
 above it; a case that fails prints FAILED and the run goes on (the last line is "ran N cases, F failed",
 F of the N; exit status 1 if F > 0), except after a CUDA error, which leaves the context unusable: the
@@ -23,8 +22,8 @@ run stops there.
 compiles each new specialization on the main thread, about 90 of them here).
 Triton runs the 2- and 4-byte paths (fp16, and fp32 with TF32): bf16 and exact fp32 load and store
 alike and would only add compiles; the CUDA kernels, compiled ahead, run all four. Triton takes each
-list's first config (FUSED_FPN_TRITON_AUTOTUNE=0 unless set: autotuning would time every config under
-the tool); tests/test_triton_gpu.py runs every config alone.
+list's first config (run as a script, FUSED_FPN_TRITON_AUTOTUNE=0 unless set: autotuning would time
+every config under the tool); tests/test_triton_gpu.py runs every config alone.
 
 On a CPU (``--device cpu --backends cpu,torch``) the same cases check this script itself
 (tests/test_gpu_run_script.py).
@@ -43,7 +42,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import fused_fpn  # noqa: E402
 from cuda_asan_run import GRAD_SIZES, LAYOUTS, MATHS, SIZES, SPLIT_K  # noqa: E402
 from cuda_emu_testing import emu_input  # noqa: E402
-from fpn_testing import TOLERANCES, backend_supports  # noqa: E402
+from fpn_testing import TOLERANCES, backend_supports, nan_poisoned  # noqa: E402
 from fused_fpn._layout import output_memory_format  # noqa: E402
 from fused_fpn.reference import lateral_reference  # noqa: E402
 
@@ -172,7 +171,6 @@ def main(argv: Optional[list] = None) -> int:
     parser.add_argument("--backends", default="cuda,triton", help="comma list (default: cuda,triton)")
     parser.add_argument("--shard", type=_shard, default=(0, 1), help="K/S: every S-th case from the K-th")
     args = parser.parse_args(argv)
-    os.environ.setdefault("FUSED_FPN_TRITON_AUTOTUNE", "0")   # read at each launch
     if args.device == "cuda" and not torch.cuda.is_available():
         print("no GPU: nothing to sanitize (--device cpu checks the cases themselves)", flush=True)
         return 1
@@ -190,7 +188,7 @@ def main(argv: Optional[list] = None) -> int:
     work = [(backend, case) for backend in backends
             for case in [*cases(backend, args.device), *grad_cases(backend, args.device)]]
     ran = failed = 0
-    with _nan_poison():
+    with nan_poisoned(), _tf32_restored():
         for i, (backend, case) in enumerate(work):
             if i % shards != shard:
                 continue
@@ -215,18 +213,15 @@ def main(argv: Optional[list] = None) -> int:
 
 
 @contextlib.contextmanager
-def _nan_poison():
-    """New memory filled with NaN (deterministic algorithms, warn only), as tests/conftest.py's nan_poison."""
-    old = (torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled(),
-           torch.utils.deterministic.fill_uninitialized_memory)
-    torch.use_deterministic_algorithms(True, warn_only=True)
-    torch.utils.deterministic.fill_uninitialized_memory = True
+def _tf32_restored():
+    """The TF32 flags as they were before the cases (run_case sets them per case)."""
+    old = (torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32)
     try:
         yield
     finally:
-        torch.utils.deterministic.fill_uninitialized_memory = old[2]
-        torch.use_deterministic_algorithms(old[0], warn_only=old[1])
+        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = old
 
 
 if __name__ == "__main__":
+    os.environ.setdefault("FUSED_FPN_TRITON_AUTOTUNE", "0")   # read at each launch
     sys.exit(main())

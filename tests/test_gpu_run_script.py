@@ -209,7 +209,6 @@ def test_sanitizer_cases_check_the_values_they_run(monkeypatch, capsys):
     import gpu_sanitizer_cases
     import fused_fpn
 
-    monkeypatch.setenv("FUSED_FPN_TRITON_AUTOTUNE", "0")   # main() sets it by default: not for later tests
     assert gpu_sanitizer_cases.main(["--device", "cpu", "--backends", "cpu,torch"]) == 0
     real = fused_fpn.lateral
 
@@ -232,7 +231,6 @@ def test_sanitizer_cases_shard_into_a_partition_with_the_same_inputs(monkeypatch
     generator's seed) it has in a run of all of them."""
     import gpu_sanitizer_cases
 
-    monkeypatch.setenv("FUSED_FPN_TRITON_AUTOTUNE", "0")
     seeds = {}
 
     def record(case, backend, device, gen):
@@ -253,7 +251,6 @@ def test_sanitizer_cases_stop_at_a_cuda_error(monkeypatch, capsys):
     it are not started, and the run fails."""
     import gpu_sanitizer_cases
 
-    monkeypatch.setenv("FUSED_FPN_TRITON_AUTOTUNE", "0")
     calls = []
 
     def third_faults(case, backend, device, gen):
