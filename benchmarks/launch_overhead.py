@@ -16,8 +16,10 @@ subtracting two rows gives the cost of one layer. Rows, from the bottom of the s
                                           the config the autotuner chose)
     triton: ..., Autotuner.run            the same through triton's Autotuner.run at every call
     triton: registered op                 torch.ops.fused_fpn.triton_lateral (triton_op dispatch)
-    <backend>: fused_fpn.lateral          the public function (checks, backend selection)
-    <backend>: ... requires_grad          the same with x requiring grad (autograd node recorded)
+    <backend>: fused_fpn.lateral          the public function (checks, backend selection; triton: the
+                                          op's body without the dispatcher, a plain eager call)
+    <backend>: ... requires_grad          the same with x requiring grad (autograd node recorded;
+                                          triton: through the registered op)
     <backend>: forward + backward         one forward and one backward
     cuda / cpu: registered op             torch.ops.fused_fpn.lateral (the C++ op)
     eager: conv2d + interpolate + add     torchvision's unfused computation, for scale
