@@ -6,7 +6,8 @@
 synchronize with the host and allocate only through torch (the caching allocator), so they are
 CUDA-graph safe once the autotuner has picked its configs (the first call of a shape inside a
 capture raises a RuntimeError instead of tuning there). On a GPU every launch asks
-``torch.library.wrap_triton`` first: while torch.compile traces the op it returns a wrapper that
+``torch.library.wrap_triton`` first (but inside ``run_directly``: an op body that a plain eager call
+runs without the dispatcher): while torch.compile traces the op it returns a wrapper that
 records the launch (so torch.compile sees the kernels); in eager it returns the kernel, and an
 autotuned kernel whose key was tuned before is launched with the chosen config directly
 (``_launch_autotuned``), and what a launch derives from its tensors' sizes, strides and dtypes is
@@ -219,8 +220,7 @@ def _launch(kernel, grid, args, meta):
         if interpreting():
             kernel[grid](*args, **meta)
         else:
-            from torch.library import wrap_triton
-            launcher = wrap_triton(kernel)
+            launcher = _launcher(kernel)
             seen = (kernel, _launch_variant(meta))
             if launcher is kernel:
                 what = lambda: getattr(kernel, "__name__", "kernel")   # noqa: E731
@@ -296,6 +296,33 @@ def _refuse_unloaded_binary_in_capture(fn, args, meta, what) -> None:
             f"capture backend='cuda'.")
 
 
+# A registered op's body run without the dispatcher (fused_fpn/backends/triton.py: a plain eager call,
+# ``direct_launch_allowed``) launches its kernels as the op's eager body does, without asking
+# wrap_triton (which returns the kernel itself there): ``run_directly`` marks this thread meanwhile.
+_DIRECT = threading.local()
+
+
+def run_directly(body, *args):
+    """body(*args) with this thread's launches going to the kernels themselves, not through
+    ``wrap_triton``: for an op body that the caller knows runs eagerly on plain tensors (no trace,
+    no dispatch mode). Cheaper than ``as_in_the_op_body`` (a thread-local flag, no context managers)."""
+    previous = getattr(_DIRECT, "active", False)
+    _DIRECT.active = True
+    try:
+        return body(*args)
+    finally:
+        _DIRECT.active = previous
+
+
+def _launcher(kernel):
+    """What a launch calls: the kernel itself inside ``run_directly``, else ``wrap_triton(kernel)``
+    (the kernel in a registered op's eager body, a recording wrapper while torch.compile traces it)."""
+    if getattr(_DIRECT, "active", False):
+        return kernel
+    from torch.library import wrap_triton
+    return wrap_triton(kernel)
+
+
 @contextlib.contextmanager
 def as_in_the_op_body():
     """Launches inside the block run as in a registered op's eager body: wrap_triton's higher-order-op
@@ -317,8 +344,7 @@ def _launch_autotuned(tuner, grid, args, meta, key):
     """tuner[grid](*args, **meta) for a compiled (not interpreted) launch. ``key`` must tell apart
     every call the autotuner would tell apart: its key arguments and the tensors' dtypes."""
     with _LAUNCH_LOCK:
-        from torch.library import wrap_triton
-        launcher = wrap_triton(tuner)
+        launcher = _launcher(tuner)
         # the chosen config per key, launched directly only for constexpr flags launched before on this
         # device: a new flag set (HAS_TOP, PIX_ALIGN, ...) compiles a new binary, and a new device loads
         # one, which inside a capture must raise

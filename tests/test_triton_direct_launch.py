@@ -220,3 +220,78 @@ def test_direct_launch_checks_the_pixel_limit():
     w = torch.ones((1, 1), device=DEVICE)
     with pytest.raises(ValueError, match="pixels"):
         fused_fpn.lateral(one.expand(1, 1, MAX_PIXELS + 1, 1), w, backend="triton")
+
+
+def _negative_bit(t):
+    """t's values in a tensor with the negative bit set (-(-t) through .conj().imag), as public ops
+    make them: the memory holds -t."""
+    z = torch.complex(torch.zeros_like(t, dtype=torch.float32), -t.float()).conj()
+    neg = z.imag.to(t.dtype) if t.dtype != torch.float32 else z.imag
+    assert neg.is_neg() and torch.equal(neg.resolve_neg(), t)
+    return neg
+
+
+def test_negative_bit_inputs_take_the_op_which_resolves_them():
+    """A tensor with the negative bit reads as the negation of its memory; the dispatcher resolves the
+    bit before the op's body runs, the kernels would not: such calls take the op, forward and
+    backward, and give the resolved tensors' numbers."""
+    from fused_fpn.backends import triton as tb
+    x, w, b, top = _case("nchw")
+    xn, wn = _negative_bit(x), _negative_bit(w)
+    assert not tb.direct_launch_allowed(xn, w, b, top) and not tb.direct_launch_allowed(x, wn, b, top)
+    expected = fused_fpn.lateral(x, w, b, top, backend="triton")
+    assert torch.equal(fused_fpn.lateral(xn, w, b, top, backend="triton"), expected)
+    assert torch.equal(fused_fpn.lateral(x, wn, b, top, backend="triton"), expected)
+    leaves = [t.clone().requires_grad_() for t in (x, w, b, top)]
+    y = fused_fpn.lateral(*leaves, backend="triton")
+    g = torch.randn_like(y)
+    expected_grads = torch.autograd.grad(y, leaves, g, retain_graph=True)
+    for got, want in zip(torch.autograd.grad(y, leaves, _negative_bit(g)), expected_grads):
+        assert torch.equal(got, want)
+
+
+def test_fpn_with_a_weight_that_does_not_fit_raises_on_the_direct_lane():
+    """The module passes its levels to the backend unchecked against x (a swapped weight leaves the
+    conv's in_channels stale); the direct lane runs the op body's checks, as the op does: a
+    ValueError, not a read past x's channels."""
+    from torchvision.ops import FeaturePyramidNetwork
+    torch.manual_seed(0)
+    tv = FeaturePyramidNetwork([8, 16], 12).to(DEVICE).eval()
+    tv.inner_blocks[0][0].weight = torch.nn.Parameter(torch.randn(12, 5, 1, 1, device=DEVICE))
+    ours = fused_fpn.FPN.from_torchvision(tv, backend="triton")
+    feats = OrderedDict(c0=torch.randn(1, 8, 6, 6, device=DEVICE), c1=torch.randn(1, 16, 3, 3, device=DEVICE))
+    with torch.no_grad(), pytest.raises(ValueError, match="weight"):
+        ours(feats)
+
+
+def test_functionalization_takes_the_op():
+    """Under functionalization (torch.func.functionalize's C++ layer) the inputs are functional
+    wrappers of type torch.Tensor, whose storage the kernels cannot read: the op path."""
+    from fused_fpn.backends import triton as tb
+    x, w, b, top = _case("nchw")
+    torch._enable_functionalization(reapply_views=True)
+    try:
+        xf = torch._to_functional_tensor(x)
+        assert not tb.direct_launch_allowed(xf, w, b, top)
+        y = torch._from_functional_tensor(fused_fpn.lateral(xf, w, b, top, backend="triton"))
+    finally:
+        torch._disable_functionalization()
+    assert torch.equal(y, fused_fpn.lateral(x, w, b, top, backend="triton"))
+
+
+def test_direct_bodies_launch_the_kernels_without_asking_wrap_triton(monkeypatch):
+    """Inside ``run_directly`` (the lane) a launch takes the kernel itself; outside it asks
+    ``wrap_triton`` (which records the launch while torch.compile traces the op), and the thread's
+    flag is restored when the body raises."""
+    from fused_fpn.kernels import lateral_launch as L
+    kernel, wrapped = object(), object()
+    monkeypatch.setattr(torch.library, "wrap_triton", lambda k: wrapped)
+    assert L._launcher(kernel) is wrapped
+    assert L.run_directly(L._launcher, kernel) is kernel
+    assert L.run_directly(lambda: L.run_directly(L._launcher, kernel)) is kernel   # nested
+
+    def fails():
+        raise KeyError("body")
+    with pytest.raises(KeyError):
+        L.run_directly(fails)
+    assert L._launcher(kernel) is wrapped

@@ -108,11 +108,6 @@ def check_forward_args(x, weight, bias, top) -> None:
                          f"{tuple(weight.shape) if isinstance(weight, torch.Tensor) else type(weight).__name__}")
     check_lateral_args(x, weight, bias, top)
     _check_supported("x", x)
-    check_pixel_limit(x)
-
-
-def check_pixel_limit(x) -> None:
-    """ValueError unless x's N*H*W fits the kernels' 32-bit pixel indices (MAX_PIXELS)."""
     if x.shape[0] * x.shape[2] * x.shape[3] > MAX_PIXELS:
         raise ValueError(f"x has {x.shape[0] * x.shape[2] * x.shape[3]} pixels (N*H*W); the triton kernels index "
                          f"pixels with 32-bit integers, so N*H*W must be <= 2^31 - 2^20 = {MAX_PIXELS} (tile ends "
@@ -175,14 +170,34 @@ def _backward(ctx, grad):
         return lateral_backward_reference(grad, x, weight, ctx.top_hw, ctx.needs_input_grad)
     args = (grad, x, weight, ctx.top_hw[0], ctx.top_hw[1], need_x, need_w, need_b, need_top)
     if direct_launch_allowed(grad, x, weight):   # the op's body without the dispatcher (see below)
-        check_backward_args(*args[:5])
-        from fused_fpn.kernels import lateral_launch as L
-        with L.as_in_the_op_body():
-            dx, dw, db, dtop = L.lateral_backward(*args)
+        dx, dw, db, dtop = _run_body(triton_lateral_backward, *args)
     else:
         dx, dw, db, dtop = torch.ops.fused_fpn.triton_lateral_backward(*args)
     return (dx if need_x else None, dw if need_w else None, db if need_b else None,
             dtop if need_top else None)
+
+
+# ---- the registered ops' bodies (also run directly by plain eager calls: direct_launch_allowed) -----
+
+def triton_lateral(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
+                   top: Optional[torch.Tensor]) -> torch.Tensor:
+    check_forward_args(x, weight, bias, top)
+    from fused_fpn.kernels import lateral_launch as L
+    return L.lateral_forward(x, weight, bias, top)
+
+
+def triton_lateral_backward(grad: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, top_h: int,
+                            top_w: int, need_x: bool, need_weight: bool, need_bias: bool,
+                            need_top: bool) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    check_backward_args(grad, x, weight, top_h, top_w)
+    from fused_fpn.kernels import lateral_launch as L
+    return L.lateral_backward(grad, x, weight, top_h, top_w, need_x, need_weight, need_bias, need_top)
+
+
+def _run_body(body, *args):
+    """An op's body called directly, launching its kernels as a triton_op's eager call does."""
+    from fused_fpn.kernels import lateral_launch as L
+    return L.run_directly(body, *args)
 
 
 # ---- registration ------------------------------------------------------------------------------
@@ -192,19 +207,6 @@ def _register() -> None:
     global _REGISTERED, _MODE
     if _REGISTERED:
         return
-    from fused_fpn.kernels import lateral_launch as L
-
-    def triton_lateral(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
-                       top: Optional[torch.Tensor]) -> torch.Tensor:
-        check_forward_args(x, weight, bias, top)
-        return L.lateral_forward(x, weight, bias, top)
-
-    def triton_lateral_backward(grad: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, top_h: int,
-                                top_w: int, need_x: bool, need_weight: bool, need_bias: bool,
-                                need_top: bool) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-        check_backward_args(grad, x, weight, top_h, top_w)
-        return L.lateral_backward(grad, x, weight, top_h, top_w, need_x, need_weight, need_bias, need_top)
-
     if interpreting():
         fwd = torch.library.custom_op("fused_fpn::triton_lateral", mutates_args=())(triton_lateral)
         bwd = torch.library.custom_op("fused_fpn::triton_lateral_backward", mutates_args=())(
@@ -268,23 +270,33 @@ def _lateral_with_tangent(x, weight, bias, top, tangents):
 # functorch transforms, the profiler's op rows) gets the registered op, as before.
 
 def _plain_tensor(t) -> bool:
-    return t is None or type(t) is torch.Tensor or type(t) is torch.nn.Parameter
+    """None, or a torch.Tensor / Parameter without the negative bit (``-t`` of a view, ``.conj().imag``:
+    the dispatcher's fallback materializes it before an op's body runs; the kernels would read the
+    memory as it is)."""
+    return t is None or ((type(t) is torch.Tensor or type(t) is torch.nn.Parameter) and not t.is_neg())
+
+
+_FUNCTIONALIZE = torch._C.DispatchKey.Functionalize
 
 
 def direct_launch_allowed(*tensors) -> bool:
     """True when a call on ``tensors`` (None for absent ones) may run the registered op's body
     directly: an eager call (not traced by torch.compile or TorchScript, no dispatch or torch_function
-    mode, no functorch transform, profiler off) on plain tensors or Parameters, none of which
-    requires grad while grad mode is on (autograd records the op's node)."""
+    mode, no functorch transform or functionalization, profiler off) on plain tensors or Parameters
+    (no negative bit), none of which requires grad while grad mode is on (autograd records the op's
+    node). Not seen by the lane: RecordFunction observers registered globally rather than by the
+    profiler (an ExecutionTraceObserver started alone), and kernels or autocast rules a user
+    registers on the ops with torch.library (call torch.ops.fused_fpn.triton_lateral for those)."""
     if torch.compiler.is_compiling():   # first: dynamo folds it, so it never traces the checks below
+        return False
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors):
         return False
     if (torch._C._len_torch_dispatch_stack() or torch._C._is_torch_function_mode_enabled()
             or torch._C._get_tracing_state() is not None or torch._C._are_functorch_transforms_active()
+            or torch._C._dispatch_tls_is_dispatch_key_included(_FUNCTIONALIZE)
             or torch._C._autograd._profiler_enabled()):
         return False
-    if not all(_plain_tensor(t) for t in tensors):
-        return False
-    return not (torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors))
+    return all(_plain_tensor(t) for t in tensors)
 
 
 def lateral(x, weight, bias, top):
@@ -296,10 +308,7 @@ def lateral(x, weight, bias, top):
     if tangents is not None:
         return _lateral_with_tangent(x, weight, bias, top, tangents)
     if direct_launch_allowed(x, weight, bias, top):
-        check_pixel_limit(x)   # the op body's one check that fused_fpn.lateral / FPN do not make
-        from fused_fpn.kernels import lateral_launch as L
-        with L.as_in_the_op_body():
-            return L.lateral_forward(x, weight, bias, top)
+        return _run_body(triton_lateral, x, weight, bias, top)
     return torch.ops.fused_fpn.triton_lateral(x, weight, bias, top)
 
 
