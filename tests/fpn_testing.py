@@ -6,6 +6,7 @@ from typing import List, Optional
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import fused_fpn
 from fused_fpn import backends as fb
@@ -40,6 +41,18 @@ def nan_poisoned():
         torch.utils.deterministic.fill_uninitialized_memory = old_fill
         torch.use_deterministic_algorithms(old_det, warn_only=old_warn)
 
+
+
+class RecordOps(TorchDispatchMode):
+    """Records the name of every ATen / custom op that runs (below autograd) while active."""
+
+    def __init__(self):
+        super().__init__()
+        self.ops = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.ops.append(str(func))
+        return func(*args, **(kwargs or {}))
 
 def backends_for(device: str) -> List[str]:
     """Backends the parity matrix runs on ``device``. Triton on CPU tensors (interpreter) is

@@ -1,10 +1,9 @@
 """Autograd (gradcheck in fp64, gradient parity), the registered ops (opcheck), torch.compile."""
 import pytest
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
 
 import fused_fpn
-from fpn_testing import (DEVICES, backend_device_params, backend_supports, gradient_penalty_grads,
+from fpn_testing import (DEVICES, RecordOps, backend_device_params, backend_supports, gradient_penalty_grads,
                          make_lateral_case, to64)
 from fused_fpn.reference import lateral_grad_bias_top_reference
 
@@ -12,18 +11,6 @@ pytestmark = pytest.mark.usefixtures("no_tf32")   # IEEE fp32 on GPUs (conftest)
 
 
 needs_ext = pytest.mark.skipif(not fused_fpn.extension_loaded(), reason="fused_fpn._C not built")
-
-
-class RecordOps(TorchDispatchMode):
-    """Records the name of every ATen / custom op that runs (below autograd) while active."""
-
-    def __init__(self):
-        super().__init__()
-        self.ops = []
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        self.ops.append(str(func))
-        return func(*args, **(kwargs or {}))
 
 
 def _fp64_lateral_case(device, backend, layout, cin, cout, with_bias, with_top, top_hw):

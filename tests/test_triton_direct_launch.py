@@ -14,32 +14,21 @@ from collections import OrderedDict
 import pytest
 import torch
 from torch.overrides import TorchFunctionMode
-from torch.utils._python_dispatch import TorchDispatchMode
 
 import fused_fpn
 from fused_fpn import backends as fb
 from fused_fpn.kernels.limits import MAX_PIXELS
 
-from fpn_testing import HAS_CUDA, make_lateral_case
+from fpn_testing import HAS_CUDA, RecordOps, make_lateral_case
 
 _REASON = fb.unavailable_reason("triton")
-pytestmark = [pytest.mark.skipif(_REASON is not None, reason=f"triton backend unavailable: {_REASON}")]
+pytestmark = [pytest.mark.skipif(_REASON is not None, reason=f"triton backend unavailable: {_REASON}"),
+              pytest.mark.usefixtures("no_tf32")]   # IEEE fp32 on GPUs (conftest)
 if HAS_CUDA:
     pytestmark.append(pytest.mark.gpu)
 
 DEVICE = "cuda" if HAS_CUDA else "cpu"
 OP = "fused_fpn.triton_lateral.default"
-BACKWARD_OP = "fused_fpn.triton_lateral_backward.default"
-
-
-@pytest.fixture(autouse=True)
-def no_tf32():
-    old = torch.backends.cudnn.allow_tf32
-    torch.backends.cudnn.allow_tf32 = False
-    try:
-        yield
-    finally:
-        torch.backends.cudnn.allow_tf32 = old
 
 
 @pytest.fixture
@@ -63,16 +52,6 @@ def op_calls(monkeypatch):
 def _case(layout, dtype=torch.float32, with_bias=True, with_top=True, seed=0):
     # odd sizes, 2x-ish upsampling with a non-integer ratio, a reduction that is no tile multiple
     return make_lateral_case(2, 17, 33, (7, 9), (4, 5), dtype, DEVICE, layout, with_bias, with_top, seed)
-
-
-class _RecordOps(TorchDispatchMode):
-    def __init__(self):
-        super().__init__()
-        self.ops = []
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        self.ops.append(str(func))
-        return func(*args, **(kwargs or {}))
 
 
 class _PassThroughFunctionMode(TorchFunctionMode):
@@ -155,7 +134,7 @@ def test_a_dispatch_mode_sees_the_op():
     """A torch_dispatch mode (FlopCounterMode, a user's logging mode, a trace) is shown the op, not
     the launcher's allocations."""
     x, w, b, top = _case("nchw")
-    mode = _RecordOps()
+    mode = RecordOps()
     with mode:
         y = fused_fpn.lateral(x, w, b, top, backend="triton")
     assert OP in mode.ops, mode.ops
@@ -191,7 +170,7 @@ def test_calls_that_must_see_the_op_are_not_direct():
     assert not allowed(x, torch.nn.Parameter(w), b, top)   # a Parameter requires grad ...
     with torch.no_grad():
         assert allowed(x, torch.nn.Parameter(w), b, top)   # ... which no_grad does not record
-    with _RecordOps():
+    with RecordOps():
         assert not allowed(x, w, b, top)
     with _PassThroughFunctionMode():
         assert not allowed(x, w, b, top)
