@@ -15,8 +15,9 @@ among several sets, and the eager torchvision result) run by one *provider*:
     fused-triton-x         backend="triton" with FUSED_FPN_TRITON_EXPERIMENTAL=1 during its calls (the
                            forward autotunes over the experimental configs too, but for the narrow
                            lists' launches, over the TMA ones on channels_last x, and over the
-                           weight-stationary ones on channels_last x of at most 256 channels); GPU
-                           only, and only when --bench-providers names it exactly (e.g.
+                           weight-stationary ones on channels_last x of at most 256 channels), and
+                           every launch made before runs its kept binary, without JITFunction.run;
+                           GPU only, and only when --bench-providers names it exactly (e.g.
                            "eager,fused-triton,fused-triton-x")
 
 The providers of one workload are measured together (``BenchRun``): parity first (each provider's

@@ -21,6 +21,12 @@ subtracting two rows gives the cost of one layer. Rows, from the bottom of the s
     <backend>: ... requires_grad          the same with x requiring grad (autograd node recorded;
                                           triton: through the registered op)
     <backend>: forward + backward         one forward and one backward
+    ..., binary launch                    triton: the same row with FUSED_FPN_TRITON_EXPERIMENTAL=1 (set
+                                          for the whole row): a launch made before runs its kept
+                                          binary, without JITFunction.run (lateral_launch._launch_binary)
+    ..., experimental switch, JIT launch  the same switch with lateral_launch.BINARY_LAUNCH off: its
+                                          configs' host cost, each launch through the JIT (the
+                                          binary launches' saving is this row minus the one above)
     cuda / cpu: registered op             torch.ops.fused_fpn.lateral (the C++ op)
     eager: conv2d + interpolate + add     torchvision's unfused computation, for scale
     FPN torchvision / FPN <backend>       the whole module on tiny maps (4 levels + max-pool level),
@@ -37,8 +43,10 @@ GPU machine to see which layer to cut. On CPU tensors the Triton rows are skippe
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import json
+import os
 import statistics
 import sys
 import time
@@ -78,6 +86,50 @@ def no_hop(fn: Callable[[], object]) -> object:
         return fn()
 
 
+BINARY = ", binary launch"   # rows timed with FUSED_FPN_TRITON_EXPERIMENTAL=1 (``experimental_switch``)
+SWITCH_JIT = ", experimental switch, JIT launch"   # ... and lateral_launch.BINARY_LAUNCH off
+
+
+def experimental_variants(rows: Dict[str, Callable[[], object]], *names: str) -> None:
+    """Add each of ``names``' ``BINARY`` and ``SWITCH_JIT`` rows (the same call) to ``rows``."""
+    for name in names:
+        rows[name + SWITCH_JIT] = rows[name + BINARY] = rows[name]
+
+
+@contextlib.contextmanager
+def experimental_switch(row: str):
+    """While a ``BINARY`` or ``SWITCH_JIT`` row is timed: FUSED_FPN_TRITON_EXPERIMENTAL=1 (set once for
+    the whole row, not per call, whose host time it would add), with ``SWITCH_JIT`` also
+    lateral_launch.BINARY_LAUNCH off; both restored after it. Nothing for other rows."""
+    from fused_fpn.kernels import lateral_kernels as K
+    from fused_fpn.kernels import lateral_launch as L
+    if not row.endswith((BINARY, SWITCH_JIT)):
+        yield
+        return
+    old, old_binary = os.environ.get(K.EXPERIMENTAL_ENV), L.BINARY_LAUNCH
+    os.environ[K.EXPERIMENTAL_ENV] = "1"
+    L.BINARY_LAUNCH = row.endswith(BINARY)
+    try:
+        yield
+    finally:
+        L.BINARY_LAUNCH = old_binary
+        if old is None:
+            del os.environ[K.EXPERIMENTAL_ENV]
+        else:
+            os.environ[K.EXPERIMENTAL_ENV] = old
+
+
+class _StubBinary:
+    """What the stubbed JIT returns: a binary whose launcher does nothing (kept by the binary launches)."""
+    function = packed_metadata = None
+
+    def launch_metadata(self, *args):
+        return None
+
+    def run(self, *args):
+        return None
+
+
 def without_fast_launch(fn: Callable[[], object]) -> object:
     """fn() with the launcher's eager fast path off: every autotuned launch through Autotuner.run."""
     from fused_fpn.kernels import lateral_launch as L
@@ -97,8 +149,8 @@ def stubbed_launcher_rows(dtype: torch.dtype) -> Dict[str, Callable[[], object]]
     eager fast path; then the same through the registered op (a ``custom_op`` under the interpreter,
     where a GPU has a ``triton_op``), the public function, its autograd, and a forward + backward
     (dx, dW, db + dtop launches stubbed too). The launch skipped here took ~37 us on the H200
-    machine's host (row "triton: JIT kernel, fixed config", 2026-11-30)."""
-    import os
+    machine's host (row "triton: JIT kernel, fixed config", 2026-11-30). The stubbed JIT returns a
+    binary that does nothing, which the ``BINARY`` rows then launch (the launcher's binary path)."""
     from fused_fpn.backends import triton as tb
     from fused_fpn.kernels import lateral_kernels as K
     from fused_fpn.kernels import lateral_launch as L
@@ -109,12 +161,13 @@ def stubbed_launcher_rows(dtype: torch.dtype) -> Dict[str, Callable[[], object]]
     L.interpreting = lambda: False
     L._device_facts = lambda device: ("sm90", 132)
     os.environ[K.AUTOTUNE_ENV] = "0"
+    L._current_stream = lambda device: 0   # no driver without a GPU: the binary launches' stream
     for kernel in (K._lateral_fwd_kernel, K._lateral_grad_weight_kernel, K._lateral_grad_bias_top_kernel):
-        kernel.run = lambda *args, **kwargs: None   # the autotuners' .fn, and kernel[grid](...) calls .run
+        kernel.run = lambda *args, **kwargs: _StubBinary()   # the autotuners' .fn; kernel[grid](...) calls .run
     fwd = lambda: no_hop(lambda: L.gemm_epilogue(x, w, b, top, out))       # noqa: E731  (as in the op)
     dw = lambda: no_hop(lambda: L.grad_weight(grad, x, w.dtype))           # noqa: E731
     op = tb.ops()[0]
-    return {
+    rows = {
         "triton launcher, JIT stubbed: forward": fwd,
         "triton launcher, JIT stubbed: forward, Autotuner.run": lambda: without_fast_launch(fwd),
         "triton launcher, JIT stubbed: dW": dw,
@@ -129,6 +182,31 @@ def stubbed_launcher_rows(dtype: torch.dtype) -> Dict[str, Callable[[], object]]
         "triton, JIT stubbed: forward + backward":
             lambda: no_hop(lambda: fused_fpn.lateral(xg, w, b, top, backend="triton").sum().backward()),
     }
+    experimental_variants(rows, "triton, JIT stubbed: fused_fpn.lateral", "triton, JIT stubbed: forward + backward")
+    return rows
+
+
+def stand_in_sm90_rows() -> Dict[str, Callable[[], object]]:
+    """CPU, TRITON_INTERPRET unset: the Triton launchers with triton's real JIT compiling for sm_90
+    and a stand-in driver whose binaries' launchers do nothing (tests/binary_launch_contract.py), on
+    fp16 channels_last x [2, 64, 8, 12], W [32, 64], bias, top [2, 32, 4, 6]: the launchers' host time
+    with JITFunction.run (specialization, cache key) at every launch, against the ``BINARY`` rows' kept
+    binaries, on this machine; all but the driver's own launch call (the same either way)."""
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), os.pardir, "tests"))
+    import binary_launch_contract as C
+    from fused_fpn.kernels import lateral_launch as L
+    C.use_stand_in_driver()
+    C._RecordingLauncher.record = False
+    cl = dict(dtype=torch.float16, memory_format=torch.channels_last)
+    x, top, grad = (torch.randn(shape).to(**cl) for shape in ((2, 64, 8, 12), (2, 32, 4, 6), (2, 32, 8, 12)))
+    w, b = torch.randn(32, 64, dtype=torch.float16), torch.randn(32, dtype=torch.float16)
+    out = torch.empty(2, 32, 8, 12).to(**cl)
+    forward = lambda: L.run_directly(L.gemm_epilogue, x, w, b, top, out)   # noqa: E731
+    backward = lambda: L.run_directly(L.lateral_backward, grad, x, w, 4, 6, True, True, True, True)   # noqa: E731
+    name = "triton launcher, stand-in sm_90 JIT: "
+    rows = {name + "forward": forward, name + "backward (dx, dW, db + dtop)": backward}
+    experimental_variants(rows, *rows)
+    return rows
 
 
 def tiny_lateral_case(device: str, dtype: torch.dtype):
@@ -190,6 +268,8 @@ def rows_for(device: str, dtype: torch.dtype, stub_launches: bool = False) -> Di
         rows[f"{name}: fused_fpn.lateral"] = lambda n=name: fused_fpn.lateral(x, w, b, top, backend=n)
         rows[f"{name}: fused_fpn.lateral, requires_grad"] = lambda n=name: fused_fpn.lateral(xg, w, b, top, backend=n)
         rows[f"{name}: forward + backward"] = lambda n=name: fused_fpn.lateral(xg, w, b, top, backend=n).sum().backward()
+        if name == "triton":
+            experimental_variants(rows, "triton: fused_fpn.lateral", "triton: forward + backward")
     rows["eager: forward + backward"] = lambda: (F.conv2d(xg, w4, b) + F.interpolate(top, size=(4, 4))).sum().backward()
     rows.update(fpn_rows(device, dtype, backends))
     if stub_launches:   # main() checked: cpu tensors, the Triton interpreter active
@@ -223,6 +303,8 @@ def fpn_rows(device: str, dtype: torch.dtype, backends: List[str]) -> Dict[str, 
         ours = fused_fpn.FPN.from_torchvision(copy.deepcopy(tv), backend=name)
         rows[f"FPN {name}: forward"] = no_grad(ours)
         rows[f"FPN {name}: forward + backward"] = train(ours)
+        if name == "triton":
+            experimental_variants(rows, "FPN triton: forward", "FPN triton: forward + backward")
     return rows
 
 
@@ -233,6 +315,9 @@ def main(argv: Optional[List[str]] = None) -> int:
                         help="default: fp16 on cuda, fp32 on cpu")
     parser.add_argument("--calls", type=int, default=2000)
     parser.add_argument("--json", help="also write the rows here")
+    parser.add_argument("--stand-in-sm90", action="store_true",
+                        help="cpu without TRITON_INTERPRET: only the Triton launchers' rows with triton's JIT "
+                             "compiling for sm_90 and a stand-in driver that launches nothing")
     parser.add_argument("--stub-triton-launch", action="store_true",
                         help="cpu with TRITON_INTERPRET=1: add the Triton launchers' rows with the JIT launch "
                              "stubbed out (their own Python cost on this machine)")
@@ -245,19 +330,27 @@ def main(argv: Optional[List[str]] = None) -> int:
     if args.stub_triton_launch and (args.device != "cpu" or "triton" not in fused_fpn.available_backends("cpu")):
         print("--stub-triton-launch needs --device cpu and TRITON_INTERPRET=1", file=sys.stderr)
         return 2
+    if args.stand_in_sm90 and (args.device != "cpu" or os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")):
+        print("--stand-in-sm90 needs --device cpu without TRITON_INTERPRET", file=sys.stderr)
+        return 2
     where = torch.cuda.get_device_name() if args.device == "cuda" else "CPU"
-    print(f"host time per call, {where}, {dtype_name}, x [1, 8, 4, 4], {args.calls} calls x 5 (median); "
-          f"torch {torch.__version__}, {torch.get_num_threads()} CPU threads")
+    problem = "fp16, x [2, 64, 8, 12] channels_last" if args.stand_in_sm90 else f"{dtype_name}, x [1, 8, 4, 4]"
+    triton_version = getattr(sys.modules.get("triton"), "__version__", "not imported")   # (fused_fpn imports it)
+    print(f"host time per call, {where}, {problem}, {args.calls} calls x 5 (median); torch {torch.__version__}, "
+          f"triton {triton_version}, {torch.get_num_threads()} CPU threads")
     results = []
-    for name, fn in rows_for(args.device, dtype, args.stub_triton_launch).items():
+    rows = stand_in_sm90_rows() if args.stand_in_sm90 else rows_for(args.device, dtype, args.stub_triton_launch)
+    width = max(map(len, rows))
+    for name, fn in rows.items():
         try:
             calls = args.calls if not name.startswith("FPN") else max(20, args.calls // 10)   # ~10x longer calls
-            us = time_per_call(fn, args.device, calls)
+            with experimental_switch(name):
+                us = time_per_call(fn, args.device, calls)
             results.append({"row": name, "us_per_call": round(us, 2)})
-            print(f"  {name:<45s} {us:9.1f} us")
+            print(f"  {name:<{width}s} {us:9.1f} us")
         except Exception as exc:  # noqa: BLE001 - a row that cannot run is reported, the rest go on
             results.append({"row": name, "error": f"{type(exc).__name__}: {exc}"[:300]})
-            print(f"  {name:<45s}  ERROR {type(exc).__name__}: {exc}"[:200])
+            print(f"  {name:<{width}s}  ERROR {type(exc).__name__}: {exc}"[:200])
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"device": where, "dtype": dtype_name, "calls": args.calls, "rows": results}, f, indent=1)

@@ -11,8 +11,10 @@ runs without the dispatcher): while torch.compile traces the op it returns a wra
 records the launch (so torch.compile sees the kernels); in eager it returns the kernel, and an
 autotuned kernel whose key was tuned before is launched with the chosen config directly
 (``_launch_autotuned``), and what a launch derives from its tensors' sizes, strides and dtypes is
-computed once per such signature (``launch_plan``). Under TRITON_INTERPRET=1 (CPU tensors) the
-kernels run directly with one small fixed config.
+computed once per such signature (``launch_plan``). With FUSED_FPN_TRITON_EXPERIMENTAL=1 an eager
+launch made before runs the binary triton's JIT returned for it, without ``JITFunction.run``
+(``_launch_binary``; not yet run on a GPU). Under TRITON_INTERPRET=1 (CPU tensors) the kernels run
+directly with one small fixed config.
 """
 from __future__ import annotations
 
@@ -212,10 +214,11 @@ def config_kind(t: torch.Tensor) -> str:
 _LAUNCH_LOCK = threading.RLock()
 
 
-def _launch(kernel, grid, args, meta):
+def _launch(kernel, grid, args, meta, binary: bool = False):
     """kernel[grid](*args, **meta): directly under the interpreter, else through ``wrap_triton``
     (inside the registered op's eager body that is the kernel itself; under torch.compile tracing it
-    records the launch in the graph)."""
+    records the launch in the graph). ``binary``: an eager launch made before runs its compiled
+    binary directly (``_launch_binary``; FUSED_FPN_TRITON_EXPERIMENTAL)."""
     with _LAUNCH_LOCK:
         if interpreting():
             kernel[grid](*args, **meta)
@@ -224,6 +227,9 @@ def _launch(kernel, grid, args, meta):
             seen = (kernel, _launch_variant(meta))
             if launcher is kernel:
                 what = lambda: getattr(kernel, "__name__", "kernel")   # noqa: E731
+                if binary and seen in _TUNED:
+                    _launch_binary(kernel, grid, args, meta, seen, what)
+                    return
                 _refuse_first_launch_in_capture(seen, what)
                 _refuse_unloaded_binary_in_capture(kernel, args, meta, what)
             launcher[grid](*args, **meta)
@@ -340,9 +346,11 @@ def as_in_the_op_body():
         yield
 
 
-def _launch_autotuned(tuner, grid, args, meta, key):
+def _launch_autotuned(tuner, grid, args, meta, key, binary: bool = False):
     """tuner[grid](*args, **meta) for a compiled (not interpreted) launch. ``key`` must tell apart
-    every call the autotuner would tell apart: its key arguments and the tensors' dtypes."""
+    every call the autotuner would tell apart: its key arguments and the tensors' dtypes.
+    ``binary``: on the fast path, the chosen config's compiled binary runs directly
+    (``_launch_binary``; FUSED_FPN_TRITON_EXPERIMENTAL)."""
     with _LAUNCH_LOCK:
         launcher = _launcher(tuner)
         # the chosen config per key, launched directly only for constexpr flags launched before on this
@@ -351,6 +359,10 @@ def _launch_autotuned(tuner, grid, args, meta, key):
         seen = (tuner, key, _launch_variant(meta))
         chosen = _CHOSEN.get(seen) if launcher is tuner else None
         if chosen is not None:   # (the autotuner would launch the same config)
+            if FAST_LAUNCH and binary:
+                _launch_binary(tuner.fn, grid, args, meta, seen, lambda: describe_key(tuner, key), chosen)
+                _note_choice(tuner, key, chosen)
+                return
             _refuse_unloaded_binary_in_capture(tuner.fn, args, {**meta, **chosen}, lambda: describe_key(tuner, key))
             if FAST_LAUNCH:
                 tuner.fn.run(*args, grid=grid, warmup=False, **meta, **chosen)
@@ -369,6 +381,129 @@ def _launch_autotuned(tuner, grid, args, meta, key):
             if config.pre_hook is None:
                 _CHOSEN[seen] = kwargs
             _note_choice(tuner, key, kwargs)
+
+
+# Experimental (FUSED_FPN_TRITON_EXPERIMENTAL; not yet run on a GPU): a launch the launcher made
+# before runs the compiled binary that triton's JIT returned for it, without ``JITFunction.run``, which
+# rebuilds the launch's specialization from every argument at every call (a type, an alignment and a
+# divisibility test per argument, then a cache key; a whole JIT launch took 37 us of host time on the
+# H200 machine, 2026-11-30). Kept per (launch, binary key): the launch is
+# ``seen`` (kernel or autotuner, its key, the constexpr flags and the device) and the binary key holds
+# everything else triton specializes on: each tensor's dtype and 16-byte alignment, and the exact
+# value and type of every other argument. A new binary key goes through ``JITFunction.run`` (which
+# compiles or finds the binary, launches it and returns it), and so does the launch's first call
+# (the autotuner's). The launch itself is the last two lines of ``JITFunction.run`` (triton 3.6 and 3.8
+# alike): the binary's launcher with its function, packed metadata, launch metadata and triton's launch
+# hooks, on the current stream as triton's driver gives it. The grid is the one of the binary key's
+# first launch: every caller's grid is a function of the launch and the binary key (sizes are
+# arguments, the SM count is the device's). A JITFunction with pre-run hooks takes the JIT at every
+# call. What the JIT would also do at each call and this does not: notice that a global a kernel read
+# when it was compiled has changed, and read again what joins its cache key besides the arguments
+# (triton's debug switch, its instrumentation mode, triton 3.8's stages-inspection hook): they count
+# when a binary key is first seen.
+BINARY_LAUNCH = True   # False: the switch's configs, launched through the JIT (launch_overhead.py times both)
+
+
+class _BinaryLaunches(NamedTuple):
+    """What one launch ``seen`` passes beside its positional arguments: how many of those lead with
+    tensors, the constexpr arguments after them in signature order (each kernel parameter that is not
+    positional, from the launch's kwargs or its default), the autotuner's choice they were made with
+    (None for a fixed-config kernel, whose kwargs ``seen`` holds), and the binaries seen."""
+    tensors: int
+    constexprs: tuple
+    chosen: Optional[dict]
+    binaries: dict   # binary key -> (compiled kernel, its grid, the grid as 3 ints)
+
+
+_BINARY_LAUNCHES: dict = {}   # seen -> _BinaryLaunches
+_BINARIES_KEPT = 0   # binaries kept in all of _BINARY_LAUNCHES (at most _PLANS_MAX: then all are dropped)
+
+
+def _current_stream(device: int):
+    """The stream triton's JIT would launch on: its driver's current stream of ``device``."""
+    from triton.runtime import driver
+    return driver.active.get_current_stream(device)
+
+
+def _binary_launches(fn, seen, args, kwargs, chosen) -> Optional[_BinaryLaunches]:
+    """The ``_BinaryLaunches`` of ``seen`` made with ``chosen`` (at its first binary launch), or None
+    when ``fn`` cannot be launched that way: it has pre-run hooks, or its tensor arguments are not the
+    leading ones."""
+    if getattr(fn, "pre_run_hooks", None):
+        return None
+    entry = _BINARY_LAUNCHES.get(seen)
+    if entry is not None and entry.chosen is chosen:
+        return entry
+    import inspect
+    tensors = 0
+    while tensors < len(args) and isinstance(args[tensors], torch.Tensor):
+        tensors += 1
+    if any(isinstance(a, torch.Tensor) for a in args[tensors:]):
+        return None
+    params = list(inspect.signature(fn.fn).parameters.values())[len(args):]
+    constexprs = tuple(kwargs[p.name] if p.name in kwargs else p.default for p in params)
+    if any(c is inspect.Parameter.empty for c in constexprs):
+        return None   # a parameter with no value: let the JIT raise its error
+    entry = _BinaryLaunches(tensors, constexprs, chosen, {})
+    _BINARY_LAUNCHES[seen] = entry
+    return entry
+
+
+def binary_key(args, tensors: int) -> tuple:
+    """What triton specializes a launch's binary on beyond the kernel, its constexprs and the device:
+    each of the ``tensors`` leading arguments' dtype and 16-byte alignment, and every other argument's
+    value and type (the divisibility by 16 of an int, its equality to 1 and its 32- or 64-bit type
+    are functions of the value; a bool, an int and a float of equal value hash alike, hence the type)."""
+    scalars = args[tensors:]
+    return (scalars, tuple(map(type, scalars)),
+            tuple((t.dtype, t.data_ptr() % 16 == 0) for t in args[:tensors]))
+
+
+def _grid3(grid) -> tuple:
+    """A launch grid of 1 to 3 dimensions as 3 ints, missing ones 1 (as ``JITFunction.run`` pads it)."""
+    return (grid[0], grid[1] if len(grid) > 1 else 1, grid[2] if len(grid) > 2 else 1)
+
+
+def _launch_binary(fn, grid, args, meta, seen, what, chosen: Optional[dict] = None) -> None:
+    """fn[grid](*args, **meta, **chosen) for a JIT function ``fn`` launched before as ``seen`` (an
+    autotuner's, with its ``chosen`` config; None for a fixed-config kernel): the compiled binary of
+    this binary key runs directly (see above), or, for a new binary key, ``JITFunction.run`` launches
+    (inside a CUDA-graph capture: raises first if that binary is not loaded) and the binary it returns
+    is kept. ``grid`` must be a function of ``seen`` and the binary key (it is read for a new binary key
+    only). ``what()`` names the launch in errors."""
+    launches = _BINARY_LAUNCHES.get(seen)
+    if launches is None or launches.chosen is not chosen or getattr(fn, "pre_run_hooks", None) or \
+            (key := binary_key(args, launches.tensors)) not in launches.binaries:
+        _launch_new_binary(fn, grid, args, {**meta, **chosen} if chosen else meta, seen, what, chosen)
+        return
+    compiled, grid, grid3 = launches.binaries[key]
+    all_args = args + launches.constexprs
+    from triton import knobs
+    stream = _current_stream(seen[-1][1])   # the launch's device (_launch_variant), current in _run_on_device
+    compiled.run(grid3[0], grid3[1], grid3[2], stream, compiled.function, compiled.packed_metadata,
+                 compiled.launch_metadata(grid, stream, *all_args),
+                 knobs.runtime.launch_enter_hook, knobs.runtime.launch_exit_hook, *all_args)
+
+
+def _launch_new_binary(fn, grid, args, kwargs, seen, what, chosen) -> None:
+    """``_launch_binary`` of a binary key not seen before: through ``JITFunction.run``, keeping the
+    binary it returns (when ``fn`` can be launched that way: ``_binary_launches``)."""
+    global _BINARIES_KEPT
+    _refuse_unloaded_binary_in_capture(fn, args, kwargs, what)
+    launches = _binary_launches(fn, seen, args, kwargs, chosen)
+    if launches is None:
+        fn.run(*args, grid=grid, warmup=False, **kwargs)
+        return
+    if callable(grid):   # as the JIT calls it: with every parameter's value by name
+        grid = grid(dict(zip(fn.arg_names, args + launches.constexprs)))
+    compiled = fn.run(*args, grid=grid, warmup=False, **kwargs)
+    if all(hasattr(compiled, a) for a in ("run", "function", "packed_metadata", "launch_metadata")):
+        if _BINARIES_KEPT >= _PLANS_MAX:   # bounded: drop them all (the next calls take the JIT again)
+            _BINARY_LAUNCHES.clear()
+            _BINARIES_KEPT = 0
+            launches = _binary_launches(fn, seen, args, kwargs, chosen)
+        launches.binaries[binary_key(args, launches.tensors)] = (compiled, grid, _grid3(grid))
+        _BINARIES_KEPT += 1
 
 
 # Parallel compilation of a new key's configs. triton's Autotuner.run compiles each config as it comes
@@ -596,14 +731,16 @@ def gemm_epilogue(inp: torch.Tensor, weight: torch.Tensor, bias, top, out: torch
     plan = launch_plan("fwd", tensors, (arch, sms, _allow_tf32(inp.dtype), FORCE_SCALE_IN_KERNEL),
                        lambda: _fwd_plan(inp, weight, bias, top, out, sms))
     args = (inp, weight, weight if bias is None else bias, inp if top is None else top, out) + plan.scalars
-    # the switch read once per launch (~1.7 us); the operands checked only where a TMA list exists
-    experimental = not plan.narrow and K.experimental_enabled()
+    # the switch read once per launch (~1 us); the operands checked only where a TMA list exists
+    switch = K.experimental_enabled()
+    binary = switch and BINARY_LAUNCH
+    experimental = switch and not plan.narrow
     tma = experimental and (arch, plan.kind) in K.TMA_FWD_CONFIGS and tma_loads(inp, weight)
     resident_k = resident_reduction(inp) if experimental and (arch, plan.kind) in K.RESIDENT_FWD_CONFIGS else 0
     kernel = K.autotuned_fwd(arch, plan.kind, plan.narrow, tma, experimental, resident_k)
     if kernel.fused_fpn_tma:
         ensure_scratch_allocator()
-    _run_on_device(inp, _launch_autotuned, kernel, plan.grid, args, plan.meta, plan.key)
+    _run_on_device(inp, _launch_autotuned, kernel, plan.grid, args, plan.meta, plan.key, binary)
     return out
 
 
@@ -668,7 +805,8 @@ def grad_weight(grad: torch.Tensor, x: torch.Tensor, out_dtype: torch.dtype) -> 
         _launch(K._lateral_grad_weight_kernel, plan.grid, args, dict(plan.meta, **K.INTERPRET_GRAD_WEIGHT))
     else:
         kernel = K.autotuned_grad_weight(arch, plan.kind, plan.narrow)
-        _run_on_device(x, _launch_autotuned, kernel, plan.grid, args, plan.meta, plan.key)
+        _run_on_device(x, _launch_autotuned, kernel, plan.grid, args, plan.meta, plan.key,
+                       BINARY_LAUNCH and K.experimental_enabled())
     if split == 1:   # one partial sum: no reduction launch (a cast, or nothing for fp32)
         return part[0].to(out_dtype)
     return part.sum(dim=0).to(out_dtype)
@@ -734,7 +872,8 @@ def grad_bias_top(grad: torch.Tensor, top_h: int, top_w: int, need_top: bool):
     meta = dict(HAS_TOP=has_top, SCALE_IN_KERNEL=in_kernel, **cfg)
     if not interpreting():
         meta.update(K.GRAD_BIAS_TOP_LAUNCH)
-    _run_on_device(grad, _launch, K._lateral_grad_bias_top_kernel, (programs,), args, meta)
+    _run_on_device(grad, _launch, K._lateral_grad_bias_top_kernel, (programs,), args, meta,
+                   BINARY_LAUNCH and K.experimental_enabled())
     return dbpart.sum(dim=0).to(grad.dtype), dtop
 
 

@@ -642,11 +642,55 @@ def test_launch_overhead_times_the_triton_launchers_with_the_jit_launch_stubbed(
                for how in ("", ", Autotuner.run")}
     stubbed |= {f"triton, JIT stubbed: {what}" for what in ("registered op", "fused_fpn.lateral", "..., requires_grad",
                                                             "forward + backward")}
+    stubbed |= {f"triton, JIT stubbed: {what}{how}" for what in ("fused_fpn.lateral", "forward + backward")
+                for how in (", binary launch", ", experimental switch, JIT launch")}
     assert stubbed <= set(rows), sorted(rows)
     assert all(rows[name]["us_per_call"] > 0 for name in stubbed)
     off = subprocess.run(cmd[:-2], cwd=ROOT, env=dict(env, TRITON_INTERPRET="0"), capture_output=True, text=True,
                          timeout=600)
     assert off.returncode == 2 and "needs --device cpu and TRITON_INTERPRET=1" in off.stderr, off.stderr
+
+
+
+def test_launch_overhead_times_the_launchers_with_a_stand_in_sm90_jit(tmp_path):
+    """``launch_overhead.py --device cpu --stand-in-sm90`` (without TRITON_INTERPRET: triton's JIT
+    compiles for sm_90, a stand-in driver launches nothing) times the forward and backward launchers
+    through the JIT and through their kept binaries, each without error; refused under the interpreter."""
+    out = tmp_path / "overhead.json"
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    cmd = [sys.executable, "benchmarks/launch_overhead.py", "--device", "cpu", "--calls", "20", "--stand-in-sm90",
+           "--json", str(out)]
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    rows = {r["row"]: r for r in json.loads(out.read_text())["rows"]}
+    assert set(rows) == {f"triton launcher, stand-in sm_90 JIT: {what}{how}"
+                         for how in ("", ", binary launch", ", experimental switch, JIT launch")
+                         for what in ("forward", "backward (dx, dW, db + dtop)")}
+    assert all(r["us_per_call"] > 0 for r in rows.values())
+    on = subprocess.run(cmd[:-2], cwd=ROOT, env=dict(env, TRITON_INTERPRET="1"), capture_output=True, text=True,
+                        timeout=600)
+    assert on.returncode == 2 and "needs --device cpu without TRITON_INTERPRET" in on.stderr, on.stderr
+
+
+def test_launch_overhead_sets_the_experimental_switch_for_binary_rows_only(monkeypatch):
+    """Rows ending in ", binary launch" are timed with FUSED_FPN_TRITON_EXPERIMENTAL=1, rows ending in
+    ", experimental switch, JIT launch" with it and lateral_launch.BINARY_LAUNCH off (both restored
+    after, also on error); other rows as the environment has it."""
+    from benchmarks import launch_overhead
+    from fused_fpn.kernels import lateral_kernels as K
+    from fused_fpn.kernels import lateral_launch as L
+    monkeypatch.setenv(K.EXPERIMENTAL_ENV, "0")
+    with launch_overhead.experimental_switch("triton: fused_fpn.lateral"):
+        assert not K.experimental_enabled() and L.BINARY_LAUNCH
+    with launch_overhead.experimental_switch("triton: fused_fpn.lateral, binary launch"):
+        assert K.experimental_enabled() and L.BINARY_LAUNCH
+    with launch_overhead.experimental_switch("triton: fused_fpn.lateral, experimental switch, JIT launch"):
+        assert K.experimental_enabled() and not L.BINARY_LAUNCH
+    assert os.environ[K.EXPERIMENTAL_ENV] == "0" and L.BINARY_LAUNCH
+    monkeypatch.delenv(K.EXPERIMENTAL_ENV)
+    with pytest.raises(ZeroDivisionError), launch_overhead.experimental_switch("x, binary launch"):
+        1 / 0
+    assert K.EXPERIMENTAL_ENV not in os.environ
 
 
 def test_experimental_triton_provider_is_opt_in_and_scoped_to_its_calls(monkeypatch):

@@ -314,7 +314,7 @@ def test_aot_jobs_pass_the_launchers_arguments(sizes, monkeypatch):
     monkeypatch.setattr(L, "interpreting", lambda: False)
     monkeypatch.setattr(L, "_device_facts", lambda device: ("sm90", 132))
     monkeypatch.setattr(L, "_launch_autotuned",
-                        lambda tuner, grid, args, meta, key: launches.append((tuner, args, meta)))
+                        lambda tuner, grid, args, meta, key, binary=False: launches.append((tuner, args, meta)))
     n, cin, h, w = aot.LEVELS[sizes]
     meta_tensor = dict(dtype=torch.float16, device="meta")
     x = torch.empty((n, cin, h, w), **meta_tensor)
@@ -518,6 +518,25 @@ def test_torch_compile_takes_only_the_outputs_as_written():
         "fwd": ["out_ptr"], "fwd persistent": ["out_ptr"], "dx": ["out_ptr"],
         "dW": ["part_ptr"], "db_dtop": ["dbpart_ptr", "dtop_ptr"]}
 
+
+@pytest.mark.parametrize("layout", ["channels_last", "nchw"])
+def test_binary_launches_call_the_launcher_as_the_jit_does(layout):
+    """FUSED_FPN_TRITON_EXPERIMENTAL's binary launches (``lateral_launch._launch_binary``) against the
+    installed triton's own JIT (``tests/binary_launch_contract.py``: the JIT compiling for sm_90 with
+    a stand-in driver whose binary launchers record their calls, in a subprocess without
+    TRITON_INTERPRET): forward, dx, dW and db + dtop, launched a third time without JITFunction.run,
+    call each binary's launcher with the arguments, grid, stream, function, metadata and hooks the
+    JIT's launches of the first two passes used."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    script = os.path.join(os.path.dirname(__file__), "binary_launch_contract.py")
+    proc = subprocess.run([sys.executable, script, layout], env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    names = ["_lateral_fwd_kernel", "_lateral_fwd_kernel", "_lateral_grad_weight_kernel",
+             "_lateral_grad_bias_top_kernel"]
+    assert out["launches"] == [names] * 3
+    assert out["jit_runs"] == [4, 4, 0], "the autotuner's pass and the fast path's first launches take the JIT"
+    assert out["same"] == out["same_launcher"] == out["first_pass_same"] == [True] * 4
 
 @pytest.mark.parametrize("threads", [2, 1])
 def test_a_new_keys_configs_compile_on_threads_before_the_autotuner_runs(tmp_path, threads):

@@ -96,6 +96,61 @@ def test_cuda_graph_capture_and_replay(dtype):
     torch.testing.assert_close(grads_graph[2].double(), db_ref, atol=5e-1, rtol=2e-2)
 
 
+@pytest.mark.parametrize("dtype,layout", [(torch.float32, "channels_last"), (torch.float16, "nchw"),
+                                          (torch.bfloat16, "strided")], ids=str)
+def test_binary_launches_match_the_jit_and_capture(dtype, layout, monkeypatch):
+    """FUSED_FPN_TRITON_EXPERIMENTAL=1's binary launches (lateral_launch._launch_binary: a launch made
+    before runs the binary triton's JIT returned for it, without JITFunction.run): forward and all four
+    gradients, on launches whose configs the switch does not change (fp32 with TF32 off, NCHW pixels
+    loaded one at a time, a strided x), are bit for bit the JIT's, once through the JIT and twice from
+    the kept binaries (which must then exist for the forward's, dW's and db + dtop's kernels); a
+    misaligned x gets its own binary; a CUDA graph captures the binary launches and replays them.
+    Autotuning off: the switch's longer lists start with the default ones."""
+    _require_backend()
+    from fused_fpn.kernels import lateral_kernels as K
+    from fused_fpn.kernels import lateral_launch as L
+    torch.backends.cudnn.allow_tf32 = False
+    monkeypatch.setenv(K.AUTOTUNE_ENV, "0")   # each list's first config: the experimental lists' too
+    g = torch.Generator().manual_seed(11)
+    fmt = torch.channels_last if layout == "channels_last" else torch.contiguous_format
+    # Cout 72 / Cin 56: a key no other test of this module tunes; H * W odd (NCHW: the narrow lists)
+    x = make_input((2, 56, 15, 19), dtype, "cuda", "noncontig" if layout == "strided" else layout, g)
+    w, b = (torch.randn((72, 56), generator=g) / 8).to("cuda", dtype), torch.randn((72,), generator=g).to("cuda", dtype)
+    top = torch.randn((2, 72, 8, 10), generator=g).to("cuda", dtype).contiguous(memory_format=fmt)
+    grad = torch.randn((2, 72, 15, 19), generator=g).to("cuda", dtype).contiguous(memory_format=fmt)
+
+    def step(xx=x):
+        return (L.run_directly(L.lateral_forward, xx, w, b, top),) + \
+            L.run_directly(L.lateral_backward, grad, xx, w, 8, 10, True, True, True, True)
+
+    monkeypatch.delenv(K.EXPERIMENTAL_ENV, raising=False)
+    want = step()
+    monkeypatch.setenv(K.EXPERIMENTAL_ENV, "1")
+    for attempt in range(3):
+        got = step()
+        for name, a, e in zip(("y", "dx", "dW", "db", "dtop"), got, want):
+            assert torch.equal(a, e), f"pass {attempt}: {name} differs from the JIT's"
+    from triton.runtime.autotuner import Autotuner
+    kept = {seen[0].fn if isinstance(seen[0], Autotuner) else seen[0]
+            for seen, launches in L._BINARY_LAUNCHES.items() if launches.binaries}
+    assert {K._lateral_fwd_kernel, K._lateral_grad_weight_kernel, K._lateral_grad_bias_top_kernel} <= kept
+    # x one element off 16 bytes: another binary key (triton's alignment specialization), the same values
+    span = 1 + sum((size - 1) * stride for size, stride in zip(x.shape, x.stride()))
+    x_off = torch.as_strided(torch.empty(span + 1, device="cuda", dtype=dtype)[1:], x.shape, x.stride())
+    x_off.copy_(x)
+    for _ in range(2):
+        assert all(torch.equal(a, e) for a, e in zip(step(x_off), want))
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        captured = step()
+    x.copy_(torch.randn(x.shape, generator=g).to("cuda", dtype))
+    graph.replay()
+    torch.cuda.synchronize()
+    monkeypatch.delenv(K.EXPERIMENTAL_ENV)
+    for name, a, e in zip(("y", "dx", "dW", "db", "dtop"), captured, step()):
+        assert torch.equal(a, e), f"replay: {name} differs from the JIT's"
+
 class _Fp16ChannelsLastCase:
     """A channels_last fp16 lateral call on the GPU (x [2, cin, h, w], Cout 80, a top of half the
     size) for the tests that run one experimental config: ``check`` compares an output with the

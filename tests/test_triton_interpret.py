@@ -1083,6 +1083,193 @@ def test_resident_weight_lists_and_grid():
     assert K.resident_grid(238, 2, 133) == 132 and K.resident_grid(60, 2, 132) == 60
 
 
+class _ReplayedBinary:
+    """A stand-in for the compiled binary triton's JIT returns: its ``run`` (the binary's launcher, as
+    ``JITFunction.run`` calls it) records the call and runs the interpreted kernel ``jit_run`` with the
+    grid and the arguments it was given, every parameter positionally (constexprs too)."""
+
+    def __init__(self, jit_run, runs):
+        self.jit_run, self.runs = jit_run, runs
+        self.function, self.packed_metadata = object(), object()
+
+    def launch_metadata(self, grid, stream, *args):
+        return ("metadata", grid, stream)
+
+    def run(self, grid_0, grid_1, grid_2, stream, function, packed_metadata, launch_metadata, enter, exit_, *args):
+        assert (function, packed_metadata) == (self.function, self.packed_metadata)
+        self.runs.append(dict(grid=(grid_0, grid_1, grid_2), stream=stream, metadata=launch_metadata,
+                              hooks=(enter, exit_)))
+        self.jit_run(*args, grid=(grid_0, grid_1, grid_2), warmup=False)
+
+
+def _replaying_jit(monkeypatch, kernels, loaded=None):
+    """Spy on each JIT function of ``kernels``: a launch runs the interpreted kernel and returns a
+    ``_ReplayedBinary`` of it (as a GPU's JIT returns the binary it launched); a compile-only run
+    (warmup=True, made inside a capture) returns a binary that is loaded or not as ``loaded["binary"]``
+    says. Returns (the JIT launches' kwargs, the replayed binaries' runs)."""
+    from triton.runtime.autotuner import Autotuner
+    jit_calls, runs = [], []
+    for kernel in kernels:
+        fn = kernel.fn if isinstance(kernel, Autotuner) else kernel
+        jit_run = fn.run
+
+        def spy(*args, _jit_run=jit_run, **kwargs):
+            if kwargs.get("warmup"):
+                assert loaded is not None, "no compile-only run outside a capture"
+                return SimpleNamespace(module=object() if loaded["binary"] else None)
+            jit_calls.append({k: v for k, v in kwargs.items() if k not in ("grid", "warmup")})
+            _jit_run(*args, **kwargs)
+            return _ReplayedBinary(_jit_run, runs)
+        monkeypatch.setattr(fn, "run", spy)
+    return jit_calls, runs
+
+
+@pytest.mark.skipif(HAS_CUDA, reason="on a GPU tests/test_triton_gpu.py runs the binary launches for real")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
+@pytest.mark.parametrize("layout", ["nchw", "channels_last"])
+def test_experimental_binary_launches_run_the_binary_the_jit_returned(dtype, layout, monkeypatch):
+    """FUSED_FPN_TRITON_EXPERIMENTAL=1: a launch made before runs the binary triton's JIT returned for
+    it (lateral_launch._launch_binary), with the same arguments in the kernel's signature order
+    (constexprs and defaults included), grid, stream and launch hooks as JITFunction.run passes. The
+    real kernels on the compiled branch, each JIT launch returning a binary that replays the
+    interpreted kernel: forward and all four gradients, three times (the autotuner, the fast path's
+    first launch of each binary key through the JIT, then the binaries), bit for bit the same and
+    against the float64 reference."""
+    from triton import knobs
+
+    from fused_fpn.kernels import lateral_kernels as K
+    from fused_fpn.kernels import lateral_launch as L
+    from fused_fpn.reference import lateral_backward_reference
+    _compiled_branch_on_the_interpreter(monkeypatch, sms=132)
+    monkeypatch.setenv(K.EXPERIMENTAL_ENV, "1")
+    for table in ("_TUNED", "_TUNED_KEYS", "_BINARY_LAUNCHES"):
+        monkeypatch.setattr(L, table, type(getattr(L, table))())
+    monkeypatch.setattr(L, "_current_stream", lambda device: ("stream of device", device))
+
+    def enter_hook(metadata):   # triton's launch hooks reach the binary as the JIT passes them
+        pass
+    monkeypatch.setattr(knobs.runtime, "launch_enter_hook", enter_hook)
+    g = torch.Generator().manual_seed(6)
+    x = make_input((2, 19, 7, 9), dtype, "cpu", layout, g)
+    w, b = (torch.randn((40, 19), generator=g) / 4).to(dtype), torch.randn((40,), generator=g).to(dtype)
+    top = make_input((2, 40, 4, 5), dtype, "cpu", layout, g)
+    grad = make_input((2, 40, 7, 9), dtype, "cpu", layout, g)
+    kind, narrow = L.config_kind(x), layout == "nchw"   # (the switch's longer lists start alike: no tuning)
+    kernels = [K.autotuned_fwd("sm90", kind, narrow), K.autotuned_grad_weight("sm90", kind, narrow),
+               K._lateral_grad_bias_top_kernel]
+    jit_calls, runs = _replaying_jit(monkeypatch, kernels)
+    results = []
+    for attempt in ("autotuner", "JIT, binary kept", "binary"):
+        jit_calls.clear(), runs.clear()
+        with L.as_in_the_op_body():
+            results.append((L.lateral_forward(x, w, b, top),)
+                           + L.lateral_backward(grad, x, w, 4, 5, True, True, True, True))
+        if attempt == "binary":
+            assert jit_calls == [] and len(runs) == 4, "forward, dx, dW and db + dtop: each its binary"
+        else:
+            assert runs == [] and len(jit_calls) == 4
+    assert {r["stream"] for r in runs} == {("stream of device", -1)}
+    # the launch metadata gets the grid as the grid function gave it (the JIT's), the launcher 3 ints
+    assert all(r["hooks"] == (enter_hook, knobs.runtime.launch_exit_hook) and r["metadata"][2] == r["stream"]
+               and L._grid3(r["metadata"][1]) == r["grid"] for r in runs)
+    fwd_config = K.fwd_configs("sm90", kind, narrow=narrow)[0].kwargs
+    m = 2 * 7 * 9
+    assert runs[0]["grid"] == (L.cdiv(m, fwd_config["BLOCK_M"]) * L.cdiv(40, fwd_config["BLOCK_N"]), 1, 1)
+    for got in results[1:]:
+        for name, a, e in zip(("y", "dx", "dW", "db", "dtop"), got, results[0]):
+            assert torch.equal(a, e) and a.stride() == e.stride(), name
+    f64 = [t.double() for t in (x, w, b, top, grad)]
+    assert_close_to_reference(results[2][0], lateral_reference(*f64[:4]), dtype)
+    atol, rtol = TOLERANCES[dtype]
+    for got, ref in zip(results[2][1:], lateral_backward_reference(f64[4], f64[0], f64[1], (4, 5), (True,) * 4)):
+        torch.testing.assert_close(got.double(), ref, atol=atol * max(1.0, ref.abs().max().item()), rtol=rtol)
+    # off: the JIT at every launch
+    monkeypatch.setenv(K.EXPERIMENTAL_ENV, "0")
+    jit_calls.clear(), runs.clear()
+    with L.as_in_the_op_body():
+        y = L.lateral_forward(x, w, b, top)
+    assert torch.equal(y, results[0][0]) and len(jit_calls) == 1 and runs == []
+
+
+def test_binary_key_holds_what_triton_specializes_on():
+    """lateral_launch.binary_key: equal for launches triton would give one binary, different where it
+    specializes: a tensor's dtype or 16-byte alignment, a scalar's value, or its type at equal value."""
+    from fused_fpn.kernels import lateral_launch as L
+    base = torch.zeros(16)
+    key = L.binary_key((base, base, 7, 0.5, True), 2)
+    assert key == L.binary_key((torch.ones(16), base[:8], 7, 0.5, True), 2)   # other aligned data
+    assert key != L.binary_key((base, base[1:], 7, 0.5, True), 2)             # 4 bytes off
+    assert key != L.binary_key((base, base.double(), 7, 0.5, True), 2)
+    assert key != L.binary_key((base, base, 8, 0.5, True), 2)
+    assert key != L.binary_key((base, base, 7, 0.5, 1), 2)                   # True == 1, another type
+    assert key != L.binary_key((base, base, 7.0, 0.5, True), 2)
+
+
+@pytest.mark.skipif(HAS_CUDA, reason="on a GPU tests/test_triton_gpu.py runs the binary launches for real")
+def test_binary_launch_takes_the_jit_for_each_new_binary_key(monkeypatch):
+    """lateral_launch._launch_binary on a small kernel: a binary key not seen before (another size, a
+    misaligned tensor) goes through the JIT, whose binary then serves that key with that key's grid;
+    another chosen config for the launch rebuilds its constexprs (its BLOCK) instead of launching the
+    old ones; a parameter left to its default reaches the binary with the default's value; a JIT
+    function given a pre-run hook takes the JIT at every call; inside a CUDA-graph capture a known
+    binary launches and a new binary key whose binary is not loaded raises before anything runs."""
+    import triton
+    import triton.language as tl
+
+    from fused_fpn.kernels import lateral_launch as L
+
+    @triton.jit
+    def _affine(src, dst, n, factor, BLOCK: tl.constexpr, SHIFT: tl.constexpr = 5):
+        offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+        mask = offs < n
+        tl.store(dst + offs, tl.load(src + offs, mask=mask) * factor + SHIFT, mask=mask)
+
+    loaded = {"binary": True}
+    jit_calls, runs = _replaying_jit(monkeypatch, [_affine], loaded)
+    monkeypatch.setattr(L, "_BINARY_LAUNCHES", {})
+    monkeypatch.setattr(L, "_current_stream", lambda device: 0)
+    capturing = {"now": False}
+    monkeypatch.setattr(L, "_capturing", lambda: capturing["now"])
+    src = torch.arange(64, dtype=torch.float32)
+    seen = ("a launch", ((), -1))
+
+    def launch(n, offset=0, chosen=None, expect_jit=False):
+        jit_calls.clear(), runs.clear()
+        dst = torch.full((64,), float("nan"))
+        L._launch_binary(_affine, lambda meta: (L.cdiv(n, meta["BLOCK"]),), (src[offset:], dst, n, 2.0), {},
+                         seen, lambda: "_affine", chosen or first)
+        assert torch.equal(dst[:n], 2.0 * src[offset:offset + n] + 5) and dst[n:].isnan().all()
+        assert (len(jit_calls), len(runs)) == ((1, 0) if expect_jit else (0, 1))
+        return (jit_calls or runs)[0]
+
+    first = {"BLOCK": 16}
+    assert launch(40, expect_jit=True) == {"BLOCK": 16}
+    assert launch(40)["grid"] == (3, 1, 1)
+    launch(50, expect_jit=True)   # another n: another binary key, with its own grid
+    assert launch(50)["grid"] == (4, 1, 1) and launch(40)["grid"] == (3, 1, 1)
+    launch(40, offset=1, expect_jit=True)   # src 4 bytes off 16: triton's alignment specialization
+    launch(40, offset=1)
+    launch(40, offset=4)   # 16 bytes off: aligned, the first binary
+    other = {"BLOCK": 32}   # the autotuner's choice replaced (a new dict): not the old BLOCK's binaries
+    assert launch(40, chosen=other, expect_jit=True) == {"BLOCK": 32}
+    assert launch(40, chosen=other)["grid"] == (2, 1, 1)
+    # inside a capture: a known binary launches; a new binary key that is not loaded raises, unlaunched
+    capturing["now"] = True
+    launch(40, chosen=other)
+    loaded["binary"] = False
+    dst = torch.zeros(64)
+    with pytest.raises(RuntimeError, match="needs a kernel binary that no call before the capture loaded"):
+        L._launch_binary(_affine, lambda meta: (L.cdiv(45, meta["BLOCK"]),), (src, dst, 45, 2.0), {}, seen,
+                         lambda: "_affine", other)
+    assert not dst.any()
+    capturing["now"], loaded["binary"] = False, True
+    # a pre-run hook (triton runs it at each JIT call): the JIT at every call, hook and all
+    hooked = []
+    monkeypatch.setattr(_affine, "pre_run_hooks", [lambda *args, **kwargs: hooked.append(args[2])])
+    launch(40, chosen=other, expect_jit=True)
+    launch(40, chosen=other, expect_jit=True)
+    assert hooked == [40, 40]
+
 def test_experimental_configs_are_opt_in(monkeypatch):
     """FUSED_FPN_TRITON_EXPERIMENTAL=1 adds the persistent forward configs to the autotuner's list
     (sm_90, fp16/bf16), the TMA ones (sm_90, fp16/bf16 and TF32) where the launch's operands allow
@@ -1153,9 +1340,10 @@ def test_launchers_keep_symbolic_sizes_symbolic(monkeypatch):
     monkeypatch.setattr(L, "tma_loads", lambda inp, weight: tma.append(tma_rule(inp, weight)) or tma[-1])
     monkeypatch.setattr(L, "interpreting", lambda: False)
     monkeypatch.setattr(L, "_device_facts", lambda device: ("sm90", 132))
-    monkeypatch.setattr(L, "_launch", lambda kernel, grid, args, meta: launches.append((grid, args, meta)))
+    monkeypatch.setattr(L, "_launch",
+                        lambda kernel, grid, args, meta, binary=False: launches.append((grid, args, meta)))
 
-    def autotuned(tuner, grid, args, meta, key):
+    def autotuned(tuner, grid, args, meta, key, binary=False):
         launches.append((grid, args, meta))
         tuners.append((layout, tuner.fused_fpn_name, tuner.fused_fpn_narrow))
     monkeypatch.setattr(L, "_launch_autotuned", autotuned)

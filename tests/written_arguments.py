@@ -51,8 +51,8 @@ def main() -> int:
     launches = []
     L.interpreting = lambda: False
     L._device_facts = lambda device: ("sm90", 132)
-    L._launch = lambda kernel, grid, args, meta: launches.append((kernel, args, meta))
-    L._launch_autotuned = lambda tuner, grid, args, meta, key: launches.append((tuner, args, meta))
+    L._launch = lambda kernel, grid, args, meta, binary=False: launches.append((kernel, args, meta))
+    L._launch_autotuned = lambda tuner, grid, args, meta, key, binary=False: launches.append((tuner, args, meta))
     cl = dict(memory_format=torch.channels_last)
     x = torch.randn(2, 64, 8, 12, dtype=torch.float16).contiguous(**cl)
     w, b = torch.randn(32, 64, dtype=torch.float16), torch.randn(32, dtype=torch.float16)
