@@ -1,12 +1,12 @@
 """Whether ``lateral_launch._launch_binary`` launches a kept binary as triton's own JIT launches it. The
-JIT compiles for sm_90 without a GPU (a stand-in driver: the target, device 0, stream 0, and a
-launcher that records each launch call instead of launching); the launchers' real launches of a small
+JIT compiles for sm_90 without a GPU (a stand-in driver: the target, device 0, a stream per device,
+and a launcher that records each launch call instead of launching); the launchers' real launches of a small
 fp16 problem (forward, dx, dW, db + dtop) run three times with FUSED_FPN_TRITON_EXPERIMENTAL=1: the
 autotuner's launch, the fast path's first launch of each binary key (through ``JITFunction.run``, which
 returns the binary), then the binary launches. Each launch call is the binary's launcher called with
 (grid x, y, z, stream, function, packed metadata, launch metadata, enter hook, exit hook, every
-argument): the third pass's calls must be the second's (tensors compared by dtype, shape and strides:
-the outputs are new ones), and each made by the launcher of the binary the JIT launched.
+argument): the third pass's calls must be the second's (the inputs compared by identity, the new
+outputs by dtype, shape and strides), and each made by the launcher of the binary the JIT launched.
 
     python tests/binary_launch_contract.py [channels_last|nchw]    # prints JSON (see ``main``)
 
