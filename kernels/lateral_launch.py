@@ -118,13 +118,23 @@ def tma_loads(inp: torch.Tensor, weight: torch.Tensor) -> bool:
     runs the op (fake tensors): the trace's autotuner would later run on whatever tensors the
     compiled code gets, whose alignment it cannot know (inductor copies a misaligned graph input,
     but other backends and replays of the graph do not)."""
+    return tma_geometry(inp, weight) and aligned_bases(inp, weight)
+
+
+def tma_geometry(inp: torch.Tensor, weight: torch.Tensor) -> bool:
+    """``tma_loads`` but for the base addresses: what a launch plan keeps (no data pointers)."""
     if _traced(inp) or _traced(weight):
         return False
     if inp.stride(1) != 1 or weight.stride(1) != 1:   # K's first cases, before the rest is read
         return False
     n, cin, h, w = inp.shape
     return K.tma_loads(inp.element_size(), n, h, w, *inp.stride(), cin, weight.shape[0], *weight.stride(),
-                       aligned_bases=inp.data_ptr() % 16 == 0 and weight.data_ptr() % 16 == 0)
+                       aligned_bases=True)
+
+
+def aligned_bases(inp: torch.Tensor, weight: torch.Tensor) -> bool:
+    """Both base addresses 16-byte aligned: ``tma_loads``' rule that reads the data pointers."""
+    return inp.data_ptr() % 16 == 0 and weight.data_ptr() % 16 == 0
 
 
 def resident_reduction(inp: torch.Tensor) -> int:
@@ -645,13 +655,17 @@ class LaunchPlan(NamedTuple):
     """What a compiled launch derives from its tensors' sizes, strides, dtypes and device facts: the
     kernel's scalar arguments after the tensors (``scalars``), its constexpr flags (``meta``), the
     config kind (``config_kind``), whether it takes the narrow config lists (``narrow``), its grid
-    (a tuple, or a function of the config for autotuned kernels) and the autotuner's key."""
+    (a tuple, or a function of the config for autotuned kernels) and the autotuner's key; the
+    forward's also whether its operands' sizes and strides allow TMA loads (``tma_geometry``) and the
+    reduction size it offers the weight-stationary configs (``resident_reduction``)."""
     scalars: tuple
     meta: dict
     kind: Optional[str]
     narrow: bool
     grid: object
     key: Optional[tuple]
+    tma: bool = False
+    resident_k: int = 0
 
 
 # Eager launch plans, per signature: (launch name, the facts the caller names, each tensor's (shape,
@@ -710,11 +724,14 @@ def fwd_launch_args(inp: torch.Tensor, weight: torch.Tensor, bias, top, out: tor
     return args, meta
 
 
-def gemm_epilogue(inp: torch.Tensor, weight: torch.Tensor, bias, top, out: torch.Tensor) -> torch.Tensor:
+def gemm_epilogue(inp: torch.Tensor, weight: torch.Tensor, bias, top, out: torch.Tensor, *,
+                  switch: Optional[bool] = None) -> torch.Tensor:
     """out[n, co, h, w] = sum_ci inp[n, ci, h, w] * weight[co, ci] + bias[co] + top[n, co, sh(h), sw(w)].
 
     inp [N, Cin, H, W], weight [Cout, Cin] (any strides: the backward passes W.t()), bias [Cout]
-    or None, top [N, Cout, Ht, Wt] or None, out [N, Cout, H, W] preallocated (any strides)."""
+    or None, top [N, Cout, Ht, Wt] or None, out [N, Cout, H, W] preallocated (any strides).
+    ``switch``: FUSED_FPN_TRITON_EXPERIMENTAL as the caller read it (``K.experimental_enabled()``,
+    read here when None)."""
     n, cin, h, w = inp.shape
     cout = weight.shape[0]
     m = n * h * w
@@ -731,12 +748,13 @@ def gemm_epilogue(inp: torch.Tensor, weight: torch.Tensor, bias, top, out: torch
     plan = launch_plan("fwd", tensors, (arch, sms, _allow_tf32(inp.dtype), FORCE_SCALE_IN_KERNEL),
                        lambda: _fwd_plan(inp, weight, bias, top, out, sms))
     args = (inp, weight, weight if bias is None else bias, inp if top is None else top, out) + plan.scalars
-    # the switch read once per launch (~1 us); the operands checked only where a TMA list exists
-    switch = K.experimental_enabled()
+    # the switch read once per launch (~1 us), or once per backward by lateral_backward
+    if switch is None:
+        switch = K.experimental_enabled()
     binary = switch and BINARY_LAUNCH
     experimental = switch and not plan.narrow
-    tma = experimental and (arch, plan.kind) in K.TMA_FWD_CONFIGS and tma_loads(inp, weight)
-    resident_k = resident_reduction(inp) if experimental and (arch, plan.kind) in K.RESIDENT_FWD_CONFIGS else 0
+    tma = experimental and plan.tma and (arch, plan.kind) in K.TMA_FWD_CONFIGS and aligned_bases(inp, weight)
+    resident_k = plan.resident_k if experimental and (arch, plan.kind) in K.RESIDENT_FWD_CONFIGS else 0
     kernel = K.autotuned_fwd(arch, plan.kind, plan.narrow, tma, experimental, resident_k)
     if kernel.fused_fpn_tma:
         ensure_scratch_allocator()
@@ -759,7 +777,8 @@ def _fwd_plan(inp, weight, bias, top, out, sms: int) -> "LaunchPlan":
             return (K.resident_grid(tiles, cdiv(cout, meta["BLOCK_N"]), sms),)
         return (torch.sym_min(tiles, sms) if meta["PERSISTENT"] else tiles,)
     key = (args[-1], cout, cin) + tuple(t.dtype for t in args[:5])
-    return LaunchPlan(args[5:], meta, config_kind(inp), narrow_pixel_loads((inp,), meta["PIX_ALIGN"]), grid, key)
+    return LaunchPlan(args[5:], meta, config_kind(inp), narrow_pixel_loads((inp,), meta["PIX_ALIGN"]), grid, key,
+                      tma_geometry(inp, weight), resident_reduction(inp))
 
 
 def lateral_forward(x: torch.Tensor, weight: torch.Tensor, bias, top) -> torch.Tensor:
@@ -784,9 +803,11 @@ def _grad_weight_split(m: int, tiles: int, device: torch.device) -> Tuple[int, i
     return cdiv(m, rows), rows
 
 
-def grad_weight(grad: torch.Tensor, x: torch.Tensor, out_dtype: torch.dtype) -> torch.Tensor:
+def grad_weight(grad: torch.Tensor, x: torch.Tensor, out_dtype: torch.dtype, *,
+                switch: Optional[bool] = None) -> torch.Tensor:
     """dW[co, ci] = sum over pixels of grad[n, co, h, w] * x[n, ci, h, w], fp32 accumulation,
-    split over pixels into partial sums that are added in a fixed order (no atomics)."""
+    split over pixels into partial sums that are added in a fixed order (no atomics). ``switch``: as
+    ``gemm_epilogue``'s."""
     n, cin, h, w = x.shape
     cout = grad.shape[1]
     m = n * h * w
@@ -806,7 +827,7 @@ def grad_weight(grad: torch.Tensor, x: torch.Tensor, out_dtype: torch.dtype) -> 
     else:
         kernel = K.autotuned_grad_weight(arch, plan.kind, plan.narrow)
         _run_on_device(x, _launch_autotuned, kernel, plan.grid, args, plan.meta, plan.key,
-                       BINARY_LAUNCH and K.experimental_enabled())
+                       BINARY_LAUNCH and (K.experimental_enabled() if switch is None else switch))
     if split == 1:   # one partial sum: no reduction launch (a cast, or nothing for fp32)
         return part[0].to(out_dtype)
     return part.sum(dim=0).to(out_dtype)
@@ -837,9 +858,10 @@ def _grad_weight_plan(grad, x, arch: str) -> "LaunchPlan":
                       (tiles, split), key)
 
 
-def grad_bias_top(grad: torch.Tensor, top_h: int, top_w: int, need_top: bool):
+def grad_bias_top(grad: torch.Tensor, top_h: int, top_w: int, need_top: bool, *, switch: Optional[bool] = None):
     """(db [C] fp32-accumulated in grad's dtype, dtop [N, C, top_h, top_w] in grad's memory format
-    or None) in one pass over grad. top_h == 0 means there is no top (only db)."""
+    or None) in one pass over grad. top_h == 0 means there is no top (only db). ``switch``: as
+    ``gemm_epilogue``'s."""
     n, c, h, w = grad.shape
     has_top = need_top and top_h > 0 and top_w > 0
     empty = n * h * w == 0 or c == 0
@@ -873,7 +895,7 @@ def grad_bias_top(grad: torch.Tensor, top_h: int, top_w: int, need_top: bool):
     if not interpreting():
         meta.update(K.GRAD_BIAS_TOP_LAUNCH)
     _run_on_device(grad, _launch, K._lateral_grad_bias_top_kernel, (programs,), args, meta,
-                   BINARY_LAUNCH and K.experimental_enabled())
+                   BINARY_LAUNCH and (K.experimental_enabled() if switch is None else switch))
     return dbpart.sum(dim=0).to(grad.dtype), dtop
 
 
@@ -886,14 +908,15 @@ def lateral_backward(grad: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, 
     def empty():  # a fresh [0] tensor for each unneeded gradient (outputs must not alias)
         return grad.new_empty((0,))
     dx, dw, db, dtop = empty(), empty(), empty(), empty()
+    switch = K.experimental_enabled()   # read once for the three launches
     if need_x:
         # an empty reduction (Cout == 0) still launches and writes zeros
         dx = torch.empty(x.shape, dtype=x.dtype, device=x.device, memory_format=output_memory_format(x))
-        gemm_epilogue(grad, weight.t(), None, None, dx)
+        gemm_epilogue(grad, weight.t(), None, None, dx, switch=switch)
     if need_w:
-        dw = grad_weight(grad, x, weight.dtype)
+        dw = grad_weight(grad, x, weight.dtype, switch=switch)
     if need_b or need_top:
-        b, t = grad_bias_top(grad, top_h, top_w, need_top)
+        b, t = grad_bias_top(grad, top_h, top_w, need_top, switch=switch)
         db = b if need_b else db
         dtop = t if need_top else dtop
     return dx, dw, db, dtop

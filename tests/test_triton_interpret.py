@@ -1320,6 +1320,81 @@ def test_experimental_configs_are_opt_in(monkeypatch):
     assert K.autotuned_fwd("sm90", "16bit", resident_k=256).configs == default
 
 
+def test_forward_autotuner_is_kept_until_a_list_is_replaced(monkeypatch):
+    """``autotuned_fwd`` keeps its answer per arguments and switches: a second call returns the same
+    autotuner without joining its config list again, a table entry replaced since (as tests replace
+    them) gives the autotuner of the new list, the old entry back gives the first autotuner again,
+    and autotuning off gives the list's first config alone."""
+    from fused_fpn.kernels import lateral_kernels as K
+    monkeypatch.setenv(K.EXPERIMENTAL_ENV, "1")
+    monkeypatch.delenv(K.AUTOTUNE_ENV, raising=False)
+    key, args = ("sm90", "16bit"), dict(tma=True, resident_k=256)
+    first = K.autotuned_fwd(*key, **args)
+    assert first.configs == K.fwd_configs(*key, experimental=True, **args)
+    joined, fwd_configs = [], K.fwd_configs
+    monkeypatch.setattr(K, "fwd_configs", lambda *a, **kw: joined.append(a) or fwd_configs(*a, **kw))
+    assert K.autotuned_fwd(*key, **args) is first and joined == []
+    for table in (K.FWD_CONFIGS, K.EXPERIMENTAL_FWD_CONFIGS, K.TMA_FWD_CONFIGS, K.RESIDENT_FWD_CONFIGS):
+        with monkeypatch.context() as m:
+            m.setitem(table, key, table[key][1:])   # a new list: one config fewer
+            tuner = K.autotuned_fwd(*key, **args)
+            assert tuner.configs == fwd_configs(*key, experimental=True, **args)
+            assert len(tuner.configs) == len(first.configs) - 1
+        assert K.autotuned_fwd(*key, **args) is first
+    monkeypatch.setenv(K.AUTOTUNE_ENV, "0")
+    assert K.autotuned_fwd(*key, **args).configs == first.configs[:1]
+
+
+def test_tma_offer_reads_the_base_addresses_at_every_launch(monkeypatch):
+    """The forward's launch plan keeps whether its operands' sizes and strides allow TMA loads, and the
+    launch still reads their base addresses: tensors of one geometry, 16-byte aligned then 2 bytes off
+    then aligned again, are offered the TMA list, not offered it, offered it (one plan for all three)."""
+    from fused_fpn.kernels import lateral_kernels as K
+    from fused_fpn.kernels import lateral_launch as L
+    _compiled_branch_on_the_interpreter(monkeypatch, sms=132)
+    monkeypatch.setenv(K.EXPERIMENTAL_ENV, "1")
+    monkeypatch.setattr(L, "_PLANS", {})
+    offered, autotuned_fwd = [], K.autotuned_fwd
+    monkeypatch.setattr(K, "autotuned_fwd", lambda arch, kind, narrow, tma, *rest: offered.append(tma) or
+                        autotuned_fwd(arch, kind, narrow, tma, *rest))
+    monkeypatch.setattr(L, "_launch_autotuned", lambda *args: None)   # nothing runs
+    flat = torch.empty(2 * 24 * 35 + 8, dtype=torch.float16)
+
+    def x_at(offset):   # channels_last [2, 24, 5, 7], ``offset`` elements into ``flat``
+        return flat[offset:offset + 2 * 24 * 35].view(2, 5, 7, 24).permute(0, 3, 1, 2)
+    w = torch.randn(8, 24).to(torch.float16)
+    for offset in (8, 1, 8):
+        x = x_at(offset)
+        assert (x.data_ptr() % 16 == 0) == (offset == 8) and x.stride() == (840, 1, 168, 24)
+        L.gemm_epilogue(x, w, None, None, torch.empty(2, 8, 5, 7, dtype=torch.float16))
+    assert offered == [True, False, True] and len(L._PLANS) == 1
+
+
+def test_backward_reads_the_experimental_switch_once(monkeypatch):
+    """``lateral_backward`` reads FUSED_FPN_TRITON_EXPERIMENTAL once and hands it to its three launches
+    (dx, dW, db + dtop): each launches its binary with the switch on, through the JIT with it off or
+    with lateral_launch.BINARY_LAUNCH off."""
+    from fused_fpn.kernels import lateral_kernels as K
+    from fused_fpn.kernels import lateral_launch as L
+    _compiled_branch_on_the_interpreter(monkeypatch, sms=132)
+    binaries, reads = [], []
+    monkeypatch.setattr(L, "_launch", lambda kernel, grid, args, meta, binary=False: binaries.append(binary))
+    monkeypatch.setattr(L, "_launch_autotuned",
+                        lambda tuner, grid, args, meta, key, binary=False: binaries.append(binary))
+    enabled = K.experimental_enabled
+    monkeypatch.setattr(K, "experimental_enabled", lambda: reads.append(1) or enabled())
+    g = torch.Generator().manual_seed(3)
+    x = make_input((2, 19, 7, 9), torch.float16, "cpu", "channels_last", g)
+    w = torch.randn((40, 19), generator=g).to(torch.float16)
+    grad = make_input((2, 40, 7, 9), torch.float16, "cpu", "channels_last", g)
+    for switch, binary_launch, want in (("1", True, True), ("0", True, False), ("1", False, False)):
+        monkeypatch.setenv(K.EXPERIMENTAL_ENV, switch)
+        monkeypatch.setattr(L, "BINARY_LAUNCH", binary_launch)
+        binaries.clear(), reads.clear()
+        L.lateral_backward(grad, x, w, 4, 5, True, True, True, True)
+        assert binaries == [want] * 3 and len(reads) == 1
+
+
 def test_launchers_keep_symbolic_sizes_symbolic(monkeypatch):
     """While torch.compile (dynamic shapes) or torch.export (Dims) traces the triton ops, their bodies
     see symbolic N, H, W and top sizes: what the launchers compute from them (kernel arguments,
@@ -1333,11 +1408,9 @@ def test_launchers_keep_symbolic_sizes_symbolic(monkeypatch):
     from fused_fpn.kernels import lateral_kernels as K
     from fused_fpn.kernels import lateral_launch as L
     launches, tuners = [], []
-    monkeypatch.setenv(K.EXPERIMENTAL_ENV, "1")   # the TMA rule (``tma_loads``) reads the sizes too
-    # fp32 with TF32 off ("ieee") has no TMA list, so the launcher would not ask the rule: give it one
-    monkeypatch.setitem(K.TMA_FWD_CONFIGS, ("sm90", "ieee"), K.TMA_FWD_CONFIGS[("sm90", "tf32")])
-    tma_rule, tma = L.tma_loads, []
-    monkeypatch.setattr(L, "tma_loads", lambda inp, weight: tma.append(tma_rule(inp, weight)) or tma[-1])
+    monkeypatch.setenv(K.EXPERIMENTAL_ENV, "1")   # the switch's rules read sizes too
+    tma_rule, tma = L.tma_geometry, []
+    monkeypatch.setattr(L, "tma_geometry", lambda inp, weight: tma.append(tma_rule(inp, weight)) or tma[-1])
     monkeypatch.setattr(L, "interpreting", lambda: False)
     monkeypatch.setattr(L, "_device_facts", lambda device: ("sm90", 132))
     monkeypatch.setattr(L, "_launch",
@@ -1377,9 +1450,9 @@ def test_launchers_keep_symbolic_sizes_symbolic(monkeypatch):
     # time: the narrow lists
     assert tuners == [(layout, name, layout != "channels_last") for layout in ["nchw", "channels_last", "noncontig"]
                       for name in ("fwd", "fwd", "dw")]
-    # the TMA rule, asked where the lists are not narrow (channels_last): never in a trace (the
-    # compiled code's tensors may be aligned otherwise), so no size is read and nothing guarded
-    assert tma == [False, False]
+    # the TMA rule's sizes-and-strides part, asked as each forward and dx plan is built: never in a
+    # trace (the compiled code's tensors may be aligned otherwise), so no size is read and nothing guarded
+    assert tma == [False] * 6
     assert not L._PLANS, "a trace's tensors (symbolic sizes) never enter the eager launch plans"
     sym.assert_none_pinned()
 
