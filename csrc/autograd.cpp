@@ -161,7 +161,12 @@ struct LateralFunction : public torch::autograd::Function<LateralFunction> {
                             const c10::optional<at::Tensor>& bias, const c10::optional<at::Tensor>& top) {
     at::AutoDispatchBelowADInplaceOrView guard;
     at::Tensor y = call_lateral(x, weight, bias, top);
-    ctx->save_for_backward({x, weight});
+    // x and W are kept for dx and dW only: db and dtop read the incoming gradient alone, so a call whose
+    // x and W need no gradient (a frozen conv, only bias or top requiring grad) keeps neither (nor checks
+    // their versions, nor holds an inference tensor); eager's conv node keeps them when any of x, W,
+    // bias requires grad, and none is made when only top does. (requires_grad, not needs_input_grad: inside
+    // a backward, a checkpoint's recomputation would read that graph task's subset and save fewer tensors.)
+    if (x.requires_grad() || weight.requires_grad()) ctx->save_for_backward({x, weight});
     const bool has_bias = bias.has_value() && bias->defined(), has_top = top.has_value() && top->defined();
     ctx->saved_data["has_bias"] = has_bias;
     ctx->saved_data["has_top"] = has_top;
@@ -171,9 +176,6 @@ struct LateralFunction : public torch::autograd::Function<LateralFunction> {
   }
 
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
-    const auto saved = ctx->get_saved_variables();
-    const at::Tensor& x = saved[0];
-    const at::Tensor& weight = saved[1];
     const at::Tensor& grad = grads[0];
     // needs_input_grad counts the tensor inputs only (an absent bias or top has no edge); the
     // returned list has one entry per forward argument
@@ -182,11 +184,16 @@ struct LateralFunction : public torch::autograd::Function<LateralFunction> {
     const bool need_b = has_bias && ctx->needs_input_grad(2);
     const bool need_top = has_top && ctx->needs_input_grad(has_bias ? 3 : 2);
     at::Tensor dx, dw, db, dtop;
-    if (backward_needs_graph(grad, x, weight)) {  // double backward: differentiable ops
-      if (need_x) dx = at::einsum("nohw,oi->nihw", {grad, weight}).contiguous(output_memory_format(x));
-      if (need_w) dw = at::einsum("nohw,nihw->oi", {grad, x});
-    } else if (need_x || need_w) {
-      std::tie(dx, dw) = conv1x1_backward(grad, x, weight, need_x, need_w);
+    if (need_x || need_w) {  // x and W were saved (forward)
+      const auto saved = ctx->get_saved_variables();
+      const at::Tensor& x = saved[0];
+      const at::Tensor& weight = saved[1];
+      if (backward_needs_graph(grad, x, weight)) {  // double backward: differentiable ops
+        if (need_x) dx = at::einsum("nohw,oi->nihw", {grad, weight}).contiguous(output_memory_format(x));
+        if (need_w) dw = at::einsum("nohw,nihw->oi", {grad, x});
+      } else {
+        std::tie(dx, dw) = conv1x1_backward(grad, x, weight, need_x, need_w);
+      }
     }
     if (need_b || need_top) {
       std::tie(db, dtop) = call_grad_bias_top(grad, ctx->saved_data["top_h"].toSymInt(),

@@ -151,8 +151,25 @@ def _backward_fake(grad, x, weight, top_h, top_w, need_x, need_weight, need_bias
 
 def _setup_context(ctx, inputs, output):
     x, weight, bias, top = inputs
-    ctx.save_for_backward(x, weight)
+    # x and W are kept for dx and dW only: db and dtop read the incoming gradient alone, so a call whose
+    # x and W need no gradient (a frozen conv, only bias or top requiring grad) keeps neither (nor checks
+    # their versions, nor holds an inference tensor); eager's conv node keeps them when any of x, W,
+    # bias requires grad, and none is made when only top does
+    ctx.keeps_operands = ctx.needs_input_grad[0] or ctx.needs_input_grad[1]
+    if ctx.keeps_operands:
+        ctx.save_for_backward(x, weight)
+    else:
+        ctx.operand_shapes = (x.shape, weight.shape)
     ctx.top_hw = (top.shape[-2], top.shape[-1]) if top is not None else (0, 0)
+
+
+def _saved_operands(ctx, grad):
+    """(x, weight) as the forward saved them, or, where it kept neither (``_setup_context``), stand-ins
+    of their shapes in grad's dtype and device (one element each, expanded: the backward op checks
+    their shapes and launches nothing that reads them)."""
+    if ctx.keeps_operands:
+        return ctx.saved_tensors
+    return tuple(grad.new_empty((1,) * len(shape)).expand(shape) for shape in ctx.operand_shapes)
 
 
 def _backward_needs_graph(grad: torch.Tensor, x: torch.Tensor, weight: torch.Tensor) -> bool:
@@ -162,10 +179,10 @@ def _backward_needs_graph(grad: torch.Tensor, x: torch.Tensor, weight: torch.Ten
 
 
 def _backward(ctx, grad):
-    x, weight = ctx.saved_tensors
     need_x, need_w, need_b, need_top = ctx.needs_input_grad
     if not (need_x or need_w or need_b or need_top):
         return None, None, None, None
+    x, weight = _saved_operands(ctx, grad)
     if _backward_needs_graph(grad, x, weight):   # double backward: differentiable, unfused ops
         return lateral_backward_reference(grad, x, weight, ctx.top_hw, ctx.needs_input_grad)
     args = (grad, x, weight, ctx.top_hw[0], ctx.top_hw[1], need_x, need_w, need_b, need_top)
