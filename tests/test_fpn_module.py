@@ -636,3 +636,70 @@ def test_an_fpn_held_in_two_places_stays_one_module_after_convert():
     fused_fpn.convert(model)
     assert type(model.a) is fused_fpn.FPN and model.b[0] is model.a
     assert len(list(model.parameters())) == n_params
+
+
+def test_an_fpn_under_two_names_of_one_parent_stays_one_module_after_convert():
+    """``m.a = m.b = fpn`` (and a ModuleList holding it twice): named_children yields a module once, under
+    its first name, so the second name kept torchvision's FPN, unfused, and the two names parted."""
+    model = nn.Module()
+    model.a = model.b = randomize_(FeaturePyramidNetwork(IN_CHANNELS, OUT))
+    twice = nn.ModuleList([FeaturePyramidNetwork(IN_CHANNELS, OUT)] * 2)
+    fused_fpn.convert(model)
+    fused_fpn.convert(twice)
+    assert type(model.a) is fused_fpn.FPN and model.b is model.a
+    assert type(twice[0]) is fused_fpn.FPN and twice[1] is twice[0]
+
+
+@pytest.mark.parametrize("held", ["root", "child"])
+def test_an_fpn_wrapped_by_torch_compile_runs_fused_after_convert(held, fused_calls):
+    """``torch.compile(fpn)`` returns a wrapper whose forward was bound to the torchvision FPN when it was
+    made: converting the FPN inside it (the wrapper itself, or a model holding the wrapper) once left the
+    wrapper running torchvision's forward, unfused, while its ``_orig_mod`` read as converted."""
+    graphs = []
+
+    def recording_backend(gm, example_inputs):
+        graphs.append(gm)
+        return gm.forward
+
+    tv = randomize_(FeaturePyramidNetwork(IN_CHANNELS, OUT))
+    eager = copy.deepcopy(tv)
+    wrapper = torch.compile(tv, backend=recording_backend)
+    if held == "root":
+        model = fused_fpn.convert(wrapper, backend="cpu")
+        assert model is wrapper
+    else:
+        model = nn.Module()
+        model.fpn = wrapper
+        fused_fpn.convert(model, backend="cpu")
+        assert model.fpn is wrapper
+    assert type(wrapper._orig_mod) is fused_fpn.FPN
+    x = make_features(2, 29, 31, torch.float32, "cpu", "nchw")
+    torch._dynamo.reset()
+    try:
+        got = wrapper(x)
+        with torch._dynamo.config.patch(disable=True):   # eager through the wrapper: the fused op's calls
+            calls = fused_calls("cpu")
+            wrapper(x)
+    finally:
+        torch._dynamo.reset()
+    targets = [str(node.target) for gm in graphs for node in gm.graph.nodes if node.op == "call_function"]
+    assert sum("fused_fpn.lateral" in t for t in targets) == len(IN_CHANNELS), targets
+    assert len(calls) == len(IN_CHANNELS)
+    assert_outputs_match(got, eager(x), torch.float32)
+
+
+@pytest.mark.parametrize("how", ["script", "trace"])
+def test_convert_names_a_torchscript_fpn_it_leaves_unfused(how):
+    """A scripted or traced FPN holds no Python module to replace: convert leaves it as it is, with a
+    warning naming it (it once said nothing)."""
+    tv = randomize_(FeaturePyramidNetwork(IN_CHANNELS, OUT)).eval()
+    x = make_features(1, 29, 31, torch.float32, "cpu", "nchw")
+    scripted = torch.jit.script(tv) if how == "script" else torch.jit.trace(tv, (x,), strict=False)
+    model = nn.Module()
+    model.body = nn.Module()
+    model.body.fpn = scripted
+    with pytest.warns(UserWarning, match=r"body\.fpn is a TorchScript FeaturePyramidNetwork"):
+        fused_fpn.convert(model)
+    assert model.body.fpn is scripted
+    with pytest.warns(UserWarning, match=r"model is a TorchScript FeaturePyramidNetwork"):
+        assert fused_fpn.convert(scripted) is scripted
