@@ -31,6 +31,21 @@ def test_available_backends_here():
         assert "cuda" not in names
 
 
+def test_available_backends_on_a_device_this_process_lacks_is_empty():
+    """A GPU this machine does not have (no CUDA, or an index past the count) and a device type this torch
+    lacks give no backends, not torch's "Found no NVIDIA driver" or "not compiled with" errors; what
+    names no device is a ValueError naming the argument."""
+    missing = torch.cuda.device_count()   # the first CUDA index this machine lacks
+    for device in (f"cuda:{missing}", torch.device("cuda", missing)) + (() if torch.cuda.is_available() else ("cuda", 0)):
+        assert fused_fpn.available_backends(device) == [], device
+    if not hasattr(torch, "xpu") or not torch.xpu.is_available():
+        assert fused_fpn.available_backends("xpu") == []
+    assert fused_fpn.available_backends(torch.device("cpu")) == fused_fpn.available_backends("cpu")
+    for bad in ("nonsense", 1.5, [0]):
+        with pytest.raises(ValueError, match=r"device must be a torch.device, a device string"):
+            fused_fpn.available_backends(bad)
+
+
 def test_auto_picks_the_cpu_kernel_on_cpu_tensors():
     x = torch.randn(1, 3, 4, 4)
     expected = "cpu" if fused_fpn.extension_loaded() else "torch"

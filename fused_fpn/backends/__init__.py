@@ -111,17 +111,36 @@ def unavailable_reason(name: str) -> Optional[str]:
 
 
 def available_backends(device: Optional[torch.device] = None) -> List[str]:
-    """Names of the backends usable in this process (sorted); with ``device``, those that can run there."""
+    """Names of the backends usable in this process (sorted); with ``device`` (a torch.device, a device
+    string or a CUDA index), those that can run there: none on a device this process cannot use (no
+    such GPU, or a device type this torch or machine lacks). ValueError if ``device`` names no device."""
+    probe = None if device is None else _device_probe(device)
+    if device is not None and probe is None:
+        return []
     names = []
     for name in BACKEND_NAMES:
         if unavailable_reason(name) is not None:
             continue
-        if device is not None:
-            probe = torch.empty((1, 1, 1, 1), device=torch.device(device), dtype=torch.float32)
-            if get_backend(name).unsupported_reason(probe) is not None:
-                continue
+        if probe is not None and get_backend(name).unsupported_reason(probe) is not None:
+            continue
         names.append(name)
     return sorted(names)
+
+
+def _device_probe(device) -> Optional[torch.Tensor]:
+    """A [1, 1, 1, 1] float32 tensor on ``device``, or None where this process cannot allocate there."""
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError, ValueError) as exc:
+        raise ValueError(f"device must be a torch.device, a device string such as 'cuda:0' or a CUDA index, got "
+                         f"{device!r} ({exc})") from None
+    if dev.type == "cuda" and not (torch.cuda.is_available()
+                                   and (dev.index is None or dev.index < torch.cuda.device_count())):
+        return None   # (torch.empty would raise "Found no NVIDIA driver" or an invalid-ordinal error)
+    try:
+        return torch.empty((1, 1, 1, 1), device=dev, dtype=torch.float32)
+    except (RuntimeError, AssertionError, NotImplementedError):   # e.g. "Torch not compiled with XPU enabled"
+        return None
 
 
 def why_not(name: str, x: torch.Tensor) -> Optional[str]:
