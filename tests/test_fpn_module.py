@@ -322,6 +322,24 @@ def test_a_coarse_level_without_pixels_under_a_finer_one_raises_a_clear_error(de
         ours(x)
 
 
+@pytest.mark.parametrize("device,backend", backend_device_params())
+@pytest.mark.parametrize("batch", [2, 0])
+def test_a_level_with_an_empty_spatial_size_raises_a_clear_error(device, backend, batch):
+    """A level with H or W = 0 (the finest, or every level; with images or batch 0): torchvision's FPN
+    fails inside ATen (its 1x1 conv), and so did ours (the 3x3 output conv: "Calculated padded input
+    size per channel"), naming no map; a ValueError names it."""
+    tv, ours = pair(backend=backend)
+    tv, ours = tv.to(device), ours.to(device)
+    for empty in (["c2"], list(make_features(1, 16, 16, torch.float32, device, "nchw"))):
+        x = make_features(batch, 16, 16, torch.float32, device, "nchw")
+        for name in empty:
+            x[name] = x[name][..., :0]
+        with pytest.raises(RuntimeError):
+            tv(x)
+        with pytest.raises(ValueError, match=r"x\['c2'\] has an empty spatial size .* needs H, W >= 1"):
+            ours(x)
+
+
 @pytest.mark.parametrize("device", DEVICES)
 def test_compile_fullgraph_fpn_matches_eager(device):
     """torch.compile(fullgraph=True) with inductor matches eager, and the graph dynamo hands inductor
