@@ -783,7 +783,8 @@ def _env_flag(name: str, default: bool) -> bool:
 
 
 def experimental_enabled() -> bool:
-    """True when FUSED_FPN_TRITON_EXPERIMENTAL is 1 / true / on / yes (read at each launch)."""
+    """True when FUSED_FPN_TRITON_EXPERIMENTAL is 1 / true / on / yes (read now: the launchers read it at
+    each forward launch, and once per backward for its three launches)."""
     return _env_flag(EXPERIMENTAL_ENV, default=False)
 
 
