@@ -161,13 +161,15 @@ struct LateralFunction : public torch::autograd::Function<LateralFunction> {
                             const c10::optional<at::Tensor>& bias, const c10::optional<at::Tensor>& top) {
     at::AutoDispatchBelowADInplaceOrView guard;
     at::Tensor y = call_lateral(x, weight, bias, top);
-    // x and W are kept for dx and dW only: db and dtop read the incoming gradient alone, so a call whose
-    // x and W need no gradient (a frozen conv, only bias or top requiring grad) keeps neither (nor checks
-    // their versions, nor holds an inference tensor); eager's conv node keeps them when any of x, W,
-    // bias requires grad, and none is made when only top does. (requires_grad, not needs_input_grad: inside
-    // a backward, a checkpoint's recomputation would read that graph task's subset and save fewer tensors.)
-    if (x.requires_grad() || weight.requires_grad()) ctx->save_for_backward({x, weight});
     const bool has_bias = bias.has_value() && bias->defined(), has_top = top.has_value() && top->defined();
+    // x and W are kept where eager's conv node keeps them: when x, W or bias requires grad. When only top
+    // does (a frozen lateral conv), eager makes no conv node, and db / dtop read the incoming gradient
+    // alone: neither is kept (nor version-checked, nor an inference tensor held). (requires_grad, not
+    // needs_input_grad: inside a backward, a checkpoint's recomputation would read that graph task's
+    // subset and save fewer tensors than the forward did.)
+    const bool keep = x.requires_grad() || weight.requires_grad() || (has_bias && bias->requires_grad());
+    if (keep) ctx->save_for_backward({x, weight});
+    ctx->saved_data["keeps_operands"] = keep;
     ctx->saved_data["has_bias"] = has_bias;
     ctx->saved_data["has_top"] = has_top;
     ctx->saved_data["top_h"] = has_top ? top->sym_size(2) : c10::SymInt(0);
@@ -184,8 +186,11 @@ struct LateralFunction : public torch::autograd::Function<LateralFunction> {
     const bool need_b = has_bias && ctx->needs_input_grad(2);
     const bool need_top = has_top && ctx->needs_input_grad(has_bias ? 3 : 2);
     at::Tensor dx, dw, db, dtop;
-    if (need_x || need_w) {  // x and W were saved (forward)
-      const auto saved = ctx->get_saved_variables();
+    // unpacked whenever kept, as eager's node does: a second backward without retain_graph, or x changed in
+    // place since the forward, raises here
+    const variable_list saved = ctx->saved_data["keeps_operands"].toBool() ? ctx->get_saved_variables()
+                                                                           : variable_list{};
+    if (need_x || need_w) {  // then x and W were kept (forward)
       const at::Tensor& x = saved[0];
       const at::Tensor& weight = saved[1];
       if (backward_needs_graph(grad, x, weight)) {  // double backward: differentiable ops

@@ -282,12 +282,12 @@ class FPN(FeaturePyramidNetwork):
             if fine.shape[0] * fine.shape[2] * fine.shape[3] > 0 and coarse.shape[2] * coarse.shape[3] == 0:
                 raise ValueError(f"x[{names[i + 1]!r}] has no pixels (shape {tuple(coarse.shape)}), so there is "
                                  f"nothing to upsample into the finer level x[{names[i]!r}] (shape "
-                                 f"{tuple(fine.shape)}); every level coarser than a non-empty one needs H, W >= 1")
+                                 f"{tuple(fine.shape)}); every FPN level needs H, W >= 1")
         for name, t in zip(names, feats):   # (batch 0 runs: each level is [0, C, H, W] out)
             if t.shape[2] == 0 or t.shape[3] == 0:
                 raise ValueError(f"x[{name!r}] has an empty spatial size (shape {tuple(t.shape)}): every FPN level "
-                                 f"needs H, W >= 1, since its 3x3 output convolution cannot run on an empty map "
-                                 f"(torchvision's FPN fails inside its convolutions there)")
+                                 f"needs H, W >= 1 (torchvision's FPN fails inside its convolutions there: a 1x1 "
+                                 f"or 3x3 convolution cannot run on an empty map)")
         return names, feats, cast
 
     @staticmethod

@@ -1005,7 +1005,8 @@ def autotuned_fwd(arch: str, kind: str, narrow: bool = False, tma: bool = False,
              (FWD_CONFIGS.get(key), EXPERIMENTAL_FWD_CONFIGS.get(key) if experimental else None,
               TMA_FWD_CONFIGS.get(key) if experimental and tma else None,
               RESIDENT_FWD_CONFIGS.get(key) if experimental and resident_k else None))
-    memo_key = (arch, kind, narrow, experimental and tma, resident_k if experimental else 0, autotune_enabled())
+    memo_key = (arch, kind, narrow, experimental, experimental and tma, resident_k if experimental else 0,
+                autotune_enabled())
     memo = _fwd_tuners.get(memo_key)
     if memo is not None and all(a is b for a, b in zip(memo[0], lists)):
         return memo[1]

@@ -1,4 +1,6 @@
 """Autograd (gradcheck in fp64, gradient parity), the registered ops (opcheck), torch.compile."""
+import contextlib
+
 import pytest
 import torch
 
@@ -214,43 +216,54 @@ _WITH_INTERPRETED_TRITON = backend_device_params() + (
 
 @pytest.mark.parametrize("device,backend", _WITH_INTERPRETED_TRITON)
 @pytest.mark.parametrize("grad_of", ["top", "bias and top"])
-def test_x_and_weight_are_kept_only_for_their_gradients(device, backend, grad_of):
-    """x and W are kept for dx and dW only (db and dtop read the incoming gradient alone): with only
-    top (or bias and top) requiring grad, the forward saves neither, so an in-place change of x after
-    the forward, or x and W made under inference mode (a frozen backbone's features into a frozen
-    lateral conv), still give top's and bias's gradients, equal to eager's; with W requiring grad x
-    is kept, and its in-place change is an error at backward, as in eager. ("torch" is eager's ops:
-    with bias requiring grad its conv node keeps x and W, as eager's does.)"""
+def test_x_and_weight_are_kept_where_eager_keeps_them(device, backend, grad_of):
+    """x and W are kept where eager's conv node keeps them: when x, W or bias requires grad. With only
+    top requiring grad (a frozen lateral conv) eager makes no conv node and the forward keeps neither
+    (db and dtop read the incoming gradient alone), so an in-place change of x after the forward, or x
+    and W made under inference mode, still give top's gradient, equal to float64 eager's (all backends
+    kept both once, and raised). With bias requiring grad too, both are kept, and each of those raises
+    as it does in eager, and so does a second backward without retain_graph."""
+    F = torch.nn.functional
     if backend_supports(backend, device, torch.float32) is not None:
         pytest.skip(f"{backend} cannot run fp32 on {device}")
     x, w, b, top = make_lateral_case(2, 6, 4, (5, 7), (3, 4), torch.float32, device, "nchw")
     with torch.inference_mode():
         x_inf, w_inf = x.clone(), w.clone()
-    keeps_x = backend == "torch" and grad_of == "bias and top"
 
-    def grads(x, w, change_x):
+    def run(x, w, change_x, backend, watch=False):   # backend None: eager's conv2d + interpolate + add
         b_, top_ = b.clone().requires_grad_(grad_of == "bias and top"), top.clone().requires_grad_()
-        packed = []
-        with torch.autograd.graph.saved_tensors_hooks(lambda t: packed.append(t) or t, lambda t: t):
-            y = fused_fpn.lateral(x, w, b_, top_, backend=backend)
+        packed = []   # what the forward saves (watched: saved-tensor hooks skip the version check)
+        hooks = torch.autograd.graph.saved_tensors_hooks(lambda t: packed.append(t) or t, lambda t: t)
+        with hooks if watch else contextlib.nullcontext():
+            y = (fused_fpn.lateral(x, w, b_, top_, backend=backend) if backend else
+                 F.conv2d(x, w[:, :, None, None], b_) + F.interpolate(top_, size=(5, 7), mode="nearest"))
         if change_x:
             x.add_(1.0)
         y.square().sum().backward()
         return [t.grad for t in (b_, top_) if t.requires_grad], packed
 
-    b64, top64 = b.double().requires_grad_(grad_of == "bias and top"), top.double().requires_grad_()
-    y64 = torch.nn.functional.conv2d(x.double(), w.double()[:, :, None, None], b64) + \
-        torch.nn.functional.interpolate(top64, size=(5, 7), mode="nearest")
-    y64.square().sum().backward()
-    want = [t.grad for t in (b64, top64) if t.requires_grad]
-    for xi, wi, change in ((x.clone(), w, True), (x_inf, w_inf, False)):
-        if keeps_x:
-            continue
-        got, packed = grads(xi, wi, change)
-        kept = packed if backend != "torch" else [t for t in packed if t.shape in (x.shape, w.shape)]
-        assert kept == [], f"the forward kept {[tuple(t.shape) for t in kept]}"   # ("torch": nearest's indices)
-        for g, e in zip(got, want):
-            torch.testing.assert_close(g.double(), e, atol=1e-4, rtol=1e-4)
+    if grad_of == "top":
+        top64 = top.double().requires_grad_()
+        y64 = F.conv2d(x.double(), w.double()[:, :, None, None], b.double()) + \
+            F.interpolate(top64, size=(5, 7), mode="nearest")
+        y64.square().sum().backward()
+        for xi, wi, change in ((x.clone(), w, True), (x_inf, w_inf, False)):
+            (got,), _ = run(xi, wi, change, backend)
+            torch.testing.assert_close(got.double(), top64.grad, atol=1e-4, rtol=1e-4)
+            _, packed = run(xi.clone(), wi, False, backend, watch=True)
+            kept = packed if backend != "torch" else [t for t in packed if t.shape in (x.shape, w.shape)]
+            assert kept == [], f"the forward kept {[tuple(t.shape) for t in kept]}"   # ("torch": nearest's indices)
+    else:
+        for make, change, error in ((lambda: (x.clone(), w), True, "modified by an inplace operation"),
+                                    (lambda: (x_inf, w_inf), False, "Inference tensors cannot be saved")):
+            with pytest.raises(RuntimeError, match=error):
+                run(*make(), change, None)
+            with pytest.raises(RuntimeError, match=error):
+                run(*make(), change, backend)
+        y = fused_fpn.lateral(x, w, b.clone().requires_grad_(), top.clone().requires_grad_(), backend=backend)
+        y.sum().backward()
+        with pytest.raises(RuntimeError, match="second time"):
+            y.sum().backward()
     x_changed, w_grad = x.clone(), w.clone().requires_grad_()
     y = fused_fpn.lateral(x_changed, w_grad, b, top, backend=backend)
     x_changed.add_(1.0)

@@ -1341,6 +1341,12 @@ def test_forward_autotuner_is_kept_until_a_list_is_replaced(monkeypatch):
             assert tuner.configs == fwd_configs(*key, experimental=True, **args)
             assert len(tuner.configs) == len(first.configs) - 1
         assert K.autotuned_fwd(*key, **args) is first
+    # the switch on and off keep an autotuner each (calls alternating between them join no list)
+    off, on = K.autotuned_fwd(*key, experimental=False), K.autotuned_fwd(*key, experimental=True)
+    joined.clear()
+    for _ in range(3):
+        assert K.autotuned_fwd(*key, experimental=False) is off and K.autotuned_fwd(*key, experimental=True) is on
+    assert joined == [] and off.configs == K.FWD_CONFIGS[key] != on.configs
     monkeypatch.setenv(K.AUTOTUNE_ENV, "0")
     assert K.autotuned_fwd(*key, **args).configs == first.configs[:1]
 

@@ -134,12 +134,13 @@ def _device_probe(device) -> Optional[torch.Tensor]:
     except (RuntimeError, TypeError, ValueError) as exc:
         raise ValueError(f"device must be a torch.device, a device string such as 'cuda:0' or a CUDA index, got "
                          f"{device!r} ({exc})") from None
-    if dev.type == "cuda" and not (torch.cuda.is_available()
-                                   and (dev.index is None or dev.index < torch.cuda.device_count())):
-        return None   # (torch.empty would raise "Found no NVIDIA driver" or an invalid-ordinal error)
+    if dev.type == "cuda":
+        if not (torch.cuda.is_available() and (dev.index is None or dev.index < torch.cuda.device_count())):
+            return None   # (torch.empty would raise "Found no NVIDIA driver" or an invalid-ordinal error)
+        return torch.empty((1, 1, 1, 1), device=dev, dtype=torch.float32)   # a GPU that is here: its errors raise
     try:
         return torch.empty((1, 1, 1, 1), device=dev, dtype=torch.float32)
-    except (RuntimeError, AssertionError, NotImplementedError):   # e.g. "Torch not compiled with XPU enabled"
+    except (RuntimeError, AssertionError, NotImplementedError, ImportError):   # "not compiled with XPU", no torch.hpu
         return None
 
 

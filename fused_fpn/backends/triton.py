@@ -151,11 +151,10 @@ def _backward_fake(grad, x, weight, top_h, top_w, need_x, need_weight, need_bias
 
 def _setup_context(ctx, inputs, output):
     x, weight, bias, top = inputs
-    # x and W are kept for dx and dW only: db and dtop read the incoming gradient alone, so a call whose
-    # x and W need no gradient (a frozen conv, only bias or top requiring grad) keeps neither (nor checks
-    # their versions, nor holds an inference tensor); eager's conv node keeps them when any of x, W,
-    # bias requires grad, and none is made when only top does
-    ctx.keeps_operands = ctx.needs_input_grad[0] or ctx.needs_input_grad[1]
+    # x and W are kept where eager's conv node keeps them: when x, W or bias requires grad. When only top
+    # does (a frozen lateral conv), eager makes no conv node, and db / dtop read the incoming gradient
+    # alone: neither is kept (nor version-checked, nor an inference tensor held)
+    ctx.keeps_operands = any(ctx.needs_input_grad[:3])
     if ctx.keeps_operands:
         ctx.save_for_backward(x, weight)
     else:
@@ -164,9 +163,10 @@ def _setup_context(ctx, inputs, output):
 
 
 def _saved_operands(ctx, grad):
-    """(x, weight) as the forward saved them, or, where it kept neither (``_setup_context``), stand-ins
-    of their shapes in grad's dtype and device (one element each, expanded: the backward op checks
-    their shapes and launches nothing that reads them)."""
+    """(x, weight) as the forward saved them (unpacked, as eager's node does: a second backward without
+    retain_graph, or x changed in place since, raises), or, where it kept neither (``_setup_context``),
+    stand-ins of their shapes in grad's dtype and device (one element each, expanded: the backward op
+    checks their shapes and launches nothing that reads them)."""
     if ctx.keeps_operands:
         return ctx.saved_tensors
     return tuple(grad.new_empty((1,) * len(shape)).expand(shape) for shape in ctx.operand_shapes)
