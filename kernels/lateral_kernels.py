@@ -813,16 +813,25 @@ def fwd_configs(arch: str, kind: str, experimental: bool = False, narrow: bool =
     EXPERIMENTAL_FWD_CONFIGS', TMA_FWD_CONFIGS' when ``tma`` too (the launch's operands allow it:
     ``tma_loads``) and, when ``resident_k`` (the launch's reduction size, where the launcher offers
     them: ``lateral_launch.resident_reduction``), ``resident_fwd_configs(arch, kind, resident_k)``."""
+    tables = _fwd_config_tables(arch, kind, experimental, narrow, tma, resident_k)
     if narrow:
-        return NARROW_FWD_CONFIGS[(arch, kind)]
-    extra = []
-    if experimental:
-        extra = EXPERIMENTAL_FWD_CONFIGS.get((arch, kind), [])
-        if tma:
-            extra = extra + TMA_FWD_CONFIGS.get((arch, kind), [])
-        if resident_k:
-            extra = extra + resident_fwd_configs(arch, kind, resident_k)
-    return FWD_CONFIGS[(arch, kind)] + extra
+        return tables[0]
+    default, persistent, tma_list, resident = tables
+    return (default + (persistent or []) + (tma_list or [])
+            + (resident_fwd_configs(arch, kind, resident_k) if resident else []))
+
+
+def _fwd_config_tables(arch: str, kind: str, experimental: bool, narrow: bool, tma: bool, resident_k: int) -> tuple:
+    """The table entries ``fwd_configs`` joins for these arguments, in order, None for each table it
+    leaves out (or that has no entry): (NARROW_FWD_CONFIGS',) when ``narrow``, else (FWD_CONFIGS',
+    EXPERIMENTAL_FWD_CONFIGS', TMA_FWD_CONFIGS', RESIDENT_FWD_CONFIGS'). ``autotuned_fwd`` compares
+    them by identity to tell whether the autotuner it kept still has the list's configs."""
+    key = (arch, kind)
+    if narrow:
+        return (NARROW_FWD_CONFIGS[key],)
+    return (FWD_CONFIGS[key], EXPERIMENTAL_FWD_CONFIGS.get(key) if experimental else None,
+            TMA_FWD_CONFIGS.get(key) if experimental and tma else None,
+            RESIDENT_FWD_CONFIGS.get(key) if experimental and resident_k else None)
 
 
 def _wcfg(bm, warps, stages, bco=128, bci=128):
@@ -998,13 +1007,9 @@ def autotuned_fwd(arch: str, kind: str, narrow: bool = False, tma: bool = False,
     if experimental is None:
         experimental = experimental_enabled()
     experimental = experimental and not narrow
-    # the lists fwd_configs joins for these arguments: the memo holds them, and a table entry replaced
-    # since (a test's monkeypatch.setitem) builds the autotuner again
-    key = (arch, kind)
-    lists = ((NARROW_FWD_CONFIGS.get(key),) if narrow else
-             (FWD_CONFIGS.get(key), EXPERIMENTAL_FWD_CONFIGS.get(key) if experimental else None,
-              TMA_FWD_CONFIGS.get(key) if experimental and tma else None,
-              RESIDENT_FWD_CONFIGS.get(key) if experimental and resident_k else None))
+    # the memo holds the table entries the list joins: one replaced since (a test's monkeypatch.setitem)
+    # builds the autotuner again
+    lists = _fwd_config_tables(arch, kind, experimental, narrow, tma, resident_k)
     memo_key = (arch, kind, narrow, experimental, experimental and tma, resident_k if experimental else 0,
                 autotune_enabled())
     memo = _fwd_tuners.get(memo_key)
