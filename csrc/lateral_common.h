@@ -11,9 +11,9 @@
 namespace fused_fpn {
 
 // Held by the CPU and CUDA kernels of fused_fpn::lateral while they run: their own ATen calls
-// (conv2d) compute in x's dtype, as the op's schema and fake implementation say, also when the op
-// is called directly under torch.autocast (it has no Autocast kernel, so the autocast keys are
-// still active inside it and would cast those inner calls to fp16 / bf16).
+// (conv2d) compute in x's dtype, as the op's schema and fake implementation say, whatever autocast
+// state the caller left on (the op's autocast kernel, fused_fpn/_autocast.py, excludes the autocast
+// keys before it calls the op; a caller that skips that kernel may not).
 struct NoAutocastInside {
   c10::impl::ExcludeDispatchKeyGuard guard{c10::autocast_dispatch_keyset};
 };

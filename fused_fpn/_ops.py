@@ -1,4 +1,5 @@
-"""Python-side registration of the C++ ops: their fake (meta) impls, for torch.compile / export.
+"""Python-side registration of the C++ ops: their fake (meta) impls, for torch.compile / export, and
+the autocast kernels of ``fused_fpn::lateral`` (``fused_fpn._autocast``).
 
 The schemas live in csrc/fused_fpn.cpp, the autograd of ``fused_fpn::lateral`` and
 ``fused_fpn::lateral_grad_bias_top`` in csrc/autograd.cpp (C++, the Autograd key), the kernels in
@@ -9,6 +10,7 @@ from __future__ import annotations
 
 import torch
 
+from ._autocast import register_autocast_kernels
 from ._checks import check_lateral_args, check_top_size
 from ._extension import extension_loaded
 from ._layout import output_memory_format
@@ -38,7 +40,7 @@ def grad_bias_top_fake(grad_out, top_h, top_w):
 
 
 def register() -> bool:
-    """Register the fake impls once; False when ``_C`` is not loaded."""
+    """Register the fake impls and autocast kernels once; False when ``_C`` is not loaded."""
     global REGISTERED
     if REGISTERED:
         return True
@@ -46,5 +48,6 @@ def register() -> bool:
         return False
     torch.library.register_fake("fused_fpn::lateral")(lateral_fake)
     torch.library.register_fake("fused_fpn::lateral_grad_bias_top")(grad_bias_top_fake)
+    register_autocast_kernels("fused_fpn::lateral")
     REGISTERED = True
     return True

@@ -33,8 +33,9 @@ from torchvision.ops.misc import FrozenBatchNorm2d
 
 from . import _onnx
 from . import backends as _backends
+from ._autocast import (autocast_dtype, autocast_float64_error, autocast_result_dtype, autocast_tensor,
+                        kernels_skipped)
 from ._checks import check_float_tensor, run_check
-from .functional import autocast_dtype, autocast_float64_error, autocast_result_dtype, autocast_tensor
 
 
 def _has_hooks(module: nn.Module) -> bool:
@@ -173,7 +174,11 @@ def _check_in_channels_list(in_channels_list) -> List[int]:
 
 
 def _in_channels(block: nn.Module) -> Optional[int]:
+    """The channels a lateral block takes, or None when it does not say: no ``in_channels``, or a lazy
+    module (``nn.LazyConv2d``) not yet materialized, whose 0 means "inferred at the first call"."""
     first = block[0] if isinstance(block, nn.Sequential) and len(block) > 0 else block
+    if isinstance(first, nn.modules.lazy.LazyModuleMixin) and first.has_uninitialized_params():
+        return None
     return getattr(first, "in_channels", None)
 
 
@@ -292,13 +297,16 @@ class FPN(FeaturePyramidNetwork):
 
     @staticmethod
     def _lateral(block: nn.Module, x: Tensor, top: Optional[Tensor], impl, cast: Optional[torch.dtype]) -> Tensor:
-        """One level's lateral ``block`` + nearest(top): the fused op of backend module ``impl`` (x, top
-        already in the autocast dtype ``cast`` if any), or the unfused torchvision computation (also
-        the graph an ONNX export gets: ``impl`` is then ``fused_fpn._onnx``)."""
+        """One level's lateral ``block`` + nearest(top): the fused op of backend module ``impl`` (x the
+        feature map as the caller passed it, top already in the autocast dtype ``cast`` if any), or the
+        unfused torchvision computation (also the graph an ONNX export gets: ``impl`` is then
+        ``fused_fpn._onnx``), whose block gets x uncast, as in torchvision: its hooks see x's dtype, and
+        autocast casts for its conv alone."""
         params = None if impl is _onnx else lateral_params(block)
         if params is None:  # unfused path (GroupNorm, training-mode BatchNorm, custom blocks, ONNX export)
             y = block(x)
             return y if top is None else y + F.interpolate(top, size=y.shape[-2:], mode="nearest")
+        x = autocast_tensor(x, cast)   # (eager conv2d's cast, None: x itself)
         weight, bias = params
         # the op's own checks would name "weight" or "bias", which the caller never passed (and the
         # unfused conv2d takes a bias on the meta device next to CPU tensors, and reads garbage)
@@ -321,7 +329,10 @@ class FPN(FeaturePyramidNetwork):
         # fused_fpn.lateral without its per-call argument checks and backend selection: the feature
         # maps were checked once (_check_features), the weights just above (shapes: the module's own
         # 1x1 convs), and one backend serves every level.
-        return impl.lateral(x, weight.flatten(1), bias, top)
+        if cast is None:
+            return impl.lateral(x, weight.flatten(1), bias, top)
+        with kernels_skipped():   # (cast above: the ops' autocast kernels would cast nothing more)
+            return impl.lateral(x, weight.flatten(1), bias, top)
 
     def forward(self, x: Dict[str, Tensor]) -> Dict[str, Tensor]:
         if _symbolic(x) or self._overrides_inner_blocks():
@@ -330,10 +341,9 @@ class FPN(FeaturePyramidNetwork):
             return FeaturePyramidNetwork.forward(self, x)
         inner_blocks, layer_blocks = list(self.inner_blocks), list(self.layer_blocks)
         names, feats, cast = run_check(self._check_features, x, inner_blocks)
-        originals = feats   # what torchvision hands the extra blocks
-        if cast is not None:   # as eager conv2d under autocast (the lateral convs would cast them)
-            feats = [autocast_tensor(f, cast) for f in feats]
-        impl = _backends.select(self.backend, feats[0])   # every level has its device and dtype
+        # every level has the device and (cast as its conv would cast it) dtype of the first
+        impl = _backends.select(self.backend,
+                                _backends.TensorLike(feats[0].device, autocast_result_dtype(feats[0].dtype, cast)))
         if type(self).get_result_from_layer_blocks is not FeaturePyramidNetwork.get_result_from_layer_blocks:
             layer = self.get_result_from_layer_blocks   # a subclass's own (idx as torchvision passes it)
         else:
@@ -345,5 +355,5 @@ class FPN(FeaturePyramidNetwork):
             last_inner = self._lateral(inner_blocks[idx], feats[idx], last_inner, impl, cast)
             results.insert(0, layer(last_inner, idx))
         if self.extra_blocks is not None:
-            results, names = self.extra_blocks(results, originals, names)
+            results, names = self.extra_blocks(results, feats, names)
         return OrderedDict([(k, v) for k, v in zip(names, results)])

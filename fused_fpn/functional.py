@@ -6,43 +6,8 @@ from typing import Optional
 import torch
 
 from . import backends as _backends
+from ._autocast import autocast_dtype, cast_conv_args, kernels_skipped, run_with_top
 from ._checks import check_lateral_args, run_check
-
-
-def autocast_dtype(device_type: str) -> Optional[torch.dtype]:
-    """The autocast dtype in force for this device type, or None (conv2d is a lower-precision op)."""
-    if device_type not in ("cuda", "cpu") or not torch.is_autocast_enabled(device_type):
-        return None
-    return torch.get_autocast_dtype(device_type)
-
-
-def autocast_result_dtype(dtype: torch.dtype, cast: Optional[torch.dtype]) -> torch.dtype:
-    """The dtype autocast to ``cast`` gives a tensor of ``dtype`` (float32/16 are cast, float64 never)."""
-    return cast if cast is not None and dtype in (torch.float32, torch.float16, torch.bfloat16) else dtype
-
-
-def autocast_tensor(t, dtype):
-    """t cast to the autocast dtype when it is a float32/16 tensor (never float64), else t."""
-    if isinstance(t, torch.Tensor):
-        return t.to(autocast_result_dtype(t.dtype, dtype))
-    return t
-
-
-def autocast_float64_error(kept: str, other: str, cast: torch.dtype) -> TypeError:
-    """The error for float64 beside autocast, which never casts float64 but casts the rest to ``cast``
-    (eager's conv2d fails there too; a generic dtype check would name ``cast``, a dtype the caller
-    never passed). ``kept``: what stayed float64, with its verb ("x is"); ``other``: what was cast."""
-    return TypeError(f"{kept} float64, which autocast leaves as it is, while it casts {other} to {cast} "
-                     f"(eager's conv2d fails the same way): run float64 outside autocast")
-
-
-def _check_autocast_float64(cast: torch.dtype, x: torch.Tensor, **params) -> None:
-    """autocast_float64_error when autocast left x or one of ``params`` (weight, bias) in float64
-    and cast the other."""
-    for name, t in params.items():
-        if isinstance(t, torch.Tensor) and t.dtype != x.dtype and torch.float64 in (t.dtype, x.dtype):
-            kept, other = ("x", name) if x.dtype == torch.float64 else (name, "x")
-            raise autocast_float64_error(f"{kept} is", other, cast)
 
 
 def lateral(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None,
@@ -77,12 +42,8 @@ def lateral(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] 
         return _backends.select(backend, x).lateral(x, weight, bias, top)
     # autocast casts float32/16 inputs of conv2d (never float64); eager's F.interpolate and add are not
     # autocast ops, so top keeps its dtype and the sum is promoted (a float32 top gives a float32 sum)
-    x, weight, bias = (autocast_tensor(t, cast) for t in (x, weight, bias))
-    _check_autocast_float64(cast, x, weight=weight, bias=bias)
+    x, weight, bias = cast_conv_args(x, weight, bias, cast)
     weight = run_check(check_lateral_args, x, weight, bias, top, True)
     impl = _backends.select(backend, x)
-    if top is None or top.dtype == x.dtype:
-        return impl.lateral(x, weight, bias, top)
-    # top in another dtype than the conv's output: eager's two roundings and promotion, unfused
-    y = impl.lateral(x, weight, bias, None)
-    return y + torch.nn.functional.interpolate(top, size=y.shape[-2:], mode="nearest")
+    with kernels_skipped():   # (cast here: the ops' autocast kernels would cast nothing more)
+        return run_with_top(impl.lateral, x, weight, bias, top)

@@ -15,6 +15,8 @@ import torch.nn.functional as F
 
 from ._layout import output_memory_format
 
+_HALF_DTYPES = (torch.float16, torch.bfloat16)   # summed in float32 by eager's reductions and adjoints
+
 
 def f32(value) -> float:
     """``value`` rounded to the nearest float32 (returned as the Python float holding it exactly)."""
@@ -68,6 +70,11 @@ def upsample_nearest_reference(top: torch.Tensor, size,
             raise ValueError(f"top of shape {tuple(top.shape)} has no pixels to gather {tuple(size)} from")
         # a sum keeps top in the autograd graph, so its gradient is zeros of its shape
         return top.sum(dim=(-2, -1), keepdim=True).expand(*top.shape[:2], *size)
+    if top.dtype in _HALF_DTYPES and top.requires_grad:
+        # gathered in float32 (exactly: the values are top's): its backward then sums each top pixel's
+        # preimage in float32 and rounds once, as eager's upsample_nearest backward does (a gather in
+        # float16 / bfloat16 would round after every add)
+        return upsample_nearest_reference(top.float(), size, memory_format).to(top.dtype)
     ih = nearest_source_indices(top.shape[-2], size[0], top.device)
     iw = nearest_source_indices(top.shape[-1], size[1], top.device)
     if memory_format == torch.channels_last:
@@ -113,9 +120,10 @@ def lateral_grad_bias_top_reference(grad_out: torch.Tensor, top_h: int, top_w: i
     ih = nearest_source_indices(top_h, h, grad_out.device)
     iw = nearest_source_indices(top_w, w, grad_out.device)
     flat = (ih[:, None] * top_w + iw[None, :]).reshape(-1)
-    grad_top = grad_out.new_zeros((n, c, top_h * top_w))
-    grad_top.index_add_(2, flat, grad_out.reshape(n, c, h * w))
-    return grad_bias, grad_top.view(n, c, top_h, top_w).contiguous(memory_format=fmt)
+    acc = torch.float32 if grad_out.dtype in _HALF_DTYPES else grad_out.dtype   # one rounding, as the kernels
+    grad_top = grad_out.new_zeros((n, c, top_h * top_w), dtype=acc)
+    grad_top.index_add_(2, flat, grad_out.reshape(n, c, h * w).to(acc))
+    return grad_bias, grad_top.view(n, c, top_h, top_w).to(grad_out.dtype).contiguous(memory_format=fmt)
 
 
 def lateral_backward_reference(grad: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, top_hw,

@@ -304,6 +304,34 @@ def test_forward_mode_ad_matches_reference(device, backend, layout, tangent_set,
 
 
 @pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("layout", ["nchw", "channels_last"])
+def test_torch_backend_top_gradient_rounds_once_as_eager(device, dtype, layout):
+    """In float16 / bfloat16 eager's upsample_nearest backward sums each top pixel's preimage in
+    float32 and rounds once; so do the "torch" backend (what "auto" runs inside torch.func.grad), under
+    torch.func.grad too, and the reference adjoint of the double backward: top's gradient is eager's
+    bit for bit, as the cpu backend's. (A gather in the half dtype rounded after every add: in bfloat16
+    a third of the elements differed, up to 2.5x eager's error.)"""
+    import torch.nn.functional as F
+    x, w, b, _ = make_lateral_case(1, 16, 8, (37, 50), None, dtype, device, layout, with_top=False)
+    g = torch.Generator().manual_seed(3)
+    top = torch.randn(1, 8, 19, 25, generator=g).to(device=device, dtype=dtype)
+    dy = torch.randn(1, 8, 37, 50, generator=g).to(device=device, dtype=dtype)
+
+    def eager(top):
+        return F.conv2d(x, w[:, :, None, None], b) + F.interpolate(top, size=x.shape[-2:], mode="nearest")
+
+    (expected,) = torch.autograd.grad(eager(top.requires_grad_()), top, dy)
+    backends = ["torch"] + (["cpu"] if device == "cpu" and "cpu" in fused_fpn.available_backends(device) else [])
+    for backend in backends:   # (the cpu backend's fused db + dtop pass sums in float32 too)
+        (got,) = torch.autograd.grad(fused_fpn.lateral(x, w, b, top, backend=backend), top, dy)
+        assert torch.equal(got, expected), backend
+    _, vjp = torch.func.vjp(lambda t: fused_fpn.lateral(x, w, b, t), top.detach())
+    assert torch.equal(vjp(dy)[0], expected)
+    assert torch.equal(lateral_grad_bias_top_reference(dy, 19, 25)[1], expected)
+
+
+@pytest.mark.parametrize("device", DEVICES)
 def test_func_grad_runs_the_reference_under_auto_and_rejects_fused_backends(device):
     """torch.func.grad cannot run the fused backends' autograd (a C++ autograd Function, or a custom
     op): "auto" takes the "torch" reference there, an explicit fused backend gets a clear ValueError."""

@@ -211,6 +211,34 @@ def test_norm_layers(device, backend, norm, fused_calls):
             torch.testing.assert_close(a, b, msg=k)
 
 
+@pytest.mark.parametrize("device,backend", backend_device_params())
+@pytest.mark.parametrize("norm", ["bn-eval", "frozen-bn"])
+def test_folded_norm_after_a_conv_with_a_bias(device, backend, norm, fused_calls):
+    """A user's lateral block Conv2d(bias=True) -> eval BatchNorm2d / FrozenBatchNorm2d (torchvision's
+    norm_layer builds bias-free convs, so test_norm_layers never has one) is folded into the fused op
+    with the conv's bias scaled by the norm: bias * scale + shift."""
+    tv, ours = pair(backend=backend)
+    g = torch.Generator().manual_seed(5)
+    for i, cin in enumerate(IN_CHANNELS):
+        conv = nn.Conv2d(cin, OUT, 1, bias=True)
+        bn = nn.BatchNorm2d(OUT) if norm == "bn-eval" else fused_fpn_frozen_bn()(OUT)
+        with torch.no_grad():
+            conv.bias.copy_(torch.randn(OUT, generator=g) * 2)
+            bn.weight.copy_(torch.rand(OUT, generator=g) * 3 + 0.5)
+            bn.bias.copy_(torch.randn(OUT, generator=g))
+            bn.running_mean.copy_(torch.randn(OUT, generator=g))
+            bn.running_var.copy_(torch.rand(OUT, generator=g) * 4 + 0.25)
+        tv.inner_blocks[i] = nn.Sequential(conv, bn)
+        ours.inner_blocks[i] = copy.deepcopy(tv.inner_blocks[i])
+    tv, ours = tv.to(device).eval(), ours.to(device).eval()
+    assert all(fused_fpn.lateral_params(b) is not None for b in ours.inner_blocks)
+    x = make_features(2, 33, 47, torch.float32, device, "nchw")
+    calls = fused_calls(backend)
+    got, expected = ours(x), tv(x)
+    assert len(calls) == len(IN_CHANNELS)
+    assert_outputs_match(got, expected, torch.float32)
+
+
 def fused_fpn_frozen_bn():
     from torchvision.ops.misc import FrozenBatchNorm2d
     return FrozenBatchNorm2d
@@ -496,6 +524,60 @@ def test_mixed_feature_dtypes_under_autocast_run_as_torchvision(fused_calls):
         with pytest.raises(TypeError,
                            match=r"one dtype \(under autocast to torch.bfloat16.*x\['c3'\] is torch.float64"):
             ours(x)
+
+
+class _ScaledLateral(nn.Module):   # a user's lateral block with float32 arithmetic before its conv
+    def __init__(self, conv):
+        super().__init__()
+        self.conv = conv
+
+    def forward(self, t):
+        return self.conv(t * 1000.0 + 0.01)
+
+
+@pytest.mark.parametrize("backend", ["auto", "torch"])
+def test_unfused_levels_under_autocast_get_the_maps_uncast(fused_calls, backend):
+    """Under autocast a lateral block that runs unfused (a hooked one, a custom one) gets its map as
+    passed, as in torchvision: autocast casts for its conv alone, inside it. So its hooks see
+    float32 and what it computes before its conv runs in float32 (both once got a bfloat16 copy; the
+    custom level's map then differed from torchvision's by 7e-4 relative, inside bf16 tolerances,
+    hence the bitwise comparison). The fused levels run in the autocast dtype."""
+    tv, ours = pair(backend=backend)
+    seen = {}
+    for name, model in (("tv", tv), ("ours", ours)):
+        model.inner_blocks[1] = _ScaledLateral(model.inner_blocks[1][0])
+        model.inner_blocks[0].register_forward_pre_hook(
+            lambda m, args, name=name: seen.__setitem__(name, args[0].dtype))
+    x = make_features(2, 33, 47, torch.float32, "cpu", "nchw")
+    calls = fused_calls(backend, x["c2"].bfloat16())
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        expected, got = tv(x), ours(x)
+    assert len(calls) == 2   # c4 and c5; c2 (hooked) and c3 (custom) unfused
+    assert seen == {"tv": torch.float32, "ours": torch.float32}
+    assert list(got) == list(expected)
+    for k in expected:
+        assert got[k].dtype == expected[k].dtype == torch.bfloat16, k
+        assert torch.equal(got[k], expected[k]), k
+
+
+def test_lazy_conv_lateral_block_runs_as_torchvision(fused_calls):
+    """A lateral ``nn.LazyConv2d`` (in_channels 0 until its first call infers it) is no channel
+    count to check the map against: its first call runs unfused (its materializing pre-hook), as in
+    torchvision, and later calls run fused with the inferred weight. (The check once raised "must
+    have 0 channels".)"""
+    tv, ours = pair()
+    ours.inner_blocks[1][0] = nn.LazyConv2d(OUT, 1)
+    x = make_features(1, 33, 47, torch.float32, "cpu", "nchw")
+    calls = fused_calls("auto", x["c2"])
+    ours(x)
+    assert len(calls) == len(IN_CHANNELS) - 1 and ours.inner_blocks[1][0].in_channels == IN_CHANNELS[1]
+    tv.load_state_dict(ours.state_dict())
+    calls.clear()
+    expected, got = tv(x), ours(x)
+    assert len(calls) == len(IN_CHANNELS)
+    assert_outputs_match(got, expected, torch.float32)
+    with pytest.raises(ValueError, match=r"x\['c3'\] \(level 1\) must have 16 channels"):
+        ours(make_features(1, 33, 47, torch.float32, "cpu", "nchw", channels=[8, 24, 24, 32]))
 
 
 def test_float64_maps_under_autocast_name_the_maps():

@@ -8,7 +8,7 @@ from torchvision.ops import feature_pyramid_network as tv_fpn
 
 import fused_fpn
 from fpn_testing import DEVICES, SymbolicSizes, backend_device_params, eager_lateral, rel_err
-from test_fpn_module import OUT, make_features, pair
+from test_fpn_module import IN_CHANNELS, OUT, make_features, pair
 
 
 def test_from_torchvision_and_convert_share_tensors():
@@ -41,30 +41,105 @@ def test_autocast_dtypes_and_values_match_eager(device_type, dtype):
         assert rel_err(got[k], ref64[k]) <= 2 * rel_err(expected[k], ref64[k]) + 1e-3, k
 
 
-@pytest.mark.parametrize("device_type,dtype", [("cpu", torch.bfloat16)]
-                         + ([("cuda", torch.float16), ("cuda", torch.bfloat16)] if torch.cuda.is_available() else []))
-@pytest.mark.parametrize("with_top", [False, True], ids=["no_top", "top"])
-def test_op_called_directly_under_autocast_computes_in_x_dtype(device_type, dtype, with_top):
-    """torch.ops.fused_fpn.lateral has no Autocast kernel: called directly under torch.autocast it
-    computes in its inputs' dtype, as its fake implementation says, on both routes of the C++ kernels
-    (ATen's conv2d for a level without a top map, the fused kernel with one). Autocast's inner casts
-    of that conv2d used to return a bf16 output on the first route and fail on the second."""
+def _registered_op(backend):
+    """The registered forward op of ``backend`` (the C++ op of cpu / cuda, the Triton one)."""
+    if backend == "triton":
+        return fused_fpn.backends.get_backend("triton").ops()[0]
     from fused_fpn import _ops
-
-    backend = "cpu" if device_type == "cpu" else "cuda"
-    if backend not in fused_fpn.available_backends(device_type):
-        pytest.skip(f"the {backend} backend is not available here")
     assert _ops.register()
+    return torch.ops.fused_fpn.lateral.default
+
+
+def _autocast_op_params():
+    params = []
+    for device_type, dtypes in (("cpu", (torch.bfloat16, torch.float16)), ("cuda", (torch.float16, torch.bfloat16))):
+        names = fused_fpn.available_backends(device_type) if device_type == "cpu" or torch.cuda.is_available() else []
+        for backend in ("cpu", "cuda", "triton"):
+            for dtype in dtypes:
+                if backend in names and not (backend == "triton" and device_type == "cpu" and dtype == torch.bfloat16):
+                    params.append(pytest.param(device_type, backend, dtype, id=f"{device_type}-{backend}-{dtype}"))
+    return params
+
+
+@pytest.mark.parametrize("device_type,backend,dtype", _autocast_op_params())
+@pytest.mark.parametrize("top_dtype", [None, "cast", torch.float32], ids=["no_top", "top_cast", "top_fp32"])
+def test_registered_op_under_autocast_casts_as_eager_conv2d(device_type, backend, dtype, top_dtype):
+    """The registered ops have autocast kernels (fused_fpn/_autocast.py): called directly under
+    torch.autocast (as a torch.export program calls them) they cast x, weight and bias as eager's
+    conv2d does and keep top's dtype (a float32 top: added after the fused conv, promoted), so they
+    give fused_fpn.lateral's results bit for bit, and eager's dtypes. Inside, their own conv2d route
+    (a level without a top) is not cast again. Until 2026-12-07 the ops had no autocast rule and
+    computed in their inputs' dtype."""
+    op = _registered_op(backend)
     g = torch.Generator().manual_seed(3)
     x, w, b = torch.randn(2, 16, 6, 7, generator=g), torch.randn(8, 16, generator=g), torch.randn(8, generator=g)
-    top = torch.randn(2, 8, 3, 4, generator=g) if with_top else None
+    top = None if top_dtype is None else torch.randn(2, 8, 3, 4, generator=g).to(
+        dtype if top_dtype == "cast" else top_dtype)
     x, w, b, top = (None if t is None else t.to(device_type) for t in (x, w, b, top))
-    with torch.autocast(device_type, enabled=False):
-        plain = torch.ops.fused_fpn.lateral(x, w, b, top)
     with torch.autocast(device_type, dtype=dtype):
-        out = torch.ops.fused_fpn.lateral(x, w, b, top)
-    assert plain.dtype == out.dtype == torch.float32
-    torch.testing.assert_close(out, plain, atol=0, rtol=0)
+        out = op(x, w, b, top)
+        expected = fused_fpn.lateral(x, w, b, top, backend=backend)
+        eager = eager_lateral(x, w, b, top)
+    assert out.dtype == expected.dtype == eager.dtype
+    assert torch.equal(out, expected)
+    with torch.autocast(device_type, dtype=dtype), pytest.raises(TypeError, match="x is float64, which autocast"):
+        op(x.double(), w, b, top)
+
+
+@pytest.mark.parametrize("backend", ["cpu", "triton"])
+def test_python_layer_skips_the_autocast_kernels_it_has_cast_for(backend, monkeypatch):
+    """fused_fpn.lateral and the FPN cast for autocast in Python (a plain eager Triton call never reaches
+    the dispatcher), so the ops' autocast kernels (~10 us of Python each) would cast nothing more:
+    their calls skip them, x requiring grad (the registered op) or not. A direct op call runs them."""
+    from fused_fpn import _autocast
+    if backend not in fused_fpn.available_backends("cpu"):
+        pytest.skip(f"the {backend} backend does not run on CPU tensors here")
+    calls, real = [], _autocast.cast_conv_args
+    monkeypatch.setattr(_autocast, "cast_conv_args", lambda *a: calls.append(1) or real(*a))
+    dtype = torch.float16 if backend == "triton" else torch.bfloat16   # (the interpreter: no bf16)
+    _, ours = pair(backend=backend)
+    x = make_features(1, 17, 23, torch.float32, "cpu", "nchw")
+    g = torch.Generator().manual_seed(2)
+    xl, w, b = torch.randn(1, 8, 5, 6, generator=g), torch.randn(4, 8, generator=g), torch.randn(4, generator=g)
+    top = torch.randn(1, 4, 3, 3, generator=g)
+    with torch.autocast("cpu", dtype=dtype):
+        ours(x)
+        fused_fpn.lateral(xl, w, b, top.to(dtype), backend=backend)
+        fused_fpn.lateral(xl.requires_grad_(), w, b, top, backend=backend).sum().backward()
+        assert calls == []
+        _registered_op(backend)(xl, w, b, top.to(dtype))
+    assert calls == [1]
+
+
+@pytest.mark.parametrize("backend", ["auto", "triton"])
+def test_export_under_autocast_records_no_casts(backend, no_tf32):
+    """torch.export records ATen's conv2d uncast under an autocast around the call, and the autocast
+    in force when the program runs casts it. The FPN and lateral do the same while exporting (no
+    casts in the program; the ops' autocast kernels cast at run time), so the program runs without
+    autocast and under either autocast dtype with the results of the module run the same way. They
+    once recorded the casts of the autocast around the export: the program then failed outside it
+    (the 3x3 convs' float32 weights beside bfloat16 maps) and ran its fused levels in bfloat16
+    under float16 autocast."""
+    if backend != "auto" and backend not in fused_fpn.available_backends("cpu"):
+        pytest.skip(f"the {backend} backend does not run on CPU tensors here")
+    _, ours = pair(tv_fpn.LastLevelMaxPool(), fused_fpn.LastLevelMaxPool(), backend=backend)
+    ours = ours.eval()
+    x = make_features(1, 33, 47, torch.float32, "cpu", "channels_last")
+    traced_under = torch.float16 if backend == "triton" else torch.bfloat16   # (the interpreter: no bf16)
+    with torch.autocast("cpu", dtype=traced_under):
+        exported = torch.export.export(ours, (x,))
+    targets = [str(n.target) for n in exported.graph.nodes if n.op == "call_function"]
+    assert sum("fused_fpn" in t for t in targets) == len(IN_CHANNELS), targets
+    assert not any("to" in t.split(".")[1:2] or "_to_copy" in t for t in targets), targets
+    program = exported.module()
+    dtypes = [None, torch.float16] + ([torch.bfloat16] if backend != "triton" else [])
+    for dtype in dtypes:
+        with torch.no_grad(), torch.autocast("cpu", dtype=dtype or torch.float32, enabled=dtype is not None):
+            got, expected = program(x), ours(x)
+        assert list(got) == list(expected)
+        for k in expected:
+            assert got[k].dtype == expected[k].dtype == (dtype or torch.float32), (dtype, k)
+            assert torch.equal(got[k], expected[k]), (dtype, k)
 
 
 @pytest.mark.parametrize("backend", ["torch", "cpu"])

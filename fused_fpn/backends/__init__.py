@@ -13,11 +13,19 @@ GPU; CPU tensors only under TRITON_INTERPRET=1), "cuda" (C++/CUDA kernel in _C).
 from __future__ import annotations
 
 import importlib
-from typing import Dict, List, Optional
+from typing import Dict, List, NamedTuple, Optional
 
 import torch
 
 from .. import _onnx
+
+
+class TensorLike(NamedTuple):
+    """What selection reads of a tensor (``unsupported_reason``, ``select``): its device and dtype.
+    The FPN selects with the dtype its maps will have under autocast without casting one for it."""
+    device: torch.device
+    dtype: torch.dtype
+
 
 # name -> module (imported lazily: the triton module imports triton only when asked)
 _MODULES: Dict[str, str] = {

@@ -28,6 +28,7 @@ from typing import Optional, Tuple
 import torch
 import torch.autograd.forward_ad as fwAD
 
+from .._autocast import register_autocast_kernels
 from .._checks import check_float_tensor, check_lateral_args, check_top_size
 from .._layout import output_memory_format
 from ..kernels.limits import MAX_PIXELS
@@ -220,7 +221,8 @@ def _run_body(body, *args):
 # ---- registration ------------------------------------------------------------------------------
 
 def _register() -> None:
-    """Register the ops once, as triton_op (GPU) or custom_op (interpreter)."""
+    """Register the ops once, as triton_op (GPU) or custom_op (interpreter), with their autograd and
+    autocast kernels."""
     global _REGISTERED, _MODE
     if _REGISTERED:
         return
@@ -236,6 +238,7 @@ def _register() -> None:
         torch.library.triton_op("fused_fpn::triton_lateral_backward", mutates_args=())(triton_lateral_backward)
         _MODE = "triton_op"
     fwd.register_autograd(_backward, setup_context=_setup_context)
+    register_autocast_kernels("fused_fpn::triton_lateral")
     _REGISTERED = True
 
 
