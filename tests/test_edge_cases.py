@@ -187,6 +187,29 @@ def test_expanded_stride0_inputs_forward_and_backward(device, backend, which):
         torch.testing.assert_close(t.grad.double(), r.grad, atol=atol * scale, rtol=rtol, msg=lambda m, n=name: f"{n}: {m}")
 
 
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("base_shape", [(N, 1, HW[0], 1), (1, 1, 1, 1)], ids=["over_c_and_w", "over_all"])
+@pytest.mark.parametrize("with_top", [False, True], ids=["no_top", "top"])
+def test_output_layout_on_a_stride_tie_is_one_rule_for_every_backend(device, base_shape, with_top):
+    """x expanded over C and W has channel stride == width stride (0): the layout rule's tie
+    (``output_memory_format``: NCHW there). Every backend's output, and the fake (meta) output that
+    torch.compile / export plan with, has that rule's strides; and the values are the reference's."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    _, w, b, top = _case(N, CIN, COUT, HW, TOP_HW if with_top else None, device)
+    x = torch.randn(base_shape, generator=_gen(4)).to(device).expand(N, CIN, *HW)
+    assert x.stride(1) == x.stride(3) == 0
+    expected = torch.empty((N, COUT, *HW), memory_format=output_memory_format(x)).stride()
+    ref = fused_fpn.lateral_reference(*to64(x, w, b, top))
+    for backend in fused_fpn.available_backends(device):
+        out = fused_fpn.lateral(x, w, b, top, backend=backend)
+        assert out.stride() == expected, backend
+        torch.testing.assert_close(out.double(), ref, atol=1e-5, rtol=1e-5, msg=backend)
+        with FakeTensorMode() as mode:
+            fake = fused_fpn.lateral(*(None if t is None else mode.from_tensor(t) for t in (x, w, b, top)),
+                                     backend=backend)
+        assert fake.stride() == expected, f"{backend} (fake)"
+
+
 @pytest.mark.parametrize("device,backend", BACKENDS)
 @pytest.mark.parametrize("view", ["hw_transposed", "batch_step2"])
 def test_permuted_and_batch_strided_views_forward_and_backward(device, backend, view):

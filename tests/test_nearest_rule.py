@@ -79,6 +79,27 @@ def test_reference_gather_in_either_memory_format_is_interpolate(memory_format, 
     assert torch.equal(top.grad, leaf.grad)
 
 
+@pytest.mark.parametrize("backend", ["torch", "cpu"])
+def test_source_index_is_clamped_where_float32_sizes_round_past_the_last_row(backend):
+    """2^24 + 3 source columns gathered onto 2^24 + 5: both sizes round to 2^24 + 4 in float32, so the
+    scale is 1 and the last two destinations compute sources 2^24 + 3 and 2^24 + 4, past the last
+    column, 2^24 + 2: the rule's min(., in - 1) takes them back, as ATen does. Forward and top's
+    gradient against F.interpolate (the Triton kernels: test_triton_interpret.py's index tests; 2^24
+    columns are too many interpreted programs)."""
+    if backend not in fused_fpn.available_backends("cpu"):
+        pytest.skip(f"backend {backend} does not run on CPU tensors here")
+    src, dst = 2**24 + 3, 2**24 + 5
+    top = (torch.arange(src) % 4093).to(torch.float32).view(1, 1, 1, src).requires_grad_(True)
+    out = fused_fpn.lateral(torch.zeros((1, 1, 1, dst)), torch.zeros(1, 1), None, top, backend=backend)
+    leaf = top.detach().requires_grad_(True)
+    expected = F.interpolate(leaf, size=(1, dst), mode="nearest")
+    assert expected[0, 0, 0, -2:].tolist() == [float((src - 1) % 4093)] * 2
+    assert torch.equal(out.detach(), expected.detach())
+    out.backward(torch.ones_like(out))
+    expected.backward(torch.ones_like(expected))
+    assert torch.equal(top.grad, leaf.grad)
+
+
 @pytest.mark.parametrize("backend", ["torch", "cpu", "triton"])
 @pytest.mark.parametrize("axis", ["h", "w"])
 def test_sources_past_2_24_round_the_size_to_float32_as_interpolate(backend, axis):

@@ -116,7 +116,48 @@ def test_backward_matches_reference(case, dtype, layout):
         scale = max(1.0, theirs.grad.abs().max().item())
         torch.testing.assert_close(ours.grad.double(), theirs.grad, atol=atol * scale, rtol=rtol,
                                    msg=lambda m, name=name: f"d{name}: {m}")
-    assert leaves[0].grad.is_contiguous(memory_format=output_memory_format(x)), "dx should follow x's layout"
+    # (a leaf's .grad takes the leaf's layout whatever the backward returns: AccumulateGrad; so the
+    # layout is checked on the backward op's own dx)
+    _, bwd = fb.get_backend("triton").ops()
+    top_hw = top.shape[2:] if top is not None else (0, 0)
+    dx = bwd(grad.to(DEVICE, dtype), x, weight, *top_hw, True, False, False, False)[0]
+    assert dx.is_contiguous(memory_format=output_memory_format(x)), "dx should follow x's layout"
+
+
+def _ulps(got: torch.Tensor, ref: torch.Tensor, mantissa_bits: int) -> float:
+    """max |got - ref| in units in the last place of ``ref`` in a format of ``mantissa_bits``, over the
+    elements of at least a quarter of ref's RMS (near zero a float32 sum's own error is ulps of a
+    tiny value)."""
+    ref = ref.detach().double()
+    keep = ref.abs() >= 0.25 * ref.pow(2).mean().sqrt()
+    ref = ref[keep]
+    ulp = torch.exp2(torch.floor(torch.log2(ref.abs())) - mantissa_bits)
+    return ((got.detach().double()[keep] - ref).abs() / ulp).max().item()
+
+
+@pytest.mark.parametrize("layout", ["nchw", "channels_last"])
+@pytest.mark.parametrize("dtype", [d for d in DTYPES if d != torch.float32], ids=str)
+def test_half_precision_results_are_rounded_once(dtype, layout):
+    """fp16 / bf16 forward and gradients accumulate in float32 and round once (the kernels' fp32
+    accumulators, dW's and db's fp32 partial sums): each is within 0.55 ulp of the float64 result,
+    a long reduction (Cin 256; dW over several splits of N*H*W) included. The per-dtype tolerances
+    of the other tests pass an accumulator in the half dtype (several ulps) unnoticed."""
+    mantissa = {torch.float16: 10, torch.bfloat16: 7}[dtype]
+    g = torch.Generator().manual_seed(8)
+    x = make_input((2, 256, 9, 11), dtype, DEVICE, layout, generator=g)
+    weight = (torch.randn((48, 256), generator=g) / 16).to(DEVICE, dtype)
+    bias = torch.randn((48,), generator=g).to(DEVICE, dtype)
+    top = make_input((2, 48, 5, 6), dtype, DEVICE, layout, generator=g)
+    dy = make_input((2, 48, 9, 11), dtype, DEVICE, layout, generator=g)
+    leaves = [t.detach().requires_grad_(True) for t in (x, weight, bias, top)]
+    out = fused_fpn.lateral(*leaves, backend="triton")
+    out.backward(dy)
+    leaves64 = [_f64(t) for t in (x, weight, bias, top)]
+    ref = lateral_reference(*leaves64)
+    ref.backward(dy.double())
+    assert _ulps(out, ref, mantissa) <= 0.55, "output"
+    for name, ours, theirs in zip(("x", "weight", "bias", "top"), leaves, leaves64):
+        assert _ulps(ours.grad, theirs.grad, mantissa) <= 0.55, f"d{name}"
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
@@ -458,6 +499,11 @@ def test_registered_ops_reject_bad_input():
         bwd(grad, x, weight, 4, 0, True, True, True, True)
     with pytest.raises(TypeError, match=r"grad must be a dense \(torch.strided\) tensor, got layout torch.sparse_coo"):
         bwd(grad.to_sparse(), x, weight, 4, 5, True, True, True, True)
+    with pytest.raises(TypeError, match=r"grad must have x's dtype and device \(torch.float32, .*\), got torch.float16"):
+        bwd(grad.half(), x, weight, 4, 5, True, True, True, True)
+    with pytest.raises(TypeError, match=rf"grad must have x's dtype and device \(torch.float32, {x.device}\), got "
+                                        rf"torch.float32, meta"):
+        bwd(grad.to("meta"), x, weight, 4, 5, True, True, True, True)
 
 
 def test_bias_top_gradient_past_one_launch_is_a_clear_error():
@@ -923,12 +969,21 @@ def test_fp32_takes_the_config_lists_of_the_tf32_flag(monkeypatch):
     x = make_input((1, 12, 5, 6), torch.float32, "cpu", "channels_last", g)
     w, b = torch.randn((20, 12), generator=g) / 4, torch.randn((20,), generator=g)
     y_ref = lateral_reference(x.double(), w.double(), b.double(), None)
-    recorded = {}
+    recorded, flags = {}, []
+    launch = L._launch_autotuned
+
+    def flag_recording_launch(tuner, grid, args, meta, *rest):   # the kernels' own TF32 flag
+        flags.append((tuner.fused_fpn_name, meta["ALLOW_TF32"]))
+        return launch(tuner, grid, args, meta, *rest)
+
+    monkeypatch.setattr(L, "_launch_autotuned", flag_recording_launch)
     for tf32 in (False, True, False):
         monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", tf32)
+        flags.clear()
         with L.recording_autotune_choices() as chosen:
             assert_close_to_reference(L.lateral_forward(x, w, b, None), y_ref, torch.float32)
             L.grad_weight(torch.ones((1, 20, 5, 6)).to(memory_format=torch.channels_last), x, torch.float32)
+        assert flags == [("fwd", tf32), ("dw", tf32)]   # (the interpreter's dot ignores it: no value shows it)
         kind = "tf32" if tf32 else "ieee"
         assert chosen == {
             f"fwd Cout=20 Cin=12 M<=32 x=cl out=cl float32 {kind}":
