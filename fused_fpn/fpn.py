@@ -329,9 +329,7 @@ class FPN(FeaturePyramidNetwork):
         # fused_fpn.lateral without its per-call argument checks and backend selection: the feature
         # maps were checked once (_check_features), the weights just above (shapes: the module's own
         # 1x1 convs), and one backend serves every level.
-        if cast is None:
-            return impl.lateral(x, weight.flatten(1), bias, top)
-        with kernels_skipped():   # (cast above: the ops' autocast kernels would cast nothing more)
+        with kernels_skipped(cast):
             return impl.lateral(x, weight.flatten(1), bias, top)
 
     def forward(self, x: Dict[str, Tensor]) -> Dict[str, Tensor]:

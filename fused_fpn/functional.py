@@ -45,5 +45,5 @@ def lateral(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] 
     x, weight, bias = cast_conv_args(x, weight, bias, cast)
     weight = run_check(check_lateral_args, x, weight, bias, top, True)
     impl = _backends.select(backend, x)
-    with kernels_skipped():   # (cast here: the ops' autocast kernels would cast nothing more)
+    with kernels_skipped(cast):
         return run_with_top(impl.lateral, x, weight, bias, top)

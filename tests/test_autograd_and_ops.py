@@ -5,8 +5,8 @@ import pytest
 import torch
 
 import fused_fpn
-from fpn_testing import (DEVICES, RecordOps, backend_device_params, backend_supports, gradient_penalty_grads,
-                         make_lateral_case, to64)
+from fpn_testing import (DEVICES, RecordOps, backend_device_params, backend_supports, eager_lateral,
+                         gradient_penalty_grads, make_lateral_case, to64)
 from fused_fpn.reference import lateral_grad_bias_top_reference
 
 pytestmark = pytest.mark.usefixtures("no_tf32")   # IEEE fp32 on GPUs (conftest)
@@ -312,16 +312,12 @@ def test_torch_backend_top_gradient_rounds_once_as_eager(device, dtype, layout):
     torch.func.grad too, and the reference adjoint of the double backward: top's gradient is eager's
     bit for bit, as the cpu backend's. (A gather in the half dtype rounded after every add: in bfloat16
     a third of the elements differed, up to 2.5x eager's error.)"""
-    import torch.nn.functional as F
     x, w, b, _ = make_lateral_case(1, 16, 8, (37, 50), None, dtype, device, layout, with_top=False)
     g = torch.Generator().manual_seed(3)
     top = torch.randn(1, 8, 19, 25, generator=g).to(device=device, dtype=dtype)
     dy = torch.randn(1, 8, 37, 50, generator=g).to(device=device, dtype=dtype)
 
-    def eager(top):
-        return F.conv2d(x, w[:, :, None, None], b) + F.interpolate(top, size=x.shape[-2:], mode="nearest")
-
-    (expected,) = torch.autograd.grad(eager(top.requires_grad_()), top, dy)
+    (expected,) = torch.autograd.grad(eager_lateral(x, w, b, top.requires_grad_()), top, dy)
     backends = ["torch"] + (["cpu"] if device == "cpu" and "cpu" in fused_fpn.available_backends(device) else [])
     for backend in backends:   # (the cpu backend's fused db + dtop pass sums in float32 too)
         (got,) = torch.autograd.grad(fused_fpn.lateral(x, w, b, top, backend=backend), top, dy)

@@ -31,7 +31,8 @@ def make_features(n, h, w, dtype, device, layout, channels=IN_CHANNELS, seed=0):
 
 
 def randomize_(module, seed=0):
-    """Random non-zero biases and norm statistics, so that parity tests exercise every term."""
+    """Random non-zero biases, norm scales and norm statistics (FrozenBatchNorm2d's scale and shift are
+    buffers), so that parity tests exercise every term."""
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, p in module.named_parameters():
@@ -42,6 +43,8 @@ def randomize_(module, seed=0):
                 buf.copy_(torch.randn(buf.shape, generator=g) * 0.3)
             elif name.endswith("running_var"):
                 buf.copy_(torch.rand(buf.shape, generator=g) + 0.5)
+            elif name.endswith(("weight", "bias")):
+                buf.copy_(torch.randn(buf.shape, generator=g) * 0.5 + (1.0 if name.endswith("weight") else 0.0))
     return module
 
 
@@ -218,17 +221,9 @@ def test_folded_norm_after_a_conv_with_a_bias(device, backend, norm, fused_calls
     norm_layer builds bias-free convs, so test_norm_layers never has one) is folded into the fused op
     with the conv's bias scaled by the norm: bias * scale + shift."""
     tv, ours = pair(backend=backend)
-    g = torch.Generator().manual_seed(5)
     for i, cin in enumerate(IN_CHANNELS):
-        conv = nn.Conv2d(cin, OUT, 1, bias=True)
         bn = nn.BatchNorm2d(OUT) if norm == "bn-eval" else fused_fpn_frozen_bn()(OUT)
-        with torch.no_grad():
-            conv.bias.copy_(torch.randn(OUT, generator=g) * 2)
-            bn.weight.copy_(torch.rand(OUT, generator=g) * 3 + 0.5)
-            bn.bias.copy_(torch.randn(OUT, generator=g))
-            bn.running_mean.copy_(torch.randn(OUT, generator=g))
-            bn.running_var.copy_(torch.rand(OUT, generator=g) * 4 + 0.25)
-        tv.inner_blocks[i] = nn.Sequential(conv, bn)
+        tv.inner_blocks[i] = randomize_(nn.Sequential(nn.Conv2d(cin, OUT, 1, bias=True), bn), seed=5 + i)
         ours.inner_blocks[i] = copy.deepcopy(tv.inner_blocks[i])
     tv, ours = tv.to(device).eval(), ours.to(device).eval()
     assert all(fused_fpn.lateral_params(b) is not None for b in ours.inner_blocks)
